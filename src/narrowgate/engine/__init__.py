@@ -1,0 +1,1 @@
+"""The intervention engine: knockouts, patches, captures and attention statistics on stock transformers."""

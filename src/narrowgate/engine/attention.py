@@ -1,0 +1,175 @@
+"""Attention with knockouts and cross-modal statistics, registered through transformers' public interfaces.
+
+Two implementations are registered: ``narrowgate_sdpa`` (wraps PyTorch SDPA) and
+``narrowgate_eager`` (explicit softmax). With no active run, or in a layer no intervention
+touches, each one hands the call to the stock ``sdpa``/``eager`` function unchanged.
+
+Exactness of ``zero`` mode under SDPA: zeroing post-softmax weights of a set Z without
+renormalising equals SDPA with Z masked out, times the kept mass ``sum_{j not in Z} A_ij`` of
+that row. The kept mass needs the attention probabilities of the affected query rows only
+(text rows, typically a handful), never the full [T x T] map. Cross-modal statistics use the
+same row-wise probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .state import InterventionError, active_run
+
+SDPA = "narrowgate_sdpa"
+EAGER = "narrowgate_eager"
+#: Stock implementation -> engine implementation wrapping it.
+WRAPS = {"sdpa": SDPA, "eager": EAGER}
+
+_ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
+
+
+def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention (additive float mask), shared by every decoder family."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    w = torch.matmul(query, k.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, :, : k.shape[-2]]
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, device) -> torch.Tensor:
+    """The model's own mask as a boolean [B, 1, Q, K] (True = may attend)."""
+    if attention_mask is None:
+        q = torch.arange(offset, offset + q_len, device=device)
+        allow = q[:, None] >= torch.arange(k_len, device=device)[None, :]
+        return allow[None, None].expand(batch, 1, q_len, k_len)
+    m = attention_mask[:, :, :, :k_len]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.expand(batch, 1, q_len, k_len)
+
+
+def _row_index(rows: torch.Tensor):
+    """[B, Q] bool -> padded row indices [B, R] and validity [B, R]."""
+    counts = rows.sum(1)
+    r = int(counts.max())
+    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]
+    valid = torch.arange(r, device=rows.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def _row_probs(query, key, scaling, allow, idx, zero):
+    """Post-softmax attention (float32) of the selected query rows, zero-mode entries set to zero.
+
+    query [B,H,Q,d], key [B,H,K,d] (heads already repeated), allow [B,1,Q,K], idx [B,R].
+    Returns probs [B,H,R,K] and the kept mass (before zeroing would be 1) [B,H,R].
+    """
+    B, H, _, d = query.shape
+    K = key.shape[2]
+    step = max(1, _ROW_BUDGET // max(1, B * H * K))
+    probs, kept = [], []
+    for s in range(0, idx.shape[1], step):
+        ii = idx[:, s : s + step]
+        q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d)).float()
+        scores = torch.matmul(q, key.float().transpose(2, 3)) * scaling
+        a = torch.gather(allow, 2, ii[:, None, :, None].expand(B, 1, ii.shape[1], K))
+        scores = scores.masked_fill(~a, float("-inf"))
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        if zero is not None:
+            z = torch.gather(zero, 1, ii[:, :, None].expand(B, ii.shape[1], K))[:, None]
+            p = p.masked_fill(z, 0.0)
+        probs.append(p)
+        kept.append(p.sum(-1))
+    return torch.cat(probs, 2), torch.cat(kept, 2)
+
+
+def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
+    if kwargs.get("softcap") is not None:
+        raise InterventionError("narrowgate's attention does not support logit soft-capping (softcap).")
+    B, H, Q, d = query.shape
+    K = key.shape[2]
+    offset = K - Q
+    device = query.device
+    scale = scaling if scaling is not None else d**-0.5
+    run.attention_calls.add(layer)
+
+    allow = _allowed(attention_mask, B, Q, K, offset, device)
+    mask_block, zero_block = run.blocks(layer, offset, Q, K, device)
+    if mask_block is not None:
+        allow = allow & ~mask_block[:, None]
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
+
+    if eager:
+        scores = torch.matmul(query, k_full.transpose(2, 3)) * scale
+        scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
+        w = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        w = w.masked_fill(~allow, 0.0)
+        if zero_block is not None:
+            w = w.masked_fill(zero_block[:, None], 0.0)
+        w = w.to(query.dtype)
+        out = torch.matmul(w, v_full).transpose(1, 2).contiguous()
+        if run.text is not None and offset == 0:
+            rows = run.text.window(offset, offset + Q, device)
+            cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
+            run.column_attention[layer] = cols.detach()
+        return out, w
+
+    final = allow if zero_block is None else allow & ~zero_block[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k_full, v_full, attn_mask=final, dropout_p=dropout if module.training else 0.0, scale=scale
+    )
+    out = out.transpose(1, 2)  # [B, Q, H, d]
+    out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
+
+    stats_rows = run.text.window(offset, offset + Q, device) if (run.text is not None and offset == 0) else None
+    zero_rows = zero_block.any(-1) if zero_block is not None else None
+    rows = zero_rows
+    if stats_rows is not None:
+        rows = stats_rows if rows is None else rows | stats_rows
+    if rows is not None and bool(rows.any()):
+        idx, valid = _row_index(rows)
+        probs, kept = _row_probs(query, k_full, scale, allow, idx, zero_block)
+        if zero_rows is not None:
+            scale_rows = torch.ones(B, Q, H, device=device, dtype=torch.float32)
+            sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
+            factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
+            scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
+            out = (out.float() * scale_rows[..., None]).to(query.dtype)
+        if stats_rows is not None:
+            is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
+            cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]
+            run.column_attention[layer] = cols.detach()
+    return out.contiguous(), None
+
+
+def _make(eager: bool):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        run = active_run()
+        layer = None if run is None else run.layer_of.get(id(module))
+        if layer is None or not run.attention_active(layer):
+            if eager:
+                return _stock_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return _intervened(module, query, key, value, attention_mask, layer, run, eager, scaling, dropout, kwargs)
+
+    attention.__name__ = EAGER if eager else SDPA
+    return attention
+
+
+def register() -> None:
+    """Register both engine implementations (idempotent)."""
+    AttentionInterface.register(SDPA, _make(eager=False))
+    AttentionInterface.register(EAGER, _make(eager=True))
+    AttentionMaskInterface.register(SDPA, sdpa_mask)
+    AttentionMaskInterface.register(EAGER, eager_mask)
+
+
+register()

@@ -1,0 +1,82 @@
+"""Forward hooks on the decoder layers: residual capture and patching.
+
+Hooks are installed once per model and stay; with no active run they return at once. A
+pre-hook on layer ``l`` sees residual index ``l``; a hook on the last layer's output sees
+index ``n_layers``. Every tensor follows the device of the layer it meets (accelerate
+dispatch and disk offload included); captured values are stored on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .state import active_run
+
+
+def _past_length(kwargs, layer: int) -> int:
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length(layer))
+    except TypeError:
+        return int(cache.get_seq_length())
+
+
+def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
+    """Apply patches at residual ``index`` to ``hidden`` [B, Q, D] (a copy if changed); record captures."""
+    Q = hidden.shape[1]
+    changed = False
+    for i, (layer, pos, value) in enumerate(run.patches):
+        if layer != index:
+            continue
+        rel = pos - offset
+        ok = (rel >= 0) & (rel < Q)
+        if not bool(ok.any()):
+            continue
+        if not changed:
+            hidden = hidden.clone()
+            changed = True
+        rows = torch.nonzero(ok).flatten()
+        hidden[rows.to(hidden.device), rel[rows].to(hidden.device)] = value[rows].to(hidden.device, hidden.dtype)
+        run.patched.add(i)
+    if index in run.capture_layers and offset == 0:
+        for name, positions in run.capture_positions.items():
+            vecs = [hidden[b, p.to(hidden.device)].float().mean(0) for b, p in enumerate(positions)]
+            run.captured[name][index] = torch.stack(vecs).detach().to("cpu")
+    return hidden
+
+
+def install(layers: torch.nn.ModuleList) -> list:
+    """Install the capture/patch hooks on every decoder layer; returns the handles."""
+    n = len(layers)
+    handles = []
+    for l, layer in enumerate(layers):
+
+        def pre(module, args, kwargs, l=l):
+            run = active_run()
+            if run is None or not (run.patches or run.capture_layers):
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            run.offset = _past_length(kwargs, l)
+            new = _visit(run, l, hidden, run.offset)
+            if new is hidden:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def post(module, args, kwargs, output):
+        run = active_run()
+        if run is None or not (run.patches or run.capture_layers):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = _visit(run, n, hidden, run.offset)
+        if new is hidden:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))
+    return handles

@@ -1,0 +1,110 @@
+"""The three interventions the engine applies, as plain value objects.
+
+- `Knockout`: queries at ``target`` roles cannot attend to keys at ``source`` roles.
+- `Patch`: overwrite the residual stream at one role's position entering a decoder layer.
+- `Capture`: read the residual stream at roles, every (or some) layer.
+
+Residual index ``l`` is the input of decoder layer ``l`` (0 = embeddings); index ``n_layers`` is
+the last layer's output, before the final norm — the same indexing as HF ``hidden_states``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..roles import Role, parse_role, parse_roles
+
+KNOCKOUT_MODES = ("zero", "mask")
+
+
+def _layers(layers) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, int):
+        return (layers,)
+    if isinstance(layers, range):
+        return tuple(layers)
+    return tuple(int(x) for x in layers)
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """Queries at ``target`` cannot attend to keys at ``source`` in ``layers`` (None = all), every head.
+
+    ``mode="zero"`` sets those post-softmax weights to zero without renormalising (the paper's
+    definition); ``mode="mask"`` removes them before the softmax, so the row renormalises
+    (Geva et al. 2023). During generation every generated token counts as a ``text`` position.
+    """
+
+    source: str | tuple = "eoi"
+    target: str | tuple = "text"
+    layers: tuple[int, ...] | None = None
+    mode: str = "zero"
+    sources: tuple[Role, ...] = field(init=False, repr=False, compare=False)
+    targets: tuple[Role, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.mode not in KNOCKOUT_MODES:
+            raise ValueError(f"Knockout mode must be one of {KNOCKOUT_MODES}, got {self.mode!r}.")
+        object.__setattr__(self, "layers", _layers(self.layers))
+        object.__setattr__(self, "sources", parse_roles(self.source))
+        object.__setattr__(self, "targets", parse_roles(self.target))
+
+    @property
+    def name(self) -> str:
+        """Stable name used in result tables, e.g. ``eoi->text`` or ``image->eoi+text@0-15:mask``."""
+        src = "+".join(str(r) for r in self.sources)
+        tgt = "+".join(str(r) for r in self.targets)
+        text = f"{src}->{tgt}"
+        if self.layers is not None:
+            text += "@" + _layer_text(self.layers)
+        if self.mode != "zero":
+            text += f":{self.mode}"
+        return text
+
+
+def _layer_text(layers: tuple[int, ...]) -> str:
+    if layers and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(str(x) for x in layers)
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """Replace the residual stream at ``role``'s position entering decoder layer ``layer`` with ``value`` ([B, D]).
+
+    Only later layers see the change. ``layer`` may be ``n_layers`` (the last layer's output).
+    """
+
+    role: str
+    layer: int
+    value: torch.Tensor
+
+    def __post_init__(self):
+        r = parse_role(self.role)
+        if not r.single:
+            raise ValueError(f"A patch needs a single-position role (e.g. 'eoi', 'last', 'image[k]'), got {r}.")
+        if not isinstance(self.value, torch.Tensor) or self.value.dim() != 2:
+            raise ValueError("Patch value must be a [batch, hidden_size] tensor.")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Read the residual stream at ``roles`` for ``layers`` (None = all residual indices 0..n_layers).
+
+    A single-position role gives ``[B, n_captured_layers, D]``. A multi-position role (e.g.
+    ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, layers, D]``.
+    """
+
+    roles: str | tuple = "eoi"
+    layers: tuple[int, ...] | None = None
+    reduce: str = "mean"
+    parsed: tuple[Role, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.reduce != "mean":
+            raise ValueError("Capture.reduce supports 'mean' only.")
+        object.__setattr__(self, "layers", _layers(self.layers))
+        object.__setattr__(self, "parsed", parse_roles(self.roles))

@@ -1,0 +1,161 @@
+"""The interventions of one model call, resolved against a batch into position masks.
+
+A `Run` is made active (a context variable) for the duration of a forward or a generation. The
+attention function and the layer hooks read it; with no active run they do nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+from ..batch import Batch
+from ..roles import RoleError
+from .interventions import Capture, Knockout, Patch
+
+_ACTIVE: contextvars.ContextVar["Run | None"] = contextvars.ContextVar("narrowgate_run", default=None)
+
+
+class InterventionError(RuntimeError):
+    """A requested intervention cannot be applied; raised rather than silently doing nothing."""
+
+
+def active_run() -> "Run | None":
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activate(run: "Run"):
+    token = _ACTIVE.set(run)
+    try:
+        yield run
+    finally:
+        _ACTIVE.reset(token)
+
+
+@dataclass
+class RoleMask:
+    """A [B, T] prompt mask plus whether positions generated after the prompt belong to it."""
+
+    prompt: torch.Tensor
+    generated: bool
+
+    def window(self, start: int, stop: int, device) -> torch.Tensor:
+        """Mask over absolute positions [start, stop) ([B, stop-start]); beyond the prompt use ``generated``."""
+        T = self.prompt.shape[1]
+        inside = self.prompt[:, max(0, min(start, T)) : max(0, min(stop, T))]
+        extra = max(0, stop - max(start, T))
+        if extra:
+            fill = torch.full((inside.shape[0], extra), self.generated, dtype=torch.bool)
+            inside = torch.cat([inside, fill], dim=1)
+        return inside.to(device)
+
+
+def role_mask(batch: Batch, roles) -> RoleMask:
+    from ..roles import parse_roles
+
+    parsed = parse_roles(roles)
+    return RoleMask(batch.mask(parsed), generated=any(r.name == "text" for r in parsed))
+
+
+@dataclass
+class ResolvedKnockout:
+    source: RoleMask
+    target: RoleMask
+    layers: frozenset[int] | None
+    mode: str
+
+
+@dataclass
+class Run:
+    """Everything the hooks and the attention function need for one call."""
+
+    layer_of: dict[int, int]  # id(attention module) -> decoder layer index
+    n_layers: int
+    knockouts: list[ResolvedKnockout] = field(default_factory=list)
+    patches: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, pos[B], value[B,D])
+    capture_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    capture_layers: tuple[int, ...] = ()
+    captured: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    text: RoleMask | None = None  # query rows for attention statistics
+    column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
+    patched: set[int] = field(default_factory=set)  # indices into patches that were applied
+    attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
+    offset: int = 0  # absolute position of the first query row in the current layer call
+
+    def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
+        return [k for k in self.knockouts if k.layers is None or layer in k.layers]
+
+    def attention_active(self, layer: int) -> bool:
+        return bool(self.knockouts_at(layer)) or self.text is not None
+
+    def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
+        """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""
+        out = {"mask": None, "zero": None}
+        for k in self.knockouts_at(layer):
+            tq = k.target.window(offset, offset + q_len, device)
+            sk = k.source.window(0, k_len, device)
+            blk = tq[:, :, None] & sk[:, None, :]
+            out[k.mode] = blk if out[k.mode] is None else out[k.mode] | blk
+        return out["mask"], out["zero"]
+
+
+def resolve(
+    batch: Batch,
+    *,
+    layer_of: dict[int, int],
+    n_layers: int,
+    knockouts=(),
+    patches=(),
+    capture: Capture | None = None,
+    attention_stats: bool = False,
+) -> Run:
+    """Turn interventions into position masks for ``batch``, checking that each one can apply."""
+    run = Run(layer_of=layer_of, n_layers=n_layers)
+    for k in knockouts:
+        if not isinstance(k, Knockout):
+            raise TypeError(f"knockouts must be narrowgate.Knockout objects, got {type(k).__name__}.")
+        if k.layers is not None:
+            _check_layers(k.layers, n_layers - 1, f"Knockout {k.name}", "decoder layer")
+        try:
+            src, tgt = role_mask(batch, k.sources), role_mask(batch, k.targets)
+        except RoleError as e:
+            raise InterventionError(f"Knockout {k.name} cannot apply: {e}") from e
+        run.knockouts.append(ResolvedKnockout(src, tgt, None if k.layers is None else frozenset(k.layers), k.mode))
+    for p in patches:
+        if not isinstance(p, Patch):
+            raise TypeError(f"patches must be narrowgate.Patch objects, got {type(p).__name__}.")
+        _check_layers((p.layer,), n_layers, f"Patch at {p.role}", "residual index")
+        try:
+            pos = batch.index(p.role)
+        except RoleError as e:
+            raise InterventionError(f"Patch at {p.role} cannot apply: {e}") from e
+        if p.value.shape[0] != batch.size:
+            raise InterventionError(f"Patch value has batch size {p.value.shape[0]}, the batch has {batch.size}.")
+        run.patches.append((p.layer, pos, p.value))
+    if capture is not None:
+        layers = tuple(range(n_layers + 1)) if capture.layers is None else capture.layers
+        _check_layers(layers, n_layers, "Capture", "residual index")
+        run.capture_layers = layers
+        for r in capture.parsed:
+            pos = batch.positions(r)
+            empty = [b for b, p in enumerate(pos) if len(p) == 0]
+            if empty:
+                raise InterventionError(f"Cannot capture role {r}: it is empty in example(s) {empty}.")
+            run.capture_positions[str(r)] = pos
+            run.captured[str(r)] = {}
+    if attention_stats:
+        try:
+            run.text = role_mask(batch, "text")
+        except RoleError as e:
+            raise InterventionError(f"Cross-modal attention needs text positions: {e}") from e
+    return run
+
+
+def _check_layers(layers, top: int, what: str, kind: str) -> None:
+    bad = [x for x in layers if not 0 <= x <= top]
+    if bad:
+        raise InterventionError(f"{what}: {kind} {bad} out of range; valid {kind}es are 0..{top}.")

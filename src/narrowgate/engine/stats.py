@@ -1,0 +1,76 @@
+"""Relative cross-modal attention (the paper's Eq. 1), assembled from per-layer column sums.
+
+For layer l and pre-text position j (image span and ``eoi``; ``bos``/``boi`` excluded)::
+
+    c_l(j) = sum_h mean_{i in text} A^{l,h}_{i,j},    f_l(j) = c_l(j) / sum_j' c_l(j')
+
+The attention function accumulates ``sum_h mean_i A_ij`` over all key columns from the text
+query rows only; this module picks the pre-text columns and normalises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import Batch
+from ..roles import parse_role
+
+
+@dataclass
+class CrossModalAttention:
+    """``fractions[b, l, p]``: share of text->image attention that position ``positions[b, p]`` gets at layer l.
+
+    Rows are NaN-padded where examples have fewer pre-text positions; ``labels[b][p]`` names each
+    position (``image[k]`` for content tokens, ``eol``, ``image_special``, ``eoi``).
+    """
+
+    fractions: torch.Tensor  # [B, L, P]
+    positions: torch.Tensor  # [B, P], -1 = padding
+    labels: list[list[str]]
+    batch: Batch
+
+    def share(self, role) -> torch.Tensor:
+        """[B, L]: total fraction received by the positions of ``role`` (e.g. 'eoi', 'eol', 'internal_image')."""
+        r = parse_role(role)
+        role_pos = self.batch.positions(r)
+        out = torch.zeros(self.fractions.shape[:2])
+        for b, pos in enumerate(role_pos):
+            hit = torch.isin(self.positions[b], pos) & (self.positions[b] >= 0)
+            out[b] = self.fractions[b][:, hit].sum(-1)
+        return out
+
+
+def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int) -> CrossModalAttention:
+    missing = [l for l in range(n_layers) if l not in column_attention]
+    if missing:
+        raise RuntimeError(f"Cross-modal attention was not computed in layers {missing}.")
+    cols = torch.stack([column_attention[l].float().cpu() for l in range(n_layers)], dim=1)  # [B, L, T]
+    per_pos, per_lab = [], []
+    for b, lay in enumerate(batch.layouts):
+        content = {p: k for k, p in enumerate(lay.content)}
+        eol = set(lay.eol)
+        pos = list(range(lay.start, lay.end + 1)) + ([lay.eoi] if lay.eoi is not None else [])
+        labels = []
+        for p in pos:
+            if p == lay.eoi:
+                labels.append("eoi")
+            elif p in content:
+                labels.append(f"image[{content[p]}]")
+            elif p in eol:
+                labels.append("eol")
+            else:
+                labels.append("image_special")
+        per_pos.append(pos)
+        per_lab.append(labels)
+    P = max(len(p) for p in per_pos)
+    B, L = cols.shape[:2]
+    fractions = torch.full((B, L, P), float("nan"))
+    positions = torch.full((B, P), -1, dtype=torch.long)
+    for b, pos in enumerate(per_pos):
+        idx = torch.tensor(pos, dtype=torch.long)
+        c = cols[b][:, idx]
+        fractions[b, :, : len(pos)] = c / c.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        positions[b, : len(pos)] = idx
+    return CrossModalAttention(fractions=fractions, positions=positions, labels=per_lab, batch=batch)

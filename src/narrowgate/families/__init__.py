@@ -1,0 +1,42 @@
+"""Model-family adapters, one file each, and the registry that picks one from ``config.model_type``."""
+
+from __future__ import annotations
+
+from .base import Family, ImageLayout, LayoutError
+from .chameleon import Chameleon
+from .emu3 import Emu3
+from .janus import Janus
+from .llava import Llava
+from .llava_onevision import LlavaOneVision
+from .pixtral import Pixtral
+from .qwen2_vl import Qwen2VL
+
+# Pixtral before Llava: both are `llava` models, told apart by the vision tower.
+FAMILIES: tuple[type[Family], ...] = (Chameleon, Emu3, Pixtral, Llava, LlavaOneVision, Janus, Qwen2VL)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's type is not one narrowgate has an adapter for."""
+
+
+def supported() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
+
+
+def family_for(model_type: str, vision_model_type: str | None = None) -> type[Family]:
+    """The adapter class for a ``config.model_type``; raises naming the supported families."""
+    matches = [f for f in FAMILIES if model_type in f.model_types and f.accepts(vision_model_type)]
+    if not matches:
+        raise UnsupportedModelError(
+            f"narrowgate has no adapter for model type {model_type!r}. Supported families: {supported()}."
+        )
+    return matches[0]
+
+
+def detect(config) -> type[Family]:
+    """The adapter class for a model config."""
+    vision = getattr(config, "vision_config", None)
+    return family_for(config.model_type, getattr(vision, "model_type", None))
+
+
+__all__ = ["FAMILIES", "Family", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "supported"]

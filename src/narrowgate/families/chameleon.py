@@ -1,0 +1,8 @@
+"""Placeholder: adapter being written."""
+
+from .base import Family
+
+
+class Chameleon(Family):
+    name = "chameleon"
+    model_types = ()

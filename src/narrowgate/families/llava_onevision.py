@@ -1,0 +1,8 @@
+"""Placeholder: adapter being written."""
+
+from .base import Family
+
+
+class LlavaOneVision(Family):
+    name = "llava_onevision"
+    model_types = ()

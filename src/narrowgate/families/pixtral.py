@@ -1,0 +1,8 @@
+"""Placeholder: adapter being written."""
+
+from .base import Family
+
+
+class Pixtral(Family):
+    name = "pixtral"
+    model_types = ()

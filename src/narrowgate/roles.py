@@ -1,0 +1,89 @@
+"""Token roles: the one vocabulary for naming positions in a VLM prompt.
+
+A role names a set of positions in each example of a batch. The same names are used by
+`Batch.positions`, knockouts, patches, captures, result tables and the CLI.
+
+- ``bos``: beginning-of-sequence token (empty if the family's prompt has none).
+- ``boi``: the image-start special token, where the family has one.
+- ``image``: every token of the image span (content tokens plus in-image specials such as
+  line breaks and size tokens).
+- ``image_content``: the image's content tokens only.
+- ``first_image`` / ``last_image``: the first / last content token.
+- ``image[k]``: the k-th content token (0-based; negative k counts from the end).
+- ``internal_image``: content tokens except the first and the last.
+- ``eol``: in-image line-break tokens (empty if the family has none).
+- ``eoi``: the first token after the image span (the family's end-of-image token where one exists).
+- ``text``: every position after ``eoi`` (and every generated token during generation).
+- ``last``: the final prompt position.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ROLE_NAMES = (
+    "bos",
+    "boi",
+    "image",
+    "image_content",
+    "first_image",
+    "last_image",
+    "internal_image",
+    "eol",
+    "eoi",
+    "text",
+    "last",
+)
+
+#: Roles that name exactly one position in every example.
+SINGLE_POSITION_ROLES = ("bos", "boi", "first_image", "last_image", "eoi", "last")
+
+_INDEXED = re.compile(r"^image\[(-?\d+)\]$")
+
+
+class RoleError(ValueError):
+    """A role name is unknown, or the role is absent from an example."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """A parsed role name: ``name`` is one of ROLE_NAMES or ``image_index`` for ``image[k]``."""
+
+    name: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return f"image[{self.index}]" if self.name == "image_index" else self.name
+
+    @property
+    def single(self) -> bool:
+        """Whether the role names exactly one position per example."""
+        return self.name in SINGLE_POSITION_ROLES or self.name == "image_index"
+
+
+def parse_role(role: str | Role) -> Role:
+    """Parse a role name, raising a clear error that lists the valid names."""
+    if isinstance(role, Role):
+        return role
+    if not isinstance(role, str):
+        raise RoleError(f"A role must be a string such as 'eoi' or 'image[3]', got {role!r}.")
+    text = role.strip()
+    if text in ROLE_NAMES:
+        return Role(text)
+    m = _INDEXED.match(text)
+    if m:
+        return Role("image_index", int(m.group(1)))
+    raise RoleError(
+        f"Unknown role {role!r}. Valid roles: {', '.join(ROLE_NAMES)}, or 'image[k]' for the k-th image token."
+    )
+
+
+def parse_roles(roles: str | Role | tuple | list) -> tuple[Role, ...]:
+    """Parse one role or a tuple/list of roles."""
+    if isinstance(roles, (str, Role)):
+        return (parse_role(roles),)
+    out = tuple(parse_role(r) for r in roles)
+    if not out:
+        raise RoleError("An empty tuple of roles names no position; give at least one role.")
+    return out

@@ -1,0 +1,194 @@
+"""`VLM`: a Hugging Face vision-language model plus its processor, family adapter and engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .batch import Batch
+from .engine import attention as engine_attention
+from .engine import hooks
+from .engine.interventions import Capture
+from .engine.state import InterventionError, activate, resolve
+from .engine.stats import CrossModalAttention, build
+from .families import detect
+
+
+@dataclass
+class Output:
+    """Result of `VLM.forward`. ``residuals[role]`` is ``[B, len(capture_layers), D]`` (float32, CPU)."""
+
+    logits: torch.Tensor
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    capture_layers: tuple[int, ...] = ()
+    cross_modal_attention: CrossModalAttention | None = None
+
+
+class VLM:
+    """Wrap a model and processor already in memory (`narrowgate.load` builds one from a checkpoint)."""
+
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+        self.family = detect(model.config)(processor, model.config)
+        self.layers = self.family.decoder_layers(model)
+        self.n_layers = len(self.layers)
+        self.layer_of = {}
+        for l, layer in enumerate(self.layers):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None:
+                raise InterventionError(f"Decoder layer {l} of this {self.family.name} model has no self_attn module.")
+            self.layer_of[id(attn)] = l
+        self._attn = self._wrap_attention()
+        self._hooks = hooks.install(self.layers)
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _wrap_attention(self) -> str:
+        """Switch the language model's attention to the engine's wrapper of the same kind (sdpa/eager)."""
+        attn = self.layers[0].self_attn
+        current = attn.config._attn_implementation
+        if current in engine_attention.WRAPS.values():
+            return current
+        if current not in engine_attention.WRAPS:
+            return current  # not wrapped: interventions will raise a clear error
+        wanted = engine_attention.WRAPS[current]
+        config = self.model.config
+        target = {"text_config": wanted} if "text_config" in getattr(config, "sub_configs", {}) else wanted
+        self.model.set_attn_implementation(target)
+        got = attn.config._attn_implementation
+        if got != wanted:
+            raise InterventionError(
+                f"Could not route {self.family.name}'s attention through narrowgate (it stays {got!r})."
+            )
+        return got
+
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn
+
+    @property
+    def input_device(self) -> torch.device:
+        weight = self.model.get_input_embeddings().weight
+        return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    # --- inputs ------------------------------------------------------------------------------
+    def prepare(self, images, prompts, *, image_first: bool = True) -> Batch:
+        """Tokenise one image + one prompt per example into a left-padded batch with role positions."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        images, prompts = list(images), list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"prepare() got {len(images)} images but {len(prompts)} prompts; give one of each per example.")
+        if not images:
+            raise ValueError("prepare() needs at least one example.")
+        images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+        texts = [self.family.prompt(p, image_first) for p in prompts]
+        inputs = self.family.encode(images, texts)
+        ids = inputs["input_ids"]
+        att = inputs.get("attention_mask")
+        if att is None:
+            att = torch.ones_like(ids)
+        if bool((att[:, -1] == 0).any()):
+            raise ValueError("The processor padded on the right; narrowgate needs left padding.")
+        first = [int(torch.nonzero(att[b]).min()) for b in range(ids.shape[0])]
+        layouts = []
+        for b in range(ids.shape[0]):
+            row = ids[b].tolist()
+            lay = self.family.layout(row, first[b])
+            self.family.check_layout(row, lay)
+            layouts.append(lay)
+        bos = getattr(self.family.tokenizer, "bos_token_id", None)
+        return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos, image_first=image_first)
+
+    def _inputs(self, batch: Batch) -> dict:
+        dev = self.input_device
+        dtype = self.model.dtype
+        out = {}
+        for k, v in batch.inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dev, dtype) if v.is_floating_point() else v.to(dev)
+            out[k] = v
+        return out
+
+    # --- running -----------------------------------------------------------------------------
+    def _run(self, batch, knockouts, patches, capture, attention_stats):
+        run = resolve(
+            batch,
+            layer_of=self.layer_of,
+            n_layers=self.n_layers,
+            knockouts=knockouts,
+            patches=patches,
+            capture=capture,
+            attention_stats=attention_stats,
+        )
+        if (run.knockouts or attention_stats) and self._attn not in engine_attention.WRAPS.values():
+            raise InterventionError(
+                f"Knockouts and attention statistics need attn_implementation 'sdpa' or 'eager'; this model uses "
+                f"{self._attn!r}. Load it with narrowgate.load(..., attn_implementation='sdpa')."
+            )
+        return run
+
+    @staticmethod
+    def _check_applied(run) -> None:
+        needed = set()
+        for k in run.knockouts:
+            needed |= set(range(run.n_layers)) if k.layers is None else set(k.layers)
+        if run.text is not None:
+            needed |= set(range(run.n_layers))
+        missed = sorted(needed - run.attention_calls)
+        if missed:
+            raise InterventionError(
+                f"The engine's attention never ran in decoder layers {missed}: the intervention did not apply. "
+                "The model's attention implementation bypasses narrowgate."
+            )
+        unapplied = [i for i in range(len(run.patches)) if i not in run.patched]
+        if unapplied:
+            raise InterventionError(f"Patches {unapplied} were never applied during the forward pass.")
+
+    @torch.no_grad()
+    def forward(
+        self,
+        batch: Batch,
+        *,
+        knockouts=(),
+        patches=(),
+        capture: Capture | None = None,
+        attention_stats: bool = False,
+    ) -> Output:
+        """One forward pass with the given interventions; see `Knockout`, `Patch`, `Capture`."""
+        run = self._run(batch, knockouts, patches, capture, attention_stats)
+        with activate(run):
+            out = self.model(**self._inputs(batch), use_cache=False)
+        self._check_applied(run)
+        residuals = {
+            name: torch.stack([per_layer[l] for l in run.capture_layers], dim=1) for name, per_layer in run.captured.items()
+        }
+        cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
+        return Output(
+            logits=out.logits, residuals=residuals, capture_layers=run.capture_layers, cross_modal_attention=cma
+        )
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, *, knockouts=(), patches=(), max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """Greedy generation (unless ``kwargs`` say otherwise) with interventions on; token ids [B, T + new]."""
+        run = self._run(batch, knockouts, patches, None, False)
+        kwargs.setdefault("do_sample", False)
+        pad = getattr(self.family.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            kwargs.setdefault("pad_token_id", pad)
+        with activate(run):
+            out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **kwargs)
+        self._check_applied(run)
+        return out.cpu()
+
+    def decode(self, tokens: torch.Tensor, batch: Batch) -> list[str]:
+        """Decode the generated part of ``generate``'s output."""
+        return self.family.tokenizer.batch_decode(tokens[:, batch.length :], skip_special_tokens=True)

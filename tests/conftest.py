@@ -1,0 +1,54 @@
+"""Session fixtures: tiny checkpoints of every family, built once per test session.
+
+Every module in tests/fixtures/ other than `common` is a family builder with ``build(path)``;
+`FAMILIES` lists them, so engine tests run on each family as soon as its builder exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.fixtures as fixtures_pkg
+
+FAMILIES = sorted(
+    m.name for m in pkgutil.iter_modules([str(Path(fixtures_pkg.__file__).parent)]) if m.name != "common"
+)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """``checkpoint_dir(family)`` -> path of that family's tiny checkpoint (built on first use)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            module = importlib.import_module(f"tests.fixtures.{family}")
+            path = tmp_path_factory.mktemp(f"ckpt-{family}")
+            module.build(path)
+            built[family] = path
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoint_dir):
+    """``loaded(family, dtype="float32", attn="sdpa")`` -> a `narrowgate.VLM`, cached per arguments."""
+    import narrowgate as ng
+
+    cache = {}
+
+    def get(family: str, dtype: str = "float32", attn: str = "sdpa"):
+        key = (family, dtype, attn)
+        if key not in cache:
+            cache[key] = ng.load(checkpoint_dir(family), dtype=dtype, attn_implementation=attn)
+        return cache[key]
+
+    return get
