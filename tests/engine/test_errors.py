@@ -1,0 +1,77 @@
+"""An intervention that cannot apply raises; it never silently does nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import narrowgate as ng
+from narrowgate.engine.state import InterventionError
+from tests.fixtures.common import PROMPTS, images
+
+
+@pytest.fixture(scope="module")
+def vlm(loaded):
+    return loaded("llava")
+
+
+@pytest.fixture(scope="module")
+def batch(vlm):
+    return vlm.prepare(images(2), PROMPTS)
+
+
+def test_empty_role_raises(vlm, batch):
+    with pytest.raises(InterventionError, match="eol"):
+        vlm.forward(batch, knockouts=[ng.Knockout("eol", "text")])
+    with pytest.raises(InterventionError, match="boi"):
+        vlm.forward(batch, patches=[ng.Patch("boi", 1, torch.zeros(2, vlm.hidden_size))])
+    with pytest.raises(InterventionError, match="eol"):
+        vlm.forward(batch, capture=ng.Capture("eol"))
+
+
+def test_layer_out_of_range_raises(vlm, batch):
+    L = vlm.n_layers
+    with pytest.raises(InterventionError, match="out of range"):
+        vlm.forward(batch, knockouts=[ng.Knockout("eoi", "text", layers=(L,))])
+    with pytest.raises(InterventionError, match="out of range"):
+        vlm.forward(batch, patches=[ng.Patch("eoi", L + 1, torch.zeros(2, vlm.hidden_size))])
+    with pytest.raises(InterventionError, match="out of range"):
+        vlm.forward(batch, capture=ng.Capture("eoi", layers=(-1,)))
+
+
+def test_bad_specs_raise():
+    with pytest.raises(ng.RoleError, match="Valid roles"):
+        ng.Knockout("nope", "text")
+    with pytest.raises(ValueError, match="mode"):
+        ng.Knockout("eoi", "text", mode="soft")
+    with pytest.raises(ValueError, match="single-position"):
+        ng.Patch("image", 0, torch.zeros(1, 4))
+
+
+def test_patch_batch_mismatch_raises(vlm, batch):
+    with pytest.raises(InterventionError, match="batch size"):
+        vlm.forward(batch, patches=[ng.Patch("eoi", 0, torch.zeros(3, vlm.hidden_size))])
+
+
+def test_unwrapped_attention_raises(checkpoint_dir):
+    """A model whose attention is not sdpa/eager cannot take knockouts: clear error up front."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = checkpoint_dir("llava")
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa")
+    model.set_attn_implementation({"text_config": "flex_attention"})
+    vlm = ng.VLM(model, AutoProcessor.from_pretrained(path))
+    b = vlm.prepare(images(2), PROMPTS)
+    with pytest.raises(InterventionError, match="flex_attention"):
+        vlm.forward(b, knockouts=[ng.Knockout("eoi", "text")])
+    with pytest.raises(InterventionError, match="flex_attention"):
+        vlm.forward(b, attention_stats=True)
+
+
+def test_bypassed_attention_is_detected(checkpoint_dir):
+    """If something switches the model back to stock attention behind narrowgate's back, it raises."""
+    vlm = ng.load(checkpoint_dir("llava"), dtype="float32")
+    vlm.model.set_attn_implementation({"text_config": "sdpa"})
+    b = vlm.prepare(images(2), PROMPTS)
+    with pytest.raises(InterventionError, match="did not apply"):
+        vlm.forward(b, knockouts=[ng.Knockout("eoi", "text")])

@@ -1,0 +1,89 @@
+"""Residual capture and patching: agreement with the model's own hidden states, and exact compositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import narrowgate as ng
+from tests.engine.conftest import same_prompt
+
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("role", ["eoi", "last", "last_image", "image[2]"])
+def test_capture_equals_output_hidden_states(mixed, role):
+    vlm, batch = mixed
+    out = vlm.forward(batch, capture=ng.Capture(role))
+    res = out.residuals[role]
+    assert res.shape == (batch.size, vlm.n_layers + 1, vlm.hidden_size)
+    with torch.no_grad():
+        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+    assert len(hs) == vlm.n_layers + 1
+    pos = batch.index(role)
+    rows = torch.arange(batch.size)
+    for l in range(vlm.n_layers):
+        torch.testing.assert_close(res[:, l], hs[l][rows, pos].float(), atol=ATOL, rtol=0)
+    # HF's last entry is after the final norm; ours is the last layer's raw output.
+    norm = vlm.family.final_norm(vlm.model)
+    torch.testing.assert_close(norm(res[:, -1]), hs[-1][rows, pos].float(), atol=ATOL, rtol=0)
+
+
+def test_capture_mean_and_layer_subset(mixed):
+    vlm, batch = mixed
+    full = vlm.forward(batch, capture=ng.Capture("internal_image")).residuals["internal_image"]
+    some = vlm.forward(batch, capture=ng.Capture("internal_image", layers=(0, vlm.n_layers))).residuals
+    torch.testing.assert_close(some["internal_image"], full[:, [0, vlm.n_layers]], atol=0, rtol=0)
+    with torch.no_grad():
+        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+    for b, pos in enumerate(batch.positions("internal_image")):
+        torch.testing.assert_close(full[b, 1], hs[1][b, pos].float().mean(0), atol=ATOL, rtol=0)
+
+
+def test_patch_with_own_value_changes_nothing(mixed):
+    vlm, batch = mixed
+    base = vlm.forward(batch, capture=ng.Capture("eoi"))
+    patches = [ng.Patch("eoi", l, base.residuals["eoi"][:, l]) for l in range(vlm.n_layers + 1)]
+    out = vlm.forward(batch, patches=patches)
+    torch.testing.assert_close(out.logits, base.logits, atol=ATOL, rtol=0)
+
+
+def test_patch_other_image_changes_output(loaded, family):
+    vlm = loaded(family)
+    batch = same_prompt(vlm)
+    base = vlm.forward(batch, capture=ng.Capture("eoi"))
+    swapped = base.residuals["eoi"].flip(0)
+    layer = vlm.n_layers // 2
+    out = vlm.forward(batch, patches=[ng.Patch("eoi", layer, swapped[:, layer])])
+    eoi = int(batch.index("eoi")[0])
+    torch.testing.assert_close(out.logits[:, :eoi], base.logits[:, :eoi], atol=ATOL, rtol=0)
+    assert (out.logits[:, eoi:] - base.logits[:, eoi:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_patches_and_knockouts_compose(loaded, family, mode):
+    """Text blind to the image, [EOI] patched at every layer with image 2's: text behaves as with image 2."""
+    vlm = loaded(family)
+    batch = same_prompt(vlm)
+    ko = ng.Knockout("image", "text", mode=mode)
+    base = vlm.forward(batch, capture=ng.Capture("eoi"), knockouts=[ko])
+    swapped = base.residuals["eoi"].flip(0)
+    patches = [ng.Patch("eoi", l, swapped[:, l]) for l in range(vlm.n_layers)]
+    out = vlm.forward(batch, knockouts=[ko], patches=patches)
+    eoi = int(batch.index("eoi")[0])
+    if mode == "mask":
+        torch.testing.assert_close(out.logits[:, eoi + 1 :], base.logits.flip(0)[:, eoi + 1 :], atol=ATOL, rtol=0)
+    assert (out.logits[:, eoi + 1 :] - base.logits[:, eoi + 1 :]).abs().max() > 1e-4
+
+
+def test_patch_applies_during_generation(loaded, family):
+    vlm = loaded(family)
+    batch = same_prompt(vlm)
+    base = vlm.forward(batch, capture=ng.Capture("eoi"))
+    swapped = base.residuals["eoi"].flip(0)
+    patches = [ng.Patch("eoi", l, swapped[:, l]) for l in range(vlm.n_layers)]
+    ko = ng.Knockout("image", "text", mode="mask")
+    gen = vlm.generate(batch, knockouts=[ko], patches=patches, max_new_tokens=5)
+    ref = vlm.generate(batch, knockouts=[ko], max_new_tokens=5)
+    assert torch.equal(gen[0, batch.length :], ref[1, batch.length :])
+    assert torch.equal(gen[1, batch.length :], ref[0, batch.length :])
