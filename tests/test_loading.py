@@ -1,0 +1,53 @@
+"""Loading: the real AutoProcessor/AutoModel path on saved directories, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlamaForCausalLM
+
+import narrowgate as ng
+
+
+def test_load_from_directory_and_wrap_in_memory(checkpoint_dir):
+    path = checkpoint_dir("llava")
+    vlm = ng.load(path, dtype="float32")
+    assert vlm.family.name == "llava" and vlm.model.dtype == torch.float32
+    wrapped = ng.VLM(AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path))
+    assert wrapped.family.name == "llava" and wrapped.n_layers == vlm.n_layers
+    assert ng.load(path, dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ng.LoadError, match="does not exist"):
+        ng.load(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ng.LoadError, match="config.json"):
+        ng.load(tmp_path)
+
+
+def test_directory_without_processor(checkpoint_dir, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint_dir("llava"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ng.LoadError, match="processor"):
+        ng.load(tmp_path)
+
+
+def test_unsupported_model(tmp_path):
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(ng.LoadError, match="Supported families: chameleon"):
+        ng.load(tmp_path)
+
+
+def test_offline_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ng.LoadError, match="offline"):
+        ng.load("narrowgate-test/no-such-model")
+
+
+def test_bad_dtype(checkpoint_dir):
+    with pytest.raises(ng.LoadError, match="dtype"):
+        ng.load(checkpoint_dir("llava"), dtype="float7")
