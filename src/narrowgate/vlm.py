@@ -168,9 +168,7 @@ class VLM:
         with activate(run):
             out = self.model(**self._inputs(batch), use_cache=False)
         self._check_applied(run)
-        residuals = {
-            name: torch.stack([per_layer[l] for l in run.capture_layers], dim=1) for name, per_layer in run.captured.items()
-        }
+        residuals = run.residuals()
         cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
         return Output(
             logits=out.logits, residuals=residuals, capture_layers=run.capture_layers, cross_modal_attention=cma

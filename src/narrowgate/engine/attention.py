@@ -114,7 +114,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             w = w.masked_fill(zero_block[:, None], 0.0)
         w = w.to(query.dtype)
         out = torch.matmul(w, v_full).transpose(1, 2).contiguous()
-        if run.text is not None and offset == 0:
+        if run.text is not None:
             rows = run.text.window(offset, offset + Q, device)
             cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
             run.column_attention[layer] = cols.detach()
@@ -127,7 +127,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     out = out.transpose(1, 2)  # [B, Q, H, d]
     out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
 
-    stats_rows = run.text.window(offset, offset + Q, device) if (run.text is not None and offset == 0) else None
+    stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
     zero_rows = zero_block.any(-1) if zero_block is not None else None
     rows = zero_rows
     if stats_rows is not None:

@@ -40,11 +40,31 @@ def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
         rows = torch.nonzero(ok).flatten()
         hidden[rows.to(hidden.device), rel[rows].to(hidden.device)] = value[rows].to(hidden.device, hidden.dtype)
         run.patched.add(i)
-    if index in run.capture_layers and offset == 0:
+    if index in run.capture_layers:
         for name, positions in run.capture_positions.items():
-            vecs = [hidden[b, p.to(hidden.device)].float().mean(0) for b, p in enumerate(positions)]
-            run.captured[name][index] = torch.stack(vecs).detach().to("cpu")
+            _accumulate(run.captured[name], index, hidden, positions, offset)
     return hidden
+
+
+def _accumulate(store: dict, index: int, hidden: torch.Tensor, positions: list[torch.Tensor], offset: int) -> None:
+    """Add the residuals at ``positions`` that fall in this call's window to ``store[index]`` = (sum, count)."""
+    B, Q, D = hidden.shape
+    total = torch.zeros(B, D, dtype=torch.float32)
+    count = torch.zeros(B, dtype=torch.float32)
+    hit = False
+    for b, pos in enumerate(positions):
+        rel = pos - offset
+        rel = rel[(rel >= 0) & (rel < Q)]
+        if rel.numel():
+            total[b] = hidden[b, rel.to(hidden.device)].float().sum(0).cpu()
+            count[b] = rel.numel()
+            hit = True
+    if not hit:
+        return
+    if index in store:
+        s, c = store[index]
+        total, count = total + s, count + c
+    store[index] = (total, count)
 
 
 def install(layers: torch.nn.ModuleList) -> list:

@@ -79,12 +79,27 @@ class Run:
     patches: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, pos[B], value[B,D])
     capture_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     capture_layers: tuple[int, ...] = ()
-    captured: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # sums, counts
     text: RoleMask | None = None  # query rows for attention statistics
     column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
     patched: set[int] = field(default_factory=set)  # indices into patches that were applied
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     offset: int = 0  # absolute position of the first query row in the current layer call
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Captured residuals per role: [B, len(capture_layers), D], averaged over each role's positions."""
+        out = {}
+        for name, per_layer in self.captured.items():
+            missing = [l for l in self.capture_layers if l not in per_layer]
+            if missing:
+                raise InterventionError(f"Capture of {name} never reached residual indices {missing}.")
+            sums = torch.stack([per_layer[l][0] for l in self.capture_layers], dim=1)
+            counts = torch.stack([per_layer[l][1] for l in self.capture_layers], dim=1)
+            want = torch.tensor([len(p) for p in self.capture_positions[name]], dtype=torch.float32)
+            if not torch.equal(counts, want[:, None].expand_as(counts)):
+                raise InterventionError(f"Capture of {name} saw only part of its positions.")
+            out[name] = sums / counts[..., None]
+        return out
 
     def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
         return [k for k in self.knockouts if k.layers is None or layer in k.layers]

@@ -49,7 +49,7 @@ def modality_homogeneity(
 ) -> float:
     """Homogeneity, with respect to ``modality_labels``, of the ADP clusters of X [N, D].
 
-    Parameters (defaults follow the paper):
+    Parameters (Gride ranks and density k as stated in the paper):
 
     - ``Z``: ADP merging parameter (statistical confidence of peaks); higher
       merges more.
@@ -59,11 +59,12 @@ def modality_homogeneity(
     - ``min_cluster_size``: points of clusters smaller than this are dropped
       before scoring. The paper drops small clusters; the authors' code keeps
       all, hence the default ``None`` (keep all).
-    - ``maxk``: neighbours stored per point (capped at N - 1); ADP searches
-      saddles among them, Gride and the density need at least n2 and
-      ``density_k``.
+    - ``maxk``: neighbours stored per point (default 100, dadapy's, capped at
+      N - 1); ADP searches saddles among them, Gride and the density need at
+      least n2 and ``density_k``.
     - ``halo``: passed to ADP; halo points (label -1) then form their own group.
-    - ``seed``: dadapy's random seed (the pipeline itself is deterministic).
+    - ``seed``: seeds dadapy's random generator; the steps used here draw no
+      random numbers, so the result does not depend on it.
 
     Distances are Euclidean on the normalised rows, so neighbourhoods are those
     of cosine similarity. Raises ValueError when every point would be dropped.
@@ -83,7 +84,8 @@ def modality_homogeneity(
             f"have N={n}, maxk={maxk}"
         )
 
-    data = Data(coordinates=Xn, maxk=maxk, verbose=False, rng_seed=seed)
+    data = Data(coordinates=Xn, maxk=maxk, verbose=False)
+    data.rng = np.random.default_rng(seed)
     data.compute_distances(maxk=maxk)
     data.distances = data.remove_zero_dists(data.distances)
     ids, _, ranks = data.return_id_scaling_gride(range_max=n2, return_ranks=True)

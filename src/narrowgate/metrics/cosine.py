@@ -24,7 +24,7 @@ _CHUNK_ELEMENTS = 2**24
 
 def _unit_rows(X) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero), float64 kept, else float32."""
-    t = torch.as_tensor(X)
+    t = torch.as_tensor(X).detach()
     if t.dtype != torch.float64:
         t = t.to(torch.float32)
     return torch.nn.functional.normalize(t, dim=-1)
@@ -61,6 +61,7 @@ def _sampled_pairs(img: torch.Tensor, txt: torch.Tensor, n_pairs: int, seed: int
     return out
 
 
+@torch.no_grad()
 def cosine_gap(
     image_vectors,
     text_vectors,

@@ -23,7 +23,7 @@ _BLOCK_ELEMENTS = 2**26
 
 def _as_float_tensor(X) -> torch.Tensor:
     """Torch view of X; float64 stays float64, every other dtype becomes float32."""
-    t = torch.as_tensor(X)
+    t = torch.as_tensor(X).detach()
     if t.dtype != torch.float64:
         t = t.to(torch.float32)
     return t
@@ -85,6 +85,7 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"k={k} needs more than k points (self excluded), but there are only {n}")
 
 
+@torch.no_grad()
 def neighborhood_overlap(
     X,
     labels: Sequence | np.ndarray | torch.Tensor,
