@@ -116,6 +116,9 @@ class VLM:
             if isinstance(v, torch.Tensor):
                 v = v.to(dev, dtype) if v.is_floating_point() else v.to(dev)
             out[k] = v
+        pos = self.family.position_ids(out)
+        if pos is not None:
+            out["position_ids"] = pos
         return out
 
     # --- running -----------------------------------------------------------------------------

@@ -87,3 +87,18 @@ def test_patch_applies_during_generation(loaded, family):
     ref = vlm.generate(batch, knockouts=[ko], max_new_tokens=5)
     assert torch.equal(gen[0, batch.length :], ref[1, batch.length :])
     assert torch.equal(gen[1, batch.length :], ref[0, batch.length :])
+
+
+def test_batching_does_not_change_results(mixed):
+    """A left-padded example gives the same logits and residuals as the same example alone."""
+    vlm, batch = mixed
+    from tests.fixtures.common import PROMPTS, images
+
+    out = vlm.forward(batch, capture=ng.Capture(("eoi", "last")))
+    for b, (img, prompt) in enumerate(zip(images(2, seed=1), PROMPTS)):
+        alone = vlm.prepare([img], [prompt])
+        one = vlm.forward(alone, capture=ng.Capture(("eoi", "last")))
+        n = alone.length
+        torch.testing.assert_close(out.logits[b, -n:], one.logits[0], atol=1e-4, rtol=0)
+        for role in ("eoi", "last"):
+            torch.testing.assert_close(out.residuals[role][b], one.residuals[role][0], atol=1e-4, rtol=0)

@@ -119,6 +119,17 @@ class Family:
             **self.processor_kwargs,
         )
 
+    def position_ids(self, inputs) -> torch.Tensor | None:
+        """Position ids for a left-padded batch, counted from each row's first real token.
+
+        The same rule `generate` uses, so a padded example gets the positions it would have alone
+        and forward passes agree with generation. None lets the model compute its own (M-RoPE).
+        """
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return None
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
     # --- layout ------------------------------------------------------------------------------
     def layout(self, ids: list[int], first: int) -> ImageLayout:
         """Locate the image in one row of input ids; ``first`` is the first non-padding position.

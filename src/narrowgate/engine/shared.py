@@ -1,0 +1,75 @@
+"""Shared-prefix execution: several conditions on one batch, the unchanged prefix computed once.
+
+Attention is causal, so positions before the first one an intervention touches compute the same
+keys and values in every condition. The prefix (the image, typically nearly all of the sequence)
+runs once and fills a KV cache; each condition then runs only the suffix on that cache, which is
+cropped back to the prefix after every condition. Results equal full recomputation (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..batch import Batch
+from .interventions import Capture, Knockout, Patch
+from .state import activate
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A named set of interventions (the baseline has none)."""
+
+    name: str
+    knockouts: tuple[Knockout, ...] = ()
+    patches: tuple[Patch, ...] = ()
+
+
+@dataclass
+class ConditionOutput:
+    """Per condition: next-token logits at ``last`` ([B, V], float32, CPU), residuals, attention statistics."""
+
+    last_logits: torch.Tensor
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross_modal_attention: object | None = None
+
+
+def as_conditions(conditions) -> list[Condition]:
+    """Accept Condition objects or a mapping name -> dict(knockouts=..., patches=...)."""
+    if isinstance(conditions, dict):
+        return [Condition(name, tuple(v.get("knockouts", ())), tuple(v.get("patches", ()))) for name, v in conditions.items()]
+    out = list(conditions)
+    if not all(isinstance(c, Condition) for c in out):
+        raise TypeError("conditions must be Condition objects or a mapping name -> {'knockouts': ..., 'patches': ...}.")
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Condition names must be unique, got {names}.")
+    return out
+
+
+def first_affected(batch: Batch, condition: Condition) -> int:
+    """The earliest position (over the batch) whose computation a condition can change."""
+    firsts = [batch.length - 1]
+    for k in condition.knockouts:
+        cols = batch.mask(k.targets).any(0).nonzero()
+        if len(cols):
+            firsts.append(int(cols.min()))
+    for p in condition.patches:
+        firsts.append(int(batch.index(p.role).min()))
+    return min(firsts)
+
+
+def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, image_tokens_after=None) -> int:
+    """How many leading positions all conditions share (the suffix keeps at least the last position)."""
+    p = min(first_affected(batch, c) for c in conditions)
+    if attention_stats:
+        text = batch.mask("text").any(0).nonzero()
+        p = min(p, int(text.min()))
+    end_of_image = max(lay.end for lay in batch.layouts) + 1
+    # The suffix must not contain image tokens: the image is encoded in the prefix pass.
+    return p if p >= end_of_image else 0
+
+
+def _without_image_inputs(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}

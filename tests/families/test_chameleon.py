@@ -1,0 +1,77 @@
+"""Chameleon: load the tiny checkpoint, check every role against the token ids, run forward and generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures.common import PROMPTS, images
+
+
+@pytest.fixture(scope="module")
+def vlm(loaded):
+    return loaded("chameleon")
+
+
+def test_family_and_prompt(vlm):
+    assert vlm.family.name == "chameleon"
+    assert vlm.family.prompt("Hi?", image_first=True) == "<image>Hi?"
+    assert vlm.family.prompt("Hi?", image_first=False) == "Hi?<image>"
+
+
+@pytest.mark.parametrize("image_first", [True, False])
+def test_roles_match_token_ids(vlm, image_first):
+    batch = vlm.prepare(images(2), PROMPTS, image_first=image_first)
+    ids = batch.input_ids
+    proc, tok = vlm.processor, vlm.family.tokenizer
+    image_id = proc.image_token_id
+    boi_id, eoi_id = tok.convert_tokens_to_ids("<racm3:break>"), tok.convert_tokens_to_ids("<eoss>")
+    assert vlm.family.boi_id == boi_id and vlm.family.eoi_id == eoi_id
+    assert ids.shape[0] == 2 and batch.first[0] != batch.first[1]  # different prompt lengths, left padded
+    assert not bool((ids == tok.sep_token_id).any())  # text completion: no separator appended
+    for b in range(2):
+        img = batch.positions("image")[b]
+        assert torch.equal(img, torch.nonzero(ids[b] == image_id).flatten())
+        assert img.numel() == proc.image_seq_length and torch.equal(img, torch.arange(int(img[0]), int(img[-1]) + 1))
+        assert torch.equal(batch.positions("image_content")[b], img)
+        assert batch.positions("eol")[b].numel() == 0
+        boi = int(batch.index("boi")[b])
+        assert boi == int(img[0]) - 1 and int(ids[b, boi]) == boi_id
+        eoi = int(batch.index("eoi")[b])
+        assert eoi == int(img[-1]) + 1 and int(ids[b, eoi]) == eoi_id
+        assert int(batch.index("first_image")[b]) == int(img[0])
+        assert int(batch.index("last_image")[b]) == int(img[-1])
+        assert int(batch.index("image[3]")[b]) == int(img[3])
+        assert torch.equal(batch.positions("internal_image")[b], img[1:-1])
+        text = batch.positions("text")[b]
+        assert text.tolist() == list(range(eoi + 1, ids.shape[1]))
+        assert int(ids[b, batch.index("bos")[b]]) == tok.bos_token_id
+    if not image_first:  # the prompt ends with the image: eoi is the last position, no text after it
+        assert batch.index("eoi").tolist() == [ids.shape[1] - 1] * 2
+    assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
+
+
+def test_forward_and_generate(vlm):
+    batch = vlm.prepare(images(2), PROMPTS)
+    out = vlm.forward(batch)
+    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
+    gen = vlm.generate(batch, max_new_tokens=4)
+    assert gen.shape == (2, batch.length + 4)
+    assert torch.equal(gen[:, : batch.length], batch.input_ids)
+
+
+def test_the_image_reaches_the_logits(vlm):
+    """The VQ-VAE really feeds the pixels in: two images with one prompt give different logits."""
+    batch = vlm.prepare(images(2, seed=3), [PROMPTS[0]] * 2)
+    logits = vlm.forward(batch).logits
+    assert (logits[0, -1] - logits[1, -1]).abs().max() > 1e-4
+
+
+def test_image_span_matches_the_vq_token_count(vlm):
+    """The model's VQ-VAE yields one image token per <image> placeholder of the span."""
+    batch = vlm.prepare(images(2), PROMPTS)
+    with torch.no_grad():
+        bpe = vlm.model.model.get_image_tokens(batch.inputs["pixel_values"])
+    assert bpe.shape == (2, vlm.processor.image_seq_length)
+    assert all(p.numel() == bpe.shape[1] for p in batch.positions("image"))
+    assert set(bpe.flatten().tolist()) <= set(vlm.model.model.vocabulary_mapping.image_tokens)
