@@ -1,0 +1,154 @@
+"""Read a Hugging Face ``datasets`` layout from disk with pyarrow alone (``datasets`` is not needed).
+
+Supported: a directory written by ``save_to_disk`` (a single dataset, or a ``DatasetDict`` with
+one subdirectory per split; Arrow IPC stream shards), a directory of Parquet shards as found in
+a downloaded hub repository, or a single ``.parquet``/``.arrow`` file. Metadata columns are read
+up front; the image column is read later, only for the rows an experiment actually uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError(
+            "reading Hugging Face dataset files needs a working pyarrow (pip install pyarrow); "
+            f"importing it failed: {exc}"
+        ) from exc
+    return pa, pq
+
+
+def _split_matches(relative: Path, split: str) -> bool:
+    name = relative.name
+    return split in relative.parts[:-1] or name.startswith(f"{split}-") or name.split(".")[0] == split
+
+
+def find_shards(path: str | Path, split: str | None = None) -> list[Path]:
+    """The data files of ``split`` under ``path``, in a fixed (sorted) order.
+
+    ``split=None`` takes the only split of a ``DatasetDict`` (and is an error when there are
+    several) or every file of a plain directory.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no dataset at {path}")
+    dict_file = path / "dataset_dict.json"
+    if dict_file.is_file():
+        splits = json.loads(dict_file.read_text())["splits"]
+        if split is None:
+            if len(splits) != 1:
+                raise ValueError(f"{path} holds splits {splits}; choose one with split=")
+            split = splits[0]
+        if split not in splits:
+            raise ValueError(f"split {split!r} not in {path} (it has {splits})")
+        return find_shards(path / split)
+    state_file = path / "state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        return [path / entry["filename"] for entry in state["_data_files"]]
+    files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
+    if split is not None:
+        files = [f for f in files if _split_matches(f.relative_to(path), split)]
+    if not files:
+        raise FileNotFoundError(f"no Parquet or Arrow files{f' for split {split!r}' if split else ''} under {path}")
+    return files
+
+
+def _read_arrow(path: Path):
+    pa, _ = _pyarrow()
+    source = pa.memory_map(str(path))
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source).read_all()
+
+
+class HFTable:
+    """The rows of one split, with the image column fetched separately for chosen rows."""
+
+    def __init__(self, path: str | Path, split: str | None = None, image_column: str = "image"):
+        self.root = Path(path)
+        self.split = split
+        self.image_column = image_column
+        self.shards = find_shards(path, split)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row as a dict of its non-image columns, plus ``_ref`` = (shard index, row in shard)."""
+        _, pq = _pyarrow()
+        out: list[dict[str, Any]] = []
+        for i, shard in enumerate(self.shards):
+            if shard.suffix == ".parquet":
+                names = pq.ParquetFile(shard).schema_arrow.names
+                table = pq.read_table(shard, columns=[c for c in names if c != self.image_column])
+            else:
+                table = _read_arrow(shard)
+                if self.image_column in table.column_names:
+                    table = table.drop_columns([self.image_column])
+            for j, row in enumerate(table.to_pylist()):
+                row["_ref"] = (i, j)
+                out.append(row)
+        return out
+
+    def images(self, refs: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+        """The raw image-column value of each row in ``refs`` (None where the column is absent)."""
+        _, pq = _pyarrow()
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for shard, row in refs:
+            by_shard[shard].append(row)
+        out: dict[tuple[int, int], Any] = {}
+        for i, rows in by_shard.items():
+            shard = self.shards[i]
+            if shard.suffix == ".parquet":
+                pf = pq.ParquetFile(shard)
+                if self.image_column not in pf.schema_arrow.names:
+                    out.update({(i, r): None for r in rows})
+                    continue
+                starts, start = [], 0
+                for g in range(pf.num_row_groups):
+                    starts.append(start)
+                    start += pf.metadata.row_group(g).num_rows
+                wanted: dict[int, list[int]] = defaultdict(list)
+                for r in rows:
+                    g = max(k for k, s in enumerate(starts) if s <= r)
+                    wanted[g].append(r)
+                for g, group_rows in wanted.items():
+                    column = pf.read_row_group(g, columns=[self.image_column]).column(0)
+                    values = column.take([r - starts[g] for r in group_rows]).to_pylist()
+                    out.update({(i, r): v for r, v in zip(group_rows, values)})
+            else:
+                table = _read_arrow(shard)
+                if self.image_column not in table.column_names:
+                    out.update({(i, r): None for r in rows})
+                    continue
+                values = table.column(self.image_column).take(rows).to_pylist()
+                out.update({(i, r): v for r, v in zip(rows, values)})
+        return out
+
+    def image_source(self, value: Any) -> dict[str, Any]:
+        """Keyword arguments for `Example` (``image_bytes`` or ``image_path``) from an image-column value."""
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, (bytes, bytearray)):
+            data, path = value, None
+        else:
+            data, path = None, value
+        if data is not None:
+            return {"image_bytes": bytes(data)}
+        if path:
+            path = Path(path)
+            if not path.is_absolute():
+                path = self.root / path
+            return {"image_path": path}
+        return {}
