@@ -56,6 +56,92 @@ def roles(
     console.print(table)
 
 
+EXPERIMENT_HELP = (
+    "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
+    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3)"
+)
+
+
+@app.command()
+def run(
+    experiment: str = typer.Argument(..., help=EXPERIMENT_HELP),
+    model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
+    data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk."),
+    n: int = typer.Option(None, "--n", help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class)."),
+    n_per_class: int = typer.Option(None, "--n-per-class", help="Images per class for ImageNet/synthetic classes."),
+    out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Examples per forward (halved automatically on OOM)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
+    seed: int = typer.Option(42, "--seed", help="Sampling seed."),
+    prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a')."),
+    task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
+    mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
+    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31."),
+    sweep: bool = typer.Option(False, "--sweep", help="ablation: growing layer windows from the last layer (SM 6.3)."),
+    sweep_step: int = typer.Option(1, "--sweep-step", help="ablation: window growth per step with --sweep."),
+    knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable)."),
+    k: int = typer.Option(None, "--k", help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60)."),
+    threshold: float = typer.Option(None, "--threshold", help="cross-attention: share above which a position is shown."),
+    image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
+    import json
+    import sys
+
+    from .analyses import EXPERIMENTS
+    from .analyses.base import run as run_experiment
+
+    if experiment not in EXPERIMENTS:
+        raise typer.BadParameter(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
+    dmap = device_map
+    if device_map and device_map.strip().startswith("{"):
+        dmap = json.loads(device_map)
+    cfg = dict(model=model, data=data, data_dir=data_dir, n=n, n_per_class=n_per_class, out=out,
+               batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
+               mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
+               knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
+               threshold=threshold, image_index=image_index, progress=not quiet)
+    store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
+    console.print(f"[green]done:[/green] {store.path}  (report: {store.path / 'report.html'})")
+    for name, df in store.tables().items():
+        if name != "failures" and len(df) <= 40:
+            console.print(f"[bold]{name}[/bold]")
+            console.print(df.to_string(index=False))
+    failures = store.failures()
+    if len(failures):
+        console.print(f"[yellow]{len(failures)} example(s) skipped[/yellow]; see {store.path / 'tables/failures.csv'}")
+
+
+@app.command()
+def compare(
+    runs: list[str] = typer.Argument(..., help="Run directories of one experiment (several models)."),
+    out: str = typer.Option("runs/compare", "--out", help="Where to write the overlay figures."),
+) -> None:
+    """Overlay several runs of one experiment in one figure, on relative depth (as the paper does)."""
+    import json
+    from pathlib import Path
+
+    from .plots import compare as draw_compare
+    from .store import RunStore
+
+    loaded = []
+    for d in runs:
+        path = Path(d)
+        if not (path / "manifest.json").exists():
+            raise typer.BadParameter(f"{d} is not a narrowgate run directory (no manifest.json).")
+        manifest = json.loads((path / "manifest.json").read_text())
+        loaded.append((f"{manifest['model']['family']} ({path.name})", RunStore(path).tables(), manifest))
+    kinds = {m["experiment"] for _, _, m in loaded}
+    if len(kinds) != 1:
+        raise typer.BadParameter(f"runs of different experiments cannot be overlaid: {sorted(kinds)}")
+    for p in draw_compare(loaded, out):
+        console.print(p)
+
+
 def main() -> None:
     app()
 

@@ -102,3 +102,16 @@ def test_batching_does_not_change_results(mixed):
         torch.testing.assert_close(out.logits[b, -n:], one.logits[0], atol=1e-4, rtol=0)
         for role in ("eoi", "last"):
             torch.testing.assert_close(out.residuals[role][b], one.residuals[role][0], atol=1e-4, rtol=0)
+
+
+def test_capture_at_explicit_positions(mixed):
+    vlm, batch = mixed
+    text = batch.positions("text")
+    picks = [int(t[1]) for t in text]
+    out = vlm.forward(batch, capture=ng.Capture(roles=("eoi",), at={"pick": picks}))
+    with torch.no_grad():
+        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+    for b, p in enumerate(picks):
+        torch.testing.assert_close(out.residuals["pick"][b, 2], hs[2][b, p].float(), atol=ATOL, rtol=0)
+    with pytest.raises(ng.InterventionError, match="one position per example"):
+        vlm.forward(batch, capture=ng.Capture(roles=(), at={"pick": picks[:1]}))

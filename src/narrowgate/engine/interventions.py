@@ -96,15 +96,23 @@ class Capture:
 
     A single-position role gives ``[B, n_captured_layers, D]``. A multi-position role (e.g.
     ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, layers, D]``.
+    ``at`` adds named captures at explicit positions, one per example (e.g. a random text token):
+    ``Capture(roles=(), at={"text_sample": [17, 21]})``.
     """
 
     roles: str | tuple = "eoi"
     layers: tuple[int, ...] | None = None
     reduce: str = "mean"
+    at: tuple[tuple[str, tuple[int, ...]], ...] | dict | None = None
     parsed: tuple[Role, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.reduce != "mean":
             raise ValueError("Capture.reduce supports 'mean' only.")
         object.__setattr__(self, "layers", _layers(self.layers))
-        object.__setattr__(self, "parsed", parse_roles(self.roles))
+        object.__setattr__(self, "parsed", parse_roles(self.roles) if self.roles else ())
+        at = self.at or {}
+        at = tuple((str(k), tuple(int(p) for p in v)) for k, v in (at.items() if isinstance(at, dict) else at))
+        object.__setattr__(self, "at", at)
+        if not self.parsed and not at:
+            raise ValueError("A Capture needs at least one role or one explicit position set.")

@@ -71,5 +71,27 @@ def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats:
     return p if p >= end_of_image else 0
 
 
-def _without_image_inputs(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
+    """Model inputs of the prefix pass and of the suffix passes.
+
+    Per-token tensors (shaped like ``input_ids``) are cut at ``P``; image inputs go to the prefix
+    only. The suffix keeps the full attention mask, as a cached forward expects.
+    """
+    ids = inputs["input_ids"]
+    prefix, suffix = {}, {}
+    for k, v in inputs.items():
+        per_token = isinstance(v, torch.Tensor) and v.shape[-2:] == ids.shape and k != "pixel_values"
+        if k == "attention_mask":
+            prefix[k], suffix[k] = v[:, :P], v
+        elif per_token:
+            prefix[k], suffix[k] = v[..., :P], v[..., P:]
+        else:
+            prefix[k] = v
+    return prefix, suffix
+
+
+def crop(cache, P: int) -> None:
+    """Drop everything a condition appended to the shared cache."""
+    extra = cache.get_seq_length() - P
+    if extra > 0:
+        cache.crop(-extra)

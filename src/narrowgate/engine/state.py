@@ -162,6 +162,13 @@ def resolve(
                 raise InterventionError(f"Cannot capture role {r}: it is empty in example(s) {empty}.")
             run.capture_positions[str(r)] = pos
             run.captured[str(r)] = {}
+        for name, positions in capture.at:
+            if len(positions) != batch.size or not all(0 <= p < batch.length for p in positions):
+                raise InterventionError(
+                    f"Capture {name!r} needs one position per example inside the sequence (0..{batch.length - 1})."
+                )
+            run.capture_positions[name] = [torch.tensor([p]) for p in positions]
+            run.captured[name] = {}
     if attention_stats:
         try:
             run.text = role_mask(batch, "text")

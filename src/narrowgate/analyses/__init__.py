@@ -1,0 +1,14 @@
+"""The paper's experiments, one module each, all run by `narrowgate.analyses.base.run`."""
+
+from .ablation import Ablation
+from .base import Experiment, Unit, run
+from .cross_attention import CrossAttention
+from .modality_gap import ModalityGap
+from .overlap import Overlap
+from .patching import Patching
+
+EXPERIMENTS: dict[str, type[Experiment]] = {
+    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching)
+}
+
+__all__ = ["EXPERIMENTS", "Experiment", "Unit", "run"]

@@ -1,0 +1,62 @@
+"""Sec. 4.1: are image and text representations separated in the residual stream?
+
+Each Flickr30k image goes with its five captions concatenated, once image-first and once
+text-first. Per example the residual is read, at every layer, at a random text position of the
+image-first prompt and at a random image position of the text-first prompt (seeded by the
+example id). Per layer: the median and inter-quartile range of the cosine similarity of image
+and text vectors of different examples, and the homogeneity of ADP clusters with respect to
+modality.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+
+from ..data import caption_text
+from ..engine.interventions import Capture
+from ..metrics import cosine_gap_per_layer, modality_homogeneity
+from .base import Experiment, stack
+
+
+def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
+    out = []
+    for pos, i in zip(batch.positions(role), ids):
+        if not len(pos):
+            raise ValueError(f"Example {i} has no {role} positions to sample from.")
+        out.append(int(pos[random.Random(f"{seed}:{salt}:{i}").randrange(len(pos))]))
+    return out
+
+
+class ModalityGap(Experiment):
+    name = "modality-gap"
+    task = "image_text"
+    defaults = {"n": 2000, "Z": 1.2, "min_cluster_size": None}
+
+    def process(self, vlm, units, images, cfg):
+        ids = [u.id for u in units]
+        texts = [caption_text(u.examples[0]) for u in units]
+        imgs = [im[0] for im in images]
+        first = vlm.prepare(imgs, texts, image_first=True)
+        after = vlm.prepare(imgs, texts, image_first=False)
+        text_pos = _pick(first, "text", ids, cfg["seed"], "text")
+        image_pos = _pick(after, "image_content", ids, cfg["seed"], "image")
+        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), at={"text": text_pos}))["baseline"]
+        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), at={"image": image_pos}))["baseline"]
+        rows = [{"example_id": u.id, "text_position": tp, "image_position": ip} for u, tp, ip in zip(units, text_pos, image_pos)]
+        return rows, {"text": t.residuals["text"].numpy().astype(np.float16),
+                      "image": i.residuals["image"].numpy().astype(np.float16)}
+
+    def aggregate(self, records, cfg, info):
+        text = stack(records.arrays, "text").transpose(1, 0, 2)  # [L+1, N, D]
+        image = stack(records.arrays, "image").transpose(1, 0, 2)
+        gap = cosine_gap_per_layer(image, text)
+        modality = np.array(["image"] * image.shape[1] + ["text"] * text.shape[1])
+        hom = []
+        for l in range(text.shape[0]):
+            X = np.concatenate([image[l], text[l]])
+            hom.append(modality_homogeneity(X, modality, Z=cfg["Z"], min_cluster_size=cfg.get("min_cluster_size")))
+        gap["homogeneity"] = hom
+        return {"modality_gap": gap}

@@ -1,0 +1,165 @@
+"""Figures of a run (the paper's Figures 1-5 for its models), drawn from the run's tables only.
+
+Each experiment has one drawing function; `compare` overlays several runs on relative depth.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLORS = ["#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#004488"]
+
+
+def _depth(layer, n_layers: int):
+    return layer / max(1, n_layers - 1)
+
+
+def _save(fig, store, name: str) -> str:
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(store.figure_path(name, ext), dpi=120)
+    plt.close(fig)
+    return name
+
+
+def modality_gap(tables, info, store):
+    df = tables["modality_gap"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(df["layer"], df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
+    a.fill_between(df["layer"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
+    a.set(xlabel="layer", ylabel="cosine similarity (image vs text)", title="Modality gap")
+    b.plot(df["layer"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
+    b.set(xlabel="layer", ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters")
+    return [_save(fig, store, "modality_gap")]
+
+
+def _token_order(token: str):
+    """first_image, image[k] by k, last_image, then the rest by name."""
+    if token == "first_image":
+        return (0, 0, "")
+    if token.startswith("image[") and token.endswith("]"):
+        return (1, int(token[6:-1]), "")
+    if token == "last_image":
+        return (2, 0, "")
+    return (3, 0, token)
+
+
+def cross_attention(tables, info, store):
+    df = tables["cross_attention_by_layer"]
+    wide = df.pivot(index="layer", columns="token", values="fraction").fillna(0.0)
+    middle = sorted((c for c in wide.columns if c not in ("eoi", "internal image")), key=_token_order)
+    wide = wide[[c for c in ["eoi", *middle, "internal image"] if c in wide.columns]]
+    palette = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bottom = pd.Series(0.0, index=wide.index)
+    for i, col in enumerate(wide.columns):
+        color = {"eoi": "#BB5566", "internal image": "#DDDDDD"}.get(col, palette[i % len(palette)])
+        ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=col, width=0.85)
+        bottom += wide[col]
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    return [_save(fig, store, "cross_attention")]
+
+
+def overlap(tables, info, store):
+    df = tables["overlap"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (role, g) in enumerate(df.groupby("role", sort=False)):
+        ax.plot(g["layer"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
+    ax.set(xlabel="layer", ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
+    ax.legend(fontsize=8)
+    return [_save(fig, store, "overlap")]
+
+
+def ablation(tables, info, store):
+    df = tables["ablation"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(df)), 3.8))
+    ax.bar(range(len(df)), df["relative"], color=[COLORS[i % len(COLORS)] for i in range(len(df))])
+    ax.set_xticks(range(len(df)), df["condition"], rotation=45, ha="right", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set(ylabel=f"{df['metric'].iloc[0]} relative to baseline", title="Attention knockout")
+    return [_save(fig, store, "ablation")]
+
+
+def patching(tables, info, store):
+    df = tables["patching"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(df["relative_depth"], df["similarity"], "-o", ms=3, color=COLORS[2], label="after patching")
+    a.axhline(df["similarity_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
+    a.set(xlabel="relative depth of patched layer", ylabel="similarity to target distribution", ylim=(0, 1))
+    a.legend(fontsize=8)
+    b.plot(df["relative_depth"], df["accuracy"], "-o", ms=3, color=COLORS[1], label="after patching")
+    b.axhline(df["accuracy_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
+    b.set(xlabel="relative depth of patched layer", ylabel="p(target) > p(base)", ylim=(-0.02, 1.02))
+    b.legend(fontsize=8)
+    return [_save(fig, store, "patching")]
+
+
+DRAW = {
+    "modality-gap": modality_gap,
+    "cross-attention": cross_attention,
+    "overlap": overlap,
+    "ablation": ablation,
+    "patching": patching,
+}
+
+
+def draw(experiment: str, tables: dict, info: dict, store) -> list[str]:
+    """Draw the figures of one run; returns their names (files under figures/)."""
+    needed = {"modality-gap": "modality_gap", "cross-attention": "cross_attention_by_layer", "overlap": "overlap",
+              "ablation": "ablation", "patching": "patching"}[experiment]
+    if needed not in tables or tables[needed].empty:
+        return []
+    return DRAW[experiment](tables, info, store)
+
+
+#: For `compare`: per experiment, the table, the y column and an optional grouping column.
+CURVES = {
+    "modality-gap": ("modality_gap", "median", None),
+    "overlap": ("overlap", "overlap", "role"),
+    "patching": ("patching", "similarity", None),
+    "cross-attention": ("cross_attention_roles", "fraction", "role"),
+}
+
+
+def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
+    """Overlay runs (label, tables, model info) of one experiment on relative depth; returns file paths."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    experiment = runs[0][2]["experiment"]
+    if experiment == "ablation":
+        frames = [t["ablation"].assign(model=label) for label, t, _ in runs]
+        df = pd.concat(frames)
+        wide = df.pivot(index="condition", columns="model", values="relative")
+        ax = wide.plot.bar(figsize=(8, 4), color=COLORS[: len(runs)])
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set(ylabel="score relative to baseline", title="Attention knockout")
+        fig = ax.get_figure()
+    else:
+        table, col, group = CURVES[experiment]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (label, t, info) in enumerate(runs):
+            df = t[table]
+            n = info["model"]["n_layers"] + (1 if experiment in ("overlap", "modality-gap") else 0)
+            groups = df.groupby(group, sort=False) if group else [(None, df)]
+            for j, (g, sub) in enumerate(groups):
+                name = label if g is None else f"{label}: {g}"
+                ax.plot(_depth(sub["layer"], n), sub[col], "-o", ms=2, color=COLORS[i % len(COLORS)],
+                        alpha=1.0 - 0.15 * j, label=name)
+        ax.set(xlabel="relative depth", ylabel=col, title=experiment)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"compare-{experiment}.{ext}"
+        fig.savefig(path, dpi=120)
+        paths.append(str(path))
+    plt.close(fig)
+    return paths

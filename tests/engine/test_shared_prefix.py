@@ -1,0 +1,68 @@
+"""Shared-prefix execution equals full recomputation, for forwards and for generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import narrowgate as ng
+from narrowgate.engine.shared import Condition, prefix_length
+from tests.engine.conftest import same_prompt
+
+
+def _conditions(vlm, batch):
+    base = vlm.forward(batch, capture=ng.Capture("eoi"))
+    other = base.residuals["eoi"].flip(0)
+    return [
+        Condition("baseline"),
+        Condition("eoi->text", knockouts=(ng.Knockout("eoi", "text"),)),
+        Condition("image->text", knockouts=(ng.Knockout("image", "text", mode="mask"),)),
+        Condition("last_image->text", knockouts=(ng.Knockout("last_image", "text"),)),
+        Condition("eoi->eoi+text", knockouts=(ng.Knockout("eoi", ("eoi", "text")),)),
+        Condition("patch", patches=(ng.Patch("eoi", vlm.n_layers // 2, other[:, vlm.n_layers // 2]),)),
+    ]
+
+
+@pytest.fixture(params=["same-prompt", "mixed"])
+def case(request, loaded, family, mixed):
+    """Same-prompt rows share a prefix; rows whose images end at different positions fall back to full runs."""
+    if request.param == "mixed":
+        return mixed
+    vlm = loaded(family)
+    batch = same_prompt(vlm)
+    assert prefix_length(batch, _conditions(vlm, batch), attention_stats=True) > max(l.end for l in batch.layouts)
+    return vlm, batch
+
+
+def test_shared_forward_equals_separate_forwards(case):
+    vlm, batch = case
+    conds = _conditions(vlm, batch)
+    capture = ng.Capture(("last_image", "eoi", "last"))
+    shared = vlm.forward_conditions(batch, conds, capture=capture, attention_stats=True)
+    for c in conds:
+        full = vlm.forward(batch, knockouts=c.knockouts, patches=c.patches, capture=capture, attention_stats=True)
+        got = shared[c.name]
+        torch.testing.assert_close(got.last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
+        for role in ("last_image", "eoi", "last"):
+            torch.testing.assert_close(got.residuals[role], full.residuals[role], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            got.cross_modal_attention.fractions, full.cross_modal_attention.fractions, atol=1e-5, rtol=0, equal_nan=True
+        )
+
+
+def test_shared_generation_equals_separate_generation(case):
+    vlm, batch = case
+    conds = _conditions(vlm, batch)
+    shared = vlm.generate_conditions(batch, conds, max_new_tokens=5)
+    for c in conds:
+        full = vlm.generate(batch, knockouts=c.knockouts, patches=c.patches, max_new_tokens=5)
+        assert torch.equal(shared[c.name], full), c.name
+
+
+def test_condition_touching_the_image_falls_back_to_full_runs(mixed):
+    vlm, batch = mixed
+    conds = [Condition("baseline"), Condition("img", knockouts=(ng.Knockout("image", "image", mode="mask"),))]
+    assert prefix_length(batch, conds, attention_stats=False) == 0
+    out = vlm.forward_conditions(batch, conds)
+    full = vlm.forward(batch, knockouts=conds[1].knockouts)
+    torch.testing.assert_close(out["img"].last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
