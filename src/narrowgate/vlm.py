@@ -10,6 +10,7 @@ from PIL import Image
 from .batch import Batch
 from .engine import attention as engine_attention
 from .engine import hooks
+from .engine import shared
 from .engine.interventions import Capture
 from .engine.state import InterventionError, activate, resolve
 from .engine.stats import CrossModalAttention, build
@@ -189,6 +190,88 @@ class VLM:
             out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **kwargs)
         self._check_applied(run)
         return out.cpu()
+
+    # --- several conditions, one shared prefix ---------------------------------------------------
+    def _prefix_cache(self, batch: Batch, P: int, capture: Capture | None):
+        """Run the shared prefix once (captures of prefix positions only); returns the run and the cache."""
+        inputs = self._inputs(batch)
+        prefix, suffix = shared.split_inputs(inputs, P)
+        run = self._run(batch, (), (), capture, False)
+        with activate(run):
+            out = self.model(**prefix, use_cache=True, **self._keep_last())
+        return run, out.past_key_values, suffix
+
+    def _keep_last(self) -> dict:
+        import inspect
+
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+
+    @torch.no_grad()
+    def forward_conditions(
+        self, batch: Batch, conditions, *, capture: Capture | None = None, attention_stats: bool = False
+    ) -> dict[str, shared.ConditionOutput]:
+        """Run several conditions (named knockout/patch sets) on one batch, sharing the unchanged prefix.
+
+        Returns per condition the logits at the last position, the captured residuals and, with
+        ``attention_stats``, the cross-modal attention. Equal to separate `forward` calls.
+        """
+        conds = shared.as_conditions(conditions)
+        P = shared.prefix_length(batch, conds, attention_stats=attention_stats)
+        results = {}
+        if P == 0:
+            for c in conds:
+                out = self.forward(
+                    batch, knockouts=c.knockouts, patches=c.patches, capture=capture, attention_stats=attention_stats
+                )
+                results[c.name] = shared.ConditionOutput(
+                    out.logits[:, -1].float().cpu(), out.residuals, out.cross_modal_attention
+                )
+            return results
+        pre_run, cache, suffix = self._prefix_cache(batch, P, capture)
+        for c in conds:
+            run = self._run(batch, c.knockouts, c.patches, capture, attention_stats)
+            for name, per_layer in pre_run.captured.items():
+                run.captured[name] = dict(per_layer)
+            try:
+                with activate(run):
+                    out = self.model(**suffix, past_key_values=cache, use_cache=True, **self._keep_last())
+            finally:
+                shared.crop(cache, P)
+            self._check_applied(run)
+            cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
+            results[c.name] = shared.ConditionOutput(out.logits[:, -1].float().cpu(), run.residuals(), cma)
+        return results
+
+    @torch.no_grad()
+    def generate_conditions(self, batch: Batch, conditions, *, max_new_tokens: int = 20, **kwargs) -> dict[str, torch.Tensor]:
+        """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
+        conds = shared.as_conditions(conditions)
+        P = shared.prefix_length(batch, conds, attention_stats=False)
+        if P == 0:
+            return {
+                c.name: self.generate(batch, knockouts=c.knockouts, patches=c.patches, max_new_tokens=max_new_tokens, **kwargs)
+                for c in conds
+            }
+        _, cache, _ = self._prefix_cache(batch, P, None)
+        inputs = self._inputs(batch)
+        inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        kwargs.setdefault("do_sample", False)
+        pad = getattr(self.family.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            kwargs.setdefault("pad_token_id", pad)
+        results = {}
+        for c in conds:
+            run = self._run(batch, c.knockouts, c.patches, None, False)
+            try:
+                with activate(run):
+                    out = self.model.generate(
+                        **inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
+                    )
+            finally:
+                shared.crop(cache, P)
+            self._check_applied(run)
+            results[c.name] = out.cpu()
+        return results
 
     def decode(self, tokens: torch.Tensor, batch: Batch) -> list[str]:
         """Decode the generated part of ``generate``'s output."""

@@ -123,7 +123,8 @@ class Family:
         """Position ids for a left-padded batch, counted from each row's first real token.
 
         The same rule `generate` uses, so a padded example gets the positions it would have alone
-        and forward passes agree with generation. None lets the model compute its own (M-RoPE).
+        and forward passes agree with generation. Families with other position schemes (M-RoPE)
+        override this; None leaves positions to the model.
         """
         mask = inputs.get("attention_mask")
         if mask is None:

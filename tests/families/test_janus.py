@@ -1,0 +1,80 @@
+"""Janus: load the tiny checkpoint, check every role against the token ids, run forward and generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures.common import PROMPTS, images
+
+
+@pytest.fixture(scope="module")
+def vlm(loaded):
+    return loaded("janus")
+
+
+def test_adapter(vlm):
+    assert vlm.family.name == "janus"
+    tok = vlm.family.tokenizer
+    assert vlm.family.content_ids == {tok.convert_tokens_to_ids("<image_placeholder>")}
+    assert vlm.family.boi_id == tok.convert_tokens_to_ids("<begin_of_image>")
+    assert vlm.family.eoi_id == tok.convert_tokens_to_ids("<end_of_image>")
+    assert not vlm.family.eol_ids
+
+
+@pytest.mark.parametrize("image_first", [True, False])
+def test_roles_match_token_ids(vlm, image_first):
+    batch = vlm.prepare(images(2), PROMPTS, image_first=image_first)
+    ids = batch.input_ids
+    tok = vlm.family.tokenizer
+    image_id = vlm.processor.tokenizer.convert_tokens_to_ids(vlm.processor.image_token)
+    boi_id = tok.convert_tokens_to_ids("<begin_of_image>")
+    eoi_id = tok.convert_tokens_to_ids("<end_of_image>")
+    n_image = vlm.processor.num_image_tokens
+    assert ids.shape[0] == 2 and batch.first[0] != batch.first[1]  # different prompt lengths, left padded
+    for b in range(2):
+        img = batch.positions("image")[b]
+        assert torch.equal(img, torch.nonzero(ids[b] == image_id).flatten())
+        assert img.numel() == n_image
+        assert torch.equal(batch.positions("image_content")[b], img)
+        assert batch.positions("eol")[b].numel() == 0
+        boi = int(batch.index("boi")[b])
+        assert boi == int(img[0]) - 1 and int(ids[b, boi]) == boi_id
+        eoi = int(batch.index("eoi")[b])
+        assert eoi == int(img[-1]) + 1 and int(ids[b, eoi]) == eoi_id
+        assert int(batch.index("first_image")[b]) == int(img[0])
+        assert int(batch.index("last_image")[b]) == int(img[-1])
+        assert int(batch.index("image[3]")[b]) == int(img[3])
+        assert int(batch.index("image[-1]")[b]) == int(img[-1])
+        assert batch.positions("internal_image")[b].tolist() == img[1:-1].tolist()
+        text = batch.positions("text")[b]
+        assert text.tolist() == list(range(eoi + 1, ids.shape[1]))
+        bos = int(batch.index("bos")[b])
+        assert bos == batch.first[b] and int(ids[b, bos]) == tok.bos_token_id
+        assert int((ids[b] == tok.bos_token_id).sum()) == 1  # exactly one BOS
+        prompt_text = tok.decode(ids[b, eoi + 1 :]) if image_first else tok.decode(ids[b, : boi])
+        assert PROMPTS[b] in prompt_text
+    assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
+
+
+def test_default_system_prompt_precedes_image(vlm):
+    """deepseek-community processors prepend a system prompt; it sits between BOS and the user turn."""
+    assert vlm.processor.use_default_system_prompt
+    batch = vlm.prepare(images(1), PROMPTS[:1])
+    ids = batch.input_ids[0]
+    before = vlm.family.tokenizer.decode(ids[batch.first[0] + 1 : int(batch.index("boi")[0])])
+    assert before.startswith("You are a helpful language and vision assistant.")
+    assert before.rstrip().endswith("<|User|>:")
+
+
+def test_forward_and_generate(vlm):
+    ims = images(2)
+    batch = vlm.prepare(ims, PROMPTS)
+    out = vlm.forward(batch)
+    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
+    for b in range(2):  # left padding changes nothing: each example alone gives the same last logits
+        alone = vlm.forward(vlm.prepare(ims[b : b + 1], PROMPTS[b : b + 1]))
+        torch.testing.assert_close(alone.logits[0, -1], out.logits[b, -1], rtol=1e-4, atol=1e-4)
+    gen = vlm.generate(batch, max_new_tokens=4)
+    assert gen.shape == (2, batch.length + 4)
+    assert torch.equal(gen[:, : batch.length], batch.input_ids)
