@@ -15,6 +15,8 @@ def _device_map(vlm, offload_layer: int) -> dict:
     out = {}
 
     def walk(prefix, module):
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            out[f"{prefix}{name}"] = "cpu"
         for name, child in module.named_children():
             full = f"{prefix}{name}"
             if full == layers_name:
