@@ -20,6 +20,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1
 
 
+def _has_torchvision() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
@@ -61,7 +67,12 @@ def load(
         raise LoadError(str(e)) from e
     try:
         processor = AutoProcessor.from_pretrained(name, **hub)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        if not _has_torchvision():
+            raise LoadError(
+                f"Could not load the {family.name} processor of {name!r}: {e}\ntransformers' processors for this "
+                "family need torchvision: `pip install torchvision` (or `pip install narrowgate[vision]`)."
+            ) from e
         raise LoadError(
             f"Could not load a processor for {name!r}: {e}\nThe checkpoint directory needs the processor files "
             "(tokenizer and image processor, as saved by `processor.save_pretrained(DIR)`)."
