@@ -26,6 +26,9 @@ EAGER = "narrowgate_eager"
 WRAPS = {"sdpa": SDPA, "eager": EAGER}
 
 _ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
+#: Query windows up to this many rows (decode steps, text suffixes) are computed directly from their
+#: probabilities, which they need anyway for zero-mode knockouts and statistics.
+DIRECT_ROWS = 32
 
 
 def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -51,6 +54,15 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     if m.dtype != torch.bool:
         m = m > torch.finfo(m.dtype).min / 2
     return m.expand(batch, 1, q_len, k_len)
+
+
+def _effective_mask(run, attention_mask, layer, B, Q, K, offset, device):
+    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None)."""
+    allow = _allowed(attention_mask, B, Q, K, offset, device)
+    mask_block, zero_block = run.blocks(layer, offset, Q, K, device)
+    if mask_block is not None:
+        allow = allow & ~mask_block[:, None]
+    return allow, zero_block
 
 
 def _row_index(rows: torch.Tensor):
@@ -87,6 +99,23 @@ def _row_probs(query, key, scaling, allow, idx, zero):
     return torch.cat(probs, 2), torch.cat(kept, 2)
 
 
+def _direct(query, key, value, scale, allow, zero):
+    """Attention of a short query window from its float32 probabilities (grouped heads, no repeat_kv).
+
+    Returns the output [B, Q, H, dv] and the probabilities [B, H, Q, K] (zero-mode entries zeroed).
+    """
+    B, H, Q, d = query.shape
+    Hk, K = key.shape[1], key.shape[2]
+    g = H // Hk
+    q = query.float().reshape(B, Hk, g * Q, d)
+    scores = (torch.matmul(q, key.float().transpose(2, 3)) * scale).view(B, H, Q, K)
+    p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
+    if zero is not None:
+        p = p.masked_fill(zero[:, None], 0.0)
+    out = torch.matmul(p.view(B, Hk, g * Q, K), value.float()).view(B, H, Q, -1)
+    return out.transpose(1, 2).to(query.dtype), p
+
+
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
     if kwargs.get("softcap") is not None:
         raise InterventionError("narrowgate's attention does not support logit soft-capping (softcap).")
@@ -97,10 +126,19 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     scale = scaling if scaling is not None else d**-0.5
     run.attention_calls.add(layer)
 
-    allow = _allowed(attention_mask, B, Q, K, offset, device)
-    mask_block, zero_block = run.blocks(layer, offset, Q, K, device)
-    if mask_block is not None:
-        allow = allow & ~mask_block[:, None]
+    allow, zero_block = run.cached(
+        ("allow", id(attention_mask), run.active_key(layer), offset, Q, K, str(device)),
+        lambda: _effective_mask(run, attention_mask, layer, B, Q, K, offset, device),
+        keep=attention_mask,
+    )
+    stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
+
+    if not eager and Q <= DIRECT_ROWS:
+        out, probs = _direct(query, key, value, scale, allow, zero_block)
+        if stats_rows is not None:
+            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
+            run.column_attention[layer] = cols.detach()
+        return out.contiguous(), None
 
     groups = getattr(module, "num_key_value_groups", 1)
     k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -127,7 +165,6 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     out = out.transpose(1, 2)  # [B, Q, H, d]
     out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
 
-    stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
     zero_rows = zero_block.any(-1) if zero_block is not None else None
     rows = zero_rows
     if stats_rows is not None:

@@ -85,6 +85,23 @@ class Run:
     patched: set[int] = field(default_factory=set)  # indices into patches that were applied
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     offset: int = 0  # absolute position of the first query row in the current layer call
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key, make, keep=None):
+        """Masks shared by the layers of one call: computed once per (mask, window) and reused.
+
+        ``keep`` is held alongside so the id in ``key`` cannot be reused by another tensor.
+        """
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            hit = self._cache[key] = (make(), keep)
+        return hit[0]
+
+    def active_key(self, layer: int) -> tuple[int, ...]:
+        """Which knockouts apply at ``layer``: layers with the same ones share masks."""
+        return tuple(i for i, k in enumerate(self.knockouts) if k.layers is None or layer in k.layers)
 
     def residuals(self) -> dict[str, torch.Tensor]:
         """Captured residuals per role: [B, len(capture_layers), D], averaged over each role's positions."""
