@@ -68,7 +68,7 @@ def run(
     model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
     data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk."),
-    n: int = typer.Option(None, "--n", help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class)."),
+    n: int = typer.Option(None, "--n", "-n", help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
     n_per_class: int = typer.Option(None, "--n-per-class", help="Images per class for ImageNet/synthetic classes."),
     out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume."),
     batch_size: int = typer.Option(1, "--batch-size", help="Examples per forward (halved automatically on OOM)."),
@@ -86,10 +86,13 @@ def run(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60)."),
     threshold: float = typer.Option(None, "--threshold", help="cross-attention: share above which a position is shown."),
     image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
+    z: float = typer.Option(None, "--z", help="modality-gap: ADP clustering confidence Z (1.2)."),
+    min_cluster_size: int = typer.Option(None, "--min-cluster-size", help="modality-gap: drop smaller ADP clusters."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
     import json
+    import os
     import sys
 
     from .analyses import EXPERIMENTS
@@ -104,8 +107,11 @@ def run(
                batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
-               threshold=threshold, image_index=image_index, progress=not quiet)
+               threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
+               progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     console.print(f"[green]done:[/green] {store.path}  (report: {store.path / 'report.html'})")
     for name, df in store.tables().items():
         if name != "failures" and len(df) <= 40:

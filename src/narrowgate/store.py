@@ -78,6 +78,10 @@ class RunStore:
 
     def open_manifest(self, manifest: dict, *, key_fields: tuple[str, ...] = ("experiment", "config")) -> dict:
         """Write the manifest, or check that an existing one describes the same run (resume)."""
+        if self.rank != 0:
+            deadline = time.time() + 600
+            while not self.manifest_path.exists() and time.time() < deadline:
+                time.sleep(0.1)
         if self.manifest_path.exists():
             old = json.loads(self.manifest_path.read_text())
             for k in key_fields:
@@ -88,8 +92,7 @@ class RunStore:
                     )
             return old
         manifest = {**manifest, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if self.rank == 0:
-            _atomic_write(self.manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
+        _atomic_write(self.manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
         return manifest
 
     # --- records --------------------------------------------------------------------------------

@@ -116,8 +116,48 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
     return batch_size
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among data-parallel workers (torchrun / accelerate launch), from the environment."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def init(self) -> None:
+        """Join the process group (gloo on CPU, nccl on GPU) so ranks can wait for each other."""
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def shard(self, units: list) -> list:
+        """This rank's units: every ``world``-th of the full, ordered list (stable across resumes)."""
+        return units[self.rank :: self.world]
+
+
 def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = None) -> RunStore:
-    """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store."""
+    """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store.
+
+    Under torchrun / accelerate launch each rank processes its shard of the units into its own
+    shards of the shared run directory; rank 0 then aggregates everything and draws the figures.
+    """
     from ..loading import load
     from ..plots import draw
     from ..report import write_report
@@ -125,10 +165,17 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     cfg.setdefault("seed", 42)
     cfg.setdefault("batch_size", 1)
+    ranks = Ranks.from_env()
+    ranks.init()
+    if ranks.world > 1 and not cfg.get("out"):
+        raise ValueError("With several processes, give --out: every rank must write to the same run directory.")
     out = Path(cfg.get("out") or default_out(exp.name, cfg["model"]))
-    store = RunStore(out, rank=int(cfg.get("rank", 0)))
+    store = RunStore(out, rank=ranks.rank)
     if vlm is None:
-        vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=cfg.get("device_map"),
+        device_map = cfg.get("device_map")
+        if device_map is None and ranks.world > 1 and torch.cuda.is_available():
+            device_map = f"cuda:{ranks.local_rank}"
+        vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map,
                    max_memory=cfg.get("max_memory"))
     info = model_info(vlm)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
@@ -147,18 +194,23 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
     done = store.done_ids()
+    units = ranks.shard(units)
     todo = [u for u in units if u.id not in done]
     batch_size = int(cfg["batch_size"])
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, disable=not cfg.get("progress", True)) as progress:
-        task = progress.add_task(f"{exp.name} ({info['family']})", total=len(units), completed=len(units) - len(todo))
+        label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
+        task = progress.add_task(label, total=len(units), completed=len(units) - len(todo))
         step = max(batch_size, 1) * 4
         for s in range(0, len(todo), step):
             good, images = _load_images(todo[s : s + step], store)
             batch_size = _process(exp, vlm, good, images, cfg, store, batch_size)
             progress.update(task, advance=len(todo[s : s + step]))
-    finish(exp, store, cfg, info, draw, write_report)
+    ranks.barrier()
+    if ranks.rank == 0:
+        finish(exp, store, cfg, info, draw, write_report)
+    ranks.barrier()
     return store
 
 

@@ -1,0 +1,185 @@
+"""What both organisms share: training scenes, task examples in the experiments' prompt formats,
+the locally trained tokenizer, and the optimisation loop.
+
+Training scenes come from their own random stream (``narrowgate-organisms:<seed>``), so they are
+never the scenes of the experiments' synthetic data (`narrowgate.data.synthetic_*`, which the
+held-out evaluation uses).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ..analyses.prompts import CAPTION, CLASS, VQA
+from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
+
+CLASS_PROMPT = CLASS["synthetic"]
+#: Share of each understanding task in the multimodal training mixture.
+TASK_MIX = {"vqa": 0.5, "caption": 0.3, "class": 0.2}
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+THREADS = 2
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch, and fix torch to `THREADS` CPU threads."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(THREADS)
+
+
+def training_scenes(n: int, seed: int) -> list[Scene]:
+    """``n`` training scenes from the organisms' own stream (disjoint from the experiments' data)."""
+    rng = random.Random(f"narrowgate-organisms:{seed}")
+    return [make_scene(rng) for _ in range(n)]
+
+
+def render(scenes: list[Scene]) -> list:
+    return [render_scene(s) for s in scenes]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: an understanding task on a scene, as prompt and target text.
+
+    ``target`` starts with a space, as the continuation of the prompt ("This shape is a" + " circle").
+    """
+
+    task: str
+    prompt: str
+    target: str
+
+
+def task_example(scene: Scene, rng: random.Random) -> Example:
+    """A VQA, caption or class example for ``scene``, drawn with the weights of `TASK_MIX`."""
+    task = rng.choices(tuple(TASK_MIX), weights=tuple(TASK_MIX.values()))[0]
+    if task == "vqa":
+        kind = rng.choice(tuple(QUESTIONS))
+        return Example(task, VQA.format(question=QUESTIONS[kind]), " " + getattr(scene, kind))
+    if task == "caption":
+        return Example(task, CAPTION, " " + rng.choice(scene_captions(scene)))
+    return Example(task, CLASS_PROMPT, " " + scene.shape)
+
+
+def description(scene: Scene, rng: random.Random) -> str:
+    """A text-only document about a scene: a caption, then its questions answered, in random order."""
+    facts = [f"{QUESTIONS[k]} {getattr(scene, k)}." for k in QUESTIONS] + [f"{CLASS_PROMPT} {scene.shape}."]
+    rng.shuffle(facts)
+    return " ".join([rng.choice(scene_captions(scene)).capitalize() + "."] + facts)
+
+
+def corpus() -> list[str]:
+    """Every text the organisms read or write: all captions, prompts, questions and answers."""
+    prompts = [CAPTION, CLASS_PROMPT, "USER: ASSISTANT:"] + [VQA.format(question=q) for q in QUESTIONS.values()]
+    texts = prompts * 100  # as frequent as in training, so that the prompts get merged into few tokens
+    rng = random.Random(0)
+    for shape, color, position in product(SHAPES, COLORS, POSITIONS):
+        scene = Scene(shape, color, position, 64, 0.0, 0.0, 1.0)
+        texts += list(scene_captions(scene)) + [description(scene, rng)]
+    return texts
+
+
+def train_tokenizer(special_tokens: list[str], *, vocab_size: int = 512, **extra) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `corpus`, adding BOS, with the family's special tokens."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, UNK, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, **extra
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return fast
+
+
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into ``(ids, attention_mask)``."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@dataclass
+class Phase:
+    """One optimisation phase: its settings, the loss curve and the time it took."""
+
+    name: str
+    steps: int
+    batch_size: int
+    lr: float
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        tail = self.losses[-max(1, min(20, len(self.losses) // 5)) :]
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "first_loss": round(self.losses[0], 4) if self.losses else None,
+            "final_loss": round(float(np.mean(tail)), 4) if tail else None,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progress: bool = True) -> Phase:
+    """AdamW with linear warm-up and cosine decay to 10%; ``step_fn(step)`` returns the loss to minimise."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    warm = max(1, phase.steps // 20)
+
+    def factor(s):
+        if s < warm:
+            return (s + 1) / warm
+        t = (s - warm) / max(1, phase.steps - warm)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    start = time.perf_counter()
+    every = max(1, phase.steps // 10)
+    for step in range(phase.steps):
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        phase.losses.append(float(loss.detach()))
+        if progress and (step % every == 0 or step == phase.steps - 1):
+            elapsed = time.perf_counter() - start
+            print(f"[{phase.name}] step {step + 1}/{phase.steps} loss {phase.losses[-1]:.4f} ({elapsed:.0f}s)",
+                  file=sys.stderr, flush=True)
+    phase.seconds = time.perf_counter() - start
+    return phase
+
+
+def batches(n: int, batch_size: int, seed: int):
+    """An endless stream of index batches: seeded reshuffles of ``range(n)``."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]

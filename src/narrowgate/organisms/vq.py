@@ -1,0 +1,128 @@
+"""The native organism's image tokenizer: Chameleon's own VQ-VAE, trained as an autoencoder.
+
+Chameleon ships only the encoder half of its VQ-GAN (``ChameleonVQVAE``: encoder, ``quant_conv``,
+codebook, ``post_quant_conv``). We train that module together with a small convolutional decoder
+to reconstruct the training images, then keep the encoder and codebook (the decoder is only a
+training device and is dropped). Dead codebook entries are restarted on encoder outputs, so the
+codebook stays in use. 64 x 64 pixels become 8 x 8 = 64 discrete codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import ChameleonVQVAEConfig
+from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+from .common import Phase, batches, run_phase
+
+RESOLUTION = 64
+DOWNSAMPLE = 8
+
+
+def vq_config(codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_blocks: int = 0) -> ChameleonVQVAEConfig:
+    """A small Chameleon VQ-GAN encoder config: 64 px in, three 2x downsamplings, 8 x 8 codes out."""
+    return ChameleonVQVAEConfig(
+        embed_dim=embed_dim,
+        num_embeddings=codebook,
+        latent_channels=channels,
+        resolution=RESOLUTION,
+        base_channels=channels,
+        channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=res_blocks,
+        attn_resolutions=[],
+    )
+
+
+class Decoder(nn.Module):
+    """Training-only decoder: latents (C, 8, 8) back to pixels (3, 64, 64)."""
+
+    def __init__(self, latent_channels: int, width: int = 64):
+        super().__init__()
+        act = nn.SiLU()
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1), act,
+            nn.Conv2d(width, width, 3, padding=1), act,
+            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), act,
+            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), act,
+            nn.ConvTranspose2d(width // 2, width // 4, 4, stride=2, padding=1), act,
+            nn.Conv2d(width // 4, 3, 3, padding=1),
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def new_vq(config: ChameleonVQVAEConfig) -> ChameleonVQVAE:
+    """A fresh VQ-VAE with PyTorch's default convolution initialisation."""
+    vq = ChameleonVQVAE(config)
+    for m in vq.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    nn.init.uniform_(vq.quantize.embedding.weight, -1.0 / config.num_embeddings, 1.0 / config.num_embeddings)
+    return vq
+
+
+def train_vq(
+    vq: ChameleonVQVAE,
+    pixels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    restart_every: int = 20,
+    foreground_weight: float = 4.0,
+    progress: bool = True,
+) -> Phase:
+    """Train ``vq`` (in place) to encode ``pixels`` ([N, 3, 64, 64], the processor's values in [-1, 1]).
+
+    Loss: reconstruction MSE (pixels that are not background weighted ``1 + foreground_weight``,
+    as the shape covers a few percent of the image) + the VQ codebook/commitment loss. Every
+    ``restart_every`` steps, codes unused since the last restart move onto random encoder outputs.
+    """
+    decoder = Decoder(vq.config.latent_channels)
+    vq.train()
+    background = pixels.amax(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    used = torch.zeros(vq.config.num_embeddings, dtype=torch.bool)
+    stream = batches(len(pixels), batch_size, seed)
+
+    def step(s: int):
+        x = pixels[next(stream)]
+        z = vq.quant_conv(vq.encoder(x))
+        zq, vq_loss, idx = vq.quantize(z)
+        recon = decoder(vq.post_quant_conv(zq))
+        fg = (x - background).abs().amax(1, keepdim=True) > 0.05
+        loss = (((recon - x) ** 2) * (1 + foreground_weight * fg)).mean() + vq_loss
+        used[idx] = True
+        if (s + 1) % restart_every == 0 and s < steps * 3 // 4:
+            restart_dead_codes(vq, z.detach(), used)
+            used.zero_()
+        return loss
+
+    phase = run_phase(Phase("vq", steps, batch_size, lr), list(vq.parameters()) + list(decoder.parameters()), step,
+                      progress=progress)
+    vq.eval()
+    return phase
+
+
+@torch.no_grad()
+def restart_dead_codes(vq: ChameleonVQVAE, z: torch.Tensor, used: torch.Tensor) -> None:
+    """Move the unused codebook entries onto encoder outputs, sampled in proportion to quantisation error."""
+    dead = (~used).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    codebook = vq.quantize.embedding.weight
+    err = torch.cdist(flat, codebook).min(1).values ** 2
+    pick = torch.multinomial(err + 1e-8, len(dead), replacement=len(dead) > len(flat))
+    codebook[dead] = flat[pick] + 1e-3 * torch.randn_like(flat[pick])
+
+
+@torch.no_grad()
+def encode(vq: ChameleonVQVAE, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """VQ codes [N, 64] of ``pixels`` (row-major 8 x 8 grid)."""
+    vq.eval()
+    out = [vq.encode(pixels[i : i + batch_size]).image_tokens.view(len(pixels[i : i + batch_size]), -1)
+           for i in range(0, len(pixels), batch_size)]
+    return torch.cat(out)

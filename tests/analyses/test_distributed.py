@@ -1,0 +1,42 @@
+"""Data parallel: the same command under torchrun (2 CPU processes, gloo) gives the single-process tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from narrowgate.cli import app
+from narrowgate.store import RunStore
+
+CASES = {
+    "ablation": ["--task", "captions", "-n", "6", "--max-new-tokens", "4"],
+    "patching": ["--n-per-class", "2"],
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(CASES))
+def test_torchrun_two_processes_equal_one(experiment, checkpoint_dir, tmp_path):
+    model = str(checkpoint_dir("chameleon"))
+    args = ["run", experiment, "--model", model, "--data", "synthetic", *CASES[experiment], "--quiet"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert CliRunner().invoke(app, [*args, "--out", str(single)]).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # same kernels as this process: bitwise-equal results
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "narrowgate.cli", *args, "--out", str(double)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted(p.name for p in (double / "records").glob("*.parquet"))
+    assert any(p.startswith("part-0-") for p in parts) and any(p.startswith("part-1-") for p in parts)
+    a, b = RunStore(single), RunStore(double)
+    ids_b = b.records().rows["example_id"]
+    assert ids_b.is_unique and sorted(ids_b) == sorted(a.records().rows["example_id"])
+    for name, table in a.tables().items():
+        pd.testing.assert_frame_equal(table, b.tables()[name])
+    assert (double / "report.html").exists()
