@@ -40,3 +40,15 @@ def test_torchrun_two_processes_equal_one(experiment, checkpoint_dir, tmp_path):
     for name, table in a.tables().items():
         pd.testing.assert_frame_equal(table, b.tables()[name])
     assert (double / "report.html").exists()
+
+
+def test_rank_shards_and_gpu_groups():
+    from narrowgate.analyses.base import Ranks
+
+    units = list(range(10))
+    shards = [Ranks(r, 3, r).shard(units) for r in range(3)]
+    assert sorted(sum(shards, [])) == units and shards[1] == [1, 4, 7]
+    assert Ranks(1, 4, 1).gpus(8, 4) == [2, 3]
+    assert Ranks(0, 8, 0).gpus(8, 8) == [0]
+    with pytest.raises(ValueError, match="GPUs"):
+        Ranks(0, 4, 0).gpus(2, 4)

@@ -147,6 +147,13 @@ class Ranks:
 
             dist.barrier()
 
+    def gpus(self, n_gpus: int, local_world: int) -> list[int]:
+        """The GPUs of this rank's group when each model spans several: n_gpus // local_world each."""
+        per = n_gpus // max(1, local_world)
+        if per < 1:
+            raise ValueError(f"{local_world} processes per node but only {n_gpus} GPUs.")
+        return list(range(self.local_rank * per, (self.local_rank + 1) * per))
+
     def shard(self, units: list) -> list:
         """This rank's units: every ``world``-th of the full, ordered list (stable across resumes)."""
         return units[self.rank :: self.world]
@@ -172,11 +179,18 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     out = Path(cfg.get("out") or default_out(exp.name, cfg["model"]))
     store = RunStore(out, rank=ranks.rank)
     if vlm is None:
-        device_map = cfg.get("device_map")
-        if device_map is None and ranks.world > 1 and torch.cuda.is_available():
-            device_map = f"cuda:{ranks.local_rank}"
-        vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map,
-                   max_memory=cfg.get("max_memory"))
+        device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
+        if ranks.world > 1 and torch.cuda.is_available():
+            import os
+
+            group = ranks.gpus(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if device_map is None and len(group) == 1:
+                device_map = f"cuda:{group[0]}"
+            elif max_memory is None:  # spread this rank's model over its own GPUs only
+                device_map = device_map or "auto"
+                max_memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in group}
+                max_memory["cpu"] = "64GiB"
+        vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
     info = model_info(vlm)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
     store.open_manifest(

@@ -74,7 +74,7 @@ def train_vq(
     restart_every: int = 20,
     foreground_weight: float = 4.0,
     progress: bool = True,
-) -> Phase:
+) -> tuple[Phase, Decoder]:
     """Train ``vq`` (in place) to encode ``pixels`` ([N, 3, 64, 64], the processor's values in [-1, 1]).
 
     Loss: reconstruction MSE (pixels that are not background weighted ``1 + foreground_weight``,
@@ -103,7 +103,7 @@ def train_vq(
     phase = run_phase(Phase("vq", steps, batch_size, lr), list(vq.parameters()) + list(decoder.parameters()), step,
                       progress=progress)
     vq.eval()
-    return phase
+    return phase, decoder.eval()
 
 
 @torch.no_grad()
