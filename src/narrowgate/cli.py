@@ -148,6 +148,33 @@ def compare(
         console.print(p)
 
 
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="Where the runs and report.html go."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply every sample size (e.g. 0.25 for a quick look)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run every experiment on the two shipped model organisms (native and non-native) and compare them."""
+    from .demo import demo as run_demo
+
+    run_demo(out, scale=scale, progress=not quiet, console=console)
+
+
+@app.command("train-organism")
+def train_organism(
+    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion) or non-native (LLaVA-style)."),
+    out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
+) -> None:
+    """Train a model organism from scratch on synthetic images, reproducing the shipped one from its seed."""
+    from . import organisms
+
+    target = out or f"runs/organism-{kind}"
+    card = organisms.train(kind, target, seed=seed)
+    console.print(f"[green]saved:[/green] {target}")
+    console.print(card)
+
+
 def main() -> None:
     app()
 
