@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ class VLM:
                 raise InterventionError(f"Decoder layer {l} of this {self.family.name} model has no self_attn module.")
             self.layer_of[id(attn)] = l
         self._attn = self._wrap_attention()
+        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._hooks = hooks.install(self.layers)
 
     # --- set-up ------------------------------------------------------------------------------
@@ -182,12 +184,8 @@ class VLM:
     def generate(self, batch: Batch, *, knockouts=(), patches=(), max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
         """Greedy generation (unless ``kwargs`` say otherwise) with interventions on; token ids [B, T + new]."""
         run = self._run(batch, knockouts, patches, None, False)
-        kwargs.setdefault("do_sample", False)
-        pad = getattr(self.family.tokenizer, "pad_token_id", None)
-        if pad is not None:
-            kwargs.setdefault("pad_token_id", pad)
         with activate(run):
-            out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **kwargs)
+            out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **self._gen_kwargs(kwargs))
         self._check_applied(run)
         return out.cpu()
 
@@ -202,9 +200,16 @@ class VLM:
         return run, out.past_key_values, suffix
 
     def _keep_last(self) -> dict:
-        import inspect
+        """Ask the model for the last position's logits only, where its forward supports it."""
+        return {"logits_to_keep": 1} if self._has_logits_to_keep else {}
 
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+    def _gen_kwargs(self, kwargs: dict) -> dict:
+        """Greedy by default, padding with the tokenizer's pad token."""
+        out = {"do_sample": False, **kwargs}
+        pad = getattr(self.family.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            out.setdefault("pad_token_id", pad)
+        return out
 
     @torch.no_grad()
     def forward_conditions(
@@ -255,10 +260,7 @@ class VLM:
         _, cache, _ = self._prefix_cache(batch, P, None)
         inputs = self._inputs(batch)
         inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        kwargs.setdefault("do_sample", False)
-        pad = getattr(self.family.tokenizer, "pad_token_id", None)
-        if pad is not None:
-            kwargs.setdefault("pad_token_id", pad)
+        kwargs = self._gen_kwargs(kwargs)
         results = {}
         for c in conds:
             run = self._run(batch, c.knockouts, c.patches, None, False)
