@@ -133,15 +133,6 @@ def test_raw_prompt_without_chat_template(vlm):
         assert len(batch.positions("eol")[b]) == GRIDS[[(40, 40), (20, 40)][b]][0]
 
 
-def test_forward_and_generate(vlm):
-    batch = vlm.prepare(sized_images((40, 40), (20, 40)), PROMPTS)
-    out = vlm.forward(batch)
-    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
-    gen = vlm.generate(batch, max_new_tokens=4)
-    assert gen.shape == (2, batch.length + 4)
-    assert torch.equal(gen[:, : batch.length], batch.input_ids)
-
-
 def test_square_test_images(vlm):
     """The shared square test images (used by the engine tests) lay out too."""
     batch = vlm.prepare(images(2), PROMPTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.families.test_qwen2_vl import check_adapter, check_forward_and_generate, check_raw_prompt, check_roles
+from tests.families.test_qwen2_vl import check_adapter, check_raw_prompt, check_roles
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,3 @@ def test_roles_match_token_ids(vlm, image_first):
 
 def test_raw_prompt(vlm, monkeypatch):
     check_raw_prompt(vlm, monkeypatch)
-
-
-def test_forward_and_generate(vlm):
-    check_forward_and_generate(vlm)

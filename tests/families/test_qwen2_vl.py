@@ -115,7 +115,3 @@ def test_roles_match_token_ids(vlm, image_first):
 
 def test_raw_prompt(vlm, monkeypatch):
     check_raw_prompt(vlm, monkeypatch)
-
-
-def test_forward_and_generate(vlm):
-    check_forward_and_generate(vlm)

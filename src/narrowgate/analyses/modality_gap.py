@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pandas as pd
 
 from ..data import caption_text
 from ..engine.interventions import Capture

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batch import Batch
-from .interventions import Capture, Knockout, Patch
-from .state import activate
+from .interventions import Knockout, Patch
 
 
 @dataclass(frozen=True)

@@ -146,9 +146,14 @@ class Phase:
 
 
 def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progress: bool = True) -> Phase:
-    """AdamW with linear warm-up and cosine decay to 10%; ``step_fn(step)`` returns the loss to minimise."""
+    """AdamW with linear warm-up and cosine decay to 10%; ``step_fn(step)`` returns the loss to minimise.
+
+    Weight decay applies to matrices only (not to norms, biases or other vectors).
+    """
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.95))
     warm = max(1, phase.steps // 20)
 
     def factor(s):

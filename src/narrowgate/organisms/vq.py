@@ -71,48 +71,98 @@ def train_vq(
     batch_size: int = 32,
     lr: float = 2e-3,
     seed: int = 0,
+    warmup_share: float = 0.2,
     restart_every: int = 20,
     foreground_weight: float = 4.0,
+    beta: float = 0.25,
     progress: bool = True,
-) -> tuple[Phase, Decoder]:
+) -> tuple[list[Phase], Decoder]:
     """Train ``vq`` (in place) to encode ``pixels`` ([N, 3, 64, 64], the processor's values in [-1, 1]).
 
-    Loss: reconstruction MSE (pixels that are not background weighted ``1 + foreground_weight``,
-    as the shape covers a few percent of the image) + the VQ codebook/commitment loss. Every
-    ``restart_every`` steps, codes unused since the last restart move onto random encoder outputs.
+    Two phases. ``vq-warmup``: a plain autoencoder (no quantisation) for ``warmup_share`` of the
+    steps; then the codebook is initialised by k-means on encoder outputs, half of them from
+    patches that show the shape. ``vq``: the VQ-VAE objective, reconstruction MSE (shape pixels
+    weighted ``1 + foreground_weight``: the shape covers a few percent of the image) + codebook
+    loss + ``beta`` x commitment loss, with the stock quantiser's nearest-code rule; codes unused
+    for ``restart_every`` steps move onto poorly quantised encoder outputs. Returns the phases
+    and the (training-only) decoder.
     """
     decoder = Decoder(vq.config.latent_channels)
     vq.train()
     background = pixels.amax(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    used = torch.zeros(vq.config.num_embeddings, dtype=torch.bool)
     stream = batches(len(pixels), batch_size, seed)
+    params = list(vq.parameters()) + list(decoder.parameters())
+    codebook = vq.quantize.embedding.weight
 
-    def step(s: int):
+    def recon_loss(x, zq):
+        recon = decoder(vq.post_quant_conv(zq))
+        return (((recon - x) ** 2) * (1 + foreground_weight * foreground(x, background))).mean()
+
+    def warm_step(s):
+        x = pixels[next(stream)]
+        return recon_loss(x, vq.quant_conv(vq.encoder(x)))
+
+    warm = max(1, int(steps * warmup_share))
+    phases = [run_phase(Phase("vq-warmup", warm, batch_size, lr), params, warm_step, progress=progress)]
+    init_codebook(vq, pixels, background, seed)
+    used = torch.zeros(vq.config.num_embeddings, dtype=torch.bool)
+
+    def vq_step(s):
         x = pixels[next(stream)]
         z = vq.quant_conv(vq.encoder(x))
-        zq, vq_loss, idx = vq.quantize(z)
-        recon = decoder(vq.post_quant_conv(zq))
-        fg = (x - background).abs().amax(1, keepdim=True) > 0.05
-        loss = (((recon - x) ** 2) * (1 + foreground_weight * fg)).mean() + vq_loss
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        idx = torch.cdist(flat.detach(), codebook.detach()).argmin(1)
+        q = codebook[idx]
+        vq_loss = ((q - flat.detach()) ** 2).mean() + beta * ((flat - q.detach()) ** 2).mean()
+        zq = (flat + (q - flat).detach()).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         used[idx] = True
-        if (s + 1) % restart_every == 0 and s < steps * 3 // 4:
-            restart_dead_codes(vq, z.detach(), used)
+        if (s + 1) % restart_every == 0 and s < (steps - warm) * 3 // 4:
+            restart_dead_codes(vq, flat.detach(), used)
             used.zero_()
-        return loss
+        return recon_loss(x, zq) + vq_loss
 
-    phase = run_phase(Phase("vq", steps, batch_size, lr), list(vq.parameters()) + list(decoder.parameters()), step,
-                      progress=progress)
+    phases.append(run_phase(Phase("vq", steps - warm, batch_size, lr), params, vq_step, progress=progress))
     vq.eval()
-    return phase, decoder.eval()
+    return phases, decoder.eval()
+
+
+def foreground(x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] mask of the pixels that differ from the background colour."""
+    return ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
 
 
 @torch.no_grad()
-def restart_dead_codes(vq: ChameleonVQVAE, z: torch.Tensor, used: torch.Tensor) -> None:
+def init_codebook(vq: ChameleonVQVAE, pixels: torch.Tensor, background: torch.Tensor, seed: int,
+                  n_images: int = 512, iters: int = 10) -> None:
+    """k-means (Lloyd, from random points) on encoder outputs of ``n_images``, half of the points on the shape."""
+    g = torch.Generator().manual_seed(seed)
+    x = pixels[torch.randperm(len(pixels), generator=g)[:n_images]]
+    z = vq.quant_conv(vq.encoder(x))
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    fg = nn.functional.max_pool2d(foreground(x, background), DOWNSAMPLE).flatten().bool()
+    k = vq.config.num_embeddings
+    half = k * 16
+    pick_fg = fg.nonzero().flatten()
+    pick_bg = (~fg).nonzero().flatten()
+    pick = torch.cat([pick_fg[torch.randint(len(pick_fg), (half,), generator=g)],
+                      pick_bg[torch.randint(len(pick_bg), (half,), generator=g)]])
+    points = flat[pick]
+    centres = points[torch.randperm(len(points), generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(points, centres).argmin(1)
+        for j in range(k):
+            members = points[assign == j]
+            if len(members):
+                centres[j] = members.mean(0)
+    vq.quantize.embedding.weight.copy_(centres)
+
+
+@torch.no_grad()
+def restart_dead_codes(vq: ChameleonVQVAE, flat: torch.Tensor, used: torch.Tensor) -> None:
     """Move the unused codebook entries onto encoder outputs, sampled in proportion to quantisation error."""
     dead = (~used).nonzero().flatten()
     if len(dead) == 0:
         return
-    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     codebook = vq.quantize.embedding.weight
     err = torch.cdist(flat, codebook).min(1).values ** 2
     pick = torch.multinomial(err + 1e-8, len(dead), replacement=len(dead) > len(flat))

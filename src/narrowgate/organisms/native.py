@@ -1,0 +1,182 @@
+"""The native organism: a stock Chameleon trained from scratch, early fusion, loss on every token.
+
+Recipe (the paper's multimodal-output models, Sec. 3.1): a VQ image tokenizer (`vq`) turns each
+image into 64 discrete codes that live in the same vocabulary as the text (``IMGIMG...Z`` tokens);
+the image is written ``<racm3:break>`` codes ``<eoss>``, exactly as `ChameleonProcessor` lays it
+out. The decoder starts from random weights, and the next-token loss runs over all positions,
+image tokens included. Sequences are the understanding tasks with the image first (VQA, caption,
+class prompts in the experiments' formats, answer, ``</s>``) and, for a share of them, caption
+then image (text-to-image generation, as a multimodal-output model is also trained to do).
+
+The stock ``forward`` masks the image-token logits (it generates text only); training reads the
+logits from ``lm_head`` directly so that image tokens are predicted too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import (
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
+    ChameleonImageProcessorPil,
+    ChameleonProcessor,
+)
+
+from . import vq as vqlib
+from .common import (
+    EOS,
+    Phase,
+    batches,
+    pad_rows,
+    render,
+    run_phase,
+    seed_all,
+    task_example,
+    train_tokenizer,
+    training_scenes,
+)
+from ..data.synthetic import scene_captions
+
+SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
+IMAGE_SEQ_LENGTH = (vqlib.RESOLUTION // vqlib.DOWNSAMPLE) ** 2
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    """Sizes and schedule; the defaults are the shipped recipe."""
+
+    n_images: int = 3000
+    codebook: int = 256
+    vq_channels: int = 32
+    vq_embed_dim: int = 16
+    vq_steps: int = 300
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    generation_share: float = 0.2
+
+
+TINY = NativeConfig(n_images=48, codebook=16, vq_steps=5, hidden=32, layers=1, heads=2, steps=12, batch_size=8,
+                    lr=3e-3)
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's BPE name of VQ code ``code``: IMGIMG + its digits as letters + Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, ChameleonProcessor]:
+    """A randomly initialised Chameleon with its processor (tokenizer trained on the organisms' corpus)."""
+    tok = train_tokenizer(SPECIAL, sep_token="<reserved08706>")
+    tok.add_tokens([image_token_name(i) for i in range(config.codebook)])
+    vq = vqlib.vq_config(codebook=config.codebook, channels=config.vq_channels, embed_dim=config.vq_embed_dim)
+    model_config = ChameleonConfig(
+        vocab_size=len(tok),
+        hidden_size=config.hidden,
+        intermediate_size=3 * config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vq_config=vq.to_dict(),
+        vocabulary_map=tok.get_vocab(),
+    )
+    model = ChameleonForConditionalGeneration(model_config)
+    size = vqlib.RESOLUTION
+    image_processor = ChameleonImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    processor = ChameleonProcessor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=IMAGE_SEQ_LENGTH, image_token="<image>"
+    )
+    return model, processor
+
+
+class Sequences:
+    """Token rows for training, laid out exactly as the processor lays out the same prompt."""
+
+    def __init__(self, processor: ChameleonProcessor, image_tokens: torch.Tensor, scenes, generation_share: float,
+                 seed: int):
+        tok = processor.tokenizer
+        self.tok = tok
+        self.image_tokens = image_tokens
+        self.scenes = scenes
+        self.share = generation_share
+        self.rng = random.Random(f"native-sequences:{seed}")
+        self.boi = tok.convert_tokens_to_ids(processor.image_start_token)
+        self.eoi = tok.convert_tokens_to_ids(processor.image_end_token)
+        self.bos, self.eos = tok.bos_token_id, tok.convert_tokens_to_ids(EOS)
+        self._cache: dict[str, list[int]] = {}
+
+    def text(self, s: str) -> list[int]:
+        if s not in self._cache:
+            self._cache[s] = self.tok(s, add_special_tokens=False)["input_ids"]
+        return self._cache[s]
+
+    def image(self, i: int) -> list[int]:
+        return [self.boi] + self.image_tokens[i].tolist() + [self.eoi]
+
+    def row(self, i: int) -> list[int]:
+        """``<s>`` image prompt answer ``</s>``, or (generation) ``<s>`` caption image ``</s>``."""
+        scene = self.scenes[i]
+        if self.rng.random() < self.share:
+            return [self.bos] + self.text(self.rng.choice(scene_captions(scene))) + self.image(i) + [self.eos]
+        ex = task_example(scene, self.rng)
+        return [self.bos] + self.image(i) + self.text(ex.prompt) + self.text(ex.target) + [self.eos]
+
+
+def next_token_loss(model: ChameleonForConditionalGeneration, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every real position (text and image tokens alike)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1])
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def train(out_dir, *, seed: int = 0, config: NativeConfig = NativeConfig(), progress: bool = True) -> dict:
+    """Train the VQ tokenizer, then the decoder from scratch; save model + processor to ``out_dir``."""
+    seed_all(seed)
+    model, processor = build(config)
+    scenes = training_scenes(config.n_images, seed)
+    pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
+
+    vq = vqlib.new_vq(model.config.vq_config)
+    vq_phases, _ = vqlib.train_vq(vq, pixels, steps=config.vq_steps, seed=seed, progress=progress)
+    model.model.vqmodel.load_state_dict(vq.state_dict())
+    model.model.vqmodel.eval().requires_grad_(False)
+    with torch.no_grad():
+        image_tokens = torch.cat([model.get_image_tokens(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
+
+    seqs = Sequences(processor, image_tokens, scenes, config.generation_share, seed)
+    stream = batches(len(scenes), config.batch_size, seed + 1)
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+
+    def step(_):
+        ids, mask = pad_rows([seqs.row(int(i)) for i in next(stream)], pad)
+        return next_token_loss(model, ids, mask)
+
+    lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
+    lm = run_phase(Phase("lm", config.steps, config.batch_size, config.lr), lm_params, step,
+                   weight_decay=config.weight_decay, progress=progress)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {
+        "architecture": "ChameleonForConditionalGeneration (model_type chameleon)",
+        "config": asdict(config),
+        "parameters": {"decoder": sum(p.numel() for p in lm_params),
+                       "vq": sum(p.numel() for p in model.model.vqmodel.parameters())},
+        "codebook_usage": int(image_tokens.unique().numel()),
+        "phases": {p.name: p.summary() for p in [*vq_phases, lm]},
+    }

@@ -1,0 +1,28 @@
+"""What every family must do: load from its saved directory, run forward and generate, see the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import FAMILIES
+from tests.fixtures.common import PROMPTS, images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_and_generate(loaded, family):
+    vlm = loaded(family)
+    batch = vlm.prepare(images(2), PROMPTS)
+    out = vlm.forward(batch)
+    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
+    gen = vlm.generate(batch, max_new_tokens=4, min_new_tokens=4)
+    assert gen.shape == (2, batch.length + 4)
+    assert torch.equal(gen[:, : batch.length], batch.input_ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_image_reaches_the_logits(loaded, family):
+    vlm = loaded(family)
+    batch = vlm.prepare(images(2, seed=3), [PROMPTS[0]] * 2)
+    logits = vlm.forward(batch).logits
+    assert (logits[0, -1] - logits[1, -1]).abs().max() > 1e-4
