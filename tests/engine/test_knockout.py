@@ -7,7 +7,7 @@ import torch
 
 import narrowgate as ng
 from tests.engine import reference
-from tests.engine.conftest import same_prompt, text_rows
+from tests.engine.conftest import same_prompt
 
 ATOL = 1e-5
 

@@ -59,7 +59,7 @@ def first_affected(batch: Batch, condition: Condition) -> int:
     return min(firsts)
 
 
-def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, image_tokens_after=None) -> int:
+def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool) -> int:
     """How many leading positions all conditions share (the suffix keeps at least the last position)."""
     p = min(first_affected(batch, c) for c in conditions)
     if attention_stats:
