@@ -5,14 +5,26 @@ from __future__ import annotations
 from .base import Family, ImageLayout, LayoutError
 from .chameleon import Chameleon
 from .emu3 import Emu3
+from .idefics3 import Idefics3
 from .janus import Janus
 from .llava import Llava
+from .llava_next import LlavaNext
 from .llava_onevision import LlavaOneVision
 from .pixtral import Pixtral
 from .qwen2_vl import Qwen2VL
 
 # Pixtral before Llava: both are `llava` models, told apart by the vision tower.
-FAMILIES: tuple[type[Family], ...] = (Chameleon, Emu3, Pixtral, Llava, LlavaOneVision, Janus, Qwen2VL)
+FAMILIES: tuple[type[Family], ...] = (
+    Chameleon,
+    Emu3,
+    Pixtral,
+    Llava,
+    LlavaNext,
+    LlavaOneVision,
+    Idefics3,
+    Janus,
+    Qwen2VL,
+)
 
 
 class UnsupportedModelError(ValueError):
