@@ -182,7 +182,18 @@ class VLM:
 
     @torch.no_grad()
     def generate(self, batch: Batch, *, knockouts=(), patches=(), max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
-        """Greedy generation (unless ``kwargs`` say otherwise) with interventions on; token ids [B, T + new]."""
+        """Greedy generation (unless ``kwargs`` say otherwise) with interventions on; token ids [B, T + new].
+
+        With interventions, the prefix they cannot touch runs once with stock attention and only the
+        rest through the engine (see `generate_conditions`); the result is the same.
+        """
+        if not knockouts and not patches:
+            return self._generate(batch, (), (), max_new_tokens, kwargs)
+        cond = shared.Condition("generate", tuple(knockouts), tuple(patches))
+        return self.generate_conditions(batch, [cond], max_new_tokens=max_new_tokens, **kwargs)["generate"]
+
+    def _generate(self, batch: Batch, knockouts, patches, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
+        """Generation over the whole prompt with the interventions active throughout."""
         run = self._run(batch, knockouts, patches, None, False)
         with activate(run):
             out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **self._gen_kwargs(kwargs))
@@ -253,10 +264,7 @@ class VLM:
         conds = shared.as_conditions(conditions)
         P = shared.prefix_length(batch, conds, attention_stats=False)
         if P == 0:
-            return {
-                c.name: self.generate(batch, knockouts=c.knockouts, patches=c.patches, max_new_tokens=max_new_tokens, **kwargs)
-                for c in conds
-            }
+            return {c.name: self._generate(batch, c.knockouts, c.patches, max_new_tokens, kwargs) for c in conds}
         _, cache, _ = self._prefix_cache(batch, P, None)
         inputs = self._inputs(batch)
         inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
