@@ -151,8 +151,10 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
             groups = df.groupby(group, sort=False) if group else [(None, df)]
             for j, (g, sub) in enumerate(groups):
                 name = label if g is None else f"{label}: {g}"
-                ax.plot(_depth(sub["layer"], n), sub[col], "-o", ms=2, color=COLORS[i % len(COLORS)],
-                        alpha=1.0 - 0.15 * j, label=name)
+                # One colour per run without groups; with groups, colour = group and line style = run.
+                color = COLORS[(i if g is None else j) % len(COLORS)]
+                style = "-" if g is None else ("-", "--", ":", "-.")[i % 4]
+                ax.plot(_depth(sub["layer"], n), sub[col], style, marker="o", ms=2, color=color, label=name)
         ax.set(xlabel="relative depth", ylabel=col, title=experiment)
         ax.legend(fontsize=7)
     fig.tight_layout()
