@@ -35,18 +35,16 @@ def vq_config(codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_
 
 
 class Decoder(nn.Module):
-    """Training-only decoder: latents (C, 8, 8) back to pixels (3, 64, 64)."""
+    """Training-only decoder: latents (C, 8, 8) back to pixels (3, 64, 64), one 8 x 8 patch per latent."""
 
-    def __init__(self, latent_channels: int, width: int = 64):
+    def __init__(self, latent_channels: int, width: int = 128):
         super().__init__()
         act = nn.SiLU()
         self.net = nn.Sequential(
             nn.Conv2d(latent_channels, width, 3, padding=1), act,
             nn.Conv2d(width, width, 3, padding=1), act,
-            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), act,
-            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), act,
-            nn.ConvTranspose2d(width // 2, width // 4, 4, stride=2, padding=1), act,
-            nn.Conv2d(width // 4, 3, 3, padding=1),
+            nn.Conv2d(width, 3 * DOWNSAMPLE**2, 1),
+            nn.PixelShuffle(DOWNSAMPLE),
         )
 
     def forward(self, z):

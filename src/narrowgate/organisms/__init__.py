@@ -1,0 +1,77 @@
+"""Model organisms: two small VLMs trained in-repo that mirror the paper's native / non-native contrast.
+
+``native``: a stock Chameleon trained from scratch with next-token loss on image and text tokens,
+images written as discrete codes of a learned VQ tokenizer in the text vocabulary, closed by the
+end-of-image token ``<eoss>`` (the paper's early-fusion, multimodal-output models).
+``non-native``: a stock LLaVA built from a text-pretrained Llama and a contrastively (CLIP)
+text-aligned vision tower, tuned with loss on text only (the paper's text-output models).
+
+Both read the experiments' prompts on synthetic scenes (`narrowgate.data.synthetic`). The
+shipped checkpoints are in `path(kind)`; `train` reproduces them from the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from . import card as cardlib
+from . import native, non_native
+from .evaluate import evaluate
+
+KINDS = ("native", "non-native")
+_MODULES = {"native": native, "non-native": non_native}
+_DEFAULTS = {"native": native.NativeConfig(), "non-native": non_native.NonNativeConfig()}
+_TINY = {"native": native.TINY, "non-native": non_native.TINY}
+
+
+def _check(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"Unknown organism {kind!r}; choose one of {', '.join(KINDS)}.")
+
+
+def path(kind: str) -> Path:
+    """The shipped checkpoint directory of ``kind`` (load it with ``narrowgate.load(path(kind))``)."""
+    _check(kind)
+    return Path(__file__).parent / kind
+
+
+def config(kind: str, *, tiny: bool = False, **overrides):
+    """The recipe's config of ``kind`` (``tiny``: a seconds-long version for tests), with overrides."""
+    _check(kind)
+    return dataclasses.replace(_TINY[kind] if tiny else _DEFAULTS[kind], **overrides)
+
+
+def train(
+    kind: str,
+    out_dir,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    tiny: bool = False,
+    overrides: dict | None = None,
+    heldout: dict | None = None,
+) -> dict:
+    """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card; return the card.
+
+    ``steps`` sets the main phase's steps (native: the decoder; non-native: projector + decoder);
+    ``tiny`` and ``overrides`` (config fields) shrink the run, e.g. for tests. ``heldout`` sets the
+    held-out evaluation sizes (``{"vqa": 300, "captions": 100, "classes": 20}``; ``{}`` to skip it).
+    """
+    _check(kind)
+    cfg = config(kind, tiny=tiny, **(overrides or {}), **({"steps": steps} if steps is not None else {}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    module = _MODULES[kind]
+    info = module.train(out, seed=seed, config=cfg, progress=progress)
+    seconds = time.perf_counter() - start
+    scores = evaluate(out, sizes=heldout) if heldout != {} else None
+    card = cardlib.make_card(kind, module.RECIPE, info, scores, seed=seed, seconds=seconds, out_dir=out)
+    cardlib.write_card(out, card)
+    return card
+
+
+__all__ = ["KINDS", "config", "evaluate", "path", "train"]

@@ -1,0 +1,80 @@
+"""Contrastive (CLIP-style) pre-training of the non-native organism's vision encoder.
+
+A stock `CLIPModel` (ViT vision tower + small text transformer) learns to match each training
+image with one of its captions (symmetric InfoNCE over the batch), which aligns the image
+representation with text, as the CLIP/SigLIP encoders of LLaVA-style models are. Only the vision
+tower is kept; the text tower is a training device.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+from ..data.synthetic import scene_captions
+from .common import Phase, batches, pad_rows, run_phase
+
+
+def vision_config(hidden: int, layers: int, heads: int, image_size: int, patch_size: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+
+
+def new_clip(vision: CLIPVisionConfig, tokenizer, text_hidden: int = 64, text_layers: int = 2) -> CLIPModel:
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=max(1, text_hidden // 32), max_position_embeddings=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=vision.hidden_size)
+    return CLIPModel(config)
+
+
+def train_clip(clip: CLIPModel, pixels: torch.Tensor, scenes, tokenizer, *, steps: int, batch_size: int = 64,
+               lr: float = 2e-3, seed: int = 0, progress: bool = True) -> Phase:
+    """Contrastive training on (image, random reference caption + ``</s>``) pairs; returns the phase."""
+    rng = random.Random(f"clip-captions:{seed}")
+    stream = batches(len(scenes), batch_size, seed + 2)
+    captions = {}
+    clip.train()
+
+    def text(scene):
+        caption = rng.choice(scene_captions(scene))
+        if caption not in captions:
+            captions[caption] = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return captions[caption]
+
+    def step(_):
+        idx = next(stream)
+        ids, mask = pad_rows([text(scenes[i]) for i in idx], tokenizer.pad_token_id)
+        return clip(input_ids=ids, attention_mask=mask, pixel_values=pixels[idx], return_loss=True).loss
+
+    phase = run_phase(Phase("clip", steps, batch_size, lr), clip.parameters(), step, weight_decay=0.1,
+                      progress=progress)
+    clip.eval()
+    return phase
+
+
+@torch.no_grad()
+def retrieval_accuracy(clip: CLIPModel, pixels: torch.Tensor, scenes, tokenizer) -> dict:
+    """Zero-shot accuracy of the trained pair: image -> the right colour, shape or position caption."""
+    from ..data.synthetic import COLORS, POSITION_PHRASES, SHAPES
+
+    def classify(names, phrase):
+        rows = [tokenizer(phrase(n), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for n in names]
+        ids, mask = pad_rows(rows, tokenizer.pad_token_id)
+        out = clip(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        return out.logits_per_image.argmax(-1)
+
+    scores = {}
+    for attr, names, phrase in [
+        ("color", list(COLORS), lambda n: f"a {n} shape"),
+        ("shape", list(SHAPES), lambda n: f"a single {n}"),
+        ("position", list(POSITION_PHRASES), lambda n: f"a shape {POSITION_PHRASES[n]}"),
+    ]:
+        pred = classify(names, phrase)
+        scores[attr] = round(float(sum(names[p] == getattr(s, attr) for p, s in zip(pred.tolist(), scenes))
+                                   / len(scenes)), 4)
+    return scores

@@ -1,0 +1,249 @@
+"""The non-native organism: a stock LLaVA-1.5, a text-aligned vision encoder bolted onto a text LM.
+
+Recipe (the paper's text-output models, Sec. 3.1 and 5): (1) the CLIP vision tower is trained
+contrastively against a small text encoder on the captions (`clip`), so it is aligned with text;
+(2) the Llama decoder is pre-trained on text only: descriptions of scenes and text-only chats
+(a caption in place of the image, then the experiments' prompts and the answer); (3) with the
+vision tower frozen, as in LLaVA, the projector alone is trained on captioning (``align``), then
+projector and decoder on the task mixture (``instruct``), with the loss on the answer tokens only
+(never on image tokens). Image features are those LLaVA-1.5 uses: the second-to-last layer of the
+tower, patch tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from . import clip as cliplib
+from .common import (
+    CLASS_PROMPT,
+    EOS,
+    Phase,
+    batches,
+    description,
+    pad_rows,
+    render,
+    run_phase,
+    seed_all,
+    task_example,
+    train_tokenizer,
+    training_scenes,
+)
+from ..analyses.prompts import CAPTION
+from ..data.synthetic import scene_captions
+
+RESOLUTION = 64
+PATCH = 8
+IMAGE_SEQ_LENGTH = (RESOLUTION // PATCH) ** 2
+#: LLaVA-1.5's conversation format: ``USER: <image>\n{prompt} ASSISTANT:``.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class NonNativeConfig:
+    """Sizes and schedule; the defaults are the shipped recipe."""
+
+    n_images: int = 3000
+    vision_hidden: int = 96
+    vision_layers: int = 4
+    vision_heads: int = 4
+    clip_steps: int = 300
+    clip_batch_size: int = 64
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    text_steps: int = 400
+    align_steps: int = 150
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+
+
+TINY = NonNativeConfig(n_images=48, vision_hidden=32, vision_layers=2, vision_heads=2, clip_steps=4,
+                       clip_batch_size=16, hidden=32, layers=1, heads=2, text_steps=8, align_steps=4, steps=12,
+                       batch_size=8, lr=3e-3)
+
+
+def build(config: NonNativeConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised LLaVA with its processor (tokenizer trained on the organisms' corpus)."""
+    tok = train_tokenizer(["<image>"])
+    vision = cliplib.vision_config(config.vision_hidden, config.vision_layers, config.vision_heads, RESOLUTION,
+                                   PATCH)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=config.hidden,
+        intermediate_size=3 * config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model_config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(model_config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def chat(processor: LlavaProcessor, parts: list[dict]) -> str:
+    """The user turn ``parts`` in the chat template, ending with the generation prompt."""
+    return processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+class Rows:
+    """Token rows for the text-only and multimodal phases, in the chat format the experiments use."""
+
+    def __init__(self, processor: LlavaProcessor, scenes, seed: int):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.scenes = scenes
+        self.rng = random.Random(f"non-native-rows:{seed}")
+        self.eos = self.tok.convert_tokens_to_ids(EOS)
+        self.image = processor.image_token * IMAGE_SEQ_LENGTH
+        self._cache: dict[tuple[str, bool], list[int]] = {}
+
+    def ids(self, text: str, bos: bool = False) -> list[int]:
+        if (text, bos) not in self._cache:
+            self._cache[text, bos] = self.tok(text, add_special_tokens=bos)["input_ids"]
+        return self._cache[text, bos]
+
+    def text_only(self, i: int) -> list[int]:
+        """A scene description, or a chat with a caption where the image would be; loss on every token."""
+        scene = self.scenes[i]
+        if self.rng.random() < 0.5:
+            return self.ids(description(scene, self.rng), bos=True) + [self.eos]
+        ex = task_example(scene, self.rng)
+        caption = self.rng.choice(scene_captions(scene)).capitalize() + ".\n"
+        prompt = chat(self.processor, [{"type": "text", "text": caption}, {"type": "text", "text": ex.prompt}])
+        return self.ids(prompt, bos=True) + self.ids(ex.target) + [self.eos]
+
+    def multimodal(self, i: int, captions_only: bool = False) -> tuple[list[int], list[int]]:
+        """``(ids, labels)``: image-first chat prompt (labels -100) then answer and ``</s>``."""
+        scene = self.scenes[i]
+        ex = task_example(scene, self.rng)
+        if captions_only:
+            ex = type(ex)("caption", CAPTION, " " + self.rng.choice(scene_captions(scene)))
+        prompt = chat(self.processor, [{"type": "image"}, {"type": "text", "text": ex.prompt}])
+        head = self.ids(prompt.replace(self.processor.image_token, self.image), bos=True)
+        answer = self.ids(ex.target) + [self.eos]
+        return head + answer, [-100] * len(head) + answer
+
+
+@torch.no_grad()
+def image_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The frozen tower's features as LLaVA selects them (layer ``vision_feature_layer``, no CLS)."""
+    cfg = model.config
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        hs = model.model.vision_tower(pixels[i : i + batch_size], output_hidden_states=True).hidden_states
+        out.append(hs[cfg.vision_feature_layer][:, 1:])
+    return torch.cat(out)
+
+
+def multimodal_loss(model: LlavaForConditionalGeneration, ids, mask, labels, features) -> torch.Tensor:
+    """The stock forward's loss, with the (frozen) tower's features precomputed and projected here."""
+    projected = model.model.multi_modal_projector(features)
+    cached = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+    return model(input_ids=ids, attention_mask=mask, labels=labels, mm_encoder_outputs=cached).loss
+
+
+def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig(), progress: bool = True) -> dict:
+    """CLIP pre-training, text-only LM pre-training, then projector (+ LM) tuning; save to ``out_dir``."""
+    seed_all(seed)
+    model, processor = build(config)
+    tok = processor.tokenizer
+    scenes = training_scenes(config.n_images, seed)
+    pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
+
+    clip = cliplib.new_clip(model.config.vision_config, tok)
+    clip_phase = cliplib.train_clip(clip, pixels, scenes, tok, steps=config.clip_steps,
+                                    batch_size=config.clip_batch_size, seed=seed, progress=progress)
+    held = min(len(scenes) // 5, 500)
+    clip_scores = cliplib.retrieval_accuracy(clip, pixels[-held:], scenes[-held:], tok)
+    model.model.vision_tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    model.model.vision_tower.eval().requires_grad_(False)
+
+    rows = Rows(processor, scenes, seed)
+    llama = LlamaForCausalLM(model.config.text_config)
+    text_stream = batches(len(scenes), config.batch_size, seed + 3)
+
+    def text_step(_):
+        ids, mask = pad_rows([rows.text_only(int(i)) for i in next(text_stream)], tok.pad_token_id)
+        return llama(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+    llama.train()
+    text_phase = run_phase(Phase("text", config.text_steps, config.batch_size, config.lr), llama.parameters(),
+                           text_step, weight_decay=config.weight_decay, progress=progress)
+    model.model.language_model.load_state_dict(llama.model.state_dict())
+    model.lm_head.load_state_dict(llama.lm_head.state_dict())
+
+    features = image_features(model, pixels)
+    stream = batches(len(scenes), config.batch_size, seed + 4)
+
+    def mm_step(captions_only):
+        def step(_):
+            idx = next(stream)
+            pairs = [rows.multimodal(int(i), captions_only) for i in idx]
+            ids, mask = pad_rows([p[0] for p in pairs], tok.pad_token_id)
+            labels, _ = pad_rows([p[1] for p in pairs], -100)
+            return multimodal_loss(model, ids, mask, labels, features[idx])
+        return step
+
+    model.train()
+    projector = list(model.model.multi_modal_projector.parameters())
+    align = run_phase(Phase("align", config.align_steps, config.batch_size, config.lr), projector, mm_step(True),
+                      progress=progress)
+    trainable = projector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    instruct = run_phase(Phase("instruct", config.steps, config.batch_size, config.lr / 2), trainable,
+                         mm_step(False), weight_decay=config.weight_decay, progress=progress)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {
+        "architecture": "LlavaForConditionalGeneration (model_type llava; CLIP vision tower, Llama decoder)",
+        "config": asdict(config),
+        "parameters": {"vision_tower": sum(p.numel() for p in model.model.vision_tower.parameters()),
+                       "projector": sum(p.numel() for p in projector),
+                       "decoder": sum(p.numel() for p in model.model.language_model.parameters())
+                       + model.lm_head.weight.numel()},
+        "clip_zero_shot_accuracy": clip_scores,
+        "phases": {p.name: p.summary() for p in [clip_phase, text_phase, align, instruct]},
+    }
