@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.families.checks import check_bracketed_span
 from tests.fixtures.common import PROMPTS, images
 
 
@@ -24,27 +25,13 @@ def test_roles_match_token_ids(vlm, image_first):
     batch = vlm.prepare(images(2), PROMPTS, image_first=image_first)
     ids = batch.input_ids
     proc, tok = vlm.processor, vlm.family.tokenizer
-    image_id = proc.image_token_id
     boi_id, eoi_id = tok.convert_tokens_to_ids("<racm3:break>"), tok.convert_tokens_to_ids("<eoss>")
     assert vlm.family.boi_id == boi_id and vlm.family.eoi_id == eoi_id
     assert ids.shape[0] == 2 and batch.first[0] != batch.first[1]  # different prompt lengths, left padded
     assert not bool((ids == tok.sep_token_id).any())  # text completion: no separator appended
     for b in range(2):
-        img = batch.positions("image")[b]
-        assert torch.equal(img, torch.nonzero(ids[b] == image_id).flatten())
-        assert img.numel() == proc.image_seq_length and torch.equal(img, torch.arange(int(img[0]), int(img[-1]) + 1))
-        assert torch.equal(batch.positions("image_content")[b], img)
-        assert batch.positions("eol")[b].numel() == 0
-        boi = int(batch.index("boi")[b])
-        assert boi == int(img[0]) - 1 and int(ids[b, boi]) == boi_id
-        eoi = int(batch.index("eoi")[b])
-        assert eoi == int(img[-1]) + 1 and int(ids[b, eoi]) == eoi_id
-        assert int(batch.index("first_image")[b]) == int(img[0])
-        assert int(batch.index("last_image")[b]) == int(img[-1])
-        assert int(batch.index("image[3]")[b]) == int(img[3])
-        assert torch.equal(batch.positions("internal_image")[b], img[1:-1])
-        text = batch.positions("text")[b]
-        assert text.tolist() == list(range(eoi + 1, ids.shape[1]))
+        img, _, _ = check_bracketed_span(batch, b, proc.image_token_id, boi_id, eoi_id, proc.image_seq_length)
+        assert torch.equal(img, torch.arange(int(img[0]), int(img[-1]) + 1))
         assert int(ids[b, batch.index("bos")[b]]) == tok.bos_token_id
     if not image_first:  # the prompt ends with the image: eoi is the last position, no text after it
         assert batch.index("eoi").tolist() == [ids.shape[1] - 1] * 2

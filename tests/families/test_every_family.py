@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import FAMILIES
+from tests.families.checks import check_forward_and_generate
 from tests.fixtures.common import PROMPTS, images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_and_generate(loaded, family):
     vlm = loaded(family)
-    batch = vlm.prepare(images(2), PROMPTS)
-    out = vlm.forward(batch)
-    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
-    gen = vlm.generate(batch, max_new_tokens=4, min_new_tokens=4)
-    assert gen.shape == (2, batch.length + 4)
-    assert torch.equal(gen[:, : batch.length], batch.input_ids)
+    check_forward_and_generate(vlm, vlm.prepare(images(2), PROMPTS), min_new_tokens=4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,24 +6,18 @@ does), SmolVLM's as two, so the blank line before the global image is its own ``
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from narrowgate.families import Idefics3, LayoutError
-from tests.fixtures.common import PROMPTS, images
+from tests.families.checks import check_forward_and_generate, contains
+from tests.fixtures.common import PROMPTS, images, sized_images
 from tests.fixtures.idefics3 import IMAGE_SEQ_LEN
 
 # (height, width) -> (rows, columns) of tiles in the tiny checkpoints (longest edge 32, 16x16 tiles).
 TILES = {(40, 40): (2, 2), (20, 40): (1, 2), (40, 30): (2, 2), (60, 20): (2, 1)}
 N = IMAGE_SEQ_LEN  # <image> tokens per tile and for the global image
 FAKE = "<fake_token_around_image>"
-
-
-def sized_images(*sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
 @pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
@@ -93,14 +87,10 @@ def test_roles_match_token_ids(vlm, image_first, sizes):
         assert int(batch.index("bos")[b]) == batch.first[b] and row[batch.first[b]] == tok.bos_token_id
         prompt_ids = tok(PROMPTS[b], add_special_tokens=False)["input_ids"]
         where = range(batch.first[b], boi) if not image_first else range(eoi + 1, ids.shape[1])
-        assert _contains([row[p] for p in where], prompt_ids)
+        assert contains([row[p] for p in where], prompt_ids)
         assert tok.decode(row[eoi + 1 :]).endswith("<end_of_utterance>\nAssistant:")
     assert spans[0] != spans[1]
     assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
-
-
-def _contains(seq, sub):
-    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
 def test_without_image_splitting(vlm):
@@ -171,12 +161,7 @@ def test_raw_prompt_without_chat_template(vlm):
 
 
 def test_forward_and_generate(vlm):
-    batch = vlm.prepare(sized_images((40, 40), (20, 40)), PROMPTS)
-    out = vlm.forward(batch)
-    assert out.logits.shape[:2] == batch.input_ids.shape and torch.isfinite(out.logits).all()
-    gen = vlm.generate(batch, max_new_tokens=4)
-    assert gen.shape == (2, batch.length + 4)
-    assert torch.equal(gen[:, : batch.length], batch.input_ids)
+    check_forward_and_generate(vlm, vlm.prepare(sized_images((40, 40), (20, 40)), PROMPTS))
 
 
 def test_square_test_images(vlm):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.families.checks import check_bracketed_span
 from tests.fixtures.common import PROMPTS, images
 
 
@@ -33,22 +33,8 @@ def test_roles_match_token_ids(vlm, image_first):
     n_image = vlm.processor.num_image_tokens
     assert ids.shape[0] == 2 and batch.first[0] != batch.first[1]  # different prompt lengths, left padded
     for b in range(2):
-        img = batch.positions("image")[b]
-        assert torch.equal(img, torch.nonzero(ids[b] == image_id).flatten())
-        assert img.numel() == n_image
-        assert torch.equal(batch.positions("image_content")[b], img)
-        assert batch.positions("eol")[b].numel() == 0
-        boi = int(batch.index("boi")[b])
-        assert boi == int(img[0]) - 1 and int(ids[b, boi]) == boi_id
-        eoi = int(batch.index("eoi")[b])
-        assert eoi == int(img[-1]) + 1 and int(ids[b, eoi]) == eoi_id
-        assert int(batch.index("first_image")[b]) == int(img[0])
-        assert int(batch.index("last_image")[b]) == int(img[-1])
-        assert int(batch.index("image[3]")[b]) == int(img[3])
+        img, boi, eoi = check_bracketed_span(batch, b, image_id, boi_id, eoi_id, n_image)
         assert int(batch.index("image[-1]")[b]) == int(img[-1])
-        assert batch.positions("internal_image")[b].tolist() == img[1:-1].tolist()
-        text = batch.positions("text")[b]
-        assert text.tolist() == list(range(eoi + 1, ids.shape[1]))
         bos = int(batch.index("bos")[b])
         assert bos == batch.first[b] and int(ids[b, bos]) == tok.bos_token_id
         assert int((ids[b] == tok.bos_token_id).sum()) == 1  # exactly one BOS

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from narrowgate.families import LayoutError, Llava, Pixtral, family_for
+from tests.families.checks import contains
 from tests.fixtures.common import PROMPTS, images
 
 
@@ -61,12 +62,8 @@ def test_roles_match_token_ids(vlm, image_first):
         assert int(batch.index("bos")[b]) == batch.first[b] and int((row == tok.bos_token_id).sum()) == 1
         prompt_ids = tok(PROMPTS[b], add_special_tokens=False)["input_ids"]
         where = range(batch.first[b], int(img[0])) if not image_first else range(eoi + 1, ids.shape[1])
-        assert _contains(row[list(where)].tolist(), prompt_ids)
+        assert contains(row[list(where)].tolist(), prompt_ids)
     assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
-
-
-def _contains(seq, sub):
-    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
 def test_image_size_sets_the_grid(vlm):

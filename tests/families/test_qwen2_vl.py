@@ -1,6 +1,6 @@
-"""Qwen2-VL: load the tiny checkpoint, check every role against the token ids, run forward and generate.
+"""Qwen2-VL and Qwen2.5-VL: load the tiny checkpoints, check every role against the token ids.
 
-The checks are plain functions so that test_qwen2_5_vl.py runs the same ones on Qwen2.5-VL.
+The Qwen2-VL adapter serves both architectures, so every test runs on both checkpoints.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.families.checks import check_bracketed_span
 from tests.fixtures.common import PROMPTS, images
 
 
@@ -16,8 +17,18 @@ def two_images():
     return [images(1, size=24, seed=1)[0], images(1, size=40)[0]]
 
 
-def check_adapter(vlm, name):
-    assert vlm.family.name == "qwen2_vl" and vlm.model.config.model_type == name
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def vlm(loaded, model_type):
+    return loaded(model_type)
+
+
+def test_adapter(vlm, model_type):
+    assert vlm.family.name == "qwen2_vl" and vlm.model.config.model_type == model_type
     tok = vlm.family.tokenizer
     assert vlm.family.content_ids == {tok.convert_tokens_to_ids("<|image_pad|>")}
     assert vlm.family.boi_id == tok.convert_tokens_to_ids("<|vision_start|>") == vlm.model.config.vision_start_token_id
@@ -26,7 +37,8 @@ def check_adapter(vlm, name):
     assert tok.bos_token_id is None
 
 
-def check_roles(vlm, image_first):
+@pytest.mark.parametrize("image_first", [True, False])
+def test_roles_match_token_ids(vlm, image_first):
     batch = vlm.prepare(two_images(), PROMPTS, image_first=image_first)
     ids = batch.input_ids
     tok = vlm.family.tokenizer
@@ -37,23 +49,9 @@ def check_roles(vlm, image_first):
     assert ids.shape[0] == 2 and batch.first[0] != batch.first[1]  # different prompt lengths, left padded
     assert expected[0] != expected[1]  # different image sizes -> different span lengths
     for b in range(2):
-        img = batch.positions("image")[b]
-        assert torch.equal(img, torch.nonzero(ids[b] == image_id).flatten())
-        assert img.numel() == expected[b]
-        assert torch.equal(batch.positions("image_content")[b], img)
-        assert batch.positions("eol")[b].numel() == 0
+        img, boi, eoi = check_bracketed_span(batch, b, image_id, boi_id, eoi_id, expected[b])
         assert batch.positions("bos")[b].numel() == 0  # Qwen has no BOS token
-        boi = int(batch.index("boi")[b])
-        assert boi == int(img[0]) - 1 and int(ids[b, boi]) == boi_id
-        eoi = int(batch.index("eoi")[b])
-        assert eoi == int(img[-1]) + 1 and int(ids[b, eoi]) == eoi_id
-        assert int(batch.index("first_image")[b]) == int(img[0])
-        assert int(batch.index("last_image")[b]) == int(img[-1])
-        assert int(batch.index("image[3]")[b]) == int(img[3])
         assert int(batch.index("image[-1]")[b]) == int(img[-1])
-        assert batch.positions("internal_image")[b].tolist() == img[1:-1].tolist()
-        text = batch.positions("text")[b]
-        assert text.tolist() == list(range(eoi + 1, ids.shape[1]))
         prompt_text = tok.decode(ids[b, eoi + 1 :]) if image_first else tok.decode(ids[b, batch.first[b] : boi])
         assert PROMPTS[b] in prompt_text
     assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
@@ -61,7 +59,7 @@ def check_roles(vlm, image_first):
         batch.index("bos")
 
 
-def check_raw_prompt(vlm, monkeypatch):
+def test_raw_prompt(vlm, monkeypatch):
     """Without a chat template the adapter's raw Qwen template gives the same layout."""
     monkeypatch.setattr(vlm.processor, "chat_template", None)
     batch = vlm.prepare(two_images(), PROMPTS)
@@ -97,21 +95,3 @@ def check_forward_and_generate(vlm):
     gen = vlm.generate(batch, max_new_tokens=4)
     assert gen.shape == (2, batch.length + 4)
     assert torch.equal(gen[:, : batch.length], batch.input_ids)
-
-
-@pytest.fixture(scope="module")
-def vlm(loaded):
-    return loaded("qwen2_vl")
-
-
-def test_adapter(vlm):
-    check_adapter(vlm, "qwen2_vl")
-
-
-@pytest.mark.parametrize("image_first", [True, False])
-def test_roles_match_token_ids(vlm, image_first):
-    check_roles(vlm, image_first)
-
-
-def test_raw_prompt(vlm, monkeypatch):
-    check_raw_prompt(vlm, monkeypatch)
