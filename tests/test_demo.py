@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import pandas as pd
+from typer.testing import CliRunner
 
-from narrowgate.demo import PLAN, demo, verdict
+from narrowgate.cli import app
+from narrowgate.demo import PLAN, SUMMARY, demo, verdict
 
 
-def test_demo_runs_every_experiment_on_two_models(checkpoint_dir, tmp_path):
-    models = {"native": checkpoint_dir("chameleon"), "non-native": checkpoint_dir("llava")}
-    report = demo(tmp_path / "demo", models, scale=0.05, batch_size=4, progress=False)
-    text = report.read_text()
+def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scale", "0.05", "--quiet"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
-    assert "native:" in text and "non-native:" in text
-    for label in models:
+    for label in ("native", "non-native"):
+        assert f"<li>{label}:" in text
+        assert f"{label}: " in result.output
         for name, _, _ in PLAN:
-            assert (tmp_path / "demo" / label / name / "report.html").exists()
+            assert (out / label / name / "report.html").exists()
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["condition"]) == set(SUMMARY)
+    assert set(summary["model"]) == {"native", "non-native"}
+    assert set(summary["task"]) == {"vqa", "captions", "classes"}
+
+
+def test_demo_runs_on_any_two_checkpoints(checkpoint_dir, tmp_path):
+    models = {"chameleon": checkpoint_dir("chameleon"), "llava": checkpoint_dir("llava")}
+    plan = [step for step in PLAN if step[1] == "ablation"][:1]
+    report = demo(tmp_path / "demo", models, scale=0.05, batch_size=4, progress=False, plan=plan)
+    assert "chameleon:" in report.read_text() and "llava:" in report.read_text()
 
 
 def test_verdict_follows_the_numbers():

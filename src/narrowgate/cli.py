@@ -167,12 +167,15 @@ def train_organism(
     seed: int = typer.Option(0, "--seed", help="Training seed."),
 ) -> None:
     """Train a model organism from scratch on synthetic images, reproducing the shipped one from its seed."""
+    from rich.markdown import Markdown
+
     from . import organisms
+    from .organisms.card import render_markdown
 
     target = out or f"runs/organism-{kind}"
     card = organisms.train(kind, target, seed=seed)
-    console.print(f"[green]saved:[/green] {target}")
-    console.print(card)
+    console.print(Markdown(render_markdown(card)))
+    console.print(f"[green]saved:[/green] {target} (card: {target}/CARD.md)")
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ def test_raw_prompt(vlm, monkeypatch):
         assert int(batch.input_ids[b, batch.index("eoi")[b]]) == vlm.family.eoi_id
 
 
-def check_forward_and_generate(vlm):
+def test_mrope_positions_are_the_models_own(vlm):
+    """Forward with the adapter's M-RoPE positions equals the model's own forward; padding moves nothing."""
     ims = two_images()
     batch = vlm.prepare(ims, PROMPTS)
     out = vlm.forward(batch)

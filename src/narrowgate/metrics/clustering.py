@@ -12,6 +12,7 @@ clusters; ``sklearn.metrics.homogeneity_score``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,7 +68,8 @@ def modality_homogeneity(
       random numbers, so the result does not depend on it.
 
     Distances are Euclidean on the normalised rows, so neighbourhoods are those
-    of cosine similarity. Raises ValueError when every point would be dropped.
+    of cosine similarity; zero distances (identical tokens, e.g. the same prompt
+    word at the same position) are smeared with dadapy's ``remove_zero_dists``. Raises ValueError when every point would be dropped.
     """
     Xn = _as_unit_rows(X)
     labels = np.asarray(modality_labels)
@@ -86,7 +88,9 @@ def modality_homogeneity(
 
     data = Data(coordinates=Xn, maxk=maxk, verbose=False)
     data.rng = np.random.default_rng(seed)
-    data.compute_distances(maxk=maxk)
+    with warnings.catch_warnings():  # dadapy warns about identical points; they are smeared just below
+        warnings.filterwarnings("ignore", message="There are points with neighbours at 0 distance")
+        data.compute_distances(maxk=maxk)
     data.distances = data.remove_zero_dists(data.distances)
     ids, _, ranks = data.return_id_scaling_gride(range_max=n2, return_ranks=True)
     data.set_id(float(ids[list(ranks).index(n2)]))

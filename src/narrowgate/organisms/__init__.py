@@ -16,9 +16,11 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from . import card as cardlib
 from . import native, non_native
-from .evaluate import evaluate
+from .heldout import evaluate
 
 KINDS = ("native", "non-native")
 _MODULES = {"native": native, "non-native": non_native}
@@ -34,7 +36,7 @@ def _check(kind: str) -> None:
 def path(kind: str) -> Path:
     """The shipped checkpoint directory of ``kind`` (load it with ``narrowgate.load(path(kind))``)."""
     _check(kind)
-    return Path(__file__).parent / kind
+    return Path(__file__).parent / "checkpoints" / kind
 
 
 def config(kind: str, *, tiny: bool = False, **overrides):
@@ -56,6 +58,9 @@ def train(
 ) -> dict:
     """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card; return the card.
 
+    Training is deterministic (2 CPU threads, deterministic algorithms): the same seed, versions and
+    machine give the same weights.
+
     ``steps`` sets the main phase's steps (native: the decoder; non-native: projector + decoder);
     ``tiny`` and ``overrides`` (config fields) shrink the run, e.g. for tests. ``heldout`` sets the
     held-out evaluation sizes (``{"vqa": 300, "captions": 100, "classes": 20}``; ``{}`` to skip it).
@@ -66,7 +71,12 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     module = _MODULES[kind]
-    info = module.train(out, seed=seed, config=cfg, progress=progress)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # CPU convolution backward is not bit-reproducible otherwise
+    try:
+        info = module.train(out, seed=seed, config=cfg, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
     scores = evaluate(out, sizes=heldout) if heldout != {} else None
     card = cardlib.make_card(kind, module.RECIPE, info, scores, seed=seed, seconds=seconds, out_dir=out)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
 import torch
 import transformers
 
-from .common import TASK_MIX
+from .common import TASK_MIX, THREADS
 
 
 def weights_bytes(out_dir) -> int:
@@ -32,6 +33,7 @@ def make_card(kind: str, recipe: list[str], info: dict, scores: dict | None, *, 
         },
         **info,
         "train_seconds": round(seconds, 1),
+        "machine": {"cpu_threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform()},
         "weights_bytes": weights_bytes(out_dir),
         "heldout": scores,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -50,7 +52,8 @@ def render_markdown(card: dict) -> str:
         lines.append(f"| {name} | {p['steps']} | {p['batch_size']} | {p['lr']} | {p['first_loss']} | "
                      f"{p['final_loss']} | {p['seconds']} |")
     lines += ["", f"Parameters: {card['parameters']}; weights {card['weights_bytes'] / 1e6:.2f} MB (safetensors); "
-              f"total training time {card['train_seconds']} s.", ""]
+              f"total training time {card['train_seconds']} s on {card['machine']['cpu_threads']} CPU threads "
+              f"({card['machine']['cpus']} cores, {card['machine']['platform']}).", ""]
     h = card.get("heldout")
     if h:
         v, c, k = h["vqa"], h["captions"], h["classes"]

@@ -30,6 +30,36 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 THREADS = 2
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What both recipes size alike: training images, the decoder, and the main phase's schedule."""
+
+    n_images: int = 10000
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+
+
+def decoder_config(config: Recipe, tokenizer) -> dict:
+    """The decoder's config fields (Llama-style sizes) for ``config`` and ``tokenizer``."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden,
+        intermediate_size=3 * config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch, and fix torch to `THREADS` CPU threads."""
     random.seed(seed)

@@ -28,8 +28,11 @@ from transformers import (
 from . import vq as vqlib
 from .common import (
     EOS,
+    Example,
     Phase,
+    Recipe,
     batches,
+    decoder_config,
     pad_rows,
     render,
     run_phase,
@@ -44,22 +47,24 @@ SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
 IMAGE_SEQ_LENGTH = (vqlib.RESOLUTION // vqlib.DOWNSAMPLE) ** 2
 
 
+RECIPE = [
+    "VQ image tokenizer: Chameleon's VQ-VAE encoder + codebook trained as an autoencoder (reconstruction + VQ "
+    "losses, throwaway decoder) on the training images; 64 x 64 pixels -> 8 x 8 codes.",
+    "Codes become IMGIMG...Z tokens of the same vocabulary as the text; an image is <racm3:break> codes <eoss>.",
+    "Decoder trained from scratch (no pre-trained weights) with next-token loss on every position, image and text "
+    "tokens alike, on image-first task sequences (VQA / caption / class prompt + answer) and caption-then-image "
+    "sequences (text-to-image generation).",
+]
+
+
 @dataclass(frozen=True)
-class NativeConfig:
+class NativeConfig(Recipe):
     """Sizes and schedule; the defaults are the shipped recipe."""
 
-    n_images: int = 3000
-    codebook: int = 256
+    codebook: int = 512
     vq_channels: int = 32
     vq_embed_dim: int = 16
-    vq_steps: int = 300
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.1
+    vq_steps: int = 1500
     generation_share: float = 0.2
 
 
@@ -77,20 +82,8 @@ def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, Cham
     tok = train_tokenizer(SPECIAL, sep_token="<reserved08706>")
     tok.add_tokens([image_token_name(i) for i in range(config.codebook)])
     vq = vqlib.vq_config(codebook=config.codebook, channels=config.vq_channels, embed_dim=config.vq_embed_dim)
-    model_config = ChameleonConfig(
-        vocab_size=len(tok),
-        hidden_size=config.hidden,
-        intermediate_size=3 * config.hidden,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.heads,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        vq_config=vq.to_dict(),
-        vocabulary_map=tok.get_vocab(),
-    )
+    model_config = ChameleonConfig(**decoder_config(config, tok), vq_config=vq.to_dict(),
+                                   vocabulary_map=tok.get_vocab())
     model = ChameleonForConditionalGeneration(model_config)
     size = vqlib.RESOLUTION
     image_processor = ChameleonImageProcessorPil(
@@ -126,13 +119,20 @@ class Sequences:
     def image(self, i: int) -> list[int]:
         return [self.boi] + self.image_tokens[i].tolist() + [self.eoi]
 
+    def understanding(self, i: int, ex: Example) -> list[int]:
+        """``<s>`` image, prompt, answer, ``</s>``."""
+        return [self.bos] + self.image(i) + self.text(ex.prompt) + self.text(ex.target) + [self.eos]
+
+    def generation(self, i: int, caption: str) -> list[int]:
+        """``<s>`` caption, image, ``</s>`` (text-to-image)."""
+        return [self.bos] + self.text(caption) + self.image(i) + [self.eos]
+
     def row(self, i: int) -> list[int]:
-        """``<s>`` image prompt answer ``</s>``, or (generation) ``<s>`` caption image ``</s>``."""
+        """A random training row for image ``i``: generation with probability ``generation_share``."""
         scene = self.scenes[i]
         if self.rng.random() < self.share:
-            return [self.bos] + self.text(self.rng.choice(scene_captions(scene))) + self.image(i) + [self.eos]
-        ex = task_example(scene, self.rng)
-        return [self.bos] + self.image(i) + self.text(ex.prompt) + self.text(ex.target) + [self.eos]
+            return self.generation(i, self.rng.choice(scene_captions(scene)))
+        return self.understanding(i, task_example(scene, self.rng))
 
 
 def next_token_loss(model: ChameleonForConditionalGeneration, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import clip as cliplib
 from .common import (
-    CLASS_PROMPT,
     EOS,
+    Example,
     Phase,
+    Recipe,
     batches,
+    decoder_config,
     description,
     pad_rows,
     render,
@@ -42,7 +44,8 @@ from .common import (
     training_scenes,
 )
 from ..analyses.prompts import CAPTION
-from ..data.synthetic import scene_captions
+from ..data.base import DEFAULT_SEED
+from ..data.synthetic import scene_captions, synthetic_captions
 
 RESOLUTION = 64
 PATCH = 8
@@ -56,25 +59,29 @@ CHAT_TEMPLATE = (
 )
 
 
+RECIPE = [
+    "Contrastive (CLIP) pre-training of the ViT vision tower against a small text transformer on (image, caption) "
+    "pairs: the image encoder is aligned with text.",
+    "Text-only pre-training of the Llama decoder from scratch: scene descriptions and text-only chats (a caption "
+    "where the image would be, the experiments' prompts, the answer); loss on every text token.",
+    "LLaVA stage 1 (align): vision tower and decoder frozen, the projector alone learns captioning; loss on the "
+    "answer tokens only.",
+    "LLaVA stage 2 (instruct): projector + decoder on the VQA / caption / class mixture, vision tower frozen; loss "
+    "on the answer tokens only (never on image tokens).",
+]
+
+
 @dataclass(frozen=True)
-class NonNativeConfig:
+class NonNativeConfig(Recipe):
     """Sizes and schedule; the defaults are the shipped recipe."""
 
-    n_images: int = 3000
     vision_hidden: int = 96
     vision_layers: int = 4
     vision_heads: int = 4
-    clip_steps: int = 300
+    clip_steps: int = 2000
     clip_batch_size: int = 64
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
     text_steps: int = 400
     align_steps: int = 150
-    steps: int = 800
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.1
 
 
 TINY = NonNativeConfig(n_images=48, vision_hidden=32, vision_layers=2, vision_heads=2, clip_steps=4,
@@ -87,18 +94,7 @@ def build(config: NonNativeConfig) -> tuple[LlavaForConditionalGeneration, Llava
     tok = train_tokenizer(["<image>"])
     vision = cliplib.vision_config(config.vision_hidden, config.vision_layers, config.vision_heads, RESOLUTION,
                                    PATCH)
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=config.hidden,
-        intermediate_size=3 * config.hidden,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.heads,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = LlamaConfig(**decoder_config(config, tok))
     model_config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -156,11 +152,14 @@ class Rows:
         return self.ids(prompt, bos=True) + self.ids(ex.target) + [self.eos]
 
     def multimodal(self, i: int, captions_only: bool = False) -> tuple[list[int], list[int]]:
-        """``(ids, labels)``: image-first chat prompt (labels -100) then answer and ``</s>``."""
+        """A random task (or a caption) for image ``i`` as `pair` rows."""
         scene = self.scenes[i]
-        ex = task_example(scene, self.rng)
         if captions_only:
-            ex = type(ex)("caption", CAPTION, " " + self.rng.choice(scene_captions(scene)))
+            return self.pair(Example("caption", CAPTION, " " + self.rng.choice(scene_captions(scene))))
+        return self.pair(task_example(scene, self.rng))
+
+    def pair(self, ex: Example) -> tuple[list[int], list[int]]:
+        """``(ids, labels)``: image-first chat prompt (labels -100) then answer and ``</s>``."""
         prompt = chat(self.processor, [{"type": "image"}, {"type": "text", "text": ex.prompt}])
         head = self.ids(prompt.replace(self.processor.image_token, self.image), bos=True)
         answer = self.ids(ex.target) + [self.eos]
@@ -196,9 +195,10 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
     clip = cliplib.new_clip(model.config.vision_config, tok)
     clip_phase = cliplib.train_clip(clip, pixels, scenes, tok, steps=config.clip_steps,
                                     batch_size=config.clip_batch_size, seed=seed, progress=progress)
-    held = min(len(scenes) // 5, 500)
-    clip_scores = cliplib.retrieval_accuracy(clip, pixels[-held:], scenes[-held:], tok)
-    model.model.vision_tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    heldout = synthetic_captions(min(500, config.n_images), DEFAULT_SEED)
+    heldout_pixels = processor.image_processor([e.load_image() for e in heldout], return_tensors="pt")["pixel_values"]
+    clip_scores = cliplib.retrieval_accuracy(clip, heldout_pixels, [e.meta["scene"] for e in heldout], tok)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.model.vision_tower.eval().requires_grad_(False)
 
     rows = Rows(processor, scenes, seed)
@@ -229,10 +229,14 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
 
     model.train()
     projector = list(model.model.multi_modal_projector.parameters())
+    decoder = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    for p in decoder:
+        p.requires_grad_(False)
     align = run_phase(Phase("align", config.align_steps, config.batch_size, config.lr), projector, mm_step(True),
                       progress=progress)
-    trainable = projector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    instruct = run_phase(Phase("instruct", config.steps, config.batch_size, config.lr / 2), trainable,
+    for p in decoder:
+        p.requires_grad_(True)
+    instruct = run_phase(Phase("instruct", config.steps, config.batch_size, config.lr / 2), projector + decoder,
                          mm_step(False), weight_decay=config.weight_decay, progress=progress)
     model.eval()
     model.save_pretrained(out_dir)
@@ -242,8 +246,7 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
         "config": asdict(config),
         "parameters": {"vision_tower": sum(p.numel() for p in model.model.vision_tower.parameters()),
                        "projector": sum(p.numel() for p in projector),
-                       "decoder": sum(p.numel() for p in model.model.language_model.parameters())
-                       + model.lm_head.weight.numel()},
-        "clip_zero_shot_accuracy": clip_scores,
+                       "decoder": sum(p.numel() for p in decoder)},
+        "clip_heldout_retrieval": clip_scores,
         "phases": {p.name: p.summary() for p in [clip_phase, text_phase, align, instruct]},
     }
