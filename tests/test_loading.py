@@ -44,6 +44,7 @@ def test_unsupported_model(tmp_path):
 
 def test_offline_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: no network wait
     with pytest.raises(ng.LoadError, match="offline"):
         ng.load("narrowgate-test/no-such-model")
 
