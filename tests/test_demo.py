@@ -39,7 +39,8 @@ def test_verdict_follows_the_numbers():
     for model, eoi, image in (("gate", 0.2, 0.9), ("spread", 0.95, 0.3), ("flat", 1.0, 0.98), ("dead", 0, 0)):
         for cond, rel in (("baseline", 1.0), ("eoi->text", eoi), ("image->text", image)):
             score = 0.0 if model == "dead" else 0.5 * rel
-            rows.append({"model": model, "task": "vqa", "metric": "m", "condition": cond, "score": score, "relative": rel})
+            rows.append({"model": model, "task": "vqa", "metric": "m", "condition": cond, "score": score,
+                         "relative": rel})
     v = verdict(pd.DataFrame(rows))
     assert "narrow gate" in v["gate"] and "distributed" in v["spread"]
     assert "neither" in v["flat"] and "near zero" in v["dead"]

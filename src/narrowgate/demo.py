@@ -133,12 +133,13 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
         "body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}img{max-width:100%}</style></head><body>",
         "<h1>narrowgate demo</h1>",
-        "<p>Every experiment of the paper on " + ", ".join(html.escape(x) for x in labels) + ", on synthetic images.</p>",
+        "<p>Every experiment of the paper on " + " and ".join(html.escape(x) for x in labels)
+        + ", on synthetic images. Each run's own report is linked under its figures.</p>",
         "<h2>Verdict (from the measured numbers)</h2><ul>",
         *[f"<li>{html.escape(v)}</li>" for v in verdicts.values()],
         "</ul><h2>Ablation summary</h2>",
         summary.pivot_table(index=["model", "task", "metric"], columns="condition", values="score")[list(SUMMARY)]
-        .reset_index().to_html(index=False, float_format=lambda x: f"{x:.3f}"),
+        .rename_axis(columns=None).reset_index().to_html(index=False, float_format=lambda x: f"{x:.3f}"),
     ]
     for name, experiment, _ in plan:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr>")

@@ -69,7 +69,8 @@ def modality_homogeneity(
 
     Distances are Euclidean on the normalised rows, so neighbourhoods are those
     of cosine similarity; zero distances (identical tokens, e.g. the same prompt
-    word at the same position) are smeared with dadapy's ``remove_zero_dists``. Raises ValueError when every point would be dropped.
+    word at the same position) are smeared with dadapy's ``remove_zero_dists``.
+    Raises ValueError when every point would be dropped.
     """
     Xn = _as_unit_rows(X)
     labels = np.asarray(modality_labels)

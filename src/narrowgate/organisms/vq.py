@@ -20,7 +20,8 @@ RESOLUTION = 64
 DOWNSAMPLE = 8
 
 
-def vq_config(codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_blocks: int = 0) -> ChameleonVQVAEConfig:
+def vq_config(codebook: int = 256, channels: int = 32, embed_dim: int = 16,
+              res_blocks: int = 0) -> ChameleonVQVAEConfig:
     """A small Chameleon VQ-GAN encoder config: 64 px in, three 2x downsamplings, 8 x 8 codes out."""
     return ChameleonVQVAEConfig(
         embed_dim=embed_dim,
