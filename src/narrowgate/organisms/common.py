@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -194,19 +195,19 @@ def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progr
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     start = time.perf_counter()
-    every = max(1, phase.steps // 10)
-    for step in range(phase.steps):
-        loss = step_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        phase.losses.append(float(loss.detach()))
-        if progress and (step % every == 0 or step == phase.steps - 1):
-            elapsed = time.perf_counter() - start
-            print(f"[{phase.name}] step {step + 1}/{phase.steps} loss {phase.losses[-1]:.4f} ({elapsed:.0f}s)",
-                  file=sys.stderr, flush=True)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task(phase.name, total=phase.steps, loss="-")
+        for step in range(phase.steps):
+            loss = step_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            phase.losses.append(float(loss.detach()))
+            bar.update(task, advance=1, loss=f"{phase.losses[-1]:.4f}")
     phase.seconds = time.perf_counter() - start
     return phase
 
