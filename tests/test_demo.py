@@ -16,6 +16,7 @@ def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     assert result.exit_code == 0, result.output
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
+    assert "VQA accuracy (chance)" in text  # the organisms' held-out scores, from their cards
     for label in ("native", "non-native"):
         assert f"<li>{label}:" in text
         assert f"{label}: " in result.output

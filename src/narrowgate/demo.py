@@ -68,7 +68,7 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
     verdicts = verdict(summary)
     print_summary(summary, verdicts, console)
     summary.to_csv(out / "summary.csv", index=False)
-    write_report(out, runs, summary, verdicts, plan)
+    write_report(out, runs, summary, verdicts, plan, models)
     console.print(f"[green]report:[/green] {out / 'report.html'}")
     return out / "report.html"
 
@@ -125,8 +125,24 @@ def _img(path: Path) -> str:
     return f"<img src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
+def model_table(models: dict[str, Path]) -> str:
+    """Each model's checkpoint and, when it has a training card (the organisms), its held-out scores vs chance."""
+    rows = []
+    for label, path in models.items():
+        row = {"model": label, "checkpoint": str(path)}
+        card = Path(path) / "card.json"
+        if card.is_file():
+            h = json.loads(card.read_text()).get("heldout") or {}
+            if h:
+                row.update({"VQA accuracy (chance)": f"{h['vqa']['accuracy']:.3f} ({h['vqa']['chance']:.3f})",
+                            "caption CIDEr-D (chance)": f"{h['captions']['cider']:.2f} ({h['captions']['chance']:.2f})",
+                            "class top-1 (chance)": f"{h['classes']['accuracy']:.3f} ({h['classes']['chance']:.3f})"})
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("").to_html(index=False)
+
+
 def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFrame, verdicts: dict[str, str],
-                 plan=PLAN) -> None:
+                 plan=PLAN, models: dict[str, Path] | None = None) -> None:
     labels = list(runs)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>narrowgate demo</title><style>"
@@ -135,6 +151,7 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
         "<h1>narrowgate demo</h1>",
         "<p>Every experiment of the paper on " + " and ".join(html.escape(x) for x in labels)
         + ", on synthetic images. Each run's own report is linked under its figures.</p>",
+        *(["<h2>Models (held-out scores from their training cards)</h2>", model_table(models)] if models else []),
         "<h2>Verdict (from the measured numbers)</h2><ul>",
         *[f"<li>{html.escape(v)}</li>" for v in verdicts.values()],
         "</ul><h2>Ablation summary</h2>",
