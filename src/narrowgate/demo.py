@@ -164,7 +164,8 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
         parts.append("</tr><tr>")
         for lab in labels:
             figs = sorted((runs[lab][name] / "figures").glob("*.png"))
-            parts.append("<td>" + "".join(_img(f) for f in figs) + f"<br><a href='{lab}/{name}/report.html'>run</a></td>")
+            link = f"<br><a href='{lab}/{name}/report.html'>run</a>"
+            parts.append("<td>" + "".join(_img(f) for f in figs) + link + "</td>")
         parts.append("</tr></table>")
         if experiment in ("modality-gap", "overlap", "patching", "cross-attention"):
             loaded = [(lab, RunStore(runs[lab][name]).tables(),
