@@ -23,7 +23,7 @@ from .loading import load
 from .plots import compare
 from .store import RunStore
 
-#: (run name, experiment, settings) — sample sizes for about two minutes on 2 CPU cores for both organisms.
+#: (run name, experiment, settings) — sample sizes for about a minute on 2 CPU cores for both organisms.
 PLAN = (
     ("modality-gap", "modality-gap", dict(n=160)),
     ("cross-attention", "cross-attention", dict(n_per_class=24)),

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from ..data import BadExample
+from ..progress import progress_bar
 from ..store import RunStore
 from . import tasks
 
@@ -211,9 +210,7 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     units = ranks.shard(units)
     todo = [u for u in units if u.id not in done]
     batch_size = int(cfg["batch_size"])
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, disable=not cfg.get("progress", True)) as progress:
+    with progress_bar(disable=not cfg.get("progress", True)) as progress:
         label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
         task = progress.add_task(label, total=len(units), completed=len(units) - len(todo))
         step = max(batch_size, 1) * 4

@@ -50,7 +50,6 @@ def train(
     out_dir,
     *,
     seed: int = 0,
-    steps: int | None = None,
     progress: bool = True,
     tiny: bool = False,
     overrides: dict | None = None,
@@ -61,12 +60,12 @@ def train(
     Training is deterministic (2 CPU threads, deterministic algorithms): the same seed, versions and
     machine give the same weights.
 
-    ``steps`` sets the main phase's steps (native: the decoder; non-native: projector + decoder);
-    ``tiny`` and ``overrides`` (config fields) shrink the run, e.g. for tests. ``heldout`` sets the
+    ``tiny`` and ``overrides`` (config fields, e.g. ``{"steps": 100}`` for the main phase) shrink the
+    run, e.g. for tests. ``heldout`` sets the
     held-out evaluation sizes (``{"vqa": 300, "captions": 100, "classes": 20}``; ``{}`` to skip it).
     """
     _check(kind)
-    cfg = config(kind, tiny=tiny, **(overrides or {}), **({"steps": steps} if steps is not None else {}))
+    cfg = config(kind, tiny=tiny, **(overrides or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -17,11 +17,11 @@ from itertools import product
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..analyses.prompts import CAPTION, CLASS, VQA
+from ..progress import progress_bar
 from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
 
 CLASS_PROMPT = CLASS["synthetic"]
@@ -195,9 +195,7 @@ def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progr
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     start = time.perf_counter()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+    with progress_bar("loss {task.fields[loss]}", disable=not progress, console=Console(stderr=True)) as bar:
         task = bar.add_task(phase.name, total=phase.steps, loss="-")
         for step in range(phase.steps):
             loss = step_fn(step)

@@ -151,7 +151,7 @@ def train(out_dir, *, seed: int = 0, config: NativeConfig = NativeConfig(), prog
     pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
 
     vq = vqlib.new_vq(model.config.vq_config)
-    vq_phases, _ = vqlib.train_vq(vq, pixels, steps=config.vq_steps, seed=seed, progress=progress)
+    vq_phases = vqlib.train_vq(vq, pixels, steps=config.vq_steps, seed=seed, progress=progress)
     model.model.vqmodel.load_state_dict(vq.state_dict())
     model.model.vqmodel.eval().requires_grad_(False)
     with torch.no_grad():

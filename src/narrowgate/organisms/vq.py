@@ -75,7 +75,7 @@ def train_vq(
     foreground_weight: float = 4.0,
     beta: float = 0.25,
     progress: bool = True,
-) -> tuple[list[Phase], Decoder]:
+) -> list[Phase]:
     """Train ``vq`` (in place) to encode ``pixels`` ([N, 3, 64, 64], the processor's values in [-1, 1]).
 
     Two phases. ``vq-warmup``: a plain autoencoder (no quantisation) for ``warmup_share`` of the
@@ -84,7 +84,7 @@ def train_vq(
     weighted ``1 + foreground_weight``: the shape covers a few percent of the image) + codebook
     loss + ``beta`` x commitment loss, with the stock quantiser's nearest-code rule; codes unused
     for ``restart_every`` steps move onto poorly quantised encoder outputs. Returns the phases
-    and the (training-only) decoder.
+    (the decoder is a training device and is dropped).
     """
     decoder = Decoder(vq.config.latent_channels)
     vq.train()
@@ -122,7 +122,7 @@ def train_vq(
 
     phases.append(run_phase(Phase("vq", steps - warm, batch_size, lr), params, vq_step, progress=progress))
     vq.eval()
-    return phases, decoder.eval()
+    return phases
 
 
 def foreground(x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -166,12 +166,3 @@ def restart_dead_codes(vq: ChameleonVQVAE, flat: torch.Tensor, used: torch.Tenso
     err = torch.cdist(flat, codebook).min(1).values ** 2
     pick = torch.multinomial(err + 1e-8, len(dead), replacement=len(dead) > len(flat))
     codebook[dead] = flat[pick] + 1e-3 * torch.randn_like(flat[pick])
-
-
-@torch.no_grad()
-def encode(vq: ChameleonVQVAE, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """VQ codes [N, 64] of ``pixels`` (row-major 8 x 8 grid)."""
-    vq.eval()
-    out = [vq.encode(pixels[i : i + batch_size]).image_tokens.view(len(pixels[i : i + batch_size]), -1)
-           for i in range(0, len(pixels), batch_size)]
-    return torch.cat(out)
