@@ -21,7 +21,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _has_torchvision() -> bool:
-    from transformers.utils import is_torchvision_available
+    from .compat import is_torchvision_available
 
     return is_torchvision_available()
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from . import compat
 from .batch import Batch
 from .engine import attention as engine_attention
 from .engine import hooks
@@ -208,7 +209,7 @@ class VLM:
         run = self._run(batch, (), (), capture, False)
         with activate(run):
             out = self.model(**prefix, use_cache=True, **self._keep_last())
-        return run, out.past_key_values, suffix
+        return run, compat.output_cache(out), suffix
 
     def _keep_last(self) -> dict:
         """Ask the model for the last position's logits only, where its forward supports it."""
@@ -250,7 +251,7 @@ class VLM:
                 run.captured[name] = dict(per_layer)
             try:
                 with activate(run):
-                    out = self.model(**suffix, past_key_values=cache, use_cache=True, **self._keep_last())
+                    out = self.model(**suffix, **compat.cache_kwargs(cache), use_cache=True, **self._keep_last())
             finally:
                 shared.crop(cache, P)
             self._check_applied(run)
@@ -275,7 +276,7 @@ class VLM:
             try:
                 with activate(run):
                     out = self.model.generate(
-                        **inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
+                        **inputs, **compat.cache_kwargs(cache), max_new_tokens=max_new_tokens, **kwargs
                     )
             finally:
                 shared.crop(cache, P)

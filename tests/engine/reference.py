@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from narrowgate.compat import AttentionMaskInterface, eager_mask
 
 NAME = "ngtest_reference"
 #: {"mask": [(layers, target[B,T], source[B,T])], "zero": [...]} set by a test before each call.

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
 
 from .state import InterventionError, active_run
 

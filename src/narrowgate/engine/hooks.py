@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import layer_cache
 from .state import active_run
 
 
 def _past_length(kwargs, layer: int) -> int:
-    cache = kwargs.get("past_key_values")
+    cache = layer_cache(kwargs)
     if cache is None:
         return 0
     try:

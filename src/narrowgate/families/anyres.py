@@ -12,7 +12,7 @@ A family says only how big its feature grid is (`AnyresFamily.feature_grid`).
 
 from __future__ import annotations
 
-from transformers.image_processing_utils import select_best_resolution
+from ..compat import select_best_resolution
 
 from .base import Family, ImageLayout, LayoutError
 

@@ -24,7 +24,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from ..compat import BaseModelOutputWithPooling
 
 from . import clip as cliplib
 from .common import (

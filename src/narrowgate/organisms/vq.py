@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import ChameleonVQVAEConfig
-from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+from ..compat import ChameleonVQVAE
 
 from .common import Phase, batches, run_phase
 
