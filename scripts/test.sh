@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, in a .venv created on first use.
+# The whole test suite, in a .venv created on first use from requirements.lock.
+# `bash scripts/test.sh --deps latest|oldest [pytest args]` runs it on the newest / oldest releases
+# pyproject.toml admits instead, in a throwaway venv (scripts/deps.sh).
+if [ "${1:-}" = "--deps" ]; then
+  shift
+  exec bash "$(dirname "$0")/deps.sh" "$@"
+fi
 source "$(dirname "$0")/env.sh"
 exec python -m pytest -q --durations=15 "$@"
