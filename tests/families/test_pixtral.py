@@ -15,9 +15,14 @@ def vlm(loaded):
     return loaded("pixtral")
 
 
-def test_registry_tells_pixtral_from_llava():
-    assert family_for("llava", "pixtral") is Pixtral
-    assert family_for("llava", "clip_vision_model") is Llava
+def test_registry_tells_pixtral_from_llava(monkeypatch):
+    """Each adapter's accepts() decides alone: the answer does not depend on the registry's order."""
+    import narrowgate.families as families
+
+    for order in (families.FAMILIES, tuple(reversed(families.FAMILIES))):
+        monkeypatch.setattr(families, "FAMILIES", order)
+        assert family_for("llava", "pixtral") is Pixtral
+        assert family_for("llava", "clip_vision_model") is Llava
 
 
 def test_family_and_ids(vlm):

@@ -16,6 +16,7 @@ from narrowgate.data.base import DEFAULT_SEED
 from narrowgate.data.synthetic import synthetic_vqa
 from narrowgate.metrics import vqa_accuracy
 from narrowgate.cli import app
+from narrowgate.organisms import card as cardlib
 from narrowgate.organisms import common, heldout, native, non_native
 
 KINDS = organisms.KINDS
@@ -139,3 +140,29 @@ def test_train_organism_command_writes_checkpoint_and_card(tmp_path, monkeypatch
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="Unknown organism"):
         organisms.path("hybrid")
+
+
+def test_tolerance_flags_only_scores_outside_it():
+    shipped = json.loads((organisms.path("native") / "card.json").read_text())
+    moved = json.loads(json.dumps(shipped))
+    moved["heldout"]["captions"]["cider"] -= 0.4  # inside the CIDEr-D tolerance of 0.5
+    moved["heldout"]["classes"]["accuracy"] += 0.15  # outside 0.1
+    out = cardlib.outside_tolerance(shipped, moved)
+    assert out == {"classes": (shipped["heldout"]["classes"]["accuracy"], moved["heldout"]["classes"]["accuracy"])}
+    assert cardlib.outside_tolerance(shipped, shipped) == {}
+
+
+@pytest.mark.slow
+def test_full_native_recipe_reproduces_the_shipped_scores(tmp_path):
+    """What the README claims: retraining from the seed gives the shipped held-out scores within
+    `TOLERANCE` on any machine; bit-identical weights where CPU model, threads and versions match."""
+    shipped_dir = organisms.path("native")
+    shipped = json.loads((shipped_dir / "card.json").read_text())
+    card = organisms.train("native", tmp_path, seed=shipped["seed"], progress=False)
+    assert cardlib.outside_tolerance(shipped, card) == {}
+    same = {k: shipped["machine"].get(k) for k in ("cpu", "cpu_threads")} == {
+        k: card["machine"][k] for k in ("cpu", "cpu_threads")
+    } and shipped["versions"] == card["versions"]
+    if same:
+        ref, got = load_file(shipped_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+        assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -13,7 +13,8 @@ from .llava_onevision import LlavaOneVision
 from .pixtral import Pixtral
 from .qwen2_vl import Qwen2VL
 
-# Pixtral before Llava: both are `llava` models, told apart by the vision tower.
+#: Every adapter; exactly one accepts a given model (Pixtral and LLaVA are both ``llava`` models, told apart
+#: by their own ``accepts`` on the vision tower), so the order is only the order of `narrowgate models`.
 FAMILIES: tuple[type[Family], ...] = (
     Chameleon,
     Emu3,
@@ -41,6 +42,11 @@ def family_for(model_type: str, vision_model_type: str | None = None) -> type[Fa
     if not matches:
         raise UnsupportedModelError(
             f"narrowgate has no adapter for model type {model_type!r}. Supported families: {supported()}."
+        )
+    if len(matches) > 1:
+        raise RuntimeError(
+            f"Adapters {[f.name for f in matches]} all accept model type {model_type!r} "
+            f"(vision tower {vision_model_type!r}); each adapter's accepts() must decide alone."
         )
     return matches[0]
 
