@@ -8,6 +8,7 @@ This module imports nothing heavy, so the CLI can name these errors without load
 
 from __future__ import annotations
 
+import numbers
 import re
 
 
@@ -21,6 +22,12 @@ class DataError(NarrowgateError, ValueError):
 
 class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
+
+
+def check_count(value, option: str) -> None:
+    """Refuse a count below 1 or not a whole number (``--n 0`` is not "the default"), naming ``option``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise OptionError(f"{option} must be a whole number of at least 1, got {value!r}.")
 
 
 _LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)

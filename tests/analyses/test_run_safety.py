@@ -92,7 +92,7 @@ def test_ablation_classes_table_states_its_k(checkpoint_dir, loaded, tmp_path):
 # --- item 3: counts at the API (the CLI is tested in tests/test_cli_options.py) ----------------------------
 def test_zero_or_negative_n_is_refused_by_the_data_layer():
     for n in (0, -3):
-        with pytest.raises(DataError, match="--n must be"):
+        with pytest.raises(OptionError, match="--n must be"):
             tasks.load("synthetic", "vqa", None, n=n, seed=0)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from ..data import BadExample
-from ..errors import DataError, OptionError
+from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
 from ..store import RunLocked, RunStore
 from . import tasks
@@ -147,9 +147,7 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
 def check_config(cfg: dict) -> None:
     """Refuse counts below 1 (``n=0`` is not "the default", ``n=-3`` is not "nothing"), naming the option."""
     for key in POSITIVE:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise OptionError(f"--{key.replace('_', '-')} must be a whole number of at least 1, got {value!r}.")
+        check_count(cfg.get(key), f"--{key.replace('_', '-')}")
 
 
 def _smallest_class(labels) -> tuple:

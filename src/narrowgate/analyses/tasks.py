@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import data
-from ..errors import DataError
+from ..errors import DataError, check_count
 
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASK_DATASETS = {
@@ -34,9 +34,8 @@ def _find(root: Path, patterns: tuple[str, ...], what: str) -> Path:
 def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None, seed: int, n_per_class=None):
     """The examples of ``dataset`` for ``task`` (seeded sample of ``n``, or ``n_per_class`` per class): a list,
     or for synthetic captions and VQA a `data.Stream`."""
-    for name, value in (("--n", n), ("--n-per-class", n_per_class)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    check_count(n, "--n")
+    check_count(n_per_class, "--n-per-class")
     if dataset not in DATASETS:
         raise DataError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
     if dataset not in TASK_DATASETS[task]:
