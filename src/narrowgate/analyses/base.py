@@ -257,10 +257,6 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
-    from ..loading import fingerprint, load
-    from ..plots import draw
-    from ..report import write_report
-
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     cfg.setdefault("seed", 42)
     cfg.setdefault("batch_size", 1)
@@ -284,12 +280,17 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     if refused:
         raise RunLocked(refused)
     try:
-        return _run_locked(exp, cfg, vlm, examples, store, ranks, command_text, load, fingerprint, draw, write_report)
+        return _run_locked(exp, cfg, vlm, examples, store, ranks, command_text)
     finally:
         store.unlock()
 
 
-def _run_locked(exp, cfg, vlm, examples, store, ranks, command_text, load, fingerprint, draw, write_report):
+def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: "Ranks", command_text: str) -> RunStore:
+    """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
+    from ..loading import fingerprint, load
+    from ..plots import draw
+    from ..report import write_report
+
     if vlm is None:
         device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
         if ranks.world > 1 and torch.cuda.is_available():
