@@ -1,14 +1,35 @@
 """narrowgate: how visual information reaches the text inside vision-language models."""
 
-from .batch import Batch
-from .engine.interventions import Capture, Knockout, Patch
-from .engine.state import InterventionError
-from .families import UnsupportedModelError, supported
-from .loading import LoadError, load
+from importlib import import_module
+
+from .errors import NarrowgateError
 from .roles import ROLE_NAMES, RoleError
-from .vlm import VLM, Output
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so `narrowgate --help` and the error types do not load torch.
+_LAZY = {
+    "Batch": ".batch",
+    "Capture": ".engine.interventions",
+    "Knockout": ".engine.interventions",
+    "Patch": ".engine.interventions",
+    "InterventionError": ".engine.state",
+    "UnsupportedModelError": ".families",
+    "supported": ".families",
+    "LoadError": ".loading",
+    "load": ".loading",
+    "VLM": ".vlm",
+    "Output": ".vlm",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'narrowgate' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",
@@ -16,6 +37,7 @@ __all__ = [
     "InterventionError",
     "Knockout",
     "LoadError",
+    "NarrowgateError",
     "Output",
     "Patch",
     "ROLE_NAMES",

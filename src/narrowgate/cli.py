@@ -1,17 +1,132 @@
-"""The ``narrowgate`` command line."""
+"""The ``narrowgate`` command line.
+
+Imports here stay light (typer, rich): torch and transformers load only inside the commands that
+need them, so ``narrowgate --help`` answers at once. Every option is checked before any model
+loads. An expected error (a `narrowgate.NarrowgateError`, a bad option, a path that cannot be
+read or written) ends the command with its message on one line and exit status 1 (2 for a bad
+option); ``--debug`` anywhere on the command line, or ``NARROWGATE_DEBUG=1``, shows its traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import sys
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+from .errors import NarrowgateError, OptionError, parse_layer_set
+
+console = Console()
+
+#: Environment errors whose message already names the path: printed alone, like NarrowgateError.
+_PATH_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class _Commands(TyperGroup):
+    """The command group; its `main` is the one place where errors become one line and an exit status."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("NARROWGATE_DEBUG", "") not in ("", "0")
+        argv = [a for a in argv if a != "--debug"]
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                typer.echo(e.format_message())
+                sys.exit(0)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"Error: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            typer.echo("Aborted.", err=True)
+            sys.exit(130)
+        except (NarrowgateError, *_PATH_ERRORS) as e:
+            if debug:
+                raise
+            typer.echo(f"Error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
-    help="Measure how visual information reaches the text inside vision-language models.",
+    cls=_Commands,
+    help="Measure how visual information reaches the text inside vision-language models. "
+    "Add --debug (or set NARROWGATE_DEBUG=1) to see the traceback of an error.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+
+MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native."
+
+
+def _flag(name: str, help: str):
+    """A boolean option given as a bare flag (``--sweep``), shown without a value in --help."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
+def _finite(value):
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
+def _positive(value):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0.")
+    return value
+
+
+def _nonempty(value):
+    if value is not None and not value.strip():
+        raise typer.BadParameter("an empty value names nothing.")
+    return value
+
+
+def _layers(value):
+    if value is not None:
+        try:
+            parse_layer_set(value)
+        except OptionError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+def _roles(values):
+    from .roles import RoleError, parse_role
+
+    for v in values or ():
+        try:
+            parse_role(v)
+        except RoleError as e:
+            raise typer.BadParameter(str(e)) from None
+    return values
+
+
+def _device_map(value):
+    if value is None or not value.strip().startswith("{"):
+        return _nonempty(value)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not valid JSON ({e}).") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("a JSON device map must be an object of module -> device.")
+    return value
 
 
 @app.command()
@@ -22,8 +137,8 @@ def models() -> None:
     table = Table(title="Supported model families")
     table.add_column("family")
     table.add_column("model_type")
-    table.add_column("checkpoints")
-    table.add_column("eoi")
+    table.add_column("checkpoints", no_wrap=True, min_width=max(len(c) for f in FAMILIES for c in f.checkpoints))
+    table.add_column("eoi", ratio=1)
     for fam in FAMILIES:
         table.add_row(fam.name, ", ".join(fam.model_types), "\n".join(fam.checkpoints), fam.eoi_doc)
     console.print(table)
@@ -31,9 +146,9 @@ def models() -> None:
 
 @app.command()
 def roles(
-    model: str = typer.Argument(..., help="Hub id or checkpoint directory."),
+    model: str = typer.Argument(..., help=MODEL_HELP, callback=_nonempty),
     prompt: str = typer.Option("Provide a one-sentence caption for the provided image.", help="Prompt text."),
-    text_first: bool = typer.Option(False, "--text-first", help="Put the text before the image."),
+    text_first: bool = _flag("--text-first", "Put the text before the image."),
 ) -> None:
     """Show where every role sits in one example prompt of MODEL (a blank grey image)."""
     from PIL import Image
@@ -65,50 +180,51 @@ EXPERIMENT_HELP = (
 @app.command()
 def run(
     experiment: str = typer.Argument(..., help=EXPERIMENT_HELP),
-    model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP, callback=_nonempty),
     data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk."),
-    n: int = typer.Option(None, "--n", "-n", help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
-    n_per_class: int = typer.Option(None, "--n-per-class", help="Images per class for ImageNet/synthetic classes."),
-    out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Examples per forward (halved automatically on OOM)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk.", callback=_nonempty),
+    n: int = typer.Option(None, "--n", "-n", min=1, help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
+    n_per_class: int = typer.Option(None, "--n-per-class", min=1, help="Images per class for ImageNet/synthetic classes."),
+    out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume.", callback=_nonempty),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Examples per forward (halved automatically on OOM)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
-    seed: int = typer.Option(42, "--seed", help="Sampling seed."),
-    prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a')."),
+    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict.", callback=_device_map),
+    seed: int = typer.Option(42, "--seed", min=0, help="Sampling seed."),
+    prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a').", callback=_nonempty),
     task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
     mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
-    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31."),
-    sweep: bool = typer.Option(False, "--sweep", help="ablation: growing layer windows from the last layer (SM 6.3)."),
-    sweep_step: int = typer.Option(1, "--sweep-step", help="ablation: window growth per step with --sweep."),
-    knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable)."),
-    k: int = typer.Option(None, "--k", help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60)."),
-    threshold: float = typer.Option(None, "--threshold", help="cross-attention: share above which a position is shown."),
-    image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
-    z: float = typer.Option(None, "--z", help="modality-gap: ADP clustering confidence Z (1.2)."),
-    min_cluster_size: int = typer.Option(None, "--min-cluster-size", help="modality-gap: drop smaller ADP clusters."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31 or 3,5,7.", callback=_layers),
+    sweep: bool = _flag("--sweep", "ablation: growing layer windows from the last layer (SM 6.3)."),
+    sweep_step: int = typer.Option(1, "--sweep-step", min=1, help="ablation: window growth per step with --sweep."),
+    knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable).", callback=_roles),
+    k: int = typer.Option(None, "--k", min=1, help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation: new tokens (VQA 20, captions 60)."),
+    threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, callback=_finite, help="cross-attention: share above which a position is shown."),
+    image_index: int = typer.Option(None, "--image-index", min=0, help=escape("overlap: the k of image[k] (default 31).")),
+    z: float = typer.Option(None, "--z", callback=_positive, help="modality-gap: ADP clustering confidence Z, above 0 (1.2)."),
+    min_cluster_size: int = typer.Option(None, "--min-cluster-size", min=1, help="modality-gap: drop smaller ADP clusters."),
+    retry_failed: bool = _flag("--retry-failed", "Process again the examples recorded as failures (e.g. after fixing their images)."),
+    quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
     """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
-    import json
-    import os
-    import sys
-
     from .analyses import EXPERIMENTS
     from .analyses.base import run as run_experiment
+    from .analyses.tasks import DATASETS, TASK_DATASETS
+    from .engine.interventions import KNOCKOUT_MODES
 
-    if experiment not in EXPERIMENTS:
-        raise typer.BadParameter(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
-    dmap = device_map
-    if device_map and device_map.strip().startswith("{"):
-        dmap = json.loads(device_map)
+    for value, allowed, option in ((experiment, tuple(EXPERIMENTS), "EXPERIMENT"), (data, DATASETS, "--data"),
+                                   (dtype, ("auto", "float32", "bfloat16", "float16"), "--dtype"),
+                                   (mode, KNOCKOUT_MODES, "--mode"), (task, (None, *TASK_DATASETS), "--task")):
+        if value not in allowed:
+            raise typer.BadParameter(f"unknown value {value!r}; choose one of {', '.join(a for a in allowed if a)}.",
+                                     param_hint=option)
+    dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
     cfg = dict(model=model, data=data, data_dir=data_dir, n=n, n_per_class=n_per_class, out=out,
                batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
                threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
-               progress=not quiet)
+               retry_failed=retry_failed or None, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -128,7 +244,6 @@ def compare(
     out: str = typer.Option("runs/compare", "--out", help="Where to write the overlay figures."),
 ) -> None:
     """Overlay several runs of one experiment in one figure, on relative depth (as the paper does)."""
-    import json
     from pathlib import Path
 
     from .plots import compare as draw_compare
@@ -139,7 +254,10 @@ def compare(
         path = Path(d)
         if not (path / "manifest.json").exists():
             raise typer.BadParameter(f"{d} is not a narrowgate run directory (no manifest.json).")
-        manifest = json.loads((path / "manifest.json").read_text())
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except json.JSONDecodeError as e:
+            raise OptionError(f"{path / 'manifest.json'} is not valid JSON ({e}); the run directory is damaged.") from e
         loaded.append((f"{manifest['model']['family']} ({path.name})", RunStore(path).tables(), manifest))
     kinds = {m["experiment"] for _, _, m in loaded}
     if len(kinds) != 1:
@@ -151,8 +269,8 @@ def compare(
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Where the runs and report.html go."),
-    scale: float = typer.Option(1.0, "--scale", help="Multiply every sample size (e.g. 0.25 for a quick look)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    scale: float = typer.Option(1.0, "--scale", callback=_positive, help="Multiply every sample size, above 0 (e.g. 0.25 for a quick look)."),
+    quiet: bool = _flag("--quiet", "No progress bars."),
 ) -> None:
     """Run every experiment on the two shipped model organisms (native and non-native) and compare them."""
     from .demo import demo as run_demo
@@ -164,13 +282,17 @@ def demo(
 def train_organism(
     kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion) or non-native (LLaVA-style)."),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
-    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Training seed."),
 ) -> None:
     """Train a model organism from scratch on synthetic images, reproducing the shipped one from its seed."""
     from rich.markdown import Markdown
 
     from . import organisms
     from .organisms.card import render_markdown
+
+    if kind not in organisms.KINDS:
+        raise typer.BadParameter(f"unknown organism {kind!r}; choose one of {', '.join(organisms.KINDS)}.",
+                                 param_hint="KIND")
 
     target = out or f"runs/organism-{kind}"
     card = organisms.train(kind, target, seed=seed)

@@ -34,7 +34,7 @@ PLAN = (
     ("patching", "patching", dict(n_per_class=24)),
 )
 SUMMARY = ("baseline", "eoi->text", "image->text")
-#: Smallest sample sizes the metrics accept (ADP needs > 16 points per layer; overlap needs > k).
+#: Smallest sample sizes the metrics accept (ADP needs > 16 points per layer; overlap needs k < n per class).
 FLOOR = {"n": 10, "n_per_class": 2}
 
 
@@ -59,6 +59,8 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
         runs[label] = {}
         for name, experiment, settings in plan:
             cfg = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
+            if "k" in cfg:  # a scaled-down class sample supports a smaller k (recorded in each run's config)
+                cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
             cfg.update(model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size,
                        progress=progress)
             console.print(f"[bold]{label}[/bold]: {name}")

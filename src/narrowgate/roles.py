@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import NarrowgateError
+
 ROLE_NAMES = (
     "bos",
     "boi",
@@ -39,10 +41,10 @@ ROLE_NAMES = (
 #: Roles that name exactly one position in every example.
 SINGLE_POSITION_ROLES = ("bos", "boi", "first_image", "last_image", "eoi", "last")
 
-_INDEXED = re.compile(r"^image\[(-?\d+)\]$")
+_INDEXED = re.compile(r"image\[(0|-?[1-9][0-9]*)\]", re.ASCII)
 
 
-class RoleError(ValueError):
+class RoleError(NarrowgateError, ValueError):
     """A role name is unknown, or the role is absent from an example."""
 
 
@@ -71,7 +73,7 @@ def parse_role(role: str | Role) -> Role:
     text = role.strip()
     if text in ROLE_NAMES:
         return Role(text)
-    m = _INDEXED.match(text)
+    m = _INDEXED.fullmatch(text)
     if m:
         return Role("image_index", int(m.group(1)))
     raise RoleError(

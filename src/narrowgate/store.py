@@ -2,7 +2,8 @@
 
 Layout of ``DIR``::
 
-    manifest.json                 command, config, versions, model, data sources, seed
+    lock                          who writes to the directory now (pid, host, since, command)
+    manifest.json                 command, config, versions, model and its fingerprint, data sources, seed
     records/part-<rank>-<n>.parquet   per-example rows (column ``example_id`` + scalars)
     records/part-<rank>-<n>.safetensors  per-example arrays of that shard (optional)
     failures/part-<rank>-<n>.parquet  examples that could not be used, with the reason
@@ -12,14 +13,20 @@ Layout of ``DIR``::
 
 Every shard is written to a temporary name and renamed, so a killed run leaves only whole shards;
 the Parquet file is renamed last and marks the shard as done. Rerunning on the same directory
-skips the examples already recorded (or recorded as failures). No pickle anywhere.
+skips the examples already recorded (or recorded as failures; ``retry_failed`` processes those
+again). One process writes at a time: `RunStore.lock` takes an exclusive lock (released by the
+kernel when its holder dies, so a killed run's lock is taken over, with a message). No pickle
+anywhere.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +39,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
+from .errors import NarrowgateError
+
 PACKAGES = ("narrowgate", "torch", "transformers", "accelerate", "numpy", "pandas", "dadapy", "scikit-learn")
 
 
-class ManifestMismatch(RuntimeError):
+logger = logging.getLogger("narrowgate.run")
+
+
+class ManifestMismatch(NarrowgateError, RuntimeError):
     """The directory holds a run of a different configuration."""
+
+
+class RunLocked(NarrowgateError, RuntimeError):
+    """Another process is writing to the run directory."""
 
 
 def versions() -> dict[str, str]:
@@ -49,10 +65,26 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+        return f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return holder or "unknown process"
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _difference(there, now) -> str:
+    """The keys where two manifest entries differ, as ``key: there -> now``."""
+    if isinstance(there, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+        return "; ".join(f"{k}: {there.get(k)!r} there, {now.get(k)!r} now" for k in keys)
+    return f"{there!r} there, {now!r} now"
 
 
 @dataclass
@@ -70,6 +102,46 @@ class RunStore:
         for sub in ("records", "failures", "tables", "figures"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._counter = self._next_counter()
+        self._lock_fd: int | None = None
+
+    # --- lock -----------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
+
+    def lock(self, command: str = "") -> None:
+        """Take the directory's exclusive lock, or raise `RunLocked` naming its holder.
+
+        An advisory ``flock`` on ``DIR/lock``: the kernel drops it when its process dies, so a lock
+        left by a killed run is taken over (with a warning naming that process). Data-parallel ranks
+        share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
+        """
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunLocked(
+                f"{self.path} is in use by another run ({_describe(holder)}); wait for it to finish, or use another --out."
+            ) from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            logger.warning("%s: taking over the lock of a run that ended without releasing it (%s)", self.path,
+                           _describe(previous))
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (emptying the file marks a clean release)."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # --- manifest -------------------------------------------------------------------------------
     @property
@@ -83,12 +155,15 @@ class RunStore:
             while not self.manifest_path.exists() and time.time() < deadline:
                 time.sleep(0.1)
         if self.manifest_path.exists():
-            old = json.loads(self.manifest_path.read_text())
+            try:
+                old = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ManifestMismatch(f"{self.manifest_path} is not valid JSON ({e}); use another --out directory.") from e
             for k in key_fields:
-                if old.get(k) != manifest.get(k):
+                if k in old and old.get(k) != manifest.get(k):
                     raise ManifestMismatch(
-                        f"{self.path} already holds a run with a different {k}:\n  there: {old.get(k)}\n  now:   "
-                        f"{manifest.get(k)}\nUse another --out directory, or rerun the same command to resume."
+                        f"{self.path} already holds a run with a different {k} ({_difference(old.get(k), manifest.get(k))}). "
+                        "Use another --out directory, or rerun the same command to resume."
                     )
             return old
         manifest = {**manifest, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -132,19 +207,24 @@ class RunStore:
     def _parts(self, sub: str) -> list[Path]:
         return sorted((self.path / sub).glob("part-*.parquet"))
 
-    def done_ids(self) -> set[str]:
-        """Ids already recorded, as records or failures, by any rank."""
+    def _ids(self, sub: str) -> set[str]:
         out: set[str] = set()
-        for sub in ("records", "failures"):
-            for p in self._parts(sub):
-                out.update(pq.read_table(p, columns=["example_id"]).column("example_id").to_pylist())
+        for p in self._parts(sub):
+            out.update(pq.read_table(p, columns=["example_id"]).column("example_id").to_pylist())
         return out
 
+    def done_ids(self, *, retry_failed: bool = False) -> set[str]:
+        """Ids already recorded by any rank, and those recorded as failures unless ``retry_failed``."""
+        return self._ids("records") if retry_failed else self._ids("records") | self._ids("failures")
+
     def failures(self) -> pd.DataFrame:
+        """Examples that could not be used (the latest reason of each), less those recorded since (a retry)."""
         parts = [pq.read_table(p).to_pandas() for p in self._parts("failures")]
         if not parts:
             return pd.DataFrame(columns=["example_id", "reason"])
-        return pd.concat(parts).drop_duplicates("example_id").sort_values("example_id").reset_index(drop=True)
+        df = pd.concat(parts).drop_duplicates("example_id", keep="last")
+        df = df[~df["example_id"].isin(self._ids("records"))]
+        return df.sort_values("example_id").reset_index(drop=True)
 
     def records(self) -> Shard:
         """All records, one row per example id (sorted), with their arrays aligned."""

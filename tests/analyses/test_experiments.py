@@ -14,11 +14,11 @@ from narrowgate.store import ManifestMismatch
 CASES = {
     "modality-gap": dict(n=10),
     "cross-attention": dict(n_per_class=2),
-    "overlap": dict(n_per_class=3, k=3),
+    "overlap": dict(n_per_class=3, k=2),
     "ablation-vqa": dict(task="vqa", n=4, max_new_tokens=4),
     "ablation-captions": dict(task="captions", n=4, max_new_tokens=6),
-    "ablation-classes": dict(task="classes", n_per_class=3, k=3),
-    "ablation-sweep": dict(task="classes", n_per_class=2, k=3, sweep=True, mode="mask"),
+    "ablation-classes": dict(task="classes", n_per_class=3, k=2),
+    "ablation-sweep": dict(task="classes", n_per_class=2, k=1, sweep=True, mode="mask"),
     "patching": dict(n_per_class=2),
 }
 TABLES = {
@@ -70,10 +70,10 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
 def test_rerun_resumes_and_changed_config_is_refused(checkpoint_dir, loaded, tmp_path):
     vlm = loaded("chameleon")
     cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), progress=False,
-               n_per_class=2, k=3)
+               n_per_class=2, k=1)
     first = run(EXPERIMENTS["overlap"](), cfg, vlm=vlm, command=["x"])
     n_parts = len(list((first.path / "records").glob("*.parquet")))
     again = run(EXPERIMENTS["overlap"](), cfg, vlm=vlm, command=["x"])
     assert len(list((again.path / "records").glob("*.parquet"))) == n_parts  # nothing recomputed
     with pytest.raises(ManifestMismatch, match="different config"):
-        run(EXPERIMENTS["overlap"](), {**cfg, "k": 4}, vlm=vlm, command=["x"])
+        run(EXPERIMENTS["overlap"](), {**cfg, "image_index": 4}, vlm=vlm, command=["x"])

@@ -15,9 +15,10 @@ import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
+from ..errors import OptionError, parse_layer_set
 from ..metrics import cider, neighborhood_overlap, vqa_accuracy
 from . import tasks
-from .base import Experiment, stack
+from .base import Experiment, check_k, overlap_k, stack
 from .prompts import CAPTION, NEW_TOKENS, VQA, class_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
@@ -25,17 +26,17 @@ TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagene
 
 
 def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...] | None:
-    """'0-31' or '3,5,7' -> decoder layers; None -> all."""
-    if not text:
+    """'0-31' or '3,5,7' -> decoder layers (`narrowgate.errors.parse_layer_set`); None -> all.
+
+    Raises `OptionError` naming ``--layers`` for a malformed or empty set or a layer out of range.
+    """
+    if text is None:
         return None
-    out: list[int] = []
-    for part in str(text).split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    out = parse_layer_set(str(text))
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise ValueError(f"--layers {text}: layers {bad} out of range 0..{n_layers - 1}.")
-    return tuple(out)
+        raise OptionError(f"--layers {text}: layers {bad} out of range 0..{n_layers - 1} (the model has {n_layers}).")
+    return out
 
 
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
@@ -66,9 +67,16 @@ class Ablation(Experiment):
 
     def examples(self, cfg):
         task = self._task(cfg)
-        n_per_class = cfg.get("n_per_class") or (100 if task == "classes" else None)
-        n = cfg.get("n") or (None if task == "classes" else 2000)
+        n_per_class = cfg.get("n_per_class", 100 if task == "classes" else None)
+        n = cfg.get("n", None if task == "classes" else 2000)
         return tasks.load(cfg["data"], task, cfg.get("data_dir"), n=n, seed=cfg["seed"], n_per_class=n_per_class)
+
+    def check(self, examples, cfg):
+        if self._task(cfg) == "classes":
+            check_k((e.label for e in examples), cfg["k"])
+
+    def check_model(self, cfg, n_layers):
+        conditions(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):
         task = self._task(cfg)
@@ -98,12 +106,13 @@ class Ablation(Experiment):
         rows = []
         if task == "classes":
             labels = records.rows["label"].to_numpy()
-            k = min(cfg["k"], len(labels) - 1)
+            k = overlap_k(labels, cfg["k"])
             scores = {n: neighborhood_overlap(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
             metric = "overlap@last"
         else:
-            examples = {e.id: e for e in self.examples(cfg)}
             ids = records.rows["example_id"].tolist()
+            wanted = set(ids)
+            examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
             if task == "vqa":
                 metric = "vqa_accuracy"
                 scores = {
@@ -117,5 +126,6 @@ class Ablation(Experiment):
         base = scores["baseline"]
         for n in names:
             rows.append({"condition": n, "metric": metric, "score": float(scores[n]),
-                         "relative": float(scores[n] / base) if base else float("nan"), "n": len(records.rows)})
+                         "relative": float(scores[n] / base) if base else float("nan"), "n": len(records.rows),
+                         **({"k": k} if task == "classes" else {})})
         return {"ablation": pd.DataFrame(rows)}

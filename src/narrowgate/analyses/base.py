@@ -2,13 +2,17 @@
 
 An experiment turns examples into work *units* (one example, or a pair for patching), processes
 a batch of units into per-unit records, and aggregates all records into tables. The runner owns
-everything else: the run directory, skipping units already done, loading images (a bad one is
-recorded with its reason and skipped), progress, batch-size back-off on out-of-memory, tables,
-figures and the report.
+everything else: checking the settings and the data before the model loads, the run directory (its
+lock, and a manifest written only once the run can start), skipping units already done, loading
+images and processing them (an example whose image is bad, or whose processing raises, is recorded
+as a failure with its reason and skipped), progress, batch-size back-off on out-of-memory, tables,
+figures and the report. Examples may come as a stream (synthetic data of any size is never built
+up front).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shlex
 import sys
@@ -20,14 +24,17 @@ import numpy as np
 import pandas as pd
 import torch
 from ..data import BadExample
+from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
-from ..store import RunStore
+from ..store import RunLocked, RunStore
 from . import tasks
 
 logger = logging.getLogger("narrowgate.run")
 
 #: Settings that may change between a run and its resumption without changing its results.
-RUN_ONLY = ("batch_size", "device_map", "max_memory", "out", "progress")
+RUN_ONLY = ("batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
+#: Settings that count things: a value below 1 is refused (naming the CLI option), never reinterpreted.
+POSITIVE = ("n", "n_per_class", "batch_size", "k", "max_new_tokens", "sweep_step", "min_cluster_size")
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,16 @@ class Experiment:
         return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), n=cfg.get("n"), seed=cfg["seed"],
                           n_per_class=cfg.get("n_per_class"))
 
-    def units(self, examples: list, cfg: dict) -> list[Unit]:
-        return [Unit(e.id, (e,)) for e in examples]
+    def units(self, examples, cfg: dict):
+        """One unit per example; a list for a list of examples, a stream for a stream."""
+        units = (Unit(e.id, (e,)) for e in examples)
+        return list(units) if isinstance(examples, list) else units
+
+    def check(self, examples, cfg: dict) -> None:
+        """Refuse settings the data cannot support, before the model loads (default: nothing to check)."""
+
+    def check_model(self, cfg: dict, n_layers: int) -> None:
+        """Refuse settings the model cannot support, before anything is written (default: nothing to check)."""
 
     def process(self, vlm, units: list[Unit], images: list[tuple], cfg: dict) -> tuple[list[dict], dict]:
         """Records (one dict per unit, or more, each with ``example_id``) and aligned arrays."""
@@ -96,7 +111,11 @@ def _load_images(units: list[Unit], store: RunStore) -> tuple[list[Unit], list[t
 
 
 def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_size: int) -> int:
-    """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry."""
+    """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
+
+    A batch that raises anything else is processed again one unit at a time, and a unit that still
+    raises is recorded as a failure with its reason: one example never stops the run for good.
+    """
     i = 0
     while i < len(units):
         chunk, imgs = units[i : i + batch_size], images[i : i + batch_size]
@@ -110,9 +129,68 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
+            if len(chunk) > 1:
+                for j in range(len(chunk)):
+                    _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
+            else:
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                logger.warning("skipping %s: %s", chunk[0].id, reason)
+                store.fail(chunk[0].id, reason)
+            i += len(chunk)
+            continue
         store.write(rows, arrays)
         i += len(chunk)
     return batch_size
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse counts below 1 (``n=0`` is not "the default", ``n=-3`` is not "nothing"), naming the option."""
+    for key in POSITIVE:
+        check_count(cfg.get(key), f"--{key.replace('_', '-')}")
+
+
+def _smallest_class(labels) -> tuple:
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    label, smallest = min(counts.items(), key=lambda kv: kv[1])
+    return label, smallest, len(counts)
+
+
+def check_k(labels, k: int) -> None:
+    """Refuse a neighbourhood overlap whose k the smallest class cannot support, before the model loads.
+
+    With k above (smallest class - 1) not even a perfect representation can score 1, and with
+    k >= N - 1 every representation scores the same number: the result would measure the sample size.
+    """
+    labels = list(labels)
+    if not labels:
+        return
+    label, smallest, n_classes = _smallest_class(labels)
+    if k > smallest - 1:
+        raise OptionError(
+            f"--k {k} needs at least {k + 1} examples per class, but class {label!r} has {smallest} "
+            f"({len(labels)} examples in {n_classes} classes): raise --n-per-class / --n or lower --k."
+        )
+
+
+def overlap_k(labels, k: int) -> int:
+    """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
+    ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
+    label, smallest, _ = _smallest_class(labels)
+    if smallest < 2:
+        raise DataError(f"Class {label!r} has {smallest} recorded example(s): the neighbourhood overlap needs 2 per class.")
+    if k > smallest - 1:
+        logger.warning("failures left class %r with %d examples: neighbourhood overlap uses k=%d, not %d",
+                       label, smallest, smallest - 1, k)
+    return min(k, smallest - 1)
+
+
+def _chunks(items, size: int):
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 @dataclass(frozen=True)
@@ -153,30 +231,66 @@ class Ranks:
             raise ValueError(f"{local_world} processes per node but only {n_gpus} GPUs.")
         return list(range(self.local_rank * per, (self.local_rank + 1) * per))
 
-    def shard(self, units: list) -> list:
-        """This rank's units: every ``world``-th of the full, ordered list (stable across resumes)."""
-        return units[self.rank :: self.world]
+    def shard(self, units):
+        """This rank's units: every ``world``-th of the full, ordered list or stream (stable across resumes)."""
+        if isinstance(units, list):
+            return units[self.rank :: self.world]
+        return itertools.islice(units, self.rank, None, self.world)
+
+    def share(self, value):
+        """Rank 0's ``value``, on every rank (a picklable object through the process group)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = None) -> RunStore:
     """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store.
 
-    Under torchrun / accelerate launch each rank processes its shard of the units into its own
-    shards of the shared run directory; rank 0 then aggregates everything and draws the figures.
+    Order: settings and data are checked (nothing written yet), the run directory is locked, the
+    model loads and is checked against the settings, and only then is the manifest written (with
+    the checkpoint's fingerprint; a resume on another checkpoint is refused). Under torchrun /
+    accelerate launch each rank processes its shard of the units into its own shards of the shared
+    run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
-    from ..loading import load
-    from ..plots import draw
-    from ..report import write_report
-
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     cfg.setdefault("seed", 42)
     cfg.setdefault("batch_size", 1)
+    check_config(cfg)
+    examples = exp.examples(cfg)
+    exp.check(examples, cfg)
     ranks = Ranks.from_env()
     ranks.init()
     if ranks.world > 1 and not cfg.get("out"):
-        raise ValueError("With several processes, give --out: every rank must write to the same run directory.")
+        raise OptionError("With several processes, give --out: every rank must write to the same run directory.")
     out = Path(cfg.get("out") or default_out(exp.name, cfg["model"]))
     store = RunStore(out, rank=ranks.rank)
+    command_text = shlex.join(command if command is not None else sys.argv)
+    refused = None
+    if ranks.rank == 0:
+        try:
+            store.lock(command_text)
+        except RunLocked as e:
+            refused = str(e)
+    refused = ranks.share(refused)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        return _run_locked(exp, cfg, vlm, examples, store, ranks, command_text)
+    finally:
+        store.unlock()
+
+
+def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: "Ranks", command_text: str) -> RunStore:
+    """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
+    from ..loading import fingerprint, load
+    from ..plots import draw
+    from ..report import write_report
+
     if vlm is None:
         device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
         if ranks.world > 1 and torch.cuda.is_available():
@@ -191,33 +305,36 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
                 max_memory["cpu"] = "64GiB"
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
     info = model_info(vlm)
+    exp.check_model(cfg, vlm.n_layers)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
     store.open_manifest(
         {
             "experiment": exp.name,
             "config": key_cfg,
+            "fingerprint": fingerprint(cfg["model"], info["revision"]),
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
-            "command": shlex.join(command if command is not None else sys.argv),
+            "command": command_text,
             "model": info,
             "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "n": cfg.get("n"), "seed": cfg["seed"]},
-        }
+        },
+        key_fields=("experiment", "config", "fingerprint"),
     )
-    units = exp.units(exp.examples(cfg), cfg)
-    ids = [u.id for u in units]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
-    done = store.done_ids()
-    units = ranks.shard(units)
-    todo = [u for u in units if u.id not in done]
+    units = exp.units(examples, cfg)
+    if isinstance(units, list):  # streams (synthetic data) number their ids, unique by construction
+        ids = [u.id for u in units]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
+    sized = units if hasattr(units, "__len__") else examples if hasattr(examples, "__len__") else None
+    total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
+    done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
     batch_size = int(cfg["batch_size"])
     with progress_bar(disable=not cfg.get("progress", True)) as progress:
         label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
-        task = progress.add_task(label, total=len(units), completed=len(units) - len(todo))
-        step = max(batch_size, 1) * 4
-        for s in range(0, len(todo), step):
-            good, images = _load_images(todo[s : s + step], store)
+        task = progress.add_task(label, total=total)
+        for chunk in _chunks(ranks.shard(units), max(batch_size, 1) * 4):
+            good, images = _load_images([u for u in chunk if u.id not in done], store)
             batch_size = _process(exp, vlm, good, images, cfg, store, batch_size)
-            progress.update(task, advance=len(todo[s : s + step]))
+            progress.update(task, advance=len(chunk))
     ranks.barrier()
     if ranks.rank == 0:
         finish(exp, store, cfg, info, draw, write_report)
@@ -228,8 +345,14 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, draw, write_report) -> None:
     """Aggregate every record into tables, then figures and the report."""
     records = store.records()
-    tables = exp.aggregate(records, cfg, info) if len(records.rows) else {}
     failures = store.failures()
+    if not len(records.rows) and len(failures):
+        first = failures.iloc[0]
+        raise DataError(
+            f"No example of {store.path} could be processed: {len(failures)} failure(s), e.g. {first['example_id']}: "
+            f"{first['reason']}. Fix the cause and rerun with --retry-failed (see {store.path / 'failures'})."
+        )
+    tables = exp.aggregate(records, cfg, info) if len(records.rows) else {}
     tables["failures"] = failures
     for name, df in tables.items():
         store.write_table(name, df)

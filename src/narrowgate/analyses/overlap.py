@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..engine.interventions import Capture
 from ..metrics import neighborhood_overlap_per_layer
-from .base import Experiment, stack
+from .base import Experiment, check_k, overlap_k, stack
 from .prompts import class_prompt
 
 ROLES = ("eoi", "last_image", "internal_image", "last")
@@ -30,6 +30,9 @@ class Overlap(Experiment):
     task = "classes"
     defaults = {"k": 30, "image_index": 31, "n_per_class": 100}
 
+    def check(self, examples, cfg):
+        check_k((e.label for e in examples), cfg["k"])
+
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
         k = image_index(batch, cfg["image_index"])
@@ -42,9 +45,10 @@ class Overlap(Experiment):
     def aggregate(self, records, cfg, info):
         labels = records.rows["label"].to_numpy()
         k_used = int(records.rows["image_index"].min())
+        k = overlap_k(labels, cfg["k"])
         rows = []
         for role in ROLES + ("image_k",):
-            values = neighborhood_overlap_per_layer(stack(records.arrays, role).transpose(1, 0, 2), labels, k=cfg["k"])
+            values = neighborhood_overlap_per_layer(stack(records.arrays, role).transpose(1, 0, 2), labels, k=k)
             name = f"image[{k_used}]" if role == "image_k" else role
-            rows += [{"layer": l, "role": name, "overlap": float(v)} for l, v in enumerate(values)]
+            rows += [{"layer": l, "role": name, "overlap": float(v), "k": k} for l, v in enumerate(values)]
         return {"overlap": pd.DataFrame(rows)}

@@ -6,9 +6,11 @@ Tasks: ``captions`` (COCO, Flickr30k), ``vqa`` (VQAv2), ``classes`` (ImageNet), 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from .. import data
+from ..errors import DataError, check_count
 
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASK_DATASETS = {
@@ -17,10 +19,6 @@ TASK_DATASETS = {
     "classes": ("imagenet", "synthetic"),
     "image_text": ("flickr30k", "coco", "synthetic"),
 }
-
-
-class DataError(ValueError):
-    """The dataset cannot serve the task, or its files are not where the user said."""
 
 
 def _find(root: Path, patterns: tuple[str, ...], what: str) -> Path:
@@ -33,8 +31,11 @@ def _find(root: Path, patterns: tuple[str, ...], what: str) -> Path:
     raise DataError(f"No {what} found in {root} (looked for {', '.join(patterns)}).")
 
 
-def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None, seed: int, n_per_class=None) -> list:
-    """The examples of ``dataset`` for ``task`` (seeded sample of ``n``, or ``n_per_class`` per class)."""
+def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None, seed: int, n_per_class=None):
+    """The examples of ``dataset`` for ``task`` (seeded sample of ``n``, or ``n_per_class`` per class): a list,
+    or for synthetic captions and VQA a `data.Stream`."""
+    check_count(n, "--n")
+    check_count(n_per_class, "--n-per-class")
     if dataset not in DATASETS:
         raise DataError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
     if dataset not in TASK_DATASETS[task]:
@@ -46,6 +47,13 @@ def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None,
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise DataError(f"--data-dir {root} does not exist.")
+    try:
+        return _files(dataset, root, n=n, seed=seed, n_per_class=n_per_class)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"The {dataset} files under --data-dir {root} lack field {e} of the expected format.") from e
+
+
+def _files(dataset: str, root: Path, *, n, seed, n_per_class) -> list:
     if dataset == "vqav2":
         if root.is_dir() and (any(root.rglob("*.parquet")) or any(root.rglob("*.arrow"))):
             return data.load_vqav2_hf(root, n=n, seed=seed)
@@ -64,11 +72,12 @@ def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None,
 
 
 def _synthetic(task: str, *, n, seed, n_per_class):
-    if task == "captions" or task == "image_text":
-        return data.synthetic_captions(n or 100, seed)
-    if task == "vqa":
-        return data.synthetic_vqa(n or 100, seed)
-    examples = data.synthetic_classes(n_per_class or 20, seed)
+    """Captions and VQA stream (any ``n`` in constant memory); classes are a list of n_per_class x 6."""
+    if task in ("captions", "image_text", "vqa"):
+        n = 100 if n is None else n
+        make = data.iter_synthetic_vqa if task == "vqa" else data.iter_synthetic_captions
+        return data.Stream(n, partial(make, n, seed))
+    examples = data.synthetic_classes(20 if n_per_class is None else n_per_class, seed)
     return data.sample(examples, n, seed) if n is not None else examples
 
 

@@ -9,6 +9,7 @@ corrupt image raises `BadExample` for that example alone: `iter_images` turns th
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from collections import defaultdict
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
 
 logger = logging.getLogger("narrowgate.data")
 
@@ -124,6 +127,30 @@ def iter_images(examples: Iterable[E], skipped: list[Skipped] | None = None) -> 
                 skipped.append(Skipped(bad.example_id, bad.reason))
             continue
         yield example, image
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that is not valid JSON raises `DataError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); is it the right file, complete?") from e
+
+
+class Stream:
+    """``n`` examples made one at a time on every pass, never all held at once: a sized, re-iterable
+    sequence for data of any size (the synthetic sets)."""
+
+    def __init__(self, n: int, make: Callable[[], Iterator[E]]):
+        self.n = n
+        self._make = make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[E]:
+        return self._make()
 
 
 def sample(examples: Sequence[E], n: int | None, seed: int = DEFAULT_SEED) -> list[E]:

@@ -7,7 +7,6 @@ into one text: `caption_text` and `iter_image_text` provide that text.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .base import DEFAULT_SEED, CaptionExample, Skipped, iter_images, sample
+from .base import DEFAULT_SEED, CaptionExample, Skipped, iter_images, read_json, sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -53,7 +52,7 @@ def load_coco_captions(
     captions are left out.
     """
     annotations = Path(annotations)
-    doc = json.loads(annotations.read_text())
+    doc = read_json(annotations)
     match = re.match(r"captions_(\w+)\.json$", annotations.name)
     split = match.group(1) if match else "val2014"
     folder = _image_dir(image_dir, [annotations.parent.parent / split, annotations.parent / split], "COCO image folder")
@@ -88,7 +87,7 @@ def load_coco_karpathy(
     """
     path = Path(path)
     chosen = _splits(split)
-    images = [im for im in json.loads(path.read_text())["images"] if im["split"] in chosen]
+    images = [im for im in read_json(path)["images"] if im["split"] in chosen]
     if image_root is None:
         filepaths = {im.get("filepath", "") for im in images}
         candidates = [path.parent, path.parent.parent]
@@ -138,7 +137,7 @@ def load_flickr30k(
                 references=tuple(s["raw"].strip() for s in im["sentences"]),
                 meta={"split": im["split"]},
             )
-            for im in json.loads(path.read_text())["images"]
+            for im in read_json(path)["images"]
             if im["split"] in chosen
         ]
     else:

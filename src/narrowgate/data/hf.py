@@ -8,10 +8,11 @@ up front; the image column is read later, only for the rows an experiment actual
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from .base import read_json
 
 
 def _pyarrow():
@@ -45,7 +46,7 @@ def find_shards(path: str | Path, split: str | None = None) -> list[Path]:
         raise FileNotFoundError(f"no dataset at {path}")
     dict_file = path / "dataset_dict.json"
     if dict_file.is_file():
-        splits = json.loads(dict_file.read_text())["splits"]
+        splits = read_json(dict_file)["splits"]
         if split is None:
             if len(splits) != 1:
                 raise ValueError(f"{path} holds splits {splits}; choose one with split=")
@@ -55,7 +56,7 @@ def find_shards(path: str | Path, split: str | None = None) -> list[Path]:
         return find_shards(path / split)
     state_file = path / "state.json"
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
         return [path / entry["filename"] for entry in state["_data_files"]]
     files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
     if split is not None:

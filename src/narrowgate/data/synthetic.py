@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -135,10 +136,16 @@ def render_scene(scene: Scene) -> Image.Image:
     return image
 
 
+def iter_scenes(n: int, seed: int = DEFAULT_SEED, *, size: int = DEFAULT_SIZE) -> Iterator[Scene]:
+    """`make_scenes`, one scene at a time."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield make_scene(rng, size)
+
+
 def make_scenes(n: int, seed: int = DEFAULT_SEED, *, size: int = DEFAULT_SIZE) -> list[Scene]:
     """``n`` random scenes, the same for the same seed (and each a prefix of any longer list)."""
-    rng = random.Random(seed)
-    return [make_scene(rng, size) for _ in range(n)]
+    return list(iter_scenes(n, seed, size=size))
 
 
 def scene_captions(scene: Scene) -> tuple[str, ...]:
@@ -160,12 +167,15 @@ def scene_answer(scene: Scene, kind: str) -> str:
 
 def synthetic_captions(n: int, seed: int = DEFAULT_SEED, *, size: int = DEFAULT_SIZE) -> list[CaptionExample]:
     """``n`` captioning examples; ``meta["scene"]`` holds the labels. Ids are ``s<seed>-<index>``."""
-    return [
-        CaptionExample(
+    return list(iter_synthetic_captions(n, seed, size=size))
+
+
+def iter_synthetic_captions(n: int, seed: int = DEFAULT_SEED, *, size: int = DEFAULT_SIZE) -> Iterator[CaptionExample]:
+    """`synthetic_captions`, one example at a time (any ``n`` in constant memory)."""
+    for i, sc in enumerate(iter_scenes(n, seed, size=size)):
+        yield CaptionExample(
             id=f"s{seed}-{i:06d}", render=partial(render_scene, sc), references=scene_captions(sc), meta={"scene": sc}
         )
-        for i, sc in enumerate(make_scenes(n, seed, size=size))
-    ]
 
 
 def synthetic_vqa(
@@ -176,24 +186,27 @@ def synthetic_vqa(
     The question kind is drawn from ``kinds`` (keys of `QUESTIONS`); its answer is repeated 10
     times, like VQAv2's 10 annotators. Ids are ``s<seed>-<index>-<kind>``.
     """
+    return list(iter_synthetic_vqa(n, seed, size=size, kinds=kinds))
+
+
+def iter_synthetic_vqa(
+    n: int, seed: int = DEFAULT_SEED, *, size: int = DEFAULT_SIZE, kinds: tuple[str, ...] = tuple(QUESTIONS)
+) -> Iterator[VQAExample]:
+    """`synthetic_vqa`, one example at a time (any ``n`` in constant memory)."""
     unknown = set(kinds) - set(QUESTIONS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {tuple(QUESTIONS)}, got {kinds}")
     rng = random.Random(f"{seed}:vqa")
-    examples = []
-    for i, sc in enumerate(make_scenes(n, seed, size=size)):
+    for i, sc in enumerate(iter_scenes(n, seed, size=size)):
         kind = rng.choice(kinds)
-        examples.append(
-            VQAExample(
-                id=f"s{seed}-{i:06d}-{kind}",
-                render=partial(render_scene, sc),
-                question=QUESTIONS[kind],
-                answers=(scene_answer(sc, kind),) * 10,
-                image_id=f"s{seed}-{i:06d}",
-                meta={"scene": sc, "kind": kind},
-            )
+        yield VQAExample(
+            id=f"s{seed}-{i:06d}-{kind}",
+            render=partial(render_scene, sc),
+            question=QUESTIONS[kind],
+            answers=(scene_answer(sc, kind),) * 10,
+            image_id=f"s{seed}-{i:06d}",
+            meta={"scene": sc, "kind": kind},
         )
-    return examples
 
 
 def synthetic_classes(

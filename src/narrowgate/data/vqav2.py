@@ -6,11 +6,10 @@ The paper evaluates 2,000 randomly chosen validation questions; pass ``n=2000`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from .base import DEFAULT_SEED, VQAExample, sample
+from .base import DEFAULT_SEED, VQAExample, read_json, sample
 from .hf import HFTable
 
 
@@ -58,13 +57,13 @@ def load_vqav2(
             raise ValueError("pass root or image_dir")
         image_dir = _first_existing([base / split, base / "images" / split], "image folder")
 
-    q_doc = json.loads(Path(questions).read_text())
+    q_doc = read_json(Path(questions))
     subtype = q_doc.get("data_subtype") or split
     if image_name is None:
         image_name = f"COCO_{subtype}_" + "{image_id:012d}.jpg"
     answers: dict[int, dict[str, Any]] = {}
     if annotations is not None:
-        for ann in json.loads(Path(annotations).read_text())["annotations"]:
+        for ann in read_json(Path(annotations))["annotations"]:
             answers[ann["question_id"]] = ann
 
     examples = []

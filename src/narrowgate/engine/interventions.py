@@ -20,13 +20,16 @@ KNOCKOUT_MODES = ("zero", "mask")
 
 
 def _layers(layers) -> tuple[int, ...] | None:
+    """None (every layer) or a non-empty tuple of ints: an empty set would make the intervention a no-op."""
     if layers is None:
         return None
     if isinstance(layers, int):
         return (layers,)
-    if isinstance(layers, range):
-        return tuple(layers)
-    return tuple(int(x) for x in layers)
+    out = tuple(int(x) for x in layers)
+    if not out:
+        raise ValueError("An empty layer set names no layer (the intervention would do nothing); "
+                         "give None for every layer, or at least one layer.")
+    return out
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batch import Batch
+from ..errors import NarrowgateError
 from ..roles import RoleError
 from .interventions import Capture, Knockout, Patch
 
 _ACTIVE: contextvars.ContextVar["Run | None"] = contextvars.ContextVar("narrowgate_run", default=None)
 
 
-class InterventionError(RuntimeError):
+class InterventionError(NarrowgateError, RuntimeError):
     """A requested intervention cannot be applied; raised rather than silently doing nothing."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import NarrowgateError
 from .base import Family, ImageLayout, LayoutError
 from .chameleon import Chameleon
 from .emu3 import Emu3
@@ -28,7 +29,7 @@ FAMILIES: tuple[type[Family], ...] = (
 )
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(NarrowgateError, ValueError):
     """The model's type is not one narrowgate has an adapter for."""
 
 

@@ -1,0 +1,58 @@
+"""The errors a user can act on, and the layer-set syntax shared by the API and the CLI.
+
+Every error narrowgate raises for bad input or a bad environment derives from `NarrowgateError`:
+the command line prints its message alone, on one line, and exits non-zero (``--debug`` or
+``NARROWGATE_DEBUG=1`` shows the traceback). Anything else is a bug and keeps its traceback.
+This module imports nothing heavy, so the CLI can name these errors without loading torch.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+
+class NarrowgateError(Exception):
+    """Base of every error whose message names the problem and the fix."""
+
+
+class DataError(NarrowgateError, ValueError):
+    """The dataset cannot serve the task, or its files are not where, or what, the user said."""
+
+
+class OptionError(NarrowgateError, ValueError):
+    """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
+
+
+def check_count(value, option: str) -> None:
+    """Refuse a count below 1 or not a whole number (``--n 0`` is not "the default"), naming ``option``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise OptionError(f"{option} must be a whole number of at least 1, got {value!r}.")
+
+
+_LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
+
+
+def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
+    """``'0-31'``, ``'3,5,7'`` or ``'0-3,8'`` -> the decoder layers, in the order written.
+
+    Items are non-negative integers or ascending ranges ``a-b`` (both ends included), separated by
+    commas; spaces around an item are ignored. Anything else (an empty set, ``5-2``, ``2-``,
+    ``-1``, a layer named twice) raises `OptionError` naming ``option``: a knockout over a
+    layer set the user did not mean would silently measure something else.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise OptionError(f"{option} {text!r} names no layer; write e.g. '0-31' or '3,5,7'.")
+    out: list[int] = []
+    for item in text.split(","):
+        m = _LAYER_ITEM.fullmatch(item.strip())
+        if not m:
+            raise OptionError(f"{option} {text!r}: {item.strip()!r} is not a layer or an a-b range; write e.g. '0-31' or '3,5,7'.")
+        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if b < a:
+            raise OptionError(f"{option} {text!r}: range {a}-{b} is empty (it must ascend, e.g. {b}-{a}).")
+        out += range(a, b + 1)
+    twice = sorted({x for x in out if out.count(x) > 1})
+    if twice:
+        raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
+    return tuple(out)
