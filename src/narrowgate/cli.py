@@ -69,7 +69,7 @@ def run(
     data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk."),
     n: int = typer.Option(None, "--n", "-n", help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
-    n_per_class: int = typer.Option(None, "--n-per-class", help="Images per class for ImageNet/synthetic classes."),
+    n_per_class: int = typer.Option(None, "--n-per-class", help="Images per class for ImageNet/synthetic classes (patching: per pair class)."),
     out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume."),
     batch_size: int = typer.Option(1, "--batch-size", help="Examples per forward (halved automatically on OOM)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -88,6 +88,12 @@ def run(
     image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
     z: float = typer.Option(None, "--z", help="modality-gap: ADP clustering confidence Z (1.2)."),
     min_cluster_size: int = typer.Option(None, "--min-cluster-size", help="modality-gap: drop smaller ADP clusters."),
+    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Run on fewer examples than asked when the data has fewer (recorded in the manifest)."),
+    vqa_prompt: str = typer.Option(None, "--vqa-prompt", help="VQA prompt with {question} (default: the family's preset, see README)."),
+    caption_prompt: str = typer.Option(None, "--caption-prompt", help="Caption prompt (default: the paper's)."),
+    direction: str = typer.Option(None, "--direction", help="patching: paper (base <- target as published) or both."),
+    span: str = typer.Option(None, "--span", help="patching: single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant)."),
+    cider_tokenize: str = typer.Option(None, "--cider-tokenize", help="ablation: ptb (official COCO tokenisation) or raw (the authors' raw strings)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
@@ -108,7 +114,8 @@ def run(
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
                threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
-               progress=not quiet)
+               allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
+               direction=direction, span=span, cider_tokenize=cider_tokenize, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:
         return

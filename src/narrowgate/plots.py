@@ -154,7 +154,8 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
                 # One colour per run without groups; with groups, colour = group and line style = run.
                 color = COLORS[(i if g is None else j) % len(COLORS)]
                 style = "-" if g is None else ("-", "--", ":", "-.")[i % 4]
-                ax.plot(_depth(sub["layer"], n), sub[col], style, marker="o", ms=2, color=color, label=name)
+                x = sub["resid"] if "resid" in sub else sub["layer"]
+                ax.plot(_depth(x, n), sub[col], style, marker="o", ms=2, color=color, label=name)
         ax.set(xlabel="relative depth", ylabel=col, title=experiment)
         ax.legend(fontsize=7)
     fig.tight_layout()

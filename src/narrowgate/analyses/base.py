@@ -22,7 +22,7 @@ import torch
 from ..data import BadExample
 from ..progress import progress_bar
 from ..store import RunStore
-from . import tasks
+from . import prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
 
@@ -46,10 +46,19 @@ class Experiment:
     task: str = ""
     #: Experiment-specific settings and their defaults (the paper's and the authors' values).
     defaults: dict = {}
+    #: Kinds of prompt the experiment uses (`prompts.KEYS`); the run resolves them per family into its config.
+    prompts: tuple = ()
+
+    def prompt_kinds(self, cfg: dict) -> tuple:
+        return self.prompts
+
+    def requested(self, cfg: dict) -> dict:
+        """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""
+        return {k: cfg.get(k) for k in ("n", "n_per_class") if cfg.get(k) is not None}
 
     def examples(self, cfg: dict) -> list:
-        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), n=cfg.get("n"), seed=cfg["seed"],
-                          n_per_class=cfg.get("n_per_class"))
+        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"],
+                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
 
     def units(self, examples: list, cfg: dict) -> list[Unit]:
         return [Unit(e.id, (e,)) for e in examples]
@@ -191,6 +200,9 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
                 max_memory["cpu"] = "64GiB"
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
     info = model_info(vlm)
+    cfg = prompts.resolve(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"])
+    examples = exp.examples(cfg)
+    units = exp.units(examples, cfg)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
     store.open_manifest(
         {
@@ -199,10 +211,10 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
             "command": shlex.join(command if command is not None else sys.argv),
             "model": info,
-            "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "n": cfg.get("n"), "seed": cfg["seed"]},
+            "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "seed": cfg["seed"],
+                     "requested": exp.requested(cfg), "actual": sample_counts(examples, units)},
         }
     )
-    units = exp.units(exp.examples(cfg), cfg)
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
@@ -223,6 +235,18 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
         finish(exp, store, cfg, info, draw, write_report)
     ranks.barrier()
     return store
+
+
+def sample_counts(examples: list, units: list[Unit]) -> dict:
+    """How many examples (and classes, and images per class) and work units a run has."""
+    out = {"examples": len(examples), "units": len(units)}
+    labels = [getattr(e, "label", None) for e in examples]
+    if examples and all(lab is not None for lab in labels):
+        per = {}
+        for lab in labels:
+            per[lab] = per.get(lab, 0) + 1
+        out.update(classes=len(per), min_per_class=min(per.values()), max_per_class=max(per.values()))
+    return out
 
 
 def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, draw, write_report) -> None:

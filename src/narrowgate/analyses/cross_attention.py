@@ -18,6 +18,7 @@ from .prompts import class_prompt
 class CrossAttention(Experiment):
     name = "cross-attention"
     task = "classes"
+    prompts = ("class",)
     defaults = {"threshold": 0.01, "n_per_class": 100}
 
     def process(self, vlm, units, images, cfg):

@@ -28,6 +28,7 @@ def image_index(batch, wanted: int) -> int:
 class Overlap(Experiment):
     name = "overlap"
     task = "classes"
+    prompts = ("class",)
     defaults = {"k": 30, "image_index": 31, "n_per_class": 100}
 
     def process(self, vlm, units, images, cfg):
