@@ -99,3 +99,14 @@ def test_patching_samples_per_pair_class_whatever_n_and_says_so(checkpoint_dir, 
     assert set(store.tables()["patching"]["direction"]) == {"both"}
     forward = {p for p in pairs["pair"]}
     assert all(f"{t}<-{b}" in forward for b, t in (p.split("<-") for p in forward))
+
+
+def test_prompt_presets_reproduce_the_published_settings():
+    from narrowgate.analyses.prompts import CLASS, VQA, preset, resolve
+
+    assert preset("class_patching", "chameleon", 48, "imagenet").endswith(". This animal is a")  # Chameleon-34B
+    assert preset("class_patching", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Chameleon-7B
+    assert preset("class", "chameleon", 48, "imagenet") == CLASS["imagenet"]  # Sec. 4.2/4.3 prompt
+    assert preset("vqa", "chameleon", 32, "vqav2") == VQA + " Answer:" and preset("vqa", "llava", 32, "vqav2") == VQA
+    cfg = resolve({"data": "imagenet", "prompt": "mine"}, ("class_patching",), "chameleon", 48)
+    assert cfg["prompt"] == "mine"

@@ -118,9 +118,10 @@ class Ablation(Experiment):
                     for n in names
                 }
             else:
-                metric = "cider"
+                metric = "cider" if (cfg.get("cider_tokenize") or "ptb") == "ptb" else "cider (raw strings)"
                 refs = {i: list(examples[i].references) for i in ids}
-                scores = {n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs)[0] for n in names}
+                tokenize = cfg.get("cider_tokenize") or "ptb"
+                scores = {n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs, tokenize=tokenize)[0] for n in names}
         base = scores["baseline"]
         for n in names:
             rows.append({"condition": n, "metric": metric, "score": float(scores[n]),
