@@ -85,6 +85,7 @@ def run(
     k: int = typer.Option(None, "--k", help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60)."),
     threshold: float = typer.Option(None, "--threshold", help="cross-attention: share above which a position is shown."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="cross-attention: most positions shown on their own (9)."),
     image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
     z: float = typer.Option(None, "--z", help="modality-gap: ADP clustering confidence Z (1.2)."),
     min_cluster_size: int = typer.Option(None, "--min-cluster-size", help="modality-gap: drop smaller ADP clusters."),
@@ -113,7 +114,7 @@ def run(
                batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
-               threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
+               threshold=threshold, max_tokens=max_tokens, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
                allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
                direction=direction, span=span, cider_tokenize=cider_tokenize, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])

@@ -58,4 +58,4 @@ class ModalityGap(Experiment):
             X = np.concatenate([image[l], text[l]])
             hom.append(modality_homogeneity(X, modality, Z=cfg["Z"], min_cluster_size=cfg.get("min_cluster_size")))
         gap["homogeneity"] = hom
-        return {"modality_gap": gap}
+        return {"modality_gap": gap.rename(columns={"layer": "resid"})}
