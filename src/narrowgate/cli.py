@@ -58,7 +58,7 @@ def roles(
 
 EXPERIMENT_HELP = (
     "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
-    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3)"
+    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), steering (Sec. 4.4, generated text)"
 )
 
 
@@ -78,12 +78,12 @@ def run(
     prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a')."),
     task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
     mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
-    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31."),
+    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31; steering: residual indices patched."),
     sweep: bool = typer.Option(False, "--sweep", help="ablation: growing layer windows from the last layer (SM 6.3)."),
     sweep_step: int = typer.Option(1, "--sweep-step", help="ablation: window growth per step with --sweep."),
     knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable)."),
     k: int = typer.Option(None, "--k", help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="ablation: new tokens (VQA 20, captions 60); steering: 10."),
     threshold: float = typer.Option(None, "--threshold", help="cross-attention: share above which a position is shown."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="cross-attention: most positions shown on their own (9)."),
     image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),

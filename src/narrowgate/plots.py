@@ -114,8 +114,8 @@ DRAW = {
 def draw(experiment: str, tables: dict, info: dict, store) -> list[str]:
     """Draw the figures of one run; returns their names (files under figures/)."""
     needed = {"modality-gap": "modality_gap", "cross-attention": "cross_attention_by_layer", "overlap": "overlap",
-              "ablation": "ablation", "patching": "patching"}[experiment]
-    if needed not in tables or tables[needed].empty:
+              "ablation": "ablation", "patching": "patching"}.get(experiment)
+    if needed is None or needed not in tables or tables[needed].empty:
         return []
     return DRAW[experiment](tables, info, store)
 
