@@ -173,7 +173,7 @@ def roles(
 
 EXPERIMENT_HELP = (
     "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
-    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3)"
+    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), steering (Sec. 4.4, generated text)"
 )
 
 
@@ -184,7 +184,7 @@ def run(
     data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk.", callback=_nonempty),
     n: int = typer.Option(None, "--n", "-n", min=1, help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
-    n_per_class: int = typer.Option(None, "--n-per-class", min=1, help="Images per class for ImageNet/synthetic classes."),
+    n_per_class: int = typer.Option(None, "--n-per-class", min=1, help="Images per class for ImageNet/synthetic classes (patching: per pair class)."),
     out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume.", callback=_nonempty),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Examples per forward (halved automatically on OOM)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -193,16 +193,23 @@ def run(
     prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a').", callback=_nonempty),
     task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
     mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
-    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31 or 3,5,7.", callback=_layers),
+    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31 or 3,5,7; steering: residual indices patched.", callback=_layers),
     sweep: bool = _flag("--sweep", "ablation: growing layer windows from the last layer (SM 6.3)."),
     sweep_step: int = typer.Option(1, "--sweep-step", min=1, help="ablation: window growth per step with --sweep."),
     knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable).", callback=_roles),
     k: int = typer.Option(None, "--k", min=1, help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation: new tokens (VQA 20, captions 60)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation: new tokens (VQA 20, captions 60); steering: 10."),
     threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, callback=_finite, help="cross-attention: share above which a position is shown."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="cross-attention: most positions shown on their own (9)."),
     image_index: int = typer.Option(None, "--image-index", min=0, help=escape("overlap: the k of image[k] (default 31).")),
     z: float = typer.Option(None, "--z", callback=_positive, help="modality-gap: ADP clustering confidence Z, above 0 (1.2)."),
     min_cluster_size: int = typer.Option(None, "--min-cluster-size", min=1, help="modality-gap: drop smaller ADP clusters."),
+    allow_fewer: bool = _flag("--allow-fewer", "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."),
+    vqa_prompt: str = typer.Option(None, "--vqa-prompt", help="VQA prompt with {question} (default: the family's preset, see README).", callback=_nonempty),
+    caption_prompt: str = typer.Option(None, "--caption-prompt", help="Caption prompt (default: the paper's).", callback=_nonempty),
+    direction: str = typer.Option(None, "--direction", help="patching: paper (base <- target as published) or both."),
+    span: str = typer.Option(None, "--span", help="patching: single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant)."),
+    cider_tokenize: str = typer.Option(None, "--cider-tokenize", help="ablation: ptb (official COCO tokenisation) or raw (the authors' raw strings)."),
     retry_failed: bool = _flag("--retry-failed", "Process again the examples recorded as failures (e.g. after fixing their images)."),
     quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
@@ -214,7 +221,10 @@ def run(
 
     for value, allowed, option in ((experiment, tuple(EXPERIMENTS), "EXPERIMENT"), (data, DATASETS, "--data"),
                                    (dtype, ("auto", "float32", "bfloat16", "float16"), "--dtype"),
-                                   (mode, KNOCKOUT_MODES, "--mode"), (task, (None, *TASK_DATASETS), "--task")):
+                                   (mode, KNOCKOUT_MODES, "--mode"), (task, (None, *TASK_DATASETS), "--task"),
+                                   (direction, (None, "paper", "both"), "--direction"),
+                                   (span, (None, "single", "from"), "--span"),
+                                   (cider_tokenize, (None, "ptb", "raw"), "--cider-tokenize")):
         if value not in allowed:
             raise typer.BadParameter(f"unknown value {value!r}; choose one of {', '.join(a for a in allowed if a)}.",
                                      param_hint=option)
@@ -223,7 +233,9 @@ def run(
                batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
-               threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
+               threshold=threshold, max_tokens=max_tokens, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
+               allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
+               direction=direction, span=span, cider_tokenize=cider_tokenize,
                retry_failed=retry_failed or None, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+OTHER = "other image tokens"  # cross_attention.OTHER (plots read tables only)
+RESID = "residual index (0 = embeddings)"
 COLORS = ["#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#004488"]
 
 
@@ -29,11 +31,11 @@ def _save(fig, store, name: str) -> str:
 def modality_gap(tables, info, store):
     df = tables["modality_gap"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(df["layer"], df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
-    a.fill_between(df["layer"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
-    a.set(xlabel="layer", ylabel="cosine similarity (image vs text)", title="Modality gap")
-    b.plot(df["layer"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
-    b.set(xlabel="layer", ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters")
+    a.plot(df["resid"], df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
+    a.fill_between(df["resid"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
+    a.set(xlabel=RESID, ylabel="cosine similarity (image vs text)", title="Modality gap")
+    b.plot(df["resid"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
+    b.set(xlabel=RESID, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters")
     return [_save(fig, store, "modality_gap")]
 
 
@@ -51,18 +53,18 @@ def _token_order(token: str):
 def cross_attention(tables, info, store):
     df = tables["cross_attention_by_layer"]
     wide = df.pivot(index="layer", columns="token", values="fraction").fillna(0.0)
-    middle = sorted((c for c in wide.columns if c not in ("eoi", "internal image")), key=_token_order)
-    wide = wide[[c for c in ["eoi", *middle, "internal image"] if c in wide.columns]]
+    middle = sorted((c for c in wide.columns if c not in ("eoi", OTHER)), key=_token_order)
+    wide = wide[[c for c in ["eoi", *middle, OTHER] if c in wide.columns]]
     palette = plt.get_cmap("tab20").colors
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     bottom = pd.Series(0.0, index=wide.index)
     for i, col in enumerate(wide.columns):
-        color = {"eoi": "#BB5566", "internal image": "#DDDDDD"}.get(col, palette[i % len(palette)])
+        color = {"eoi": "#BB5566", OTHER: "#DDDDDD"}.get(col, palette[i % len(palette)])
         ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=col, width=0.85)
         bottom += wide[col]
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return [_save(fig, store, "cross_attention")]
 
 
@@ -70,8 +72,8 @@ def overlap(tables, info, store):
     df = tables["overlap"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, (role, g) in enumerate(df.groupby("role", sort=False)):
-        ax.plot(g["layer"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
-    ax.set(xlabel="layer", ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
+        ax.plot(g["resid"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
+    ax.set(xlabel=RESID, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
     ax.legend(fontsize=8)
     return [_save(fig, store, "overlap")]
 
@@ -112,8 +114,8 @@ DRAW = {
 def draw(experiment: str, tables: dict, info: dict, store) -> list[str]:
     """Draw the figures of one run; returns their names (files under figures/)."""
     needed = {"modality-gap": "modality_gap", "cross-attention": "cross_attention_by_layer", "overlap": "overlap",
-              "ablation": "ablation", "patching": "patching"}[experiment]
-    if needed not in tables or tables[needed].empty:
+              "ablation": "ablation", "patching": "patching"}.get(experiment)
+    if needed is None or needed not in tables or tables[needed].empty:
         return []
     return DRAW[experiment](tables, info, store)
 
@@ -154,7 +156,8 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
                 # One colour per run without groups; with groups, colour = group and line style = run.
                 color = COLORS[(i if g is None else j) % len(COLORS)]
                 style = "-" if g is None else ("-", "--", ":", "-.")[i % 4]
-                ax.plot(_depth(sub["layer"], n), sub[col], style, marker="o", ms=2, color=color, label=name)
+                x = sub["resid"] if "resid" in sub else sub["layer"]
+                ax.plot(_depth(x, n), sub[col], style, marker="o", ms=2, color=color, label=name)
         ax.set(xlabel="relative depth", ylabel=col, title=experiment)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -112,6 +112,39 @@ class VLM:
         bos = getattr(self.family.tokenizer, "bos_token_id", None)
         return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos, image_first=image_first)
 
+    def extend(self, batch: Batch, continuations: list[list[int]]) -> Batch:
+        """``batch`` with token ids appended to each prompt (teacher forcing), left-padded again.
+
+        Row ``b`` becomes its prompt followed by ``continuations[b]``; rows with shorter continuations
+        get more left padding, so every row still ends at ``T' - 1``. Image inputs are unchanged and the
+        layouts are located again in the new rows.
+        """
+        if len(continuations) != batch.size:
+            raise ValueError(f"extend() got {len(continuations)} continuations for a batch of {batch.size}.")
+        m = max(len(c) for c in continuations)
+        ids = batch.input_ids
+        pad = getattr(self.family.tokenizer, "pad_token_id", None) or 0
+        inputs = {}
+        for k, v in batch.inputs.items():
+            if not (isinstance(v, torch.Tensor) and v.shape == ids.shape):
+                inputs[k] = v
+                continue
+            rows = []
+            for b, cont in enumerate(continuations):
+                fill = pad if k == "input_ids" else 0
+                tail = torch.tensor(cont, dtype=v.dtype) if k == "input_ids" else torch.full(
+                    (len(cont),), 1 if k == "attention_mask" else 0, dtype=v.dtype)
+                rows.append(torch.cat([torch.full((m - len(cont),), fill, dtype=v.dtype), v[b], tail]))
+            inputs[k] = torch.stack(rows)
+        first = [f + m - len(c) for f, c in zip(batch.first, continuations)]
+        layouts = []
+        for b in range(batch.size):
+            row = inputs["input_ids"][b].tolist()
+            lay = self.family.layout(row, first[b])
+            self.family.check_layout(row, lay)
+            layouts.append(lay)
+        return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id, image_first=batch.image_first)
+
     def _inputs(self, batch: Batch) -> dict:
         dev = self.input_device
         dtype = self.model.dtype
@@ -211,9 +244,14 @@ class VLM:
             out = self.model(**prefix, use_cache=True, **self._keep_last())
         return run, compat.output_cache(out), suffix
 
-    def _keep_last(self) -> dict:
-        """Ask the model for the last position's logits only, where its forward supports it."""
-        return {"logits_to_keep": 1} if self._has_logits_to_keep else {}
+    def _keep_last(self, keep: int = 1) -> dict:
+        """Ask the model for the last ``keep`` positions' logits only, where its forward supports it."""
+        return {"logits_to_keep": keep} if self._has_logits_to_keep else {}
+
+    @staticmethod
+    def _condition_output(logits, residuals, cma, keep: int) -> shared.ConditionOutput:
+        tail = logits[:, -keep:].float().cpu() if keep > 1 else None
+        return shared.ConditionOutput(logits[:, -1].float().cpu(), residuals, cma, tail)
 
     def _gen_kwargs(self, kwargs: dict) -> dict:
         """Greedy by default, padding with the tokenizer's pad token."""
@@ -225,24 +263,25 @@ class VLM:
 
     @torch.no_grad()
     def forward_conditions(
-        self, batch: Batch, conditions, *, capture: Capture | None = None, attention_stats: bool = False
+        self, batch: Batch, conditions, *, capture: Capture | None = None, attention_stats: bool = False,
+        keep: int = 1,
     ) -> dict[str, shared.ConditionOutput]:
         """Run several conditions (named knockout/patch sets) on one batch, sharing the unchanged prefix.
 
-        Returns per condition the logits at the last position, the captured residuals and, with
-        ``attention_stats``, the cross-modal attention. Equal to separate `forward` calls.
+        Returns per condition the logits at the last position (and, with ``keep > 1``, those of the last
+        ``keep`` positions), the captured residuals and, with ``attention_stats``, the cross-modal
+        attention. Equal to separate `forward` calls.
         """
         conds = shared.as_conditions(conditions)
-        P = shared.prefix_length(batch, conds, attention_stats=attention_stats)
+        keep = max(1, int(keep))
+        P = shared.prefix_length(batch, conds, attention_stats=attention_stats, keep=keep)
         results = {}
         if P == 0:
             for c in conds:
                 out = self.forward(
                     batch, knockouts=c.knockouts, patches=c.patches, capture=capture, attention_stats=attention_stats
                 )
-                results[c.name] = shared.ConditionOutput(
-                    out.logits[:, -1].float().cpu(), out.residuals, out.cross_modal_attention
-                )
+                results[c.name] = self._condition_output(out.logits, out.residuals, out.cross_modal_attention, keep)
             return results
         pre_run, cache, suffix = self._prefix_cache(batch, P, capture)
         for c in conds:
@@ -251,12 +290,12 @@ class VLM:
                 run.captured[name] = dict(per_layer)
             try:
                 with activate(run):
-                    out = self.model(**suffix, **compat.cache_kwargs(cache), use_cache=True, **self._keep_last())
+                    out = self.model(**suffix, **compat.cache_kwargs(cache), use_cache=True, **self._keep_last(keep))
             finally:
                 shared.crop(cache, P)
             self._check_applied(run)
             cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
-            results[c.name] = shared.ConditionOutput(out.logits[:, -1].float().cpu(), run.residuals(), cma)
+            results[c.name] = self._condition_output(out.logits, run.residuals(), cma, keep)
         return results
 
     @torch.no_grad()

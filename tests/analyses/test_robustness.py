@@ -70,7 +70,7 @@ def test_bad_examples_are_recorded_and_the_run_completes(checkpoint_dir, tmp_pat
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "ablation", "--model", str(checkpoint_dir("chameleon")), "--data",
                                       "flickr30k", "--data-dir", str(root), "--max-new-tokens", "4", "--out", str(out),
-                                      "--quiet"])
+                                      "--allow-fewer", "--quiet"])
     assert result.exit_code == 0, result.output
     store = RunStore(out)
     failures = store.failures()

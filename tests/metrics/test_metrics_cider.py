@@ -93,3 +93,15 @@ def test_key_mismatch_and_empty_inputs_raise():
 )
 def test_ptb_tokenize(raw, expected):
     assert ptb_tokenize(raw) == expected
+
+
+def test_raw_tokenisation_is_the_authors_variant():
+    """raw keeps case and punctuation, so "A dog." no longer matches "a dog"; ptb makes them equal."""
+    cands = {"a": "A dog.", "b": "two cats"}
+    refs = {"a": ["a dog", "a dog"], "b": ["two cats", "two cats"]}
+    ptb, _ = cider(cands, refs)
+    raw, per = cider(cands, refs, tokenize="raw")
+    assert ptb > raw and per["a"] == 0.0 and per["b"] > 0
+    assert cider({"a": "a dog", "b": "two cats"}, refs, tokenize="raw")[0] == pytest.approx(ptb)
+    with pytest.raises(ValueError, match="tokenize"):
+        cider(cands, refs, tokenize="java")

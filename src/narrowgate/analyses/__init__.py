@@ -6,9 +6,10 @@ from .cross_attention import CrossAttention
 from .modality_gap import ModalityGap
 from .overlap import Overlap
 from .patching import Patching
+from .steering import Steering
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
-    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching)
+    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching, Steering)
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "Unit", "run"]

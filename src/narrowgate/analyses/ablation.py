@@ -19,7 +19,7 @@ from ..errors import OptionError, parse_layer_set
 from ..metrics import cider, neighborhood_overlap, vqa_accuracy
 from . import tasks
 from .base import Experiment, check_k, overlap_k, stack
-from .prompts import CAPTION, NEW_TOKENS, VQA, class_prompt
+from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
 TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagenet": "classes"}
@@ -65,11 +65,18 @@ class Ablation(Experiment):
     def _task(self, cfg):
         return cfg.get("task") or TASK_OF.get(cfg["data"], "vqa")
 
+    def prompt_kinds(self, cfg):
+        return ({"classes": "class"}.get(self._task(cfg), self._task(cfg)),)
+
+    def requested(self, cfg):
+        if self._task(cfg) == "classes":
+            out = {"n_per_class": cfg.get("n_per_class") or 100}
+            return {**out, "n": cfg["n"]} if cfg.get("n") else out
+        return {"n": cfg.get("n") or 2000}
+
     def examples(self, cfg):
-        task = self._task(cfg)
-        n_per_class = cfg.get("n_per_class", 100 if task == "classes" else None)
-        n = cfg.get("n", None if task == "classes" else 2000)
-        return tasks.load(cfg["data"], task, cfg.get("data_dir"), n=n, seed=cfg["seed"], n_per_class=n_per_class)
+        return tasks.load(cfg["data"], self._task(cfg), cfg.get("data_dir"), seed=cfg["seed"],
+                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
 
     def check(self, examples, cfg):
         if self._task(cfg) == "classes":
@@ -89,7 +96,7 @@ class Ablation(Experiment):
             rows = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
             arrays = {f"last:{c.name}": outs[c.name].residuals["last"][:, 0].numpy().astype(np.float16) for c in conds}
             return rows, arrays
-        prompts = [VQA.format(question=e.question) for e in exs] if task == "vqa" else [CAPTION] * len(units)
+        prompts = [vqa_prompt(cfg, e.question) for e in exs] if task == "vqa" else [caption_prompt(cfg)] * len(units)
         batch = vlm.prepare(imgs, prompts)
         gens = vlm.generate_conditions(batch, conds, max_new_tokens=int(cfg.get("max_new_tokens") or NEW_TOKENS[task]))
         rows = []
@@ -120,9 +127,10 @@ class Ablation(Experiment):
                     for n in names
                 }
             else:
-                metric = "cider"
+                metric = "cider" if (cfg.get("cider_tokenize") or "ptb") == "ptb" else "cider (raw strings)"
                 refs = {i: list(examples[i].references) for i in ids}
-                scores = {n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs)[0] for n in names}
+                tokenize = cfg.get("cider_tokenize") or "ptb"
+                scores = {n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs, tokenize=tokenize)[0] for n in names}
         base = scores["baseline"]
         for n in names:
             rows.append({"condition": n, "metric": metric, "score": float(scores[n]),

@@ -27,7 +27,7 @@ from ..data import BadExample
 from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
 from ..store import RunLocked, RunStore
-from . import tasks
+from . import prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
 
@@ -53,10 +53,19 @@ class Experiment:
     task: str = ""
     #: Experiment-specific settings and their defaults (the paper's and the authors' values).
     defaults: dict = {}
+    #: Kinds of prompt the experiment uses (`prompts.KEYS`); the run resolves them per family into its config.
+    prompts: tuple = ()
+
+    def prompt_kinds(self, cfg: dict) -> tuple:
+        return self.prompts
+
+    def requested(self, cfg: dict) -> dict:
+        """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""
+        return {k: cfg.get(k) for k in ("n", "n_per_class") if cfg.get(k) is not None}
 
     def examples(self, cfg: dict) -> list:
-        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), n=cfg.get("n"), seed=cfg["seed"],
-                          n_per_class=cfg.get("n_per_class"))
+        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"],
+                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
 
     def units(self, examples, cfg: dict):
         """One unit per example; a list for a list of examples, a stream for a stream."""
@@ -306,6 +315,8 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
     info = model_info(vlm)
     exp.check_model(cfg, vlm.n_layers)
+    cfg = prompts.resolve(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"])
+    units = exp.units(examples, cfg)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
     store.open_manifest(
         {
@@ -315,11 +326,11 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
             "command": command_text,
             "model": info,
-            "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "n": cfg.get("n"), "seed": cfg["seed"]},
+            "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "seed": cfg["seed"],
+                     "requested": exp.requested(cfg), "actual": sample_counts(examples, units)},
         },
         key_fields=("experiment", "config", "fingerprint"),
     )
-    units = exp.units(examples, cfg)
     if isinstance(units, list):  # streams (synthetic data) number their ids, unique by construction
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
@@ -340,6 +351,27 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
         finish(exp, store, cfg, info, draw, write_report)
     ranks.barrier()
     return store
+
+
+def sample_counts(examples, units) -> dict:
+    """How many examples (and classes, and images per class) and work units a run has.
+
+    A streamed source (synthetic data) is not consumed here: only what it knows of its size is recorded.
+    """
+    out = {}
+    if hasattr(examples, "__len__"):
+        out["examples"] = len(examples)
+    if hasattr(units, "__len__"):
+        out["units"] = len(units)
+    if not isinstance(examples, list):
+        return out
+    labels = [getattr(e, "label", None) for e in examples]
+    if examples and all(lab is not None for lab in labels):
+        per = {}
+        for lab in labels:
+            per[lab] = per.get(lab, 0) + 1
+        out.update(classes=len(per), min_per_class=min(per.values()), max_per_class=max(per.values()))
+    return out
 
 
 def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, draw, write_report) -> None:

@@ -32,7 +32,7 @@ def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
 class ModalityGap(Experiment):
     name = "modality-gap"
     task = "image_text"
-    defaults = {"n": 2000, "Z": 1.2, "min_cluster_size": None}
+    defaults = {"n": 10000, "Z": 1.2, "min_cluster_size": None}
 
     def process(self, vlm, units, images, cfg):
         ids = [u.id for u in units]
@@ -58,4 +58,4 @@ class ModalityGap(Experiment):
             X = np.concatenate([image[l], text[l]])
             hom.append(modality_homogeneity(X, modality, Z=cfg["Z"], min_cluster_size=cfg.get("min_cluster_size")))
         gap["homogeneity"] = hom
-        return {"modality_gap": gap}
+        return {"modality_gap": gap.rename(columns={"layer": "resid"})}

@@ -3,7 +3,8 @@
 Residuals are captured at ``eoi``, ``last_image``, ``image[k]`` (the paper's 32nd image token,
 k = 31, or the last but one when the image is shorter), the mean over ``internal_image``
 tokens, and ``last``; the neighbourhood overlap with the class labels (k = 30) is computed per
-layer over all examples.
+residual index ``resid`` 0..L (0 = embeddings; the paper plots layer outputs, resid 1..L) over all
+examples. The authors' "32nd image token" is sequence position 32, content index 30: ``--image-index 30``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def image_index(batch, wanted: int) -> int:
 class Overlap(Experiment):
     name = "overlap"
     task = "classes"
+    prompts = ("class",)
     defaults = {"k": 30, "image_index": 31, "n_per_class": 100}
 
     def check(self, examples, cfg):
@@ -50,5 +52,5 @@ class Overlap(Experiment):
         for role in ROLES + ("image_k",):
             values = neighborhood_overlap_per_layer(stack(records.arrays, role).transpose(1, 0, 2), labels, k=k)
             name = f"image[{k_used}]" if role == "image_k" else role
-            rows += [{"layer": l, "role": name, "overlap": float(v), "k": k} for l, v in enumerate(values)]
+            rows += [{"resid": l, "role": name, "overlap": float(v), "k": k} for l, v in enumerate(values)]
         return {"overlap": pd.DataFrame(rows)}

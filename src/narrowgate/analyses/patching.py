@@ -1,12 +1,19 @@
 """Sec. 4.4, Eq. 3: steer what the model says about an image by patching [EOI] from another class.
 
-For each class pair (A, B) the i-th image of A is paired with the i-th image of B. Both run
-once unpatched (their [EOI] residuals at every layer and their next-token distributions come
-from these baselines); then each is patched, one layer at a time, with the other's [EOI]
-residual entering that layer (the paper's "one layer at a time"; later layers see it through the
-residual stream). Per layer: the similarity (Eq. 3, histogram intersection) between the patched
-and the target image's next-token distribution, and whether p(target word) > p(base word), the
-word token being the first token of " <word>".
+Images are sampled per pair class (``n_per_class``, the paper's 100; ``--n`` does not apply): the
+paper's 10 ImageNet pairs, or consecutive synthetic shapes. The i-th image of a pair's base class is
+paired with the i-th image of its target class. Direction: the paper patches base <- target; the
+authors' code takes the first class of each printed pair as the donor (target) and the second as
+the base, and so does the default ``direction="paper"``; ``"both"`` adds the reverse direction.
+
+Per unit the target image runs once unpatched (its [EOI] residual at every index and its
+next-token distribution), then the base image runs unpatched and patched. ``span="single"`` (the
+paper's Fig. 5) patches the residual entering one decoder layer ``l`` (later layers see it through
+the residual stream); ``span="from"`` (the authors' second variant) patches [EOI] at every index
+``l..L-1``. Per patch site: the similarity (Eq. 3, histogram intersection) of the patched and the
+target's next-token distributions, and whether the target class scores higher than the base class.
+A class is scored by its whole name: the teacher-forced, summed log-probability of every token of
+" <name>" after the prompt (the authors compared hand-picked first-token ids per model).
 """
 
 from __future__ import annotations
@@ -21,57 +28,84 @@ from ..engine.shared import Condition
 from ..metrics import distribution_similarity
 from . import tasks
 from .base import Experiment, Unit
-from .prompts import class_prompt, word_token
+from .prompts import class_prompt, name_ids, name_scores
+
+DIRECTIONS = ("paper", "both")
+SPANS = ("single", "from")
+
+
+def pair_order(dataset: str) -> list[tuple[str, str]]:
+    """(base, target) per printed pair, as the paper's patching runs it: the first class is the donor."""
+    return [(b, a) for a, b in tasks.class_pairs(dataset)]
+
+
+def patch_conditions(donor: torch.Tensor, n_layers: int, span: str) -> list[Condition]:
+    """Baseline plus one condition per residual index ``l`` (patch at ``l``, or at every index ``l..L-1``)."""
+    conds = [Condition("baseline")]
+    for l in range(n_layers):
+        sites = (l,) if span == "single" else tuple(range(l, n_layers))
+        conds.append(Condition(f"patch@{l}", patches=tuple(Patch("eoi", j, donor[:, j]) for j in sites)))
+    return conds
 
 
 class Patching(Experiment):
     name = "patching"
     task = "classes"
-    defaults = {"n_per_class": 100}
+    prompts = ("class_patching",)
+    defaults = {"n_per_class": 100, "direction": "paper", "span": "single"}
+
+    def requested(self, cfg):
+        if cfg.get("n") is not None:
+            raise tasks.DataError(
+                "patching samples images per pair class: give --n-per-class (the paper: 100), not --n."
+            )
+        return {"n_per_class": cfg["n_per_class"]}
+
+    def examples(self, cfg):
+        for key, allowed in (("direction", DIRECTIONS), ("span", SPANS)):
+            if cfg[key] not in allowed:
+                raise ValueError(f"patching: --{key} {cfg[key]!r} is not one of {', '.join(allowed)}.")
+        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"], classes="pairs",
+                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
 
     def units(self, examples, cfg):
         groups = {k: sorted(v, key=lambda e: e.id) for k, v in by_label(examples).items()}
+        order = pair_order(cfg["data"])
+        if cfg["direction"] == "both":
+            order += [(t, b) for b, t in order]
         units = []
-        for a, b in tasks.class_pairs(cfg["data"]):
-            if a not in groups or b not in groups:
-                raise tasks.DataError(f"Class pair ({a}, {b}) is not in the data: each pair needs both classes.")
-            for i, (ea, eb) in enumerate(zip(groups[a], groups[b])):
-                units.append(Unit(f"{a}|{b}|{i:04d}", (ea, eb)))
+        for base, target in order:
+            missing = [c for c in (base, target) if not groups.get(c)]
+            if missing:
+                raise tasks.DataError(f"Class pair ({base}, {target}): no images of {', '.join(missing)} in the data.")
+            for i, (eb, et) in enumerate(zip(groups[base], groups[target])):
+                units.append(Unit(f"{base}<-{target}|{i:04d}", (eb, et)))
         return units
 
     def process(self, vlm, units, images, cfg):
         prompt = class_prompt(cfg)
         tok = vlm.family.tokenizer
-        sides = []
-        for side in (0, 1):
-            batch = vlm.prepare([im[side] for im in images], [prompt] * len(units))
-            base = vlm.forward_conditions(batch, {"baseline": {}}, capture=Capture("eoi"))["baseline"]
-            sides.append((batch, base))
-        sim = np.zeros((len(units), 2, vlm.n_layers), np.float32)
-        acc = np.zeros_like(sim)
-        sim_base = np.zeros((len(units), 2), np.float32)
-        acc_base = np.zeros_like(sim_base)
-        for side in (0, 1):
-            batch, base = sides[side]
-            target_batch, target = sides[1 - side]
-            donor = target.residuals["eoi"]
-            conds = [Condition(f"patch@{l}", patches=(Patch("eoi", l, donor[:, l]),)) for l in range(vlm.n_layers)]
-            outs = vlm.forward_conditions(batch, conds)
-            p_target = torch.softmax(target.last_logits, -1)
-            p_base = torch.softmax(base.last_logits, -1)
-            w_base = torch.tensor([word_token(tok, u.examples[side].word) for u in units])
-            w_target = torch.tensor([word_token(tok, u.examples[1 - side].word) for u in units])
-            rows = torch.arange(len(units))
-            sim_base[:, side] = distribution_similarity(p_base, p_target).numpy()
-            acc_base[:, side] = (p_base[rows, w_target] > p_base[rows, w_base]).numpy()
-            for l in range(vlm.n_layers):
-                p = torch.softmax(outs[f"patch@{l}"].last_logits, -1)
-                sim[:, side, l] = distribution_similarity(p, p_target).numpy()
-                acc[:, side, l] = (p[rows, w_target] > p[rows, w_base]).numpy()
-        rows_out = [{"example_id": u.id, "pair": "|".join(u.id.split("|")[:2]),
-                     "base_a": u.examples[0].id, "base_b": u.examples[1].id} for u in units]
-        return rows_out, {"similarity": sim, "accuracy": acc, "similarity_unpatched": sim_base,
-                          "accuracy_unpatched": acc_base}
+        L = vlm.n_layers
+        base_batch = vlm.prepare([im[0] for im in images], [prompt] * len(units))
+        target_batch = vlm.prepare([im[1] for im in images], [prompt] * len(units))
+        target = vlm.forward_conditions(target_batch, {"baseline": {}}, capture=Capture("eoi"))["baseline"]
+        p_target = torch.softmax(target.last_logits, -1)
+        conds = patch_conditions(target.residuals["eoi"], L, cfg["span"])
+        base_names = [name_ids(tok, u.examples[0].word) for u in units]
+        target_names = [name_ids(tok, u.examples[1].word) for u in units]
+        s_base, first = name_scores(vlm, base_batch, conds, base_names)
+        s_target, _ = name_scores(vlm, base_batch, conds, target_names)
+        names = [c.name for c in conds]
+        sim = np.stack([distribution_similarity(torch.softmax(first[c], -1), p_target).numpy() for c in names], 1)
+        acc = np.stack([(s_target[c] > s_base[c]).numpy() for c in names], 1).astype(np.float32)
+        rows = [{"example_id": u.id, "pair": f"{u.examples[0].label}<-{u.examples[1].label}",
+                 "base": u.examples[0].label, "target": u.examples[1].label,
+                 "base_word": u.examples[0].word, "target_word": u.examples[1].word,
+                 "base_image": u.examples[0].id, "target_image": u.examples[1].id} for u in units]
+        return rows, {"similarity": sim[:, 1:].astype(np.float32), "accuracy": acc[:, 1:],
+                      "similarity_unpatched": sim[:, 0].astype(np.float32), "accuracy_unpatched": acc[:, 0],
+                      "score_base": np.stack([s_base[c].numpy() for c in names[1:]], 1).astype(np.float32),
+                      "score_target": np.stack([s_target[c].numpy() for c in names[1:]], 1).astype(np.float32)}
 
     def aggregate(self, records, cfg, info):
         L = info["n_layers"]
@@ -79,17 +113,24 @@ class Patching(Experiment):
         acc = records.arrays["accuracy"].reshape(-1, L)
         base_sim = records.arrays["similarity_unpatched"].reshape(-1)
         base_acc = records.arrays["accuracy_unpatched"].reshape(-1)
+        site = "eoi, resid l" if cfg["span"] == "single" else "eoi, resid l..L-1"
         rows = [
-            {"layer": l, "relative_depth": l / max(1, L - 1), "similarity": float(sim[:, l].mean()),
-             "similarity_std": float(sim[:, l].std()), "accuracy": float(acc[:, l].mean()),
-             "similarity_unpatched": float(base_sim.mean()), "accuracy_unpatched": float(base_acc.mean()),
-             "n": int(sim.shape[0])}
+            {"resid": l, "relative_depth": l / max(1, L - 1), "patched": site, "direction": cfg["direction"],
+             "similarity": float(sim[:, l].mean()), "similarity_std": float(sim[:, l].std()),
+             "accuracy": float(acc[:, l].mean()), "similarity_unpatched": float(base_sim.mean()),
+             "accuracy_unpatched": float(base_acc.mean()), "n": int(sim.shape[0])}
             for l in range(L)
         ]
-        pairs = records.rows["pair"].to_numpy().repeat(2)
-        per_pair = [
-            {"pair": p, "best_layer": int(sim[pairs == p].mean(0).argmax()),
-             "max_similarity": float(sim[pairs == p].mean(0).max()), "max_accuracy": float(acc[pairs == p].mean(0).max())}
-            for p in sorted(set(pairs))
-        ]
+        pairs = records.rows["pair"].to_numpy()
+        first = records.rows.drop_duplicates("pair").set_index("pair")
+        per_pair = []
+        for p in first.index:
+            m = pairs == p
+            curve = sim[m].mean(0)
+            per_pair.append({
+                "pair": p, "base": first.loc[p, "base_word"], "target": first.loc[p, "target_word"],
+                "best_resid": int(curve.argmax()), "max_similarity": float(curve.max()),
+                "max_accuracy": float(acc[m].mean(0).max()), "similarity_unpatched": float(base_sim[m].mean()),
+                "accuracy_unpatched": float(base_acc[m].mean()), "n": int(m.sum()),
+            })
         return {"patching": pd.DataFrame(rows), "patching_pairs": pd.DataFrame(per_pair)}

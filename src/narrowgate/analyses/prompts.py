@@ -1,18 +1,104 @@
-"""The paper's prompts and defaults, in one place (each family's template is applied by its adapter)."""
+"""The paper's prompts, per-family presets that reproduce each published setting, and class-name scoring.
+
+Presets (each family's chat template is applied by its adapter): the defaults are the paper's
+prompts; where the authors used a different one for a model, the preset reproduces it:
+
+- Chameleon, VQA: the authors' prompt ends with " Answer:" (their VQA evaluation code).
+- Chameleon-34B (48 decoder layers), ImageNet patching and steering: "Answer the question using a
+  single word, number, or short phrase. This animal is a" (SM 7.4: the model refused the plain prompt).
+
+`resolve` writes the prompts a run uses into its config (so the manifest shows them); ``--prompt``,
+``--vqa-prompt`` and ``--caption-prompt`` override them.
+"""
+
+from __future__ import annotations
+
+import torch
 
 VQA = "{question}\nAnswer the question using a single word or phrase."
 CAPTION = "Provide a one-sentence caption for the provided image."
 CLASS = {"imagenet": "This animal is a", "synthetic": "This shape is a"}
 NEW_TOKENS = {"vqa": 20, "captions": 60}
 
+#: (family, n_layers or None for any size, prompt kind, dataset or None for any) -> prompt.
+PRESETS = {
+    ("chameleon", None, "vqa", None): VQA + " Answer:",
+    ("chameleon", 48, "class_patching", "imagenet"):
+        "Answer the question using a single word, number, or short phrase. This animal is a",
+}
+#: Config key of each prompt kind.
+KEYS = {"class": "prompt", "class_patching": "prompt", "vqa": "vqa_prompt", "captions": "caption_prompt"}
+
+
+def preset(kind: str, family: str, n_layers: int, dataset: str) -> str:
+    """The prompt of ``kind`` (class, class_patching, vqa, captions) for a model of ``family`` on ``dataset``."""
+    for (fam, layers, k, data), text in PRESETS.items():
+        if fam == family and k == kind and layers in (None, n_layers) and data in (None, dataset):
+            return text
+    if kind in ("class", "class_patching"):
+        return CLASS.get(dataset, CLASS["imagenet"])
+    return {"vqa": VQA, "captions": CAPTION}[kind]
+
+
+def resolve(cfg: dict, kinds, family: str, n_layers: int) -> dict:
+    """``cfg`` with the prompt of every kind in ``kinds`` filled in (a user's override is kept)."""
+    out = dict(cfg)
+    for kind in kinds:
+        key = KEYS[kind]
+        if not out.get(key):
+            out[key] = preset(kind, family, n_layers, cfg["data"])
+    return out
+
 
 def class_prompt(cfg: dict) -> str:
     return cfg.get("prompt") or CLASS.get(cfg["data"], CLASS["imagenet"])
 
 
+def vqa_prompt(cfg: dict, question: str) -> str:
+    template = cfg.get("vqa_prompt") or VQA
+    if "{question}" not in template:
+        raise ValueError(f"--vqa-prompt {template!r} has no {{question}} placeholder for the question.")
+    return template.format(question=question)
+
+
+def caption_prompt(cfg: dict) -> str:
+    return cfg.get("caption_prompt") or CAPTION
+
+
 def word_token(tokenizer, word: str) -> int:
-    """The class word's token: the first token of " <word>" (leading space), derived, never hand-picked."""
+    """The class word's first token (of " <word>", leading space): the organisms' one-token shape names."""
+    ids = name_ids(tokenizer, word)
+    return ids[0]
+
+
+def name_ids(tokenizer, word: str) -> list[int]:
+    """Every token of " <word>" (leading space, as it follows the prompt), derived, never hand-picked."""
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"The tokenizer turns {word!r} into no token.")
-    return int(ids[0])
+    return [int(i) for i in ids]
+
+
+def name_scores(vlm, batch, conditions, names: list[list[int]]) -> tuple[dict, dict]:
+    """Teacher-forced score of a whole class name per example and condition, and the next-token logits.
+
+    ``names[b]`` are the token ids of example ``b``'s name. The score is the summed log-probability of
+    all its tokens after the prompt, so a class is judged by its whole name, never by a first token
+    that two classes can share (" great white shark" / " great grey owl"). Returns
+    ``({condition: [B] scores}, {condition: [B, V] logits at the last prompt position})``.
+    """
+    ext = vlm.extend(batch, [ids[:-1] for ids in names])
+    keep = max(len(ids) for ids in names)
+    outs = vlm.forward_conditions(ext, conditions, keep=keep)
+    scores, first = {}, {}
+    for name, out in outs.items():
+        tail = out.tail_logits if out.tail_logits is not None else out.last_logits[:, None]
+        logp = torch.log_softmax(tail, -1)
+        s, f = [], []
+        for b, ids in enumerate(names):
+            start = keep - len(ids)  # the tail position predicting the name's first token
+            s.append(float(sum(logp[b, start + j, t] for j, t in enumerate(ids))))
+            f.append(tail[b, start])
+        scores[name] = torch.tensor(s)
+        first[name] = torch.stack(f)
+    return scores, first

@@ -27,11 +27,16 @@ class Condition:
 
 @dataclass
 class ConditionOutput:
-    """Per condition: next-token logits at ``last`` ([B, V], float32, CPU), residuals, attention statistics."""
+    """Per condition: next-token logits at ``last`` ([B, V], float32, CPU), residuals, attention statistics.
+
+    ``tail_logits`` ([B, keep, V]) holds the logits of the last ``keep`` positions when more than one
+    was asked for (teacher-forced scoring of a continuation).
+    """
 
     last_logits: torch.Tensor
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
     cross_modal_attention: object | None = None
+    tail_logits: torch.Tensor | None = None
 
 
 def as_conditions(conditions) -> list[Condition]:
@@ -59,9 +64,9 @@ def first_affected(batch: Batch, condition: Condition) -> int:
     return min(firsts)
 
 
-def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool) -> int:
-    """How many leading positions all conditions share (the suffix keeps at least the last position)."""
-    p = min(first_affected(batch, c) for c in conditions)
+def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1) -> int:
+    """How many leading positions all conditions share (the suffix keeps at least the last ``keep`` positions)."""
+    p = min([first_affected(batch, c) for c in conditions] + [batch.length - keep])
     if attention_stats:
         text = batch.mask("text").any(0).nonzero()
         p = min(p, int(text.min()))

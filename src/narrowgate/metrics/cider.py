@@ -93,9 +93,19 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in _DROPPED)
 
 
+def _raw(text: str) -> str:
+    return " ".join(text.split())
+
+
+#: Caption preparation before CIDEr-D: coco-caption's PTB tokenisation, or the raw strings.
+TOKENIZERS = {"ptb": ptb_tokenize, "raw": _raw}
+
+
 def cider(
     candidates: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
+    *,
+    tokenize: str = "ptb",
 ) -> tuple[float, dict[Hashable, float]]:
     """Corpus CIDEr-D and per-key scores of candidate captions against their references.
 
@@ -104,7 +114,13 @@ def cider(
     tokenised with :func:`ptb_tokenize`. IDF statistics come from the
     references passed in, so the score depends on the evaluated set (as in
     coco-caption; a set with a single key always scores 0).
+
+    ``tokenize="ptb"`` (default) is coco-caption's official step; ``"raw"`` feeds the strings as they
+    are (split on white space, case and punctuation kept), as the paper's authors' code did.
     """
+    if tokenize not in TOKENIZERS:
+        raise ValueError(f"tokenize must be one of {', '.join(TOKENIZERS)}, got {tokenize!r}")
+    prep = TOKENIZERS[tokenize]
     if set(candidates) != set(references):
         missing = [k for k in candidates if k not in references][:5]
         extra = [k for k in references if k not in candidates][:5]
@@ -123,7 +139,7 @@ def cider(
             raise TypeError(f"candidate for {key!r} must be a string")
         if isinstance(refs, str) or len(refs) == 0:
             raise ValueError(f"references for {key!r} must be a non-empty list of strings")
-        res[key] = [ptb_tokenize(cand)]
-        gts[key] = [ptb_tokenize(r) for r in refs]
+        res[key] = [prep(cand)]
+        gts[key] = [prep(r) for r in refs]
     score, scores = Cider().compute_score(gts, res)
     return float(score), {k: float(s) for k, s in zip(keys, scores)}

@@ -1,0 +1,125 @@
+"""Every experiment through the CLI on the dataset the paper used for it, in its distributed layout (miniature)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from narrowgate.analyses import tasks
+from narrowgate.analyses.prompts import VQA
+from narrowgate.cli import app
+from narrowgate.data import class_pairs
+from narrowgate.store import RunStore
+from tests.data import layouts
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper-data")
+    return {
+        "imagenet": layouts.imagenet(root / "imagenet", train=2, val=1),
+        "vqav2": layouts.vqav2(root / "vqav2"),
+        "coco": layouts.coco_karpathy(root / "coco"),
+        "flickr30k": layouts.flickr30k(root / "flickr30k"),
+    }
+
+
+def _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args):
+    out = tmp_path / f"{experiment}-{data}"
+    argv = ["run", experiment, "--model", str(checkpoint_dir("chameleon")), "--data", data,
+            "--data-dir", str(datasets[data]), "--out", str(out), "--batch-size", "8", "--quiet", *args]
+    result = runner.invoke(app, argv, env={"COLUMNS": "200"})
+    return result, out
+
+
+def _ok(result):
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+CASES = [
+    ("modality-gap", "flickr30k", ("--n", "20")),
+    ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12")),
+    ("overlap", "imagenet", ("--n-per-class", "1", "--n", "12", "--k", "3")),
+    ("ablation", "vqav2", ("--n", "4", "--max-new-tokens", "3")),
+    ("ablation", "coco", ("--n", "4", "--max-new-tokens", "3")),
+    ("ablation", "flickr30k", ("--n", "4", "--max-new-tokens", "3", "--cider-tokenize", "raw")),
+    ("ablation", "imagenet", ("--n-per-class", "1", "--n", "12", "--k", "3")),
+]
+
+
+@pytest.mark.parametrize(("experiment", "data", "args"), CASES, ids=[f"{e}-{d}" for e, d, _ in CASES])
+def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoint_dir, datasets, tmp_path):
+    result, out = _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args)
+    _ok(result)
+    manifest = _manifest(out)
+    n = int(args[args.index("--n") + 1])
+    assert manifest["data"]["requested"]["n"] == n and manifest["data"]["actual"]["examples"] == n
+    tables = RunStore(out).tables()
+    assert len(tables["failures"]) == 0
+    if data == "imagenet":  # the paper sampled the train split
+        ids = RunStore(out).records().rows["example_id"]
+        assert ids.str.match(r"n\d{8}/n\d{8}_\d$").all()
+    if (experiment, data) == ("ablation", "vqav2"):
+        assert manifest["config"]["vqa_prompt"] == VQA + " Answer:"  # the authors' Chameleon prompt
+    if (experiment, data) == ("ablation", "flickr30k"):
+        assert tables["ablation"]["metric"].iloc[0] == "cider (raw strings)"
+
+
+def test_patching_runs_on_imagenet_with_every_pair(checkpoint_dir, datasets, tmp_path):
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "patching", "imagenet", "--n-per-class", "2")
+    _ok(result)
+    tables = RunStore(out).tables()
+    pairs = tables["patching_pairs"]
+    assert len(pairs) == 10 and (pairs["n"] == 2).all()
+    printed = {(a.word, b.word) for a, b in class_pairs()}
+    assert {(t, b) for b, t in zip(pairs["base"], pairs["target"])} == printed  # base <- target, first donates
+    assert len(tables["patching"]) == 3 and set(tables["patching"]["direction"]) == {"paper"}
+    manifest = _manifest(out)
+    assert manifest["data"]["requested"] == {"n_per_class": 2}
+    assert manifest["data"]["actual"]["classes"] == 20 and manifest["data"]["actual"]["units"] == 20
+    assert manifest["config"]["prompt"] == "This animal is a"
+
+
+def test_too_few_images_stop_with_the_count_unless_allowed(checkpoint_dir, datasets, tmp_path):
+    result, _ = _run(checkpoint_dir, datasets, tmp_path, "patching", "imagenet", "--n-per-class", "3")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, tasks.DataError)
+    assert "only 2 exist" in str(result.exception) and "--allow-fewer" in str(result.exception)
+    result, _ = _run(checkpoint_dir, datasets, tmp_path, "modality-gap", "flickr30k", "--n", "30")
+    assert isinstance(result.exception, tasks.DataError) and "only 24 exist" in str(result.exception)
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "ablation", "coco", "--n", "6", "--max-new-tokens", "2",
+                       "--allow-fewer")
+    _ok(result)
+    manifest = _manifest(out)
+    assert manifest["data"]["requested"] == {"n": 6} and manifest["data"]["actual"]["examples"] == 4
+
+
+def test_imagenet_val_layout_serves_the_pair_classes(datasets, tmp_path):
+    import shutil
+
+    val_only = tmp_path / "val-only"
+    shutil.copytree(datasets["imagenet"] / "val", val_only / "val")
+    got = tasks.load("imagenet", "classes", val_only, seed=0, n_per_class=1, classes="pairs")
+    assert len({e.label for e in got}) == 20 and all("ILSVRC2012_val" in e.id for e in got)
+
+
+def test_steering_generates_with_the_target_eoi_on_imagenet(checkpoint_dir, datasets, tmp_path):
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "steering", "imagenet", "--n-per-class", "1",
+                       "--layers", "0-2", "--max-new-tokens", "3")
+    _ok(result)
+    tables = RunStore(out).tables()
+    assert len(tables["steering_pairs"]) == 10 and len(tables["steering_examples"]) == 10
+    summary = tables["steering"].iloc[0]
+    assert summary["window (resid)"] == "0-2" and summary["n"] == 10
+    rows = RunStore(out).records().rows
+    hits = [tgt.lower() in txt.lower() for tgt, txt in zip(rows["target"], rows["text_steered"])]
+    assert summary["names_target_steered"] == pytest.approx(sum(hits) / len(hits))
+    assert set(zip(rows["target"], rows["base"])) == {(a.word, b.word) for a, b in class_pairs()}

@@ -1,0 +1,78 @@
+"""Miniature copies of the paper's datasets in their distributed layouts, with tiny images.
+
+- ImageNet: ``train/<wnid>/<wnid>_<k>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<k>.JPEG`` for the
+  paper's 100 animal classes and the 16 other classes of its patching pairs.
+- VQAv2: the official questions/annotations JSONs and COCO ``val2014/`` images.
+- COCO: the Karpathy split file ``dataset_coco.json`` with ``val2014/`` images.
+- Flickr30k: ``results_20130124.token`` and ``flickr30k-images/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from narrowgate.data import known_classes
+from tests.data.helpers import write_jpeg, write_json
+
+WORDS = ("dog", "cat", "bird", "fish", "horse", "red", "blue", "circle", "square", "picture")
+
+
+def _color(k: int) -> tuple[int, int, int]:
+    return (37 * k % 256, 91 * k % 256, 173 * k % 256)
+
+
+def imagenet(root: Path, train: int = 2, val: int = 1) -> Path:
+    """``train`` images per class in ``train/`` and ``val`` in ``val/``, for every class the paper names."""
+    for i, c in enumerate(known_classes()):
+        for k in range(train):
+            write_jpeg(root / "train" / c.wnid / f"{c.wnid}_{k}.JPEG", _color(i * 7 + k), size=(8, 8))
+        for k in range(val):
+            write_jpeg(root / "val" / c.wnid / f"ILSVRC2012_val_{i:05d}{k}.JPEG", _color(i * 5 + k + 3), size=(8, 8))
+    return root
+
+
+def _caption(k: int, j: int) -> str:
+    return f"a {WORDS[k % len(WORDS)]} and a {WORDS[(k + j) % len(WORDS)]} in the picture"
+
+
+def vqav2(root: Path, n_images: int = 4, per_image: int = 2) -> Path:
+    questions, annotations = [], []
+    for k in range(n_images):
+        image_id = 100 + k
+        write_jpeg(root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", _color(k), size=(8, 8))
+        for j in range(per_image):
+            qid = image_id * 10 + j
+            answer = WORDS[(k + j) % len(WORDS)]
+            questions.append({"image_id": image_id, "question": f"What is in the picture {j}?", "question_id": qid})
+            annotations.append({
+                "image_id": image_id, "question_id": qid, "multiple_choice_answer": answer,
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": a + 1} for a in range(10)],
+                "answer_type": "other", "question_type": "what is",
+            })
+    write_json(root / "v2_OpenEnded_mscoco_val2014_questions.json",
+               {"questions": questions, "data_subtype": "val2014", "data_type": "mscoco", "task_type": "Open-Ended"})
+    write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": annotations, "data_subtype": "val2014"})
+    return root
+
+
+def coco_karpathy(root: Path, n_test: int = 4, n_train: int = 2) -> Path:
+    images = []
+    for k in range(n_test + n_train):
+        cocoid = 500 + k
+        name = f"COCO_val2014_{cocoid:012d}.jpg"
+        write_jpeg(root / "val2014" / name, _color(k + 11), size=(8, 8))
+        images.append({"filepath": "val2014", "filename": name, "cocoid": cocoid, "imgid": k,
+                       "split": "test" if k < n_test else "train",
+                       "sentences": [{"raw": _caption(k, j), "tokens": _caption(k, j).split()} for j in range(5)]})
+    write_json(root / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    return root
+
+
+def flickr30k(root: Path, n_images: int = 24) -> Path:
+    lines = []
+    for k in range(n_images):
+        name = f"{1000000 + k}.jpg"
+        write_jpeg(root / "flickr30k-images" / name, _color(k + 29), size=(8, 8))
+        lines += [f"{name}#{j}\t{_caption(k, j)} ." for j in range(5)]
+    (root / "results_20130124.token").write_text("\n".join(lines) + "\n")
+    return root
