@@ -58,7 +58,7 @@ def roles(
 
 EXPERIMENT_HELP = (
     "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
-    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3)"
+    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), gate-scan (every image-side position knocked out alone)"
 )
 
 
@@ -77,7 +77,7 @@ def run(
     seed: int = typer.Option(42, "--seed", help="Sampling seed."),
     prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a')."),
     task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
-    mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
+    mode: str = typer.Option(None, "--mode", help="ablation/gate-scan: knockout mode, zero or mask (ablation: zero, as the paper; gate-scan: mask)."),
     layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31."),
     sweep: bool = typer.Option(False, "--sweep", help="ablation: growing layer windows from the last layer (SM 6.3)."),
     sweep_step: int = typer.Option(1, "--sweep-step", help="ablation: window growth per step with --sweep."),
@@ -88,6 +88,11 @@ def run(
     image_index: int = typer.Option(None, "--image-index", help="overlap: the k of image[k] (default 31)."),
     z: float = typer.Option(None, "--z", help="modality-gap: ADP clustering confidence Z (1.2)."),
     min_cluster_size: int = typer.Option(None, "--min-cluster-size", help="modality-gap: drop smaller ADP clusters."),
+    method: str = typer.Option(None, "--method", help="gate-scan: exact (default) or attribution (first-order, one forward + backward)."),
+    check: int = typer.Option(None, "--check", help="gate-scan --method attribution: examples also scanned exactly for the rank correlation (8)."),
+    top: int = typer.Option(None, "--top", help="gate-scan: top positions per example resolved over layer windows (3)."),
+    windows: int = typer.Option(None, "--windows", help="gate-scan: number of layer windows (4)."),
+    per_example: bool = typer.Option(False, "--per-example", help="gate-scan: also write tables/positions_by_example."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
@@ -108,6 +113,7 @@ def run(
                mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
                knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
                threshold=threshold, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
+               method=method, check=check, top=top, windows=windows, per_example=per_example or None,
                progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:

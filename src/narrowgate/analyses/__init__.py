@@ -3,12 +3,13 @@
 from .ablation import Ablation
 from .base import Experiment, Unit, run
 from .cross_attention import CrossAttention
+from .gate_scan import GateScan
 from .modality_gap import ModalityGap
 from .overlap import Overlap
 from .patching import Patching
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
-    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching)
+    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching, GateScan)
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "Unit", "run"]
