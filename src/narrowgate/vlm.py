@@ -297,16 +297,22 @@ class VLM:
         """Next-token logits at ``last`` ([C, B, V], float32, CPU) for C knockouts ``sources[c] -> target``.
 
         ``sources`` is a [C, B, T] boolean mask of arbitrary key positions (one position, a set, the whole
-        image), so a scan over every image-side position is one call; ``layers`` are decoder layers (None = all).
-        The knockouts run as batch rows of suffix passes on ``prefix`` (`share_prefix`).
+        image), so a scan over every image-side position is one call. ``layers``: decoder layers of every
+        knockout (None = all), or a list of C such windows (tuples, ranges or None), one per knockout. The knockouts run as batch rows of
+        suffix passes on ``prefix`` (`share_prefix`).
         """
         batch = prefix.batch
         C, B, T = sources.shape
         if (B, T) != (batch.size, batch.length):
             raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
-        knock = Knockout("image", target, layers=layers, mode=mode)  # validates target, layers and mode
-        tgt = self._run(batch, (knock,), (), None, False).knockouts[0]
-        if int(tgt.target.prompt.any(0).nonzero().min()) < prefix.length:
+        each = isinstance(layers, list) and not all(isinstance(x, int) for x in layers)
+        per = list(layers) if each else [layers] * C
+        if len(per) != C:
+            raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
+        resolved = [self._run(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
+                    for l in per]  # validates target, layers and mode
+        tgt = resolved[0].target
+        if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
         step = self._rows_per_pass(prefix)
         out = []
@@ -314,9 +320,10 @@ class VLM:
             src = sources[s : s + step].bool()
             n = src.shape[0]
             run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
-            run.knockouts.append(ResolvedKnockout(RoleMask(src.reshape(n * B, T), False),
-                                                  RoleMask(tgt.target.prompt.repeat(n, 1), tgt.target.generated),
-                                                  tgt.layers, mode))
+            for window in dict.fromkeys(k.layers for k in resolved[s : s + step]):
+                rows = torch.tensor([k.layers == window for k in resolved[s : s + step]])
+                run.knockouts.append(ResolvedKnockout(RoleMask((src & rows[:, None, None]).reshape(n * B, T), False),
+                                                      RoleMask(tgt.prompt.repeat(n, 1), tgt.generated), window, mode))
             out.append(self._suffix_pass(prefix, run, n).cpu().view(n, B, -1))
         return torch.cat(out)
 

@@ -45,6 +45,13 @@ def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mo
         full = vlm.forward(batch, knockouts=[ng.Knockout(source, "text", mode=mode)]).logits[0, -1].float()
         torch.testing.assert_close(logits[i + 1], full, atol=1e-5, rtol=0)
         torch.testing.assert_close(kl(base, logits[i + 1]), kl(base, full), atol=1e-5, rtol=0)
+    # one pass with a layer window per knockout equals separate forwards with those windows
+    eoi = len(side)
+    windows = [(0,), (1, 2), None]
+    got = vlm.forward_knockouts(prefix, sources[[eoi, eoi, eoi]], layers=windows, mode=mode)[:, 0]
+    for w, g in zip(windows, got):
+        full = vlm.forward(batch, knockouts=[ng.Knockout("eoi", "text", layers=w, mode=mode)]).logits[0, -1].float()
+        torch.testing.assert_close(g, full, atol=1e-5, rtol=0)
 
 
 class Planted(VLM):

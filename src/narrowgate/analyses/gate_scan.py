@@ -37,6 +37,7 @@ from .base import Experiment, Unit
 from .prompts import CAPTION, VQA, class_prompt
 
 GRID_GROWTH = 1.5
+FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
 MIN_DAMAGE = 1e-6  # nats: below this the text does not read the image, and no share of it means anything
 
 
@@ -180,7 +181,11 @@ class GateScan(Experiment):
             goal = 0.9 * whole
             hi = next((k for k in grid_k if joint[k] >= goal), N)
             lo = max([k for k in grid_k if k < hi], default=0)
-            while hi - lo > 1:  # joint damage grows with the set; bisect between two grid sizes
+            while hi - lo > 1:  # joint damage grows with the set: between two grid sizes, all at once or bisect
+                if hi - lo - 1 <= FILL:
+                    between = range(lo + 1, hi)
+                    hi = min((k for k, v in zip(between, damage([order[:k] for k in between])) if v >= goal), default=hi)
+                    break
                 mid = (lo + hi) // 2
                 if damage([order[:mid]])[0] >= goal:
                     hi = mid
@@ -188,9 +193,10 @@ class GateScan(Experiment):
                     lo = mid
             k90 = float(hi)
         top = [int(i) for i in order[: int(cfg["top"])]]
-        by_window = []
-        for w in windows(vlm.n_layers, int(cfg["windows"])):
-            by_window.append(damage([[i] for i in top] + [range(N)], layers=w).tolist())
+        spans = windows(vlm.n_layers, int(cfg["windows"]))
+        sets = [[i] for i in top] + [range(N)]
+        d_windows = damage(sets * len(spans), layers=[w for w in spans for _ in sets])
+        by_window = d_windows.reshape(len(spans), len(sets)).tolist()
         return {"damage": single.tolist(), "logp_change": (logp[1 : N + 1] - logp[0]).tolist(), "whole": whole,
                 "whole_except_top": rest, "k90": k90, "window_top": [side[i][1] for i in top],
                 "window_damage": by_window}
