@@ -122,10 +122,10 @@ def gate_scan(tables, info, store):
     b.errorbar(specials["damage"], range(len(specials)), xerr=np.clip(err, 0, None), fmt="none", ecolor="k", lw=0.8)
     b.set_yticks(range(len(specials)), specials["position"], fontsize=8)
     b.invert_yaxis()
-    if "whole_damage" in gate and np.isfinite(gate.get("whole_damage", np.nan)):
-        b.axvline(gate["whole_damage"], color="k", ls="--", lw=0.8, label="whole image side")
-        b.legend(fontsize=7)
     b.set(xlabel=label, title="special positions (95% bootstrap)")
+    if "whole_damage" in gate and np.isfinite(gate.get("whole_damage", np.nan)):
+        b.set_title(f"special positions (95% bootstrap)\nwhole image side knocked out: {gate['whole_damage']:.3g}",
+                    fontsize=10)
     title = f"Gate scan — top: {gate['top_position']}"
     if "gate_index" in gate and np.isfinite(gate.get("gate_index", np.nan)):
         title += f", gate index {gate['gate_index']:.2f}"
