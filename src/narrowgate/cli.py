@@ -173,7 +173,8 @@ def roles(
 
 EXPERIMENT_HELP = (
     "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
-    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), steering (Sec. 4.4, generated text)"
+    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), steering (Sec. 4.4, generated text), "
+    "gate-scan (every image-side position knocked out alone)"
 )
 
 
@@ -192,7 +193,7 @@ def run(
     seed: int = typer.Option(42, "--seed", min=0, help="Sampling seed."),
     prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a').", callback=_nonempty),
     task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
-    mode: str = typer.Option("zero", "--mode", help="ablation: knockout mode, zero (paper) or mask."),
+    mode: str = typer.Option(None, "--mode", help="ablation/gate-scan: knockout mode, zero or mask (ablation: zero, as the paper; gate-scan: mask)."),
     layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31 or 3,5,7; steering: residual indices patched.", callback=_layers),
     sweep: bool = _flag("--sweep", "ablation: growing layer windows from the last layer (SM 6.3)."),
     sweep_step: int = typer.Option(1, "--sweep-step", min=1, help="ablation: window growth per step with --sweep."),
@@ -210,6 +211,11 @@ def run(
     direction: str = typer.Option(None, "--direction", help="patching: paper (base <- target as published) or both."),
     span: str = typer.Option(None, "--span", help="patching: single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant)."),
     cider_tokenize: str = typer.Option(None, "--cider-tokenize", help="ablation: ptb (official COCO tokenisation) or raw (the authors' raw strings)."),
+    method: str = typer.Option(None, "--method", help="gate-scan: exact (default) or attribution (first-order, one forward + backward)."),
+    check: int = typer.Option(None, "--check", min=1, help="gate-scan --method attribution: examples also scanned exactly for the rank correlation (8)."),
+    top: int = typer.Option(None, "--top", min=1, help="gate-scan: top positions per example resolved over layer windows (3)."),
+    windows: int = typer.Option(None, "--windows", min=1, help="gate-scan: number of layer windows (4)."),
+    per_example: bool = _flag("--per-example", "gate-scan: also write tables/positions_by_example."),
     retry_failed: bool = _flag("--retry-failed", "Process again the examples recorded as failures (e.g. after fixing their images)."),
     quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
@@ -221,7 +227,8 @@ def run(
 
     for value, allowed, option in ((experiment, tuple(EXPERIMENTS), "EXPERIMENT"), (data, DATASETS, "--data"),
                                    (dtype, ("auto", "float32", "bfloat16", "float16"), "--dtype"),
-                                   (mode, KNOCKOUT_MODES, "--mode"), (task, (None, *TASK_DATASETS), "--task"),
+                                   (mode, (None, *KNOCKOUT_MODES), "--mode"), (task, (None, *TASK_DATASETS), "--task"),
+                                   (method, (None, "exact", "attribution"), "--method"),
                                    (direction, (None, "paper", "both"), "--direction"),
                                    (span, (None, "single", "from"), "--span"),
                                    (cider_tokenize, (None, "ptb", "raw"), "--cider-tokenize")):
@@ -236,6 +243,7 @@ def run(
                threshold=threshold, max_tokens=max_tokens, image_index=image_index, Z=z, min_cluster_size=min_cluster_size,
                allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
                direction=direction, span=span, cider_tokenize=cider_tokenize,
+               method=method, check=check, top=top, windows=windows, per_example=per_example or None,
                retry_failed=retry_failed or None, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:

@@ -15,6 +15,7 @@ from packaging.version import Version
 # Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
 from transformers.image_processing_utils import select_best_resolution
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -43,12 +44,49 @@ def layer_cache(kwargs: dict):
     return kwargs.get(CACHE_ARG)
 
 
+def cache_kv(cache) -> list[tuple]:
+    """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
+    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class _PrefixLayer(DynamicLayer):
+    """A cache layer that reports a fixed prefix and stores nothing: ``update`` hands back the new keys and
+    values alone, and narrowgate's attention reads the prefix itself (so it is never copied per row)."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+class PrefixCache(Cache):
+    """A read-only stand-in for a KV cache of ``length`` positions, shared by any number of batch rows.
+
+    The model sees an ordinary cache of that length (positions, masks); the keys and values live with
+    narrowgate's engine, which attends to them for every row without expanding them (5.0 - 5.24 Cache API).
+    """
+
+    def __init__(self, n_layers: int, length: int):
+        super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
+
+
 __all__ = [
     "AttentionMaskInterface",
     "BaseModelOutputWithPooling",
     "CACHE_ARG",
+    "PrefixCache",
     "ChameleonVQVAE",
     "TRANSFORMERS",
+    "cache_kv",
     "cache_kwargs",
     "eager_mask",
     "is_torchvision_available",

@@ -32,6 +32,7 @@ PLAN = (
     ("ablation-captions", "ablation", dict(task="captions", n=96, max_new_tokens=24)),
     ("ablation-classes", "ablation", dict(task="classes", n_per_class=40, k=10)),
     ("patching", "patching", dict(n_per_class=24)),
+    ("gate-scan", "gate-scan", dict(n_per_class=2, bootstrap=500)),
 )
 SUMMARY = ("baseline", "eoi->text", "image->text")
 #: Smallest sample sizes the metrics accept (ADP needs > 16 points per layer; overlap needs k < n per class).
@@ -70,7 +71,12 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
     verdicts = verdict(summary)
     print_summary(summary, verdicts, console)
     summary.to_csv(out / "summary.csv", index=False)
-    write_report(out, runs, summary, verdicts, plan, models)
+    gates = gate_summary(runs, verdicts)
+    if len(gates):
+        gates.to_csv(out / "gates.csv", index=False)
+        for text in gates["verdict"]:
+            console.print(text)
+    write_report(out, runs, summary, verdicts, plan, models, gates)
     console.print(f"[green]report:[/green] {out / 'report.html'}")
     return out / "report.html"
 
@@ -111,6 +117,26 @@ def verdict(summary: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> pd.DataFrame:
+    """Per model, the gate scan's numbers and verdict, and whether it agrees with the ablation's verdict."""
+    rows = []
+    for label, by_name in runs.items():
+        if "gate-scan" not in by_name:
+            continue
+        g = pd.read_csv(by_name["gate-scan"] / "tables" / "gate.csv").iloc[0]
+        scan_gate = str(g["verdict"]).startswith("a narrow gate")
+        ablation = verdicts.get(label, "")
+        agree = "" if "near zero" in ablation or not ablation else (
+            "agrees" if scan_gate == ("a narrow gate" in ablation) else "DISAGREES")
+        text = f"{label}: gate scan — {g['verdict']}"
+        if agree:
+            text += f" This {agree} with the ablation's verdict."
+        rows.append({"model": label, "gate_index": g["gate_index"], "gate_low": g["gate_low"], "gate_high": g["gate_high"],
+                     "positions_for_90": g["positions_for_90"], "top_position": g["top_position"],
+                     "agrees_with_ablation": agree, "verdict": text})
+    return pd.DataFrame(rows)
+
+
 def print_summary(summary: pd.DataFrame, verdicts: dict[str, str], console: Console) -> None:
     table = Table(title="Ablation summary (synthetic tasks)")
     for col in ("model", "task", "metric", *SUMMARY):
@@ -144,7 +170,7 @@ def model_table(models: dict[str, Path]) -> str:
 
 
 def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFrame, verdicts: dict[str, str],
-                 plan=PLAN, models: dict[str, Path] | None = None) -> None:
+                 plan=PLAN, models: dict[str, Path] | None = None, gates: pd.DataFrame | None = None) -> None:
     labels = list(runs)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>narrowgate demo</title><style>"
@@ -160,6 +186,10 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
         summary.pivot_table(index=["model", "task", "metric"], columns="condition", values="score")[list(SUMMARY)]
         .rename_axis(columns=None).reset_index().to_html(index=False, float_format=lambda x: f"{x:.3f}"),
     ]
+    if gates is not None and len(gates):
+        parts += ["<h2>Gate scan (every image-side position knocked out alone)</h2><ul>",
+                  *[f"<li>{html.escape(v)}</li>" for v in gates["verdict"]], "</ul>",
+                  gates.drop(columns="verdict").to_html(index=False, float_format=lambda x: f"{x:.3f}")]
     for name, experiment, _ in plan:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr>")
         parts += [f"<th>{html.escape(lab)}</th>" for lab in labels]

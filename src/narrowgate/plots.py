@@ -102,7 +102,41 @@ def patching(tables, info, store):
     return [_save(fig, store, "patching")]
 
 
+def gate_scan(tables, info, store):
+    """Per-position damage laid out on the image grid, the specials (BOI, [EOL]s, [EOI]) as bars beside it."""
+    import numpy as np
+
+    df = tables["positions"]
+    grid = df[df["row"] >= 0]
+    specials = df[df["row"] < 0].sort_values("rank").head(16)
+    label = "estimated drop of log p(own next token)" if "attribution" in set(tables["gate"]["method"]) else \
+        "damage: KL at last (nats)"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    if len(grid):
+        cells = np.full((int(grid["row"].max()) + 1, int(grid["col"].max()) + 1), np.nan)
+        cells[grid["row"].astype(int), grid["col"].astype(int)] = grid["damage"]
+        im = a.imshow(cells, cmap="magma", aspect="auto" if cells.shape[0] == 1 else "equal")
+        fig.colorbar(im, ax=a, fraction=0.046, label=label)
+    a.set(title="image tokens on the image grid", xticks=[], yticks=[])
+    gate = tables["gate"].iloc[0]
+    b.barh(range(len(specials)), specials["damage"], color=COLORS[1])
+    err = np.vstack([specials["damage"] - specials["damage_low"], specials["damage_high"] - specials["damage"]])
+    b.errorbar(specials["damage"], range(len(specials)), xerr=np.clip(err, 0, None), fmt="none", ecolor="k", lw=0.8)
+    b.set_yticks(range(len(specials)), specials["position"], fontsize=8)
+    b.invert_yaxis()
+    b.set(xlabel=label, title="special positions (95% bootstrap)")
+    if "whole_damage" in gate and np.isfinite(gate.get("whole_damage", np.nan)):
+        b.set_title(f"special positions (95% bootstrap)\nwhole image side knocked out: {gate['whole_damage']:.3g}",
+                    fontsize=10)
+    title = f"Gate scan — top: {gate['top_position']}"
+    if "gate_index" in gate and np.isfinite(gate.get("gate_index", np.nan)):
+        title += f", gate index {gate['gate_index']:.2f}"
+    fig.suptitle(title)
+    return [_save(fig, store, "gate_scan")]
+
+
 DRAW = {
+    "gate-scan": gate_scan,
     "modality-gap": modality_gap,
     "cross-attention": cross_attention,
     "overlap": overlap,
@@ -114,7 +148,7 @@ DRAW = {
 def draw(experiment: str, tables: dict, info: dict, store) -> list[str]:
     """Draw the figures of one run; returns their names (files under figures/)."""
     needed = {"modality-gap": "modality_gap", "cross-attention": "cross_attention_by_layer", "overlap": "overlap",
-              "ablation": "ablation", "patching": "patching"}.get(experiment)
+              "ablation": "ablation", "patching": "patching", "gate-scan": "positions"}.get(experiment)
     if needed is None or needed not in tables or tables[needed].empty:
         return []
     return DRAW[experiment](tables, info, store)

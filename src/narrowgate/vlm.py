@@ -13,8 +13,8 @@ from .batch import Batch
 from .engine import attention as engine_attention
 from .engine import hooks
 from .engine import shared
-from .engine.interventions import Capture
-from .engine.state import InterventionError, activate, resolve
+from .engine.interventions import Capture, Knockout
+from .engine.state import InterventionError, ResolvedKnockout, RoleMask, Run, activate, resolve
 from .engine.stats import CrossModalAttention, build
 from .families import detect
 
@@ -261,6 +261,37 @@ class VLM:
             out.setdefault("pad_token_id", pad)
         return out
 
+    def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
+        """Run the first ``length`` positions once; the result serves any number of suffix passes."""
+        if not 0 < length < batch.length or length <= max(lay.end for lay in batch.layouts):
+            raise InterventionError(
+                f"A shared prefix of {length} positions must hold every example's whole image and leave a suffix "
+                f"(images end at {max(lay.end for lay in batch.layouts)}, the batch has {batch.length} positions); "
+                "batch examples whose images end at the same position (same prompt length), or one at a time."
+            )
+        pre_run, cache, suffix = self._prefix_cache(batch, length, capture)
+        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, pre_run.captured)
+
+    def _heads(self) -> int:
+        return int(self.layers[0].self_attn.config.num_attention_heads)
+
+    def _suffix_pass(self, prefix: shared.SharedPrefix, run, n: int, keep: int = 1) -> torch.Tensor:
+        """The suffix of ``n`` conditions (``run`` over their n * B rows) in one pass; the logits of the last
+        ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1)."""
+        run.prefix = prefix.kv
+        if prefix.captured:
+            run.captured = shared.repeat_captured(prefix.captured, n)
+        cache = compat.PrefixCache(self.n_layers, prefix.length)
+        with activate(run):
+            out = self.model(**shared.repeat_rows(prefix.suffix, n), **compat.cache_kwargs(cache), use_cache=True,
+                             **self._keep_last(keep))
+        self._check_applied(run)
+        return out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()
+
+    def _rows_per_pass(self, prefix: shared.SharedPrefix) -> int:
+        b = prefix.batch
+        return shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length)
+
     @torch.no_grad()
     def forward_conditions(
         self, batch: Batch, conditions, *, capture: Capture | None = None, attention_stats: bool = False,
@@ -270,7 +301,8 @@ class VLM:
 
         Returns per condition the logits at the last position (and, with ``keep > 1``, those of the last
         ``keep`` positions), the captured residuals and, with ``attention_stats``, the cross-modal
-        attention. Equal to separate `forward` calls.
+        attention. The prefix runs once; the conditions' suffixes run together as batch rows, as many per
+        pass as memory allows. Equal to separate `forward` calls.
         """
         conds = shared.as_conditions(conditions)
         keep = max(1, int(keep))
@@ -283,20 +315,91 @@ class VLM:
                 )
                 results[c.name] = self._condition_output(out.logits, out.residuals, out.cross_modal_attention, keep)
             return results
-        pre_run, cache, suffix = self._prefix_cache(batch, P, capture)
-        for c in conds:
-            run = self._run(batch, c.knockouts, c.patches, capture, attention_stats)
-            for name, per_layer in pre_run.captured.items():
-                run.captured[name] = dict(per_layer)
-            try:
-                with activate(run):
-                    out = self.model(**suffix, **compat.cache_kwargs(cache), use_cache=True, **self._keep_last(keep))
-            finally:
-                shared.crop(cache, P)
-            self._check_applied(run)
-            cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
-            results[c.name] = self._condition_output(out.logits, run.residuals(), cma, keep)
+        prefix = self.share_prefix(batch, P, capture)
+        runs = [self._run(batch, c.knockouts, c.patches, capture, attention_stats) for c in conds]
+        step, B = self._rows_per_pass(prefix), batch.size
+        for s in range(0, len(conds), step):
+            part = conds[s : s + step]
+            n = len(part)
+            run = shared.stack(runs[s : s + step], B, batch.length)
+            logits = self._suffix_pass(prefix, run, n, keep).cpu().view(n, B, *(() if keep == 1 else (keep,)), -1)
+            residuals = {k: v.view(n, B, *v.shape[1:]) for k, v in run.residuals().items()}
+            cols = {l: t.view(n, B, -1) for l, t in run.column_attention.items()}
+            for i, c in enumerate(part):
+                cma = build(batch, {l: t[i] for l, t in cols.items()}, self.n_layers) if attention_stats else None
+                last, tail = (logits[i], None) if keep == 1 else (logits[i][:, -1], logits[i])
+                results[c.name] = shared.ConditionOutput(last, {k: v[i] for k, v in residuals.items()}, cma, tail)
         return results
+
+    @torch.no_grad()
+    def forward_knockouts(
+        self, prefix: shared.SharedPrefix, sources: torch.Tensor, *, target="text", layers=None, mode: str = "mask"
+    ) -> torch.Tensor:
+        """Next-token logits at ``last`` ([C, B, V], float32, CPU) for C knockouts ``sources[c] -> target``.
+
+        ``sources`` is a [C, B, T] boolean mask of arbitrary key positions (one position, a set, the whole
+        image), so a scan over every image-side position is one call. ``layers``: decoder layers of every
+        knockout (None = all), or a list of C such windows (tuples, ranges or None), one per knockout. The knockouts run as batch rows of
+        suffix passes on ``prefix`` (`share_prefix`).
+        """
+        batch = prefix.batch
+        C, B, T = sources.shape
+        if (B, T) != (batch.size, batch.length):
+            raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
+        each = isinstance(layers, list) and not all(isinstance(x, int) for x in layers)
+        per = list(layers) if each else [layers] * C
+        if len(per) != C:
+            raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
+        resolved = [self._run(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
+                    for l in per]  # validates target, layers and mode
+        tgt = resolved[0].target
+        if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
+            raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
+        step = self._rows_per_pass(prefix)
+        out = []
+        for s in range(0, C, step):
+            src = sources[s : s + step].bool()
+            n = src.shape[0]
+            run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
+            for window in dict.fromkeys(k.layers for k in resolved[s : s + step]):
+                rows = torch.tensor([k.layers == window for k in resolved[s : s + step]])
+                run.knockouts.append(ResolvedKnockout(RoleMask((src & rows[:, None, None]).reshape(n * B, T), False),
+                                                      RoleMask(tgt.prompt.repeat(n, 1), tgt.generated), window, mode))
+            out.append(self._suffix_pass(prefix, run, n).cpu().view(n, B, -1))
+        return torch.cat(out)
+
+    def attribute(self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+        """First-order estimate, for every key position j, of knocking out ``j -> target`` at every layer.
+
+        One suffix pass with autograd and one backward (attribution patching on the attention edges): with
+        A the attention probabilities of the target rows and G = dM/dA, where M is the log-probability at
+        ``last`` of the model's own next token, the knockout changes row i by dA (``mask``: A_ij -> 0 and the
+        rest renormalised, dA_ik = A_ik A_ij / (1 - A_ij); ``zero``: A_ij -> 0), and the estimate is
+        sum over layers, heads and target rows of <G_i, dA_i>. Returns the estimated change of M
+        ([B, T], float32, CPU; negative = the knockout lowers it) and the next tokens ([B]).
+        """
+        if mode not in ("mask", "zero"):
+            raise ValueError(f"mode must be 'mask' or 'zero', got {mode!r}.")
+        batch, P = prefix.batch, prefix.length
+        rows = self._run(batch, (Knockout("image", target),), (), None, False).knockouts[0].target.prompt[:, P:]
+        run = Run(layer_of=self.layer_of, n_layers=self.n_layers, probs={})
+        with torch.enable_grad():
+            logits = self._suffix_pass(prefix, run, 1)
+            top = logits.argmax(-1)
+            metric = torch.log_softmax(logits, -1).gather(1, top[:, None]).sum()
+            layers = sorted(run.probs)
+            grads = torch.autograd.grad(metric, [run.probs[l] for l in layers])
+        est = torch.zeros(batch.size, batch.length)
+        sel = rows.to(grads[0].device)[:, None, :, None].float()  # [B, 1, Q, 1]
+        for l, G in zip(layers, grads):
+            A = run.probs[l].detach()
+            if mode == "zero":
+                edge = -A * G
+            else:
+                S = (A * G).sum(-1, keepdim=True)
+                edge = A / (1 - A).clamp(min=torch.finfo(A.dtype).tiny) * (S - G)
+            est += (edge * sel).sum((1, 2)).cpu()
+        return est, top.cpu()
 
     @torch.no_grad()
     def generate_conditions(self, batch: Batch, conditions, *, max_new_tokens: int = 20, **kwargs) -> dict[str, torch.Tensor]:

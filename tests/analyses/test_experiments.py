@@ -20,6 +20,8 @@ CASES = {
     "ablation-classes": dict(task="classes", n_per_class=3, k=2),
     "ablation-sweep": dict(task="classes", n_per_class=2, k=1, sweep=True, mode="mask"),
     "patching": dict(n_per_class=2),
+    "gate-scan": dict(n_per_class=1, bootstrap=50),
+    "gate-scan-attribution": dict(n_per_class=1, method="attribution", check=2, bootstrap=50),
 }
 TABLES = {
     "modality-gap": {"modality_gap"},
@@ -27,12 +29,13 @@ TABLES = {
     "overlap": {"overlap"},
     "ablation": {"ablation"},
     "patching": {"patching", "patching_pairs"},
+    "gate-scan": {"positions", "gate", "layers"},
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
-    name = case.split("-")[0] if case.startswith("ablation") else case
+    name = case.split("-")[0] if case.startswith("ablation") else case.removesuffix("-attribution")
     vlm = loaded("chameleon")
     cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), batch_size=2,
                progress=False, **CASES[case])
@@ -62,6 +65,12 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
     if name == "patching":
         df = tables["patching"]
         assert len(df) == vlm.n_layers and df["similarity"].between(0, 1).all()
+    if name == "gate-scan":
+        gate = tables["gate"].iloc[0]
+        assert 0 <= gate["gate_index"] <= 1.5 and gate["positions_for_90"] >= 1 and gate["verdict"]
+        assert tables["positions"]["damage"].is_monotonic_decreasing
+        if case.endswith("attribution"):
+            assert gate["n_exact"] == 2 and -1 <= gate["spearman_logp"] <= 1
     if name == "cross-attention":
         df = tables["cross_attention_by_layer"]
         np.testing.assert_allclose(df.groupby("layer")["fraction"].sum(), 1.0, atol=1e-5)

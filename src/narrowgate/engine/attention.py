@@ -115,11 +115,50 @@ def _direct(query, key, value, scale, allow, zero):
     return out.transpose(1, 2).to(query.dtype), p
 
 
+def _fold(x: torch.Tensor, B: int, Hk: int) -> torch.Tensor:
+    """[C*B, H, Q, n] (rows condition-major, H = Hk * g) -> [B, Hk, C*g*Q, n]: every condition's rows of one
+    example stacked along the query axis, so they meet that example's shared prefix in one matmul."""
+    CB, H, Q, n = x.shape
+    C, g = CB // B, H // Hk
+    return x.reshape(C, B, Hk, g, Q, n).permute(1, 2, 0, 3, 4, 5).reshape(B, Hk, C * g * Q, n)
+
+
+def _unfold(x: torch.Tensor, C: int, H: int, Q: int) -> torch.Tensor:
+    """Inverse of `_fold`: [B, Hk, C*g*Q, n] -> [C*B, H, Q, n]."""
+    B, Hk, _, n = x.shape
+    g = H // Hk
+    return x.reshape(B, Hk, C, g, Q, n).permute(2, 0, 1, 3, 4, 5).reshape(C * B, H, Q, n)
+
+
+def with_prefix(query, key, value, prefix, scale, allow, zero):
+    """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
+
+    query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
+    [B, Hk, P, d] of the shared prefix, never expanded over conditions; allow [C*B, 1, Q, P+Q].
+    Returns the output [C*B, Q, H, dv] and the probabilities [C*B, H, Q, P+Q] (float32, zero-mode
+    entries zeroed).
+    """
+    CB, H, Q, _ = query.shape
+    pk, pv = prefix
+    B, Hk, P, _ = pk.shape
+    C, g = CB // B, H // Hk
+    pre = torch.matmul(_fold(query, B, Hk), pk.transpose(2, 3).to(query.dtype))
+    own = torch.matmul(query.reshape(CB, Hk, g * Q, -1), key.transpose(2, 3))
+    scores = torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float() * scale
+    p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
+    if zero is not None:
+        p = p.masked_fill(zero[:, None], 0.0)
+    w = p.to(value.dtype)
+    out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
+    out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
+    return out.transpose(1, 2), p
+
+
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
     if kwargs.get("softcap") is not None:
         raise InterventionError("narrowgate's attention does not support logit soft-capping (softcap).")
     B, H, Q, d = query.shape
-    K = key.shape[2]
+    K = key.shape[2] + (0 if run.prefix is None else run.prefix[layer][0].shape[2])
     offset = K - Q
     device = query.device
     scale = scaling if scaling is not None else d**-0.5
@@ -131,6 +170,14 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         keep=attention_mask,
     )
     stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
+
+    if run.prefix is not None:
+        out, probs = with_prefix(query, key, value, run.prefix[layer], scale, allow, zero_block)
+        run.record(layer, probs)
+        if stats_rows is not None:
+            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
+            run.column_attention[layer] = cols.detach()
+        return out.contiguous(), None
 
     if not eager and Q <= DIRECT_ROWS:
         out, probs = _direct(query, key, value, scale, allow, zero_block)

@@ -2,8 +2,11 @@
 
 Attention is causal, so positions before the first one an intervention touches compute the same
 keys and values in every condition. The prefix (the image, typically nearly all of the sequence)
-runs once and fills a KV cache; each condition then runs only the suffix on that cache, which is
-cropped back to the prefix after every condition. Results equal full recomputation (tests).
+runs once and fills a KV cache. Forwards then run the suffixes of many conditions in one pass: the
+conditions become batch rows (condition-major: row ``c * B + b``), every row attends to the one
+shared prefix without copying it (`narrowgate.compat.PrefixCache`, `engine.attention.with_prefix`),
+and the conditions' interventions are stacked into one run (`stack`). Generation runs each condition
+on the cache and crops it back to the prefix afterwards. Results equal full recomputation (tests).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from ..batch import Batch
 from .interventions import Knockout, Patch
+from .state import ResolvedKnockout, RoleMask, Run
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,18 @@ class ConditionOutput:
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
     cross_modal_attention: object | None = None
     tail_logits: torch.Tensor | None = None
+
+
+@dataclass
+class SharedPrefix:
+    """A batch's first ``length`` positions, run once: per decoder layer its keys and values ([B, kv_heads,
+    length, head_dim]), the model inputs of the rest (the suffix) and residuals captured in the prefix."""
+
+    batch: Batch
+    length: int
+    kv: list
+    suffix: dict
+    captured: dict = field(default_factory=dict)
 
 
 def as_conditions(conditions) -> list[Condition]:
@@ -99,3 +115,70 @@ def crop(cache, P: int) -> None:
     extra = cache.get_seq_length() - P
     if extra > 0:
         cache.crop(-extra)
+
+
+#: Attention scores (float32 elements) one suffix pass may hold; conditions are split into passes to fit.
+SCORE_BUDGET = 1 << 25
+
+
+def rows_per_pass(batch_size: int, heads: int, suffix: int, length: int) -> int:
+    """How many conditions one suffix pass takes: their [rows, heads, suffix, length] scores fit the budget."""
+    return max(1, SCORE_BUDGET // max(1, batch_size * heads * suffix * length))
+
+
+def repeat_rows(suffix: dict, n: int) -> dict:
+    """The suffix inputs of ``n`` conditions stacked condition-major along the batch axis."""
+    out = {}
+    for k, v in suffix.items():
+        out[k] = v.repeat(*([1] * (v.dim() - 2)), n, 1) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _stacked(parts: list, C: int, fill: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fill if p is None else p for p in parts[:C]], dim=0)
+
+
+def stack(runs: list[Run], batch_size: int, length: int) -> Run:
+    """One run over ``len(runs) * batch_size`` rows equal to the given runs (each over the same batch) side by side.
+
+    Knockouts (and patches) of different conditions land in different rows, so they merge without
+    interacting: the i-th knockout with given layers and mode of every condition becomes one knockout
+    whose masks are empty in the rows of conditions that lack it. Captures and attention statistics,
+    the same for every condition, are repeated.
+    """
+    first, C, B = runs[0], len(runs), batch_size
+    out = Run(layer_of=first.layer_of, n_layers=first.n_layers)
+    empty = torch.zeros(B, length, dtype=torch.bool)
+    groups: dict = {}
+    for c, run in enumerate(runs):
+        seen: dict = {}
+        for k in run.knockouts:
+            kind = (k.layers, k.mode, k.source.generated, k.target.generated)
+            seen[kind] = seen.get(kind, -1) + 1
+            groups.setdefault((*kind, seen[kind]), [None] * C)[c] = k
+    for (layers, mode, src_gen, tgt_gen, _), ks in groups.items():
+        src = _stacked([None if k is None else k.source.prompt for k in ks], C, empty)
+        tgt = _stacked([None if k is None else k.target.prompt for k in ks], C, empty)
+        out.knockouts.append(ResolvedKnockout(RoleMask(src, src_gen), RoleMask(tgt, tgt_gen), layers, mode))
+    patch_groups: dict = {}
+    for c, run in enumerate(runs):
+        seen = {}
+        for layer, pos, value in run.patches:
+            seen[layer] = seen.get(layer, -1) + 1
+            patch_groups.setdefault((layer, seen[layer]), [None] * C)[c] = (pos, value)
+    for (layer, _), ps in patch_groups.items():
+        like = next(p for p in ps if p is not None)[1]
+        pos = _stacked([None if p is None else p[0] for p in ps], C, torch.full((B,), -1, dtype=torch.long))
+        value = _stacked([None if p is None else p[1] for p in ps], C, torch.zeros_like(like))
+        out.patches.append((layer, pos, value))
+    out.capture_layers = first.capture_layers
+    out.capture_positions = {name: list(pos) * C for name, pos in first.capture_positions.items()}
+    out.captured = {name: {} for name in first.captured}
+    if first.text is not None:
+        out.text = RoleMask(first.text.prompt.repeat(C, 1), first.text.generated)
+    return out
+
+
+def repeat_captured(captured: dict, n: int) -> dict:
+    """Residual sums of the prefix pass ({role: {index: (sum [B, D], count [B])}}) repeated for ``n`` conditions."""
+    return {name: {i: (s.repeat(n, 1), c.repeat(n)) for i, (s, c) in per.items()} for name, per in captured.items()}

@@ -86,6 +86,8 @@ class Run:
     patched: set[int] = field(default_factory=set)  # indices into patches that were applied
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     offset: int = 0  # absolute position of the first query row in the current layer call
+    prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
+    probs: dict | None = None  # when set: layer -> attention probabilities of the suffix rows, gradients retained
     _cache: dict = field(default_factory=dict, repr=False)
 
     def cached(self, key, make, keep=None):
@@ -123,7 +125,14 @@ class Run:
         return [k for k in self.knockouts if k.layers is None or layer in k.layers]
 
     def attention_active(self, layer: int) -> bool:
-        return bool(self.knockouts_at(layer)) or self.text is not None
+        return bool(self.knockouts_at(layer)) or self.text is not None or self.prefix is not None
+
+    def record(self, layer: int, probs: torch.Tensor) -> None:
+        """Keep a layer's attention probabilities (and, under autograd, their gradient) when asked to."""
+        if self.probs is not None:
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.probs[layer] = probs
 
     def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
         """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""

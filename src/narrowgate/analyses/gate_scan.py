@@ -1,0 +1,312 @@
+"""Gate scan: through which positions does the image reach the text? Every image-side position, causally.
+
+For each example and every image-side position p — BOI, each image token, each in-image special such
+as [EOL], and [EOI] — the condition "p -> text" is knocked out at every layer (``--mode``, ``mask`` by
+default: exactly blind). Its *damage* is KL(baseline || knocked out) of the next-token distribution at
+``last``. Reference conditions in the same pass: the whole image side knocked out, and the whole image
+side except the example's most damaging position. All conditions of an example share its image prefix
+and run as batch rows of one suffix pass (`VLM.forward_knockouts`).
+
+- **Gate index** = mean damage of the top position (the one with the largest mean damage over examples)
+  / mean damage of knocking out the whole image side, with a bootstrap interval over examples. About 1:
+  the image reaches the text through that one position (a narrow gate); about 0: through many.
+- **positions_for_90**: per example, the smallest number of its top-ranked positions that, knocked out
+  *together* (measured, not summed), do at least 90% of the whole-image damage (a geometric grid of set
+  sizes, then bisection); the median over examples.
+- Layer resolution: each example's top positions (``--top``) and the whole image side knocked out in
+  ``--windows`` consecutive layer windows only.
+- ``--method attribution``: a first-order estimate of every position's effect from one forward and one
+  backward (`VLM.attribute`): the predicted change of the log-probability of the model's own next token,
+  its size taken as the damage (KL itself has zero gradient at the baseline). The exact scan runs on the
+  first ``--check`` examples, which give the gate numbers and the Spearman rank correlation of the
+  estimate with the exact KL damage (``spearman``) and with the exact log-probability change
+  (``spearman_logp``, the quantity estimated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..engine.state import InterventionError
+from .ablation import TASK_OF
+from .base import Experiment, Unit
+from .prompts import CAPTION, VQA, class_prompt
+
+GRID_GROWTH = 1.5
+FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
+MIN_DAMAGE = 1e-6  # nats: below this the text does not read the image, and no share of it means anything
+
+
+def side_positions(lay) -> list[tuple[int, str, str]]:
+    """Every image-side position of one layout: (absolute position, name, role) in sequence order."""
+    out = [] if lay.boi is None else [(lay.boi, "boi", "boi")]
+    content = {p: k for k, p in enumerate(lay.content)}
+    eol = {p: i for i, p in enumerate(lay.eol)}
+    special = 0
+    for p in range(lay.start, lay.end + 1):
+        if p in content:
+            out.append((p, f"image[{content[p]}]", "image_content"))
+        elif p in eol:
+            out.append((p, f"eol[{eol[p]}]", "eol"))
+        else:
+            out.append((p, f"image_special[{special}]", "image"))
+            special += 1
+    if lay.eoi is not None:
+        out.append((lay.eoi, "eoi", "eoi"))
+    return out
+
+
+def grid(lay) -> dict[str, tuple[int, int]]:
+    """Where each image token sits on the image: rows split at [EOL]s, else a square grid, else one row."""
+    n = len(lay.content)
+    if lay.eol:
+        out, row, col, breaks = {}, 0, 0, set(lay.eol)
+        for p in range(lay.start, lay.end + 1):
+            if p in breaks:
+                row, col = row + 1, 0
+            elif p in lay.content:
+                out[f"image[{lay.content.index(p)}]"] = (row, col)
+                col += 1
+        return out
+    side = math.isqrt(n)
+    cols = side if side * side == n else n
+    return {f"image[{k}]": (k // cols, k % cols) for k in range(n)}
+
+
+def kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(base) || softmax(logits)) per row, in nats."""
+    lp, lq = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def windows(n_layers: int, count: int) -> list[tuple[int, ...]]:
+    """``count`` consecutive decoder-layer windows covering 0..n_layers-1."""
+    edges = np.linspace(0, n_layers, min(count, n_layers) + 1).round().astype(int)
+    return [tuple(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class GateScan(Experiment):
+    name = "gate-scan"
+    task = "classes"
+    defaults = {"mode": "mask", "method": "exact", "check": 8, "top": 3, "windows": 4, "bootstrap": 1000}
+
+    def _task(self, cfg):
+        return cfg.get("task") or TASK_OF.get(cfg["data"], "classes")
+
+    def examples(self, cfg):
+        from . import tasks
+
+        task = self._task(cfg)
+        n = cfg.get("n") or (None if task == "classes" else 200)
+        return tasks.load(cfg["data"], task, cfg.get("data_dir"), n=n, seed=cfg["seed"],
+                          n_per_class=cfg.get("n_per_class") or (10 if task == "classes" else None))
+
+    def units(self, examples, cfg):
+        if cfg["method"] not in ("exact", "attribution"):
+            raise ValueError(f"--method must be exact or attribution, got {cfg['method']!r}.")
+        if cfg["mode"] not in ("mask", "zero"):
+            raise ValueError(f"--mode must be mask or zero, got {cfg['mode']!r}.")
+        return [Unit(e.id, (e,), meta={"check": i < int(cfg["check"])}) for i, e in enumerate(examples)]
+
+    def _prompt(self, example, cfg):
+        task = self._task(cfg)
+        if task == "vqa":
+            return VQA.format(question=example.question)
+        return CAPTION if task == "captions" else class_prompt(cfg)
+
+    def process(self, vlm, units, images, cfg):
+        rows = []
+        for unit, imgs in zip(units, images):
+            batch = vlm.prepare([imgs[0]], [self._prompt(unit.examples[0], cfg)])
+            lay = batch.layouts[0]
+            if lay.eoi is None:
+                raise InterventionError("The gate scan needs text after the image; this prompt ends with the image.")
+            side = side_positions(lay)
+            prefix = vlm.share_prefix(batch, lay.eoi + 1)
+            row = {"example_id": unit.id, "positions": [n for _, n, _ in side], "roles": [r for _, _, r in side],
+                   "grid": [list(grid(lay).get(n, (-1, -1))) for _, n, _ in side]}
+            if cfg["method"] == "attribution":
+                est, _ = vlm.attribute(prefix, mode=cfg["mode"])
+                row["estimate"] = est[0, [p for p, _, _ in side]].abs().tolist()
+                if not unit.meta.get("check"):
+                    rows.append(row)
+                    continue
+            row.update(self._exact(vlm, prefix, side, cfg))
+            if cfg["method"] == "attribution":
+                row["spearman"] = spearman(row["estimate"], row["damage"])
+                row["spearman_logp"] = spearman(row["estimate"], np.abs(row["logp_change"]))
+            rows.append(row)
+        return rows, {}
+
+    def _exact(self, vlm, prefix, side, cfg) -> dict:
+        """Single-position damages, the two references, the 90% set size and the layer windows of one example."""
+        T, N, mode = prefix.batch.length, len(side), cfg["mode"]
+        pos = torch.tensor([p for p, _, _ in side])
+
+        def masks(sets) -> torch.Tensor:
+            m = torch.zeros(len(sets), 1, T, dtype=torch.bool)
+            for i, s in enumerate(sets):
+                m[i, 0, pos[[int(j) for j in s]]] = True
+            return m
+
+        def damage(sets, layers=None) -> np.ndarray:
+            return kl(base, vlm.forward_knockouts(prefix, masks(sets), layers=layers, mode=mode)[:, 0]).numpy()
+
+        singles = [[i] for i in range(N)]
+        logits = vlm.forward_knockouts(prefix, masks([[]] + singles + [range(N)]), mode=mode)[:, 0]
+        base = logits[0]
+        d = kl(base, logits[1:]).numpy()
+        own = int(base.argmax())
+        logp = torch.log_softmax(logits, -1)[:, own]
+        single, whole = d[:N], float(d[N])
+        order = np.argsort(-single, kind="stable")
+        grid_k = sorted({min(N, int(round(GRID_GROWTH**i))) for i in range(64)} | {N})
+        grid_k = [k for k in grid_k if k <= N]
+        joint = dict(zip(grid_k, damage([order[:k] for k in grid_k])))
+        rest = float(damage([order[1:]])[0]) if N > 1 else 0.0
+        k90 = float("nan")
+        if whole > MIN_DAMAGE:
+            goal = 0.9 * whole
+            hi = next((k for k in grid_k if joint[k] >= goal), N)
+            lo = max([k for k in grid_k if k < hi], default=0)
+            while hi - lo > 1:  # joint damage grows with the set: between two grid sizes, all at once or bisect
+                if hi - lo - 1 <= FILL:
+                    between = range(lo + 1, hi)
+                    hi = min((k for k, v in zip(between, damage([order[:k] for k in between])) if v >= goal), default=hi)
+                    break
+                mid = (lo + hi) // 2
+                if damage([order[:mid]])[0] >= goal:
+                    hi = mid
+                else:
+                    lo = mid
+            k90 = float(hi)
+        top = [int(i) for i in order[: int(cfg["top"])]]
+        spans = windows(vlm.n_layers, int(cfg["windows"]))
+        sets = [[i] for i in top] + [range(N)]
+        d_windows = damage(sets * len(spans), layers=[w for w in spans for _ in sets])
+        by_window = d_windows.reshape(len(spans), len(sets)).tolist()
+        return {"damage": single.tolist(), "logp_change": (logp[1 : N + 1] - logp[0]).tolist(), "whole": whole,
+                "whole_except_top": rest, "k90": k90, "window_top": [side[i][1] for i in top],
+                "window_damage": by_window}
+
+    def aggregate(self, records, cfg, info):
+        df = records.rows
+        exact = df[df["damage"].notna()] if "damage" in df else df.iloc[:0]
+        rng = np.random.default_rng(cfg["seed"])
+        tables = {}
+        key = "estimate" if cfg["method"] == "attribution" else "damage"
+        scored = df if key == "estimate" else exact
+        names, table = _position_table(scored, key, rng, int(cfg["bootstrap"]))
+        tables["positions"] = table
+        if cfg.get("per_example"):
+            tables["positions_by_example"] = pd.DataFrame(
+                [{"example_id": r["example_id"], "position": n, key: float(v)}
+                 for _, r in scored.iterrows() for n, v in zip(r["positions"], r[key])])
+        gate = {"method": cfg["method"], "mode": cfg["mode"], "n": len(scored), "top_position": names[0]}
+        if len(exact):
+            D = _matrix(exact, "damage", names)
+            whole = exact["whole"].to_numpy(dtype=float)
+            top = int(np.nanargmax(np.nanmean(D, 0)))
+            ratio = _ratio(D[:, top], whole)
+            boot = []
+            for _ in range(int(cfg["bootstrap"])):
+                i = rng.integers(0, len(whole), len(whole))
+                boot.append(_ratio(D[i, top], whole[i]))
+            boot = np.asarray([b for b in boot if np.isfinite(b)])
+            gate.update(
+                top_position=names[top],
+                gate_index=ratio,
+                gate_low=float(np.quantile(boot, 0.025)) if np.isfinite(ratio) and len(boot) else float("nan"),
+                gate_high=float(np.quantile(boot, 0.975)) if np.isfinite(ratio) and len(boot) else float("nan"),
+                positions_for_90=float(np.nanmedian(exact["k90"])) if exact["k90"].notna().any() else float("nan"),
+                whole_damage=float(whole.mean()),
+                whole_except_top_damage=float(exact["whole_except_top"].mean()),
+                n_exact=len(exact),
+            )
+            tables["layers"] = _layer_table(exact, info["n_layers"], int(cfg["windows"]))
+        if cfg["method"] == "attribution" and len(exact):
+            gate["spearman"] = float(exact["spearman"].mean())
+            gate["spearman_logp"] = float(exact["spearman_logp"].mean())
+            gate["spearman_mean_profile"] = spearman(np.nanmean(_matrix(exact, "estimate", names), 0),
+                                                     np.nanmean(_matrix(exact, "damage", names), 0))
+        gate["verdict"] = verdict(gate)
+        tables["gate"] = pd.DataFrame([gate])
+        return tables
+
+
+def _matrix(df: pd.DataFrame, key: str, names: list[str]) -> np.ndarray:
+    """[examples, positions] of ``key``, NaN where an example lacks a position (image sizes differ)."""
+    col = {n: j for j, n in enumerate(names)}
+    out = np.full((len(df), len(names)), np.nan)
+    for i, (_, r) in enumerate(df.iterrows()):
+        for n, v in zip(r["positions"], r[key]):
+            out[i, col[n]] = v
+    return out
+
+
+def _ratio(top: np.ndarray, whole: np.ndarray) -> float:
+    w = float(np.mean(whole))
+    return float(np.nanmean(top) / w) if w > MIN_DAMAGE else float("nan")
+
+
+def _position_table(df, key, rng, n_boot):
+    """One row per position, ranked by mean ``key``: role, grid cell, mean and its bootstrap interval."""
+    first = {}
+    for _, r in df.iterrows():
+        for n, role, g in zip(r["positions"], r["roles"], r["grid"]):
+            first.setdefault(n, (role, g))
+    names = list(first)
+    D = _matrix(df, key, names)
+    mean = np.nanmean(D, 0)
+    weights = rng.multinomial(len(D), np.full(len(D), 1 / len(D)), size=n_boot)  # [R, E] resampling counts
+    present = ~np.isnan(D)
+    boot = (weights @ np.nan_to_num(D)) / np.maximum(weights @ present, 1)
+    low, high = np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
+    order = np.argsort(-mean, kind="stable")
+    rows = [{"rank": rank + 1, "position": names[j], "role": first[names[j]][0], "damage": float(mean[j]),
+             "damage_low": float(low[j]), "damage_high": float(high[j]), "row": first[names[j]][1][0],
+             "col": first[names[j]][1][1], "n": int(present[:, j].sum())} for rank, j in enumerate(order)]
+    return [names[j] for j in order], pd.DataFrame(rows)
+
+
+def _layer_table(df, n_layers, count):
+    """Mean damage per layer window of each example's top positions (by rank) and of the whole image side."""
+    rows = []
+    for w_i, w in enumerate(windows(n_layers, count)):
+        label = f"{w[0]}-{w[-1]}" if len(w) > 1 else str(w[0])
+        per = np.asarray([r["window_damage"][w_i] for _, r in df.iterrows()], dtype=float)  # [E, top + 1]
+        for k in range(per.shape[1] - 1):
+            names = pd.Series([r["window_top"][k] for _, r in df.iterrows()])
+            rows.append({"window": label, "first_layer": w[0], "what": f"top {k + 1}",
+                         "position": names.mode().iloc[0], "share_of_examples": float((names == names.mode().iloc[0]).mean()),
+                         "damage": float(per[:, k].mean())})
+        rows.append({"window": label, "first_layer": w[0], "what": "image side", "position": "all",
+                     "share_of_examples": 1.0, "damage": float(per[:, -1].mean())})
+    return pd.DataFrame(rows)
+
+
+def verdict(gate: dict) -> str:
+    """One sentence from the gate index and positions_for_90 (or why there is none)."""
+    if "gate_index" not in gate:
+        return (f"top position by first-order estimate: {gate['top_position']} (no exact scan was run, so no gate index).")
+    g, k = gate["gate_index"], gate["positions_for_90"]
+    if not np.isfinite(g):
+        return "knocking out the whole image side does not change the next-token distribution: the text does not read the image here, so there is no gate to find."
+    where = f"gate index {g:.2f} [{gate['gate_low']:.2f}, {gate['gate_high']:.2f}] at {gate['top_position']}; {k:g} position(s) carry 90% of the image's effect"
+    if g >= 0.5 and k <= 3:
+        return f"a narrow gate: {where}."
+    if g < 0.2 and k > 3:
+        return f"distributed communication: {where}."
+    return f"partly concentrated: {where}."
