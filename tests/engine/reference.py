@@ -45,9 +45,9 @@ AttentionInterface.register(NAME, reference_attention)
 AttentionMaskInterface.register(NAME, eager_mask)
 
 
-def reference_model(path, layers_of_vlm):
+def reference_model(path, layers_of_vlm, dtype=torch.float32):
     """A fresh HF model on the reference attention, with its decoder attention modules indexed."""
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
     config = model.config
     model.set_attn_implementation({"text_config": NAME} if "text_config" in config.sub_configs else NAME)
     LAYER_OF.clear()
