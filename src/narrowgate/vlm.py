@@ -166,17 +166,22 @@ class VLM:
                     image_first=batch.image_first)
         return TrainingBatch(out, labels, A)
 
-    def answer_loss(self, tb: TrainingBatch) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens, with gradients (call inside `intervening`).
+    def answer_logits(self, tb: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, A, V] over the answer block and their labels [B, A] (-100: no loss).
 
         Asks the model for the last ``answer_length + 1`` positions' logits only, where it supports that.
+        Call inside `intervening` for interventions; gradients flow unless the caller disables them.
         """
         keep = {"logits_to_keep": tb.answer_length + 1} if self._has_logits_to_keep else {}
         logits = self.model(**self._inputs(tb.batch), use_cache=False, **keep).logits
         labels = tb.labels[:, -logits.shape[1] :].to(logits.device)
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:].flatten(), ignore_index=-100
-        )
+        return logits[:, :-1], labels[:, 1:]
+
+    def answer_loss(self, tb: TrainingBatch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens (see `answer_logits`)."""
+        logits, labels = self.answer_logits(tb)
+        wide = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.nn.functional.cross_entropy(wide, labels.flatten(), ignore_index=-100)
 
     def _inputs(self, batch: Batch) -> dict:
         dev = self.input_device
