@@ -162,7 +162,7 @@ def demo(
 
 @app.command("train-organism")
 def train_organism(
-    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion) or non-native (LLaVA-style)."),
+    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion), non-native (LLaVA-style) or gated (native with a planted [EOI] gate)."),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),
 ) -> None:
