@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from narrowgate.cli import app
@@ -48,3 +49,18 @@ def test_verdict_follows_the_numbers():
     v = verdict(pd.DataFrame(rows))
     assert "narrow gate" in v["gate"] and "distributed" in v["spread"]
     assert "neither" in v["flat"] and "near zero" in v["dead"]
+
+
+def test_remove_gate_miniature_and_its_report_table(checkpoint_dir, tmp_path):
+    from rich.console import Console
+
+    from narrowgate.demo import REMOVED, remove_gate, removal_table
+
+    merged = remove_gate(tmp_path / "rg", checkpoint_dir("chameleon"), scale=0.02, progress=False,
+                         console=Console(quiet=True))
+    assert (merged / "config.json").is_file() and (tmp_path / "rg" / "card.json").is_file()
+    rows = [{"model": m, "task": "vqa", "metric": "m", "condition": c, "score": s, "relative": s / 0.8}
+            for m, e in (("gated", 0.1), (REMOVED, 0.7)) for c, s in (("baseline", 0.8), ("eoi->text", e))]
+    table = removal_table(pd.DataFrame(rows))
+    row = table.set_index("condition").loc["eoi->text"]
+    assert row["before (relative)"] == pytest.approx(0.125) and row["after (relative)"] == pytest.approx(0.875)

@@ -300,7 +300,7 @@ def demo(
 
 @app.command("train-organism")
 def train_organism(
-    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion) or non-native (LLaVA-style)."),
+    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion), non-native (LLaVA-style) or gated (native with a planted [EOI] gate)."),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Training seed."),
 ) -> None:
@@ -318,6 +318,56 @@ def train_organism(
     card = organisms.train(kind, target, seed=seed)
     console.print(Markdown(render_markdown(card)))
     console.print(f"[green]saved:[/green] {target} (card: {target}/CARD.md)")
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
+    recipe: str = typer.Option(..., "--recipe", help="understanding (SM 7.1) or remove-gate (the paper's gate removal)."),
+    data: list[str] = typer.Option(..., "--data", help="SOURCE=PATH (repeatable): llava-instruct, vqav2, coco; or synthetic."),
+    out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
+    knockout: list[str] = typer.Option(None, "--knockout", help="SRC->TGT[@LAYERS][:MODE] active while training (repeatable; replaces the recipe's; 'none' for none)."),
+    samples: list[str] = typer.Option(None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."),
+    steps: int = typer.Option(None, "--steps", help="Stop after this many optimizer steps (default: the recipe's epochs)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Examples per optimizer step (default: the recipe's)."),
+    micro_batch: int = typer.Option(4, "--micro-batch", help="Examples per forward; gradients accumulate up to --batch-size."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's)."),
+    heldout: int = typer.Option(64, "--heldout", help="Examples set aside for the before/after scores."),
+    seed: int = typer.Option(42, "--seed", help="Data sampling and order seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
+    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass."),
+    merge: bool = typer.Option(False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."),
+    save_every: int = typer.Option(50, "--save-every", help="Optimizer steps between resumable checkpoints."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
+    import json
+    import sys
+
+    from .finetune import finetune as run_finetune
+    from .finetune import render_card
+
+    def pairs(items, what):
+        out_ = {}
+        for item in items or ():
+            key, eq, value = item.partition("=")
+            if what == "--samples" and not eq:
+                raise typer.BadParameter(f"{what} {item!r}: write SOURCE=N.")
+            out_[key.strip()] = value.strip() or None
+        return out_
+
+    dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
+    kos = None if not knockout else [k for k in knockout if k.lower() != "none"]
+    try:
+        card = run_finetune(model, recipe, pairs(data, "--data"), out, knockouts=kos,
+                            samples={k: int(v) for k, v in pairs(samples, "--samples").items()}, steps=steps,
+                            batch_size=batch_size, micro_batch=micro_batch, lr=lr, heldout=heldout, seed=seed,
+                            dtype=dtype, device_map=dmap, gradient_checkpointing=gradient_checkpointing, merge=merge,
+                            save_every=save_every, progress=not quiet, command=["narrowgate", *sys.argv[1:]])
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(render_card(card))
 
 
 def main() -> None:

@@ -77,6 +77,29 @@ class PrefixCache(Cache):
 
     def __init__(self, n_layers: int, length: int):
         super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
+def enable_checkpointing(model, context_fn) -> None:
+    """Non-reentrant gradient checkpointing whose recompute enters ``context_fn``'s second context.
+
+    ``activation_checkpointing_enable`` from 5.24 (``gradient_checkpointing_enable`` is its deprecated
+    alias there, the only name before).
+    """
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_context(layer):
+    """The ``context_fn`` a decoder layer's gradient checkpointing uses; False when checkpointing is off.
+
+    Reads ``gradient_checkpointing`` / ``_gradient_checkpointing_func`` (a ``functools.partial`` of
+    ``torch.utils.checkpoint.checkpoint``), the attributes every 5.x release sets on its layers.
+    """
+    if not getattr(layer, "gradient_checkpointing", False):
+        return False
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(func, "keywords", {}).get("context_fn")
 
 
 __all__ = [
@@ -88,6 +111,8 @@ __all__ = [
     "TRANSFORMERS",
     "cache_kv",
     "cache_kwargs",
+    "checkpointing_context",
+    "enable_checkpointing",
     "eager_mask",
     "is_torchvision_available",
     "layer_cache",

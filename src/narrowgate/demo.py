@@ -39,10 +39,33 @@ SUMMARY = ("baseline", "eoi->text", "image->text")
 FLOOR = {"n": 10, "n_per_class": 2}
 
 
+#: The paper's "remove the gate" experiment in miniature: the remove-gate recipe ([EOI]->text knocked out while
+#: training, LoRA rank 128 / alpha 256, AdamW with weight decay 0.1, cosine) on synthetic VQA and captions, with
+#: fewer steps and a learning rate scaled up for a 1M-parameter model trained for seconds.
+REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=150, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
+REMOVED = "gated, gate removed"
+
+
 def organisms() -> dict[str, Path]:
+    """The shipped organisms (native, non-native and, where shipped, gated)."""
     from . import organisms as org
 
-    return {"native": org.path("native"), "non-native": org.path("non-native")}
+    return {kind: org.path(kind) for kind in org.KINDS if (org.path(kind) / "config.json").is_file()}
+
+
+def remove_gate(out: Path, gated: Path, *, scale: float = 1.0, progress: bool = True, console: Console) -> Path:
+    """Fine-tune ``gated`` with the remove-gate recipe in miniature (`REMOVE_GATE`); returns the merged checkpoint.
+
+    The same command from the shell: ``narrowgate finetune --model GATED --recipe remove-gate --data synthetic
+    --samples synthetic=2000 --steps 150 --batch-size 16 --micro-batch 16 --lr 2e-3 --merge --out OUT``.
+    """
+    from .finetune import finetune
+
+    cfg = dict(REMOVE_GATE, steps=max(2, int(REMOVE_GATE["steps"] * scale)))
+    console.print(f"[bold]{REMOVED}[/bold]: remove-gate fine-tuning ({cfg['steps']} steps)")
+    finetune(str(gated), "remove-gate", {"synthetic": None}, out, merge=True, progress=progress,
+             command=["narrowgate", "demo"], **cfg)
+    return out / "merged"
 
 
 def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *, scale: float = 1.0,
@@ -53,7 +76,11 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
     """
     console = console or Console()
     out = Path(out)
-    models = models or organisms()
+    default = models is None
+    models = dict(models or organisms())
+    if default and "gated" in models:
+        models[REMOVED] = remove_gate(out / "remove-gate", models["gated"], scale=scale, progress=progress,
+                                      console=console)
     runs: dict[str, dict[str, Path]] = {}
     for label, path in models.items():
         vlm = load(path, dtype="float32")
@@ -77,6 +104,8 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
         for text in gates["verdict"]:
             console.print(text)
     write_report(out, runs, summary, verdicts, plan, models, gates)
+    if REMOVED in runs:
+        add_removal_section(out, summary)
     console.print(f"[green]report:[/green] {out / 'report.html'}")
     return out / "report.html"
 
@@ -147,6 +176,25 @@ def print_summary(summary: pd.DataFrame, verdicts: dict[str, str], console: Cons
     console.print(table)
     for text in verdicts.values():
         console.print(text)
+
+
+def removal_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Relative scores of the gated organism before and after gate removal, per task and knockout."""
+    sub = summary[summary["model"].isin(["gated", REMOVED]) & (summary["condition"] != "baseline")]
+    return sub.pivot_table(index=["task", "condition"], columns="model", values="relative")[["gated", REMOVED]] \
+        .rename(columns={"gated": "before (relative)", REMOVED: "after (relative)"}).reset_index()
+
+
+def add_removal_section(out: Path, summary: pd.DataFrame) -> None:
+    """Append the before/after gate-removal comparison to the report."""
+    card = json.loads((out / "remove-gate" / "card.json").read_text())
+    text = (out / "report.html").read_text().replace("</body></html>", "")
+    text += ("<h2>Removing the gate (the paper's fine-tuning experiment, in miniature)</h2><p>The gated organism "
+             f"fine-tuned with the remove-gate recipe ({html.escape(', '.join(card['knockouts']))} knocked out while "
+             f"training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). Scores "
+             "with each knockout relative to the model's own baseline, before and after:</p>"
+             + removal_table(summary).to_html(index=False, float_format=lambda x: f"{x:.3f}") + "</body></html>")
+    (out / "report.html").write_text(text)
 
 
 def _img(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -14,9 +15,23 @@ from .engine import attention as engine_attention
 from .engine import hooks
 from .engine import shared
 from .engine.interventions import Capture, Knockout
-from .engine.state import InterventionError, ResolvedKnockout, RoleMask, Run, activate, resolve
+from .engine.state import InterventionError, ResolvedKnockout, RoleMask, Run, activate, recompute_context, resolve
 from .engine.stats import CrossModalAttention, build
 from .families import detect
+
+
+@dataclass
+class TrainingBatch:
+    """A prompt batch with each example's answer appended (right-padded) and its loss labels.
+
+    ``labels`` is [B, T]: the answer tokens (and the closing EOS) where the loss applies, -100
+    elsewhere. ``batch``'s roles keep their prompt positions; ``text`` also covers the answer.
+    ``answer_length`` is the width of the appended block (the loss needs only that many logits + 1).
+    """
+
+    batch: Batch
+    labels: torch.Tensor
+    answer_length: int
 
 
 @dataclass
@@ -144,6 +159,61 @@ class VLM:
             self.family.check_layout(row, lay)
             layouts.append(lay)
         return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id, image_first=batch.image_first)
+    def prepare_training(self, images, prompts, answers, *, image_first: bool = True) -> TrainingBatch:
+        """`prepare` the prompts, then append each answer (a continuation of its prompt) and EOS.
+
+        The answers are tokenised without special tokens and right-padded, so every prompt keeps
+        the positions `prepare` gives it; other per-token inputs are extended with zeros.
+        """
+        if isinstance(answers, str):
+            answers = [answers]
+        answers = list(answers)
+        batch = self.prepare(images, prompts, image_first=image_first)
+        if len(answers) != batch.size:
+            raise ValueError(f"prepare_training() got {batch.size} prompts but {len(answers)} answers.")
+        tok = self.family.tokenizer
+        if tok.eos_token_id is None:
+            raise ValueError("The tokenizer has no EOS token to close the answers with.")
+        rows = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
+        A = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((batch.size, A), pad, dtype=batch.input_ids.dtype)
+        mask = torch.zeros((batch.size, A), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        shape = batch.input_ids.shape
+        inputs = {}
+        for k, v in batch.inputs.items():
+            if k == "input_ids":
+                v = torch.cat([v, ids], 1)
+            elif k == "attention_mask":
+                v = torch.cat([v, mask.to(v.dtype)], 1)
+            elif isinstance(v, torch.Tensor) and v.shape == shape and k != "pixel_values":
+                v = torch.cat([v, v.new_zeros(shape[0], A)], 1)
+            inputs[k] = v
+        labels = torch.full((batch.size, shape[1] + A), -100, dtype=torch.long)
+        labels[:, shape[1] :] = ids.masked_fill(mask == 0, -100)
+        out = Batch(inputs=inputs, layouts=batch.layouts, first=batch.first, bos_id=batch.bos_id,
+                    image_first=batch.image_first)
+        return TrainingBatch(out, labels, A)
+
+    def answer_logits(self, tb: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, A, V] over the answer block and their labels [B, A] (-100: no loss).
+
+        Asks the model for the last ``answer_length + 1`` positions' logits only, where it supports that.
+        Call inside `intervening` for interventions; gradients flow unless the caller disables them.
+        """
+        keep = {"logits_to_keep": tb.answer_length + 1} if self._has_logits_to_keep else {}
+        logits = self.model(**self._inputs(tb.batch), use_cache=False, **keep).logits
+        labels = tb.labels[:, -logits.shape[1] :].to(logits.device)
+        return logits[:, :-1], labels[:, 1:]
+
+    def answer_loss(self, tb: TrainingBatch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens (see `answer_logits`)."""
+        logits, labels = self.answer_logits(tb)
+        wide = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.nn.functional.cross_entropy(wide, labels.flatten(), ignore_index=-100)
 
     def _inputs(self, batch: Batch) -> dict:
         dev = self.input_device
@@ -192,6 +262,33 @@ class VLM:
         unapplied = [i for i in range(len(run.patches)) if i not in run.patched]
         if unapplied:
             raise InterventionError(f"Patches {unapplied} were never applied during the forward pass.")
+
+    @contextlib.contextmanager
+    def intervening(self, batch: Batch, *, knockouts=(), patches=()):
+        """Knockouts and patches active, under autograd, for every model call inside the block.
+
+        For training: the same attention functions and hooks as `forward`, with gradients and in
+        training mode. ``backward()`` may run after the block; with gradient checkpointing, enable it
+        through `enable_gradient_checkpointing` so the recompute sees the same interventions. On
+        leaving the block the engine checks that every intervention was applied.
+        """
+        run = self._run(batch, knockouts, patches, None, False)
+        if self.model.training:
+            stale = [l for l, layer in enumerate(self.layers)
+                     if compat.checkpointing_context(layer) not in (False, recompute_context)]
+            if stale:
+                raise InterventionError(
+                    f"Gradient checkpointing is on in decoder layers {stale} without narrowgate's recompute context, "
+                    "so the backward pass would recompute attention without the interventions. Enable it with "
+                    "VLM.enable_gradient_checkpointing()."
+                )
+        with activate(run):
+            yield run
+        self._check_applied(run)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant gradient checkpointing whose recompute re-applies the interventions of its forward."""
+        compat.enable_checkpointing(self.model, recompute_context)
 
     @torch.no_grad()
     def forward(

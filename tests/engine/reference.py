@@ -45,9 +45,12 @@ AttentionInterface.register(NAME, reference_attention)
 AttentionMaskInterface.register(NAME, eager_mask)
 
 
-def reference_model(path, layers_of_vlm):
-    """A fresh HF model on the reference attention, with its decoder attention modules indexed."""
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+def reference_model(path, layers_of_vlm, dtype=torch.float32, vision_attn="eager"):
+    """A fresh HF model on the reference attention, with its decoder attention modules indexed.
+
+    ``vision_attn`` is the stock implementation left on the rest of the model (the vision tower).
+    """
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=vision_attn).eval()
     config = model.config
     model.set_attn_implementation({"text_config": NAME} if "text_config" in config.sub_configs else NAME)
     LAYER_OF.clear()

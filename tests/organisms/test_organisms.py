@@ -19,7 +19,8 @@ from narrowgate.cli import app
 from narrowgate.organisms import card as cardlib
 from narrowgate.organisms import common, heldout, native, non_native
 
-KINDS = organisms.KINDS
+#: The shipped organisms (the gated one's checkpoint is not shipped yet: see its recipe in organisms/gated.py).
+KINDS = ("native", "non-native")
 #: Held-out accuracy each shipped organism must reach on 12 questions of one kind (chance: 1/6, 1/9, 1/6).
 THRESHOLDS = {"color": 0.8, "position": 0.8, "shape": 0.5}
 

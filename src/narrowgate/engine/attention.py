@@ -30,6 +30,11 @@ _ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
 DIRECT_ROWS = 32
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the accumulation precision: float32, or float64 for float64 inputs (exact references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' eager attention (additive float mask), shared by every decoder family."""
     groups = getattr(module, "num_key_value_groups", 1)
@@ -38,7 +43,7 @@ def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropou
     w = torch.matmul(query, k.transpose(2, 3)) * scale
     if attention_mask is not None:
         w = w + attention_mask[:, :, :, : k.shape[-2]]
-    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.softmax(_wide(w), dim=-1).to(query.dtype)
     w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
@@ -74,7 +79,7 @@ def _row_index(rows: torch.Tensor):
 
 
 def _row_probs(query, key, scaling, allow, idx, zero):
-    """Post-softmax attention (float32) of the selected query rows, zero-mode entries set to zero.
+    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries set to zero.
 
     query [B,H,Q,d], key [B,H,K,d] (heads already repeated), allow [B,1,Q,K], idx [B,R].
     Returns probs [B,H,R,K] and the kept mass (before zeroing would be 1) [B,H,R].
@@ -85,8 +90,8 @@ def _row_probs(query, key, scaling, allow, idx, zero):
     probs, kept = [], []
     for s in range(0, idx.shape[1], step):
         ii = idx[:, s : s + step]
-        q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d)).float()
-        scores = torch.matmul(q, key.float().transpose(2, 3)) * scaling
+        q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d))
+        scores = torch.matmul(_wide(q), _wide(key).transpose(2, 3)) * scaling
         a = torch.gather(allow, 2, ii[:, None, :, None].expand(B, 1, ii.shape[1], K))
         scores = scores.masked_fill(~a, float("-inf"))
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -98,20 +103,22 @@ def _row_probs(query, key, scaling, allow, idx, zero):
     return torch.cat(probs, 2), torch.cat(kept, 2)
 
 
-def _direct(query, key, value, scale, allow, zero):
-    """Attention of a short query window from its float32 probabilities (grouped heads, no repeat_kv).
+def _direct(query, key, value, scale, allow, zero, dropout=0.0):
+    """Attention of a short query window from its float32 (float64) probabilities (grouped heads, no repeat_kv).
 
-    Returns the output [B, Q, H, dv] and the probabilities [B, H, Q, K] (zero-mode entries zeroed).
+    Returns the output [B, Q, H, dv] and the probabilities [B, H, Q, K] (zero-mode entries zeroed,
+    before ``dropout``, which applies to the output only, as in stock attention).
     """
     B, H, Q, d = query.shape
     Hk, K = key.shape[1], key.shape[2]
     g = H // Hk
-    q = query.float().reshape(B, Hk, g * Q, d)
-    scores = (torch.matmul(q, key.float().transpose(2, 3)) * scale).view(B, H, Q, K)
+    q = _wide(query).reshape(B, Hk, g * Q, d)
+    scores = (torch.matmul(q, _wide(key).transpose(2, 3)) * scale).view(B, H, Q, K)
     p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
     if zero is not None:
         p = p.masked_fill(zero[:, None], 0.0)
-    out = torch.matmul(p.view(B, Hk, g * Q, K), value.float()).view(B, H, Q, -1)
+    w = torch.nn.functional.dropout(p, p=dropout) if dropout else p
+    out = torch.matmul(w.reshape(B, Hk, g * Q, K), _wide(value)).view(B, H, Q, -1)
     return out.transpose(1, 2).to(query.dtype), p
 
 
@@ -180,7 +187,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         return out.contiguous(), None
 
     if not eager and Q <= DIRECT_ROWS:
-        out, probs = _direct(query, key, value, scale, allow, zero_block)
+        out, probs = _direct(query, key, value, scale, allow, zero_block, dropout if module.training else 0.0)
         if stats_rows is not None:
             cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
             run.column_attention[layer] = cols.detach()
@@ -192,12 +199,13 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     if eager:
         scores = torch.matmul(query, k_full.transpose(2, 3)) * scale
         scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
-        w = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        w = torch.softmax(_wide(scores), dim=-1)
         w = w.masked_fill(~allow, 0.0)
         if zero_block is not None:
             w = w.masked_fill(zero_block[:, None], 0.0)
         w = w.to(query.dtype)
-        out = torch.matmul(w, v_full).transpose(1, 2).contiguous()
+        out = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+        out = torch.matmul(out, v_full).transpose(1, 2).contiguous()
         if run.text is not None:
             rows = run.text.window(offset, offset + Q, device)
             cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
@@ -219,11 +227,11 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         idx, valid = _row_index(rows)
         probs, kept = _row_probs(query, k_full, scale, allow, idx, zero_block)
         if zero_rows is not None:
-            scale_rows = torch.ones(B, Q, H, device=device, dtype=torch.float32)
+            scale_rows = torch.ones(B, Q, H, device=device, dtype=kept.dtype)
             sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
             factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
             scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
-            out = (out.float() * scale_rows[..., None]).to(query.dtype)
+            out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
         if stats_rows is not None:
             is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
             cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]

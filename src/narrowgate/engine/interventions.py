@@ -55,6 +55,22 @@ class Knockout:
         object.__setattr__(self, "sources", parse_roles(self.source))
         object.__setattr__(self, "targets", parse_roles(self.target))
 
+    @classmethod
+    def parse(cls, text: str) -> "Knockout":
+        """The inverse of `name`: ``SRC->TGT[@LAYERS][:MODE]``, roles joined by ``+``, e.g. ``image->eoi+text@0-15:mask``."""
+        spec, _, mode = str(text).strip().partition(":")
+        spec, _, layers = spec.partition("@")
+        src, arrow, tgt = spec.partition("->")
+        if not arrow or not src or not tgt:
+            raise ValueError(f"Knockout {text!r}: write SRC->TGT[@LAYERS][:MODE], e.g. eoi->text or image->eoi+text:mask.")
+        picked = None
+        if layers:
+            picked = []
+            for part in layers.split(","):
+                a, _, b = part.partition("-")
+                picked += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        return cls(tuple(src.split("+")), tuple(tgt.split("+")), layers=picked, mode=mode or "zero")
+
     @property
     def name(self) -> str:
         """Stable name used in result tables, e.g. ``eoi->text`` or ``image->eoi+text@0-15:mask``."""

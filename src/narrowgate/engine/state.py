@@ -37,6 +37,17 @@ def activate(run: "Run"):
         _ACTIVE.reset(token)
 
 
+def recompute_context():
+    """``context_fn`` for `torch.utils.checkpoint`: the recompute in the backward pass sees the run of its forward.
+
+    Gradient checkpointing re-runs a layer's forward during ``backward()``, possibly after the
+    ``with`` block that activated the run has closed and, on GPUs, in autograd's own thread; without
+    this the recomputed attention would silently drop the interventions.
+    """
+    run = active_run()
+    return contextlib.nullcontext(), (activate(run) if run is not None else contextlib.nullcontext())
+
+
 @dataclass
 class RoleMask:
     """A [B, T] prompt mask plus whether positions generated after the prompt belong to it."""

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from . import card as cardlib
-from . import native, non_native
+from . import gated, native, non_native
 from .heldout import evaluate
 
-KINDS = ("native", "non-native")
-_MODULES = {"native": native, "non-native": non_native}
-_DEFAULTS = {"native": native.NativeConfig(), "non-native": non_native.NonNativeConfig()}
-_TINY = {"native": native.TINY, "non-native": non_native.TINY}
+KINDS = ("native", "non-native", "gated")
+_MODULES = {"native": native, "non-native": non_native, "gated": gated}
+_DEFAULTS = {"native": native.NativeConfig(), "non-native": non_native.NonNativeConfig(), "gated": gated.GatedConfig()}
+_TINY = {"native": native.TINY, "non-native": non_native.TINY, "gated": gated.TINY}
 
 
 def _check(kind: str) -> None:

@@ -100,7 +100,23 @@ def render_markdown(card: dict) -> str:
                   f"{c['names_attribute']}.", "", "Examples:", ""]
         lines += [f"- {e['question']} -> `{e['prediction']}` (answer: {e['answer']})" for e in v["examples"]]
         lines += [f"- caption -> `{e['prediction']}` (reference: {e['references'][0]})" for e in c["examples"]]
+    if card.get("gate"):
+        lines += ["", "## Gate checks (stock checkpoint, no intervention unless named)", "", *gate_lines(card["gate"])]
+    for attempt in card.get("attempts", ()):
+        lines += ["", f"### Attempt {attempt['name']}", "", attempt["recipe"], "", *gate_lines(attempt["gate"]), "",
+                  f"Outcome: {attempt['outcome']}"]
     return "\n".join(lines) + "\n"
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """The gate checks as a table: each condition's scores, relative to baseline over chance."""
+    lines = [f"Held-out sizes {gate['sizes']}; knockouts in {gate['mode']}; relative = (score - chance) / "
+             "(baseline - chance).", "", "| condition | VQA | captions (CIDEr-D) | classes | mean relative |",
+             "|---|---|---|---|---|"]
+    for name, row in gate["conditions"].items():
+        cells = [f"{row[t]['score']} ({row[t]['relative']})" for t in ("vqa", "captions", "classes")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean_relative']} |")
+    return lines
 
 
 def write_card(out_dir, card: dict) -> None:

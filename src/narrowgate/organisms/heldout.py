@@ -22,20 +22,21 @@ from .common import CLASS_PROMPT
 SIZES = {"vqa": 300, "captions": 100, "classes": 20}
 
 
-def _generate(vlm, examples, prompts, max_new_tokens, batch_size):
+def _generate(vlm, examples, prompts, max_new_tokens, batch_size, knockouts=()):
     out = []
     for i in range(0, len(examples), batch_size):
         images = [e.load_image() for e in examples[i : i + batch_size]]
         batch = vlm.prepare(images, prompts[i : i + batch_size])
-        out += [t.strip() for t in vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens), batch)]
+        tokens = vlm.generate(batch, knockouts=knockouts, max_new_tokens=max_new_tokens)
+        out += [t.strip() for t in vlm.decode(tokens, batch)]
     return out
 
 
-def vqa_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50) -> dict:
+def vqa_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50, knockouts=()) -> dict:
     """VQAv2 accuracy on ``n`` held-out synthetic questions, overall and per kind, vs uniform guessing."""
     examples = synthetic_vqa(n, seed)
     preds = _generate(vlm, examples, [VQA.format(question=e.question) for e in examples], NEW_TOKENS["vqa"],
-                      batch_size)
+                      batch_size, knockouts)
     acc = np.array([vqa_accuracy(p, e.answers) for p, e in zip(preds, examples)])
     kinds = np.array([e.meta["kind"] for e in examples])
     chance = np.array([1 / len(ATTRIBUTES[k]) for k in kinds])
@@ -50,13 +51,13 @@ def vqa_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50) -> d
     }
 
 
-def caption_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50) -> dict:
+def caption_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50, knockouts=()) -> dict:
     """CIDEr-D of captions of ``n`` held-out images, vs the same captions given to other images.
 
     Also the share of captions naming the image's colour, shape and position phrase.
     """
     examples = synthetic_captions(n, seed)
-    preds = _generate(vlm, examples, [CAPTION] * n, NEW_TOKENS["captions"], batch_size)
+    preds = _generate(vlm, examples, [CAPTION] * n, NEW_TOKENS["captions"], batch_size, knockouts)
     refs = {e.id: list(e.references) for e in examples}
     score = cider({e.id: p for e, p in zip(examples, preds)}, refs)[0]
     order = list(range(n))
@@ -80,7 +81,7 @@ def caption_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50) 
 
 
 @torch.no_grad()
-def class_scores(vlm, n_per_class: int, seed: int = DEFAULT_SEED, batch_size: int = 60) -> dict:
+def class_scores(vlm, n_per_class: int, seed: int = DEFAULT_SEED, batch_size: int = 60, knockouts=()) -> dict:
     """Top-1 accuracy of the next token after "This shape is a" (over the whole vocabulary) vs 1/6."""
     examples = synthetic_classes(n_per_class, seed)
     tok = vlm.family.tokenizer
@@ -88,21 +89,24 @@ def class_scores(vlm, n_per_class: int, seed: int = DEFAULT_SEED, batch_size: in
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = vlm.prepare([e.load_image() for e in chunk], [CLASS_PROMPT] * len(chunk))
-        top = vlm.forward(batch).logits[:, -1].argmax(-1)
+        top = vlm.forward(batch, knockouts=knockouts).logits[:, -1].argmax(-1)
         hits += [int(t) == word_token(tok, e.word) for t, e in zip(top, chunk)]
     return {"n": len(examples), "prompt": CLASS_PROMPT, "accuracy": round(float(np.mean(hits)), 4),
             "chance": round(1 / len(ATTRIBUTES["shape"]), 4)}
 
 
-def evaluate(out_dir, *, sizes: dict | None = None, seed: int = DEFAULT_SEED) -> dict:
-    """VQA, caption and class scores of the checkpoint in ``out_dir`` (loaded with `narrowgate.load`)."""
+def evaluate(out_dir, *, sizes: dict | None = None, seed: int = DEFAULT_SEED, knockouts=()) -> dict:
+    """VQA, caption and class scores of the checkpoint in ``out_dir`` (loaded with `narrowgate.load`).
+
+    ``knockouts`` stay active while answering (e.g. to check that a gate is where it was planted).
+    """
     import narrowgate
 
     sizes = {**SIZES, **(sizes or {})}
     vlm = narrowgate.load(out_dir, dtype="float32")
     return {
         "data": f"narrowgate.data.synthetic_* at seed {seed} (held out: never drawn by the training stream)",
-        "vqa": vqa_scores(vlm, sizes["vqa"], seed),
-        "captions": caption_scores(vlm, sizes["captions"], seed),
-        "classes": class_scores(vlm, sizes["classes"], seed),
+        "vqa": vqa_scores(vlm, sizes["vqa"], seed, knockouts=knockouts),
+        "captions": caption_scores(vlm, sizes["captions"], seed, knockouts=knockouts),
+        "classes": class_scores(vlm, sizes["classes"], seed, knockouts=knockouts),
     }

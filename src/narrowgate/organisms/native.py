@@ -143,8 +143,11 @@ def next_token_loss(model: ChameleonForConditionalGeneration, ids: torch.Tensor,
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def train(out_dir, *, seed: int = 0, config: NativeConfig = NativeConfig(), progress: bool = True) -> dict:
-    """Train the VQ tokenizer, then the decoder from scratch; save model + processor to ``out_dir``."""
+def setup(config: NativeConfig, seed: int, progress: bool = True):
+    """Build the model, train the VQ tokenizer and tokenize the training images.
+
+    Returns the model, processor, training `Sequences` and the VQ phases.
+    """
     seed_all(seed)
     model, processor = build(config)
     scenes = training_scenes(config.n_images, seed)
@@ -156,27 +159,45 @@ def train(out_dir, *, seed: int = 0, config: NativeConfig = NativeConfig(), prog
     model.model.vqmodel.eval().requires_grad_(False)
     with torch.no_grad():
         image_tokens = torch.cat([model.get_image_tokens(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
+    return model, processor, Sequences(processor, image_tokens, scenes, config.generation_share, seed), vq_phases
 
-    seqs = Sequences(processor, image_tokens, scenes, config.generation_share, seed)
-    stream = batches(len(scenes), config.batch_size, seed + 1)
-    pad = processor.tokenizer.pad_token_id
+
+def lm_parameters(model) -> list:
+    return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
+
+
+def lm_phase(model, seqs: Sequences, phase: Phase, config: NativeConfig, seed: int, progress: bool = True,
+             loss=None) -> Phase:
+    """One phase of next-token training on ``seqs``; ``loss(ids, mask, rows)`` replaces `next_token_loss`."""
+    stream = batches(len(seqs.scenes), phase.batch_size, seed + 1)
+    pad = seqs.tok.pad_token_id
     model.train()
 
     def step(_):
-        ids, mask = pad_rows([seqs.row(int(i)) for i in next(stream)], pad)
-        return next_token_loss(model, ids, mask)
+        rows = [seqs.row(int(i)) for i in next(stream)]
+        ids, mask = pad_rows(rows, pad)
+        return next_token_loss(model, ids, mask) if loss is None else loss(ids, mask, rows)
 
-    lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
-    lm = run_phase(Phase("lm", config.steps, config.batch_size, config.lr), lm_params, step,
-                   weight_decay=config.weight_decay, progress=progress)
+    out = run_phase(phase, lm_parameters(model), step, weight_decay=config.weight_decay, progress=progress)
     model.eval()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    return out
+
+
+def info(model, config: NativeConfig, seqs: Sequences, phases: list[Phase]) -> dict:
     return {
         "architecture": "ChameleonForConditionalGeneration (model_type chameleon)",
         "config": asdict(config),
-        "parameters": {"decoder": sum(p.numel() for p in lm_params),
+        "parameters": {"decoder": sum(p.numel() for p in lm_parameters(model)),
                        "vq": sum(p.numel() for p in model.model.vqmodel.parameters())},
-        "codebook_usage": int(image_tokens.unique().numel()),
-        "phases": {p.name: p.summary() for p in [*vq_phases, lm]},
+        "codebook_usage": int(seqs.image_tokens.unique().numel()),
+        "phases": {p.name: p.summary() for p in phases},
     }
+
+
+def train(out_dir, *, seed: int = 0, config: NativeConfig = NativeConfig(), progress: bool = True) -> dict:
+    """Train the VQ tokenizer, then the decoder from scratch; save model + processor to ``out_dir``."""
+    model, processor, seqs, vq_phases = setup(config, seed, progress)
+    lm = lm_phase(model, seqs, Phase("lm", config.steps, config.batch_size, config.lr), config, seed, progress)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return info(model, config, seqs, [*vq_phases, lm])
