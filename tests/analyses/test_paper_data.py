@@ -47,11 +47,11 @@ def _manifest(out):
 CASES = [
     ("modality-gap", "flickr30k", ("--n", "20")),
     ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12")),
-    ("overlap", "imagenet", ("--n-per-class", "2", "--k", "1")),
+    ("overlap", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1")),
     ("ablation", "vqav2", ("--n", "4", "--max-new-tokens", "3")),
     ("ablation", "coco", ("--n", "4", "--max-new-tokens", "3")),
     ("ablation", "flickr30k", ("--n", "4", "--max-new-tokens", "3", "--cider-tokenize", "raw")),
-    ("ablation", "imagenet", ("--n-per-class", "2", "--k", "1")),
+    ("ablation", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1")),
 ]
 
 
