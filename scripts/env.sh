@@ -59,10 +59,17 @@ _ng_install() {
   if [ -n "$keep_torch" ]; then
     grep -Ev "$torch_lines" "$got" > "$got.tmp" && mv "$got.tmp" "$got"
   fi
-  if ! diff <(LC_ALL=C sort -f "$want") "$got" >&2; then
-    echo "narrowgate: $VENV does not hold exactly requirements.lock (differences above; '<' lock, '>' venv)." >&2
+  local missing extra
+  missing="$(LC_ALL=C comm -23 <(LC_ALL=C sort -f "$want") <(LC_ALL=C sort -f "$got"))"
+  extra="$(LC_ALL=C comm -13 <(LC_ALL=C sort -f "$want") <(LC_ALL=C sort -f "$got"))"
+  if [ -n "$missing" ]; then
+    echo "narrowgate: $VENV does not hold these versions of requirements.lock:" >&2
+    echo "$missing" | sed 's/^/  /' >&2
     echo "  Remove $VENV and rerun, or regenerate the lock with 'bash scripts/lock.sh'." >&2
     return 1
+  fi
+  if [ -n "$extra" ]; then
+    echo "narrowgate: $VENV also holds packages the lock does not name (yours): $(echo "$extra" | tr '\n' ' ')" >&2
   fi
 }
 

@@ -52,3 +52,16 @@ def loaded(checkpoint_dir):
         return cache[key]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (a full organism retraining, ~9 minutes on 2 cores) run when asked for: `-m slow`,
+    or NARROWGATE_SLOW=1 for the whole suite. The default suite, and CI, leave them out."""
+    import os
+
+    if os.environ.get("NARROWGATE_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or NARROWGATE_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -177,7 +177,7 @@ def test_property_layer_parser(text):
     assert layers == tuple(expected) and len(set(layers)) == len(layers) and layers
 
 
-@pytest.mark.parametrize("text", ["5-2", "1-0", "0--1", "2-", "-1", "", ",", "3,,5", "1,1", "a", "٣"])
+@pytest.mark.parametrize("text", ["5-2", "1-0", "0--1", "2-", "-1", "", ",", "3,,5", "1,1", "a", "٣", "0-99999999"])
 def test_layer_sets_that_name_nothing_or_something_else_are_refused(text):
     with pytest.raises(OptionError, match="--layers"):
         parse_layer_set(text)

@@ -30,6 +30,9 @@ def check_count(value, option: str) -> None:
         raise OptionError(f"{option} must be a whole number of at least 1, got {value!r}.")
 
 
+#: No decoder has this many layers; larger numbers are typos (and would expand into huge ranges).
+MAX_LAYERS = 10_000
+
 _LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
 
 
@@ -51,8 +54,11 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
         a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
         if b < a:
             raise OptionError(f"{option} {text!r}: range {a}-{b} is empty (it must ascend, e.g. {b}-{a}).")
+        if b >= MAX_LAYERS:
+            raise OptionError(f"{option} {text!r}: layer {b} is beyond any model (at most {MAX_LAYERS - 1}).")
         out += range(a, b + 1)
-    twice = sorted({x for x in out if out.count(x) > 1})
+    seen: set[int] = set()
+    twice = sorted({x for x in out if x in seen or seen.add(x)})
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)

@@ -115,3 +115,15 @@ def test_capture_at_explicit_positions(mixed):
         torch.testing.assert_close(out.residuals["pick"][b, 2], hs[2][b, p].float(), atol=ATOL, rtol=0)
     with pytest.raises(ng.InterventionError, match="one position per example"):
         vlm.forward(batch, capture=ng.Capture(roles=(), at={"pick": picks[:1]}))
+
+
+def test_a_second_vlm_on_the_same_model_does_not_hook_it_twice(mixed):
+    """Hooks are installed once per model: captures and patches through either wrapper apply once."""
+    from narrowgate.vlm import VLM
+
+    vlm, batch = mixed
+    before = vlm.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"]
+    other = VLM(vlm.model, vlm.processor)
+    for wrapper in (vlm, other):
+        torch.testing.assert_close(wrapper.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"], before,
+                                   atol=0, rtol=0)

@@ -69,7 +69,14 @@ def _accumulate(store: dict, index: int, hidden: torch.Tensor, positions: list[t
 
 
 def install(layers: torch.nn.ModuleList) -> list:
-    """Install the capture/patch hooks on every decoder layer; returns the handles."""
+    """Install the capture/patch hooks on every decoder layer; returns the handles.
+
+    Once per model: a second `VLM` around the same model reuses the hooks already there (they read the
+    active run, not the `VLM`), so captures and patches are never applied twice.
+    """
+    installed = getattr(layers, "_narrowgate_hooks", None)
+    if installed is not None:
+        return installed
     n = len(layers)
     handles = []
     for l, layer in enumerate(layers):
@@ -100,4 +107,5 @@ def install(layers: torch.nn.ModuleList) -> list:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))
+    layers._narrowgate_hooks = handles
     return handles
