@@ -43,7 +43,7 @@ def test_recipe_end_to_end(checkpoint_dir, tmp_path, recipe):
     assert (_logits(plain) - _logits(merged)).abs().max() > 1e-3
     # The merged checkpoint is a normal checkpoint: an experiment runs on it.
     store = run(EXPERIMENTS["ablation"](), dict(model=str(out / "merged"), data="synthetic", task="classes",
-                n_per_class=3, k=3, out=str(tmp_path / "abl"), progress=False), command=["test"])
+                n_per_class=3, k=2, out=str(tmp_path / "abl"), progress=False), command=["test"])
     assert len(store.tables()["ablation"]) >= 4
     # Rerunning the same command resumes from the last checkpoint: nothing left to do, same losses.
     again = finetune(str(base), recipe, {"synthetic": None}, out, merge=True, **TINY)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import parse_layer_set
 from ..roles import Role, parse_role, parse_roles
 
 KNOCKOUT_MODES = ("zero", "mask")
@@ -41,12 +42,13 @@ class Knockout:
     (Geva et al. 2023). During generation every generated token counts as a ``text`` position.
     """
 
-    source: str | tuple = "eoi"
-    target: str | tuple = "text"
+    source: str | tuple = field(default="eoi", compare=False)
+    target: str | tuple = field(default="text", compare=False)
     layers: tuple[int, ...] | None = None
     mode: str = "zero"
-    sources: tuple[Role, ...] = field(init=False, repr=False, compare=False)
-    targets: tuple[Role, ...] = field(init=False, repr=False, compare=False)
+    #: The parsed roles; equality compares these, so ``"eoi"`` and ``("eoi",)`` name the same knockout.
+    sources: tuple[Role, ...] = field(init=False, repr=False)
+    targets: tuple[Role, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.mode not in KNOCKOUT_MODES:
@@ -63,12 +65,7 @@ class Knockout:
         src, arrow, tgt = spec.partition("->")
         if not arrow or not src or not tgt:
             raise ValueError(f"Knockout {text!r}: write SRC->TGT[@LAYERS][:MODE], e.g. eoi->text or image->eoi+text:mask.")
-        picked = None
-        if layers:
-            picked = []
-            for part in layers.split(","):
-                a, _, b = part.partition("-")
-                picked += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        picked = parse_layer_set(layers, option=f"knockout {text!r}") if layers else None
         return cls(tuple(src.split("+")), tuple(tgt.split("+")), layers=picked, mode=mode or "zero")
 
     @property
