@@ -27,6 +27,9 @@ def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     assert set(summary["condition"]) == set(SUMMARY)
     assert set(summary["model"]) == {"native", "non-native"}
     assert set(summary["task"]) == {"vqa", "captions", "classes"}
+    # The organisms answer the prompt they learnt (a family preset such as Chameleon's " Answer:" broke them).
+    vqa = summary[(summary["task"] == "vqa") & (summary["condition"] == "baseline")]
+    assert (vqa["score"] >= 0.5).all(), vqa
     gates = pd.read_csv(out / "gates.csv").fillna("")
     assert set(gates["model"]) == {"native", "non-native"} and "Gate scan" in text
     assert gates["gate_index"].between(0, 1.5).all() and set(gates["agrees_with_ablation"]) <= {"agrees", "DISAGREES", ""}

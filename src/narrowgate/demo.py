@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .analyses import EXPERIMENTS
 from .analyses.base import run
+from .analyses.prompts import VQA
 from .loading import load
 from .plots import compare
 from .store import RunStore
@@ -91,6 +92,8 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
                 cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
             cfg.update(model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size,
                        progress=progress)
+            if default:  # the organisms learnt the paper's plain VQA prompt, not a family preset (e.g. Chameleon's " Answer:")
+                cfg.setdefault("vqa_prompt", VQA)
             console.print(f"[bold]{label}[/bold]: {name}")
             store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
             runs[label][name] = store.path
