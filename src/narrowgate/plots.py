@@ -68,13 +68,34 @@ def cross_attention(tables, info, store):
     return [_save(fig, store, "cross_attention")]
 
 
+def _unablated(df):
+    """The rows without a knockout (overlap tables also hold the ``--sweep`` windows)."""
+    return df[df["knockout"] == "none"] if "knockout" in df else df
+
+
 def overlap(tables, info, store):
+    """Overlap per role; with knockout windows, a second panel: [EOI]'s overlap under each window."""
     df = tables["overlap"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for i, (role, g) in enumerate(df.groupby("role", sort=False)):
+    windows = df[df["knockout"] != "none"] if "knockout" in df else df.iloc[:0]
+    fig, axes = plt.subplots(1, 2 if len(windows) else 1, figsize=(12 if len(windows) else 7, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    for i, (role, g) in enumerate(_unablated(df).groupby("role", sort=False)):
         ax.plot(g["resid"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
     ax.set(xlabel=RESID, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
     ax.legend(fontsize=8)
+    if len(windows):
+        b = axes[0, 1]
+        eoi = df[df["role"] == "eoi"]
+        groups = list(eoi.groupby("knockout", sort=False))
+        cmap = plt.get_cmap("viridis")
+        for i, (name, g) in enumerate(groups):
+            label = "no knockout" if name == "none" else f"image→eoi+text, layers {g['knockout_layers'].iloc[0]}"
+            color = "k" if name == "none" else cmap(i / max(1, len(groups) - 1))
+            b.plot(g["resid"], g["overlap"], "-", lw=1.2, color=color, label=label)
+        b.set(xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts")
+        handles, labels = b.get_legend_handles_labels()
+        keep = sorted({0, len(labels) - 1} | set(range(0, len(labels), max(1, len(labels) // 8))))
+        b.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)
     return [_save(fig, store, "overlap")]
 
 
@@ -182,7 +203,7 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
         table, col, group = CURVES[experiment]
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, (label, t, info) in enumerate(runs):
-            df = t[table]
+            df = _unablated(t[table])
             n = info["model"]["n_layers"] + (1 if experiment in ("overlap", "modality-gap") else 0)
             groups = df.groupby(group, sort=False) if group else [(None, df)]
             for j, (g, sub) in enumerate(groups):

@@ -3,8 +3,10 @@
 ImageNet prompt "<image> This animal is a". Every pre-text position's share is recorded per
 example; the aggregate singles out the positions whose mean share exceeds ``threshold`` (1%) and
 twice the uniform share at some layer (at most ``max_tokens``, largest first) and sums the rest as
-"other image tokens" (the paper's "internal image"). Rows are decoder layers (``layer``). Role totals (eoi, first/last image, eol) are
-reported too.
+"other image tokens" (the paper's "internal image"). Rows are decoder layers (``layer``). Role totals
+(eoi, first/last image, eol) are reported too. Shares are normalised per example, then averaged
+(the paper's Eq. 1 read per example); ``--normalise after-mean`` averages the raw attention c_l(j)
+over examples and normalises the mean, as the authors' code does.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class CrossAttention(Experiment):
     name = "cross-attention"
     task = "classes"
     prompts = ("class",)
-    defaults = {"threshold": 0.01, "n_per_class": 100, "max_tokens": 9}
+    defaults = {"threshold": 0.01, "n_per_class": 100, "max_tokens": 9, "normalise": "per-example"}
 
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
@@ -43,6 +45,7 @@ class CrossAttention(Experiment):
         for b, unit in enumerate(units):
             n = len(cma.labels[b])
             frac = cma.fractions[b, :, :n].numpy().astype(np.float32)
+            mass = cma.mass[b, :, :n].numpy().astype(np.float32)
             rows.append(
                 {
                     "example_id": unit.id,
@@ -50,21 +53,26 @@ class CrossAttention(Experiment):
                     "n_content": len(batch.layouts[b].content),
                     "positions": cma.labels[b],
                     "fractions": frac.reshape(-1).tolist(),
+                    "mass": mass.reshape(-1).tolist(),
                 }
             )
         return rows, {}
 
     def aggregate(self, records, cfg, info):
         L = info["n_layers"]
+        column = "mass" if cfg.get("normalise") == "after-mean" else "fractions"
         sums: dict[str, np.ndarray] = {}
         for _, row in records.rows.iterrows():
-            frac = np.asarray(row["fractions"], dtype=np.float64).reshape(L, -1)
+            frac = np.asarray(row[column], dtype=np.float64).reshape(L, -1)
             last = f"image[{row['n_content'] - 1}]"
             for j, label in enumerate(row["positions"]):
                 name = {"image[0]": "first_image", last: "last_image"}.get(label, label)
                 sums[name] = sums.get(name, 0.0) + frac[:, j]
         n = len(records.rows)
         means = {k: v / n for k, v in sums.items()}
+        if column == "mass":
+            total = np.maximum(sum(means.values()), np.finfo(np.float64).tiny)
+            means = {k: v / total for k, v in means.items()}
         roles = {"eoi": means.get("eoi", np.zeros(L)), "first_image": means.get("first_image", np.zeros(L)),
                  "last_image": means.get("last_image", np.zeros(L)),
                  "eol": means.get("eol", np.zeros(L))}

@@ -5,7 +5,8 @@ text-first. Per example the residual is read, at every layer, at a random text p
 image-first prompt and at a random image position of the text-first prompt (seeded by the
 example id). Per layer: the median and inter-quartile range of the cosine similarity of image
 and text vectors of different examples, and the homogeneity of ADP clusters with respect to
-modality.
+modality. Rows are residual indices ``resid`` 0..L (0 = embeddings); ``--outputs-only`` keeps the
+layer outputs 1..L, the paper's x axis.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class ModalityGap(Experiment):
         after = vlm.prepare(imgs, texts, image_first=False)
         text_pos = _pick(first, "text", ids, cfg["seed"], "text")
         image_pos = _pick(after, "image_content", ids, cfg["seed"], "image")
-        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), at={"text": text_pos}))["baseline"]
-        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), at={"image": image_pos}))["baseline"]
+        layers = tuple(range(1 if cfg.get("outputs_only") else 0, vlm.n_layers + 1))
+        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), layers, at={"text": text_pos}))["baseline"]
+        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), layers, at={"image": image_pos}))["baseline"]
         rows = [{"example_id": u.id, "text_position": tp, "image_position": ip} for u, tp, ip in zip(units, text_pos, image_pos)]
         return rows, {"text": t.residuals["text"].numpy().astype(np.float16),
                       "image": i.residuals["image"].numpy().astype(np.float16)}
@@ -58,4 +60,5 @@ class ModalityGap(Experiment):
             X = np.concatenate([image[l], text[l]])
             hom.append(modality_homogeneity(X, modality, Z=cfg["Z"], min_cluster_size=cfg.get("min_cluster_size")))
         gap["homogeneity"] = hom
+        gap["layer"] += 1 if cfg.get("outputs_only") else 0
         return {"modality_gap": gap.rename(columns={"layer": "resid"})}

@@ -20,13 +20,15 @@ from ..roles import parse_role
 
 @dataclass
 class CrossModalAttention:
-    """``fractions[b, l, p]``: share of text->image attention that position ``positions[b, p]`` gets at layer l.
+    """``fractions[b, l, p]``: share of text->image attention that position ``positions[b, p]`` gets at layer l;
+    ``mass[b, l, p]`` the same before normalising, c_l(j).
 
     Rows are NaN-padded where examples have fewer pre-text positions; ``labels[b][p]`` names each
     position (``image[k]`` for content tokens, ``eol``, ``image_special``, ``eoi``).
     """
 
     fractions: torch.Tensor  # [B, L, P]
+    mass: torch.Tensor  # [B, L, P]: c_l(j) before normalising (the authors average this, then normalise)
     positions: torch.Tensor  # [B, P], -1 = padding
     labels: list[list[str]]
     batch: Batch
@@ -67,10 +69,12 @@ def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int
     P = max(len(p) for p in per_pos)
     B, L = cols.shape[:2]
     fractions = torch.full((B, L, P), float("nan"))
+    mass = torch.full((B, L, P), float("nan"))
     positions = torch.full((B, P), -1, dtype=torch.long)
     for b, pos in enumerate(per_pos):
         idx = torch.tensor(pos, dtype=torch.long)
         c = cols[b][:, idx]
         fractions[b, :, : len(pos)] = c / c.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        mass[b, :, : len(pos)] = c
         positions[b, : len(pos)] = idx
-    return CrossModalAttention(fractions=fractions, positions=positions, labels=per_lab, batch=batch)
+    return CrossModalAttention(fractions=fractions, mass=mass, positions=positions, labels=per_lab, batch=batch)
