@@ -48,6 +48,9 @@ CASES = [
     ("modality-gap", "flickr30k", ("--n", "20")),
     ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12")),
     ("overlap", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1")),
+    ("overlap", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1", "--sweep", "--sweep-step", "2",
+                             "--outputs-only")),
+    ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12", "--normalise", "after-mean")),
     ("ablation", "vqav2", ("--n", "4", "--max-new-tokens", "3")),
     ("ablation", "coco", ("--n", "4", "--max-new-tokens", "3")),
     ("ablation", "flickr30k", ("--n", "4", "--max-new-tokens", "3", "--cider-tokenize", "raw")),
@@ -55,7 +58,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("experiment", "data", "args"), CASES, ids=[f"{e}-{d}" for e, d, _ in CASES])
+@pytest.mark.parametrize(("experiment", "data", "args"), CASES,
+                         ids=[f"{e}-{d}-{i}" for i, (e, d, _) in enumerate(CASES)])
 def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoint_dir, datasets, tmp_path):
     result, out = _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args)
     _ok(result)
@@ -69,6 +73,10 @@ def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoin
         assert ids.str.match(r"n\d{8}/n\d{8}_\d$").all()
     if (experiment, data) == ("ablation", "vqav2"):
         assert manifest["config"]["vqa_prompt"] == VQA + " Answer:"  # the authors' Chameleon prompt
+    if "--sweep" in args:
+        assert tables["overlap"]["knockout"].nunique() == 3 and tables["overlap"]["resid"].min() == 1
+    if "--normalise" in args:
+        assert manifest["config"]["normalise"] == "after-mean"
     if (experiment, data) == ("ablation", "flickr30k"):
         assert tables["ablation"]["metric"].iloc[0] == "cider (raw strings)"
 
