@@ -89,13 +89,16 @@ def overlap(tables, info, store):
         groups = list(eoi.groupby("knockout", sort=False))
         cmap = plt.get_cmap("viridis")
         for i, (name, g) in enumerate(groups):
-            label = "no knockout" if name == "none" else f"image→eoi+text, layers {g['knockout_layers'].iloc[0]}"
+            window = str(g["knockout_layers"].iloc[0])
+            label = "no knockout" if name == "none" else f"image→eoi+text, layer{'s' * ('-' in window)} {window}"
             color = "k" if name == "none" else cmap(i / max(1, len(groups) - 1))
             b.plot(g["resid"], g["overlap"], "-", lw=1.2, color=color, label=label)
         b.set(xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts")
         handles, labels = b.get_legend_handles_labels()
         keep = sorted({0, len(labels) - 1} | set(range(0, len(labels), max(1, len(labels) // 8))))
         b.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)
+    for a in axes[0]:
+        a.xaxis.get_major_locator().set_params(integer=True)
     return [_save(fig, store, "overlap")]
 
 

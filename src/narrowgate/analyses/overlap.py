@@ -91,7 +91,7 @@ class Overlap(Experiment):
         rows = []
         for i, cond in enumerate(conditions(cfg, info["n_layers"])):
             layers = [int(l) for l in cond.knockouts[0].layers] if cond.knockouts else []
-            window = f"0-{layers[-1]}" if layers else ""
+            window = "" if not layers else "0" if len(layers) == 1 else f"0-{layers[-1]}"
             for role in (*ROLES, *OPTIONAL_ROLES, "image_k"):
                 if f"{i}:{role}" not in records.arrays:
                     continue
