@@ -199,7 +199,7 @@ def run(
     sweep_step: int = typer.Option(1, "--sweep-step", min=1, help="ablation/overlap: window growth per step with --sweep."),
     knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable).", callback=_roles),
     k: int = typer.Option(None, "--k", min=1, help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation: new tokens (VQA 20, captions 60); steering: 10."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation, gate-scan --score: new tokens (VQA 20, captions 60); steering: 10."),
     threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, callback=_finite, help="cross-attention: share above which a position is shown."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="cross-attention: most positions shown on their own (9)."),
     image_index: int = typer.Option(None, "--image-index", min=0, help=escape("overlap: the k of image[k] (default 31).")),
@@ -218,6 +218,7 @@ def run(
     top: int = typer.Option(None, "--top", min=1, help="gate-scan: top positions per example resolved over layer windows (3)."),
     windows: int = typer.Option(None, "--windows", min=1, help="gate-scan: number of layer windows (4)."),
     per_example: bool = _flag("--per-example", "gate-scan: also write tables/positions_by_example."),
+    score: bool = _flag("--score", "gate-scan on VQA/captions: also the task-score drop of every position (one generation per position and example)."),
     retry_failed: bool = _flag("--retry-failed", "Process again the examples recorded as failures (e.g. after fixing their images)."),
     quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
@@ -247,7 +248,7 @@ def run(
                outputs_only=outputs_only or None, normalise=normalise, Z=z, min_cluster_size=min_cluster_size,
                allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
                direction=direction, span=span, cider_tokenize=cider_tokenize,
-               method=method, check=check, top=top, windows=windows, per_example=per_example or None,
+               method=method, check=check, top=top, windows=windows, per_example=per_example or None, score=score or None,
                retry_failed=retry_failed or None, progress=not quiet)
     store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:

@@ -319,17 +319,9 @@ class VLM:
         rest through the engine (see `generate_conditions`); the result is the same.
         """
         if not knockouts and not patches:
-            return self._generate(batch, (), (), max_new_tokens, kwargs)
+            return self._generate_runs(batch, [self._run(batch, (), (), None, False)], 0, max_new_tokens, kwargs)[0]
         cond = shared.Condition("generate", tuple(knockouts), tuple(patches))
         return self.generate_conditions(batch, [cond], max_new_tokens=max_new_tokens, **kwargs)["generate"]
-
-    def _generate(self, batch: Batch, knockouts, patches, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
-        """Generation over the whole prompt with the interventions active throughout."""
-        run = self._run(batch, knockouts, patches, None, False)
-        with activate(run):
-            out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, **self._gen_kwargs(kwargs))
-        self._check_applied(run)
-        return out.cpu()
 
     # --- several conditions, one shared prefix ---------------------------------------------------
     def _prefix_cache(self, batch: Batch, P: int, capture: Capture | None):
@@ -503,24 +495,50 @@ class VLM:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
         conds = shared.as_conditions(conditions)
         P = shared.prefix_length(batch, conds, attention_stats=False)
-        if P == 0:
-            return {c.name: self._generate(batch, c.knockouts, c.patches, max_new_tokens, kwargs) for c in conds}
-        _, cache, _ = self._prefix_cache(batch, P, None)
+        runs = [self._run(batch, c.knockouts, c.patches, None, False) for c in conds]
+        return dict(zip((c.name for c in conds), self._generate_runs(batch, runs, P, max_new_tokens, kwargs)))
+
+    @torch.no_grad()
+    def generate_knockouts(self, batch: Batch, sources: torch.Tensor, *, target="text", mode: str = "mask",
+                           max_new_tokens: int = 20, **kwargs) -> list[torch.Tensor]:
+        """Greedy generation under C knockouts ``sources[c] -> target`` at every layer; token ids [B, T + new] each.
+
+        ``sources`` is a [C, B, T] boolean mask of arbitrary key positions, as in `forward_knockouts` (the
+        gate scan's single positions); the prompt up to the first target position runs once and is shared.
+        """
+        C, B, T = sources.shape
+        if (B, T) != (batch.size, batch.length):
+            raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
+        template = Knockout("image", target, mode=mode)
+        tgt = self._run(batch, (template,), (), None, False).knockouts[0].target
+        P = shared.prefix_length(batch, [shared.Condition("k", knockouts=(template,))], attention_stats=False)
+        runs = []
+        for c in range(C):
+            run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
+            run.knockouts.append(ResolvedKnockout(RoleMask(sources[c].bool(), False), tgt, None, mode))
+            runs.append(run)
+        return self._generate_runs(batch, runs, P, max_new_tokens, kwargs)
+
+    def _generate_runs(self, batch: Batch, runs: list, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
+        """Generate once per resolved run, the first ``P`` positions cached once with stock attention (P = 0:
+        nothing shared, every run reads the whole prompt)."""
         inputs = self._inputs(batch)
-        inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        cache = None
+        if P:
+            _, cache, _ = self._prefix_cache(batch, P, None)
+            inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         kwargs = self._gen_kwargs(kwargs)
-        results = {}
-        for c in conds:
-            run = self._run(batch, c.knockouts, c.patches, None, False)
+        results = []
+        for run in runs:
             try:
                 with activate(run):
-                    out = self.model.generate(
-                        **inputs, **compat.cache_kwargs(cache), max_new_tokens=max_new_tokens, **kwargs
-                    )
+                    out = self.model.generate(**inputs, **(compat.cache_kwargs(cache) if P else {}),
+                                              max_new_tokens=max_new_tokens, **kwargs)
             finally:
-                shared.crop(cache, P)
+                if P:
+                    shared.crop(cache, P)
             self._check_applied(run)
-            results[c.name] = out.cpu()
+            results.append(out.cpu())
         return results
 
     def decode(self, tokens: torch.Tensor, batch: Batch) -> list[str]:

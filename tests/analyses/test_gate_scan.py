@@ -129,3 +129,44 @@ def test_attribution_equals_first_order_derivative_by_autograd(tmp_path):
         metric = torch.log_softmax(logits.float(), -1)[int(top[0])]
         (derivative,) = torch.autograd.grad(metric, state["t"])
         torch.testing.assert_close(est[0, p], derivative.detach(), atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_generation_under_position_knockouts_equals_role_knockouts(loaded, mode):
+    vlm = loaded("chameleon")
+    batch = vlm.prepare(images(2, seed=5), [PROMPT, PROMPT + " small"])
+    side = [side_positions(lay) for lay in batch.layouts]
+    roles = {"eoi": ("eoi",), "image[3]": ("image[3]",), "whole": ("boi", "image", "eoi")}
+    masks = torch.zeros(4, 2, batch.length, dtype=torch.bool)
+    for b, lay in enumerate(batch.layouts):
+        masks[1, b, lay.eoi] = True
+        masks[2, b, lay.content[3]] = True
+        masks[3, b, [p for p, _, _ in side[b]]] = True
+    got = vlm.generate_knockouts(batch, masks, mode=mode, max_new_tokens=4)
+    assert torch.equal(got[0], vlm.generate(batch, max_new_tokens=4))
+    for g, source in zip(got[1:], roles.values()):
+        want = vlm.generate(batch, knockouts=[ng.Knockout(source, "text", mode=mode)], max_new_tokens=4)
+        assert torch.equal(g, want)
+
+
+def test_score_gives_every_position_its_task_score_drop(checkpoint_dir, loaded, tmp_path):
+    from narrowgate.analyses import tasks
+    from narrowgate.metrics import vqa_accuracy
+
+    ckpt = checkpoint_dir("chameleon")
+    with pytest.raises(ng.NarrowgateError, match="--score needs a generative task"):
+        run(EXPERIMENTS["gate-scan"](), _scan_cfg(ckpt, tmp_path / "classes", score=True), vlm=loaded("chameleon"),
+            command=["t"])
+    cfg = dict(_scan_cfg(ckpt, tmp_path / "vqa", score=True, task="vqa", max_new_tokens=3), n=3, n_per_class=None)
+    store = run(EXPERIMENTS["gate-scan"](), cfg, vlm=loaded("chameleon"), command=["t"])
+    positions, gate = store.tables()["positions"], store.tables()["gate"].iloc[0]
+    rows = store.records().rows
+    assert positions["score_drop"].notna().all() and gate["score_metric"] == "vqa_accuracy"
+    examples = {e.id: e for e in tasks.load("synthetic", "vqa", None, n=3, seed=42)}
+    acc = {i: [vqa_accuracy(t, examples[i].answers) for t in r["texts"]] for i, (_, r) in
+           zip(rows["example_id"], rows.iterrows())}
+    assert gate["score_baseline"] == pytest.approx(sum(a[0] for a in acc.values()) / 3)
+    assert gate["score_whole_image"] == pytest.approx(sum(a[-1] for a in acc.values()) / 3)
+    eoi = rows.iloc[0]["positions"].tolist().index("eoi")
+    want = sum(a[0] - a[1 + eoi] for a in acc.values()) / 3
+    assert positions.set_index("position").loc["eoi", "score_drop"] == pytest.approx(want)

@@ -21,6 +21,10 @@ and run as batch rows of one suffix pass (`VLM.forward_knockouts`).
   first ``--check`` examples, which give the gate numbers and the Spearman rank correlation of the
   estimate with the exact KL damage (``spearman``) and with the exact log-probability change
   (``spearman_logp``, the quantity estimated).
+- ``--score`` (VQA and captions): every condition also generates its answer / caption, and each position
+  gets the task-score drop of its knockout (VQA accuracy per example, averaged; CIDEr-D over the
+  examples that have the position) beside its KL damage; `gate` adds the baseline, whole-image and
+  top-position scores. It costs one generation per position and example.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import pandas as pd
 import torch
 
 from ..engine.state import InterventionError
+from ..errors import OptionError
+from ..metrics import cider, vqa_accuracy
 from .ablation import TASK_OF
 from .base import Experiment, Unit
-from .prompts import CAPTION, VQA, class_prompt
+from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
@@ -118,13 +124,16 @@ class GateScan(Experiment):
             raise ValueError(f"--method must be exact or attribution, got {cfg['method']!r}.")
         if cfg["mode"] not in ("mask", "zero"):
             raise ValueError(f"--mode must be mask or zero, got {cfg['mode']!r}.")
+        if cfg.get("score") and self._task(cfg) not in ("vqa", "captions"):
+            raise OptionError(f"--score needs a generative task, and this run's is {self._task(cfg)!r}: give --data "
+                              "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data.")
         return [Unit(e.id, (e,), meta={"check": i < int(cfg["check"])}) for i, e in enumerate(examples)]
 
     def _prompt(self, example, cfg):
         task = self._task(cfg)
         if task == "vqa":
-            return VQA.format(question=example.question)
-        return CAPTION if task == "captions" else class_prompt(cfg)
+            return vqa_prompt(cfg, example.question)
+        return caption_prompt(cfg) if task == "captions" else class_prompt(cfg)
 
     def process(self, vlm, units, images, cfg):
         rows = []
@@ -144,11 +153,24 @@ class GateScan(Experiment):
                     rows.append(row)
                     continue
             row.update(self._exact(vlm, prefix, side, cfg))
+            if cfg.get("score"):
+                row["texts"] = self._texts(vlm, batch, side, cfg)
             if cfg["method"] == "attribution":
                 row["spearman"] = spearman(row["estimate"], row["damage"])
                 row["spearman_logp"] = spearman(row["estimate"], np.abs(row["logp_change"]))
             rows.append(row)
         return rows, {}
+
+    def _texts(self, vlm, batch, side, cfg) -> list[str]:
+        """Generated text with no knockout, each position -> text, and the whole image side -> text."""
+        T, N = batch.length, len(side)
+        m = torch.zeros(N + 2, 1, T, dtype=torch.bool)
+        for i, (p, _, _) in enumerate(side):
+            m[1 + i, 0, p] = True
+        m[N + 1, 0, [p for p, _, _ in side]] = True
+        new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self._task(cfg)])
+        gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
+        return [vlm.decode(g, batch)[0].strip() for g in gens]
 
     def _exact(self, vlm, prefix, side, cfg) -> dict:
         """Single-position damages, the two references, the 90% set size and the layer windows of one example."""
@@ -241,9 +263,38 @@ class GateScan(Experiment):
             gate["spearman_logp"] = float(exact["spearman_logp"].mean())
             gate["spearman_mean_profile"] = spearman(np.nanmean(_matrix(exact, "estimate", names), 0),
                                                      np.nanmean(_matrix(exact, "damage", names), 0))
+        if cfg.get("score") and len(exact):
+            drops, summary = self._score_drops(exact, names, cfg)
+            tables["positions"]["score_drop"] = tables["positions"]["position"].map(drops)
+            gate.update(summary, score_drop_top=float(drops[gate["top_position"]]))
         gate["verdict"] = verdict(gate)
         tables["gate"] = pd.DataFrame([gate])
         return tables
+
+    def _score_drops(self, exact: pd.DataFrame, names: list[str], cfg) -> tuple[dict, dict]:
+        """Per position, baseline score - score with that position knocked out (on the examples that have it)."""
+        task = self._task(cfg)
+        ids = exact["example_id"].tolist()
+        wanted = set(ids)
+        examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
+        tokenize = cfg.get("cider_tokenize") or "ptb"
+
+        def score(preds: dict) -> float:
+            if task == "vqa":
+                return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
+            return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+
+        base = {i: r["texts"][0] for i, (_, r) in zip(ids, exact.iterrows())}
+        whole = {i: r["texts"][-1] for i, (_, r) in zip(ids, exact.iterrows())}
+        per_pos: dict[str, dict] = {n: {} for n in names}
+        for i, (_, r) in zip(ids, exact.iterrows()):
+            for n, text in zip(r["positions"], r["texts"][1:-1]):
+                per_pos[n][i] = text
+        drops = {n: score({i: base[i] for i in preds}) - score(preds) for n, preds in per_pos.items() if preds}
+        metric = "vqa_accuracy" if task == "vqa" else ("cider" if tokenize == "ptb" else "cider (raw strings)")
+        b, w = score(base), score(whole)
+        return drops, {"score_metric": metric, "score_baseline": b, "score_whole_image": w,
+                       "score_drop_whole": b - w}
 
 
 def _matrix(df: pd.DataFrame, key: str, names: list[str]) -> np.ndarray:
