@@ -87,7 +87,7 @@ def probe(kind: str, model_dir: str) -> float:
     dmap = str(device) if device.type == "cuda" else None
     vlm = ng.load(model_dir, dtype=dtype, device_map=dmap, attn_implementation="eager" if kind == "naive" else "sdpa")
     batch = vlm.prepare([_image()], [PROMPT])
-    inputs = vlm._inputs(batch)
+    inputs = vlm.model_inputs(batch)
     fns = {
         "plain": lambda: vlm.model(**inputs),
         "stats": lambda: vlm.forward_conditions(batch, [Condition("baseline")], attention_stats=True),
@@ -141,8 +141,8 @@ def main(argv=None) -> dict:
                     device_map=str(device) if device.type == "cuda" else None)
     batch = vlm.prepare([_image()], [PROMPT])
     L = vlm.n_layers
-    inputs = vlm._inputs(batch)
-    eager_inputs = eager._inputs(batch)
+    inputs = vlm.model_inputs(batch)
+    eager_inputs = eager.model_inputs(batch)
     knockouts = [ng.Knockout("eoi", "text"), ng.Knockout("image", "text"), ng.Knockout("last_image", "text")]
     suite = [Condition("baseline")] + [Condition(k.name, knockouts=(k,)) for k in knockouts]
     donor = vlm.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"]

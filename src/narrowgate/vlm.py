@@ -45,9 +45,16 @@ class Output:
 
 
 class VLM:
-    """Wrap a model and processor already in memory (`narrowgate.load` builds one from a checkpoint)."""
+    """Wrap a model and processor already in memory (`narrowgate.load` builds one from a checkpoint).
+
+    The wrapper switches the language model's attention to the engine's registered functions, installs
+    the capture/patch hooks and puts the model in eval mode; `close` (or leaving a ``with VLM(...)``
+    block) puts all three back, so a model handed to narrowgate is left as it was found.
+    """
 
     def __init__(self, model, processor):
+        self._was_training = model.training
+        self._closed = False
         self.model = model.eval()
         self.processor = processor
         self.family = detect(model.config)(processor, model.config)
@@ -64,24 +71,51 @@ class VLM:
         self._hooks = hooks.install(self.layers)
 
     # --- set-up ------------------------------------------------------------------------------
+    def _set_attention(self, implementation: str) -> None:
+        config = self.model.config
+        target = {"text_config": implementation} if "text_config" in getattr(config, "sub_configs", {}) else implementation
+        self.model.set_attn_implementation(target)
+
     def _wrap_attention(self) -> str:
-        """Switch the language model's attention to the engine's wrapper of the same kind (sdpa/eager)."""
+        """Switch the language model's attention to the engine's wrapper of the same kind (sdpa/eager).
+
+        The implementation found first is kept on the decoder layers (shared by every `VLM` of the model)
+        for `close` to restore.
+        """
         attn = self.layers[0].self_attn
         current = attn.config._attn_implementation
+        if not hasattr(self.layers, "_narrowgate_attention"):
+            self.layers._narrowgate_attention = current
         if current in engine_attention.WRAPS.values():
             return current
         if current not in engine_attention.WRAPS:
             return current  # not wrapped: interventions will raise a clear error
         wanted = engine_attention.WRAPS[current]
-        config = self.model.config
-        target = {"text_config": wanted} if "text_config" in getattr(config, "sub_configs", {}) else wanted
-        self.model.set_attn_implementation(target)
+        self._set_attention(wanted)
         got = attn.config._attn_implementation
         if got != wanted:
             raise InterventionError(
                 f"Could not route {self.family.name}'s attention through narrowgate (it stays {got!r})."
             )
         return got
+
+    def close(self) -> None:
+        """Give the model back as it was found: the last `VLM` of a model removes the hooks and restores the
+        attention implementation; this one restores the training mode it found. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if hooks.uninstall(self.layers):
+            original = self.layers.__dict__.pop("_narrowgate_attention", None)
+            if original is not None and original != self.layers[0].self_attn.config._attn_implementation:
+                self._set_attention(original)
+        self.model.train(self._was_training)
+
+    def __enter__(self) -> "VLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def attn_implementation(self) -> str:
@@ -205,7 +239,7 @@ class VLM:
         Call inside `intervening` for interventions; gradients flow unless the caller disables them.
         """
         keep = {"logits_to_keep": tb.answer_length + 1} if self._has_logits_to_keep else {}
-        logits = self.model(**self._inputs(tb.batch), use_cache=False, **keep).logits
+        logits = self.model(**self.model_inputs(tb.batch), use_cache=False, **keep).logits
         labels = tb.labels[:, -logits.shape[1] :].to(logits.device)
         return logits[:, :-1], labels[:, 1:]
 
@@ -215,7 +249,9 @@ class VLM:
         wide = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
         return torch.nn.functional.cross_entropy(wide, labels.flatten(), ignore_index=-100)
 
-    def _inputs(self, batch: Batch) -> dict:
+    def model_inputs(self, batch: Batch) -> dict:
+        """What the model is called with for ``batch``: its inputs on the model's device and dtype, plus the
+        family's position ids (``model(**vlm.model_inputs(batch))`` is the stock forward)."""
         dev = self.input_device
         dtype = self.model.dtype
         out = {}
@@ -230,6 +266,8 @@ class VLM:
 
     # --- running -----------------------------------------------------------------------------
     def _run(self, batch, knockouts, patches, capture, attention_stats):
+        if self._closed:
+            raise InterventionError("This VLM was closed (the model was given back); wrap the model again.")
         run = resolve(
             batch,
             layer_of=self.layer_of,
@@ -303,7 +341,7 @@ class VLM:
         """One forward pass with the given interventions; see `Knockout`, `Patch`, `Capture`."""
         run = self._run(batch, knockouts, patches, capture, attention_stats)
         with activate(run):
-            out = self.model(**self._inputs(batch), use_cache=False)
+            out = self.model(**self.model_inputs(batch), use_cache=False)
         self._check_applied(run)
         residuals = run.residuals()
         cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
@@ -326,7 +364,7 @@ class VLM:
     # --- several conditions, one shared prefix ---------------------------------------------------
     def _prefix_cache(self, batch: Batch, P: int, capture: Capture | None):
         """Run the shared prefix once (captures of prefix positions only); returns the run and the cache."""
-        inputs = self._inputs(batch)
+        inputs = self.model_inputs(batch)
         prefix, suffix = shared.split_inputs(inputs, P)
         run = self._run(batch, (), (), capture, False)
         with activate(run):
@@ -522,7 +560,7 @@ class VLM:
     def _generate_runs(self, batch: Batch, runs: list, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
         """Generate once per resolved run, the first ``P`` positions cached once with stock attention (P = 0:
         nothing shared, every run reads the whole prompt)."""
-        inputs = self._inputs(batch)
+        inputs = self.model_inputs(batch)
         cache = None
         if P:
             _, cache, _ = self._prefix_cache(batch, P, None)

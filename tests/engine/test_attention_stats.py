@@ -32,7 +32,7 @@ def test_cross_modal_attention_matches_eager_maps(loaded, family, knockout):
 
         run = resolve(batch, layer_of=eager.layer_of, n_layers=eager.n_layers, knockouts=kos)
         with activate(run):
-            att = eager.model(**eager._inputs(batch), output_attentions=True, use_cache=False).attentions
+            att = eager.model(**eager.model_inputs(batch), output_attentions=True, use_cache=False).attentions
     att = att[-eager.n_layers :]  # decoder layers only (some models also return vision attentions)
     assert len(att) == vlm.n_layers
     for b in range(batch.size):

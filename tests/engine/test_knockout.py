@@ -52,7 +52,7 @@ def test_eoi_knockout_matches_eager_reference(loaded, checkpoint_dir, family, mi
     reference.EDITS[mode] = [(layers, batch.mask("text"), batch.mask("eoi"))]
     try:
         with torch.no_grad():
-            ref = ref_model(**vlm._inputs(batch), use_cache=False).logits
+            ref = ref_model(**vlm.model_inputs(batch), use_cache=False).logits
     finally:
         reference.EDITS.update(mask=[], zero=[])
     plain = vlm.forward(batch).logits

@@ -18,7 +18,7 @@ def test_capture_equals_output_hidden_states(mixed, role):
     res = out.residuals[role]
     assert res.shape == (batch.size, vlm.n_layers + 1, vlm.hidden_size)
     with torch.no_grad():
-        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
     assert len(hs) == vlm.n_layers + 1
     pos = batch.index(role)
     rows = torch.arange(batch.size)
@@ -35,7 +35,7 @@ def test_capture_mean_and_layer_subset(mixed):
     some = vlm.forward(batch, capture=ng.Capture("internal_image", layers=(0, vlm.n_layers))).residuals
     torch.testing.assert_close(some["internal_image"], full[:, [0, vlm.n_layers]], atol=0, rtol=0)
     with torch.no_grad():
-        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
     for b, pos in enumerate(batch.positions("internal_image")):
         torch.testing.assert_close(full[b, 1], hs[1][b, pos].float().mean(0), atol=ATOL, rtol=0)
 
@@ -110,7 +110,7 @@ def test_capture_at_explicit_positions(mixed):
     picks = [int(t[1]) for t in text]
     out = vlm.forward(batch, capture=ng.Capture(roles=("eoi",), at={"pick": picks}))
     with torch.no_grad():
-        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
     for b, p in enumerate(picks):
         torch.testing.assert_close(out.residuals["pick"][b, 2], hs[2][b, p].float(), atol=ATOL, rtol=0)
     with pytest.raises(ng.InterventionError, match="one position per example"):

@@ -44,7 +44,7 @@ def _reference_grads(ref, vlm, tb, knockouts):
         reference.EDITS[k.mode].append((k.layers, b.mask(k.targets), b.mask(k.sources)))
     try:
         ref.zero_grad(set_to_none=True)
-        logits = ref(**vlm._inputs(b), use_cache=False).logits
+        logits = ref(**vlm.model_inputs(b), use_cache=False).logits
         labels = tb.labels
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         loss.backward()

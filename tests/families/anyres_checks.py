@@ -97,7 +97,7 @@ def newline_features(vlm, *input_names):
     Returns the batch and each image's features.
     """
     batch = vlm.prepare(sized_images((40, 30), (20, 40)), PROMPTS)
-    inputs = vlm._inputs(batch)
+    inputs = vlm.model_inputs(batch)
     with torch.no_grad():
         feats = vlm.model.model.get_image_features(
             pixel_values=inputs["pixel_values"],

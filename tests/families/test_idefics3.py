@@ -113,7 +113,7 @@ def test_without_image_splitting(vlm):
 def test_image_features_fill_the_content_positions(vlm):
     """The model computes one feature per content position: tiles + global image, image_seq_len each."""
     batch = vlm.prepare(sized_images((40, 40), (20, 40)), PROMPTS)
-    inputs = vlm._inputs(batch)
+    inputs = vlm.model_inputs(batch)
     with torch.no_grad():
         feats = vlm.model.get_image_features(
             pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs["pixel_attention_mask"]

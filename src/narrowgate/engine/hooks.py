@@ -72,8 +72,10 @@ def install(layers: torch.nn.ModuleList) -> list:
     """Install the capture/patch hooks on every decoder layer; returns the handles.
 
     Once per model: a second `VLM` around the same model reuses the hooks already there (they read the
-    active run, not the `VLM`), so captures and patches are never applied twice.
+    active run, not the `VLM`), so captures and patches are never applied twice. Each call counts one
+    user; `uninstall` removes the hooks when the last one leaves.
     """
+    layers._narrowgate_users = getattr(layers, "_narrowgate_users", 0) + 1
     installed = getattr(layers, "_narrowgate_hooks", None)
     if installed is not None:
         return installed
@@ -109,3 +111,17 @@ def install(layers: torch.nn.ModuleList) -> list:
     handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))
     layers._narrowgate_hooks = handles
     return handles
+
+
+def uninstall(layers: torch.nn.ModuleList) -> bool:
+    """One user of the hooks leaves; the last one removes them. Returns whether they were removed."""
+    users = getattr(layers, "_narrowgate_users", 0) - 1
+    if users > 0:
+        layers._narrowgate_users = users
+        return False
+    for handle in getattr(layers, "_narrowgate_hooks", ()):
+        handle.remove()
+    for name in ("_narrowgate_hooks", "_narrowgate_users"):
+        if hasattr(layers, name):
+            delattr(layers, name)
+    return True
