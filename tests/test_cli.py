@@ -1,10 +1,17 @@
-"""The command line: every command has --help; `models` lists every family."""
+"""The command line: every command has --help; each experiment's options come from its settings alone;
+`models` lists every family; `roles` prints the positions the engine uses."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
+
+from PIL import Image
 from typer.testing import CliRunner
 
-from narrowgate.cli import app
+import narrowgate as ng
+from narrowgate.analyses import EXPERIMENTS
+from narrowgate.cli import app, catalog
 from narrowgate.families import FAMILIES
 
 runner = CliRunner()
@@ -18,6 +25,22 @@ def test_every_command_has_help():
         assert "Usage" in result.output
 
 
+def _flags(config) -> set[str]:
+    return {f.metadata.get("flag") or f"--{f.name.replace('_', '-')}" for f in fields(config) if f.metadata["cli"]}
+
+
+def test_each_experiment_has_exactly_the_options_of_its_settings():
+    assert set(catalog()) == set(EXPERIMENTS)
+    every = set().union(*(_flags(e.config) for e in EXPERIMENTS.values()))
+    for name, exp in EXPERIMENTS.items():
+        result = runner.invoke(app, ["run", name, "--help"], env={"COLUMNS": "250"})
+        assert result.exit_code == 0, result.output
+        shown = set(re.findall(r"(--[a-z][a-z0-9-]*)", result.output)) & every
+        assert shown == _flags(exp.config), name
+    listing = runner.invoke(app, ["run", "--help"]).output
+    assert all(name in listing for name in EXPERIMENTS)
+
+
 def test_models_lists_every_family():
     result = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
@@ -26,7 +49,17 @@ def test_models_lists_every_family():
         assert fam.checkpoints and fam.checkpoints[0] in result.output
 
 
-def test_roles_shows_positions(checkpoint_dir):
-    result = runner.invoke(app, ["roles", str(checkpoint_dir("llava"))], env={"COLUMNS": "200"})
+def test_roles_shows_the_positions_the_engine_uses(checkpoint_dir):
+    path = checkpoint_dir("llava")
+    result = runner.invoke(app, ["roles", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "eoi" in result.output and "image" in result.output
+    vlm = ng.load(path)
+    batch = vlm.prepare([Image.new("RGB", (224, 224), (128, 128, 128))],
+                        ["Provide a one-sentence caption for the provided image."])
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+            if line.count("│") >= 3}
+    for role in ("bos", "eoi", "last", "first_image", "last_image"):
+        pos = batch.positions(role)[0].tolist()
+        assert rows[role] == f"{pos} ({len(pos)})", role
+    n_image = len(batch.positions("image")[0])
+    assert rows["image"].endswith(f"({n_image})")

@@ -75,11 +75,15 @@ def test_numbers_reach_the_run_unchanged(captured):
     assert cfg["layers"] == "0-1,3" and cfg["knockout"] == ["image[3]"] and cfg["sweep"] is None
 
 
-def test_api_refuses_counts_below_one_before_loading(tmp_path):
-    exp = base.Experiment()
-    for key, value in (("n", 0), ("batch_size", 0), ("max_new_tokens", -1)):
+def test_api_refuses_counts_below_one_and_unknown_settings_before_loading(tmp_path):
+    from narrowgate.analyses import EXPERIMENTS
+
+    exp = EXPERIMENTS["ablation"]()
+    for key, value in (("n", 0), ("batch_size", 0), ("max_new_tokens", -1), ("mode", "half")):
         with pytest.raises(OptionError, match=f"--{key.replace('_', '-')}"):
             base.run(exp, {"model": "/nonexistent", "data": "synthetic", key: value, "out": str(tmp_path / "x")})
+    with pytest.raises(OptionError, match="no setting 'kk'.*sweep_step"):
+        base.run(exp, {"model": "/nonexistent", "data": "synthetic", "kk": 3, "out": str(tmp_path / "x")})
     assert not (tmp_path / "x").exists()
 
 
@@ -233,7 +237,7 @@ def test_help_is_fast_and_loads_neither_torch_nor_transformers():
 
 
 def test_boolean_options_are_plain_flags():
-    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["run", "ablation", "--help"], env={"COLUMNS": "200"})
     for flag in ("--sweep", "--quiet", "--retry-failed"):
         line = next(line for line in result.output.splitlines() if f"{flag} " in line)
         assert "<bool>" not in line, line

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -71,7 +72,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native."
+MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
 
 
 def _flag(name: str, help: str):
@@ -171,88 +172,99 @@ def roles(
     console.print(table)
 
 
-EXPERIMENT_HELP = (
-    "modality-gap (Sec. 4.1), cross-attention (Sec. 4.2, Eq. 1), overlap (Sec. 4.2, Eq. 2), "
-    "ablation (Sec. 4.3), patching (Sec. 4.4, Eq. 3), steering (Sec. 4.4, generated text), "
-    "gate-scan (every image-side position knocked out alone)"
-)
+PARSERS = {"layers": _layers, "roles": _roles, "device_map": _device_map, "finite": _finite, "positive": _positive,
+           "nonempty": _nonempty}
+_ANALYSES = Path(__file__).parent / "analyses"
 
 
-@app.command()
-def run(
-    experiment: str = typer.Argument(..., help=EXPERIMENT_HELP),
-    model: str = typer.Option(..., "--model", help=MODEL_HELP, callback=_nonempty),
-    data: str = typer.Option(..., "--data", help="vqav2, coco, flickr30k, imagenet or synthetic (no files needed)."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset's files are on disk.", callback=_nonempty),
-    n: int = typer.Option(None, "--n", "-n", min=1, help="Examples to sample (seeded; default 2,000, ImageNet: 100 per class). Under torchrun write -n: torchrun takes --n for its own options."),
-    n_per_class: int = typer.Option(None, "--n-per-class", min=1, help="Images per class for ImageNet/synthetic classes (patching: per pair class)."),
-    out: str = typer.Option(None, "--out", help="Run directory (default runs/<experiment>-<model>-<time>); rerun to resume.", callback=_nonempty),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Examples per forward (halved automatically on OOM)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict.", callback=_device_map),
-    seed: int = typer.Option(42, "--seed", min=0, help="Sampling seed."),
-    prompt: str = typer.Option(None, "--prompt", help="Class prompt (default 'This animal is a' / 'This shape is a').", callback=_nonempty),
-    task: str = typer.Option(None, "--task", help="ablation on synthetic data: vqa, captions or classes."),
-    mode: str = typer.Option(None, "--mode", help="ablation/overlap/gate-scan: knockout mode, zero or mask (ablation, overlap: zero, as the paper; gate-scan: mask)."),
-    layers: str = typer.Option(None, "--layers", help="ablation: decoder layers of the knockouts, e.g. 0-31 or 3,5,7; steering: residual indices patched.", callback=_layers),
-    sweep: bool = _flag("--sweep", "ablation: growing layer windows from the last layer (SM 6.3); overlap: growing early-layer windows 0..w-1 of image->eoi+text (the authors' overlap-with-ablation)."),
-    sweep_step: int = typer.Option(1, "--sweep-step", min=1, help="ablation/overlap: window growth per step with --sweep."),
-    knockout: list[str] = typer.Option(None, "--knockout", help="ablation: extra source role to knock out (repeatable).", callback=_roles),
-    k: int = typer.Option(None, "--k", min=1, help="overlap/ablation: neighbours for the neighbourhood overlap (30)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="ablation, gate-scan --score: new tokens (VQA 20, captions 60); steering: 10."),
-    threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, callback=_finite, help="cross-attention: share above which a position is shown."),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="cross-attention: most positions shown on their own (9)."),
-    image_index: int = typer.Option(None, "--image-index", min=0, help=escape("overlap: the k of image[k] (default 31).")),
-    outputs_only: bool = _flag("--outputs-only", "overlap/modality-gap: layer outputs only (resid 1..L, the paper's x axis), not the embeddings."),
-    normalise: str = typer.Option(None, "--normalise", help="cross-attention: per-example (shares averaged, default) or after-mean (the authors': raw attention averaged, then normalised)."),
-    z: float = typer.Option(None, "--z", callback=_positive, help="modality-gap: ADP clustering confidence Z, above 0 (1.2)."),
-    min_cluster_size: int = typer.Option(None, "--min-cluster-size", min=1, help="modality-gap: drop smaller ADP clusters."),
-    allow_fewer: bool = _flag("--allow-fewer", "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."),
-    vqa_prompt: str = typer.Option(None, "--vqa-prompt", help="VQA prompt with {question} (default: the family's preset, see README).", callback=_nonempty),
-    caption_prompt: str = typer.Option(None, "--caption-prompt", help="Caption prompt (default: the paper's).", callback=_nonempty),
-    direction: str = typer.Option(None, "--direction", help="patching: paper (base <- target as published) or both."),
-    span: str = typer.Option(None, "--span", help="patching: single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant)."),
-    cider_tokenize: str = typer.Option(None, "--cider-tokenize", help="ablation: ptb (official COCO tokenisation) or raw (the authors' raw strings)."),
-    method: str = typer.Option(None, "--method", help="gate-scan: exact (default) or attribution (first-order, one forward + backward)."),
-    check: int = typer.Option(None, "--check", min=1, help="gate-scan --method attribution: examples also scanned exactly for the rank correlation (8)."),
-    top: int = typer.Option(None, "--top", min=1, help="gate-scan: top positions per example resolved over layer windows (3)."),
-    windows: int = typer.Option(None, "--windows", min=1, help="gate-scan: number of layer windows (4)."),
-    per_example: bool = _flag("--per-example", "gate-scan: also write tables/positions_by_example."),
-    score: bool = _flag("--score", "gate-scan on VQA/captions: also the task-score drop of every position (one generation per position and example)."),
-    retry_failed: bool = _flag("--retry-failed", "Process again the examples recorded as failures (e.g. after fixing their images)."),
-    quiet: bool = _flag("--quiet", "No progress bar."),
-) -> None:
-    """Run (or resume) one of the paper's experiments; writes tables, figures and report.html to --out."""
+def catalog() -> dict[str, str]:
+    """Every experiment's command name and one-line summary, read from the sources without importing them
+    (importing loads torch): the classes decorated ``@register`` in ``narrowgate/analyses/*.py``."""
+    import ast
+
+    out = {}
+    for path in sorted(_ANALYSES.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if not (isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "register" for d in node.decorator_list)):
+                continue
+            name = next(st.value.value for st in node.body if isinstance(st, ast.Assign)
+                        and getattr(st.targets[0], "id", None) == "name")
+            out[name] = (ast.get_docstring(tree) or "").split("\n")[0]
+    return dict(sorted(out.items()))
+
+
+def _cli_type(hint):
+    """The command-line type of a settings field's type hint (``int | None`` -> int, ``list[str]`` -> list)."""
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for t in (bool, int, float, str):
+        if t in args:
+            return t
+    return list[str] if any(typing.get_origin(a) is list for a in args) else str
+
+
+def _experiment_command(name: str):
+    """The click command ``narrowgate run NAME``: its options come from the experiment's settings dataclass."""
+    import inspect
+    import typing
+    from dataclasses import MISSING, fields
+
     from .analyses import EXPERIMENTS
-    from .analyses.base import run as run_experiment
-    from .analyses.tasks import DATASETS, TASK_DATASETS
-    from .engine.interventions import KNOCKOUT_MODES
+    from .analyses import base as analyses_base
 
-    for value, allowed, option in ((experiment, tuple(EXPERIMENTS), "EXPERIMENT"), (data, DATASETS, "--data"),
-                                   (dtype, ("auto", "float32", "bfloat16", "float16"), "--dtype"),
-                                   (mode, (None, *KNOCKOUT_MODES), "--mode"), (task, (None, *TASK_DATASETS), "--task"),
-                                   (method, (None, "exact", "attribution"), "--method"),
-                                   (direction, (None, "paper", "both"), "--direction"),
-                                   (span, (None, "single", "from"), "--span"),
-                                   (normalise, (None, "per-example", "after-mean"), "--normalise"),
-                                   (cider_tokenize, (None, "ptb", "raw"), "--cider-tokenize")):
-        if value not in allowed:
-            raise typer.BadParameter(f"unknown value {value!r}; choose one of {', '.join(a for a in allowed if a)}.",
-                                     param_hint=option)
-    dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
-    cfg = dict(model=model, data=data, data_dir=data_dir, n=n, n_per_class=n_per_class, out=out,
-               batch_size=batch_size, dtype=dtype, device_map=dmap, seed=seed, prompt=prompt, task=task,
-               mode=mode, layers=layers, sweep=sweep or None, sweep_step=sweep_step if sweep else None,
-               knockout=list(knockout) if knockout else None, k=k, max_new_tokens=max_new_tokens,
-               threshold=threshold, max_tokens=max_tokens, image_index=image_index,
-               outputs_only=outputs_only or None, normalise=normalise, Z=z, min_cluster_size=min_cluster_size,
-               allow_fewer=allow_fewer or None, vqa_prompt=vqa_prompt, caption_prompt=caption_prompt,
-               direction=direction, span=span, cider_tokenize=cider_tokenize,
-               method=method, check=check, top=top, windows=windows, per_example=per_example or None, score=score or None,
-               retry_failed=retry_failed or None, progress=not quiet)
-    store = run_experiment(EXPERIMENTS[experiment](), cfg, command=["narrowgate", *sys.argv[1:]])
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
+    exp_cls = EXPERIMENTS[name]
+    hints = typing.get_type_hints(exp_cls.config)
+    params, choices = [], {}
+    for f in fields(exp_cls.config):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind = _cli_type(hints[f.name])
+        flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+        default = None if f.default is MISSING else f.default
+        if kind is bool:
+            opt = _flag(flag, meta["help"])
+        else:
+            help_text = meta["help"] + ("" if default in (None, False) or kind is list[str] else f" [default: {default}]")
+            opt = typer.Option(... if meta.get("required") else None, flag, help=escape(help_text),
+                               min=meta.get("min"), max=meta.get("max"), callback=PARSERS.get(meta.get("parse")),
+                               show_default=False)
+        if meta.get("choices"):
+            choices[f.name] = (meta["choices"], flag)
+        annotation = kind if kind is bool or meta.get("required") else typing.Optional[kind]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
+    params.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=_flag("--quiet", "No progress bar."),
+                                    annotation=bool))
+
+    def command(**kw):
+        for key, (allowed, flag) in choices.items():
+            if kw.get(key) is not None and kw[key] not in allowed:
+                raise typer.BadParameter(f"unknown value {kw[key]!r}; choose one of {', '.join(allowed)}.", param_hint=flag)
+        cfg = {k: (v if v is not False else None) for k, v in kw.items() if k != "quiet"}
+        if isinstance(cfg.get("device_map"), str) and cfg["device_map"].strip().startswith("{"):
+            cfg["device_map"] = json.loads(cfg["device_map"])
+        cfg["progress"] = not kw["quiet"]
+        store = analyses_base.run(exp_cls(), cfg, command=["narrowgate", *sys.argv[1:]])
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print_run(store)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = _summary(exp_cls)
+    sub = typer.Typer(add_completion=False)
+    sub.command(name)(command)
+    return typer.main.get_command(sub)
+
+
+def _summary(exp_cls) -> str:
+    """The experiment module's docstring up to its first blank line: the command's --help text."""
+    doc = sys.modules[exp_cls.__module__].__doc__ or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+def _print_run(store) -> None:
     console.print(f"[green]done:[/green] {store.path}  (report: {store.path / 'report.html'})")
     for name, df in store.tables().items():
         if name != "failures" and len(df) <= 40:
@@ -261,6 +273,40 @@ def run(
     failures = store.failures()
     if len(failures):
         console.print(f"[yellow]{len(failures)} example(s) skipped[/yellow]; see {store.path / 'tables/failures.csv'}")
+
+
+class _Experiments(TyperGroup):
+    """``narrowgate run``: one command per registered experiment, built only when it is called."""
+
+    def list_commands(self, ctx):
+        return list(catalog())
+
+    def get_command(self, ctx, name):
+        return _experiment_command(name) if name in catalog() else None
+
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in catalog():
+            raise typer.BadParameter(f"no experiment {args[0]!r}; choose one of {', '.join(catalog())}.",
+                                     ctx=ctx, param_hint="EXPERIMENT")
+        return super().resolve_command(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        """Plain help listing the experiments from `catalog` (building their commands would load torch)."""
+        self.format_usage(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(self.help or "")
+        with formatter.section("Experiments"):
+            formatter.write_dl(list(catalog().items()))
+
+
+run_app = typer.Typer(
+    cls=_Experiments,
+    help="Run (or resume) an experiment; writes tables, figures and report.html to --out. "
+    "'narrowgate run EXPERIMENT --help' lists its options.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(run_app, name="run")
 
 
 @app.command()

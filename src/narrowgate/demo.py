@@ -250,7 +250,7 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
             link = f"<br><a href='{lab}/{name}/report.html'>run</a>"
             parts.append("<td>" + "".join(_img(f) for f in figs) + link + "</td>")
         parts.append("</tr></table>")
-        if experiment in ("modality-gap", "overlap", "patching", "cross-attention"):
+        if EXPERIMENTS[experiment].curve is not None:
             loaded = [(lab, RunStore(runs[lab][name]).tables(),
                        json.loads((runs[lab][name] / "manifest.json").read_text())) for lab in labels]
             for png in (p for p in compare(loaded, out / "compare" / name) if p.endswith(".png")):

@@ -120,12 +120,12 @@ def test_imagenet_val_layout_serves_the_pair_classes(datasets, tmp_path):
 
 def test_steering_generates_with_the_target_eoi_on_imagenet(checkpoint_dir, datasets, tmp_path):
     result, out = _run(checkpoint_dir, datasets, tmp_path, "steering", "imagenet", "--n-per-class", "1",
-                       "--layers", "0-2", "--max-new-tokens", "3")
+                       "--resids", "0-2", "--max-new-tokens", "3")
     _ok(result)
     tables = RunStore(out).tables()
     assert len(tables["steering_pairs"]) == 10 and len(tables["steering_examples"]) == 10
     summary = tables["steering"].iloc[0]
-    assert summary["window (resid)"] == "0-2" and summary["n"] == 10
+    assert summary["resids"] == "0-2" and summary["n"] == 10
     rows = RunStore(out).records().rows
     hits = [tgt.lower() in txt.lower() for tgt, txt in zip(rows["target"], rows["text_steered"])]
     assert summary["names_target_steered"] == pytest.approx(sum(hits) / len(hits))

@@ -1,16 +1,18 @@
-"""The paper's experiments, one module each, all run by `narrowgate.analyses.base.run`."""
+"""The paper's experiments and ours, one module each, all run by `narrowgate.analyses.base.run`.
 
-from .ablation import Ablation
-from .base import Experiment, Unit, run
-from .cross_attention import CrossAttention
-from .gate_scan import GateScan
-from .modality_gap import ModalityGap
-from .overlap import Overlap
-from .patching import Patching
-from .steering import Steering
+Every module of this package is imported here, so an experiment registers itself (``@register``) by
+existing: adding one is adding its file.
+"""
 
-EXPERIMENTS: dict[str, type[Experiment]] = {
-    e.name: e for e in (ModalityGap, CrossAttention, Overlap, Ablation, Patching, Steering, GateScan)
-}
+import importlib
+import pkgutil
 
-__all__ = ["EXPERIMENTS", "Experiment", "Unit", "run"]
+from .base import REGISTRY, Experiment, Unit, register, run
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+#: Every experiment by its command name, in the order of `narrowgate run --help`.
+EXPERIMENTS: dict[str, type[Experiment]] = dict(sorted(REGISTRY.items()))
+
+__all__ = ["EXPERIMENTS", "Experiment", "Unit", "register", "run"]

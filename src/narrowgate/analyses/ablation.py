@@ -10,6 +10,8 @@ growing windows ending at the last layer (SM 6.3). Scores: VQA accuracy (VQAv2),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -18,24 +20,26 @@ from ..engine.shared import Condition
 from ..errors import OptionError, parse_layer_set
 from ..metrics import cider, neighborhood_overlap, vqa_accuracy
 from . import tasks
-from .base import Experiment, check_k, overlap_k, stack
+from .base import Experiment, check_k, overlap_k, register, stack
+from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
 TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagenet": "classes"}
 
 
-def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...] | None:
-    """'0-31' or '3,5,7' -> decoder layers (`narrowgate.errors.parse_layer_set`); None -> all.
+def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> tuple[int, ...] | None:
+    """'0-31' or '3,5,7' -> indices below ``n_layers`` (`narrowgate.errors.parse_layer_set`); None -> all.
 
-    Raises `OptionError` naming ``--layers`` for a malformed or empty set or a layer out of range.
+    Raises `OptionError` naming ``option`` for a malformed or empty set or an index out of range.
     """
     if text is None:
         return None
-    out = parse_layer_set(str(text))
+    out = parse_layer_set(str(text), option=option)
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise OptionError(f"--layers {text}: layers {bad} out of range 0..{n_layers - 1} (the model has {n_layers}).")
+        raise OptionError(f"{option} {text}: {bad} out of range 0..{n_layers - 1} (the model has "
+                          f"{n_layers if option == '--layers' else n_layers - 1} layers).")
     return out
 
 
@@ -57,10 +61,22 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     return out
 
 
+@dataclass
+class AblationConfig(ClassPrompt, TaskPrompts, RunConfig):
+    mode: str = option("zero", "Knockout mode: zero (the paper's) or mask (exactly blind).", choices=MODES)
+    layers: str | None = option(None, "Decoder layers of the knockouts, e.g. 0-31 or 3,5,7 (default: all).",
+                                parse="layers")
+    sweep: bool = option(False, "Each knockout also over growing layer windows ending at the last layer (SM 6.3).")
+    sweep_step: int = option(1, "Window growth per step with --sweep.", min=1)
+    knockout: list[str] | None = option(None, "Extra source role to knock out (repeatable).", parse="roles")
+    k: int = option(30, "Neighbours of the neighbourhood overlap on ImageNet (the paper: 30).", min=1)
+
+
+@register
 class Ablation(Experiment):
     name = "ablation"
     task = "vqa"
-    defaults = {"mode": "zero", "k": 30}
+    config = AblationConfig
 
     def _task(self, cfg):
         return cfg.get("task") or TASK_OF.get(cfg["data"], "vqa")
@@ -137,3 +153,27 @@ class Ablation(Experiment):
                          "relative": float(scores[n] / base) if base else float("nan"), "n": len(records.rows),
                          **({"k": k} if task == "classes" else {})})
         return {"ablation": pd.DataFrame(rows)}
+
+    def figures(self, tables, info, store):
+        from ..plots import COLORS, has, plt, save
+
+        if not has(tables, "ablation"):
+            return []
+        df = tables["ablation"]
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(df)), 3.8))
+        ax.bar(range(len(df)), df["relative"], color=[COLORS[i % len(COLORS)] for i in range(len(df))])
+        ax.set_xticks(range(len(df)), df["condition"], rotation=45, ha="right", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set(ylabel=f"{df['metric'].iloc[0]} relative to baseline", title="Attention knockout")
+        return [save(fig, store, "ablation")]
+
+    def compare(self, runs):
+        """The conditions' relative scores, one bar per run."""
+        from ..plots import COLORS
+
+        df = pd.concat([t["ablation"].assign(model=label) for label, t, _ in runs])
+        wide = df.pivot(index="condition", columns="model", values="relative")
+        ax = wide.plot.bar(figsize=(8, 4), color=COLORS[: len(runs)])
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set(ylabel="score relative to baseline", title="Attention knockout")
+        return ax.get_figure()

@@ -1,7 +1,9 @@
 """What an experiment is, and the one runner that executes any of them resumably.
 
-An experiment turns examples into work *units* (one example, or a pair for patching), processes
-a batch of units into per-unit records, and aggregates all records into tables. The runner owns
+An experiment is one file: its settings (a dataclass, `options`), how it turns examples into work
+*units* (one example, or a pair for patching), how it processes a batch of units into per-unit
+records, how it aggregates all records into tables, and its figures; ``@register`` makes it a
+``narrowgate run`` command. The runner owns
 everything else: checking the settings and the data before the model loads, the run directory (its
 lock, and a manifest written only once the run can start), skipping units already done, loading
 images and processing them (an example whose image is bad, or whose processing raises, is recorded
@@ -17,7 +19,7 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +29,12 @@ from ..data import BadExample
 from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
 from ..store import RunLocked, RunStore
-from . import prompts, tasks
+from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
 
 #: Settings that may change between a run and its resumption without changing its results.
 RUN_ONLY = ("batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
-#: Settings that count things: a value below 1 is refused (naming the CLI option), never reinterpreted.
-POSITIVE = ("n", "n_per_class", "batch_size", "k", "max_new_tokens", "sweep_step", "min_cluster_size")
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,48 @@ class Unit:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+#: Every registered experiment by name (`register`).
+REGISTRY: dict[str, type["Experiment"]] = {}
+
+
+def register(cls: type["Experiment"]) -> type["Experiment"]:
+    """Class decorator: make ``cls`` the experiment ``narrowgate run <cls.name>`` runs."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"Two experiments are named {cls.name!r}.")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
 class Experiment:
-    """Base class: subclasses set ``name``, ``task``, ``defaults`` and implement `process`/`aggregate`."""
+    """Base class: subclasses set ``name``, ``task``, ``config`` and implement `process`/`aggregate`/`figures`."""
 
     name: str = ""
     task: str = ""
-    #: Experiment-specific settings and their defaults (the paper's and the authors' values).
+    #: The settings dataclass (its defaults are the paper's and the authors' values).
+    config: type = options.RunConfig
+    #: ``config``'s defaults that are values, set for each subclass.
     defaults: dict = {}
     #: Kinds of prompt the experiment uses (`prompts.KEYS`); the run resolves them per family into its config.
     prompts: tuple = ()
+    #: For ``narrowgate compare``: (table, y column, grouping column or None) drawn on relative depth.
+    curve: tuple | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.defaults = options.defaults(cls.config)
+
+    def figures(self, tables: dict[str, pd.DataFrame], info: dict, store) -> list[str]:
+        """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names."""
+        return []
+
+    def compare(self, runs: list[tuple[str, dict, dict]]):
+        """One figure overlaying runs (label, tables, manifest) of this experiment, or None (`curve`)."""
+        if self.curve is None:
+            return None
+        from ..plots import overlay_curves
+
+        table, col, group = self.curve
+        return overlay_curves(runs, table, col, group, self.name)
 
     def prompt_kinds(self, cfg: dict) -> tuple:
         return self.prompts
@@ -153,10 +186,17 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
     return batch_size
 
 
-def check_config(cfg: dict) -> None:
-    """Refuse counts below 1 (``n=0`` is not "the default", ``n=-3`` is not "nothing"), naming the option."""
-    for key in POSITIVE:
-        check_count(cfg.get(key), f"--{key.replace('_', '-')}")
+def check_config(cfg: dict, config: type) -> None:
+    """Refuse counts below 1 (``n=0`` is not "the default", ``n=-3`` is not "nothing") and values outside a
+    setting's choices, naming the option: the Python API checks what the command line checks."""
+    for f in fields(config):
+        flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+        value = cfg.get(f.name)
+        if f.metadata.get("min") == 1:
+            check_count(value, flag)
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise OptionError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
 
 
 def _smallest_class(labels) -> tuple:
@@ -266,10 +306,12 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
+    unknown = sorted(set(cfg) - set(options.names(exp.config)))
+    if unknown:
+        raise OptionError(f"{exp.name} has no setting {', '.join(map(repr, unknown))}; its settings: "
+                          f"{', '.join(options.names(exp.config))}.")
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-    cfg.setdefault("seed", 42)
-    cfg.setdefault("batch_size", 1)
-    check_config(cfg)
+    check_config(cfg, exp.config)
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
     ranks = Ranks.from_env()
@@ -297,7 +339,6 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: "Ranks", command_text: str) -> RunStore:
     """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
     from ..loading import fingerprint, load
-    from ..plots import draw
     from ..report import write_report
 
     if vlm is None:
@@ -317,7 +358,7 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
     exp.check_model(cfg, vlm.n_layers)
     cfg = prompts.resolve(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"])
     units = exp.units(examples, cfg)
-    key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY}
+    key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and v is not None}
     store.open_manifest(
         {
             "experiment": exp.name,
@@ -348,7 +389,7 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
             progress.update(task, advance=len(chunk))
     ranks.barrier()
     if ranks.rank == 0:
-        finish(exp, store, cfg, info, draw, write_report)
+        finish(exp, store, cfg, info, write_report)
     ranks.barrier()
     return store
 
@@ -374,7 +415,7 @@ def sample_counts(examples, units) -> dict:
     return out
 
 
-def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, draw, write_report) -> None:
+def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report) -> None:
     """Aggregate every record into tables, then figures and the report."""
     records = store.records()
     failures = store.failures()
@@ -388,7 +429,7 @@ def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, draw, write_
     tables["failures"] = failures
     for name, df in tables.items():
         store.write_table(name, df)
-    figures = draw(exp.name, tables, info, store)
+    figures = exp.figures(tables, info, store) if len(records.rows) else []
     write_report(store, exp.name, tables, figures, info)
 
 

@@ -11,10 +11,13 @@ over examples and normalises the mean, as the authors' code does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from .base import Experiment
+from .base import Experiment, register
+from .options import ClassPrompt, RunConfig, option
 from .prompts import class_prompt
 
 
@@ -32,11 +35,23 @@ def single_out(means: dict, threshold: float, n_content, max_tokens: int) -> lis
     return sorted((k for _, k in sorted(above, reverse=True)[:max_tokens]))
 
 
+@dataclass
+class CrossAttentionConfig(ClassPrompt, RunConfig):
+    n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
+    threshold: float = option(0.01, "Share above which a position is shown on its own (the paper: 1%).",
+                              parse="finite", min=0.0, max=1.0)
+    max_tokens: int = option(9, "Most positions shown on their own (the legend stays readable).", min=1)
+    normalise: str = option("per-example", "per-example (shares averaged) or after-mean (the authors': raw "
+                            "attention averaged, then normalised).", choices=("per-example", "after-mean"))
+
+
+@register
 class CrossAttention(Experiment):
     name = "cross-attention"
     task = "classes"
     prompts = ("class",)
-    defaults = {"threshold": 0.01, "n_per_class": 100, "max_tokens": 9, "normalise": "per-example"}
+    config = CrossAttentionConfig
+    curve = ("cross_attention_roles", "fraction", "role")
 
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
@@ -93,3 +108,36 @@ class CrossAttention(Experiment):
                 [{"token": k, "mean_fraction": float(v.mean()), "max_fraction": float(v.max())} for k, v in top]
             ),
         }
+
+    def figures(self, tables, info, store):
+        """Fig. 3: per decoder layer, the stacked shares of [EOI], the singled-out positions and the rest."""
+        from ..plots import has, plt, save
+
+        if not has(tables, "cross_attention_by_layer"):
+            return []
+        df = tables["cross_attention_by_layer"]
+        wide = df.pivot(index="layer", columns="token", values="fraction").fillna(0.0)
+        middle = sorted((c for c in wide.columns if c not in ("eoi", OTHER)), key=_token_order)
+        wide = wide[[c for c in ["eoi", *middle, OTHER] if c in wide.columns]]
+        palette = plt.get_cmap("tab20").colors
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        bottom = pd.Series(0.0, index=wide.index)
+        for i, col in enumerate(wide.columns):
+            color = {"eoi": "#BB5566", OTHER: "#DDDDDD"}.get(col, palette[i % len(palette)])
+            ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=col, width=0.85)
+            bottom += wide[col]
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set(xlabel="decoder layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        return [save(fig, store, "cross_attention")]
+
+
+def _token_order(token: str):
+    """first_image, image[k] by k, last_image, then the rest by name."""
+    if token == "first_image":
+        return (0, 0, "")
+    if token.startswith("image[") and token.endswith("]"):
+        return (1, int(token[6:-1]), "")
+    if token == "last_image":
+        return (2, 0, "")
+    return (3, 0, token)

@@ -35,11 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dataclasses import dataclass
+
 from ..engine.state import InterventionError
 from ..errors import OptionError
 from ..metrics import cider, vqa_accuracy
 from .ablation import TASK_OF
-from .base import Experiment, Unit
+from .base import Experiment, Unit, register
+from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 GRID_GROWTH = 1.5
@@ -103,10 +106,26 @@ def windows(n_layers: int, count: int) -> list[tuple[int, ...]]:
     return [tuple(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+@dataclass
+class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
+    mode: str = option("mask", "Knockout mode: mask (exactly blind) or zero (the paper's).", choices=MODES)
+    method: str = option("exact", "exact, or attribution (first-order, one forward + backward).",
+                         choices=("exact", "attribution"))
+    check: int = option(8, "With --method attribution: examples also scanned exactly, for the rank correlation.",
+                        min=1)
+    top: int = option(3, "Top positions per example resolved over layer windows.", min=1)
+    windows: int = option(4, "Number of consecutive layer windows.", min=1)
+    bootstrap: int = option(1000, "Bootstrap resamples of the intervals.", min=1)
+    per_example: bool = option(False, "Also write tables/positions_by_example.")
+    score: bool = option(False, "On VQA/captions: also the task-score drop of every position (one generation per "
+                                "position and example).")
+
+
+@register
 class GateScan(Experiment):
     name = "gate-scan"
     task = "classes"
-    defaults = {"mode": "mask", "method": "exact", "check": 8, "top": 3, "windows": 4, "bootstrap": 1000}
+    config = GateScanConfig
 
     def _task(self, cfg):
         return cfg.get("task") or TASK_OF.get(cfg["data"], "classes")
@@ -120,10 +139,6 @@ class GateScan(Experiment):
                           n_per_class=cfg.get("n_per_class") or (10 if task == "classes" else None))
 
     def units(self, examples, cfg):
-        if cfg["method"] not in ("exact", "attribution"):
-            raise ValueError(f"--method must be exact or attribution, got {cfg['method']!r}.")
-        if cfg["mode"] not in ("mask", "zero"):
-            raise ValueError(f"--mode must be mask or zero, got {cfg['mode']!r}.")
         if cfg.get("score") and self._task(cfg) not in ("vqa", "captions"):
             raise OptionError(f"--score needs a generative task, and this run's is {self._task(cfg)!r}: give --data "
                               "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data.")
@@ -295,6 +310,40 @@ class GateScan(Experiment):
         b, w = score(base), score(whole)
         return drops, {"score_metric": metric, "score_baseline": b, "score_whole_image": w,
                        "score_drop_whole": b - w}
+
+    def figures(self, tables, info, store):
+        """Per-position damage laid out on the image grid, the specials (BOI, [EOL]s, [EOI]) as bars beside it."""
+        from ..plots import COLORS, has, plt, save
+
+        if not has(tables, "positions"):
+            return []
+        df = tables["positions"]
+        grid = df[df["row"] >= 0]
+        specials = df[df["row"] < 0].sort_values("rank").head(16)
+        label = "estimated drop of log p(own next token)" if "attribution" in set(tables["gate"]["method"]) else \
+            "damage: KL at last (nats)"
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+        if len(grid):
+            cells = np.full((int(grid["row"].max()) + 1, int(grid["col"].max()) + 1), np.nan)
+            cells[grid["row"].astype(int), grid["col"].astype(int)] = grid["damage"]
+            im = a.imshow(cells, cmap="magma", aspect="auto" if cells.shape[0] == 1 else "equal")
+            fig.colorbar(im, ax=a, fraction=0.046, label=label)
+        a.set(title="image tokens on the image grid", xticks=[], yticks=[])
+        gate = tables["gate"].iloc[0]
+        b.barh(range(len(specials)), specials["damage"], color=COLORS[1])
+        err = np.vstack([specials["damage"] - specials["damage_low"], specials["damage_high"] - specials["damage"]])
+        b.errorbar(specials["damage"], range(len(specials)), xerr=np.clip(err, 0, None), fmt="none", ecolor="k", lw=0.8)
+        b.set_yticks(range(len(specials)), specials["position"], fontsize=8)
+        b.invert_yaxis()
+        b.set(xlabel=label, title="special positions (95% bootstrap)")
+        if "whole_damage" in gate and np.isfinite(gate.get("whole_damage", np.nan)):
+            b.set_title(f"special positions (95% bootstrap)\nwhole image side knocked out: {gate['whole_damage']:.3g}",
+                        fontsize=10)
+        title = f"Gate scan — top: {gate['top_position']}"
+        if "gate_index" in gate and np.isfinite(gate.get("gate_index", np.nan)):
+            title += f", gate index {gate['gate_index']:.2f}"
+        fig.suptitle(title)
+        return [save(fig, store, "gate_scan")]
 
 
 def _matrix(df: pd.DataFrame, key: str, names: list[str]) -> np.ndarray:

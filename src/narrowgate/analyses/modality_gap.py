@@ -12,13 +12,24 @@ layer outputs 1..L, the paper's x axis.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..data import caption_text
 from ..engine.interventions import Capture
 from ..metrics import cosine_gap_per_layer, modality_homogeneity
-from .base import Experiment, stack
+from .base import Experiment, register, stack
+from .options import RunConfig, option
+
+
+@dataclass
+class ModalityGapConfig(RunConfig):
+    n: int | None = option(10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).",
+                           min=1)
+    Z: float = option(1.2, "ADP clustering confidence Z, above 0.", flag="--z", parse="positive")
+    min_cluster_size: int | None = option(None, "Drop ADP clusters smaller than this.", min=1)
+    outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
 
 
 def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
@@ -30,10 +41,12 @@ def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
     return out
 
 
+@register
 class ModalityGap(Experiment):
     name = "modality-gap"
     task = "image_text"
-    defaults = {"n": 10000, "Z": 1.2, "min_cluster_size": None}
+    config = ModalityGapConfig
+    curve = ("modality_gap", "median", None)
 
     def process(self, vlm, units, images, cfg):
         ids = [u.id for u in units]
@@ -62,3 +75,20 @@ class ModalityGap(Experiment):
         gap["homogeneity"] = hom
         gap["layer"] += 1 if cfg.get("outputs_only") else 0
         return {"modality_gap": gap.rename(columns={"layer": "resid"})}
+
+    def figures(self, tables, info, store):
+        from ..plots import COLORS, RESID, has, plt, save
+
+        if not has(tables, "modality_gap"):
+            return []
+        df = tables["modality_gap"]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+        a.plot(df["resid"], df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
+        a.fill_between(df["resid"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
+        a.set(xlabel=RESID, ylabel="cosine similarity (image vs text)", title="Modality gap")
+        b.plot(df["resid"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
+        b.set(xlabel=RESID, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02),
+              title="Modality clusters")
+        for ax in (a, b):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        return [save(fig, store, "modality_gap")]

@@ -16,13 +16,16 @@ need to read the image for the class to be readable at each role.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
-from .base import Experiment, check_k, overlap_k, stack
+from .base import Experiment, check_k, overlap_k, register, stack
+from .options import MODES, ClassPrompt, RunConfig, option
 from .prompts import class_prompt
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")
@@ -52,16 +55,30 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     """The baseline plus ``image -> eoi+text`` knocked out in each window of `windows`."""
     out = [Condition(NO_KNOCKOUT)]
     for layers in windows(cfg, n_layers):
-        ko = Knockout("image", ("eoi", "text"), layers=layers, mode=cfg.get("mode") or "zero")
+        ko = Knockout("image", ("eoi", "text"), layers=layers, mode=cfg["mode"])
         out.append(Condition(ko.name, knockouts=(ko,)))
     return out
 
 
+@dataclass
+class OverlapConfig(ClassPrompt, RunConfig):
+    n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
+    k: int = option(30, "Neighbours of the neighbourhood overlap (the paper: 30).", min=1)
+    image_index: int = option(31, "The k of image[k], the paper's 32nd image token (the authors' code: 30).", min=0)
+    outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
+    sweep: bool = option(False, "Also under growing early-layer windows 0..w-1 of image->eoi+text knocked out "
+                                "(the authors' overlap-with-ablation).")
+    sweep_step: int = option(1, "Window growth per step with --sweep.", min=1)
+    mode: str = option("zero", "Knockout mode of --sweep: zero (the paper's) or mask.", choices=MODES)
+
+
+@register
 class Overlap(Experiment):
     name = "overlap"
     task = "classes"
     prompts = ("class",)
-    defaults = {"k": 30, "image_index": 31, "n_per_class": 100}
+    config = OverlapConfig
+    curve = ("overlap", "overlap", "role")
 
     def check(self, examples, cfg):
         check_k((e.label for e in examples), cfg["k"])
@@ -101,3 +118,44 @@ class Overlap(Experiment):
                 rows += [{"knockout": cond.name, "knockout_layers": window, "resid": first + j, "role": name,
                           "overlap": float(v), "k": k} for j, v in enumerate(values)]
         return {"overlap": pd.DataFrame(rows)}
+
+    def compare(self, runs):
+        from ..plots import overlay_curves
+
+        return overlay_curves(runs, "overlap", "overlap", "role", self.name, rows=_unablated)
+
+    def figures(self, tables, info, store):
+        """Overlap per role; with knockout windows, a second panel: [EOI]'s overlap under each window."""
+        from ..plots import COLORS, RESID, has, plt, save
+
+        if not has(tables, "overlap"):
+            return []
+        df = tables["overlap"]
+        windows = df[df["knockout"] != NO_KNOCKOUT]
+        fig, axes = plt.subplots(1, 2 if len(windows) else 1, figsize=(12 if len(windows) else 7, 3.8), squeeze=False)
+        ax = axes[0, 0]
+        for i, (role, g) in enumerate(_unablated(df).groupby("role", sort=False)):
+            ax.plot(g["resid"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
+        ax.set(xlabel=RESID, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
+        ax.legend(fontsize=8)
+        if len(windows):
+            b = axes[0, 1]
+            groups = list(df[df["role"] == "eoi"].groupby("knockout", sort=False))
+            cmap = plt.get_cmap("viridis")
+            for i, (name, g) in enumerate(groups):
+                window = str(g["knockout_layers"].iloc[0])
+                label = "no knockout" if name == NO_KNOCKOUT else f"image→eoi+text, layer{'s' * ('-' in window)} {window}"
+                color = "k" if name == NO_KNOCKOUT else cmap(i / max(1, len(groups) - 1))
+                b.plot(g["resid"], g["overlap"], "-", lw=1.2, color=color, label=label)
+            b.set(xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts")
+            handles, labels = b.get_legend_handles_labels()
+            keep = sorted({0, len(labels) - 1} | set(range(0, len(labels), max(1, len(labels) // 8))))
+            b.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)
+        for a in axes[0]:
+            a.xaxis.get_major_locator().set_params(integer=True)
+        return [save(fig, store, "overlap")]
+
+
+def _unablated(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows without a knockout (the table also holds the ``--sweep`` windows)."""
+    return df[df["knockout"] == NO_KNOCKOUT]

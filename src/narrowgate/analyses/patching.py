@@ -18,6 +18,8 @@ A class is scored by its whole name: the teacher-forced, summed log-probability 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +29,8 @@ from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from ..metrics import distribution_similarity
 from . import tasks
-from .base import Experiment, Unit
+from .base import Experiment, Unit, register
+from .options import ClassPrompt, RunConfig, option
 from .prompts import class_prompt, name_ids, name_scores
 
 DIRECTIONS = ("paper", "both")
@@ -48,11 +51,28 @@ def patch_conditions(donor: torch.Tensor, n_layers: int, span: str) -> list[Cond
     return conds
 
 
+@dataclass
+class PairsConfig(ClassPrompt, RunConfig):
+    """Patching and steering: images per pair class, and which way each pair is patched."""
+
+    n: int | None = option(None, "Not used: pairs sample per class (give --n-per-class).", cli=False)
+    n_per_class: int | None = option(100, "Images per pair class (the paper: 100).", min=1)
+    direction: str = option("paper", "paper (base <- target as published) or both.", choices=DIRECTIONS)
+
+
+@dataclass
+class PatchingConfig(PairsConfig):
+    span: str = option("single", "single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant).",
+                       choices=SPANS)
+
+
+@register
 class Patching(Experiment):
     name = "patching"
     task = "classes"
     prompts = ("class_patching",)
-    defaults = {"n_per_class": 100, "direction": "paper", "span": "single"}
+    config = PatchingConfig
+    curve = ("patching", "similarity", None)
 
     def requested(self, cfg):
         if cfg.get("n") is not None:
@@ -62,9 +82,6 @@ class Patching(Experiment):
         return {"n_per_class": cfg["n_per_class"]}
 
     def examples(self, cfg):
-        for key, allowed in (("direction", DIRECTIONS), ("span", SPANS)):
-            if cfg[key] not in allowed:
-                raise ValueError(f"patching: --{key} {cfg[key]!r} is not one of {', '.join(allowed)}.")
         return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"], classes="pairs",
                           allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
 
@@ -134,3 +151,21 @@ class Patching(Experiment):
                 "accuracy_unpatched": float(base_acc[m].mean()), "n": int(m.sum()),
             })
         return {"patching": pd.DataFrame(rows), "patching_pairs": pd.DataFrame(per_pair)}
+
+    def figures(self, tables, info, store):
+        """Fig. 5: similarity to the target distribution and p(target) > p(base) per patched residual index."""
+        from ..plots import COLORS, has, plt, save
+
+        if not has(tables, "patching"):
+            return []
+        df = tables["patching"]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+        a.plot(df["relative_depth"], df["similarity"], "-o", ms=3, color=COLORS[2], label="after patching")
+        a.axhline(df["similarity_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
+        a.set(xlabel="relative depth of patched residual", ylabel="similarity to target distribution", ylim=(0, 1))
+        a.legend(fontsize=8)
+        b.plot(df["relative_depth"], df["accuracy"], "-o", ms=3, color=COLORS[1], label="after patching")
+        b.axhline(df["accuracy_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
+        b.set(xlabel="relative depth of patched residual", ylabel="score(target) > score(base)", ylim=(-0.02, 1.02))
+        b.legend(fontsize=8)
+        return [save(fig, store, "patching")]

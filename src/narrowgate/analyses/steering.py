@@ -9,18 +9,29 @@ class (whole name, case-insensitive), with and without the edit, and example tex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from .ablation import parse_layers
-from .patching import Patching
+from .base import register
+from .options import option
+from .patching import PairsConfig, Patching
 from .prompts import class_prompt
 
 
+@dataclass
+class SteeringConfig(PairsConfig):
+    resids: str | None = option(None, "Residual indices patched, e.g. 8-16 (default: relative depth 0.25-0.5).",
+                                parse="layers")
+    max_new_tokens: int = option(10, "New tokens of each completion.", min=1)
+
+
 def window(cfg: dict, n_layers: int) -> tuple[int, ...]:
-    """The patched residual indices: ``--layers`` or relative depth 0.25-0.5."""
-    given = parse_layers(cfg.get("layers"), n_layers)
+    """The patched residual indices: ``--resids`` or relative depth 0.25-0.5."""
+    given = parse_layers(cfg.get("resids"), n_layers + 1, option="--resids")
     if given is not None:
         return given
     lo, hi = round(0.25 * (n_layers - 1)), round(0.5 * (n_layers - 1))
@@ -31,9 +42,11 @@ def names(text: str, word: str) -> bool:
     return word.lower() in text.lower()
 
 
+@register
 class Steering(Patching):
     name = "steering"
-    defaults = {"n_per_class": 100, "direction": "paper", "span": "single", "max_new_tokens": 10}
+    config = SteeringConfig
+    curve = None
 
     def process(self, vlm, units, images, cfg):
         prompt = class_prompt(cfg)
@@ -48,9 +61,12 @@ class Steering(Patching):
         for b, u in enumerate(units):
             eb, et = u.examples
             rows.append({"example_id": u.id, "pair": f"{eb.label}<-{et.label}", "base": eb.word, "target": et.word,
-                         "window": f"{sites[0]}-{sites[-1]}", "text_unpatched": texts["baseline"][b],
+                         "resids": f"{sites[0]}-{sites[-1]}", "text_unpatched": texts["baseline"][b],
                          "text_steered": texts["steered"][b]})
         return rows, {}
+
+    def figures(self, tables, info, store):
+        return []
 
     def aggregate(self, records, cfg, info):
         df = records.rows
@@ -65,7 +81,7 @@ class Steering(Patching):
         per_pair = df.drop_duplicates("pair")[["pair", "base", "target"]].merge(per_pair, on="pair")
         per_pair["n"] = df.groupby("pair", sort=False).size().to_numpy()
         total = flags.drop(columns="pair").mean().to_dict()
-        summary = pd.DataFrame([{"window (resid)": df["window"].iloc[0], "direction": cfg["direction"],
+        summary = pd.DataFrame([{"resids": df["resids"].iloc[0], "direction": cfg["direction"],
                                  **{f"names_{k}": float(v) for k, v in total.items()}, "n": len(df)}])
         examples = df.groupby("pair", sort=False).head(2)[["pair", "base", "target", "text_unpatched", "text_steered"]]
         return {"steering": summary, "steering_pairs": per_pair, "steering_examples": examples.reset_index(drop=True)}
