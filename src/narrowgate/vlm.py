@@ -36,11 +36,11 @@ class TrainingBatch:
 
 @dataclass
 class Output:
-    """Result of `VLM.forward`. ``residuals[role]`` is ``[B, len(capture_layers), D]`` (float32, CPU)."""
+    """Result of `VLM.forward`. ``residuals[role]`` is ``[B, len(capture_resids), D]`` (float32, CPU)."""
 
     logits: torch.Tensor
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
-    capture_layers: tuple[int, ...] = ()
+    capture_resids: tuple[int, ...] = ()
     cross_modal_attention: CrossModalAttention | None = None
 
 
@@ -346,7 +346,7 @@ class VLM:
         residuals = run.residuals()
         cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
         return Output(
-            logits=out.logits, residuals=residuals, capture_layers=run.capture_layers, cross_modal_attention=cma
+            logits=out.logits, residuals=residuals, capture_resids=run.capture_resids, cross_modal_attention=cma
         )
 
     @torch.no_grad()

@@ -60,7 +60,7 @@ def test_whole_name_scores_match_a_direct_forward_and_differ_within_every_pair(l
     assert shared, "the first-token rule would tie these pairs (e.g. ' g' for green mamba / grey whale)"
     for i in sorted({0, shared[0]}):
         for c in conds:
-            patches = tuple(Patch("eoi", p.layer, p.value[:1]) for p in c.patches)
+            patches = tuple(Patch("eoi", p.resid, p.value[:1]) for p in c.patches)
             want = _reference(vlm, img, [base[i], target[i]], patches)
             np.testing.assert_allclose([s_base[c.name][i], s_target[c.name][i]], want, rtol=1e-4, atol=1e-4)
 

@@ -44,7 +44,7 @@ def test_empty_layer_set_is_refused_through_the_api():
     with pytest.raises(ValueError, match="empty layer set"):
         ng.Knockout("eoi", "text", layers=())
     with pytest.raises(ValueError, match="empty layer set"):
-        ng.Capture("eoi", layers=[])
+        ng.Capture("eoi", resids=[])
 
 
 def test_layers_out_of_range_are_refused_before_the_manifest(checkpoint_dir, loaded, tmp_path):
@@ -64,8 +64,8 @@ def test_k_larger_than_a_class_is_refused_before_the_model_loads(tmp_path):
     # The reported case: 24 examples of 6 classes, k = 30. The model path does not exist: the refusal
     # comes first, so nothing loads and nothing is written.
     for name in ("ablation", "overlap"):
-        cfg = dict(model=str(tmp_path / "no-model"), data="synthetic", task="classes", n=24, n_per_class=4,
-                   out=str(tmp_path / name))
+        cfg = dict(model=str(tmp_path / "no-model"), data="synthetic", n=24, n_per_class=4,
+                   out=str(tmp_path / name), **({"task": "classes"} if name == "ablation" else {}))
         with pytest.raises(OptionError, match="--k 30 needs at least 31 examples per class"):
             run(EXPERIMENTS[name](), cfg)
         assert not (tmp_path / name).exists()

@@ -36,7 +36,7 @@ def test_layer_out_of_range_raises(vlm, batch):
     with pytest.raises(InterventionError, match="out of range"):
         vlm.forward(batch, patches=[ng.Patch("eoi", L + 1, torch.zeros(2, vlm.hidden_size))])
     with pytest.raises(InterventionError, match="out of range"):
-        vlm.forward(batch, capture=ng.Capture("eoi", layers=(-1,)))
+        vlm.forward(batch, capture=ng.Capture("eoi", resids=(-1,)))
 
 
 def test_bad_specs_raise():

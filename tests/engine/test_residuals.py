@@ -32,7 +32,7 @@ def test_capture_equals_output_hidden_states(mixed, role):
 def test_capture_mean_and_layer_subset(mixed):
     vlm, batch = mixed
     full = vlm.forward(batch, capture=ng.Capture("internal_image")).residuals["internal_image"]
-    some = vlm.forward(batch, capture=ng.Capture("internal_image", layers=(0, vlm.n_layers))).residuals
+    some = vlm.forward(batch, capture=ng.Capture("internal_image", resids=(0, vlm.n_layers))).residuals
     torch.testing.assert_close(some["internal_image"], full[:, [0, vlm.n_layers]], atol=0, rtol=0)
     with torch.no_grad():
         hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states

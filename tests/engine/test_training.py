@@ -116,7 +116,7 @@ def test_gradient_checkpointing_reapplies_interventions(checkpoint_dir, family, 
     vlm = _training_vlm(checkpoint_dir, family, attn)
     tb = vlm.prepare_training(images(2, seed=1), PROMPTS, ANSWERS)
     kos = KNOCKOUTS["image-mask"]
-    patch = ng.Patch("eoi", layer=1, value=torch.randn(2, vlm.hidden_size, dtype=torch.float64))
+    patch = ng.Patch("eoi", resid=1, value=torch.randn(2, vlm.hidden_size, dtype=torch.float64))
     _, plain = _engine_grads(vlm, tb, kos, [patch])
     vlm.enable_gradient_checkpointing()
     _, ckpt = _engine_grads(vlm, tb, kos, [patch])
@@ -146,7 +146,7 @@ def test_patch_gradient_flows_to_the_value_not_the_overwritten_residual(checkpoi
 
     handle = vlm.layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
-        with vlm.intervening(tb.batch, patches=[ng.Patch("eoi", layer=0, value=value)]):
+        with vlm.intervening(tb.batch, patches=[ng.Patch("eoi", resid=0, value=value)]):
             loss = vlm.answer_loss(tb)
         loss.backward()
     finally:

@@ -108,7 +108,7 @@ class Ablation(Experiment):
         imgs = [im[0] for im in images]
         if task == "classes":
             batch = vlm.prepare(imgs, [class_prompt(cfg)] * len(units))
-            outs = vlm.forward_conditions(batch, conds, capture=Capture("last", layers=(vlm.n_layers,)))
+            outs = vlm.forward_conditions(batch, conds, capture=Capture("last", resids=(vlm.n_layers,)))
             rows = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
             arrays = {f"last:{c.name}": outs[c.name].residuals["last"][:, 0].numpy().astype(np.float16) for c in conds}
             return rows, arrays

@@ -41,7 +41,7 @@ def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
         rows = torch.nonzero(ok).flatten()
         hidden[rows.to(hidden.device), rel[rows].to(hidden.device)] = value[rows].to(hidden.device, hidden.dtype)
         run.patched.add(i)
-    if index in run.capture_layers:
+    if index in run.capture_resids:
         for name, positions in run.capture_positions.items():
             _accumulate(run.captured[name], index, hidden, positions, offset)
     return hidden
@@ -85,7 +85,7 @@ def install(layers: torch.nn.ModuleList) -> list:
 
         def pre(module, args, kwargs, l=l):
             run = active_run()
-            if run is None or not (run.patches or run.capture_layers):
+            if run is None or not (run.patches or run.capture_resids):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             run.offset = _past_length(kwargs, l)
@@ -100,7 +100,7 @@ def install(layers: torch.nn.ModuleList) -> list:
 
     def post(module, args, kwargs, output):
         run = active_run()
-        if run is None or not (run.patches or run.capture_layers):
+        if run is None or not (run.patches or run.capture_resids):
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         new = _visit(run, n, hidden, run.offset)

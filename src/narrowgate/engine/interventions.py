@@ -89,13 +89,14 @@ def _layer_text(layers: tuple[int, ...]) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Patch:
-    """Replace the residual stream at ``role``'s position entering decoder layer ``layer`` with ``value`` ([B, D]).
+    """Replace the residual stream at ``role``'s position, residual index ``resid``, with ``value`` ([B, D]).
 
-    Only later layers see the change. ``layer`` may be ``n_layers`` (the last layer's output).
+    Residual index ``resid`` is the input of decoder layer ``resid``; only later layers see the change.
+    ``resid`` may be ``n_layers`` (the last layer's output).
     """
 
     role: str
-    layer: int
+    resid: int
     value: torch.Tensor
 
     def __post_init__(self):
@@ -108,16 +109,16 @@ class Patch:
 
 @dataclass(frozen=True)
 class Capture:
-    """Read the residual stream at ``roles`` for ``layers`` (None = all residual indices 0..n_layers).
+    """Read the residual stream at ``roles`` at residual indices ``resids`` (None = all, 0..n_layers).
 
-    A single-position role gives ``[B, n_captured_layers, D]``. A multi-position role (e.g.
-    ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, layers, D]``.
+    A single-position role gives ``[B, len(resids), D]``. A multi-position role (e.g.
+    ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, len(resids), D]``.
     ``at`` adds named captures at explicit positions, one per example (e.g. a random text token):
     ``Capture(roles=(), at={"text_sample": [17, 21]})``.
     """
 
     roles: str | tuple = "eoi"
-    layers: tuple[int, ...] | None = None
+    resids: tuple[int, ...] | None = None
     reduce: str = "mean"
     at: tuple[tuple[str, tuple[int, ...]], ...] | dict | None = None
     parsed: tuple[Role, ...] = field(init=False, repr=False, compare=False)
@@ -125,7 +126,7 @@ class Capture:
     def __post_init__(self):
         if self.reduce != "mean":
             raise ValueError("Capture.reduce supports 'mean' only.")
-        object.__setattr__(self, "layers", _layers(self.layers))
+        object.__setattr__(self, "resids", _layers(self.resids))
         object.__setattr__(self, "parsed", parse_roles(self.roles) if self.roles else ())
         at = self.at or {}
         at = tuple((str(k), tuple(int(p) for p in v)) for k, v in (at.items() if isinstance(at, dict) else at))

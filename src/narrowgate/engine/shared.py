@@ -171,7 +171,7 @@ def stack(runs: list[Run], batch_size: int, length: int) -> Run:
         pos = _stacked([None if p is None else p[0] for p in ps], C, torch.full((B,), -1, dtype=torch.long))
         value = _stacked([None if p is None else p[1] for p in ps], C, torch.zeros_like(like))
         out.patches.append((layer, pos, value))
-    out.capture_layers = first.capture_layers
+    out.capture_resids = first.capture_resids
     out.capture_positions = {name: list(pos) * C for name, pos in first.capture_positions.items()}
     out.captured = {name: {} for name in first.captured}
     if first.text is not None:

@@ -90,7 +90,7 @@ class Run:
     knockouts: list[ResolvedKnockout] = field(default_factory=list)
     patches: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, pos[B], value[B,D])
     capture_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    capture_layers: tuple[int, ...] = ()
+    capture_resids: tuple[int, ...] = ()
     captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # sums, counts
     text: RoleMask | None = None  # query rows for attention statistics
     column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
@@ -118,14 +118,14 @@ class Run:
         return tuple(i for i, k in enumerate(self.knockouts) if k.layers is None or layer in k.layers)
 
     def residuals(self) -> dict[str, torch.Tensor]:
-        """Captured residuals per role: [B, len(capture_layers), D], averaged over each role's positions."""
+        """Captured residuals per role: [B, len(capture_resids), D], averaged over each role's positions."""
         out = {}
         for name, per_layer in self.captured.items():
-            missing = [l for l in self.capture_layers if l not in per_layer]
+            missing = [l for l in self.capture_resids if l not in per_layer]
             if missing:
                 raise InterventionError(f"Capture of {name} never reached residual indices {missing}.")
-            sums = torch.stack([per_layer[l][0] for l in self.capture_layers], dim=1)
-            counts = torch.stack([per_layer[l][1] for l in self.capture_layers], dim=1)
+            sums = torch.stack([per_layer[l][0] for l in self.capture_resids], dim=1)
+            counts = torch.stack([per_layer[l][1] for l in self.capture_resids], dim=1)
             want = torch.tensor([len(p) for p in self.capture_positions[name]], dtype=torch.float32)
             if not torch.equal(counts, want[:, None].expand_as(counts)):
                 raise InterventionError(f"Capture of {name} saw only part of its positions.")
@@ -181,18 +181,18 @@ def resolve(
     for p in patches:
         if not isinstance(p, Patch):
             raise TypeError(f"patches must be narrowgate.Patch objects, got {type(p).__name__}.")
-        _check_layers((p.layer,), n_layers, f"Patch at {p.role}", "residual index")
+        _check_layers((p.resid,), n_layers, f"Patch at {p.role}", "residual index")
         try:
             pos = batch.index(p.role)
         except RoleError as e:
             raise InterventionError(f"Patch at {p.role} cannot apply: {e}") from e
         if p.value.shape[0] != batch.size:
             raise InterventionError(f"Patch value has batch size {p.value.shape[0]}, the batch has {batch.size}.")
-        run.patches.append((p.layer, pos, p.value))
+        run.patches.append((p.resid, pos, p.value))
     if capture is not None:
-        layers = tuple(range(n_layers + 1)) if capture.layers is None else capture.layers
+        layers = tuple(range(n_layers + 1)) if capture.resids is None else capture.resids
         _check_layers(layers, n_layers, "Capture", "residual index")
-        run.capture_layers = layers
+        run.capture_resids = layers
         for r in capture.parsed:
             pos = batch.positions(r)
             empty = [b for b, p in enumerate(pos) if len(p) == 0]
