@@ -43,6 +43,10 @@ class Batch:
     def _row_positions(self, b: int, role: Role) -> list[int]:
         lay, first, T = self.layouts[b], self.first[b], self.length
         name = role.name
+        if role.index is not None:
+            everyone = self._row_positions(b, Role("image_content" if name == "image" else name))
+            k = role.index
+            return [everyone[k]] if -len(everyone) <= k < len(everyone) else []
         if name == "bos":
             return [first] if self.bos_id is not None and int(self.input_ids[b, first]) == self.bos_id else []
         if name == "boi":
@@ -57,13 +61,11 @@ class Batch:
             return lay.content[-1:]
         if name == "internal_image":
             return list(lay.content[1:-1])
-        if name == "image_index":
-            k = role.index
-            if not -len(lay.content) <= k < len(lay.content):
-                return []
-            return [lay.content[k]]
         if name == "eol":
             return list(lay.eol)
+        if name == "image_special":
+            other = set(lay.content) | set(lay.eol)
+            return [p for p in range(lay.start, lay.end + 1) if p not in other]
         if name == "eoi":
             return [] if lay.eoi is None else [lay.eoi]
         if name == "text":

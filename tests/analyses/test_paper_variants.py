@@ -119,7 +119,7 @@ def test_patching_from_l_patches_every_later_index_and_matches_direct_forwards(c
     L = vlm.n_layers
     donor = torch.randn(1, L + 1, vlm.model.config.get_text_config().hidden_size)
     conds = patch_conditions(donor, L, "from")
-    assert [sorted(p.layer for p in c.patches) for c in conds[1:]] == [list(range(l, L)) for l in range(L)]
+    assert [sorted(p.resid for p in c.patches) for c in conds[1:]] == [list(range(l, L)) for l in range(L)]
     single = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "single", n_per_class=2),
                  vlm=vlm, command=["x"])
     spans = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "from", n_per_class=2, span="from"),

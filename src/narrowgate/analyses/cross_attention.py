@@ -3,8 +3,10 @@
 ImageNet prompt "<image> This animal is a". Every pre-text position's share is recorded per
 example; the aggregate singles out the positions whose mean share exceeds ``threshold`` (1%) and
 twice the uniform share at some layer (at most ``max_tokens``, largest first) and sums the rest as
-"other image tokens" (the paper's "internal image"). Rows are decoder layers (``layer``). Role totals
-(eoi, first/last image, eol) are reported too. Shares are normalised per example, then averaged
+``rest`` (`narrowgate.roles.REST`; the paper's "internal image"). Positions are named by their
+single-position roles (``image[k]`` with ``first_image`` and ``last_image`` for the ends, ``eol[i]``,
+``image_special[i]``, ``eoi``); rows are decoder layers (``layer``). Role totals (``eoi``,
+``first_image``, ``last_image``, ``internal_image``, ``eol``, ``image_special``) are reported too. Shares are normalised per example, then averaged
 (the paper's Eq. 1 read per example); ``--normalise after-mean`` averages the raw attention c_l(j)
 over examples and normalises the mean, as the authors' code does.
 """
@@ -16,12 +18,21 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..roles import REST, parse_role
 from .base import Experiment, register
 from .options import ClassPrompt, RunConfig, option
 from .prompts import class_prompt
 
+#: The role totals of table ``cross_attention_roles``.
+ROLE_TOTALS = ("eoi", "first_image", "last_image", "internal_image", "eol", "image_special")
 
-OTHER = "other image tokens"
+
+def role_of(name: str, n_content: int) -> str:
+    """The role total a position name counts towards (``image[k]``: first, last or internal image)."""
+    r = parse_role(name)
+    if r.name != "image":
+        return r.name
+    return "first_image" if r.index == 0 else "last_image" if r.index == n_content - 1 else "internal_image"
 
 
 def single_out(means: dict, threshold: float, n_content, max_tokens: int) -> list[str]:
@@ -77,35 +88,37 @@ class CrossAttention(Experiment):
         L = info["n_layers"]
         column = "mass" if cfg.get("normalise") == "after-mean" else "fractions"
         sums: dict[str, np.ndarray] = {}
+        totals = {r: np.zeros(L) for r in ROLE_TOTALS}
         for _, row in records.rows.iterrows():
             frac = np.asarray(row[column], dtype=np.float64).reshape(L, -1)
-            last = f"image[{row['n_content'] - 1}]"
+            n_content = int(row["n_content"])
+            ends = {"image[0]": "first_image", f"image[{n_content - 1}]": "last_image"}
             for j, label in enumerate(row["positions"]):
-                name = {"image[0]": "first_image", last: "last_image"}.get(label, label)
+                name = ends.get(label, label)
                 sums[name] = sums.get(name, 0.0) + frac[:, j]
+                totals[role_of(label, n_content)] += frac[:, j]
         n = len(records.rows)
         means = {k: v / n for k, v in sums.items()}
+        totals = {k: v / n for k, v in totals.items()}
         if column == "mass":
-            total = np.maximum(sum(means.values()), np.finfo(np.float64).tiny)
-            means = {k: v / total for k, v in means.items()}
-        roles = {"eoi": means.get("eoi", np.zeros(L)), "first_image": means.get("first_image", np.zeros(L)),
-                 "last_image": means.get("last_image", np.zeros(L)),
-                 "eol": means.get("eol", np.zeros(L))}
+            norm = np.maximum(sum(means.values()), np.finfo(np.float64).tiny)
+            means = {k: v / norm for k, v in means.items()}
+            totals = {k: v / norm for k, v in totals.items()}
         singled = single_out(means, cfg["threshold"], records.rows["n_content"], cfg["max_tokens"])
         shown = ["eoi"] + singled
         by_layer = []
         for layer in range(L):
             rest = 1.0 - sum(means[k][layer] for k in shown if k in means)
             for k in shown:
-                by_layer.append({"layer": layer, "token": k, "fraction": float(means.get(k, np.zeros(L))[layer])})
-            by_layer.append({"layer": layer, "token": OTHER, "fraction": float(rest)})
-        role_rows = [{"layer": l, "role": r, "fraction": float(v[l])} for r, v in roles.items() for l in range(L)]
+                by_layer.append({"layer": layer, "role": k, "fraction": float(means.get(k, np.zeros(L))[layer])})
+            by_layer.append({"layer": layer, "role": REST, "fraction": float(rest)})
+        role_rows = [{"layer": l, "role": r, "fraction": float(v[l])} for r, v in totals.items() for l in range(L)]
         top = sorted(means.items(), key=lambda kv: -float(kv[1].mean()))[:20]
         return {
             "cross_attention_by_layer": pd.DataFrame(by_layer),
             "cross_attention_roles": pd.DataFrame(role_rows),
             "cross_attention_top_positions": pd.DataFrame(
-                [{"token": k, "mean_fraction": float(v.mean()), "max_fraction": float(v.max())} for k, v in top]
+                [{"role": k, "mean_fraction": float(v.mean()), "max_fraction": float(v.max())} for k, v in top]
             ),
         }
 
@@ -116,15 +129,16 @@ class CrossAttention(Experiment):
         if not has(tables, "cross_attention_by_layer"):
             return []
         df = tables["cross_attention_by_layer"]
-        wide = df.pivot(index="layer", columns="token", values="fraction").fillna(0.0)
-        middle = sorted((c for c in wide.columns if c not in ("eoi", OTHER)), key=_token_order)
-        wide = wide[[c for c in ["eoi", *middle, OTHER] if c in wide.columns]]
+        wide = df.pivot(index="layer", columns="role", values="fraction").fillna(0.0)
+        middle = sorted((c for c in wide.columns if c not in ("eoi", REST)), key=_token_order)
+        wide = wide[[c for c in ["eoi", *middle, REST] if c in wide.columns]]
         palette = plt.get_cmap("tab20").colors
         fig, ax = plt.subplots(figsize=(9, 3.8))
         bottom = pd.Series(0.0, index=wide.index)
         for i, col in enumerate(wide.columns):
-            color = {"eoi": "#BB5566", OTHER: "#DDDDDD"}.get(col, palette[i % len(palette)])
-            ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=col, width=0.85)
+            color = {"eoi": "#BB5566", REST: "#DDDDDD"}.get(col, palette[i % len(palette)])
+            label = "rest of the image" if col == REST else col
+            ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=label, width=0.85)
             bottom += wide[col]
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="decoder layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention")

@@ -38,6 +38,7 @@ import torch
 from dataclasses import dataclass
 
 from ..engine.state import InterventionError
+from ..roles import image_side
 from ..errors import OptionError
 from ..metrics import cider, vqa_accuracy
 from .ablation import TASK_OF
@@ -51,22 +52,8 @@ MIN_DAMAGE = 1e-6  # nats: below this the text does not read the image, and no s
 
 
 def side_positions(lay) -> list[tuple[int, str, str]]:
-    """Every image-side position of one layout: (absolute position, name, role) in sequence order."""
-    out = [] if lay.boi is None else [(lay.boi, "boi", "boi")]
-    content = {p: k for k, p in enumerate(lay.content)}
-    eol = {p: i for i, p in enumerate(lay.eol)}
-    special = 0
-    for p in range(lay.start, lay.end + 1):
-        if p in content:
-            out.append((p, f"image[{content[p]}]", "image_content"))
-        elif p in eol:
-            out.append((p, f"eol[{eol[p]}]", "eol"))
-        else:
-            out.append((p, f"image_special[{special}]", "image"))
-            special += 1
-    if lay.eoi is not None:
-        out.append((lay.eoi, "eoi", "eoi"))
-    return out
+    """Every image-side position of one layout: (absolute position, its role name, its role group), in order."""
+    return ([] if lay.boi is None else [(lay.boi, "boi", "boi")]) + image_side(lay)
 
 
 def grid(lay) -> dict[str, tuple[int, int]]:

@@ -88,7 +88,7 @@ class Overlap(Experiment):
         k = image_index(batch, cfg["image_index"])
         roles = ROLES + tuple(r for r in OPTIONAL_ROLES if all(len(p) for p in batch.positions(r)))
         first = 1 if cfg.get("outputs_only") else 0
-        capture = Capture(roles + (f"image[{k}]",), layers=tuple(range(first, vlm.n_layers + 1)))
+        capture = Capture(roles + (f"image[{k}]",), resids=tuple(range(first, vlm.n_layers + 1)))
         conds = conditions(cfg, vlm.n_layers)
         outs = vlm.forward_conditions(batch, conds, capture=capture)
         rows = [{"example_id": u.id, "label": u.examples[0].label, "image_index": k} for u in units]

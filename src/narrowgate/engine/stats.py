@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batch import Batch
-from ..roles import parse_role
+from ..roles import image_side, parse_role
 
 
 @dataclass
@@ -24,7 +24,7 @@ class CrossModalAttention:
     ``mass[b, l, p]`` the same before normalising, c_l(j).
 
     Rows are NaN-padded where examples have fewer pre-text positions; ``labels[b][p]`` names each
-    position (``image[k]`` for content tokens, ``eol``, ``image_special``, ``eoi``).
+    position by its single-position role (``image[k]``, ``eol[i]``, ``image_special[i]``, ``eoi``).
     """
 
     fractions: torch.Tensor  # [B, L, P]
@@ -51,19 +51,8 @@ def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int
     cols = torch.stack([column_attention[l].float().cpu() for l in range(n_layers)], dim=1)  # [B, L, T]
     per_pos, per_lab = [], []
     for b, lay in enumerate(batch.layouts):
-        content = {p: k for k, p in enumerate(lay.content)}
-        eol = set(lay.eol)
         pos = list(range(lay.start, lay.end + 1)) + ([lay.eoi] if lay.eoi is not None else [])
-        labels = []
-        for p in pos:
-            if p == lay.eoi:
-                labels.append("eoi")
-            elif p in content:
-                labels.append(f"image[{content[p]}]")
-            elif p in eol:
-                labels.append("eol")
-            else:
-                labels.append("image_special")
+        labels = [name for _, name, _ in image_side(lay)]
         per_pos.append(pos)
         per_lab.append(labels)
     P = max(len(p) for p in per_pos)
