@@ -55,13 +55,14 @@ def loaded(checkpoint_dir):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`slow` tests (a full organism retraining, ~9 minutes on 2 cores) run when asked for: `-m slow`,
-    or NARROWGATE_SLOW=1 for the whole suite. The default suite, and CI, leave them out."""
+    """`retrain` tests (a full organism retraining, ~10 minutes on 2 cores) run when asked for: `-m retrain`,
+    or NARROWGATE_RETRAIN=1 for the whole suite. The default suite, and CI, leave them out; `slow` tests run
+    by default (CI runs them) and `-m "not slow"` skips them."""
     import os
 
-    if os.environ.get("NARROWGATE_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+    if os.environ.get("NARROWGATE_RETRAIN") == "1" or "retrain" in (config.getoption("-m") or ""):
         return
-    skip = pytest.mark.skip(reason="slow: run with -m slow or NARROWGATE_SLOW=1")
+    skip = pytest.mark.skip(reason="retrain: run with -m retrain or NARROWGATE_RETRAIN=1")
     for item in items:
-        if "slow" in item.keywords:
+        if "retrain" in item.keywords:
             item.add_marker(skip)

@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 from narrowgate.cli import app
 from narrowgate.demo import PLAN, SUMMARY, demo, verdict
 
+pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper datasets' layouts
+
 
 def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     out = tmp_path / "demo"

@@ -16,6 +16,8 @@ from narrowgate.cli import app
 from narrowgate.finetune import RECIPES, finetune, load_adapted
 from tests.fixtures.common import images
 
+pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper datasets' layouts
+
 TINY = dict(samples={"synthetic": 72}, steps=8, batch_size=8, micro_batch=4, lr=1e-2, heldout=8, progress=False)
 
 

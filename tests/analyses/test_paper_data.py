@@ -14,6 +14,8 @@ from narrowgate.data import class_pairs
 from narrowgate.store import RunStore
 from tests.data import layouts
 
+pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper datasets' layouts
+
 runner = CliRunner()
 
 

@@ -153,7 +153,7 @@ def test_tolerance_flags_only_scores_outside_it():
     assert cardlib.outside_tolerance(shipped, shipped) == {}
 
 
-@pytest.mark.slow
+@pytest.mark.retrain
 def test_full_native_recipe_reproduces_the_shipped_scores(tmp_path):
     """What the README claims: retraining from the seed gives the shipped held-out scores within
     `TOLERANCE` on any machine; bit-identical weights where CPU model, threads and versions match."""
