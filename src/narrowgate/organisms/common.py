@@ -17,11 +17,11 @@ from itertools import product
 import numpy as np
 import torch
 from rich.console import Console
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..analyses.prompts import CAPTION, CLASS, VQA
 from ..progress import progress_bar
+from .tiny import bpe_tokenizer
 from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
 
 CLASS_PROMPT = CLASS["synthetic"]
@@ -122,24 +122,7 @@ def corpus() -> list[str]:
 
 def train_tokenizer(special_tokens: list[str], *, vocab_size: int = 512, **extra) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `corpus`, adding BOS, with the family's special tokens."""
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, UNK, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, **extra
-    )
-    fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
-    return fast
+    return bpe_tokenizer(corpus(), special_tokens, vocab_size=vocab_size, bos=BOS, eos=EOS, pad=PAD, unk=UNK, **extra)
 
 
 def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,15 +18,14 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import (
     CLIPImageProcessorPil,
-    LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
 from ..compat import BaseModelOutputWithPooling
 
 from . import clip as cliplib
+from .tiny import tiny_llava
 from .common import (
     EOS,
     Example,
@@ -94,28 +93,11 @@ def build(config: NonNativeConfig) -> tuple[LlavaForConditionalGeneration, Llava
     tok = train_tokenizer(["<image>"])
     vision = cliplib.vision_config(config.vision_hidden, config.vision_layers, config.vision_heads, RESOLUTION,
                                    PATCH)
-    text = LlamaConfig(**decoder_config(config, tok))
-    model_config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    model = LlavaForConditionalGeneration(model_config)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    return tiny_llava(tok, vision, decoder_config(config, tok), image_processor, patch=PATCH, feature_layer=-2,
+                      chat_template=CHAT_TEMPLATE)
 
 
 def chat(processor: LlavaProcessor, parts: list[dict]) -> str:
