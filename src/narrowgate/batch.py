@@ -22,7 +22,6 @@ class Batch:
     layouts: list[ImageLayout]
     first: list[int]  # first non-padding position of each row
     bos_id: int | None = None
-    image_first: bool = True
 
     @property
     def input_ids(self) -> torch.Tensor:

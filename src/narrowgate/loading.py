@@ -167,7 +167,7 @@ def load(
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise LoadError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
         dtype = getattr(torch, dtype)
-    model_cls = family.model_class or AutoModelForImageTextToText
+    model_cls = AutoModelForImageTextToText
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **hub)
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -159,7 +159,7 @@ class VLM:
             self.family.check_layout(row, lay)
             layouts.append(lay)
         bos = getattr(self.family.tokenizer, "bos_token_id", None)
-        return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos, image_first=image_first)
+        return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos)
 
     def extend(self, batch: Batch, continuations: list[list[int]]) -> Batch:
         """``batch`` with token ids appended to each prompt (teacher forcing), left-padded again.
@@ -192,7 +192,7 @@ class VLM:
             lay = self.family.layout(row, first[b])
             self.family.check_layout(row, lay)
             layouts.append(lay)
-        return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id, image_first=batch.image_first)
+        return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id)
     def prepare_training(self, images, prompts, answers, *, image_first: bool = True) -> TrainingBatch:
         """`prepare` the prompts, then append each answer (a continuation of its prompt) and EOS.
 
@@ -228,8 +228,7 @@ class VLM:
             inputs[k] = v
         labels = torch.full((batch.size, shape[1] + A), -100, dtype=torch.long)
         labels[:, shape[1] :] = ids.masked_fill(mask == 0, -100)
-        out = Batch(inputs=inputs, layouts=batch.layouts, first=batch.first, bos_id=batch.bos_id,
-                    image_first=batch.image_first)
+        out = Batch(inputs=inputs, layouts=batch.layouts, first=batch.first, bos_id=batch.bos_id)
         return TrainingBatch(out, labels, A)
 
     def answer_logits(self, tb: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:

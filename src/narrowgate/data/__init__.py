@@ -21,7 +21,6 @@ from .base import (
 from .captions import (
     KARPATHY_SPLITS,
     caption_text,
-    iter_image_text,
     load_coco_captions,
     load_coco_karpathy,
     load_flickr30k,
@@ -65,7 +64,6 @@ __all__ = [
     "caption_text",
     "class_pairs",
     "class_word",
-    "iter_image_text",
     "iter_images",
     "iter_synthetic_captions",
     "iter_synthetic_vqa",

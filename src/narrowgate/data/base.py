@@ -2,8 +2,8 @@
 
 Loaders read only annotations up front; an image is opened when `Example.load_image` is called,
 so sampling 2,000 examples out of a large dataset never touches the other images. A missing or
-corrupt image raises `BadExample` for that example alone: `iter_images` turns these into
-`Skipped` records (id and reason) that an experiment stores in its results before moving on.
+corrupt image raises `BadExample` for that example alone (the experiment runner records it as that
+example's failure and goes on); `iter_images` does the same for a plain loop over examples.
 """
 
 from __future__ import annotations

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image
 
-from .base import DEFAULT_SEED, CaptionExample, Skipped, iter_images, read_json, sample
+from .base import DEFAULT_SEED, CaptionExample, read_json, sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -168,16 +167,3 @@ def load_flickr30k(
 def caption_text(example: CaptionExample) -> str:
     """All reference captions of ``example`` joined by single spaces: the text of a modality-gap prompt."""
     return " ".join(c.strip() for c in example.references)
-
-
-def iter_image_text(
-    examples: Iterable[CaptionExample], skipped: list[Skipped] | None = None
-) -> Iterator[tuple[CaptionExample, Image.Image, str]]:
-    """Yield ``(example, image, caption_text(example))`` for the modality-gap experiment.
-
-    Whether the image goes first (image-first prompt) or after the text (text-first) is decided
-    by the experiment when it builds the model prompt; both variants use this same text. Bad
-    images are skipped and reported as in `iter_images`.
-    """
-    for example, image in iter_images(examples, skipped):
-        yield example, image, caption_text(example)

@@ -45,8 +45,6 @@ class Family:
     checkpoints: ClassVar[tuple[str, ...]] = ()
     #: One sentence saying which token plays [EOI] in this family.
     eoi_doc: ClassVar[str] = ""
-    #: Model class to load with (None = AutoModelForImageTextToText).
-    model_class: ClassVar[type | None] = None
     #: Extra keyword arguments for the processor call.
     processor_kwargs: ClassVar[dict] = {}
 
@@ -182,7 +180,3 @@ class Family:
     def accepts(cls, vision_model_type: str | None) -> bool:
         """Whether this adapter serves a model whose vision tower has this ``model_type``."""
         return True
-
-    @classmethod
-    def describe(cls) -> str:
-        return f"{cls.name}: model types {', '.join(cls.model_types)}; checkpoints {', '.join(cls.checkpoints)}"
