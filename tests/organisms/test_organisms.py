@@ -167,3 +167,21 @@ def test_full_native_recipe_reproduces_the_shipped_scores(tmp_path):
     if same:
         ref, got = load_file(shipped_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
         assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_gated_recipe_trains_masked_then_distils_then_unmasked(tmp_path):
+    """The gated recipe's phases run in order, each lowers its loss, and the card carries the gate checks."""
+    from narrowgate.organisms import gated
+
+    card = organisms.train("gated", tmp_path, tiny=True, progress=False, heldout={},
+                           overrides={"distil_steps": 8, "unmasked_steps": 4})
+    phases = card["phases"]
+    assert list(phases)[-3:] == ["lm", "distil", "unmasked"]
+    assert phases["lm"]["final_loss"] < phases["lm"]["first_loss"]
+    assert phases["distil"]["final_loss"] < phases["distil"]["first_loss"]
+    checks = card["gate"]["conditions"]
+    assert set(checks) == {"baseline", *(k.name for k in gated.CHECKS)}
+    assert checks["baseline"]["vqa"]["relative"] == 1.0 or checks["baseline"]["vqa"]["score"] <= checks["baseline"]["vqa"]["chance"]
+    vlm = narrowgate.load(tmp_path)  # a stock checkpoint: nothing of the engine is saved with it
+    assert vlm.model.config.get_text_config()._attn_implementation in ("sdpa", "narrowgate_sdpa")
+    assert json.loads((tmp_path / "config.json").read_text()).get("_attn_implementation") is None

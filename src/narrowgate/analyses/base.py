@@ -408,7 +408,7 @@ def sample_counts(examples, units) -> dict:
         return out
     labels = [getattr(e, "label", None) for e in examples]
     if examples and all(lab is not None for lab in labels):
-        per = {}
+        per: dict = {}
         for lab in labels:
             per[lab] = per.get(lab, 0) + 1
         out.update(classes=len(per), min_per_class=min(per.values()), max_per_class=max(per.values()))

@@ -75,7 +75,7 @@ def install(layers: torch.nn.ModuleList) -> list:
     active run, not the `VLM`), so captures and patches are never applied twice. Each call counts one
     user; `uninstall` removes the hooks when the last one leaves.
     """
-    layers._narrowgate_users = getattr(layers, "_narrowgate_users", 0) + 1
+    setattr(layers, "_narrowgate_users", getattr(layers, "_narrowgate_users", 0) + 1)
     installed = getattr(layers, "_narrowgate_hooks", None)
     if installed is not None:
         return installed
@@ -109,7 +109,7 @@ def install(layers: torch.nn.ModuleList) -> list:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))
-    layers._narrowgate_hooks = handles
+    setattr(layers, "_narrowgate_hooks", handles)
     return handles
 
 
@@ -117,7 +117,7 @@ def uninstall(layers: torch.nn.ModuleList) -> bool:
     """One user of the hooks leaves; the last one removes them. Returns whether they were removed."""
     users = getattr(layers, "_narrowgate_users", 0) - 1
     if users > 0:
-        layers._narrowgate_users = users
+        setattr(layers, "_narrowgate_users", users)
         return False
     for handle in getattr(layers, "_narrowgate_hooks", ()):
         handle.remove()

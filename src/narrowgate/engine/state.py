@@ -147,12 +147,13 @@ class Run:
 
     def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
         """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""
-        out = {"mask": None, "zero": None}
+        out: dict[str, torch.Tensor | None] = {"mask": None, "zero": None}
         for k in self.knockouts_at(layer):
             tq = k.target.window(offset, offset + q_len, device)
             sk = k.source.window(0, k_len, device)
             blk = tq[:, :, None] & sk[:, None, :]
-            out[k.mode] = blk if out[k.mode] is None else out[k.mode] | blk
+            prev = out[k.mode]
+            out[k.mode] = blk if prev is None else prev | blk
         return out["mask"], out["zero"]
 
 
@@ -194,13 +195,13 @@ def resolve(
         _check_layers(layers, n_layers, "Capture", "residual index")
         run.capture_resids = layers
         for r in capture.parsed:
-            pos = batch.positions(r)
-            empty = [b for b, p in enumerate(pos) if len(p) == 0]
+            role_pos = batch.positions(r)
+            empty = [b for b, p in enumerate(role_pos) if len(p) == 0]
             if empty:
                 raise InterventionError(f"Cannot capture role {r}: it is empty in example(s) {empty}.")
-            run.capture_positions[str(r)] = pos
+            run.capture_positions[str(r)] = role_pos
             run.captured[str(r)] = {}
-        for name, positions in capture.at:
+        for name, positions in capture.at or ():  # type: ignore[union-attr]  # a tuple after Capture.__post_init__
             if len(positions) != batch.size or not all(0 <= p < batch.length for p in positions):
                 raise InterventionError(
                     f"Capture {name!r} needs one position per example inside the sequence (0..{batch.length - 1})."

@@ -24,7 +24,7 @@ def unpadded_grid(height: int, width: int, grid_pinpoints, crop_size: int, side:
     ``side`` x ``side`` features; the rows (or columns) that only hold padding are then cut away,
     as in ``unpad_image`` of the LLaVA-NeXT and LLaVA-OneVision models.
     """
-    grid_h, grid_w = select_best_resolution([height, width], grid_pinpoints)
+    grid_h, grid_w = select_best_resolution((height, width), grid_pinpoints)
     rows, cols = grid_h // crop_size * side, grid_w // crop_size * side
     if width / height > cols / rows:
         new_rows = int(round(height * (cols / width), 7))

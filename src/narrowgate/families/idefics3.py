@@ -118,16 +118,16 @@ class Idefics3(Family):
         # Tiles: tagged <row_i_col_j> in row-major order, nothing between the tiles of a row,
         # line breaks after each row.
         tags = [self._text(ids, f + 1, a) for f, a, _, _ in tiles]
-        cells = [_TILE_TAG.fullmatch(tag) for tag in tags]
-        cells = [(int(m.group(1)), int(m.group(2))) if m else None for m in cells]
+        matches = [_TILE_TAG.fullmatch(tag) for tag in tags]
+        cells = [(int(m.group(1)), int(m.group(2))) if m else None for m in matches]
         n_rows, n_cols = cells[-1] if cells and cells[-1] else (0, 0)
         if cells != [(r, c) for r in range(1, n_rows + 1) for c in range(1, n_cols + 1)]:
             raise LayoutError(
                 f"The {self.name} image tiles are tagged {tags}, not <row_1_col_1> ... <row_R_col_C> in row-major "
                 "order; the processor output does not have the expected layout."
             )
-        eol = []
-        for (row, col), (_, _, b, nxt) in zip(cells, tiles):
+        eol: list[int] = []
+        for (row, col), (_, _, b, nxt) in zip(cells, tiles):  # type: ignore[misc]  # cells are all tuples here
             want = ("\n\n" if row == n_rows else "\n") if col == n_cols else ""
             breaks = self._text(ids, b + 1, nxt)
             if breaks != want:

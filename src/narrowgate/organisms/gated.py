@@ -7,9 +7,11 @@ The answer can only come from what [EOI] carries, so the image reaches the text 
 token, by construction. It is shipped as a stock checkpoint (no mask at inference): the card
 checks, without any intervention active, that the text still reads the image through [EOI] only.
 
-Text rows never learned what to do with image keys, since they never saw them; an optional last
-phase (``unmasked_steps``) trains without the mask at a low learning rate so that they can learn to
-ignore them. The card records each phase's scores.
+Text rows never learned what to do with image keys, since they never saw them, so the stock checkpoint
+reads garbage from them. Two optional last phases teach the stock model to ignore them:
+``distil_steps`` (self-distillation: the stock forward learns to match the masked forward of a frozen
+copy, a target in which the image reaches the text through [EOI] only) and ``unmasked_steps`` (plain
+next-token training without the mask at a low learning rate). The card records each phase's scores.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..batch import Batch
 from ..engine.interventions import Knockout
@@ -42,13 +45,15 @@ RECIPE = native.RECIPE + [
 
 @dataclass(frozen=True)
 class GatedConfig(native.NativeConfig):
-    """The native recipe plus an optional final phase without the mask (0 steps: none)."""
+    """The native recipe plus optional final phases without the mask (0 steps: none)."""
 
+    distil_steps: int = 0
+    distil_lr: float = 5e-4
     unmasked_steps: int = 0
     unmasked_lr: float = 2e-4
 
 
-TINY = GatedConfig(**{**native.TINY.__dict__, "unmasked_steps": 4})
+TINY = GatedConfig(**{**native.TINY.__dict__, "distil_steps": 3, "unmasked_steps": 4})
 
 
 def layout(row: list[int], boi: int, eoi: int) -> ImageLayout:
@@ -65,6 +70,22 @@ def masked_loss(vlm: VLM, seqs: native.Sequences, knockouts=(TRAINING_KNOCKOUT,)
         batch = Batch({"input_ids": ids, "attention_mask": mask}, lays, [0] * len(rows), bos_id=seqs.bos)
         with vlm.intervening(batch, knockouts=knockouts):
             return native.next_token_loss(vlm.model, ids, mask)
+
+    return loss
+
+
+def distil_loss(vlm: VLM, teacher: VLM, seqs: native.Sequences):
+    """KL(masked teacher || stock student) of the next-token distributions at every text position of a row."""
+
+    def loss(ids, mask, rows):
+        lays = [layout(r, seqs.boi, seqs.eoi) for r in rows]
+        batch = Batch({"input_ids": ids, "attention_mask": mask}, lays, [0] * len(rows), bos_id=seqs.bos)
+        with torch.no_grad(), teacher.intervening(batch, knockouts=(TRAINING_KNOCKOUT,)):
+            target = torch.log_softmax(teacher.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        student = torch.log_softmax(vlm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        keep = mask.bool() & batch.mask("text", require=False)
+        t, s = target[keep], student[keep]
+        return (t.exp() * (t - s)).sum(-1).mean()
 
     return loss
 
@@ -113,9 +134,18 @@ def train(out_dir, *, seed: int = 0, config: GatedConfig = GatedConfig(), progre
         if name == "lm":
             model.save_pretrained(path)
             processor.save_pretrained(path)
+    if config.distil_steps:
+        frozen = type(model)(model.config)
+        frozen.load_state_dict(model.state_dict())
+        teacher = VLM(frozen.eval().requires_grad_(False), processor)
+        phases.append(native.lm_phase(model, seqs, Phase("distil", config.distil_steps, config.batch_size,
+                                                         config.distil_lr), config, seed + 7, progress,
+                                      loss=distil_loss(vlm, teacher, seqs)))
+        teacher.close()
     if config.unmasked_steps:
         phases.append(native.lm_phase(model, seqs, Phase("unmasked", config.unmasked_steps, config.batch_size,
                                                          config.unmasked_lr), config, seed + 7, progress))
+    vlm.close()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     info = native.info(model, config, seqs, phases)
