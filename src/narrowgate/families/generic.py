@@ -1,0 +1,135 @@
+"""Any decoder-only VLM whose image is a run of placeholder tokens in ``input_ids`` and that has no dedicated adapter.
+
+Roles come only from what the processor, its tokenizer and the config name:
+
+- content: the image placeholder (``processor.image_token``, else ``config.image_token_id`` /
+  ``image_token_index``);
+- ``boi`` / ``eoi``: the begin/end-of-image specials where the processor or tokenizer names them
+  (``boi_token``/``eoi_token``, ``image_start_token``/``image_end_token``, ``start_image_token``/
+  ``end_image_token``, ``vision_start_token``/``vision_end_token``) or the config gives their ids;
+- ``eol``: an in-image line break (``image_break_token``, ``config.image_break_token_id``).
+
+With both a begin and an end token the image span is everything strictly between them, so specials the
+adapter does not know (tile separators, size tokens) are in-image specials; otherwise it is the run of
+placeholder and line-break tokens. Without an end-of-image token ``eoi`` is the first token after the span.
+Anything it cannot find is refused with a message naming it, never guessed.
+"""
+
+from __future__ import annotations
+
+from .base import Family, ImageLayout, LayoutError
+
+#: Processor / tokenizer attributes holding each special token, in the order they are tried.
+BOI_NAMES = ("boi_token", "image_start_token", "start_image_token", "vision_start_token")
+EOI_NAMES = ("eoi_token", "image_end_token", "end_image_token", "vision_end_token")
+EOL_NAMES = ("image_break_token",)
+#: Config attributes holding the same tokens' ids.
+IMAGE_ID_NAMES = ("image_token_id", "image_token_index")
+BOI_ID_NAMES = ("boi_token_id", "boi_token_index", "image_start_token_id", "vision_start_token_id")
+EOI_ID_NAMES = ("eoi_token_id", "eoi_token_index", "image_end_token_id", "vision_end_token_id")
+EOL_ID_NAMES = ("image_break_token_id",)
+
+
+def refusal(config) -> str | None:
+    """Why the generic adapter cannot serve a model with this config (None: it may)."""
+    text = getattr(config, "text_config", config)
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model: the image reaches the text through cross-attention, not as tokens"
+    if getattr(text, "cross_attention_layers", None):
+        return "its decoder reads the image through cross-attention layers, not as tokens in the sequence"
+    if not any(getattr(config, n, None) is not None for n in IMAGE_ID_NAMES):
+        return "its config names no image placeholder token (image_token_id / image_token_index)"
+    return None
+
+
+class Generic(Family):
+    name = "generic"
+    eoi_doc = "The end-of-image token the processor names; without one, eoi is the first token after the image tokens."
+
+    def __init__(self, processor, config):
+        self.name = config.model_type
+        super().__init__(processor, config)
+
+    def _named(self, names: tuple[str, ...]) -> str | None:
+        for owner in (self.processor, self.tokenizer):
+            for n in names:
+                value = getattr(owner, n, None)
+                if isinstance(value, str) and value:
+                    return value
+        return None
+
+    def _config_id(self, names: tuple[str, ...]) -> int | None:
+        for owner in (self.config, getattr(self.config, "text_config", None)):
+            for n in names:
+                value = getattr(owner, n, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+        return None
+
+    def _special(self, names, id_names, what: str) -> int | None:
+        token = self._named(names)
+        if token is not None:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            unk = getattr(self.tokenizer, "unk_token_id", None)
+            if tid is None or tid == unk:
+                raise LayoutError(f"The {self.name} processor names {token!r} as its {what} token, but the tokenizer lacks it.")
+            return int(tid)
+        return self._config_id(id_names)
+
+    def setup(self):
+        token = self._named(("image_token",))
+        image_id = self.token_id(token) if token is not None else self._config_id(IMAGE_ID_NAMES)
+        if image_id is None:
+            raise LayoutError(
+                f"The {self.name} processor has no image_token and the config no image_token_id / image_token_index: "
+                "narrowgate cannot tell which tokens are the image."
+            )
+        self.content_ids = frozenset({image_id})
+        specials = {}
+        for role, names, id_names in (("boi", BOI_NAMES, BOI_ID_NAMES), ("eoi", EOI_NAMES, EOI_ID_NAMES),
+                                      ("eol", EOL_NAMES, EOL_ID_NAMES)):
+            tid = self._special(names, id_names, {"boi": "begin-of-image", "eoi": "end-of-image", "eol": "line-break"}[role])
+            specials[role] = None if tid == image_id else tid
+        self.boi_id, self.eoi_id = specials["boi"], specials["eoi"]
+        if specials["eol"] is not None:
+            self.special_ids = self.eol_ids = frozenset({specials["eol"]})
+        if self.eoi_id is not None:
+            end = self.tokenizer.convert_ids_to_tokens(self.eoi_id)
+            self.eoi_doc = f"eoi is {end}, the end-of-image token the processor writes after the image."
+        else:
+            self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
+
+    def layout(self, ids, first):
+        """Between the begin and end tokens when the family has both; the run of image tokens otherwise."""
+        if self.boi_id is None or self.eoi_id is None:
+            return super().layout(ids, first)
+        starts = [i for i in range(first, len(ids)) if ids[i] == self.boi_id]
+        ends = [i for i in range(first, len(ids)) if ids[i] == self.eoi_id]
+        if len(starts) != 1 or len(ends) != 1 or ends[0] <= starts[0] + 1:
+            raise LayoutError(
+                f"Expected exactly one {self.name} image span (one begin- and one end-of-image token, image tokens "
+                f"between them); found {len(starts)} begin and {len(ends)} end tokens."
+            )
+        start, end = starts[0] + 1, ends[0] - 1
+        inside = range(start, end + 1)
+        content = [i for i in inside if ids[i] in self.content_ids]
+        if not content:
+            raise LayoutError(f"The {self.name} image span holds no image placeholder token.")
+        outside = [i for i in range(first, len(ids)) if ids[i] in self.content_ids and not start <= i <= end]
+        if outside:
+            raise LayoutError(f"{self.name} image tokens outside the span: narrowgate supports one image per example.")
+        eol = [i for i in inside if ids[i] in self.eol_ids]
+        return ImageLayout(start=start, end=end, content=content, eol=eol, boi=starts[0], eoi=ends[0])
+
+    def check_layout(self, ids, layout):
+        super().check_layout(ids, layout)
+        if layout.eoi is None:
+            raise LayoutError(f"The {self.name} prompt ends inside the image: no token follows the image span.")
+
+    def position_ids(self, inputs):
+        """None (the model's own) for multi-axis rotary positions (M-RoPE), which the model builds from the image grid."""
+        text = getattr(self.config, "text_config", self.config)
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and ("mrope_section" in rope or "mrope_interleaved" in rope):
+            return None
+        return super().position_ids(inputs)
