@@ -63,7 +63,7 @@ def test_refuses_a_processor_naming_a_token_its_tokenizer_lacks(checkpoint_dir):
 def test_refuses_without_an_image_token(checkpoint_dir):
     path = checkpoint_dir("llava")
     processor = AutoProcessor.from_pretrained(path)
-    processor.image_token = None
+    processor.image_token = processor.image_token_id = None
     processor.tokenizer.image_token = None
     with pytest.raises(LayoutError, match="no image_token"):
         Generic(processor, SimpleNamespace(model_type="some_new_vlm"))

@@ -2,8 +2,9 @@
 
 Roles come only from what the processor, its tokenizer and the config name:
 
-- content: the image placeholder (``processor.image_token``, else ``config.image_token_id`` /
-  ``image_token_index``);
+- content: the token the model replaces with image features (``config.image_token_id`` /
+  ``image_token_index``, else the processor's ``image_token_id`` or ``image_token``); the prompt's placeholder
+  is the processor's ``image_token``, which may differ (Gemma 3 writes ``<start_of_image>``, Aya Vision ``<image>``);
 - ``boi`` / ``eoi``: the begin/end-of-image specials where the processor or tokenizer names them
   (``boi_token``/``eoi_token``, ``image_start_token``/``image_end_token``, ``start_image_token``/
   ``end_image_token``, ``vision_start_token``/``vision_end_token``) or the config gives their ids;
@@ -20,9 +21,9 @@ from __future__ import annotations
 from .base import Family, ImageLayout, LayoutError
 
 #: Processor / tokenizer attributes holding each special token, in the order they are tried.
-BOI_NAMES = ("boi_token", "image_start_token", "start_image_token", "vision_start_token")
-EOI_NAMES = ("eoi_token", "image_end_token", "end_image_token", "vision_end_token")
-EOL_NAMES = ("image_break_token",)
+BOI_NAMES = ("boi_token", "image_start_token", "start_image_token", "start_of_img_token", "vision_start_token")
+EOI_NAMES = ("eoi_token", "image_end_token", "end_image_token", "end_of_img_token", "vision_end_token")
+EOL_NAMES = ("image_break_token", "img_line_break_token")
 #: Config attributes holding the same tokens' ids.
 IMAGE_ID_NAMES = ("image_token_id", "image_token_index")
 BOI_ID_NAMES = ("boi_token_id", "boi_token_index", "image_start_token_id", "vision_start_token_id")
@@ -77,8 +78,12 @@ class Generic(Family):
         return self._config_id(id_names)
 
     def setup(self):
+        image_id = self._config_id(IMAGE_ID_NAMES)
+        if image_id is None and isinstance(getattr(self.processor, "image_token_id", None), int):
+            image_id = self.processor.image_token_id
         token = self._named(("image_token",))
-        image_id = self.token_id(token) if token is not None else self._config_id(IMAGE_ID_NAMES)
+        if image_id is None and token is not None:
+            image_id = self.token_id(token)
         if image_id is None:
             raise LayoutError(
                 f"The {self.name} processor has no image_token and the config no image_token_id / image_token_index: "
