@@ -166,6 +166,8 @@ class Family:
         """The language model's decoder layers (residual index l is the input of layer l)."""
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
+        if layers is None:  # a decoder that is itself a causal LM (Llama 4)
+            layers = getattr(getattr(decoder, "model", None), "layers", None)
         if isinstance(layers, torch.nn.ModuleList):
             return layers
         for name, module in model.named_modules():
@@ -176,6 +178,8 @@ class Family:
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The language model's final norm, applied after the last decoder layer."""
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if not hasattr(decoder, "norm"):
+            decoder = getattr(decoder, "model", None)
         return getattr(decoder, "norm", None)
 
     @classmethod

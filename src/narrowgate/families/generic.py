@@ -104,6 +104,10 @@ class Generic(Family):
         else:
             self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
+    def encode(self, images, texts):
+        """As every family, with one list of images per prompt (the form every processor accepts)."""
+        return super().encode([[im] for im in images], texts)
+
     def layout(self, ids, first):
         """Between the begin and end tokens when the family has both; the run of image tokens otherwise."""
         if self.boi_id is None or self.eoi_id is None:

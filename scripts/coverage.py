@@ -1,0 +1,391 @@
+"""Coverage matrix: every model type transformers maps to AutoModelForImageTextToText, built tiny and checked.
+
+For each type: a tiny random checkpoint from the type's own config class (default config, widths and depths
+shrunk, sliding windows and attention chunks shortened so they bind on short prompts) and its own processor
+class (default image processor, a locally trained tokenizer holding every special token the processor names),
+saved and loaded back with `narrowgate.load`. Then the checks:
+
+- roles: every role found; the image span covers every token the model replaces with image features;
+- blind: a mask-mode image -> (eoi, text) knockout makes the text logits of two different images identical
+  (and they differ without it);
+- reference: eoi -> text knockouts (mask and zero mode, every layer) equal the independent float64 eager
+  reference of tests/engine/reference.py;
+- capture: captured residuals equal the model's own ``output_hidden_states``;
+- prefix: `VLM.forward_conditions` (the shared prefix) equals one separate forward per condition.
+
+A failure costs only its type: the reason is recorded and the run goes on. Usage:
+``python scripts/coverage.py [--types a,b,c] [--markdown]``; the last line reads
+``coverage: N of M model types pass every check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto.image_processing_auto import (  # noqa: E402
+    IMAGE_PROCESSOR_MAPPING_NAMES,
+    get_image_processor_class_from_name,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES  # noqa: E402
+
+import narrowgate as ng  # noqa: E402
+from narrowgate.families import Generic, detect, refusal  # noqa: E402
+from narrowgate.families.generic import BOI_NAMES, EOI_NAMES  # noqa: E402
+from tests.engine import reference  # noqa: E402
+from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer  # noqa: E402
+
+CHECKS = ("roles", "blind", "reference", "capture", "prefix")
+ATOL = 1e-5
+SECONDS_PER_TYPE = 120
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+            num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, sliding_window=8,
+            attention_chunk_size=8, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
+              embed_dim=32, head_dim=16, projection_dim=32, out_hidden_size=64, vision_output_dim=64,
+              text_hidden_size=64, projector_input_dim=64, projector_output_dim=64, deepstack_visual_indexes=[0, 1])
+#: Special-token-like string literals in a processor's source.
+_LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
+_TOKENIZER_ATTR = re.compile(r"tokenizer\.(\w+_token)\b")
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout(f"took more than {SECONDS_PER_TYPE} s")
+
+
+# --- building ------------------------------------------------------------------------------------
+def _cycle(values: list, n: int) -> list:
+    """A per-layer list shortened to ``n`` layers, keeping every kind it had (sliding and global, ...)."""
+    kinds = list(dict.fromkeys(values))
+    out = [kinds[i % len(kinds)] for i in range(n)]
+    return out
+
+
+def _shrink(cfg, table: dict, vocab: int | None):
+    """A config of ``cfg``'s class with ``table``'s sizes where it has those fields, per-layer lists cut to match."""
+    d = cfg.to_dict()
+    small = {k: v for k, v in table.items() if k in d and d[k] is not None}
+    if vocab is not None:
+        small["vocab_size"] = vocab
+    layers = small.get("num_hidden_layers", small.get("depth"))
+    old = d.get("num_hidden_layers", d.get("depth"))
+    for k, v in d.items():
+        if layers and isinstance(v, list) and old and len(v) == old and k not in small:
+            small[k] = _cycle(v, layers)
+    hd = small.get("head_dim") or (small.get("hidden_size", 0) // max(1, small.get("num_attention_heads", 1)))
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.get(key)
+        if isinstance(rope, dict) and rope.get("mrope_section"):
+            sec, half = rope["mrope_section"], hd // 2
+            new = [max(1, round(x * half / sum(sec))) for x in sec]
+            new[0] += half - sum(new)
+            small[key] = {**rope, "mrope_section": new}
+    return type(cfg).from_dict({**d, **small})
+
+
+def _token_keys(cfg) -> list[tuple[object, str]]:
+    """(config, attribute) of every token id the config holds, top level and text config."""
+    out = []
+    for owner in (cfg, getattr(cfg, "text_config", None)):
+        if owner is None:
+            continue
+        for k, v in owner.to_dict().items():
+            if re.search(r"_token_(id|index)$", k) and isinstance(v, int) and not isinstance(v, bool):
+                out.append((owner, k))
+    return out
+
+
+def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
+    """Special tokens a processor class names (string literals, ``__init__`` defaults) and the tokenizer
+    attributes it reads (``tokenizer.boi_token``), each given a token."""
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError):
+        src = ""
+    tokens = _LITERAL.findall(src)
+    params = inspect.signature(cls.__init__).parameters
+    tokens += [p.default for n, p in params.items() if n.endswith("token") and isinstance(p.default, str)]
+    attrs = {a: f"<|{a}|>" for a in _TOKENIZER_ATTR.findall(src) if a not in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return list(dict.fromkeys(tokens)), attrs
+
+
+def _image_processor(model_type):
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    if not names:
+        raise RuntimeError("no image processor class")
+    name = names.get("pil") or names.get("torchvision") if isinstance(names, dict) else names
+    return get_image_processor_class_from_name(name)()
+
+
+def _image_size(image_processor) -> int | None:
+    """The square side the image processor resizes (or crops) to, if it has one."""
+    for key in (("crop_size" if getattr(image_processor, "do_center_crop", False) else "size"), "size"):
+        size = getattr(image_processor, key, None)
+        size = size if isinstance(size, dict) else getattr(size, "__dict__", {})
+        if size.get("height") and size.get("height") == size.get("width"):
+            return int(size["height"])
+        if size.get("shortest_edge") and not size.get("longest_edge"):
+            return int(size["shortest_edge"])
+    return None
+
+
+def _processor(model_type, proc_cls, tok, config):
+    """The type's processor around ``tok``; arguments it leaves unset (patch size, ...) read from ``config``."""
+    vision = getattr(config, "vision_config", None)
+    kwargs = {"image_processor": _image_processor(model_type), "tokenizer": tok}
+    params = inspect.signature(proc_cls.__init__).parameters
+    if "video_processor" in params and model_type in VIDEO_PROCESSOR_MAPPING_NAMES:
+        video = VIDEO_PROCESSOR_MAPPING_NAMES[model_type]
+        video = video.get("torchvision") if isinstance(video, dict) else video
+        kwargs["video_processor"] = getattr(transformers, video)()
+    for name in ("patch_size", "vision_feature_select_strategy", "spatial_merge_size"):
+        if name in params and params[name].default is None:
+            value = getattr(config, name, None) or getattr(vision, name, None)
+            if value is not None:
+                kwargs[name] = value
+    if "num_additional_image_tokens" in params:
+        kwargs["num_additional_image_tokens"] = int(str(getattr(vision, "model_type", "")).startswith("clip"))
+    return proc_cls(**kwargs)
+
+
+def _align(config, processor) -> None:
+    """Give the vision tower the image size and patch size the processor produces tokens for."""
+    vision = getattr(config, "vision_config", None)
+    side = _image_size(processor.image_processor)
+    if vision is not None and side and hasattr(vision, "image_size"):
+        vision.image_size = side
+    for name in ("patch_size", "spatial_merge_size"):
+        value = getattr(processor, name, None)
+        for owner in (config, vision):
+            if isinstance(value, int) and owner is not None and isinstance(getattr(owner, name, None), int):
+                setattr(owner, name, value)
+
+
+def _chat_template(processor, tok) -> str:
+    """A chat template writing the processor's placeholder, framed by the begin/end-of-image tokens when the
+    processor does not write them itself (as the real checkpoints' templates do, e.g. Qwen's)."""
+    placeholder = processor.image_token
+    boi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in BOI_NAMES
+                if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
+    eoi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in EOI_NAMES
+                if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
+    if boi and eoi and placeholder not in (boi, eoi):
+        ids = processor(images=[images(1)[0]], text=[placeholder + " x"], return_tensors="pt")["input_ids"][0]
+        if tok.convert_tokens_to_ids(boi) not in ids.tolist():
+            placeholder = f"{boi}{placeholder}{eoi}"
+    return CHAT_TEMPLATE.replace("<image>", placeholder)
+
+
+def build(model_type: str, path: Path) -> None:
+    """A tiny random checkpoint of ``model_type`` from its own config and processor classes, saved in ``path``."""
+    config = CONFIG_MAPPING[model_type]()
+    proc_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    literals, attrs = _processor_tokens(proc_cls)
+    extra = [f"<|{k}|>" for _, k in _token_keys(config)]
+    tok = make_tokenizer(list(dict.fromkeys(literals + list(attrs.values()) + extra)), extra_special_tokens=attrs)
+    text = getattr(config, "text_config", None)
+    sub = {}
+    for name in getattr(config, "sub_configs", {}):
+        value = getattr(config, name, None)
+        if value is not None and hasattr(value, "to_dict"):
+            sub[name] = _shrink(value, TEXT if value is text else VISION, len(tok) if value is text else None)
+    small = type(config).from_dict({**config.to_dict(), **{k: v.to_dict() for k, v in sub.items()}})
+    if text is None:
+        small = _shrink(small, TEXT, len(tok))
+    processor = _processor(model_type, proc_cls, tok, small)
+    _align(small, processor)
+    for owner, key in _token_keys(small):
+        setattr(owner, key, _token_id(processor, tok, key))
+    processor.chat_template = _chat_template(processor, tok)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(small).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _token_id(processor, tok, key: str) -> int:
+    """The tokenizer id a config's ``*_token_id`` / ``*_token_index`` should hold."""
+    base = re.sub(r"_(id|index)$", "", key)
+    for owner in (processor, tok):
+        value = getattr(owner, f"{base}_id", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        token = getattr(owner, base, None)
+        if isinstance(token, str) and token:
+            return tok.convert_tokens_to_ids(token)
+    return tok.convert_tokens_to_ids(f"<|{key}|>")
+
+
+# --- checks --------------------------------------------------------------------------------------
+def _close(a, b, what):
+    diff = (a.float() - b.float()).abs().max().item()
+    if diff > ATOL:
+        raise AssertionError(f"{what} differ by {diff:.1e}")
+
+
+def check_roles(vlm, batch):
+    image_ids = torch.tensor(sorted(vlm.family.content_ids))
+    for b in range(batch.size):
+        lay = batch.layouts[b]
+        placeholders = torch.nonzero(torch.isin(batch.input_ids[b], image_ids)).flatten().tolist()
+        if not placeholders or lay.start > placeholders[0] or lay.end < placeholders[-1]:
+            raise AssertionError("the image span does not cover the image placeholder tokens")
+    for role in ("image", "image_content", "eoi", "text", "last"):
+        batch.mask(role)
+
+
+def check_blind(vlm, batch):
+    eoi = int(batch.index("eoi")[0])
+    base = vlm.forward(batch).logits[:, eoi:]
+    if (base[0] - base[1]).abs().max() <= 1e-4:
+        raise AssertionError("the two images give the same text logits without a knockout")
+    blind = vlm.forward(batch, knockouts=[ng.Knockout("image", ("eoi", "text"), mode="mask")]).logits[:, eoi:]
+    _close(blind[0], blind[1], "text logits of two images under the image knockout")
+
+
+def check_reference(vlm, batch, path):
+    ref = reference.reference_model(path, vlm.family.decoder_layers)
+    plain = vlm.forward(batch).logits
+    keep = batch.inputs["attention_mask"].bool()
+    for mode in ("mask", "zero"):
+        ours = vlm.forward(batch, knockouts=[ng.Knockout("eoi", "text", mode=mode)]).logits
+        reference.EDITS.update(mask=[], zero=[])
+        reference.EDITS[mode] = [(None, batch.mask("text"), batch.mask("eoi"))]
+        try:
+            with torch.no_grad():
+                theirs = ref(**vlm._inputs(batch), use_cache=False).logits
+        finally:
+            reference.EDITS.update(mask=[], zero=[])
+        if (plain - theirs)[keep].abs().max() <= 1e-4:
+            raise AssertionError(f"the {mode}-mode eoi knockout does not change the reference's logits")
+        _close(ours[keep], theirs[keep], f"{mode}-mode eoi->text logits and the eager reference's")
+
+
+def check_capture(vlm, batch):
+    res = vlm.forward(batch, capture=ng.Capture("last")).residuals["last"]
+    with torch.no_grad():
+        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+    if len(hs) != vlm.n_layers + 1:
+        raise AssertionError(f"the model returns {len(hs)} hidden states for {vlm.n_layers} layers")
+    for l in range(vlm.n_layers):
+        _close(res[:, l], hs[l][:, -1], f"captured residual {l} and hidden state {l}")
+
+
+def check_prefix(vlm, batch):
+    from narrowgate.engine.shared import Condition
+
+    other = vlm.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"].flip(0)
+    conds = [
+        Condition("baseline"),
+        Condition("eoi->text", knockouts=(ng.Knockout("eoi", "text"),)),
+        Condition("image->text", knockouts=(ng.Knockout("image", "text", mode="mask"),)),
+        Condition("patch", patches=(ng.Patch("eoi", 1, other[:, 1]),)),
+    ]
+    shared = vlm.forward_conditions(batch, conds)
+    for c in conds:
+        full = vlm.forward(batch, knockouts=c.knockouts, patches=c.patches).logits[:, -1]
+        _close(shared[c.name].last_logits, full, f"shared-prefix and separate logits ({c.name})")
+
+
+def run_type(model_type: str) -> tuple[str, list[str], str]:
+    """(roles, checks passed, why not) for one model type; never raises."""
+    passed: list[str] = []
+    how = "—"
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(SECONDS_PER_TYPE)
+    step = "build"
+    try:
+        config = CONFIG_MAPPING[model_type]()
+        why = refusal(config)
+        if why is not None:
+            return "out of scope", passed, why
+        if PROCESSOR_MAPPING_NAMES.get(model_type) is None:
+            return how, passed, "transformers maps no processor class to it"
+        how = "generic" if detect(config) is Generic else "dedicated"
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build(model_type, Path(tmp))
+            step = "load"
+            vlm = ng.load(tmp, dtype="float32")
+            how = "generic" if isinstance(vlm.family, Generic) else "dedicated"
+            step = "prepare"
+            prompt = PROMPTS[1]
+            same = vlm.prepare(images(2, seed=2), [prompt, prompt])
+            for name in CHECKS:
+                step = name
+                if name == "roles":
+                    check_roles(vlm, same)
+                elif name == "blind":
+                    check_blind(vlm, same)
+                elif name == "reference":
+                    check_reference(vlm, vlm.prepare(images(2, seed=1), PROMPTS), tmp)
+                elif name == "capture":
+                    check_capture(vlm, same)
+                else:
+                    check_prefix(vlm, same)
+                passed.append(name)
+        return how, passed, ""
+    except Exception as e:  # one type's failure is recorded, never fatal
+        msg = " ".join(str(e).split())[:160] or type(e).__name__
+        return how, passed, f"{step}: {type(e).__name__}: {msg}"
+    finally:
+        signal.alarm(0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--types", help="comma-separated model types (default: every type in the mapping)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (the README's)")
+    args = parser.parse_args(argv)
+    every = list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    types = every if not args.types else [t.strip() for t in args.types.split(",") if t.strip()]
+    unknown = [t for t in types if t not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES]
+    if unknown:
+        parser.error(f"not in transformers' image-text-to-text mapping: {', '.join(unknown)}")
+    torch.set_num_threads(2)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    rows = []
+    for t in types:
+        start = time.time()
+        how, passed, why = run_type(t)
+        rows.append((t, how, passed, why))
+        if not args.markdown:
+            print(f"{t:28s} {how:12s} {','.join(passed) or '-':38s} {why}  [{time.time() - start:.0f}s]", flush=True)
+    if args.markdown:
+        print("| model type | roles | checks passed | why not |")
+        print("|---|---|---|---|")
+        for t, how, passed, why in rows:
+            checks = "all" if len(passed) == len(CHECKS) else (", ".join(passed) or "none")
+            print(f"| {t} | {how} | {checks} | {why.replace('|', '/')} |")
+    n = sum(len(p) == len(CHECKS) for _, _, p, _ in rows)
+    print(f"coverage: {n} of {len(rows)} model types pass every check")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
