@@ -173,16 +173,30 @@ def _processor(model_type, proc_cls, tok, config):
 
 
 def _align(config, processor) -> None:
-    """Give the vision tower the image size and patch size the processor produces tokens for."""
+    """Give the vision tower the image size and patch size the processor produces tokens for, as a real
+    checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images)."""
     vision = getattr(config, "vision_config", None)
-    side = _image_size(processor.image_processor)
-    if vision is not None and side and hasattr(vision, "image_size"):
-        vision.image_size = side
-    for name in ("patch_size", "spatial_merge_size"):
-        value = getattr(processor, name, None)
-        for owner in (config, vision):
-            if isinstance(value, int) and owner is not None and isinstance(getattr(owner, name, None), int):
-                setattr(owner, name, value)
+    if vision is None:
+        return
+    ip = processor.image_processor
+    side = next((v for v in (getattr(processor, "img_size", None), getattr(processor, "image_size", None))
+                 if isinstance(v, int)), None)
+    if side is not None:
+        ip.size = {"height": side, "width": side}
+    side = side or _image_size(ip)
+    if side and hasattr(vision, "image_size"):
+        vision.image_size = [side, side] if isinstance(vision.image_size, list | tuple) else side
+    patch = getattr(ip, "patch_size", None)
+    patch = patch.get("height") if isinstance(patch, dict) else patch
+    down = getattr(config, "downsample_factor", 1) or 1
+    if not isinstance(patch, int) and isinstance(getattr(processor, "patch_size", None), int):
+        patch = processor.patch_size if processor.patch_size != getattr(vision, "patch_size", None) * down else None
+    if isinstance(patch, int) and hasattr(vision, "patch_size"):
+        vision.patch_size = [patch, patch] if isinstance(vision.patch_size, list | tuple) else patch
+    merge = getattr(ip, "merge_size", None) or getattr(processor, "spatial_merge_size", None)
+    for owner in (config, vision):
+        if isinstance(merge, int) and isinstance(getattr(owner, "spatial_merge_size", None), int):
+            owner.spatial_merge_size = merge
 
 
 def _chat_template(processor, tok) -> str:
@@ -230,7 +244,7 @@ def build(model_type: str, path: Path) -> None:
 def _token_id(processor, tok, key: str) -> int:
     """The tokenizer id a config's ``*_token_id`` / ``*_token_index`` should hold."""
     base = re.sub(r"_(id|index)$", "", key)
-    for owner in (processor, tok):
+    for owner in (tok, processor):  # the tokenizer's first: Gemma 3's processor calls its boi token image_token
         value = getattr(owner, f"{base}_id", None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from . import compat
 from .batch import Batch
@@ -329,8 +330,10 @@ class VLM:
         inputs = self._inputs(batch)
         prefix, suffix = shared.split_inputs(inputs, P)
         run = self._run(batch, (), (), capture, False)
+        # A cache that keeps every position in every layer: the model's own would keep only the last window of a
+        # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
         with activate(run):
-            out = self.model(**prefix, use_cache=True, **self._keep_last())
+            out = self.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **self._keep_last())
         return run, compat.output_cache(out), suffix
 
     def _keep_last(self, keep: int = 1) -> dict:
