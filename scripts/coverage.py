@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import re
 import signal
 import sys
@@ -61,7 +62,7 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             attention_chunk_size=8, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
+VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
               embed_dim=32, head_dim=16, projection_dim=32, out_hidden_size=64, vision_output_dim=64,
               text_hidden_size=64, projector_input_dim=64, projector_output_dim=64, deepstack_visual_indexes=[0, 1])
 #: Special-token-like string literals in a processor's source.
@@ -172,7 +173,7 @@ def _processor(model_type, proc_cls, tok, config):
     return proc_cls(**kwargs)
 
 
-def _align(config, processor) -> None:
+def _align(config, processor, vision_first: bool) -> None:
     """Give the vision tower the image size and patch size the processor produces tokens for, as a real
     checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images)."""
     vision = getattr(config, "vision_config", None)
@@ -181,11 +182,19 @@ def _align(config, processor) -> None:
     ip = processor.image_processor
     side = next((v for v in (getattr(processor, "img_size", None), getattr(processor, "image_size", None))
                  if isinstance(v, int)), None)
-    if side is not None:
+    size = getattr(vision, "image_size", None)
+    if not vision_first:
+        side = side or _image_size(ip)
+    tokens, patch = getattr(config, "mm_tokens_per_image", None), getattr(vision, "patch_size", None)
+    if isinstance(tokens, int) and isinstance(patch, int):  # Gemma 3: pooled 2 x 2 to mm_tokens_per_image
+        side = side or math.isqrt(tokens) * patch * 2
+    side = side or (size[0] if isinstance(size, list | tuple) else size)
+    if isinstance(side, int) and _image_size(ip):
         ip.size = {"height": side, "width": side}
-    side = side or _image_size(ip)
-    if side and hasattr(vision, "image_size"):
-        vision.image_size = [side, side] if isinstance(vision.image_size, list | tuple) else side
+        if getattr(ip, "do_center_crop", False):
+            ip.crop_size = {"height": side, "width": side}
+        if hasattr(vision, "image_size"):
+            vision.image_size = [side, side] if isinstance(size, list | tuple) else side
     patch = getattr(ip, "patch_size", None)
     patch = patch.get("height") if isinstance(patch, dict) else patch
     down = getattr(config, "downsample_factor", 1) or 1
@@ -215,7 +224,29 @@ def _chat_template(processor, tok) -> str:
 
 
 def build(model_type: str, path: Path) -> None:
-    """A tiny random checkpoint of ``model_type`` from its own config and processor classes, saved in ``path``."""
+    """A tiny random checkpoint of ``model_type`` from its own config and processor classes, saved in ``path``.
+
+    The classes' default image sizes need not agree (a real checkpoint's files do): the vision tower's is
+    tried first, then the image processor's, and the first whose forward runs is saved."""
+    error = None
+    for vision_first in (True, False):
+        model, processor = _build(model_type, vision_first)
+        try:
+            inputs = processor(images=[images(1)], text=[processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                add_generation_prompt=True, tokenize=False)], return_tensors="pt")
+            with torch.no_grad():
+                model(**inputs)
+        except Exception as e:  # noqa: BLE001 - the other image size may fit
+            error = e
+            continue
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return
+    raise error
+
+
+def _build(model_type: str, vision_first: bool):
     config = CONFIG_MAPPING[model_type]()
     proc_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
     literals, attrs = _processor_tokens(proc_cls)
@@ -231,14 +262,17 @@ def build(model_type: str, path: Path) -> None:
     if text is None:
         small = _shrink(small, TEXT, len(tok))
     processor = _processor(model_type, proc_cls, tok, small)
-    _align(small, processor)
+    _align(small, processor, vision_first)
     for owner, key in _token_keys(small):
         setattr(owner, key, _token_id(processor, tok, key))
     processor.chat_template = _chat_template(processor, tok)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(small).eval()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    with torch.no_grad():  # weights a trained model has but initialisation zeroes (Gemma 3's image projection)
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, 0.02)
+    return model, processor
 
 
 def _token_id(processor, tok, key: str) -> int:
