@@ -9,7 +9,7 @@ from ..errors import NarrowgateError
 from .base import Family, ImageLayout, LayoutError
 from .chameleon import Chameleon
 from .emu3 import Emu3
-from .generic import Generic, refusal
+from .generic import Generic, out_of_scope, refusal
 from .idefics3 import Idefics3
 from .janus import Janus
 from .llava import Llava
@@ -68,4 +68,4 @@ def detect(config) -> type[Family]:
         raise UnsupportedModelError(f"{e} The generic adapter does not apply either: {why}.") from None
 
 
-__all__ = ["FAMILIES", "Family", "Generic", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "supported"]
+__all__ = ["FAMILIES", "Family", "Generic", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "out_of_scope", "refusal", "supported"]

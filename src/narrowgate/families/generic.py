@@ -31,16 +31,37 @@ EOI_ID_NAMES = ("eoi_token_id", "eoi_token_index", "image_end_token_id", "vision
 EOL_ID_NAMES = ("image_break_token_id",)
 
 
-def refusal(config) -> str | None:
-    """Why the generic adapter cannot serve a model with this config (None: it may)."""
+def out_of_scope(config) -> str | None:
+    """Why a model with this config is not a decoder reading image tokens in its sequence (None: it is)."""
     text = getattr(config, "text_config", config)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         return "it is an encoder-decoder model: the image reaches the text through cross-attention, not as tokens"
     if getattr(text, "cross_attention_layers", None):
         return "its decoder reads the image through cross-attention layers, not as tokens in the sequence"
+    return None
+
+
+def refusal(config) -> str | None:
+    """Why the generic adapter cannot serve a model with this config (None: it may)."""
+    why = out_of_scope(config)
+    if why is not None:
+        return why
     if not any(getattr(config, n, None) is not None for n in IMAGE_ID_NAMES):
         return "its config names no image placeholder token (image_token_id / image_token_index)"
     return None
+
+
+def wants_mm_token_types(config) -> bool:
+    """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        return False
+    return "mm_token_type_ids" in inspect.signature(cls.forward).parameters
 
 
 class Generic(Family):
@@ -105,8 +126,14 @@ class Generic(Family):
             self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
     def encode(self, images, texts):
-        """As every family, with one list of images per prompt (the form every processor accepts)."""
-        return super().encode([[im] for im in images], texts)
+        """As every family, with one list of images per prompt (the form every processor accepts), and the
+        processor's ``mm_token_type_ids`` where the model takes them (it needs them to place image features)."""
+        if wants_mm_token_types(self.config):
+            self.processor_kwargs = {"return_mm_token_type_ids": True}
+        try:
+            return super().encode([[im] for im in images], texts)
+        except ValueError:  # a processor taking one image per prompt only (GOT-OCR 2)
+            return super().encode(images, texts)
 
     def layout(self, ids, first):
         """Between the begin and end tokens when the family has both; the run of image tokens otherwise."""
