@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES  # noqa: E402
 from transformers.models.auto.image_processing_auto import (  # noqa: E402
     IMAGE_PROCESSOR_MAPPING_NAMES,
     get_image_processor_class_from_name,
@@ -65,7 +66,7 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16)
 VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
-              embed_dim=32, head_dim=16, projection_dim=32, out_hidden_size=64, vision_output_dim=64,
+              embed_dim=32, head_dim=16, projection_dim=64, out_hidden_size=64, vision_output_dim=64,
               text_hidden_size=64, projector_input_dim=64, projector_output_dim=64, deepstack_visual_indexes=[0, 1])
 #: Special-token-like string literals in a processor's source.
 _LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
@@ -168,6 +169,12 @@ def _processor(model_type, proc_cls, tok, config):
         video = VIDEO_PROCESSOR_MAPPING_NAMES[model_type]
         video = video.get("torchvision") if isinstance(video, dict) else video
         kwargs["video_processor"] = getattr(transformers, video)()
+    if "feature_extractor" in params and model_type in FEATURE_EXTRACTOR_MAPPING_NAMES:  # audio (Gemma 3n, Gemma 4)
+        kwargs["feature_extractor"] = getattr(transformers, FEATURE_EXTRACTOR_MAPPING_NAMES[model_type])()
+    ip = kwargs["image_processor"]
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if hasattr(ip, "image_seq_length") and ip.image_seq_length is None and isinstance(size, int) and isinstance(patch, int):
+        ip.image_seq_length = (size // patch) ** 2  # PaliGemma: one token per patch
     for name in ("patch_size", "vision_feature_select_strategy", "spatial_merge_size"):
         if name in params and params[name].default is None:
             value = getattr(config, name, None) or getattr(vision, name, None)
@@ -213,23 +220,25 @@ def _align(config, processor, vision_first: bool) -> None:
             owner.spatial_merge_size = merge
 
 
-def _chat_template(processor, tok) -> str:
-    """A chat template writing the processor's placeholder, framed by the begin/end-of-image tokens when the
-    processor does not write them itself (as the real checkpoints' templates do, e.g. Qwen's)."""
+def _chat_template(processor, tok) -> str | None:
+    """A chat template framing the processor's placeholder by the begin/end-of-image tokens when the processor
+    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's); None otherwise (the raw
+    prompt, image first)."""
     placeholder = processor.image_token
     boi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in BOI_NAMES
                 if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
     eoi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in EOI_NAMES
                 if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
-    if boi and eoi and placeholder not in (boi, eoi):
-        try:
-            ids = processor(images=[images(1)[0]], text=[placeholder + " x"], return_tensors="pt")["input_ids"][0]
-            framed = tok.convert_tokens_to_ids(boi) in ids.tolist()
-        except ValueError:  # the processor insists on the framed form (HunYuan-VL)
-            framed = False
-        if not framed:
-            placeholder = f"{boi}{placeholder}{eoi}"
-    return CHAT_TEMPLATE.replace("<image>", placeholder)
+    if not (boi and eoi and placeholder not in (boi, eoi)):
+        return None  # the raw prompt (image first) serves
+    try:
+        ids = processor(images=[images(1)[0]], text=[placeholder + " x"], return_tensors="pt")["input_ids"][0]
+        framed = tok.convert_tokens_to_ids(boi) in ids.tolist()
+    except ValueError:  # the processor insists on the framed form (HunYuan-VL)
+        framed = False
+    if framed:
+        return None
+    return CHAT_TEMPLATE.replace("<image>", f"{boi}{placeholder}{eoi}")
 
 
 def build(model_type: str, path: Path) -> None:
@@ -241,12 +250,16 @@ def build(model_type: str, path: Path) -> None:
     for vision_first in (True, False):
         model, processor = _build(model_type, vision_first)
         try:
-            inputs = processor(images=[images(1)], text=[processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                add_generation_prompt=True, tokenize=False)], return_tensors="pt",
-                **({"return_mm_token_type_ids": True} if wants_mm_token_types(model.config) else {}))
+            text = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                                  add_generation_prompt=True, tokenize=False)
+                    if processor.chat_template else processor.image_token + "hi"]
+            types = {"return_mm_token_type_ids": True} if wants_mm_token_types(model.config) else {}
+            try:
+                inputs = processor(images=[images(1)], text=text, return_tensors="pt", **types)
+            except ValueError:  # one image per prompt, not nested (GOT-OCR 2)
+                inputs = processor(images=images(1), text=text, return_tensors="pt", **types)
             with torch.no_grad():
-                model(**inputs)
+                model(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()})
         except Exception as e:  # noqa: BLE001 - the other image size may fit
             error = e
             continue
@@ -271,13 +284,17 @@ def _build(model_type: str, vision_first: bool):
     small = type(config).from_dict({**config.to_dict(), **{k: v.to_dict() for k, v in sub.items()}})
     if text is None:
         small = _shrink(small, TEXT, len(tok))
+    if isinstance(getattr(small, "projection_dim", None), int):  # PaliGemma: image features in the text's width
+        small.projection_dim = getattr(small.get_text_config(), "hidden_size", 64)
+        if isinstance(getattr(small.vision_config, "projection_dim", None), int):
+            small.vision_config.projection_dim = small.projection_dim
     processor = _processor(model_type, proc_cls, tok, small)
     _align(small, processor, vision_first)
     for owner, key in _token_keys(small):
         setattr(owner, key, _token_id(processor, tok, key))
     processor.chat_template = _chat_template(processor, tok)
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(small, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_config(small, dtype=torch.float32).float().eval()
     with torch.no_grad():  # weights a trained model has but initialisation zeroes (Gemma 3's image projection)
         for p in model.parameters():
             if p.ndim >= 2 and not p.any():
@@ -288,6 +305,8 @@ def _build(model_type: str, vision_first: bool):
 def _token_id(processor, tok, key: str) -> int:
     """The tokenizer id a config's ``*_token_id`` / ``*_token_index`` should hold."""
     base = re.sub(r"_(id|index)$", "", key)
+    if base == "image_token" and isinstance(getattr(processor, "img_patch_token", None), str):
+        return tok.convert_tokens_to_ids(processor.img_patch_token)  # Llama 4: <|image|> marks, <|patch|> carries
     for owner in (tok, processor):  # the tokenizer's first: Gemma 3's processor calls its boi token image_token
         value = getattr(owner, f"{base}_id", None)
         if isinstance(value, int) and not isinstance(value, bool):
