@@ -135,8 +135,13 @@ def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
     tokens = _LITERAL.findall(src)
     params = inspect.signature(cls.__init__).parameters
     tokens += [p.default for n, p in params.items() if n.endswith("token") and isinstance(p.default, str)]
-    attrs = {a: f"<|{a}|>" for a in _TOKENIZER_ATTR.findall(src)
-             if a not in ("bos_token", "eos_token", "pad_token", "unk_token") and not a.startswith("add_")}
+    module = sys.modules[cls.__module__]
+    attrs = {}
+    for a in _TOKENIZER_ATTR.findall(src):  # the processor's own default or module constant (PaliGemma's IMAGE_TOKEN)
+        if a in ("bos_token", "eos_token", "pad_token", "unk_token") or a.startswith("add_"):
+            continue
+        default = params[a].default if a in params else getattr(module, a.upper(), None)
+        attrs[a] = default if isinstance(default, str) and default else f"<|{a}|>"
     return list(dict.fromkeys(tokens)), attrs
 
 

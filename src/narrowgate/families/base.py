@@ -131,6 +131,11 @@ class Family:
             return None
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
+    def causal_from(self, inputs) -> int:
+        """The first position from which the model's attention is causal: earlier positions may attend to later
+        ones, so no shared prefix may end before it. 0: causal everywhere outside the image (every dedicated family)."""
+        return 0
+
     # --- layout ------------------------------------------------------------------------------
     def layout(self, ids: list[int], first: int) -> ImageLayout:
         """Locate the image in one row of input ids; ``first`` is the first non-padding position.

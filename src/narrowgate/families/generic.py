@@ -18,6 +18,8 @@ Anything it cannot find is refused with a message naming it, never guessed.
 
 from __future__ import annotations
 
+import torch
+
 from .base import Family, ImageLayout, LayoutError
 
 #: Processor / tokenizer attributes holding each special token, in the order they are tried.
@@ -126,14 +128,16 @@ class Generic(Family):
             self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
     def encode(self, images, texts):
-        """As every family, with one list of images per prompt (the form every processor accepts), and the
-        processor's ``mm_token_type_ids`` where the model takes them (it needs them to place image features)."""
+        """As every family, with one list of images per prompt (the form most processors accept), the processor's
+        ``mm_token_type_ids`` where the model takes them (it needs them to place image features) and no labels."""
         if wants_mm_token_types(self.config):
             self.processor_kwargs = {"return_mm_token_type_ids": True}
         try:
-            return super().encode([[im] for im in images], texts)
+            inputs = super().encode([[im] for im in images], texts)
         except ValueError:  # a processor taking one image per prompt only (GOT-OCR 2)
-            return super().encode(images, texts)
+            inputs = super().encode(images, texts)
+        inputs.pop("labels", None)  # PaliGemma's processor adds training labels; a loss is no model input here
+        return inputs
 
     def layout(self, ids, first):
         """Between the begin and end tokens when the family has both; the run of image tokens otherwise."""
@@ -161,6 +165,19 @@ class Generic(Family):
         super().check_layout(ids, layout)
         if layout.eoi is None:
             raise LayoutError(f"The {self.name} prompt ends inside the image: no token follows the image span.")
+
+    def causal_from(self, inputs):
+        """Past every ``token_type_ids == 0`` position when the image tokens are type 0: the model then attends
+        bidirectionally over the whole type-0 prompt (PaliGemma's prefix-LM). Where the image tokens are the ones
+        marked (Gemma 3), only the image is bidirectional, and it ends before any shared prefix does."""
+        types, ids = inputs.get("token_type_ids"), inputs["input_ids"]
+        if types is None:
+            return 0
+        image = torch.isin(ids, torch.tensor(sorted(self.content_ids), device=ids.device))
+        if not image.any() or bool((types[image] != 0).any()):
+            return 0
+        zero = (types == 0).any(0).nonzero()
+        return int(zero.max()) + 1
 
     def position_ids(self, inputs):
         """None (the model's own) for multi-axis rotary positions (M-RoPE), which the model builds from the image grid."""
