@@ -17,7 +17,8 @@ Then the checks:
 Where the text config has ``attn_logit_softcapping`` (off in Gemma 3's default), every check runs once more on a
 copy with soft-capping on, under eager attention (transformers' SDPA refuses soft-capping): check ``softcap``.
 
-A failure costs only its type: the reason is recorded and the run goes on. Usage:
+Each type runs in its own process (6 GiB of address space, 150 s); a failure costs only its type: the reason is
+recorded and the run goes on. Usage:
 ``python scripts/coverage.py [--types a,b,c] [--markdown]``; the last line reads
 ``coverage: N of M model types pass every check``.
 """
@@ -28,8 +29,9 @@ import argparse
 import importlib
 import inspect
 import math
+import multiprocessing
 import re
-import signal
+import resource
 import sys
 import tempfile
 import time
@@ -60,7 +62,8 @@ from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer
 
 CHECKS = ("roles", "blind", "reference", "capture", "prefix")
 ATOL = 1e-5
-SECONDS_PER_TYPE = 120
+SECONDS_PER_TYPE = 150
+MEMORY = 6 << 30
 #: Attention-logit soft-cap, small enough to bind on a tiny random model's logits.
 SOFTCAP = 0.1
 
@@ -76,14 +79,6 @@ VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, depth=
 #: Special-token-like string literals in a processor's source.
 _LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
 _TOKENIZER_ATTR = re.compile(r"tokenizer\.(\w+_token)\b")
-
-
-class Timeout(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise Timeout(f"took more than {SECONDS_PER_TYPE} s")
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -210,8 +205,8 @@ def _align(config, processor, vision_first: bool) -> None:
     if not vision_first:
         side = side or _image_size(ip)
     tokens, patch = getattr(config, "mm_tokens_per_image", None), getattr(vision, "patch_size", None)
-    if isinstance(tokens, int) and isinstance(patch, int):  # Gemma 3: pooled 2 x 2 to mm_tokens_per_image
-        side = side or math.isqrt(tokens) * patch * 2
+    if isinstance(tokens, int) and isinstance(patch, int):  # Gemma 3: one patch per image token (pooling 1 x 1)
+        side = side or math.isqrt(tokens) * patch
     side = side or (size[0] if isinstance(size, list | tuple) else size)
     if isinstance(side, int) and _image_size(ip):
         ip.size = {"height": side, "width": side}
@@ -425,14 +420,36 @@ def _check(path: str, passed: list[str], state: dict, label: str = "") -> None:
 
 
 def run_type(model_type: str) -> tuple[str, list[str], str]:
+    """(roles, checks passed, why not) for one model type, in a child process limited to MEMORY bytes of address
+    space and SECONDS_PER_TYPE seconds, so that a type that crashes, runs away or will not shrink costs only itself."""
+    parent, child = multiprocessing.get_context("fork").Pipe(duplex=False)
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(model_type, child), daemon=True)
+    proc.start()
+    child.close()
+    result = parent.recv() if parent.poll(SECONDS_PER_TYPE) else None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if result is None:
+        why = f"took more than {SECONDS_PER_TYPE} s" if proc.exitcode in (None, -9) else f"the check process died (exit code {proc.exitcode})"
+        return "—", [], why
+    return result
+
+
+def _child(model_type: str, conn) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    conn.send(_run_type(model_type))
+    conn.close()
+
+
+def _run_type(model_type: str) -> tuple[str, list[str], str]:
     """(roles, checks passed, why not) for one model type; never raises.
 
     Where the text config has ``attn_logit_softcapping`` switched off, every check runs a second time on a copy
     with it on, and ``softcap`` is one more check passed."""
     passed: list[str] = []
     state = {"how": "—", "step": "build"}
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(SECONDS_PER_TYPE)
     try:
         config = CONFIG_MAPPING[model_type]()
         if out_of_scope(config) is not None:
@@ -463,8 +480,6 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
     except Exception as e:  # one type's failure is recorded, never fatal
         msg = " ".join(str(e).split())[:160] or type(e).__name__
         return state["how"], passed, f"{state['step']}: {type(e).__name__}: {msg}"
-    finally:
-        signal.alarm(0)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,14 @@ With both a begin and an end token the image span is everything strictly between
 adapter does not know (tile separators, size tokens) are in-image specials; otherwise it is the run of
 placeholder and line-break tokens. Without an end-of-image token ``eoi`` is the first token after the span.
 Anything it cannot find is refused with a message naming it, never guessed.
+
+What the engine meets in these models composes with knockouts, because a knockout only removes entries from the
+model's own mask: sliding-window layers beside global ones, bidirectional attention inside the image (Gemma 3's
+token types) or over the whole prompt (PaliGemma's prefix-LM, where no shared prefix may end inside the prompt:
+`causal_from`), logit soft-capping (eager attention). Qwen3-VL's deepstack adds visual features to the image
+positions' residuals after each of its first decoder layers, not only at the input: an image -> text knockout
+still leaves the text blind, but the image positions (a candidate gate among them) receive the image again
+at those depths, so a gate found there is fed from several layers, not from the embeddings alone.
 """
 
 from __future__ import annotations
