@@ -168,7 +168,7 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None):
 
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
     softcap = kwargs.get("softcap")
-    if softcap is not None and not eager and run.prefix is None:
+    if softcap is not None and not eager:
         raise InterventionError(
             "Logit soft-capping (softcap) needs eager attention, as in transformers (its SDPA refuses it): load the "
             "model with attn_implementation='eager'."
