@@ -114,12 +114,24 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
     hd = small.get("head_dim") or (small.get("hidden_size", 0) // max(1, small.get("num_attention_heads", 1)))
     for key in ("rope_parameters", "rope_scaling"):
         rope = d.get(key)
-        if isinstance(rope, dict) and rope.get("mrope_section"):
-            sec, half = rope["mrope_section"], hd // 2
+        sec = rope.get("mrope_section") or _mrope_default(cfg) if isinstance(rope, dict) else None
+        if sec:  # M-RoPE sections cover half the rotary dimensions
+            half = int(hd * rope.get("partial_rotary_factor", 1.0)) // 2
             new = [max(1, round(x * half / sum(sec))) for x in sec]
             new[0] += half - sum(new)
             small[key] = {**rope, "mrope_section": new}
     return type(cfg).from_dict({**d, **small})
+
+
+def _mrope_default(cfg) -> list[int] | None:
+    """The M-RoPE sections a model's code falls back on when its config names none (GLM-4V, PaddleOCR-VL)."""
+    module = sys.modules[type(cfg).__module__].__name__.replace(".configuration_", ".modeling_")
+    try:
+        src = inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError):
+        return None
+    m = re.search(r"""["']mrope_section["'],\s*(\[[\d, ]+\])""", src)
+    return [int(x) for x in m.group(1).strip("[]").split(",")] if m else None
 
 
 def _token_keys(cfg) -> list[tuple[object, str]]:
@@ -302,6 +314,12 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
         small.projection_dim = getattr(small.get_text_config(), "hidden_size", 64)
         if isinstance(getattr(small.vision_config, "projection_dim", None), int):
             small.vision_config.projection_dim = small.projection_dim
+    vision = getattr(small, "vision_config", None)
+    depth = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)
+    for key in ("vision_feature_layer", "vision_feature_layers"):  # layers of the shrunk tower (VipLlava)
+        value = getattr(small, key, None)
+        if depth and isinstance(value, list):
+            setattr(small, key, [max(-depth, min(v, depth - 1)) for v in value])
     processor = _processor(model_type, proc_cls, tok, small)
     _align(small, processor, vision_first)
     for owner, key in _token_keys(small):

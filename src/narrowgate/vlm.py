@@ -52,6 +52,7 @@ class VLM:
         self.model = model.eval()
         self.processor = processor
         self.family = detect(model.config)(processor, model.config)
+        self.family.attach(model)
         self.layers = self.family.decoder_layers(model)
         self.n_layers = len(self.layers)
         self.layer_of = {}

@@ -131,6 +131,9 @@ class Family:
             return None
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
+    def attach(self, model) -> None:
+        """Called once with the loaded model (`VLM` does); adapters that read nothing from it keep the default."""
+
     def causal_from(self, inputs) -> int:
         """The first position from which the model's attention is causal: earlier positions may attend to later
         ones, so no shared prefix may end before it. 0: causal everywhere outside the image (every dedicated family)."""

@@ -26,6 +26,8 @@ at those depths, so a gate found there is fed from several layers, not from the 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .base import Family, ImageLayout, LayoutError
@@ -63,8 +65,6 @@ def refusal(config) -> str | None:
 
 def wants_mm_token_types(config) -> bool:
     """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
-    import inspect
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     try:
@@ -187,10 +187,15 @@ class Generic(Family):
         zero = (types == 0).any(0).nonzero()
         return int(zero.max()) + 1
 
+    def attach(self, model):
+        """Keep the model's own M-RoPE position builder (``get_rope_index``), where it has one."""
+        self._rope_index = getattr(getattr(model, "model", model), "get_rope_index", None)
+
     def position_ids(self, inputs):
-        """None (the model's own) for multi-axis rotary positions (M-RoPE), which the model builds from the image grid."""
-        text = getattr(self.config, "text_config", self.config)
-        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-        if isinstance(rope, dict) and ("mrope_section" in rope or "mrope_interleaved" in rope):
-            return None
-        return super().position_ids(inputs)
+        """Multi-axis rotary positions (M-RoPE) from the model's own ``get_rope_index`` on the whole prompt, so a
+        suffix run on a cached prefix gets the positions a full forward would; 1-D positions otherwise."""
+        rope_index = getattr(self, "_rope_index", None)
+        if rope_index is None:
+            return super().position_ids(inputs)
+        wanted = inspect.signature(rope_index).parameters
+        return rope_index(**{k: v for k, v in inputs.items() if k in wanted})[0]
