@@ -41,24 +41,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
-from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES  # noqa: E402
-from transformers.models.auto.image_processing_auto import (  # noqa: E402
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.feature_extraction_auto import (
+    FEATURE_EXTRACTOR_MAPPING_NAMES,
+)
+from transformers.models.auto.image_processing_auto import (
     IMAGE_PROCESSOR_MAPPING_NAMES,
     get_image_processor_class_from_name,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # noqa: E402
-from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES  # noqa: E402
-from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
-import narrowgate as ng  # noqa: E402
-from narrowgate.families import Generic, UnsupportedModelError, detect, out_of_scope, refusal  # noqa: E402
-from narrowgate.families.generic import BOI_NAMES, EOI_NAMES, wants_mm_token_types  # noqa: E402
-from tests.engine import reference  # noqa: E402
-from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer  # noqa: E402
+import narrowgate as ng
+from narrowgate.families import (
+    Generic,
+    UnsupportedModelError,
+    detect,
+    out_of_scope,
+    refusal,
+)
+from narrowgate.families.generic import BOI_NAMES, EOI_NAMES, wants_mm_token_types
+from tests.engine import reference
+from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer
 
 CHECKS = ("roles", "blind", "reference", "capture", "prefix")
 ATOL = 1e-5
@@ -67,15 +77,22 @@ MEMORY = 6 << 30
 #: Attention-logit soft-cap, small enough to bind on a tiny random model's logits.
 SOFTCAP = 0.1
 
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
-            num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, sliding_window=8,
-            attention_chunk_size=8, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16)
-VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
-              embed_dim=32, head_dim=16, projection_dim=64, out_hidden_size=64, vision_output_dim=64,
-              text_hidden_size=64, projector_input_dim=64, projector_output_dim=64, deepstack_visual_indexes=[0, 1])
+#: Sizes given to the text config and to every other sub-config, where the config has the field (with that type).
+TEXT = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+    "sliding_window": 8, "attention_chunk_size": 8, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "hidden_size_per_layer_input": 16,
+}
+VISION = {
+    "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 2,
+    "num_heads": 2, "embed_dim": 32, "head_dim": 16, "projection_dim": 64, "out_hidden_size": 64,
+    "vision_output_dim": 64, "text_hidden_size": 64, "projector_input_dim": 64, "projector_output_dim": 64,
+    "deepstack_visual_indexes": [0, 1],
+}
 #: What a type's failure means, where it is known.
 KNOWN = {
     "llama4": "transformers bug: Llama4ForConditionalGeneration.forward reads `image_outputs` from the language "
@@ -199,7 +216,7 @@ def _processor(model_type, proc_cls, tok, config):
         kwargs["feature_extractor"] = getattr(transformers, FEATURE_EXTRACTOR_MAPPING_NAMES[model_type])()
     ip = kwargs["image_processor"]
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
-    if hasattr(ip, "image_seq_length") and ip.image_seq_length is None and isinstance(size, int) and isinstance(patch, int):
+    if getattr(ip, "image_seq_length", 0) is None and isinstance(size, int) and isinstance(patch, int):
         ip.image_seq_length = (size // patch) ** 2  # PaliGemma: one token per patch
     for name in ("patch_size", "vision_feature_select_strategy", "spatial_merge_size"):
         if name in params and params[name].default is None:
@@ -276,8 +293,8 @@ def build(model_type: str, path: Path, softcap: float | None = None) -> None:
     for vision_first in (True, False):
         model, processor = _build(model_type, vision_first, softcap)
         try:
-            text = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                                  add_generation_prompt=True, tokenize=False)
+            message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+            text = [processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
                     if processor.chat_template else processor.image_token + "hi"]
             types = {"return_mm_token_type_ids": True} if wants_mm_token_types(model.config) else {}
             try:
@@ -285,7 +302,8 @@ def build(model_type: str, path: Path, softcap: float | None = None) -> None:
             except ValueError:  # one image per prompt, not nested (GOT-OCR 2)
                 inputs = processor(images=images(1), text=text, return_tensors="pt", **types)
             with torch.no_grad():
-                model(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()})
+                model(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                         for k, v in inputs.items()})
         except Exception as e:  # noqa: BLE001 - the other image size may fit
             error = e
             continue
@@ -457,7 +475,8 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
         proc.kill()
         proc.join()
     if result is None:
-        why = f"took more than {SECONDS_PER_TYPE} s" if proc.exitcode in (None, -9) else f"the check process died (exit code {proc.exitcode})"
+        why = (f"took more than {SECONDS_PER_TYPE} s" if proc.exitcode in (None, -9)
+               else f"the check process died (exit code {proc.exitcode})")
         return "—", [], why
     return result
 
@@ -502,7 +521,7 @@ def _run_type(model_type: str) -> tuple[str, list[str], str]:
             _check(tmp, [], state, label="softcap ")
             passed.append("softcap")
         return state["how"], passed, ""
-    except Exception as e:  # one type's failure is recorded, never fatal
+    except Exception as e:  # noqa: BLE001 - one type's failure is recorded, never fatal
         msg = " ".join(str(e).split())[:160] or type(e).__name__
         return state["how"], passed, f"{state['step']}: {type(e).__name__}: {msg}"
 
@@ -533,7 +552,10 @@ def main(argv=None) -> int:
         print("| model type | roles | checks passed | why not |")
         print("|---|---|---|---|")
         for t, how, passed, why in rows:
-            checks = ("all" + (" + softcap" if "softcap" in passed else "")) if not why else (", ".join(passed) or "none")
+            if why:
+                checks = ", ".join(passed) or "none"
+            else:
+                checks = "all + softcap" if "softcap" in passed else "all"
             print(f"| {t} | {how} | {checks} | {why.replace('|', '/')} |")
     n = sum(len(p) >= len(CHECKS) and not why for _, _, p, why in rows)
     print(f"coverage: {n} of {len(rows)} model types pass every check")

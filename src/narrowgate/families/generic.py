@@ -65,7 +65,9 @@ def refusal(config) -> str | None:
 
 def wants_mm_token_types(config) -> bool:
     """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    )
 
     try:
         cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
@@ -104,7 +106,9 @@ class Generic(Family):
             tid = self.tokenizer.convert_tokens_to_ids(token)
             unk = getattr(self.tokenizer, "unk_token_id", None)
             if tid is None or tid == unk:
-                raise LayoutError(f"The {self.name} processor names {token!r} as its {what} token, but the tokenizer lacks it.")
+                raise LayoutError(
+                    f"The {self.name} processor names {token!r} as its {what} token, but the tokenizer lacks it."
+                )
             return int(tid)
         return self._config_id(id_names)
 
@@ -122,9 +126,10 @@ class Generic(Family):
             )
         self.content_ids = frozenset({image_id})
         specials = {}
-        for role, names, id_names in (("boi", BOI_NAMES, BOI_ID_NAMES), ("eoi", EOI_NAMES, EOI_ID_NAMES),
-                                      ("eol", EOL_NAMES, EOL_ID_NAMES)):
-            tid = self._special(names, id_names, {"boi": "begin-of-image", "eoi": "end-of-image", "eol": "line-break"}[role])
+        for role, names, id_names, what in (("boi", BOI_NAMES, BOI_ID_NAMES, "begin-of-image"),
+                                            ("eoi", EOI_NAMES, EOI_ID_NAMES, "end-of-image"),
+                                            ("eol", EOL_NAMES, EOL_ID_NAMES, "line-break")):
+            tid = self._special(names, id_names, what)
             specials[role] = None if tid == image_id else tid
         self.boi_id, self.eoi_id = specials["boi"], specials["eoi"]
         if specials["eol"] is not None:
