@@ -160,7 +160,7 @@ def roles(
     vlm = load(model)
     batch = vlm.prepare([Image.new("RGB", (224, 224), (128, 128, 128))], [prompt], image_first=not text_first)
     tok = vlm.family.tokenizer
-    table = Table(title=f"{vlm.family.name}: {batch.length} tokens")
+    table = Table(title=f"{vlm.family.name}: {batch.length} tokens", caption=vlm.family.eoi_doc)
     table.add_column("role")
     table.add_column("positions")
     table.add_column("tokens")

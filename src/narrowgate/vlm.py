@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from . import compat
 from .batch import Batch
@@ -58,6 +59,7 @@ class VLM:
         self.model = model.eval()
         self.processor = processor
         self.family = detect(model.config)(processor, model.config)
+        self.family.attach(model)
         self.layers = self.family.decoder_layers(model)
         self.n_layers = len(self.layers)
         self.layer_of = {}
@@ -366,8 +368,10 @@ class VLM:
         inputs = self.model_inputs(batch)
         prefix, suffix = shared.split_inputs(inputs, P)
         run = self._run(batch, (), (), capture, False)
+        # A cache that keeps every position in every layer: the model's own would keep only the last window of a
+        # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
         with activate(run):
-            out = self.model(**prefix, use_cache=True, **self._keep_last())
+            out = self.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **self._keep_last())
         return run, compat.output_cache(out), suffix
 
     def _keep_last(self, keep: int = 1) -> dict:
@@ -389,7 +393,8 @@ class VLM:
 
     def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
-        if not 0 < length < batch.length or length <= max(lay.end for lay in batch.layouts):
+        if (not 0 < length < batch.length or length <= max(lay.end for lay in batch.layouts)
+                or length < self.family.causal_from(batch.inputs)):
             raise InterventionError(
                 f"A shared prefix of {length} positions must hold every example's whole image and leave a suffix "
                 f"(images end at {max(lay.end for lay in batch.layouts)}, the batch has {batch.length} positions); "
@@ -432,7 +437,8 @@ class VLM:
         """
         conds = shared.as_conditions(conditions)
         keep = max(1, int(keep))
-        P = shared.prefix_length(batch, conds, attention_stats=attention_stats, keep=keep)
+        P = shared.prefix_length(batch, conds, attention_stats=attention_stats, keep=keep,
+                                 causal_from=self.family.causal_from(batch.inputs))
         results = {}
         if P == 0:
             for c in conds:
@@ -531,7 +537,7 @@ class VLM:
     def generate_conditions(self, batch: Batch, conditions, *, max_new_tokens: int = 20, **kwargs) -> dict[str, torch.Tensor]:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
         conds = shared.as_conditions(conditions)
-        P = shared.prefix_length(batch, conds, attention_stats=False)
+        P = shared.prefix_length(batch, conds, attention_stats=False, causal_from=self.family.causal_from(batch.inputs))
         runs = [self._run(batch, c.knockouts, c.patches, None, False) for c in conds]
         return dict(zip((c.name for c in conds), self._generate_runs(batch, runs, P, max_new_tokens, kwargs)))
 
@@ -548,7 +554,8 @@ class VLM:
             raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
         template = Knockout("image", target, mode=mode)
         tgt = self._run(batch, (template,), (), None, False).knockouts[0].target
-        P = shared.prefix_length(batch, [shared.Condition("k", knockouts=(template,))], attention_stats=False)
+        P = shared.prefix_length(batch, [shared.Condition("k", knockouts=(template,))], attention_stats=False,
+                                 causal_from=self.family.causal_from(batch.inputs))
         runs = []
         for c in range(C):
             run = Run(layer_of=self.layer_of, n_layers=self.n_layers)

@@ -25,6 +25,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     k, v = _rep(key, n), _rep(value, n)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     w = (query.double() @ k.double().transpose(2, 3)) * scale
+    if kwargs.get("softcap") is not None:
+        w = torch.tanh(w / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
         w = w.masked_fill(attention_mask[:, :, :, : k.shape[2]] < -1, float("-inf"))
     layer = LAYER_OF.get(id(module))

@@ -35,12 +35,17 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' eager attention (additive float mask), shared by every decoder family."""
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logits soft-capped to (-softcap, softcap) as Gemma 2 does (``softcap * tanh(s / softcap)``)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers' eager attention (additive float mask, optional logit soft-capping), shared by every decoder family."""
     groups = getattr(module, "num_key_value_groups", 1)
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    w = torch.matmul(query, k.transpose(2, 3)) * scale
+    w = _capped(torch.matmul(query, k.transpose(2, 3)) * scale, softcap)
     if attention_mask is not None:
         w = w + attention_mask[:, :, :, : k.shape[-2]]
     w = torch.softmax(_wide(w), dim=-1).to(query.dtype)
@@ -137,7 +142,7 @@ def _unfold(x: torch.Tensor, C: int, H: int, Q: int) -> torch.Tensor:
     return x.reshape(B, Hk, C, g, Q, n).permute(2, 0, 1, 3, 4, 5).reshape(C * B, H, Q, n)
 
 
-def with_prefix(query, key, value, prefix, scale, allow, zero):
+def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
     query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
@@ -151,7 +156,7 @@ def with_prefix(query, key, value, prefix, scale, allow, zero):
     C, g = CB // B, H // Hk
     pre = torch.matmul(_fold(query, B, Hk), pk.transpose(2, 3).to(query.dtype))
     own = torch.matmul(query.reshape(CB, Hk, g * Q, -1), key.transpose(2, 3))
-    scores = torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float() * scale
+    scores = _capped(torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float() * scale, softcap)
     p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
     if zero is not None:
         p = p.masked_fill(zero[:, None], 0.0)
@@ -162,8 +167,12 @@ def with_prefix(query, key, value, prefix, scale, allow, zero):
 
 
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
-    if kwargs.get("softcap") is not None:
-        raise InterventionError("narrowgate's attention does not support logit soft-capping (softcap).")
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not eager:
+        raise InterventionError(
+            "Logit soft-capping (softcap) needs eager attention, as in transformers (its SDPA refuses it): load the "
+            "model with attn_implementation='eager'."
+        )
     B, H, Q, d = query.shape
     K = key.shape[2] + (0 if run.prefix is None else run.prefix[layer][0].shape[2])
     offset = K - Q
@@ -179,7 +188,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
 
     if run.prefix is not None:
-        out, probs = with_prefix(query, key, value, run.prefix[layer], scale, allow, zero_block)
+        out, probs = with_prefix(query, key, value, run.prefix[layer], scale, allow, zero_block, softcap)
         run.record(layer, probs)
         if stats_rows is not None:
             cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
@@ -197,7 +206,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
 
     if eager:
-        scores = torch.matmul(query, k_full.transpose(2, 3)) * scale
+        scores = _capped(torch.matmul(query, k_full.transpose(2, 3)) * scale, softcap)
         scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
         w = torch.softmax(_wide(scores), dim=-1)
         w = w.masked_fill(~allow, 0.0)
@@ -245,7 +254,8 @@ def _make(eager: bool):
         layer = None if run is None else run.layer_of.get(id(module))
         if layer is None or not run.attention_active(layer):
             if eager:
-                return _stock_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+                return _stock_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    softcap=kwargs.get("softcap"))
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )

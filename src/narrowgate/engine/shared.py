@@ -80,15 +80,19 @@ def first_affected(batch: Batch, condition: Condition) -> int:
     return min(firsts)
 
 
-def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1) -> int:
-    """How many leading positions all conditions share (the suffix keeps at least the last ``keep`` positions)."""
+def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1,
+                  causal_from: int = 0) -> int:
+    """How many leading positions all conditions share (the suffix keeps at least the last ``keep`` positions).
+
+    ``causal_from``: the first position from which the model's own attention is causal (positions before it may
+    attend to later ones, as PaliGemma's whole prompt does); a prefix must reach it to be computable alone."""
     p = min([first_affected(batch, c) for c in conditions] + [batch.length - keep])
     if attention_stats:
         text = batch.mask("text").any(0).nonzero()
         p = min(p, int(text.min()))
     end_of_image = max(lay.end for lay in batch.layouts) + 1
     # The suffix must not contain image tokens: the image is encoded in the prefix pass.
-    return p if p >= end_of_image else 0
+    return p if p >= max(end_of_image, causal_from) else 0
 
 
 def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:

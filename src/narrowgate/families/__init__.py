@@ -1,4 +1,7 @@
-"""Model-family adapters, one file each, and the registry that picks one from ``config.model_type``."""
+"""Model-family adapters, one file each, and the registry that picks one from ``config.model_type``.
+
+A model type no dedicated adapter accepts gets the `Generic` adapter when its config allows one (a decoder
+reading image placeholder tokens); otherwise `detect` refuses, saying why."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from ..errors import NarrowgateError
 from .base import Family, ImageLayout, LayoutError
 from .chameleon import Chameleon
 from .emu3 import Emu3
+from .generic import Generic, out_of_scope, refusal
 from .idefics3 import Idefics3
 from .janus import Janus
 from .llava import Llava
@@ -53,9 +57,15 @@ def family_for(model_type: str, vision_model_type: str | None = None) -> type[Fa
 
 
 def detect(config) -> type[Family]:
-    """The adapter class for a model config."""
+    """The adapter class for a model config: its dedicated adapter, else `Generic` where the config allows."""
     vision = getattr(config, "vision_config", None)
-    return family_for(config.model_type, getattr(vision, "model_type", None))
+    try:
+        return family_for(config.model_type, getattr(vision, "model_type", None))
+    except UnsupportedModelError as e:
+        why = refusal(config)
+        if why is None:
+            return Generic
+        raise UnsupportedModelError(f"{e} The generic adapter does not apply either: {why}.") from None
 
 
-__all__ = ["FAMILIES", "Family", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "supported"]
+__all__ = ["FAMILIES", "Family", "Generic", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "out_of_scope", "refusal", "supported"]

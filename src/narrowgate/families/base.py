@@ -129,6 +129,14 @@ class Family:
             return None
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
+    def attach(self, model) -> None:
+        """Called once with the loaded model (`VLM` does); adapters that read nothing from it keep the default."""
+
+    def causal_from(self, inputs) -> int:
+        """The first position from which the model's attention is causal: earlier positions may attend to later
+        ones, so no shared prefix may end before it. 0: causal everywhere outside the image (every dedicated family)."""
+        return 0
+
     # --- layout ------------------------------------------------------------------------------
     def layout(self, ids: list[int], first: int) -> ImageLayout:
         """Locate the image in one row of input ids; ``first`` is the first non-padding position.
@@ -164,6 +172,8 @@ class Family:
         """The language model's decoder layers (residual index l is the input of layer l)."""
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
+        if layers is None:  # a decoder that is itself a causal LM (Llama 4)
+            layers = getattr(getattr(decoder, "model", None), "layers", None)
         if isinstance(layers, torch.nn.ModuleList):
             return layers
         for name, module in model.named_modules():
@@ -174,6 +184,8 @@ class Family:
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The language model's final norm, applied after the last decoder layer."""
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if not hasattr(decoder, "norm"):
+            decoder = getattr(decoder, "model", None)
         return getattr(decoder, "norm", None)
 
     @classmethod
