@@ -404,7 +404,7 @@ def check_reference(vlm, batch, path):
         reference.EDITS[mode] = [(None, batch.mask("text"), batch.mask("eoi"))]
         try:
             with torch.no_grad():
-                theirs = ref(**vlm._inputs(batch), use_cache=False).logits
+                theirs = ref(**vlm.model_inputs(batch), use_cache=False).logits
         finally:
             reference.EDITS.update(mask=[], zero=[])
         if (plain - theirs)[keep].abs().max() <= 1e-4:
@@ -415,7 +415,7 @@ def check_reference(vlm, batch, path):
 def check_capture(vlm, batch):
     res = vlm.forward(batch, capture=ng.Capture("last")).residuals["last"]
     with torch.no_grad():
-        hs = vlm.model(**vlm._inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
     if len(hs) != vlm.n_layers + 1:
         raise AssertionError(f"the model returns {len(hs)} hidden states for {vlm.n_layers} layers")
     for l in range(vlm.n_layers):
