@@ -106,8 +106,12 @@ def _image():
 def _probe_in_subprocess(kind: str, model_dir: str) -> float:
     import subprocess
 
-    out = subprocess.run([sys.executable, __file__, "--probe", kind, "--model-dir", model_dir],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--probe", kind, "--model-dir", model_dir],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,8 +141,9 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory()
     chameleon.build(tmp.name, **CONFIGS[args.config])
     vlm = ng.load(tmp.name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None)
-    eager = ng.load(tmp.name, dtype=dtype, attn_implementation="eager",
-                    device_map=str(device) if device.type == "cuda" else None)
+    eager = ng.load(
+        tmp.name, dtype=dtype, attn_implementation="eager", device_map=str(device) if device.type == "cuda" else None
+    )
     batch = vlm.prepare([_image()], [PROMPT])
     L = vlm.n_layers
     inputs = vlm.model_inputs(batch)
@@ -191,8 +196,9 @@ def main(argv=None) -> dict:
         "R3": lambda: vlm.forward_conditions(batch, [Condition("baseline")], attention_stats=True),
         "R3_naive": naive_eager_attentions,
         "plain_generate": plain_generate,
-        "R4": lambda: vlm.generate(batch, knockouts=[knockouts[0]], max_new_tokens=args.new_tokens,
-                                   min_new_tokens=args.new_tokens),
+        "R4": lambda: vlm.generate(
+            batch, knockouts=[knockouts[0]], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+        ),
         "R5": scan,
         "R5_attribution": scan_attribution,
     }
@@ -226,7 +232,9 @@ def main(argv=None) -> dict:
             "R2": med["R2_naive"] / med["plain"],
             "R3_time": med["R3_naive"] / med["plain"],
             "R3_memory": mem_naive / mem_plain,
-            "R5": float(len(side) + 1),  # one forward per position and the baseline (not run: it is that by construction)
+            "R5": float(
+                len(side) + 1
+            ),  # one forward per position and the baseline (not run: it is that by construction)
         },
         "plain_forward_s": med["plain"],
         "plain_generate_s": med["plain_generate"],
@@ -238,8 +246,10 @@ def main(argv=None) -> dict:
         f"{torch.__version__}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
     }
-    print(f"machine: {result['machine']}; sequence {batch.length} tokens, {L} layers, plain forward "
-          f"{med['plain']:.3f} s, plain generate {med['plain_generate']:.3f} s")
+    print(
+        f"machine: {result['machine']}; sequence {batch.length} tokens, {L} layers, plain forward "
+        f"{med['plain']:.3f} s, plain generate {med['plain_generate']:.3f} s"
+    )
     print(f"{'ratio':<10} {'measured':>9} {'target':>8} {'naive':>8}")
     for k, target in TARGETS.items():
         naive = result["naive"].get(k)

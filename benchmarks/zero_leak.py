@@ -28,8 +28,11 @@ def leak(vlm) -> dict[str, float]:
     batch = vlm.prepare(images(2, seed=2), [prompt, prompt])
     eoi = int(batch.index("eoi")[0])
     out = {}
-    for name, kos in [("none", []), ("zero", [ng.Knockout("image", ("eoi", "text"))]),
-                      ("mask", [ng.Knockout("image", ("eoi", "text"), mode="mask")])]:
+    for name, kos in [
+        ("none", []),
+        ("zero", [ng.Knockout("image", ("eoi", "text"))]),
+        ("mask", [ng.Knockout("image", ("eoi", "text"), mode="mask")]),
+    ]:
         logp = torch.log_softmax(vlm.forward(batch, knockouts=kos).logits[:, eoi:].float(), -1)
         out[name] = float((logp[0] - logp[1]).abs().max())
     return out

@@ -79,24 +79,54 @@ SOFTCAP = 0.1
 
 #: Sizes given to the text config and to every other sub-config, where the config has the field (with that type).
 TEXT = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
-    "sliding_window": 8, "attention_chunk_size": 8, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
-    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "sliding_window": 8,
+    "attention_chunk_size": 8,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
     "hidden_size_per_layer_input": 16,
 }
 VISION = {
-    "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 2,
-    "num_heads": 2, "embed_dim": 32, "head_dim": 16, "projection_dim": 64, "out_hidden_size": 64,
-    "vision_output_dim": 64, "text_hidden_size": 64, "projector_input_dim": 64, "projector_output_dim": 64,
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "depth": 2,
+    "num_attention_heads": 2,
+    "num_heads": 2,
+    "embed_dim": 32,
+    "head_dim": 16,
+    "projection_dim": 64,
+    "out_hidden_size": 64,
+    "vision_output_dim": 64,
+    "text_hidden_size": 64,
+    "projector_input_dim": 64,
+    "projector_output_dim": 64,
     "deepstack_visual_indexes": [0, 1],
 }
 #: What a type's failure means, where it is known.
 KNOWN = {
     "llama4": "transformers bug: Llama4ForConditionalGeneration.forward reads `image_outputs` from the language "
-              "model's output, so no forward with an image runs (chunked attention therefore unchecked)",
+    "model's output, so no forward with an image runs (chunked attention therefore unchecked)",
     "qwen3_5": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
     "qwen3_5_moe": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
 }
@@ -235,8 +265,14 @@ def _align(config, processor, vision_first: bool) -> None:
     if vision is None:
         return
     ip = processor.image_processor
-    side = next((v for v in (getattr(processor, "img_size", None), getattr(processor, "image_size", None))
-                 if isinstance(v, int)), None)
+    side = next(
+        (
+            v
+            for v in (getattr(processor, "img_size", None), getattr(processor, "image_size", None))
+            if isinstance(v, int)
+        ),
+        None,
+    )
     size = getattr(vision, "image_size", None)
     if not vision_first:
         side = side or _image_size(ip)
@@ -268,10 +304,22 @@ def _chat_template(processor, tok) -> str | None:
     does not write them itself (as the real checkpoints' templates do, e.g. Qwen's); None otherwise (the raw
     prompt, image first)."""
     placeholder = processor.image_token
-    boi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in BOI_NAMES
-                if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
-    eoi = next((getattr(processor, n, None) or getattr(tok, n, None) for n in EOI_NAMES
-                if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)), None)
+    boi = next(
+        (
+            getattr(processor, n, None) or getattr(tok, n, None)
+            for n in BOI_NAMES
+            if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)
+        ),
+        None,
+    )
+    eoi = next(
+        (
+            getattr(processor, n, None) or getattr(tok, n, None)
+            for n in EOI_NAMES
+            if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)
+        ),
+        None,
+    )
     if not (boi and eoi and placeholder not in (boi, eoi)):
         return None  # the raw prompt (image first) serves
     try:
@@ -294,16 +342,20 @@ def build(model_type: str, path: Path, softcap: float | None = None) -> None:
         model, processor = _build(model_type, vision_first, softcap)
         try:
             message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-            text = [processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
-                    if processor.chat_template else processor.image_token + "hi"]
+            text = [
+                processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+                if processor.chat_template
+                else processor.image_token + "hi"
+            ]
             types = {"return_mm_token_type_ids": True} if wants_mm_token_types(model.config) else {}
             try:
                 inputs = processor(images=[images(1)], text=text, return_tensors="pt", **types)
             except ValueError:  # one image per prompt, not nested (GOT-OCR 2)
                 inputs = processor(images=images(1), text=text, return_tensors="pt", **types)
             with torch.no_grad():
-                model(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-                         for k, v in inputs.items()})
+                model(
+                    **{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+                )
         except Exception as e:  # noqa: BLE001 - the other image size may fit
             error = e
             continue
@@ -475,8 +527,11 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
         proc.kill()
         proc.join()
     if result is None:
-        why = (f"took more than {SECONDS_PER_TYPE} s" if proc.exitcode in (None, -9)
-               else f"the check process died (exit code {proc.exitcode})")
+        why = (
+            f"took more than {SECONDS_PER_TYPE} s"
+            if proc.exitcode in (None, -9)
+            else f"the check process died (exit code {proc.exitcode})"
+        )
         return "—", [], why
     return result
 

@@ -60,8 +60,9 @@ _ng_install() {
     grep -Ev "$torch_lines" "$got" > "$got.tmp" && mv "$got.tmp" "$got"
   fi
   local missing extra
-  missing="$(LC_ALL=C comm -23 <(LC_ALL=C sort -f "$want") <(LC_ALL=C sort -f "$got"))"
-  extra="$(LC_ALL=C comm -13 <(LC_ALL=C sort -f "$want") <(LC_ALL=C sort -f "$got"))"
+  # comm compares bytes: sort both sides the same way (no case folding) or it refuses unpairable lines.
+  missing="$(LC_ALL=C comm -23 <(LC_ALL=C sort "$want") <(LC_ALL=C sort "$got"))"
+  extra="$(LC_ALL=C comm -13 <(LC_ALL=C sort "$want") <(LC_ALL=C sort "$got"))"
   if [ -n "$missing" ]; then
     echo "narrowgate: $VENV does not hold these versions of requirements.lock:" >&2
     echo "$missing" | sed 's/^/  /' >&2

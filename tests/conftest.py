@@ -15,9 +15,7 @@ import torch
 
 import tests.fixtures as fixtures_pkg
 
-FAMILIES = sorted(
-    m.name for m in pkgutil.iter_modules([str(Path(fixtures_pkg.__file__).parent)]) if m.name != "common"
-)
+FAMILIES = sorted(m.name for m in pkgutil.iter_modules([str(Path(fixtures_pkg.__file__).parent)]) if m.name != "common")
 
 torch.set_num_threads(2)
 

@@ -54,10 +54,14 @@ def test_roles_shows_the_positions_the_engine_uses(checkpoint_dir):
     result = runner.invoke(app, ["roles", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     vlm = ng.load(path)
-    batch = vlm.prepare([Image.new("RGB", (224, 224), (128, 128, 128))],
-                        ["Provide a one-sentence caption for the provided image."])
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
-            if line.count("│") >= 3}
+    batch = vlm.prepare(
+        [Image.new("RGB", (224, 224), (128, 128, 128))], ["Provide a one-sentence caption for the provided image."]
+    )
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") >= 3
+    }
     for role in ("bos", "eoi", "last", "first_image", "last_image"):
         pos = batch.positions(role)[0].tolist()
         assert rows[role] == f"{pos} ({len(pos)})", role

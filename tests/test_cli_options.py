@@ -108,8 +108,9 @@ def test_property_integer_options(value, captured):
 @PROPERTY
 def test_property_float_options(value, captured):
     captured.clear()
-    result = runner.invoke(app, ["run", "cross-attention", "--model", "native", "--data", "synthetic",
-                                 f"--threshold={value}", "--quiet"])
+    result = runner.invoke(
+        app, ["run", "cross-attention", "--model", "native", "--data", "synthetic", f"--threshold={value}", "--quiet"]
+    )
     try:
         meaning = float(value)
     except ValueError:
@@ -138,14 +139,20 @@ def test_property_layers_option(value, captured):
         _one_line_refusal(result, "--layers")
 
 
-@given(value=st.one_of(st.sampled_from(ROLE_NAMES), st.from_regex(r"image\[-?[0-9]{1,3}\]", fullmatch=True),
-                       st.text(max_size=10)))
+@given(
+    value=st.one_of(
+        st.sampled_from(ROLE_NAMES), st.from_regex(r"image\[-?[0-9]{1,3}\]", fullmatch=True), st.text(max_size=10)
+    )
+)
 @PROPERTY
 def test_property_knockout_and_choice_options(value, captured):
     captured.clear()
-    for option, key, valid in (("--knockout", "knockout", None), ("--mode", "mode", ("zero", "mask")),
-                               ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16")),
-                               ("--task", "task", ("vqa", "captions", "classes"))):
+    for option, key, valid in (
+        ("--knockout", "knockout", None),
+        ("--mode", "mode", ("zero", "mask")),
+        ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16")),
+        ("--task", "task", ("vqa", "captions", "classes")),
+    ):
         result = _run(f"{option}={value}")
         if valid is None:
             try:
@@ -200,8 +207,19 @@ def test_property_role_parser(text):
 
 # --- item 9: one line, --debug for the traceback ----------------------------------------------------------
 def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
-    args = ["run", "ablation", "--model", str(tmp_path / "missing"), "--data", "synthetic", "--n", "2",
-            "--out", str(tmp_path / "run"), "--quiet"]
+    args = [
+        "run",
+        "ablation",
+        "--model",
+        str(tmp_path / "missing"),
+        "--data",
+        "synthetic",
+        "--n",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     result = runner.invoke(app, args)
     _one_line_refusal(result)
     assert "missing" in result.output
@@ -214,8 +232,9 @@ def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 def test_bad_option_values_are_one_line():
     _one_line_refusal(_run("--sweep", "true"))
     _one_line_refusal(_run("--device-map={not json"), "--device-map")
-    _one_line_refusal(runner.invoke(app, ["run", "mnist-probe", "--model", "native", "--data", "synthetic"]),
-                      "EXPERIMENT")
+    _one_line_refusal(
+        runner.invoke(app, ["run", "mnist-probe", "--model", "native", "--data", "synthetic"]), "EXPERIMENT"
+    )
     _one_line_refusal(runner.invoke(app, ["demo", "--scale", "0"]), "--scale")
     _one_line_refusal(runner.invoke(app, ["train-organism", "alien"]), "alien")
 
@@ -223,10 +242,12 @@ def test_bad_option_values_are_one_line():
 # --- item 10: fast help, organisms by name, full hub ids, plain flags ------------------------------------
 def test_help_is_fast_and_loads_neither_torch_nor_transformers():
     env = {**os.environ, "PYTHONPATH": SRC}
-    code = ("import sys, time; t = time.perf_counter(); from narrowgate.cli import app; from typer.testing import "
-            "CliRunner; r = CliRunner().invoke(app, ['--help']); r2 = CliRunner().invoke(app, ['run', '--help']); "
-            "assert r.exit_code == r2.exit_code == 0; print(time.perf_counter() - t, 'torch' in sys.modules, "
-            "'transformers' in sys.modules)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from narrowgate.cli import app; from typer.testing import "
+        "CliRunner; r = CliRunner().invoke(app, ['--help']); r2 = CliRunner().invoke(app, ['run', '--help']); "
+        "assert r.exit_code == r2.exit_code == 0; print(time.perf_counter() - t, 'torch' in sys.modules, "
+        "'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     seconds, torch_loaded, transformers_loaded = out.split()
     assert torch_loaded == transformers_loaded == "False"

@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper data
 
 def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scale", "0.05", "--quiet"],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scale", "0.05", "--quiet"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
@@ -61,8 +60,9 @@ def test_verdict_follows_the_numbers():
     for model, eoi, image in (("gate", 0.2, 0.9), ("spread", 0.95, 0.3), ("flat", 1.0, 0.98), ("dead", 0, 0)):
         for cond, rel in (("baseline", 1.0), ("eoi->text", eoi), ("image->text", image)):
             score = 0.0 if model == "dead" else 0.5 * rel
-            rows.append({"model": model, "task": "vqa", "metric": "m", "condition": cond, "score": score,
-                         "relative": rel})
+            rows.append(
+                {"model": model, "task": "vqa", "metric": "m", "condition": cond, "score": score, "relative": rel}
+            )
     v = verdict(pd.DataFrame(rows))
     assert "narrow gate" in v["gate"] and "distributed" in v["spread"]
     assert "neither" in v["flat"] and "near zero" in v["dead"]
@@ -71,13 +71,17 @@ def test_verdict_follows_the_numbers():
 def test_remove_gate_miniature_and_its_report_table(checkpoint_dir, tmp_path):
     from rich.console import Console
 
-    from narrowgate.demo import REMOVED, remove_gate, removal_table
+    from narrowgate.demo import REMOVED, removal_table, remove_gate
 
-    merged = remove_gate(tmp_path / "rg", checkpoint_dir("chameleon"), scale=0.02, progress=False,
-                         console=Console(quiet=True))
+    merged = remove_gate(
+        tmp_path / "rg", checkpoint_dir("chameleon"), scale=0.02, progress=False, console=Console(quiet=True)
+    )
     assert (merged / "config.json").is_file() and (tmp_path / "rg" / "card.json").is_file()
-    rows = [{"model": m, "task": "vqa", "metric": "m", "condition": c, "score": s, "relative": s / 0.8}
-            for m, e in (("gated", 0.1), (REMOVED, 0.7)) for c, s in (("baseline", 0.8), ("eoi->text", e))]
+    rows = [
+        {"model": m, "task": "vqa", "metric": "m", "condition": c, "score": s, "relative": s / 0.8}
+        for m, e in (("gated", 0.1), (REMOVED, 0.7))
+        for c, s in (("baseline", 0.8), ("eoi->text", e))
+    ]
     table = removal_table(pd.DataFrame(rows))
     row = table.set_index("condition").loc["eoi->text"]
     assert row["before (relative)"] == pytest.approx(0.125) and row["after (relative)"] == pytest.approx(0.875)

@@ -44,8 +44,19 @@ def test_recipe_end_to_end(checkpoint_dir, tmp_path, recipe):
     torch.testing.assert_close(_logits(adapted), _logits(merged), atol=1e-4, rtol=0)
     assert (_logits(plain) - _logits(merged)).abs().max() > 1e-3
     # The merged checkpoint is a normal checkpoint: an experiment runs on it.
-    store = run(EXPERIMENTS["ablation"](), dict(model=str(out / "merged"), data="synthetic", task="classes",
-                n_per_class=3, k=2, out=str(tmp_path / "abl"), progress=False), command=["test"])
+    store = run(
+        EXPERIMENTS["ablation"](),
+        dict(
+            model=str(out / "merged"),
+            data="synthetic",
+            task="classes",
+            n_per_class=3,
+            k=2,
+            out=str(tmp_path / "abl"),
+            progress=False,
+        ),
+        command=["test"],
+    )
     assert len(store.tables()["ablation"]) >= 4
     # Rerunning the same command resumes from the last checkpoint: nothing left to do, same losses.
     again = finetune(str(base), recipe, {"synthetic": None}, out, merge=True, **TINY)
@@ -76,23 +87,56 @@ def test_resume_continues_where_it_stopped(checkpoint_dir, tmp_path, monkeypatch
 def test_cli_finetune_and_bad_input(checkpoint_dir, tmp_path):
     runner = CliRunner()
     base = str(checkpoint_dir("chameleon"))
-    args = ["finetune", "--model", base, "--recipe", "remove-gate", "--data", "synthetic", "--samples",
-            "synthetic=24", "--steps", "2", "--batch-size", "4", "--heldout", "4", "--quiet",
-            "--knockout", "image->eoi+text:mask"]
+    args = [
+        "finetune",
+        "--model",
+        base,
+        "--recipe",
+        "remove-gate",
+        "--data",
+        "synthetic",
+        "--samples",
+        "synthetic=24",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--heldout",
+        "4",
+        "--quiet",
+        "--knockout",
+        "image->eoi+text:mask",
+    ]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "image->eoi+text:mask" in result.output
-    bad = runner.invoke(app, ["finetune", "--model", base, "--recipe", "nope", "--data", "synthetic",
-                              "--out", str(tmp_path / "bad")])
+    bad = runner.invoke(
+        app, ["finetune", "--model", base, "--recipe", "nope", "--data", "synthetic", "--out", str(tmp_path / "bad")]
+    )
     assert bad.exit_code != 0 and "Unknown recipe" in bad.output
-    missing = runner.invoke(app, ["finetune", "--model", base, "--recipe", "remove-gate", "--data", "synthetic",
-                                  "--out", str(tmp_path / "bad2")])
+    missing = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            base,
+            "--recipe",
+            "remove-gate",
+            "--data",
+            "synthetic",
+            "--out",
+            str(tmp_path / "bad2"),
+        ],
+    )
     assert missing.exit_code != 0 and "--samples synthetic=N" in missing.output
 
 
 def test_knockout_parse_inverts_name():
-    for k in (ng.Knockout("eoi", "text"), ng.Knockout("image", ("eoi", "text"), mode="mask", layers=(0, 1, 2)),
-              ng.Knockout(("eoi", "last_image"), "text", layers=(1, 3))):
+    for k in (
+        ng.Knockout("eoi", "text"),
+        ng.Knockout("image", ("eoi", "text"), mode="mask", layers=(0, 1, 2)),
+        ng.Knockout(("eoi", "last_image"), "text", layers=(1, 3)),
+    ):
         assert ng.Knockout.parse(k.name) == k
     with pytest.raises(ValueError, match="SRC->TGT"):
         ng.Knockout.parse("eoi")

@@ -36,8 +36,9 @@ def test_directory_without_processor(checkpoint_dir, tmp_path):
 
 
 def test_unsupported_model(tmp_path):
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ng.LoadError, match="Supported families: chameleon"):
         ng.load(tmp_path)
 

@@ -172,8 +172,14 @@ def roles(
     console.print(table)
 
 
-PARSERS = {"layers": _layers, "roles": _roles, "device_map": _device_map, "finite": _finite, "positive": _positive,
-           "nonempty": _nonempty}
+PARSERS = {
+    "layers": _layers,
+    "roles": _roles,
+    "device_map": _device_map,
+    "finite": _finite,
+    "positive": _positive,
+    "nonempty": _nonempty,
+}
 _ANALYSES = Path(__file__).parent / "analyses"
 
 
@@ -186,10 +192,16 @@ def catalog() -> dict[str, str]:
     for path in sorted(_ANALYSES.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in tree.body:
-            if not (isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "register" for d in node.decorator_list)):
+            if not (
+                isinstance(node, ast.ClassDef)
+                and any(getattr(d, "id", None) == "register" for d in node.decorator_list)
+            ):
                 continue
-            name = next(st.value.value for st in node.body if isinstance(st, ast.Assign)
-                        and getattr(st.targets[0], "id", None) == "name")
+            name = next(
+                st.value.value
+                for st in node.body
+                if isinstance(st, ast.Assign) and getattr(st.targets[0], "id", None) == "name"
+            )
             out[name] = (ast.get_docstring(tree) or "").split("\n")[0]
     return dict(sorted(out.items()))
 
@@ -227,21 +239,34 @@ def _experiment_command(name: str):
         if kind is bool:
             opt = _flag(flag, meta["help"])
         else:
-            help_text = meta["help"] + ("" if default in (None, False) or kind is list[str] else f" [default: {default}]")
-            opt = typer.Option(... if meta.get("required") else None, flag, help=escape(help_text),
-                               min=meta.get("min"), max=meta.get("max"), callback=PARSERS.get(meta.get("parse")),
-                               show_default=False)
+            help_text = meta["help"] + (
+                "" if default in (None, False) or kind is list[str] else f" [default: {default}]"
+            )
+            opt = typer.Option(
+                ... if meta.get("required") else None,
+                flag,
+                help=escape(help_text),
+                min=meta.get("min"),
+                max=meta.get("max"),
+                callback=PARSERS.get(meta.get("parse")),
+                show_default=False,
+            )
         if meta.get("choices"):
             choices[f.name] = (meta["choices"], flag)
-        annotation = kind if kind is bool or meta.get("required") else typing.Optional[kind]
+        annotation = kind if kind is bool or meta.get("required") else kind | None
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
-    params.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=_flag("--quiet", "No progress bar."),
-                                    annotation=bool))
+    params.append(
+        inspect.Parameter(
+            "quiet", inspect.Parameter.KEYWORD_ONLY, default=_flag("--quiet", "No progress bar."), annotation=bool
+        )
+    )
 
     def command(**kw):
         for key, (allowed, flag) in choices.items():
             if kw.get(key) is not None and kw[key] not in allowed:
-                raise typer.BadParameter(f"unknown value {kw[key]!r}; choose one of {', '.join(allowed)}.", param_hint=flag)
+                raise typer.BadParameter(
+                    f"unknown value {kw[key]!r}; choose one of {', '.join(allowed)}.", param_hint=flag
+                )
         cfg = {k: (v if v is not False else None) for k, v in kw.items() if k != "quiet"}
         if isinstance(cfg.get("device_map"), str) and cfg["device_map"].strip().startswith("{"):
             cfg["device_map"] = json.loads(cfg["device_map"])
@@ -286,8 +311,9 @@ class _Experiments(TyperGroup):
 
     def resolve_command(self, ctx, args):
         if args and not args[0].startswith("-") and args[0] not in catalog():
-            raise typer.BadParameter(f"no experiment {args[0]!r}; choose one of {', '.join(catalog())}.",
-                                     ctx=ctx, param_hint="EXPERIMENT")
+            raise typer.BadParameter(
+                f"no experiment {args[0]!r}; choose one of {', '.join(catalog())}.", ctx=ctx, param_hint="EXPERIMENT"
+            )
         return super().resolve_command(ctx, args)
 
     def format_help(self, ctx, formatter):
@@ -340,7 +366,9 @@ def compare(
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Where the runs and report.html go."),
-    scale: float = typer.Option(1.0, "--scale", callback=_positive, help="Multiply every sample size, above 0 (e.g. 0.25 for a quick look)."),
+    scale: float = typer.Option(
+        1.0, "--scale", callback=_positive, help="Multiply every sample size, above 0 (e.g. 0.25 for a quick look)."
+    ),
     quiet: bool = _flag("--quiet", "No progress bars."),
 ) -> None:
     """Run every experiment on the two shipped model organisms (native and non-native) and compare them."""
@@ -351,7 +379,10 @@ def demo(
 
 @app.command("train-organism")
 def train_organism(
-    kind: str = typer.Argument(..., help="native (Chameleon-style, early fusion), non-native (LLaVA-style) or gated (native with a planted [EOI] gate)."),
+    kind: str = typer.Argument(
+        ...,
+        help="native (Chameleon-style, early fusion), non-native (LLaVA-style) or gated (native with a planted [EOI] gate).",
+    ),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Training seed."),
 ) -> None:
@@ -362,8 +393,9 @@ def train_organism(
     from .organisms.card import render_markdown
 
     if kind not in organisms.KINDS:
-        raise typer.BadParameter(f"unknown organism {kind!r}; choose one of {', '.join(organisms.KINDS)}.",
-                                 param_hint="KIND")
+        raise typer.BadParameter(
+            f"unknown organism {kind!r}; choose one of {', '.join(organisms.KINDS)}.", param_hint="KIND"
+        )
 
     target = out or f"runs/organism-{kind}"
     card = organisms.train(kind, target, seed=seed)
@@ -374,21 +406,39 @@ def train_organism(
 @app.command()
 def finetune(
     model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
-    recipe: str = typer.Option(..., "--recipe", help="understanding (SM 7.1) or remove-gate (the paper's gate removal)."),
-    data: list[str] = typer.Option(..., "--data", help="SOURCE=PATH (repeatable): llava-instruct, vqav2, coco; or synthetic."),
+    recipe: str = typer.Option(
+        ..., "--recipe", help="understanding (SM 7.1) or remove-gate (the paper's gate removal)."
+    ),
+    data: list[str] = typer.Option(
+        ..., "--data", help="SOURCE=PATH (repeatable): llava-instruct, vqav2, coco; or synthetic."
+    ),
     out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
-    knockout: list[str] = typer.Option(None, "--knockout", help="SRC->TGT[@LAYERS][:MODE] active while training (repeatable; replaces the recipe's; 'none' for none)."),
-    samples: list[str] = typer.Option(None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."),
-    steps: int = typer.Option(None, "--steps", help="Stop after this many optimizer steps (default: the recipe's epochs)."),
+    knockout: list[str] = typer.Option(
+        None,
+        "--knockout",
+        help="SRC->TGT[@LAYERS][:MODE] active while training (repeatable; replaces the recipe's; 'none' for none).",
+    ),
+    samples: list[str] = typer.Option(
+        None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."
+    ),
+    steps: int = typer.Option(
+        None, "--steps", help="Stop after this many optimizer steps (default: the recipe's epochs)."
+    ),
     batch_size: int = typer.Option(None, "--batch-size", help="Examples per optimizer step (default: the recipe's)."),
-    micro_batch: int = typer.Option(4, "--micro-batch", help="Examples per forward; gradients accumulate up to --batch-size."),
+    micro_batch: int = typer.Option(
+        4, "--micro-batch", help="Examples per forward; gradients accumulate up to --batch-size."
+    ),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's)."),
     heldout: int = typer.Option(64, "--heldout", help="Examples set aside for the before/after scores."),
     seed: int = typer.Option(42, "--seed", help="Data sampling and order seed."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
     device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass."),
-    merge: bool = typer.Option(False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute activations in the backward pass."
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."
+    ),
     save_every: int = typer.Option(50, "--save-every", help="Optimizer steps between resumable checkpoints."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -411,11 +461,27 @@ def finetune(
     dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
     kos = None if not knockout else [k for k in knockout if k.lower() != "none"]
     try:
-        card = run_finetune(model, recipe, pairs(data, "--data"), out, knockouts=kos,
-                            samples={k: int(v) for k, v in pairs(samples, "--samples").items()}, steps=steps,
-                            batch_size=batch_size, micro_batch=micro_batch, lr=lr, heldout=heldout, seed=seed,
-                            dtype=dtype, device_map=dmap, gradient_checkpointing=gradient_checkpointing, merge=merge,
-                            save_every=save_every, progress=not quiet, command=["narrowgate", *sys.argv[1:]])
+        card = run_finetune(
+            model,
+            recipe,
+            pairs(data, "--data"),
+            out,
+            knockouts=kos,
+            samples={k: int(v) for k, v in pairs(samples, "--samples").items()},
+            steps=steps,
+            batch_size=batch_size,
+            micro_batch=micro_batch,
+            lr=lr,
+            heldout=heldout,
+            seed=seed,
+            dtype=dtype,
+            device_map=dmap,
+            gradient_checkpointing=gradient_checkpointing,
+            merge=merge,
+            save_every=save_every,
+            progress=not quiet,
+            command=["narrowgate", *sys.argv[1:]],
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     console.print(render_card(card))

@@ -11,11 +11,11 @@ from importlib.metadata import version as _dist_version
 
 import transformers
 from packaging.version import Version
+from transformers.cache_utils import Cache, DynamicLayer
 
 # Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
 from transformers.image_processing_utils import select_best_resolution
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -26,7 +26,7 @@ TRANSFORMERS = Version(_dist_version("transformers"))
 #: The name under which a model's forward, its decoder layers, `generate` and the model outputs
 #: carry the KV cache: ``cache`` from 5.24 on (the old name only warns as an argument and is gone
 #: from outputs), ``past_key_values`` before.
-CACHE_ARG = "cache" if TRANSFORMERS >= Version("5.24.0") else "past_key_values"
+CACHE_ARG = "cache" if Version("5.24.0") <= TRANSFORMERS else "past_key_values"
 
 
 def cache_kwargs(cache) -> dict:
@@ -77,6 +77,8 @@ class PrefixCache(Cache):
 
     def __init__(self, n_layers: int, length: int):
         super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
+
+
 def enable_checkpointing(model, context_fn) -> None:
     """Non-reentrant gradient checkpointing whose recompute enters ``context_fn``'s second context.
 

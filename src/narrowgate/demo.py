@@ -64,13 +64,29 @@ def remove_gate(out: Path, gated: Path, *, scale: float = 1.0, progress: bool = 
 
     cfg = dict(REMOVE_GATE, steps=max(2, int(REMOVE_GATE["steps"] * scale)))
     console.print(f"[bold]{REMOVED}[/bold]: remove-gate fine-tuning ({cfg['steps']} steps)")
-    finetune(str(gated), "remove-gate", {"synthetic": None}, out, merge=True, progress=progress,
-             command=["narrowgate", "demo"], **cfg)
+    finetune(
+        str(gated),
+        "remove-gate",
+        {"synthetic": None},
+        out,
+        merge=True,
+        progress=progress,
+        command=["narrowgate", "demo"],
+        **cfg,
+    )
     return out / "merged"
 
 
-def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *, scale: float = 1.0,
-         batch_size: int = 8, progress: bool = True, console: Console | None = None, plan=PLAN) -> Path:
+def demo(
+    out: str | Path = "runs/demo",
+    models: dict[str, Path] | None = None,
+    *,
+    scale: float = 1.0,
+    batch_size: int = 8,
+    progress: bool = True,
+    console: Console | None = None,
+    plan=PLAN,
+) -> Path:
     """Run ``plan`` (default: every experiment) on each model; ``scale`` multiplies every sample size.
 
     Writes ``OUT/report.html`` and ``OUT/summary.csv`` (the ablation summary) and returns the report's path.
@@ -80,8 +96,9 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
     default = models is None
     models = dict(models or organisms())
     if default and "gated" in models:
-        models[REMOVED] = remove_gate(out / "remove-gate", models["gated"], scale=scale, progress=progress,
-                                      console=console)
+        models[REMOVED] = remove_gate(
+            out / "remove-gate", models["gated"], scale=scale, progress=progress, console=console
+        )
     runs: dict[str, dict[str, Path]] = {}
     for label, path in models.items():
         vlm = load(path, dtype="float32")
@@ -90,9 +107,12 @@ def demo(out: str | Path = "runs/demo", models: dict[str, Path] | None = None, *
             cfg = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
             if "k" in cfg:  # a scaled-down class sample supports a smaller k (recorded in each run's config)
                 cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
-            cfg.update(model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size,
-                       progress=progress)
-            if default:  # the organisms learnt the paper's plain VQA prompt, not a family preset (e.g. Chameleon's " Answer:")
+            cfg.update(
+                model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
+            )
+            if (
+                default
+            ):  # the organisms learnt the paper's plain VQA prompt, not a family preset (e.g. Chameleon's " Answer:")
                 cfg.setdefault("vqa_prompt", VQA)
             console.print(f"[bold]{label}[/bold]: {name}")
             store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
@@ -122,8 +142,16 @@ def summarize(runs: dict[str, dict[str, Path]]) -> pd.DataFrame:
                 continue
             df = pd.read_csv(path / "tables" / "ablation.csv").set_index("condition")
             for cond in SUMMARY:
-                rows.append({"model": label, "task": name.removeprefix("ablation-"), "metric": df.loc[cond, "metric"],
-                             "condition": cond, "score": df.loc[cond, "score"], "relative": df.loc[cond, "relative"]})
+                rows.append(
+                    {
+                        "model": label,
+                        "task": name.removeprefix("ablation-"),
+                        "metric": df.loc[cond, "metric"],
+                        "condition": cond,
+                        "score": df.loc[cond, "score"],
+                        "relative": df.loc[cond, "relative"],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -144,8 +172,10 @@ def verdict(summary: pd.DataFrame) -> dict[str, str]:
         else:
             kind = "neither knockout changes the scores much at this sample size"
         tasks = ", ".join(sorted(solved["task"].unique()))
-        out[model] = (f"{model}: mean relative score over {tasks} is {eoi:.2f} with [EOI]→text knocked out and "
-                      f"{image:.2f} with image→text knocked out — {kind}.")
+        out[model] = (
+            f"{model}: mean relative score over {tasks} is {eoi:.2f} with [EOI]→text knocked out and "
+            f"{image:.2f} with image→text knocked out — {kind}."
+        )
     return out
 
 
@@ -158,14 +188,26 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
         g = pd.read_csv(by_name["gate-scan"] / "tables" / "gate.csv").iloc[0]
         scan_gate = str(g["verdict"]).startswith("a narrow gate")
         ablation = verdicts.get(label, "")
-        agree = "" if "near zero" in ablation or not ablation else (
-            "agrees" if scan_gate == ("a narrow gate" in ablation) else "DISAGREES")
+        agree = (
+            ""
+            if "near zero" in ablation or not ablation
+            else ("agrees" if scan_gate == ("a narrow gate" in ablation) else "DISAGREES")
+        )
         text = f"{label}: gate scan — {g['verdict']}"
         if agree:
             text += f" This {agree} with the ablation's verdict."
-        rows.append({"model": label, "gate_index": g["gate_index"], "gate_low": g["gate_low"], "gate_high": g["gate_high"],
-                     "positions_for_90": g["positions_for_90"], "top_position": g["top_position"],
-                     "agrees_with_ablation": agree, "verdict": text})
+        rows.append(
+            {
+                "model": label,
+                "gate_index": g["gate_index"],
+                "gate_low": g["gate_low"],
+                "gate_high": g["gate_high"],
+                "positions_for_90": g["positions_for_90"],
+                "top_position": g["top_position"],
+                "agrees_with_ablation": agree,
+                "verdict": text,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -184,19 +226,25 @@ def print_summary(summary: pd.DataFrame, verdicts: dict[str, str], console: Cons
 def removal_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Relative scores of the gated organism before and after gate removal, per task and knockout."""
     sub = summary[summary["model"].isin(["gated", REMOVED]) & (summary["condition"] != "baseline")]
-    return sub.pivot_table(index=["task", "condition"], columns="model", values="relative")[["gated", REMOVED]] \
-        .rename(columns={"gated": "before (relative)", REMOVED: "after (relative)"}).reset_index()
+    return (
+        sub.pivot_table(index=["task", "condition"], columns="model", values="relative")[["gated", REMOVED]]
+        .rename(columns={"gated": "before (relative)", REMOVED: "after (relative)"})
+        .reset_index()
+    )
 
 
 def add_removal_section(out: Path, summary: pd.DataFrame) -> None:
     """Append the before/after gate-removal comparison to the report."""
     card = json.loads((out / "remove-gate" / "card.json").read_text())
     text = (out / "report.html").read_text().replace("</body></html>", "")
-    text += ("<h2>Removing the gate (the paper's fine-tuning experiment, in miniature)</h2><p>The gated organism "
-             f"fine-tuned with the remove-gate recipe ({html.escape(', '.join(card['knockouts']))} knocked out while "
-             f"training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). Scores "
-             "with each knockout relative to the model's own baseline, before and after:</p>"
-             + removal_table(summary).to_html(index=False, float_format=lambda x: f"{x:.3f}") + "</body></html>")
+    text += (
+        "<h2>Removing the gate (the paper's fine-tuning experiment, in miniature)</h2><p>The gated organism "
+        f"fine-tuned with the remove-gate recipe ({html.escape(', '.join(card['knockouts']))} knocked out while "
+        f"training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). Scores "
+        "with each knockout relative to the model's own baseline, before and after:</p>"
+        + removal_table(summary).to_html(index=False, float_format=lambda x: f"{x:.3f}")
+        + "</body></html>"
+    )
     (out / "report.html").write_text(text)
 
 
@@ -213,34 +261,51 @@ def model_table(models: dict[str, Path]) -> str:
         if card.is_file():
             h = json.loads(card.read_text()).get("heldout") or {}
             if h:
-                row.update({"VQA accuracy (chance)": f"{h['vqa']['accuracy']:.3f} ({h['vqa']['chance']:.3f})",
-                            "caption CIDEr-D (chance)": f"{h['captions']['cider']:.2f} ({h['captions']['chance']:.2f})",
-                            "class top-1 (chance)": f"{h['classes']['accuracy']:.3f} ({h['classes']['chance']:.3f})"})
+                row.update(
+                    {
+                        "VQA accuracy (chance)": f"{h['vqa']['accuracy']:.3f} ({h['vqa']['chance']:.3f})",
+                        "caption CIDEr-D (chance)": f"{h['captions']['cider']:.2f} ({h['captions']['chance']:.2f})",
+                        "class top-1 (chance)": f"{h['classes']['accuracy']:.3f} ({h['classes']['chance']:.3f})",
+                    }
+                )
         rows.append(row)
     return pd.DataFrame(rows).fillna("").to_html(index=False)
 
 
-def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFrame, verdicts: dict[str, str],
-                 plan=PLAN, models: dict[str, Path] | None = None, gates: pd.DataFrame | None = None) -> None:
+def write_report(
+    out: Path,
+    runs: dict[str, dict[str, Path]],
+    summary: pd.DataFrame,
+    verdicts: dict[str, str],
+    plan=PLAN,
+    models: dict[str, Path] | None = None,
+    gates: pd.DataFrame | None = None,
+) -> None:
     labels = list(runs)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>narrowgate demo</title><style>"
         "body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}img{max-width:100%}</style></head><body>",
         "<h1>narrowgate demo</h1>",
-        "<p>Every experiment of the paper on " + " and ".join(html.escape(x) for x in labels)
+        "<p>Every experiment of the paper on "
+        + " and ".join(html.escape(x) for x in labels)
         + ", on synthetic images. Each run's own report is linked under its figures.</p>",
         *(["<h2>Models (held-out scores from their training cards)</h2>", model_table(models)] if models else []),
         "<h2>Verdict (from the measured numbers)</h2><ul>",
         *[f"<li>{html.escape(v)}</li>" for v in verdicts.values()],
         "</ul><h2>Ablation summary</h2>",
         summary.pivot_table(index=["model", "task", "metric"], columns="condition", values="score")[list(SUMMARY)]
-        .rename_axis(columns=None).reset_index().to_html(index=False, float_format=lambda x: f"{x:.3f}"),
+        .rename_axis(columns=None)
+        .reset_index()
+        .to_html(index=False, float_format=lambda x: f"{x:.3f}"),
     ]
     if gates is not None and len(gates):
-        parts += ["<h2>Gate scan (every image-side position knocked out alone)</h2><ul>",
-                  *[f"<li>{html.escape(v)}</li>" for v in gates["verdict"]], "</ul>",
-                  gates.drop(columns="verdict").to_html(index=False, float_format=lambda x: f"{x:.3f}")]
+        parts += [
+            "<h2>Gate scan (every image-side position knocked out alone)</h2><ul>",
+            *[f"<li>{html.escape(v)}</li>" for v in gates["verdict"]],
+            "</ul>",
+            gates.drop(columns="verdict").to_html(index=False, float_format=lambda x: f"{x:.3f}"),
+        ]
     for name, experiment, _ in plan:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr>")
         parts += [f"<th>{html.escape(lab)}</th>" for lab in labels]
@@ -251,8 +316,10 @@ def write_report(out: Path, runs: dict[str, dict[str, Path]], summary: pd.DataFr
             parts.append("<td>" + "".join(_img(f) for f in figs) + link + "</td>")
         parts.append("</tr></table>")
         if EXPERIMENTS[experiment].curve is not None:
-            loaded = [(lab, RunStore(runs[lab][name]).tables(),
-                       json.loads((runs[lab][name] / "manifest.json").read_text())) for lab in labels]
+            loaded = [
+                (lab, RunStore(runs[lab][name]).tables(), json.loads((runs[lab][name] / "manifest.json").read_text()))
+                for lab in labels
+            ]
             for png in (p for p in compare(loaded, out / "compare" / name) if p.endswith(".png")):
                 parts.append(f"<p>Overlay on relative depth:</p>{_img(Path(png))}")
     parts.append("</body></html>")

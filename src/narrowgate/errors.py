@@ -50,7 +50,9 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
     for item in text.split(","):
         m = _LAYER_ITEM.fullmatch(item.strip())
         if not m:
-            raise OptionError(f"{option} {text!r}: {item.strip()!r} is not a layer or an a-b range; write e.g. '0-31' or '3,5,7'.")
+            raise OptionError(
+                f"{option} {text!r}: {item.strip()!r} is not a layer or an a-b range; write e.g. '0-31' or '3,5,7'."
+            )
         a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
         if b < a:
             raise OptionError(f"{option} {text!r}: range {a}-{b} is empty (it must ascend, e.g. {b}-{a}).")

@@ -64,10 +64,23 @@ class Recipe:
 
 
 RECIPES = {
-    "understanding": Recipe(rank=64, alpha=16, lr=5e-5, weight_decay=0.0, batch_size=64,
-                            mixture={"vqav2": 18750, "coco": 18750, "llava-instruct": 150000}),
-    "remove-gate": Recipe(rank=128, alpha=256, lr=2e-5, weight_decay=0.1, batch_size=128,
-                          mixture={"llava-instruct": 7500, "vqav2": 7500}, knockouts=("eoi->text",)),
+    "understanding": Recipe(
+        rank=64,
+        alpha=16,
+        lr=5e-5,
+        weight_decay=0.0,
+        batch_size=64,
+        mixture={"vqav2": 18750, "coco": 18750, "llava-instruct": 150000},
+    ),
+    "remove-gate": Recipe(
+        rank=128,
+        alpha=256,
+        lr=2e-5,
+        weight_decay=0.1,
+        batch_size=128,
+        mixture={"llava-instruct": 7500, "vqav2": 7500},
+        knockouts=("eoi->text",),
+    ),
 }
 
 
@@ -96,8 +109,9 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
         half = n // 2
         vqa = data.synthetic_vqa(n - half, seed + 1000)
         caps = data.synthetic_captions(half, seed + 2000)
-        return ([Item(source, e, VQA.format(question=e.question), e.answers[0]) for e in vqa]
-                + [Item(source, e, CAPTION, e.references[0]) for e in caps])
+        return [Item(source, e, VQA.format(question=e.question), e.answers[0]) for e in vqa] + [
+            Item(source, e, CAPTION, e.references[0]) for e in caps
+        ]
     if path is None:
         raise ValueError(f"--data {source} needs a path: --data {source}=DIR.")
     root = Path(path).expanduser()
@@ -110,9 +124,16 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
             exs = data.load_vqav2_hf(root, split="train", n=n, seed=seed)
         else:
             exs = data.load_vqav2(root, split="train2014", n=n, seed=seed)
-        return [Item(source, e, VQA.format(question=e.question),
-                     e.meta.get("multiple_choice_answer") or max(set(e.answers), key=e.answers.count))
-                for e in exs if e.answers]
+        return [
+            Item(
+                source,
+                e,
+                VQA.format(question=e.question),
+                e.meta.get("multiple_choice_answer") or max(set(e.answers), key=e.answers.count),
+            )
+            for e in exs
+            if e.answers
+        ]
     if source == "coco":
         found = _find(root, ("captions_train2014.json", "**/captions_train*.json"), "COCO training caption file")
         return [Item(source, e, CAPTION, e.references[0]) for e in data.load_coco_captions(found, n=n, seed=seed)]
@@ -212,11 +233,29 @@ def lora_targets(vlm) -> list[str]:
     return [n for n, m in vlm.model.named_modules() if id(m) in ids]
 
 
-def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Path, *, knockouts=None,
-             samples: dict[str, int] | None = None, steps: int | None = None, batch_size: int | None = None,
-             micro_batch: int = 4, lr: float | None = None, heldout: int = 64, seed: int = 42, dtype: str = "auto",
-             device_map=None, gradient_checkpointing: bool = False, merge: bool = False, save_every: int = 50,
-             progress: bool = True, vlm=None, command: list[str] | None = None) -> dict:
+def finetune(
+    model: str,
+    recipe: str,
+    data: dict[str, str | None],
+    out: str | Path,
+    *,
+    knockouts=None,
+    samples: dict[str, int] | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    micro_batch: int = 4,
+    lr: float | None = None,
+    heldout: int = 64,
+    seed: int = 42,
+    dtype: str = "auto",
+    device_map=None,
+    gradient_checkpointing: bool = False,
+    merge: bool = False,
+    save_every: int = 50,
+    progress: bool = True,
+    vlm=None,
+    command: list[str] | None = None,
+) -> dict:
     """Fine-tune ``model`` with ``recipe`` on ``data`` (source -> path), writing everything under ``out``.
 
     ``knockouts`` (e.g. ``["eoi->text"]``) replace the recipe's; ``samples`` (source -> n) its mixture;
@@ -231,8 +270,12 @@ def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Pa
     if not data:
         raise ValueError("Give at least one --data SOURCE=PATH (or --data synthetic).")
     rec = RECIPES[recipe]
-    rec = replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr,
-                  knockouts=tuple(knockouts) if knockouts is not None else rec.knockouts)
+    rec = replace(
+        rec,
+        batch_size=batch_size or rec.batch_size,
+        lr=lr or rec.lr,
+        knockouts=tuple(knockouts) if knockouts is not None else rec.knockouts,
+    )
     kos = [Knockout.parse(k) for k in rec.knockouts]
     sizes = {s: (samples or {}).get(s) or rec.mixture.get(s) for s in data}
     missing = [s for s, n in sizes.items() if not n]
@@ -243,13 +286,27 @@ def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Pa
     out = Path(out)
     store = RunStore(out, rank=ranks.rank)
     vlm = vlm or load(model, dtype=dtype, device_map=device_map)
-    config = {"model": str(model), "recipe": recipe, "hyper_parameters": asdict(rec) | {"mixture": sizes},
-              "data": {s: str(p) for s, p in data.items()}, "steps": steps, "heldout": heldout, "seed": seed,
-              "micro_batch": micro_batch, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing}
+    config = {
+        "model": str(model),
+        "recipe": recipe,
+        "hyper_parameters": asdict(rec) | {"mixture": sizes},
+        "data": {s: str(p) for s, p in data.items()},
+        "steps": steps,
+        "heldout": heldout,
+        "seed": seed,
+        "micro_batch": micro_batch,
+        "dtype": dtype,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
     config = json.loads(json.dumps(config))  # as the manifest stores it, so a resume compares like with like
-    store.open_manifest({"experiment": "finetune", "config": config,
-                         "command": shlex.join(command if command is not None else sys.argv),
-                         "model": model_info(vlm)})
+    store.open_manifest(
+        {
+            "experiment": "finetune",
+            "config": config,
+            "command": shlex.join(command if command is not None else sys.argv),
+            "model": model_info(vlm),
+        }
+    )
 
     pool = mixture(data, sizes, seed)
     if len(pool) <= heldout:
@@ -275,7 +332,7 @@ def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Pa
     total = min(steps or per_epoch * rec.epochs, per_epoch * rec.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = out / "checkpoint"
-    start, losses = (_load_state(ckpt, peft_model, opt) if (ckpt / "state.json").exists() else (0, []))
+    start, losses = _load_state(ckpt, peft_model, opt) if (ckpt / "state.json").exists() else (0, [])
     for _ in range(start):
         sched.step()
 
@@ -317,18 +374,38 @@ def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Pa
     seconds = time.perf_counter() - t0
     vlm.model.eval()
     after = {c: heldout_scores(vlm, held, ks, micro_batch) for c, ks in conditions.items()}
-    card = {"recipe": recipe, "model": str(model), "hyper_parameters": config["hyper_parameters"],
-            "knockouts": [k.name for k in kos], "steps": total, "steps_per_epoch": per_epoch,
-            "micro_batch": micro_batch, "train_examples": len(train), "heldout_examples": heldout,
-            "loss": {"first": losses[0] if losses else None, "final": float(np.mean(losses[-max(1, len(losses) // 5):]))
-                     if losses else None},
-            "heldout": {"before": before, "after": after}, "train_seconds_this_session": round(seconds, 1),
-            "adapter": str(out / "adapter"), "merged": str(out / "merged") if merge else None}
+    card = {
+        "recipe": recipe,
+        "model": str(model),
+        "hyper_parameters": config["hyper_parameters"],
+        "knockouts": [k.name for k in kos],
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "micro_batch": micro_batch,
+        "train_examples": len(train),
+        "heldout_examples": heldout,
+        "loss": {
+            "first": losses[0] if losses else None,
+            "final": float(np.mean(losses[-max(1, len(losses) // 5) :])) if losses else None,
+        },
+        "heldout": {"before": before, "after": after},
+        "train_seconds_this_session": round(seconds, 1),
+        "adapter": str(out / "adapter"),
+        "merged": str(out / "merged") if merge else None,
+    }
     if ranks.rank == 0:
         peft_model.save_pretrained(out / "adapter")
         store.write_table("loss", pd.DataFrame({"step": np.arange(1, len(losses) + 1), "loss": losses}))
-        store.write_table("heldout", pd.DataFrame([{"when": w, "condition": c, **s} for w, d in
-                                                   (("before", before), ("after", after)) for c, s in d.items()]))
+        store.write_table(
+            "heldout",
+            pd.DataFrame(
+                [
+                    {"when": w, "condition": c, **s}
+                    for w, d in (("before", before), ("after", after))
+                    for c, s in d.items()
+                ]
+            ),
+        )
         if merge:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")
@@ -341,19 +418,31 @@ def finetune(model: str, recipe: str, data: dict[str, str | None], out: str | Pa
 
 def render_card(card: dict) -> str:
     hp = card["hyper_parameters"]
-    lines = [f"# Fine-tuning card: {card['recipe']}", "", f"Model: `{card['model']}`", "",
-             f"LoRA rank {hp['rank']}, alpha {hp['alpha']}; AdamW lr {hp['lr']} (cosine), weight decay "
-             f"{hp['weight_decay']}; batch {hp['batch_size']} (micro-batch {card['micro_batch']}); "
-             f"{card['steps']} steps ({card['steps_per_epoch']} per epoch); mixture {hp['mixture']}.", "",
-             f"Knockouts active while training: {', '.join(card['knockouts']) or 'none'}.", "",
-             f"Loss: first step {card['loss']['first']}, last fifth {card['loss']['final']}.", "",
-             f"## Held-out answers ({card['heldout_examples']} examples, teacher-forced)", "",
-             "| condition | loss before | loss after | token accuracy before | token accuracy after |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Fine-tuning card: {card['recipe']}",
+        "",
+        f"Model: `{card['model']}`",
+        "",
+        f"LoRA rank {hp['rank']}, alpha {hp['alpha']}; AdamW lr {hp['lr']} (cosine), weight decay "
+        f"{hp['weight_decay']}; batch {hp['batch_size']} (micro-batch {card['micro_batch']}); "
+        f"{card['steps']} steps ({card['steps_per_epoch']} per epoch); mixture {hp['mixture']}.",
+        "",
+        f"Knockouts active while training: {', '.join(card['knockouts']) or 'none'}.",
+        "",
+        f"Loss: first step {card['loss']['first']}, last fifth {card['loss']['final']}.",
+        "",
+        f"## Held-out answers ({card['heldout_examples']} examples, teacher-forced)",
+        "",
+        "| condition | loss before | loss after | token accuracy before | token accuracy after |",
+        "|---|---|---|---|---|",
+    ]
     b, a = card["heldout"]["before"], card["heldout"]["after"]
     for c in b:
         lines.append(f"| {c} | {b[c]['loss']} | {a[c]['loss']} | {b[c]['token_accuracy']} | {a[c]['token_accuracy']} |")
-    lines += ["", f"Adapter: `{card['adapter']}`" + (f"; merged checkpoint: `{card['merged']}`" if card["merged"] else "")]
+    lines += [
+        "",
+        f"Adapter: `{card['adapter']}`" + (f"; merged checkpoint: `{card['merged']}`" if card["merged"] else ""),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -59,8 +59,9 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
     return paths
 
 
-def overlay_curves(runs: list[tuple[str, dict, dict]], table: str, col: str, group: str | None, title: str,
-                   rows=lambda df: df):
+def overlay_curves(
+    runs: list[tuple[str, dict, dict]], table: str, col: str, group: str | None, title: str, rows=lambda df: df
+):
     """One line per run (per run and group): ``col`` of ``table`` on relative depth."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, tables, manifest) in enumerate(runs):

@@ -24,5 +24,7 @@ def write_report(store, experiment: str, tables: dict, figures: list[str], info:
     for name, df in tables.items():
         parts.append(f"<h2>Table: {html.escape(name)} ({len(df)} rows)</h2>")
         parts.append(df.head(200).to_html(index=False, float_format=lambda x: f"{x:.4g}"))
-    parts.append(f"<h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre></body></html>")
+    parts.append(
+        f"<h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre></body></html>"
+    )
     (store.path / "report.html").write_text("\n".join(parts))

@@ -127,10 +127,15 @@ class RunStore:
             ) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
-            logger.warning("%s: taking over the lock of a run that ended without releasing it (%s)", self.path,
-                           _describe(previous))
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": command}
+            logger.warning(
+                "%s: taking over the lock of a run that ended without releasing it (%s)", self.path, _describe(previous)
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": command,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._lock_fd = fd
@@ -158,7 +163,9 @@ class RunStore:
             try:
                 old = json.loads(self.manifest_path.read_text())
             except json.JSONDecodeError as e:
-                raise ManifestMismatch(f"{self.manifest_path} is not valid JSON ({e}); use another --out directory.") from e
+                raise ManifestMismatch(
+                    f"{self.manifest_path} is not valid JSON ({e}); use another --out directory."
+                ) from e
             for k in key_fields:
                 if k in old and old.get(k) != manifest.get(k):
                     raise ManifestMismatch(

@@ -13,8 +13,7 @@ from transformers import DynamicCache
 from . import compat
 from .batch import Batch
 from .engine import attention as engine_attention
-from .engine import hooks
-from .engine import shared
+from .engine import hooks, shared
 from .engine.interventions import Capture, Knockout
 from .engine.state import InterventionError, ResolvedKnockout, RoleMask, Run, activate, recompute_context, resolve
 from .engine.stats import CrossModalAttention, build
@@ -75,7 +74,9 @@ class VLM:
     # --- set-up ------------------------------------------------------------------------------
     def _set_attention(self, implementation: str) -> None:
         config = self.model.config
-        target = {"text_config": implementation} if "text_config" in getattr(config, "sub_configs", {}) else implementation
+        target = (
+            {"text_config": implementation} if "text_config" in getattr(config, "sub_configs", {}) else implementation
+        )
         self.model.set_attn_implementation(target)
 
     def _wrap_attention(self) -> str:
@@ -113,7 +114,7 @@ class VLM:
                 self._set_attention(original)
         self.model.train(self._was_training)
 
-    def __enter__(self) -> "VLM":
+    def __enter__(self) -> VLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -141,7 +142,9 @@ class VLM:
             prompts = [prompts]
         images, prompts = list(images), list(prompts)
         if len(images) != len(prompts):
-            raise ValueError(f"prepare() got {len(images)} images but {len(prompts)} prompts; give one of each per example.")
+            raise ValueError(
+                f"prepare() got {len(images)} images but {len(prompts)} prompts; give one of each per example."
+            )
         if not images:
             raise ValueError("prepare() needs at least one example.")
         images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
@@ -183,8 +186,11 @@ class VLM:
             rows = []
             for b, cont in enumerate(continuations):
                 fill = pad if k == "input_ids" else 0
-                tail = torch.tensor(cont, dtype=v.dtype) if k == "input_ids" else torch.full(
-                    (len(cont),), 1 if k == "attention_mask" else 0, dtype=v.dtype)
+                tail = (
+                    torch.tensor(cont, dtype=v.dtype)
+                    if k == "input_ids"
+                    else torch.full((len(cont),), 1 if k == "attention_mask" else 0, dtype=v.dtype)
+                )
                 rows.append(torch.cat([torch.full((m - len(cont),), fill, dtype=v.dtype), v[b], tail]))
             inputs[k] = torch.stack(rows)
         first = [f + m - len(c) for f, c in zip(batch.first, continuations)]
@@ -195,6 +201,7 @@ class VLM:
             self.family.check_layout(row, lay)
             layouts.append(lay)
         return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id)
+
     def prepare_training(self, images, prompts, answers, *, image_first: bool = True) -> TrainingBatch:
         """`prepare` the prompts, then append each answer (a continuation of its prompt) and EOS.
 
@@ -313,8 +320,11 @@ class VLM:
         """
         run = self._run(batch, knockouts, patches, None, False)
         if self.model.training:
-            stale = [l for l, layer in enumerate(self.layers)
-                     if compat.checkpointing_context(layer) not in (False, recompute_context)]
+            stale = [
+                l
+                for l, layer in enumerate(self.layers)
+                if compat.checkpointing_context(layer) not in (False, recompute_context)
+            ]
             if stale:
                 raise InterventionError(
                     f"Gradient checkpointing is on in decoder layers {stale} without narrowgate's recompute context, "
@@ -393,8 +403,11 @@ class VLM:
 
     def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
-        if (not 0 < length < batch.length or length <= max(lay.end for lay in batch.layouts)
-                or length < self.family.causal_from(batch.inputs)):
+        if (
+            not 0 < length < batch.length
+            or length <= max(lay.end for lay in batch.layouts)
+            or length < self.family.causal_from(batch.inputs)
+        ):
             raise InterventionError(
                 f"A shared prefix of {length} positions must hold every example's whole image and leave a suffix "
                 f"(images end at {max(lay.end for lay in batch.layouts)}, the batch has {batch.length} positions); "
@@ -414,8 +427,12 @@ class VLM:
             run.captured = shared.repeat_captured(prefix.captured, n)
         cache = compat.PrefixCache(self.n_layers, prefix.length)
         with activate(run):
-            out = self.model(**shared.repeat_rows(prefix.suffix, n), **compat.cache_kwargs(cache), use_cache=True,
-                             **self._keep_last(keep))
+            out = self.model(
+                **shared.repeat_rows(prefix.suffix, n),
+                **compat.cache_kwargs(cache),
+                use_cache=True,
+                **self._keep_last(keep),
+            )
         self._check_applied(run)
         return out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()
 
@@ -425,7 +442,12 @@ class VLM:
 
     @torch.no_grad()
     def forward_conditions(
-        self, batch: Batch, conditions, *, capture: Capture | None = None, attention_stats: bool = False,
+        self,
+        batch: Batch,
+        conditions,
+        *,
+        capture: Capture | None = None,
+        attention_stats: bool = False,
         keep: int = 1,
     ) -> dict[str, shared.ConditionOutput]:
         """Run several conditions (named knockout/patch sets) on one batch, sharing the unchanged prefix.
@@ -437,8 +459,9 @@ class VLM:
         """
         conds = shared.as_conditions(conditions)
         keep = max(1, int(keep))
-        P = shared.prefix_length(batch, conds, attention_stats=attention_stats, keep=keep,
-                                 causal_from=self.family.causal_from(batch.inputs))
+        P = shared.prefix_length(
+            batch, conds, attention_stats=attention_stats, keep=keep, causal_from=self.family.causal_from(batch.inputs)
+        )
         results = {}
         if P == 0:
             for c in conds:
@@ -476,14 +499,18 @@ class VLM:
         """
         batch = prefix.batch
         C, B, T = sources.shape
-        if (B, T) != (batch.size, batch.length):
-            raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
+        if (batch.size, batch.length) != (B, T):
+            raise InterventionError(
+                f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
+            )
         each = isinstance(layers, list) and not all(isinstance(x, int) for x in layers)
         per = list(layers) if each else [layers] * C
         if len(per) != C:
             raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
-        resolved = [self._run(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
-                    for l in per]  # validates target, layers and mode
+        resolved = [
+            self._run(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
+            for l in per
+        ]  # validates target, layers and mode
         tgt = resolved[0].target
         if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
@@ -495,12 +522,20 @@ class VLM:
             run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
             for window in dict.fromkeys(k.layers for k in resolved[s : s + step]):
                 rows = torch.tensor([k.layers == window for k in resolved[s : s + step]])
-                run.knockouts.append(ResolvedKnockout(RoleMask((src & rows[:, None, None]).reshape(n * B, T), False),
-                                                      RoleMask(tgt.prompt.repeat(n, 1), tgt.generated), window, mode))
+                run.knockouts.append(
+                    ResolvedKnockout(
+                        RoleMask((src & rows[:, None, None]).reshape(n * B, T), False),
+                        RoleMask(tgt.prompt.repeat(n, 1), tgt.generated),
+                        window,
+                        mode,
+                    )
+                )
             out.append(self._suffix_pass(prefix, run, n).cpu().view(n, B, -1))
         return torch.cat(out)
 
-    def attribute(self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+    def attribute(
+        self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """First-order estimate, for every key position j, of knocking out ``j -> target`` at every layer.
 
         One suffix pass with autograd and one backward (attribution patching on the attention edges): with
@@ -534,7 +569,9 @@ class VLM:
         return est, top.cpu()
 
     @torch.no_grad()
-    def generate_conditions(self, batch: Batch, conditions, *, max_new_tokens: int = 20, **kwargs) -> dict[str, torch.Tensor]:
+    def generate_conditions(
+        self, batch: Batch, conditions, *, max_new_tokens: int = 20, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
         conds = shared.as_conditions(conditions)
         P = shared.prefix_length(batch, conds, attention_stats=False, causal_from=self.family.causal_from(batch.inputs))
@@ -542,20 +579,34 @@ class VLM:
         return dict(zip((c.name for c in conds), self._generate_runs(batch, runs, P, max_new_tokens, kwargs)))
 
     @torch.no_grad()
-    def generate_knockouts(self, batch: Batch, sources: torch.Tensor, *, target="text", mode: str = "mask",
-                           max_new_tokens: int = 20, **kwargs) -> list[torch.Tensor]:
+    def generate_knockouts(
+        self,
+        batch: Batch,
+        sources: torch.Tensor,
+        *,
+        target="text",
+        mode: str = "mask",
+        max_new_tokens: int = 20,
+        **kwargs,
+    ) -> list[torch.Tensor]:
         """Greedy generation under C knockouts ``sources[c] -> target`` at every layer; token ids [B, T + new] each.
 
         ``sources`` is a [C, B, T] boolean mask of arbitrary key positions, as in `forward_knockouts` (the
         gate scan's single positions); the prompt up to the first target position runs once and is shared.
         """
         C, B, T = sources.shape
-        if (B, T) != (batch.size, batch.length):
-            raise InterventionError(f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}.")
+        if (batch.size, batch.length) != (B, T):
+            raise InterventionError(
+                f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
+            )
         template = Knockout("image", target, mode=mode)
         tgt = self._run(batch, (template,), (), None, False).knockouts[0].target
-        P = shared.prefix_length(batch, [shared.Condition("k", knockouts=(template,))], attention_stats=False,
-                                 causal_from=self.family.causal_from(batch.inputs))
+        P = shared.prefix_length(
+            batch,
+            [shared.Condition("k", knockouts=(template,))],
+            attention_stats=False,
+            causal_from=self.family.causal_from(batch.inputs),
+        )
         runs = []
         for c in range(C):
             run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
@@ -576,8 +627,9 @@ class VLM:
         for run in runs:
             try:
                 with activate(run):
-                    out = self.model.generate(**inputs, **(compat.cache_kwargs(cache) if P else {}),
-                                              max_new_tokens=max_new_tokens, **kwargs)
+                    out = self.model.generate(
+                        **inputs, **(compat.cache_kwargs(cache) if P else {}), max_new_tokens=max_new_tokens, **kwargs
+                    )
             finally:
                 if P:
                     shared.crop(cache, P)

@@ -13,8 +13,9 @@ from narrowgate.analyses import EXPERIMENTS
 
 
 def _records(rows: list[dict], arrays: dict | None = None):
-    return SimpleNamespace(rows=pd.DataFrame(rows), arrays={k: np.asarray(v, dtype=np.float32)
-                                                            for k, v in (arrays or {}).items()})
+    return SimpleNamespace(
+        rows=pd.DataFrame(rows), arrays={k: np.asarray(v, dtype=np.float32) for k, v in (arrays or {}).items()}
+    )
 
 
 def _cfg(name: str, **kw) -> dict:
@@ -39,8 +40,13 @@ def test_overlap_per_resid_and_role():
 
 def test_ablation_classes_scores_each_condition():
     names = ["baseline", "eoi->text", "image->text", "last_image->text", "eoi->eoi+text"]
-    planted = {"baseline": SAME, "eoi->text": CROSS, "image->text": SAME, "last_image->text": CROSS,
-               "eoi->eoi+text": CROSS}
+    planted = {
+        "baseline": SAME,
+        "eoi->text": CROSS,
+        "image->text": SAME,
+        "last_image->text": CROSS,
+        "eoi->eoi+text": CROSS,
+    }
     rows = [{"example_id": str(i), "label": lab} for i, lab in enumerate(LABELS)]
     records = _records(rows, {f"last:{n}": planted[n] for n in names})
     table = EXPERIMENTS["ablation"]().aggregate(records, _cfg("ablation", task="classes", k=1), {"n_layers": 2})
@@ -53,10 +59,21 @@ def test_ablation_classes_scores_each_condition():
 def test_patching_means_per_resid_and_per_pair():
     sim = np.array([[0.1, 0.9], [0.3, 0.5], [0.8, 0.2]])  # 3 units x 2 patched residual indices
     acc = np.array([[0, 1], [0, 1], [1, 0]])
-    rows = [{"example_id": f"u{i}", "pair": p, "base": p[0], "target": p[-1], "base_word": p[0] + "w",
-             "target_word": p[-1] + "w"} for i, p in enumerate(["x<-y", "x<-y", "z<-w"])]
-    records = _records(rows, {"similarity": sim, "accuracy": acc, "similarity_unpatched": [0.2, 0.4, 0.6],
-                              "accuracy_unpatched": [0, 0, 1]})
+    rows = [
+        {
+            "example_id": f"u{i}",
+            "pair": p,
+            "base": p[0],
+            "target": p[-1],
+            "base_word": p[0] + "w",
+            "target_word": p[-1] + "w",
+        }
+        for i, p in enumerate(["x<-y", "x<-y", "z<-w"])
+    ]
+    records = _records(
+        rows,
+        {"similarity": sim, "accuracy": acc, "similarity_unpatched": [0.2, 0.4, 0.6], "accuracy_unpatched": [0, 0, 1]},
+    )
     tables = EXPERIMENTS["patching"]().aggregate(records, _cfg("patching"), {"n_layers": 2})
     curve = tables["patching"]
     np.testing.assert_allclose(curve["similarity"], [0.4, 1.6 / 3])
@@ -69,12 +86,35 @@ def test_patching_means_per_resid_and_per_pair():
 
 
 def test_steering_counts_texts_naming_each_class():
-    rows = [{"example_id": "1", "pair": "cat<-dog", "base": "cat", "target": "dog", "resids": "1-2",
-             "text_unpatched": "a cat", "text_steered": "a Dog"},
-            {"example_id": "2", "pair": "cat<-dog", "base": "cat", "target": "dog", "resids": "1-2",
-             "text_unpatched": "a cat", "text_steered": "a cat and a dog"},
-            {"example_id": "3", "pair": "fox<-owl", "base": "fox", "target": "owl", "resids": "1-2",
-             "text_unpatched": "fox", "text_steered": "fox"}]
+    rows = [
+        {
+            "example_id": "1",
+            "pair": "cat<-dog",
+            "base": "cat",
+            "target": "dog",
+            "resids": "1-2",
+            "text_unpatched": "a cat",
+            "text_steered": "a Dog",
+        },
+        {
+            "example_id": "2",
+            "pair": "cat<-dog",
+            "base": "cat",
+            "target": "dog",
+            "resids": "1-2",
+            "text_unpatched": "a cat",
+            "text_steered": "a cat and a dog",
+        },
+        {
+            "example_id": "3",
+            "pair": "fox<-owl",
+            "base": "fox",
+            "target": "owl",
+            "resids": "1-2",
+            "text_unpatched": "fox",
+            "text_steered": "fox",
+        },
+    ]
     tables = EXPERIMENTS["steering"]().aggregate(_records(rows), _cfg("steering"), {"n_layers": 4})
     s = tables["steering"].iloc[0]
     assert (s["names_target_steered"], s["names_base_steered"]) == pytest.approx((2 / 3, 2 / 3))
@@ -86,10 +126,22 @@ def test_steering_counts_texts_naming_each_class():
 def test_gate_scan_ranks_positions_and_divides_by_the_whole_image():
     names, roles = ["boi", "image[0]", "image[1]", "eoi"], ["boi", "image_content", "image_content", "eoi"]
     grid = [[-1, -1], [0, 0], [0, 1], [-1, -1]]
-    rows = [{"example_id": e, "positions": names, "roles": roles, "grid": grid, "damage": d, "whole": 1.0,
-             "whole_except_top": w, "k90": k, "window_top": ["eoi", "image[0]", "image[1]"],
-             "window_damage": [[0.5, 0.1, 0.0, 0.6], [0.2, 0.0, 0.1, 0.4]], "logp_change": [0.0] * 4}
-            for e, d, w, k in (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))]
+    rows = [
+        {
+            "example_id": e,
+            "positions": names,
+            "roles": roles,
+            "grid": grid,
+            "damage": d,
+            "whole": 1.0,
+            "whole_except_top": w,
+            "k90": k,
+            "window_top": ["eoi", "image[0]", "image[1]"],
+            "window_damage": [[0.5, 0.1, 0.0, 0.6], [0.2, 0.0, 0.1, 0.4]],
+            "logp_change": [0.0] * 4,
+        }
+        for e, d, w, k in (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))
+    ]
     cfg = _cfg("gate-scan", bootstrap=200, windows=2)
     tables = EXPERIMENTS["gate-scan"]().aggregate(_records(rows), cfg, {"n_layers": 4})
     positions = tables["positions"]
@@ -112,10 +164,12 @@ def test_modality_gap_median_per_resid():
     image = np.stack([np.tile([1.0, 0.0], (n, 1)), np.tile([1.0, 0.0], (n, 1))], 1) + rng.normal(0, 1e-3, (n, 2, 2))
     text = np.stack([np.tile([0.0, 1.0], (n, 1)), np.tile([1.0, 0.0], (n, 1))], 1) + rng.normal(0, 1e-3, (n, 2, 2))
     rows = [{"example_id": str(i), "text_position": 0, "image_position": 0} for i in range(n)]
-    table = EXPERIMENTS["modality-gap"]().aggregate(_records(rows, {"text": text, "image": image}),
-                                                    _cfg("modality-gap"), {"n_layers": 1})["modality_gap"]
+    table = EXPERIMENTS["modality-gap"]().aggregate(
+        _records(rows, {"text": text, "image": image}), _cfg("modality-gap"), {"n_layers": 1}
+    )["modality_gap"]
     assert list(table["resid"]) == [0, 1]
     np.testing.assert_allclose(table["median"], [0.0, 1.0], atol=1e-2)
-    gap = EXPERIMENTS["modality-gap"]().aggregate(_records(rows, {"text": text, "image": image}),
-                                                  _cfg("modality-gap", outputs_only=True), {"n_layers": 2})
+    gap = EXPERIMENTS["modality-gap"]().aggregate(
+        _records(rows, {"text": text, "image": image}), _cfg("modality-gap", outputs_only=True), {"n_layers": 2}
+    )
     assert list(gap["modality_gap"]["resid"]) == [1, 2]

@@ -29,8 +29,19 @@ def test_torchrun_two_processes_equal_one(experiment, checkpoint_dir, tmp_path):
     assert CliRunner().invoke(app, [*args, "--out", str(single)]).exit_code == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # same kernels as this process: bitwise-equal results
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "narrowgate.cli", *args, "--out", str(double)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "narrowgate.cli",
+        *args,
+        "--out",
+        str(double),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = sorted(p.name for p in (double / "records").glob("*.parquet"))

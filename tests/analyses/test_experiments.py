@@ -37,8 +37,14 @@ TABLES = {
 def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
     name = case.split("-")[0] if case.startswith("ablation") else case.removesuffix("-attribution")
     vlm = loaded("chameleon")
-    cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), batch_size=2,
-               progress=False, **CASES[case])
+    cfg = dict(
+        model=str(checkpoint_dir("chameleon")),
+        data="synthetic",
+        out=str(tmp_path / "run"),
+        batch_size=2,
+        progress=False,
+        **CASES[case],
+    )
     store = run(EXPERIMENTS[name](), cfg, vlm=vlm, command=["narrowgate", "run", name])
     manifest = json.loads(store.manifest_path.read_text())
     assert manifest["experiment"] == name and manifest["model"]["family"] == "chameleon"
@@ -58,7 +64,9 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
         assert df["condition"].iloc[0] == "baseline"
         if case == "ablation-sweep":
             L = vlm.n_layers
-            windows = {f"eoi->text@{L - w}-{L - 1}:mask" if w > 1 else f"eoi->text@{L - 1}:mask" for w in range(1, L + 1)}
+            windows = {
+                f"eoi->text@{L - w}-{L - 1}:mask" if w > 1 else f"eoi->text@{L - 1}:mask" for w in range(1, L + 1)
+            }
             assert windows <= set(df["condition"])
         else:
             assert {"eoi->text", "image->text", "last_image->text", "eoi->eoi+text"} <= set(df["condition"])
@@ -78,8 +86,14 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
 
 def test_rerun_resumes_and_changed_config_is_refused(checkpoint_dir, loaded, tmp_path):
     vlm = loaded("chameleon")
-    cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), progress=False,
-               n_per_class=2, k=1)
+    cfg = dict(
+        model=str(checkpoint_dir("chameleon")),
+        data="synthetic",
+        out=str(tmp_path / "run"),
+        progress=False,
+        n_per_class=2,
+        k=1,
+    )
     first = run(EXPERIMENTS["overlap"](), cfg, vlm=vlm, command=["x"])
     n_parts = len(list((first.path / "records").glob("*.parquet")))
     again = run(EXPERIMENTS["overlap"](), cfg, vlm=vlm, command=["x"])

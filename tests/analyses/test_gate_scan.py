@@ -20,8 +20,7 @@ PROMPT = "This shape is a"
 
 
 def _scan_cfg(ckpt, out, **extra):
-    return dict(model=str(ckpt), data="synthetic", out=str(out), n_per_class=1, progress=False, bootstrap=200,
-                **extra)
+    return dict(model=str(ckpt), data="synthetic", out=str(out), n_per_class=1, progress=False, bootstrap=200, **extra)
 
 
 @pytest.mark.parametrize("family", ["chameleon", "llava"])
@@ -38,7 +37,7 @@ def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mo
     logits = vlm.forward_knockouts(prefix, sources, mode=mode)[:, 0]
     base = vlm.forward(batch).logits[0, -1].float()
     torch.testing.assert_close(logits[0], base, atol=1e-5, rtol=0)
-    for i, (p, name, role) in enumerate(side):
+    for i, (_, name, role) in enumerate(side):
         source = name if role in ("boi", "eoi", "image_content") else None
         if source is None:
             continue
@@ -65,8 +64,9 @@ class Planted(VLM):
         blocked = torch.zeros(batch.size, batch.length, dtype=torch.bool)
         blocked[:, [p for p, _, _ in side_positions(lay) if p != self.keep]] = True
         text = batch.mask("text")
-        run.knockouts.append(ResolvedKnockout(RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True),
-                                              None, "mask"))
+        run.knockouts.append(
+            ResolvedKnockout(RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True), None, "mask")
+        )
         return super()._suffix_pass(prefix, run, n)
 
 
@@ -155,16 +155,22 @@ def test_score_gives_every_position_its_task_score_drop(checkpoint_dir, loaded, 
 
     ckpt = checkpoint_dir("chameleon")
     with pytest.raises(ng.NarrowgateError, match="--score needs a generative task"):
-        run(EXPERIMENTS["gate-scan"](), _scan_cfg(ckpt, tmp_path / "classes", score=True), vlm=loaded("chameleon"),
-            command=["t"])
+        run(
+            EXPERIMENTS["gate-scan"](),
+            _scan_cfg(ckpt, tmp_path / "classes", score=True),
+            vlm=loaded("chameleon"),
+            command=["t"],
+        )
     cfg = dict(_scan_cfg(ckpt, tmp_path / "vqa", score=True, task="vqa", max_new_tokens=3), n=3, n_per_class=None)
     store = run(EXPERIMENTS["gate-scan"](), cfg, vlm=loaded("chameleon"), command=["t"])
     positions, gate = store.tables()["positions"], store.tables()["gate"].iloc[0]
     rows = store.records().rows
     assert positions["score_drop"].notna().all() and gate["score_metric"] == "vqa_accuracy"
     examples = {e.id: e for e in tasks.load("synthetic", "vqa", None, n=3, seed=42)}
-    acc = {i: [vqa_accuracy(t, examples[i].answers) for t in r["texts"]] for i, (_, r) in
-           zip(rows["example_id"], rows.iterrows())}
+    acc = {
+        i: [vqa_accuracy(t, examples[i].answers) for t in r["texts"]]
+        for i, (_, r) in zip(rows["example_id"], rows.iterrows())
+    }
     assert gate["score_baseline"] == pytest.approx(sum(a[0] for a in acc.values()) / 3)
     assert gate["score_whole_image"] == pytest.approx(sum(a[-1] for a in acc.values()) / 3)
     eoi = rows.iloc[0]["positions"].tolist().index("eoi")

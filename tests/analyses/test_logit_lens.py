@@ -30,8 +30,21 @@ def test_last_read_out_equals_the_models_own_distribution(loaded, family):
 
 def test_logit_lens_run_reports_the_class_token_per_resid(checkpoint_dir, loaded, tmp_path):
     out = tmp_path / "lens"
-    args = ["run", "logit-lens", "--model", str(checkpoint_dir("chameleon")), "--data", "synthetic",
-            "--n-per-class", "2", "--out", str(out), "--quiet", "--batch-size", "4"]
+    args = [
+        "run",
+        "logit-lens",
+        "--model",
+        str(checkpoint_dir("chameleon")),
+        "--data",
+        "synthetic",
+        "--n-per-class",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     table = RunStore(out).tables()["logit_lens"]

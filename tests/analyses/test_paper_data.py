@@ -32,8 +32,22 @@ def datasets(tmp_path_factory):
 
 def _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args):
     out = tmp_path / f"{experiment}-{data}"
-    argv = ["run", experiment, "--model", str(checkpoint_dir("chameleon")), "--data", data,
-            "--data-dir", str(datasets[data]), "--out", str(out), "--batch-size", "8", "--quiet", *args]
+    argv = [
+        "run",
+        experiment,
+        "--model",
+        str(checkpoint_dir("chameleon")),
+        "--data",
+        data,
+        "--data-dir",
+        str(datasets[data]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--quiet",
+        *args,
+    ]
     result = runner.invoke(app, argv, env={"COLUMNS": "200"})
     return result, out
 
@@ -50,8 +64,11 @@ CASES = [
     ("modality-gap", "flickr30k", ("--n", "20")),
     ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12")),
     ("overlap", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1")),
-    ("overlap", "imagenet", ("--n-per-class", "2", "--n", "200", "--k", "1", "--sweep", "--sweep-step", "2",
-                             "--outputs-only")),
+    (
+        "overlap",
+        "imagenet",
+        ("--n-per-class", "2", "--n", "200", "--k", "1", "--sweep", "--sweep-step", "2", "--outputs-only"),
+    ),
     ("cross-attention", "imagenet", ("--n-per-class", "1", "--n", "12", "--normalise", "after-mean")),
     ("ablation", "vqav2", ("--n", "4", "--max-new-tokens", "3")),
     ("ablation", "coco", ("--n", "4", "--max-new-tokens", "3")),
@@ -60,8 +77,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("experiment", "data", "args"), CASES,
-                         ids=[f"{e}-{d}-{i}" for i, (e, d, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("experiment", "data", "args"), CASES, ids=[f"{e}-{d}-{i}" for i, (e, d, _) in enumerate(CASES)]
+)
 def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoint_dir, datasets, tmp_path):
     result, out = _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args)
     _ok(result)
@@ -104,8 +122,9 @@ def test_too_few_images_stop_with_the_count_unless_allowed(checkpoint_dir, datas
     assert "only 2 exist" in result.output and "--allow-fewer" in result.output
     result, _ = _run(checkpoint_dir, datasets, tmp_path, "modality-gap", "flickr30k", "--n", "30")
     assert result.exit_code == 1 and "only 24 exist" in result.output
-    result, out = _run(checkpoint_dir, datasets, tmp_path, "ablation", "coco", "--n", "6", "--max-new-tokens", "2",
-                       "--allow-fewer")
+    result, out = _run(
+        checkpoint_dir, datasets, tmp_path, "ablation", "coco", "--n", "6", "--max-new-tokens", "2", "--allow-fewer"
+    )
     _ok(result)
     manifest = _manifest(out)
     assert manifest["data"]["requested"] == {"n": 6} and manifest["data"]["actual"]["examples"] == 4
@@ -121,8 +140,19 @@ def test_imagenet_val_layout_serves_the_pair_classes(datasets, tmp_path):
 
 
 def test_steering_generates_with_the_target_eoi_on_imagenet(checkpoint_dir, datasets, tmp_path):
-    result, out = _run(checkpoint_dir, datasets, tmp_path, "steering", "imagenet", "--n-per-class", "1",
-                       "--resids", "0-2", "--max-new-tokens", "3")
+    result, out = _run(
+        checkpoint_dir,
+        datasets,
+        tmp_path,
+        "steering",
+        "imagenet",
+        "--n-per-class",
+        "1",
+        "--resids",
+        "0-2",
+        "--max-new-tokens",
+        "3",
+    )
     _ok(result)
     tables = RunStore(out).tables()
     assert len(tables["steering_pairs"]) == 10 and len(tables["steering_examples"]) == 10

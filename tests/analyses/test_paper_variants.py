@@ -23,8 +23,9 @@ from narrowgate.metrics import distribution_similarity
 
 
 def _cfg(checkpoint_dir, tmp_path, family="chameleon", **kw):
-    return dict(model=str(checkpoint_dir(family)), data="synthetic", out=str(tmp_path), progress=False,
-                batch_size=8, **kw)
+    return dict(
+        model=str(checkpoint_dir(family)), data="synthetic", out=str(tmp_path), progress=False, batch_size=8, **kw
+    )
 
 
 def test_sweep_windows_grow_from_layer_zero_and_end_with_every_layer():
@@ -36,11 +37,16 @@ def test_sweep_windows_grow_from_layer_zero_and_end_with_every_layer():
 def test_overlap_under_early_knockouts_blinds_eoi_up_to_the_window(checkpoint_dir, loaded, tmp_path):
     vlm = loaded("chameleon")
     L = vlm.n_layers
-    store = run(EXPERIMENTS["overlap"](), _cfg(checkpoint_dir, tmp_path, n_per_class=3, k=2, sweep=True, mode="mask"),
-                vlm=vlm, command=["x"])
+    store = run(
+        EXPERIMENTS["overlap"](),
+        _cfg(checkpoint_dir, tmp_path, n_per_class=3, k=2, sweep=True, mode="mask"),
+        vlm=vlm,
+        command=["x"],
+    )
     table = store.tables()["overlap"]
-    names = ["none"] + [f"image->eoi+text@0-{w - 1}:mask" if w > 1 else "image->eoi+text@0:mask"
-                        for w in range(1, L + 1)]
+    names = ["none"] + [
+        f"image->eoi+text@0-{w - 1}:mask" if w > 1 else "image->eoi+text@0:mask" for w in range(1, L + 1)
+    ]
     assert list(table["knockout"].drop_duplicates()) == names
     roles = {"eoi", "first_image", "last_image", "internal_image", "last"}
     for _, g in table.groupby("knockout"):
@@ -85,13 +91,23 @@ def _planted(masses: list[list[float]]):
     rows = []
     for i, m in enumerate(masses):
         m = np.asarray(m, dtype=np.float64)
-        rows.append({"example_id": str(i), "label": "a", "n_content": 2, "positions": ["image[0]", "image[1]", "eoi"],
-                     "fractions": (m / m.sum()).tolist(), "mass": m.tolist()})
+        rows.append(
+            {
+                "example_id": str(i),
+                "label": "a",
+                "n_content": 2,
+                "positions": ["image[0]", "image[1]", "eoi"],
+                "fractions": (m / m.sum()).tolist(),
+                "mass": m.tolist(),
+            }
+        )
     return SimpleNamespace(rows=pd.DataFrame(rows), arrays={})
 
 
-@pytest.mark.parametrize(("normalise", "eoi", "first"),
-                         [("per-example", (0.5 + 0.125) / 2, (0.25 + 0.75) / 2), ("after-mean", 1.5 / 6, 3.5 / 6)])
+@pytest.mark.parametrize(
+    ("normalise", "eoi", "first"),
+    [("per-example", (0.5 + 0.125) / 2, (0.25 + 0.75) / 2), ("after-mean", 1.5 / 6, 3.5 / 6)],
+)
 def test_cross_attention_normalises_per_example_or_after_the_mean(normalise, eoi, first):
     records = _planted([[1.0, 1.0, 2.0], [6.0, 1.0, 1.0]])
     cfg = {**CrossAttention.defaults, "normalise": normalise}
@@ -104,8 +120,12 @@ def test_cross_attention_normalises_per_example_or_after_the_mean(normalise, eoi
 
 def test_cross_attention_records_the_raw_mass_behind_each_share(checkpoint_dir, loaded, tmp_path):
     vlm = loaded("chameleon")
-    store = run(EXPERIMENTS["cross-attention"](),
-                _cfg(checkpoint_dir, tmp_path, n_per_class=1, normalise="after-mean"), vlm=vlm, command=["x"])
+    store = run(
+        EXPERIMENTS["cross-attention"](),
+        _cfg(checkpoint_dir, tmp_path, n_per_class=1, normalise="after-mean"),
+        vlm=vlm,
+        command=["x"],
+    )
     for _, row in store.records().rows.iterrows():
         mass = np.asarray(row["mass"]).reshape(vlm.n_layers, -1)
         frac = np.asarray(row["fractions"]).reshape(vlm.n_layers, -1)
@@ -120,10 +140,15 @@ def test_patching_from_l_patches_every_later_index_and_matches_direct_forwards(c
     donor = torch.randn(1, L + 1, vlm.model.config.get_text_config().hidden_size)
     conds = patch_conditions(donor, L, "from")
     assert [sorted(p.resid for p in c.patches) for c in conds[1:]] == [list(range(l, L)) for l in range(L)]
-    single = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "single", n_per_class=2),
-                 vlm=vlm, command=["x"])
-    spans = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "from", n_per_class=2, span="from"),
-                vlm=vlm, command=["x"])
+    single = run(
+        EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "single", n_per_class=2), vlm=vlm, command=["x"]
+    )
+    spans = run(
+        EXPERIMENTS["patching"](),
+        _cfg(checkpoint_dir, tmp_path / "from", n_per_class=2, span="from"),
+        vlm=vlm,
+        command=["x"],
+    )
     a, b = single.tables()["patching"], spans.tables()["patching"]
     assert b["patched"].iloc[0] == "eoi, resid l..L-1"
     last = a["resid"] == L - 1  # one site either way

@@ -83,16 +83,26 @@ def test_paper_direction_takes_the_first_printed_class_as_donor():
 
 
 def _cfg(checkpoint_dir, tmp_path, **kw):
-    return dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), progress=False,
-                batch_size=4, **kw)
+    return dict(
+        model=str(checkpoint_dir("chameleon")),
+        data="synthetic",
+        out=str(tmp_path / "run"),
+        progress=False,
+        batch_size=4,
+        **kw,
+    )
 
 
 def test_patching_samples_per_pair_class_whatever_n_and_says_so(checkpoint_dir, loaded, tmp_path):
     vlm = loaded("chameleon")
     with pytest.raises(tasks.DataError, match="--n-per-class"):
         run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path, n=6), vlm=vlm, command=["x"])
-    store = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path / "b", n_per_class=2, direction="both"),
-                vlm=vlm, command=["x"])
+    store = run(
+        EXPERIMENTS["patching"](),
+        _cfg(checkpoint_dir, tmp_path / "b", n_per_class=2, direction="both"),
+        vlm=vlm,
+        command=["x"],
+    )
     pairs = store.tables()["patching_pairs"]
     n_pairs = len(pair_order("synthetic"))
     assert len(pairs) == 2 * n_pairs and (pairs["n"] == 2).all()

@@ -20,16 +20,35 @@ N = 16
 
 
 def _args(model: Path, out: Path) -> list[str]:
-    return ["run", "ablation", "--model", str(model), "--data", "synthetic", "--task", "captions", "--n", str(N),
-            "--max-new-tokens", "6", "--out", str(out), "--quiet"]
+    return [
+        "run",
+        "ablation",
+        "--model",
+        str(model),
+        "--data",
+        "synthetic",
+        "--task",
+        "captions",
+        "--n",
+        str(N),
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def test_killed_run_resumes_to_identical_tables(checkpoint_dir, tmp_path):
     model = checkpoint_dir("chameleon")
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "narrowgate.cli", *_args(model, killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "narrowgate.cli", *_args(model, killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -68,9 +87,25 @@ def test_bad_examples_are_recorded_and_the_run_completes(checkpoint_dir, tmp_pat
         lines += [f"{name}#{j}\ta picture number {i} with caption {j}" for j in range(5)]
     (root / "results_20130124.token").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", "ablation", "--model", str(checkpoint_dir("chameleon")), "--data",
-                                      "flickr30k", "--data-dir", str(root), "--max-new-tokens", "4", "--out", str(out),
-                                      "--allow-fewer", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "ablation",
+            "--model",
+            str(checkpoint_dir("chameleon")),
+            "--data",
+            "flickr30k",
+            "--data-dir",
+            str(root),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--allow-fewer",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     store = RunStore(out)
     failures = store.failures()

@@ -51,11 +51,29 @@ def test_layers_out_of_range_are_refused_before_the_manifest(checkpoint_dir, loa
     vlm = loaded("chameleon")
     out = tmp_path / "run"
     with pytest.raises(OptionError, match=f"out of range 0..{vlm.n_layers - 1}"):
-        run(EXPERIMENTS["ablation"](), _cfg(checkpoint_dir("chameleon"), out, task="captions", n=2, layers="0-99"),
-            vlm=vlm)
+        run(
+            EXPERIMENTS["ablation"](),
+            _cfg(checkpoint_dir("chameleon"), out, task="captions", n=2, layers="0-99"),
+            vlm=vlm,
+        )
     assert not (out / "manifest.json").exists()
-    result = runner.invoke(app, ["run", "ablation", "--model", "native", "--data", "synthetic", "--n", "4",
-                                 "--layers", "5-2", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "ablation",
+            "--model",
+            "native",
+            "--data",
+            "synthetic",
+            "--n",
+            "4",
+            "--layers",
+            "5-2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2 and "--layers" in result.output and not (out / "manifest.json").exists()
 
 
@@ -64,8 +82,14 @@ def test_k_larger_than_a_class_is_refused_before_the_model_loads(tmp_path):
     # The reported case: 24 examples of 6 classes, k = 30. The model path does not exist: the refusal
     # comes first, so nothing loads and nothing is written.
     for name in ("ablation", "overlap"):
-        cfg = dict(model=str(tmp_path / "no-model"), data="synthetic", n=24, n_per_class=4,
-                   out=str(tmp_path / name), **({"task": "classes"} if name == "ablation" else {}))
+        cfg = dict(
+            model=str(tmp_path / "no-model"),
+            data="synthetic",
+            n=24,
+            n_per_class=4,
+            out=str(tmp_path / name),
+            **({"task": "classes"} if name == "ablation" else {}),
+        )
         with pytest.raises(OptionError, match="--k 30 needs at least 31 examples per class"):
             run(EXPERIMENTS[name](), cfg)
         assert not (tmp_path / name).exists()
@@ -84,8 +108,11 @@ def test_k_is_lowered_visibly_when_failures_shrink_a_class(caplog):
 
 
 def test_ablation_classes_table_states_its_k(checkpoint_dir, loaded, tmp_path):
-    store = run(EXPERIMENTS["ablation"](), _cfg(checkpoint_dir("chameleon"), tmp_path / "run", task="classes",
-                                                n_per_class=3, k=2, batch_size=6), vlm=loaded("chameleon"))
+    store = run(
+        EXPERIMENTS["ablation"](),
+        _cfg(checkpoint_dir("chameleon"), tmp_path / "run", task="classes", n_per_class=3, k=2, batch_size=6),
+        vlm=loaded("chameleon"),
+    )
     assert set(store.tables()["ablation"]["k"]) == {2}
 
 
@@ -101,13 +128,34 @@ def test_second_writer_is_refused_naming_the_holder(checkpoint_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from narrowgate.store import RunStore; "
-         f"RunStore({str(out)!r}).lock('first run'); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from narrowgate.store import RunStore; "
+            f"RunStore({str(out)!r}).lock('first run'); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        args = ["run", "ablation", "--model", str(checkpoint_dir("chameleon")), "--data", "synthetic", "--task",
-                "captions", "--n", "2", "--max-new-tokens", "2", "--out", str(out), "--quiet"]
+        args = [
+            "run",
+            "ablation",
+            "--model",
+            str(checkpoint_dir("chameleon")),
+            "--data",
+            "synthetic",
+            "--task",
+            "captions",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         result = runner.invoke(app, args)
         assert result.exit_code == 1
         assert f"pid {holder.pid}" in result.output and "first run" in result.output
@@ -158,8 +206,21 @@ def test_resume_on_a_replaced_checkpoint_is_refused(tmp_path):
 def test_failed_commands_do_not_poison_the_run_directory(checkpoint_dir, tmp_path):
     out = tmp_path / "run"
     model = str(checkpoint_dir("chameleon"))
-    base = ["run", "ablation", "--data-dir", str(tmp_path), "--n", "2", "--max-new-tokens", "2", "--out", str(out),
-            "--quiet", "--task", "captions"]
+    base = [
+        "run",
+        "ablation",
+        "--data-dir",
+        str(tmp_path),
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--task",
+        "captions",
+    ]
     bad_data = runner.invoke(app, [*base, "--model", model, "--data", "flickr30k"])  # no caption file there
     assert bad_data.exit_code == 1 and "Flickr30k caption file" in bad_data.output
     bad_model = runner.invoke(app, [*base, "--model", str(tmp_path / "nope"), "--data", "synthetic"])
@@ -209,7 +270,9 @@ def test_synthetic_examples_stream():
     assert [e.question for e in first] == [e.question for e in data.synthetic_vqa(5, 3)]
     assert [e.id for e in itertools.islice(huge, 5)] == [e.id for e in first]  # re-iterable, same order
     captions = tasks.load("synthetic", "captions", None, n=10**12, seed=3)
-    assert [e.references for e in itertools.islice(captions, 3)] == [e.references for e in data.synthetic_captions(3, 3)]
+    assert [e.references for e in itertools.islice(captions, 3)] == [
+        e.references for e in data.synthetic_captions(3, 3)
+    ]
 
 
 # --- item 9: load and data errors name the file -----------------------------------------------------------

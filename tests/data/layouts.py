@@ -44,13 +44,20 @@ def vqav2(root: Path, n_images: int = 4, per_image: int = 2) -> Path:
             qid = image_id * 10 + j
             answer = WORDS[(k + j) % len(WORDS)]
             questions.append({"image_id": image_id, "question": f"What is in the picture {j}?", "question_id": qid})
-            annotations.append({
-                "image_id": image_id, "question_id": qid, "multiple_choice_answer": answer,
-                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": a + 1} for a in range(10)],
-                "answer_type": "other", "question_type": "what is",
-            })
-    write_json(root / "v2_OpenEnded_mscoco_val2014_questions.json",
-               {"questions": questions, "data_subtype": "val2014", "data_type": "mscoco", "task_type": "Open-Ended"})
+            annotations.append(
+                {
+                    "image_id": image_id,
+                    "question_id": qid,
+                    "multiple_choice_answer": answer,
+                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": a + 1} for a in range(10)],
+                    "answer_type": "other",
+                    "question_type": "what is",
+                }
+            )
+    write_json(
+        root / "v2_OpenEnded_mscoco_val2014_questions.json",
+        {"questions": questions, "data_subtype": "val2014", "data_type": "mscoco", "task_type": "Open-Ended"},
+    )
     write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": annotations, "data_subtype": "val2014"})
     return root
 
@@ -61,9 +68,16 @@ def coco_karpathy(root: Path, n_test: int = 4, n_train: int = 2) -> Path:
         cocoid = 500 + k
         name = f"COCO_val2014_{cocoid:012d}.jpg"
         write_jpeg(root / "val2014" / name, _color(k + 11), size=(8, 8))
-        images.append({"filepath": "val2014", "filename": name, "cocoid": cocoid, "imgid": k,
-                       "split": "test" if k < n_test else "train",
-                       "sentences": [{"raw": _caption(k, j), "tokens": _caption(k, j).split()} for j in range(5)]})
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "cocoid": cocoid,
+                "imgid": k,
+                "split": "test" if k < n_test else "train",
+                "sentences": [{"raw": _caption(k, j), "tokens": _caption(k, j).split()} for j in range(5)],
+            }
+        )
     write_json(root / "dataset_coco.json", {"images": images, "dataset": "coco"})
     return root
 

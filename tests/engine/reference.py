@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
+
 from narrowgate.compat import AttentionMaskInterface, eager_mask
 
 NAME = "ngtest_reference"

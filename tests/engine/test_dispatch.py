@@ -53,4 +53,6 @@ def test_dispatched_model_gives_same_results(loaded, checkpoint_dir, family, tmp
         a.cross_modal_attention.fractions, b.cross_modal_attention.fractions, atol=1e-5, rtol=0, equal_nan=True
     )
     kos = kw["knockouts"]
-    assert torch.equal(plain.generate(batch, knockouts=kos, max_new_tokens=4), disp.generate(batch, knockouts=kos, max_new_tokens=4))
+    assert torch.equal(
+        plain.generate(batch, knockouts=kos, max_new_tokens=4), disp.generate(batch, knockouts=kos, max_new_tokens=4)
+    )

@@ -125,5 +125,6 @@ def test_a_second_vlm_on_the_same_model_does_not_hook_it_twice(mixed):
     before = vlm.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"]
     other = VLM(vlm.model, vlm.processor)
     for wrapper in (vlm, other):
-        torch.testing.assert_close(wrapper.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"], before,
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            wrapper.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"], before, atol=0, rtol=0
+        )

@@ -46,7 +46,9 @@ def _reference_grads(ref, vlm, tb, knockouts):
         ref.zero_grad(set_to_none=True)
         logits = ref(**vlm.model_inputs(b), use_cache=False).logits
         labels = tb.labels
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         loss.backward()
     finally:
         reference.EDITS.update(mask=[], zero=[])
@@ -64,8 +66,9 @@ def test_parameter_gradients_match_float64_reference(checkpoint_dir, family, att
     tb = vlm.prepare_training(images(2, seed=1), PROMPTS, ANSWERS)
     kos = KNOCKOUTS[name]
     loss, ours = _engine_grads(vlm, tb, kos)
-    ref = reference.reference_model(checkpoint_dir(family), vlm.family.decoder_layers, dtype=torch.float64,
-                                    vision_attn=attn).train()
+    ref = reference.reference_model(
+        checkpoint_dir(family), vlm.family.decoder_layers, dtype=torch.float64, vision_attn=attn
+    ).train()
     ref_loss, theirs = _reference_grads(ref, vlm, tb, kos)
     _, plain = _engine_grads(vlm, tb, ())
     assert abs(loss - ref_loss) <= 1e-9 * abs(ref_loss)

@@ -23,7 +23,11 @@ def test_generic_roles_equal_dedicated_roles(checkpoint_dir, family, image_first
     dedicated, generic = detect(config)(processor, config), Generic(processor, config)
     assert type(dedicated) is not Generic
     assert (generic.content_ids, generic.boi_id, generic.eoi_id, generic.eol_ids) == (
-        dedicated.content_ids, dedicated.boi_id, dedicated.eoi_id, dedicated.eol_ids)
+        dedicated.content_ids,
+        dedicated.boi_id,
+        dedicated.eoi_id,
+        dedicated.eol_ids,
+    )
     inputs = dedicated.encode(images(2), [dedicated.prompt(p, image_first) for p in PROMPTS])
     for b in range(2):
         row = inputs["input_ids"][b].tolist()

@@ -132,8 +132,9 @@ def test_layout_errors(vlm):
         fam.layout(row[: lay.eoi] + row[lay.eoi + 1 :], 0)
     with pytest.raises(LayoutError, match="tagged"):  # tiles out of order
         swapped = list(row)
-        a, b = swapped.index(fam.tokenizer.convert_tokens_to_ids("<row_1_col_1>")), swapped.index(
-            fam.tokenizer.convert_tokens_to_ids("<row_1_col_2>")
+        a, b = (
+            swapped.index(fam.tokenizer.convert_tokens_to_ids("<row_1_col_1>")),
+            swapped.index(fam.tokenizer.convert_tokens_to_ids("<row_1_col_2>")),
         )
         swapped[a], swapped[b] = swapped[b], swapped[a]
         fam.layout(swapped, 0)

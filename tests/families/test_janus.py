@@ -38,7 +38,7 @@ def test_roles_match_token_ids(vlm, image_first):
         bos = int(batch.index("bos")[b])
         assert bos == batch.first[b] and int(ids[b, bos]) == tok.bos_token_id
         assert int((ids[b] == tok.bos_token_id).sum()) == 1  # exactly one BOS
-        prompt_text = tok.decode(ids[b, eoi + 1 :]) if image_first else tok.decode(ids[b, : boi])
+        prompt_text = tok.decode(ids[b, eoi + 1 :]) if image_first else tok.decode(ids[b, :boi])
         assert PROMPTS[b] in prompt_text
     assert batch.index("last").tolist() == [ids.shape[1] - 1] * 2
 

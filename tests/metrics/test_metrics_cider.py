@@ -7,13 +7,22 @@ from pycocoevalcap.cider.cider import Cider
 from narrowgate.metrics import cider, ptb_tokenize
 
 REFERENCES = {
-    "img1": ["a man riding a horse on a beach", "a person rides a brown horse near the ocean",
-             "man on horseback at the seaside"],
+    "img1": [
+        "a man riding a horse on a beach",
+        "a person rides a brown horse near the ocean",
+        "man on horseback at the seaside",
+    ],
     "img2": ["two dogs playing in the snow", "a pair of dogs run through snow", "dogs playing outside in winter"],
-    "img3": ["a plate of food with broccoli and rice", "a dinner plate with rice and vegetables",
-             "broccoli and rice on a white plate"],
-    "img4": ["a red bus driving down a city street", "a double decker bus on the road",
-             "a bus in traffic on a busy street"],
+    "img3": [
+        "a plate of food with broccoli and rice",
+        "a dinner plate with rice and vegetables",
+        "broccoli and rice on a white plate",
+    ],
+    "img4": [
+        "a red bus driving down a city street",
+        "a double decker bus on the road",
+        "a bus in traffic on a busy street",
+    ],
 }
 CANDIDATES = {
     "img1": "a man riding a horse on the beach",

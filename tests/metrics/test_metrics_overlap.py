@@ -91,7 +91,9 @@ def test_per_layer():
     result = neighborhood_overlap_per_layer(stacked, labels, k=7)
     assert isinstance(result, np.ndarray) and result.shape == (3,) and result.dtype == np.float64
     np.testing.assert_allclose(result, [_brute_force(x, labels, 7) for x in layers], atol=1e-12)
-    np.testing.assert_allclose(neighborhood_overlap_per_layer(torch.from_numpy(stacked), labels, k=7), result, atol=1e-12)
+    np.testing.assert_allclose(
+        neighborhood_overlap_per_layer(torch.from_numpy(stacked), labels, k=7), result, atol=1e-12
+    )
 
 
 def test_bad_arguments_raise():

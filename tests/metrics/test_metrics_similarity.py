@@ -55,7 +55,7 @@ def test_numpy_in_numpy_out_and_bounds():
     p, q = _random_simplex((50, 9), 3), _random_simplex((50, 9), 4)
     sim, jac = distribution_similarity(p, q), weighted_jaccard(p, q)
     assert isinstance(sim, np.ndarray) and isinstance(jac, np.ndarray)
-    assert np.all((0 <= jac) & (jac <= sim) & (sim <= 1))
+    assert np.all((jac >= 0) & (jac <= sim) & (sim <= 1))
     # For probability vectors sum(max) = 2 - sum(min), so J = S / (2 - S).
     np.testing.assert_allclose(jac, sim / (2 - sim))
 

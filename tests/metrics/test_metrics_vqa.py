@@ -62,8 +62,18 @@ def test_periods_removed_except_before_digits(raw, expected):
 
 def test_number_words_table_is_the_official_one():
     assert NUMBER_WORDS == {
-        "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-        "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+        "none": "0",
+        "zero": "0",
+        "one": "1",
+        "two": "2",
+        "three": "3",
+        "four": "4",
+        "five": "5",
+        "six": "6",
+        "seven": "7",
+        "eight": "8",
+        "nine": "9",
+        "ten": "10",
     }
 
 
@@ -104,7 +114,7 @@ def test_contractions(raw, expected):
 
 def test_tables_sizes():
     assert len(CONTRACTIONS) == 120
-    assert set(PUNCTUATION) == set(";/[]\"{}()=+\\_-><@`,?!")
+    assert set(PUNCTUATION) == set(';/[]"{}()=+\\_-><@`,?!')
 
 
 def test_combined_rules():

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import narrowgate
 from narrowgate import organisms
 from narrowgate.analyses.prompts import VQA
+from narrowgate.cli import app
 from narrowgate.data.base import DEFAULT_SEED
 from narrowgate.data.synthetic import synthetic_vqa
 from narrowgate.metrics import vqa_accuracy
-from narrowgate.cli import app
 from narrowgate.organisms import card as cardlib
 from narrowgate.organisms import common, heldout, native, non_native
 
@@ -128,8 +128,9 @@ def test_train_organism_command_writes_checkpoint_and_card(tmp_path, monkeypatch
     monkeypatch.setattr(organisms, "_DEFAULTS", dict(organisms._TINY))
     monkeypatch.setattr(heldout, "SIZES", {"vqa": 12, "captions": 6, "classes": 2})
     out = tmp_path / "nn"
-    result = CliRunner().invoke(app, ["train-organism", "non-native", "--out", str(out), "--seed", "3"],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app, ["train-organism", "non-native", "--out", str(out), "--seed", "3"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     assert "Held-out scores" in result.output and str(out) in result.output
     card = json.loads((out / "card.json").read_text())
@@ -173,15 +174,19 @@ def test_gated_recipe_trains_masked_then_distils_then_unmasked(tmp_path):
     """The gated recipe's phases run in order, each lowers its loss, and the card carries the gate checks."""
     from narrowgate.organisms import gated
 
-    card = organisms.train("gated", tmp_path, tiny=True, progress=False, heldout={},
-                           overrides={"distil_steps": 8, "unmasked_steps": 4})
+    card = organisms.train(
+        "gated", tmp_path, tiny=True, progress=False, heldout={}, overrides={"distil_steps": 8, "unmasked_steps": 4}
+    )
     phases = card["phases"]
     assert list(phases)[-3:] == ["lm", "distil", "unmasked"]
     assert phases["lm"]["final_loss"] < phases["lm"]["first_loss"]
     assert phases["distil"]["final_loss"] < phases["distil"]["first_loss"]
     checks = card["gate"]["conditions"]
     assert set(checks) == {"baseline", *(k.name for k in gated.CHECKS)}
-    assert checks["baseline"]["vqa"]["relative"] == 1.0 or checks["baseline"]["vqa"]["score"] <= checks["baseline"]["vqa"]["chance"]
+    assert (
+        checks["baseline"]["vqa"]["relative"] == 1.0
+        or checks["baseline"]["vqa"]["score"] <= checks["baseline"]["vqa"]["chance"]
+    )
     vlm = narrowgate.load(tmp_path)  # a stock checkpoint: nothing of the engine is saved with it
     assert vlm.model.config.get_text_config()._attn_implementation in ("sdpa", "narrowgate_sdpa")
     assert json.loads((tmp_path / "config.json").read_text()).get("_attn_implementation") is None

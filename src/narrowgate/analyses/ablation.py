@@ -38,8 +38,10 @@ def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> t
     out = parse_layer_set(str(text), option=option)
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise OptionError(f"{option} {text}: {bad} out of range 0..{n_layers - 1} (the model has "
-                          f"{n_layers if option == '--layers' else n_layers - 1} layers).")
+        raise OptionError(
+            f"{option} {text}: {bad} out of range 0..{n_layers - 1} (the model has "
+            f"{n_layers if option == '--layers' else n_layers - 1} layers)."
+        )
     return out
 
 
@@ -64,8 +66,9 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
 @dataclass
 class AblationConfig(ClassPrompt, TaskPrompts, RunConfig):
     mode: str = option("zero", "Knockout mode: zero (the paper's) or mask (exactly blind).", choices=MODES)
-    layers: str | None = option(None, "Decoder layers of the knockouts, e.g. 0-31 or 3,5,7 (default: all).",
-                                parse="layers")
+    layers: str | None = option(
+        None, "Decoder layers of the knockouts, e.g. 0-31 or 3,5,7 (default: all).", parse="layers"
+    )
     sweep: bool = option(False, "Each knockout also over growing layer windows ending at the last layer (SM 6.3).")
     sweep_step: int = option(1, "Window growth per step with --sweep.", min=1)
     knockout: list[str] | None = option(None, "Extra source role to knock out (repeatable).", parse="roles")
@@ -91,8 +94,14 @@ class Ablation(Experiment):
         return {"n": cfg.get("n") or 2000}
 
     def examples(self, cfg):
-        return tasks.load(cfg["data"], self._task(cfg), cfg.get("data_dir"), seed=cfg["seed"],
-                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
+        return tasks.load(
+            cfg["data"],
+            self._task(cfg),
+            cfg.get("data_dir"),
+            seed=cfg["seed"],
+            allow_fewer=bool(cfg.get("allow_fewer")),
+            **self.requested(cfg),
+        )
 
     def check(self, examples, cfg):
         if self._task(cfg) == "classes":
@@ -116,7 +125,7 @@ class Ablation(Experiment):
         batch = vlm.prepare(imgs, prompts)
         gens = vlm.generate_conditions(batch, conds, max_new_tokens=int(cfg.get("max_new_tokens") or NEW_TOKENS[task]))
         rows = []
-        for b, (u, e) in enumerate(zip(units, exs)):
+        for b, u in enumerate(units):
             row = {"example_id": u.id}
             for c in conds:
                 row[f"pred:{c.name}"] = vlm.decode(gens[c.name][b : b + 1], batch)[0].strip()
@@ -139,19 +148,30 @@ class Ablation(Experiment):
             if task == "vqa":
                 metric = "vqa_accuracy"
                 scores = {
-                    n: float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in zip(ids, records.rows[f"pred:{n}"])]))
+                    n: float(
+                        np.mean([vqa_accuracy(p, examples[i].answers) for i, p in zip(ids, records.rows[f"pred:{n}"])])
+                    )
                     for n in names
                 }
             else:
                 metric = "cider" if (cfg.get("cider_tokenize") or "ptb") == "ptb" else "cider (raw strings)"
                 refs = {i: list(examples[i].references) for i in ids}
                 tokenize = cfg.get("cider_tokenize") or "ptb"
-                scores = {n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs, tokenize=tokenize)[0] for n in names}
+                scores = {
+                    n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs, tokenize=tokenize)[0] for n in names
+                }
         base = scores["baseline"]
         for n in names:
-            rows.append({"condition": n, "metric": metric, "score": float(scores[n]),
-                         "relative": float(scores[n] / base) if base else float("nan"), "n": len(records.rows),
-                         **({"k": k} if task == "classes" else {})})
+            rows.append(
+                {
+                    "condition": n,
+                    "metric": metric,
+                    "score": float(scores[n]),
+                    "relative": float(scores[n] / base) if base else float("nan"),
+                    "n": len(records.rows),
+                    **({"k": k} if task == "classes" else {}),
+                }
+            )
         return {"ablation": pd.DataFrame(rows)}
 
     def figures(self, tables, info, store):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
 from ..data import BadExample
 from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
@@ -47,10 +48,10 @@ class Unit:
 
 
 #: Every registered experiment by name (`register`).
-REGISTRY: dict[str, type["Experiment"]] = {}
+REGISTRY: dict[str, type[Experiment]] = {}
 
 
-def register(cls: type["Experiment"]) -> type["Experiment"]:
+def register(cls: type[Experiment]) -> type[Experiment]:
     """Class decorator: make ``cls`` the experiment ``narrowgate run <cls.name>`` runs."""
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise RuntimeError(f"Two experiments are named {cls.name!r}.")
@@ -97,8 +98,14 @@ class Experiment:
         return {k: cfg.get(k) for k in ("n", "n_per_class") if cfg.get(k) is not None}
 
     def examples(self, cfg: dict) -> list:
-        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"],
-                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
+        return tasks.load(
+            cfg["data"],
+            self.task,
+            cfg.get("data_dir"),
+            seed=cfg["seed"],
+            allow_fewer=bool(cfg.get("allow_fewer")),
+            **self.requested(cfg),
+        )
 
     def units(self, examples, cfg: dict):
         """One unit per example; a list for a list of examples, a stream for a stream."""
@@ -229,10 +236,17 @@ def overlap_k(labels, k: int) -> int:
     ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
     label, smallest, _ = _smallest_class(labels)
     if smallest < 2:
-        raise DataError(f"Class {label!r} has {smallest} recorded example(s): the neighbourhood overlap needs 2 per class.")
+        raise DataError(
+            f"Class {label!r} has {smallest} recorded example(s): the neighbourhood overlap needs 2 per class."
+        )
     if k > smallest - 1:
-        logger.warning("failures left class %r with %d examples: neighbourhood overlap uses k=%d, not %d",
-                       label, smallest, smallest - 1, k)
+        logger.warning(
+            "failures left class %r with %d examples: neighbourhood overlap uses k=%d, not %d",
+            label,
+            smallest,
+            smallest - 1,
+            k,
+        )
     return min(k, smallest - 1)
 
 
@@ -251,7 +265,7 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         import os
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -308,8 +322,10 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     """
     unknown = sorted(set(cfg) - set(options.names(exp.config)))
     if unknown:
-        raise OptionError(f"{exp.name} has no setting {', '.join(map(repr, unknown))}; its settings: "
-                          f"{', '.join(options.names(exp.config))}.")
+        raise OptionError(
+            f"{exp.name} has no setting {', '.join(map(repr, unknown))}; its settings: "
+            f"{', '.join(options.names(exp.config))}."
+        )
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     check_config(cfg, exp.config)
     examples = exp.examples(cfg)
@@ -336,7 +352,9 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
         store.unlock()
 
 
-def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: "Ranks", command_text: str) -> RunStore:
+def _run_locked(
+    exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str
+) -> RunStore:
     """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
     from ..loading import fingerprint, load
     from ..report import write_report
@@ -367,8 +385,13 @@ def _run_locked(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, rank
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
             "command": command_text,
             "model": info,
-            "data": {"dataset": cfg["data"], "data_dir": str(cfg.get("data_dir")), "seed": cfg["seed"],
-                     "requested": exp.requested(cfg), "actual": sample_counts(examples, units)},
+            "data": {
+                "dataset": cfg["data"],
+                "data_dir": str(cfg.get("data_dir")),
+                "seed": cfg["seed"],
+                "requested": exp.requested(cfg),
+                "actual": sample_counts(examples, units),
+            },
         },
         key_fields=("experiment", "config", "fingerprint"),
     )

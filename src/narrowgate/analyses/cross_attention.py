@@ -49,11 +49,15 @@ def single_out(means: dict, threshold: float, n_content, max_tokens: int) -> lis
 @dataclass
 class CrossAttentionConfig(ClassPrompt, RunConfig):
     n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
-    threshold: float = option(0.01, "Share above which a position is shown on its own (the paper: 1%).",
-                              parse="finite", min=0.0, max=1.0)
+    threshold: float = option(
+        0.01, "Share above which a position is shown on its own (the paper: 1%).", parse="finite", min=0.0, max=1.0
+    )
     max_tokens: int = option(9, "Most positions shown on their own (the legend stays readable).", min=1)
-    normalise: str = option("per-example", "per-example (shares averaged) or after-mean (the authors': raw "
-                            "attention averaged, then normalised).", choices=("per-example", "after-mean"))
+    normalise: str = option(
+        "per-example",
+        "per-example (shares averaged) or after-mean (the authors': raw attention averaged, then normalised).",
+        choices=("per-example", "after-mean"),
+    )
 
 
 @register
@@ -141,7 +145,9 @@ class CrossAttention(Experiment):
             ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=label, width=0.85)
             bottom += wide[col]
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set(xlabel="decoder layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention")
+        ax.set(
+            xlabel="decoder layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention"
+        )
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         return [save(fig, store, "cross_attention")]
 

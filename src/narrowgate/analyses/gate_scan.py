@@ -30,17 +30,16 @@ and run as batch rows of one suffix pass (`VLM.forward_knockouts`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dataclasses import dataclass
-
 from ..engine.state import InterventionError
-from ..roles import image_side
 from ..errors import OptionError
 from ..metrics import cider, vqa_accuracy
+from ..roles import image_side
 from .ablation import TASK_OF
 from .base import Experiment, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
@@ -96,16 +95,17 @@ def windows(n_layers: int, count: int) -> list[tuple[int, ...]]:
 @dataclass
 class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
     mode: str = option("mask", "Knockout mode: mask (exactly blind) or zero (the paper's).", choices=MODES)
-    method: str = option("exact", "exact, or attribution (first-order, one forward + backward).",
-                         choices=("exact", "attribution"))
-    check: int = option(8, "With --method attribution: examples also scanned exactly, for the rank correlation.",
-                        min=1)
+    method: str = option(
+        "exact", "exact, or attribution (first-order, one forward + backward).", choices=("exact", "attribution")
+    )
+    check: int = option(8, "With --method attribution: examples also scanned exactly, for the rank correlation.", min=1)
     top: int = option(3, "Top positions per example resolved over layer windows.", min=1)
     windows: int = option(4, "Number of consecutive layer windows.", min=1)
     bootstrap: int = option(1000, "Bootstrap resamples of the intervals.", min=1)
     per_example: bool = option(False, "Also write tables/positions_by_example.")
-    score: bool = option(False, "On VQA/captions: also the task-score drop of every position (one generation per "
-                                "position and example).")
+    score: bool = option(
+        False, "On VQA/captions: also the task-score drop of every position (one generation per position and example)."
+    )
 
 
 @register
@@ -122,13 +122,21 @@ class GateScan(Experiment):
 
         task = self._task(cfg)
         n = cfg.get("n") or (None if task == "classes" else 200)
-        return tasks.load(cfg["data"], task, cfg.get("data_dir"), n=n, seed=cfg["seed"],
-                          n_per_class=cfg.get("n_per_class") or (10 if task == "classes" else None))
+        return tasks.load(
+            cfg["data"],
+            task,
+            cfg.get("data_dir"),
+            n=n,
+            seed=cfg["seed"],
+            n_per_class=cfg.get("n_per_class") or (10 if task == "classes" else None),
+        )
 
     def units(self, examples, cfg):
         if cfg.get("score") and self._task(cfg) not in ("vqa", "captions"):
-            raise OptionError(f"--score needs a generative task, and this run's is {self._task(cfg)!r}: give --data "
-                              "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data.")
+            raise OptionError(
+                f"--score needs a generative task, and this run's is {self._task(cfg)!r}: give --data "
+                "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data."
+            )
         return [Unit(e.id, (e,), meta={"check": i < int(cfg["check"])}) for i, e in enumerate(examples)]
 
     def _prompt(self, example, cfg):
@@ -146,8 +154,12 @@ class GateScan(Experiment):
                 raise InterventionError("The gate scan needs text after the image; this prompt ends with the image.")
             side = side_positions(lay)
             prefix = vlm.share_prefix(batch, lay.eoi + 1)
-            row = {"example_id": unit.id, "positions": [n for _, n, _ in side], "roles": [r for _, _, r in side],
-                   "grid": [list(grid(lay).get(n, (-1, -1))) for _, n, _ in side]}
+            row = {
+                "example_id": unit.id,
+                "positions": [n for _, n, _ in side],
+                "roles": [r for _, _, r in side],
+                "grid": [list(grid(lay).get(n, (-1, -1))) for _, n, _ in side],
+            }
             if cfg["method"] == "attribution":
                 est, _ = vlm.attribute(prefix, mode=cfg["mode"])
                 row["estimate"] = est[0, [p for p, _, _ in side]].abs().tolist()
@@ -208,7 +220,9 @@ class GateScan(Experiment):
             while hi - lo > 1:  # joint damage grows with the set: between two grid sizes, all at once or bisect
                 if hi - lo - 1 <= FILL:
                     between = range(lo + 1, hi)
-                    hi = min((k for k, v in zip(between, damage([order[:k] for k in between])) if v >= goal), default=hi)
+                    hi = min(
+                        (k for k, v in zip(between, damage([order[:k] for k in between])) if v >= goal), default=hi
+                    )
                     break
                 mid = (lo + hi) // 2
                 if damage([order[:mid]])[0] >= goal:
@@ -221,9 +235,15 @@ class GateScan(Experiment):
         sets = [[i] for i in top] + [range(N)]
         d_windows = damage(sets * len(spans), layers=[w for w in spans for _ in sets])
         by_window = d_windows.reshape(len(spans), len(sets)).tolist()
-        return {"damage": single.tolist(), "logp_change": (logp[1 : N + 1] - logp[0]).tolist(), "whole": whole,
-                "whole_except_top": rest, "k90": k90, "window_top": [side[i][1] for i in top],
-                "window_damage": by_window}
+        return {
+            "damage": single.tolist(),
+            "logp_change": (logp[1 : N + 1] - logp[0]).tolist(),
+            "whole": whole,
+            "whole_except_top": rest,
+            "k90": k90,
+            "window_top": [side[i][1] for i in top],
+            "window_damage": by_window,
+        }
 
     def aggregate(self, records, cfg, info):
         df = records.rows
@@ -236,8 +256,12 @@ class GateScan(Experiment):
         tables["positions"] = table
         if cfg.get("per_example"):
             tables["positions_by_example"] = pd.DataFrame(
-                [{"example_id": r["example_id"], "position": n, key: float(v)}
-                 for _, r in scored.iterrows() for n, v in zip(r["positions"], r[key])])
+                [
+                    {"example_id": r["example_id"], "position": n, key: float(v)}
+                    for _, r in scored.iterrows()
+                    for n, v in zip(r["positions"], r[key])
+                ]
+            )
         gate = {"method": cfg["method"], "mode": cfg["mode"], "n": len(scored), "top_position": names[0]}
         if len(exact):
             D = _matrix(exact, "damage", names)
@@ -263,8 +287,9 @@ class GateScan(Experiment):
         if cfg["method"] == "attribution" and len(exact):
             gate["spearman"] = float(exact["spearman"].mean())
             gate["spearman_logp"] = float(exact["spearman_logp"].mean())
-            gate["spearman_mean_profile"] = spearman(np.nanmean(_matrix(exact, "estimate", names), 0),
-                                                     np.nanmean(_matrix(exact, "damage", names), 0))
+            gate["spearman_mean_profile"] = spearman(
+                np.nanmean(_matrix(exact, "estimate", names), 0), np.nanmean(_matrix(exact, "damage", names), 0)
+            )
         if cfg.get("score") and len(exact):
             drops, summary = self._score_drops(exact, names, cfg)
             tables["positions"]["score_drop"] = tables["positions"]["position"].map(drops)
@@ -295,8 +320,7 @@ class GateScan(Experiment):
         drops = {n: score({i: base[i] for i in preds}) - score(preds) for n, preds in per_pos.items() if preds}
         metric = "vqa_accuracy" if task == "vqa" else ("cider" if tokenize == "ptb" else "cider (raw strings)")
         b, w = score(base), score(whole)
-        return drops, {"score_metric": metric, "score_baseline": b, "score_whole_image": w,
-                       "score_drop_whole": b - w}
+        return drops, {"score_metric": metric, "score_baseline": b, "score_whole_image": w, "score_drop_whole": b - w}
 
     def figures(self, tables, info, store):
         """Per-position damage laid out on the image grid, the specials (BOI, [EOL]s, [EOI]) as bars beside it."""
@@ -307,8 +331,11 @@ class GateScan(Experiment):
         df = tables["positions"]
         grid = df[df["row"] >= 0]
         specials = df[df["row"] < 0].sort_values("rank").head(16)
-        label = "estimated drop of log p(own next token)" if "attribution" in set(tables["gate"]["method"]) else \
-            "damage: KL at last (nats)"
+        label = (
+            "estimated drop of log p(own next token)"
+            if "attribution" in set(tables["gate"]["method"])
+            else "damage: KL at last (nats)"
+        )
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
         if len(grid):
             cells = np.full((int(grid["row"].max()) + 1, int(grid["col"].max()) + 1), np.nan)
@@ -324,8 +351,10 @@ class GateScan(Experiment):
         b.invert_yaxis()
         b.set(xlabel=label, title="special positions (95% bootstrap)")
         if "whole_damage" in gate and np.isfinite(gate.get("whole_damage", np.nan)):
-            b.set_title(f"special positions (95% bootstrap)\nwhole image side knocked out: {gate['whole_damage']:.3g}",
-                        fontsize=10)
+            b.set_title(
+                f"special positions (95% bootstrap)\nwhole image side knocked out: {gate['whole_damage']:.3g}",
+                fontsize=10,
+            )
         title = f"Gate scan — top: {gate['top_position']}"
         if "gate_index" in gate and np.isfinite(gate.get("gate_index", np.nan)):
             title += f", gate index {gate['gate_index']:.2f}"
@@ -362,9 +391,20 @@ def _position_table(df, key, rng, n_boot):
     boot = (weights @ np.nan_to_num(D)) / np.maximum(weights @ present, 1)
     low, high = np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
     order = np.argsort(-mean, kind="stable")
-    rows = [{"rank": rank + 1, "position": names[j], "role": first[names[j]][0], "damage": float(mean[j]),
-             "damage_low": float(low[j]), "damage_high": float(high[j]), "row": first[names[j]][1][0],
-             "col": first[names[j]][1][1], "n": int(present[:, j].sum())} for rank, j in enumerate(order)]
+    rows = [
+        {
+            "rank": rank + 1,
+            "position": names[j],
+            "role": first[names[j]][0],
+            "damage": float(mean[j]),
+            "damage_low": float(low[j]),
+            "damage_high": float(high[j]),
+            "row": first[names[j]][1][0],
+            "col": first[names[j]][1][1],
+            "n": int(present[:, j].sum()),
+        }
+        for rank, j in enumerate(order)
+    ]
     return [names[j] for j in order], pd.DataFrame(rows)
 
 
@@ -376,18 +416,35 @@ def _layer_table(df, n_layers, count):
         per = np.asarray([r["window_damage"][w_i] for _, r in df.iterrows()], dtype=float)  # [E, top + 1]
         for k in range(per.shape[1] - 1):
             names = pd.Series([r["window_top"][k] for _, r in df.iterrows()])
-            rows.append({"window": label, "first_layer": w[0], "what": f"top {k + 1}",
-                         "position": names.mode().iloc[0], "share_of_examples": float((names == names.mode().iloc[0]).mean()),
-                         "damage": float(per[:, k].mean())})
-        rows.append({"window": label, "first_layer": w[0], "what": "image side", "position": "all",
-                     "share_of_examples": 1.0, "damage": float(per[:, -1].mean())})
+            rows.append(
+                {
+                    "window": label,
+                    "first_layer": w[0],
+                    "what": f"top {k + 1}",
+                    "position": names.mode().iloc[0],
+                    "share_of_examples": float((names == names.mode().iloc[0]).mean()),
+                    "damage": float(per[:, k].mean()),
+                }
+            )
+        rows.append(
+            {
+                "window": label,
+                "first_layer": w[0],
+                "what": "image side",
+                "position": "all",
+                "share_of_examples": 1.0,
+                "damage": float(per[:, -1].mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def verdict(gate: dict) -> str:
     """One sentence from the gate index and positions_for_90 (or why there is none)."""
     if "gate_index" not in gate:
-        return (f"top position by first-order estimate: {gate['top_position']} (no exact scan was run, so no gate index).")
+        return (
+            f"top position by first-order estimate: {gate['top_position']} (no exact scan was run, so no gate index)."
+        )
     g, k = gate["gate_index"], gate["positions_for_90"]
     if not np.isfinite(g):
         return "knocking out the whole image side does not change the next-token distribution: the text does not read the image here, so there is no gate to find."

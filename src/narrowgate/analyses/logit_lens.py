@@ -28,8 +28,9 @@ from .prompts import class_prompt, name_ids
 @dataclass
 class LogitLensConfig(ClassPrompt, RunConfig):
     n_per_class: int | None = option(20, "Images per class.", min=1)
-    roles: list[str] | None = option(None, "Single-position role to read out (repeatable; default eoi and last).",
-                                     parse="roles")
+    roles: list[str] | None = option(
+        None, "Single-position role to read out (repeatable; default eoi and last).", parse="roles"
+    )
 
 
 def suppressed(logits: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,10 @@ class LogitLens(Experiment):
         roles = tuple(cfg.get("roles") or ("eoi", "last"))
         for r in roles:
             if not parse_role(r).single:
-                raise ValueError(f"--roles {r}: the logit lens reads one position per example; give a single-position "
-                                 "role such as eoi, last, last_image or image[k].")
+                raise ValueError(
+                    f"--roles {r}: the logit lens reads one position per example; give a single-position "
+                    "role such as eoi, last, last_image or image[k]."
+                )
         return roles
 
     def process(self, vlm, units, images, cfg):
@@ -88,9 +91,16 @@ class LogitLens(Experiment):
         for role in self._roles(cfg):
             logp, rank = stack(records.arrays, f"logp:{role}"), stack(records.arrays, f"rank:{role}")
             for l in range(logp.shape[1]):
-                rows.append({"resid": l, "role": role, "logp": float(logp[:, l].mean()),
-                             "median_rank": float(np.median(rank[:, l])), "top1": float((rank[:, l] == 0).mean()),
-                             "n": len(logp)})
+                rows.append(
+                    {
+                        "resid": l,
+                        "role": role,
+                        "logp": float(logp[:, l].mean()),
+                        "median_rank": float(np.median(rank[:, l])),
+                        "top1": float((rank[:, l] == 0).mean()),
+                        "n": len(logp),
+                    }
+                )
         return {"logit_lens": pd.DataFrame(rows)}
 
     def figures(self, tables, info, store):

@@ -25,8 +25,7 @@ from .options import RunConfig, option
 
 @dataclass
 class ModalityGapConfig(RunConfig):
-    n: int | None = option(10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).",
-                           min=1)
+    n: int | None = option(10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).", min=1)
     Z: float = option(1.2, "ADP clustering confidence Z, above 0.", flag="--z", parse="positive")
     min_cluster_size: int | None = option(None, "Drop ADP clusters smaller than this.", min=1)
     outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
@@ -57,11 +56,20 @@ class ModalityGap(Experiment):
         text_pos = _pick(first, "text", ids, cfg["seed"], "text")
         image_pos = _pick(after, "image_content", ids, cfg["seed"], "image")
         layers = tuple(range(1 if cfg.get("outputs_only") else 0, vlm.n_layers + 1))
-        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), layers, at={"text": text_pos}))["baseline"]
-        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), layers, at={"image": image_pos}))["baseline"]
-        rows = [{"example_id": u.id, "text_position": tp, "image_position": ip} for u, tp, ip in zip(units, text_pos, image_pos)]
-        return rows, {"text": t.residuals["text"].numpy().astype(np.float16),
-                      "image": i.residuals["image"].numpy().astype(np.float16)}
+        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), layers, at={"text": text_pos}))[
+            "baseline"
+        ]
+        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), layers, at={"image": image_pos}))[
+            "baseline"
+        ]
+        rows = [
+            {"example_id": u.id, "text_position": tp, "image_position": ip}
+            for u, tp, ip in zip(units, text_pos, image_pos)
+        ]
+        return rows, {
+            "text": t.residuals["text"].numpy().astype(np.float16),
+            "image": i.residuals["image"].numpy().astype(np.float16),
+        }
 
     def aggregate(self, records, cfg, info):
         text = stack(records.arrays, "text").transpose(1, 0, 2)  # [L+1, N, D]
@@ -87,8 +95,9 @@ class ModalityGap(Experiment):
         a.fill_between(df["resid"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
         a.set(xlabel=RESID, ylabel="cosine similarity (image vs text)", title="Modality gap")
         b.plot(df["resid"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
-        b.set(xlabel=RESID, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02),
-              title="Modality clusters")
+        b.set(
+            xlabel=RESID, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters"
+        )
         for ax in (a, b):
             ax.xaxis.get_major_locator().set_params(integer=True)
         return [save(fig, store, "modality_gap")]

@@ -16,8 +16,18 @@ MODES = ("zero", "mask")
 MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
 
 
-def option(default, help: str, *, flag: str | None = None, min: float | None = None, max: float | None = None,
-           choices: tuple | None = None, parse: str | None = None, required: bool = False, cli: bool = True):
+def option(
+    default,
+    help: str,
+    *,
+    flag: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple | None = None,
+    parse: str | None = None,
+    required: bool = False,
+    cli: bool = True,
+):
     """A settings field: ``help`` and ``flag`` (default ``--field-name``) for the command line, ``min``, ``max``
     and ``choices`` checked there, ``parse`` naming a text parser of the CLI (layers, roles, device_map, finite,
     positive, nonempty); ``cli=False`` for settings the Python API alone takes."""
@@ -30,24 +40,34 @@ class RunConfig:
     """What every run takes: the model, the data and its sample, where results go, how to run."""
 
     model: str | None = option(None, MODEL_HELP, parse="nonempty", required=True)
-    data: str | None = option(None, "vqav2, coco, flickr30k, imagenet or synthetic (no files needed).",
-                              choices=DATASETS, required=True)
+    data: str | None = option(
+        None, "vqav2, coco, flickr30k, imagenet or synthetic (no files needed).", choices=DATASETS, required=True
+    )
     data_dir: str | None = option(None, "Where the dataset's files are on disk.", parse="nonempty")
-    n: int | None = option(None, "Examples to sample (seeded; default 2,000). Under torchrun write -n: torchrun "
-                                 "takes --n for its own options.", min=1)
+    n: int | None = option(
+        None,
+        "Examples to sample (seeded; default 2,000). Under torchrun write -n: torchrun takes --n for its own options.",
+        min=1,
+    )
     n_per_class: int | None = option(None, "Images per class for ImageNet/synthetic classes.", min=1)
-    out: str | None = option(None, "Run directory (default runs/<experiment>-<model>-<time>); rerun to resume.",
-                             parse="nonempty")
+    out: str | None = option(
+        None, "Run directory (default runs/<experiment>-<model>-<time>); rerun to resume.", parse="nonempty"
+    )
     batch_size: int = option(1, "Examples per forward (halved automatically on OOM).", min=1)
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
-    device_map: str | dict | None = option(None, "accelerate device map: auto, balanced, or a JSON dict.",
-                                           parse="device_map")
+    dtype: str = option(
+        "auto", "auto, float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    device_map: str | dict | None = option(
+        None, "accelerate device map: auto, balanced, or a JSON dict.", parse="device_map"
+    )
     max_memory: dict | None = option(None, "accelerate max_memory per device.", cli=False)
     seed: int = option(42, "Sampling seed.", min=0)
-    allow_fewer: bool = option(False, "Run on fewer examples than asked when the data has fewer (recorded in the "
-                                      "manifest).")
-    retry_failed: bool = option(False, "Process again the examples recorded as failures (e.g. after fixing their "
-                                       "images).")
+    allow_fewer: bool = option(
+        False, "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."
+    )
+    retry_failed: bool = option(
+        False, "Process again the examples recorded as failures (e.g. after fixing their images)."
+    )
     progress: bool = option(True, "Show a progress bar.", cli=False)
 
 
@@ -55,22 +75,26 @@ class RunConfig:
 class ClassPrompt:
     """Experiments that read the class prompt."""
 
-    prompt: str | None = option(None, "Class prompt (default 'This animal is a' / 'This shape is a').",
-                                parse="nonempty")
+    prompt: str | None = option(
+        None, "Class prompt (default 'This animal is a' / 'This shape is a').", parse="nonempty"
+    )
 
 
 @dataclass
 class TaskPrompts:
     """Experiments that generate answers or captions (or read the class prompt), and score them."""
 
-    task: str | None = option(None, "On synthetic data: vqa, captions or classes (real data implies its task).",
-                              choices=TASKS)
-    vqa_prompt: str | None = option(None, "VQA prompt with {question} (default: the family's preset, see README).",
-                                    parse="nonempty")
+    task: str | None = option(
+        None, "On synthetic data: vqa, captions or classes (real data implies its task).", choices=TASKS
+    )
+    vqa_prompt: str | None = option(
+        None, "VQA prompt with {question} (default: the family's preset, see README).", parse="nonempty"
+    )
     caption_prompt: str | None = option(None, "Caption prompt (default: the paper's).", parse="nonempty")
     max_new_tokens: int | None = option(None, "New tokens to generate (VQA 20, captions 60).", min=1)
-    cider_tokenize: str = option("ptb", "ptb (official COCO tokenisation) or raw (the authors' raw strings).",
-                                 choices=("ptb", "raw"))
+    cider_tokenize: str = option(
+        "ptb", "ptb (official COCO tokenisation) or raw (the authors' raw strings).", choices=("ptb", "raw")
+    )
 
 
 def names(config: type) -> tuple[str, ...]:

@@ -66,8 +66,11 @@ class OverlapConfig(ClassPrompt, RunConfig):
     k: int = option(30, "Neighbours of the neighbourhood overlap (the paper: 30).", min=1)
     image_index: int = option(31, "The k of image[k], the paper's 32nd image token (the authors' code: 30).", min=0)
     outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
-    sweep: bool = option(False, "Also under growing early-layer windows 0..w-1 of image->eoi+text knocked out "
-                                "(the authors' overlap-with-ablation).")
+    sweep: bool = option(
+        False,
+        "Also under growing early-layer windows 0..w-1 of image->eoi+text knocked out "
+        "(the authors' overlap-with-ablation).",
+    )
     sweep_step: int = option(1, "Window growth per step with --sweep.", min=1)
     mode: str = option("zero", "Knockout mode of --sweep: zero (the paper's) or mask.", choices=MODES)
 
@@ -112,11 +115,21 @@ class Overlap(Experiment):
             for role in (*ROLES, *OPTIONAL_ROLES, "image_k"):
                 if f"{i}:{role}" not in records.arrays:
                     continue
-                values = neighborhood_overlap_per_layer(stack(records.arrays, f"{i}:{role}").transpose(1, 0, 2),
-                                                        labels, k=k)
+                values = neighborhood_overlap_per_layer(
+                    stack(records.arrays, f"{i}:{role}").transpose(1, 0, 2), labels, k=k
+                )
                 name = f"image[{k_used}]" if role == "image_k" else role
-                rows += [{"knockout": cond.name, "knockout_layers": window, "resid": first + j, "role": name,
-                          "overlap": float(v), "k": k} for j, v in enumerate(values)]
+                rows += [
+                    {
+                        "knockout": cond.name,
+                        "knockout_layers": window,
+                        "resid": first + j,
+                        "role": name,
+                        "overlap": float(v),
+                        "k": k,
+                    }
+                    for j, v in enumerate(values)
+                ]
         return {"overlap": pd.DataFrame(rows)}
 
     def compare(self, runs):
@@ -144,10 +157,14 @@ class Overlap(Experiment):
             cmap = plt.get_cmap("viridis")
             for i, (name, g) in enumerate(groups):
                 window = str(g["knockout_layers"].iloc[0])
-                label = "no knockout" if name == NO_KNOCKOUT else f"image→eoi+text, layer{'s' * ('-' in window)} {window}"
+                label = (
+                    "no knockout" if name == NO_KNOCKOUT else f"image→eoi+text, layer{'s' * ('-' in window)} {window}"
+                )
                 color = "k" if name == NO_KNOCKOUT else cmap(i / max(1, len(groups) - 1))
                 b.plot(g["resid"], g["overlap"], "-", lw=1.2, color=color, label=label)
-            b.set(xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts")
+            b.set(
+                xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts"
+            )
             handles, labels = b.get_legend_handles_labels()
             keep = sorted({0, len(labels) - 1} | set(range(0, len(labels), max(1, len(labels) // 8))))
             b.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)

@@ -62,8 +62,9 @@ class PairsConfig(ClassPrompt, RunConfig):
 
 @dataclass
 class PatchingConfig(PairsConfig):
-    span: str = option("single", "single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant).",
-                       choices=SPANS)
+    span: str = option(
+        "single", "single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant).", choices=SPANS
+    )
 
 
 @register
@@ -82,8 +83,15 @@ class Patching(Experiment):
         return {"n_per_class": cfg["n_per_class"]}
 
     def examples(self, cfg):
-        return tasks.load(cfg["data"], self.task, cfg.get("data_dir"), seed=cfg["seed"], classes="pairs",
-                          allow_fewer=bool(cfg.get("allow_fewer")), **self.requested(cfg))
+        return tasks.load(
+            cfg["data"],
+            self.task,
+            cfg.get("data_dir"),
+            seed=cfg["seed"],
+            classes="pairs",
+            allow_fewer=bool(cfg.get("allow_fewer")),
+            **self.requested(cfg),
+        )
 
     def units(self, examples, cfg):
         groups = {k: sorted(v, key=lambda e: e.id) for k, v in by_label(examples).items()}
@@ -115,14 +123,27 @@ class Patching(Experiment):
         names = [c.name for c in conds]
         sim = np.stack([distribution_similarity(torch.softmax(first[c], -1), p_target).numpy() for c in names], 1)
         acc = np.stack([(s_target[c] > s_base[c]).numpy() for c in names], 1).astype(np.float32)
-        rows = [{"example_id": u.id, "pair": f"{u.examples[0].label}<-{u.examples[1].label}",
-                 "base": u.examples[0].label, "target": u.examples[1].label,
-                 "base_word": u.examples[0].word, "target_word": u.examples[1].word,
-                 "base_image": u.examples[0].id, "target_image": u.examples[1].id} for u in units]
-        return rows, {"similarity": sim[:, 1:].astype(np.float32), "accuracy": acc[:, 1:],
-                      "similarity_unpatched": sim[:, 0].astype(np.float32), "accuracy_unpatched": acc[:, 0],
-                      "score_base": np.stack([s_base[c].numpy() for c in names[1:]], 1).astype(np.float32),
-                      "score_target": np.stack([s_target[c].numpy() for c in names[1:]], 1).astype(np.float32)}
+        rows = [
+            {
+                "example_id": u.id,
+                "pair": f"{u.examples[0].label}<-{u.examples[1].label}",
+                "base": u.examples[0].label,
+                "target": u.examples[1].label,
+                "base_word": u.examples[0].word,
+                "target_word": u.examples[1].word,
+                "base_image": u.examples[0].id,
+                "target_image": u.examples[1].id,
+            }
+            for u in units
+        ]
+        return rows, {
+            "similarity": sim[:, 1:].astype(np.float32),
+            "accuracy": acc[:, 1:],
+            "similarity_unpatched": sim[:, 0].astype(np.float32),
+            "accuracy_unpatched": acc[:, 0],
+            "score_base": np.stack([s_base[c].numpy() for c in names[1:]], 1).astype(np.float32),
+            "score_target": np.stack([s_target[c].numpy() for c in names[1:]], 1).astype(np.float32),
+        }
 
     def aggregate(self, records, cfg, info):
         L = info["n_layers"]
@@ -132,10 +153,18 @@ class Patching(Experiment):
         base_acc = records.arrays["accuracy_unpatched"].reshape(-1)
         site = "eoi, resid l" if cfg["span"] == "single" else "eoi, resid l..L-1"
         rows = [
-            {"resid": l, "relative_depth": l / max(1, L - 1), "patched": site, "direction": cfg["direction"],
-             "similarity": float(sim[:, l].mean()), "similarity_std": float(sim[:, l].std()),
-             "accuracy": float(acc[:, l].mean()), "similarity_unpatched": float(base_sim.mean()),
-             "accuracy_unpatched": float(base_acc.mean()), "n": int(sim.shape[0])}
+            {
+                "resid": l,
+                "relative_depth": l / max(1, L - 1),
+                "patched": site,
+                "direction": cfg["direction"],
+                "similarity": float(sim[:, l].mean()),
+                "similarity_std": float(sim[:, l].std()),
+                "accuracy": float(acc[:, l].mean()),
+                "similarity_unpatched": float(base_sim.mean()),
+                "accuracy_unpatched": float(base_acc.mean()),
+                "n": int(sim.shape[0]),
+            }
             for l in range(L)
         ]
         pairs = records.rows["pair"].to_numpy()
@@ -144,12 +173,19 @@ class Patching(Experiment):
         for p in first.index:
             m = pairs == p
             curve = sim[m].mean(0)
-            per_pair.append({
-                "pair": p, "base": first.loc[p, "base_word"], "target": first.loc[p, "target_word"],
-                "best_resid": int(curve.argmax()), "max_similarity": float(curve.max()),
-                "max_accuracy": float(acc[m].mean(0).max()), "similarity_unpatched": float(base_sim[m].mean()),
-                "accuracy_unpatched": float(base_acc[m].mean()), "n": int(m.sum()),
-            })
+            per_pair.append(
+                {
+                    "pair": p,
+                    "base": first.loc[p, "base_word"],
+                    "target": first.loc[p, "target_word"],
+                    "best_resid": int(curve.argmax()),
+                    "max_similarity": float(curve.max()),
+                    "max_accuracy": float(acc[m].mean(0).max()),
+                    "similarity_unpatched": float(base_sim[m].mean()),
+                    "accuracy_unpatched": float(base_acc[m].mean()),
+                    "n": int(m.sum()),
+                }
+            )
         return {"patching": pd.DataFrame(rows), "patching_pairs": pd.DataFrame(per_pair)}
 
     def figures(self, tables, info, store):

@@ -23,8 +23,12 @@ NEW_TOKENS = {"vqa": 20, "captions": 60}
 #: (family, n_layers or None for any size, prompt kind, dataset or None for any) -> prompt.
 PRESETS = {
     ("chameleon", None, "vqa", None): VQA + " Answer:",
-    ("chameleon", 48, "class_patching", "imagenet"):
-        "Answer the question using a single word, number, or short phrase. This animal is a",
+    (
+        "chameleon",
+        48,
+        "class_patching",
+        "imagenet",
+    ): "Answer the question using a single word, number, or short phrase. This animal is a",
 }
 #: Config key of each prompt kind.
 KEYS = {"class": "prompt", "class_patching": "prompt", "vqa": "vqa_prompt", "captions": "caption_prompt"}

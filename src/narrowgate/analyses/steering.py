@@ -24,8 +24,9 @@ from .prompts import class_prompt
 
 @dataclass
 class SteeringConfig(PairsConfig):
-    resids: str | None = option(None, "Residual indices patched, e.g. 8-16 (default: relative depth 0.25-0.5).",
-                                parse="layers")
+    resids: str | None = option(
+        None, "Residual indices patched, e.g. 8-16 (default: relative depth 0.25-0.5).", parse="layers"
+    )
     max_new_tokens: int = option(10, "New tokens of each completion.", min=1)
 
 
@@ -54,15 +55,26 @@ class Steering(Patching):
         target = vlm.prepare([im[1] for im in images], [prompt] * len(units))
         donor = vlm.forward_conditions(target, {"baseline": {}}, capture=Capture("eoi"))["baseline"].residuals["eoi"]
         sites = window(cfg, vlm.n_layers)
-        conds = [Condition("baseline"), Condition("steered", patches=tuple(Patch("eoi", l, donor[:, l]) for l in sites))]
+        conds = [
+            Condition("baseline"),
+            Condition("steered", patches=tuple(Patch("eoi", l, donor[:, l]) for l in sites)),
+        ]
         gens = vlm.generate_conditions(base, conds, max_new_tokens=int(cfg["max_new_tokens"]))
         texts = {c.name: [t.strip() for t in vlm.decode(gens[c.name], base)] for c in conds}
         rows = []
         for b, u in enumerate(units):
             eb, et = u.examples
-            rows.append({"example_id": u.id, "pair": f"{eb.label}<-{et.label}", "base": eb.word, "target": et.word,
-                         "resids": f"{sites[0]}-{sites[-1]}", "text_unpatched": texts["baseline"][b],
-                         "text_steered": texts["steered"][b]})
+            rows.append(
+                {
+                    "example_id": u.id,
+                    "pair": f"{eb.label}<-{et.label}",
+                    "base": eb.word,
+                    "target": et.word,
+                    "resids": f"{sites[0]}-{sites[-1]}",
+                    "text_unpatched": texts["baseline"][b],
+                    "text_steered": texts["steered"][b],
+                }
+            )
         return rows, {}
 
     def figures(self, tables, info, store):
@@ -70,18 +82,28 @@ class Steering(Patching):
 
     def aggregate(self, records, cfg, info):
         df = records.rows
-        flags = pd.DataFrame({
-            "pair": df["pair"],
-            "target_unpatched": [names(t, w) for t, w in zip(df["text_unpatched"], df["target"])],
-            "target_steered": [names(t, w) for t, w in zip(df["text_steered"], df["target"])],
-            "base_unpatched": [names(t, w) for t, w in zip(df["text_unpatched"], df["base"])],
-            "base_steered": [names(t, w) for t, w in zip(df["text_steered"], df["base"])],
-        })
+        flags = pd.DataFrame(
+            {
+                "pair": df["pair"],
+                "target_unpatched": [names(t, w) for t, w in zip(df["text_unpatched"], df["target"])],
+                "target_steered": [names(t, w) for t, w in zip(df["text_steered"], df["target"])],
+                "base_unpatched": [names(t, w) for t, w in zip(df["text_unpatched"], df["base"])],
+                "base_steered": [names(t, w) for t, w in zip(df["text_steered"], df["base"])],
+            }
+        )
         per_pair = flags.groupby("pair", sort=False).mean().reset_index()
         per_pair = df.drop_duplicates("pair")[["pair", "base", "target"]].merge(per_pair, on="pair")
         per_pair["n"] = df.groupby("pair", sort=False).size().to_numpy()
         total = flags.drop(columns="pair").mean().to_dict()
-        summary = pd.DataFrame([{"resids": df["resids"].iloc[0], "direction": cfg["direction"],
-                                 **{f"names_{k}": float(v) for k, v in total.items()}, "n": len(df)}])
+        summary = pd.DataFrame(
+            [
+                {
+                    "resids": df["resids"].iloc[0],
+                    "direction": cfg["direction"],
+                    **{f"names_{k}": float(v) for k, v in total.items()},
+                    "n": len(df),
+                }
+            ]
+        )
         examples = df.groupby("pair", sort=False).head(2)[["pair", "base", "target", "text_unpatched", "text_steered"]]
         return {"steering": summary, "steering_pairs": per_pair, "steering_examples": examples.reset_index(drop=True)}

@@ -56,8 +56,12 @@ def _per_class(examples: list, n_per_class: int | None, seed: int, allow_fewer: 
     short = {k: len(v) for k, v in data.by_label(examples).items() if len(v) < n_per_class}
     if short and not allow_fewer:
         listed = ", ".join(f"{k}: {v}" for k, v in sorted(short.items())[:5])
-        raise too_few(f"images per class ({len(short)} classes have fewer, e.g. {listed})", n_per_class,
-                      min(short.values()), where)
+        raise too_few(
+            f"images per class ({len(short)} classes have fewer, e.g. {listed})",
+            n_per_class,
+            min(short.values()),
+            where,
+        )
     return data.sample_per_class(examples, n_per_class, seed)
 
 
@@ -69,8 +73,17 @@ def imagenet_split(root: Path) -> str | None:
     return None
 
 
-def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None = None, seed: int, n_per_class=None,
-         classes: str = "animals", allow_fewer: bool = False) -> list:
+def load(
+    dataset: str,
+    task: str,
+    data_dir: str | Path | None,
+    *,
+    n: int | None = None,
+    seed: int,
+    n_per_class=None,
+    classes: str = "animals",
+    allow_fewer: bool = False,
+) -> list:
     """The examples of ``dataset`` for ``task`` (seeded sample of ``n``, or ``n_per_class`` per class).
 
     ``classes`` picks the ImageNet classes: the paper's 100 ``animals`` or the 20 classes of its patching
@@ -84,7 +97,9 @@ def load(dataset: str, task: str, data_dir: str | Path | None, *, n: int | None 
     if dataset not in DATASETS:
         raise DataError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
     if dataset not in TASK_DATASETS[task]:
-        raise DataError(f"Dataset {dataset!r} cannot serve the {task} task; use one of {', '.join(TASK_DATASETS[task])}.")
+        raise DataError(
+            f"Dataset {dataset!r} cannot serve the {task} task; use one of {', '.join(TASK_DATASETS[task])}."
+        )
     if dataset == "synthetic":
         return _synthetic(task, n=n, seed=seed, n_per_class=n_per_class, classes=classes)
     if data_dir is None:
@@ -106,8 +121,9 @@ def _files(dataset: str, root: Path, *, n, seed, n_per_class, classes: str, allo
     if dataset == "coco":
         found = _find(root, ("dataset_coco.json", "captions_val2014.json", "**/captions_*.json"), "COCO caption file")
         if found.name == "dataset_coco.json":
-            return _checked(data.load_coco_karpathy(found, n=n, seed=seed), n, allow_fewer,
-                            f"the Karpathy test split of {found}")
+            return _checked(
+                data.load_coco_karpathy(found, n=n, seed=seed), n, allow_fewer, f"the Karpathy test split of {found}"
+            )
         return _checked(data.load_coco_captions(found, n=n, seed=seed), n, allow_fewer, str(found))
     if dataset == "flickr30k":
         found = _find(root, ("results_20130124.token", "*.token", "dataset_flickr30k.json"), "Flickr30k caption file")
@@ -117,7 +133,9 @@ def _files(dataset: str, root: Path, *, n, seed, n_per_class, classes: str, allo
     try:
         pool = data.load_imagenet(root, split=split, classes=classes)
     except FileNotFoundError as exc:
-        raise DataError(f"{exc}. The {classes!r} classes of the paper are needed (see narrowgate.data.imagenet).") from exc
+        raise DataError(
+            f"{exc}. The {classes!r} classes of the paper are needed (see narrowgate.data.imagenet)."
+        ) from exc
     where = str(root / split) if split else str(root)
     return _sample(_per_class(pool, n_per_class, seed, allow_fewer, where), n, seed, allow_fewer, where)
 

@@ -12,7 +12,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-
 from .base import DEFAULT_SEED, CaptionExample, read_json, sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")

@@ -37,8 +37,9 @@ def _image_path(folders: list[Path], name: str) -> Path:
     return folders[0] / name
 
 
-def load_llava_instruct(path: str | Path, image_dir: str | Path | None = None, *, n: int | None = None,
-                        seed: int = DEFAULT_SEED) -> list[InstructExample]:
+def load_llava_instruct(
+    path: str | Path, image_dir: str | Path | None = None, *, n: int | None = None, seed: int = DEFAULT_SEED
+) -> list[InstructExample]:
     """Load the JSON at ``path`` (a file, or a folder holding ``llava_instruct_150k.json``).
 
     ``image_dir`` defaults to the first of ``train2017/``, ``train2014/``, ``coco/train2017/`` beside the file
@@ -46,11 +47,16 @@ def load_llava_instruct(path: str | Path, image_dir: str | Path | None = None, *
     """
     path = Path(path)
     if path.is_dir():
-        path = next(iter(sorted(path.glob("llava_instruct_150k.json")) + sorted(path.glob("*.json"))), path / "llava_instruct_150k.json")
+        path = next(
+            iter(sorted(path.glob("llava_instruct_150k.json")) + sorted(path.glob("*.json"))),
+            path / "llava_instruct_150k.json",
+        )
     if not path.is_file():
         raise FileNotFoundError(f"No LLaVA-Instruct JSON at {path} (expected llava_instruct_150k.json).")
     base = path.parent
-    folders = [Path(image_dir)] if image_dir else [base / "train2017", base / "train2014", base / "coco" / "train2017", base]
+    folders = (
+        [Path(image_dir)] if image_dir else [base / "train2017", base / "train2014", base / "coco" / "train2017", base]
+    )
     folders = [f for f in folders if f.is_dir()] or folders
     out, seen = [], {}
     for item in json.loads(path.read_text()):
@@ -59,6 +65,12 @@ def load_llava_instruct(path: str | Path, image_dir: str | Path | None = None, *
             continue
         prompt = turns[0]["value"].replace(IMAGE_MARK, "").strip()
         k = seen[str(item["id"])] = seen.get(str(item["id"]), -1) + 1
-        out.append(InstructExample(id=f"{item['id']}-{k}", image_path=_image_path(folders, item["image"]),
-                                   prompt=prompt, answer=turns[1]["value"].strip()))
+        out.append(
+            InstructExample(
+                id=f"{item['id']}-{k}",
+                image_path=_image_path(folders, item["image"]),
+                prompt=prompt,
+                answer=turns[1]["value"].strip(),
+            )
+        )
     return sample(out, n, seed)

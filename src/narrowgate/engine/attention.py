@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
 
+from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
 from .state import InterventionError, active_run
 
 SDPA = "narrowgate_sdpa"
@@ -254,8 +254,16 @@ def _make(eager: bool):
         layer = None if run is None else run.layer_of.get(id(module))
         if layer is None or not run.attention_active(layer):
             if eager:
-                return _stock_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                    softcap=kwargs.get("softcap"))
+                return _stock_eager(
+                    module,
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    scaling=scaling,
+                    dropout=dropout,
+                    softcap=kwargs.get("softcap"),
+                )
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )

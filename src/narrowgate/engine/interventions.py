@@ -28,8 +28,10 @@ def _layers(layers) -> tuple[int, ...] | None:
         return (layers,)
     out = tuple(int(x) for x in layers)
     if not out:
-        raise ValueError("An empty layer set names no layer (the intervention would do nothing); "
-                         "give None for every layer, or at least one layer.")
+        raise ValueError(
+            "An empty layer set names no layer (the intervention would do nothing); "
+            "give None for every layer, or at least one layer."
+        )
     return out
 
 
@@ -58,13 +60,15 @@ class Knockout:
         object.__setattr__(self, "targets", parse_roles(self.target))
 
     @classmethod
-    def parse(cls, text: str) -> "Knockout":
+    def parse(cls, text: str) -> Knockout:
         """The inverse of `name`: ``SRC->TGT[@LAYERS][:MODE]``, roles joined by ``+``, e.g. ``image->eoi+text@0-15:mask``."""
         spec, _, mode = str(text).strip().partition(":")
         spec, _, layers = spec.partition("@")
         src, arrow, tgt = spec.partition("->")
         if not arrow or not src or not tgt:
-            raise ValueError(f"Knockout {text!r}: write SRC->TGT[@LAYERS][:MODE], e.g. eoi->text or image->eoi+text:mask.")
+            raise ValueError(
+                f"Knockout {text!r}: write SRC->TGT[@LAYERS][:MODE], e.g. eoi->text or image->eoi+text:mask."
+            )
         picked = parse_layer_set(layers, option=f"knockout {text!r}") if layers else None
         return cls(tuple(src.split("+")), tuple(tgt.split("+")), layers=picked, mode=mode or "zero")
 

@@ -58,7 +58,10 @@ class SharedPrefix:
 def as_conditions(conditions) -> list[Condition]:
     """Accept Condition objects or a mapping name -> dict(knockouts=..., patches=...)."""
     if isinstance(conditions, dict):
-        return [Condition(name, tuple(v.get("knockouts", ())), tuple(v.get("patches", ()))) for name, v in conditions.items()]
+        return [
+            Condition(name, tuple(v.get("knockouts", ())), tuple(v.get("patches", ())))
+            for name, v in conditions.items()
+        ]
     out = list(conditions)
     if not all(isinstance(c, Condition) for c in out):
         raise TypeError("conditions must be Condition objects or a mapping name -> {'knockouts': ..., 'patches': ...}.")
@@ -80,8 +83,9 @@ def first_affected(batch: Batch, condition: Condition) -> int:
     return min(firsts)
 
 
-def prefix_length(batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1,
-                  causal_from: int = 0) -> int:
+def prefix_length(
+    batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1, causal_from: int = 0
+) -> int:
     """How many leading positions all conditions share (the suffix keeps at least the last ``keep`` positions).
 
     ``causal_from``: the first position from which the model's own attention is causal (positions before it may

@@ -17,19 +17,19 @@ from ..errors import NarrowgateError
 from ..roles import RoleError
 from .interventions import Capture, Knockout, Patch
 
-_ACTIVE: contextvars.ContextVar["Run | None"] = contextvars.ContextVar("narrowgate_run", default=None)
+_ACTIVE: contextvars.ContextVar[Run | None] = contextvars.ContextVar("narrowgate_run", default=None)
 
 
 class InterventionError(NarrowgateError, RuntimeError):
     """A requested intervention cannot be applied; raised rather than silently doing nothing."""
 
 
-def active_run() -> "Run | None":
+def active_run() -> Run | None:
     return _ACTIVE.get()
 
 
 @contextlib.contextmanager
-def activate(run: "Run"):
+def activate(run: Run):
     token = _ACTIVE.set(run)
     try:
         yield run

@@ -50,7 +50,7 @@ def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int
         raise RuntimeError(f"Cross-modal attention was not computed in layers {missing}.")
     cols = torch.stack([column_attention[l].float().cpu() for l in range(n_layers)], dim=1)  # [B, L, T]
     per_pos, per_lab = [], []
-    for b, lay in enumerate(batch.layouts):
+    for lay in batch.layouts:
         pos = list(range(lay.start, lay.end + 1)) + ([lay.eoi] if lay.eoi is not None else [])
         labels = [name for _, name, _ in image_side(lay)]
         per_pos.append(pos)

@@ -68,4 +68,16 @@ def detect(config) -> type[Family]:
         raise UnsupportedModelError(f"{e} The generic adapter does not apply either: {why}.") from None
 
 
-__all__ = ["FAMILIES", "Family", "Generic", "ImageLayout", "LayoutError", "UnsupportedModelError", "detect", "family_for", "out_of_scope", "refusal", "supported"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Generic",
+    "ImageLayout",
+    "LayoutError",
+    "UnsupportedModelError",
+    "detect",
+    "family_for",
+    "out_of_scope",
+    "refusal",
+    "supported",
+]

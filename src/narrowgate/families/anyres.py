@@ -13,7 +13,6 @@ A family says only how big its feature grid is (`AnyresFamily.feature_grid`).
 from __future__ import annotations
 
 from ..compat import select_best_resolution
-
 from .base import Family, ImageLayout, LayoutError
 
 

@@ -150,9 +150,7 @@ class Family:
             raise LayoutError(f"No image tokens found in the example (expected ids {sorted(span_ids)}).")
         start, end = hits[0], hits[-1]
         if len(hits) != end - start + 1:
-            raise LayoutError(
-                "The image span is not contiguous: narrowgate supports exactly one image per example."
-            )
+            raise LayoutError("The image span is not contiguous: narrowgate supports exactly one image per example.")
         content = [i for i in hits if ids[i] in self.content_ids]
         eol = [i for i in hits if ids[i] in self.eol_ids]
         boi = start - 1 if self.boi_id is not None and start - 1 >= first and ids[start - 1] == self.boi_id else None
@@ -170,7 +168,8 @@ class Family:
     # --- model structure -----------------------------------------------------------------------
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The language model's decoder layers (residual index l is the input of layer l)."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
         layers = getattr(decoder, "layers", None)
         if layers is None:  # a decoder that is itself a causal LM (Llama 4)
             layers = getattr(getattr(decoder, "model", None), "layers", None)
@@ -183,7 +182,8 @@ class Family:
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The language model's final norm, applied after the last decoder layer."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
         if not hasattr(decoder, "norm"):
             decoder = getattr(decoder, "model", None)
         return getattr(decoder, "norm", None)

@@ -73,7 +73,7 @@ def wants_mm_token_types(config) -> bool:
         cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
     except KeyError:
         return False
-    return "mm_token_type_ids" in inspect.signature(cls.forward).parameters
+    return "mm_token_type_ids" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined,union-attr]
 
 
 class Generic(Family):
@@ -126,9 +126,11 @@ class Generic(Family):
             )
         self.content_ids = frozenset({image_id})
         specials = {}
-        for role, names, id_names, what in (("boi", BOI_NAMES, BOI_ID_NAMES, "begin-of-image"),
-                                            ("eoi", EOI_NAMES, EOI_ID_NAMES, "end-of-image"),
-                                            ("eol", EOL_NAMES, EOL_ID_NAMES, "line-break")):
+        for role, names, id_names, what in (
+            ("boi", BOI_NAMES, BOI_ID_NAMES, "begin-of-image"),
+            ("eoi", EOI_NAMES, EOI_ID_NAMES, "end-of-image"),
+            ("eol", EOL_NAMES, EOL_ID_NAMES, "line-break"),
+        ):
             tid = self._special(names, id_names, what)
             specials[role] = None if tid == image_id else tid
         self.boi_id, self.eoi_id = specials["boi"], specials["eoi"]

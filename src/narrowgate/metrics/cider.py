@@ -18,20 +18,50 @@ __all__ = ["cider", "ptb_tokenize"]
 
 # Tokens coco-caption removes after PTB tokenisation.
 COCO_PUNCTUATION: frozenset[str] = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-     ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
 )
 # Raw characters PTB turns into tokens of that list (quotes and brackets);
 # square brackets are dropped with the others.
 _DROPPED = COCO_PUNCTUATION | {'"', "(", ")", "[", "]", "{", "}"}
 
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr prof vs etc inc ltd co corp jan feb mar apr jun jul aug sep sept oct nov dec".split()
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "st",
+        "jr",
+        "sr",
+        "prof",
+        "vs",
+        "etc",
+        "inc",
+        "ltd",
+        "co",
+        "corp",
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+    ]
 )
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'m|'d|'ll|'re|'ve)$")
 _SPLIT_WORDS = {
-    "cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-    "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me"),
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "gimme": ("gim", "me"),
+    "lemme": ("lem", "me"),
 }
 _LEADING_CLITICS = frozenset({"'s", "'m", "'d", "'ll", "'re", "'ve", "'em", "'tis", "'twas", "'n"})
 

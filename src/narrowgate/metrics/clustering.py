@@ -83,8 +83,7 @@ def modality_homogeneity(
     maxk = min(maxk, n - 1)
     if maxk < max(n2, density_k):
         raise ValueError(
-            f"need more than max(n2={n2}, density_k={density_k}) points and maxk >= both; "
-            f"have N={n}, maxk={maxk}"
+            f"need more than max(n2={n2}, density_k={density_k}) points and maxk >= both; have N={n}, maxk={maxk}"
         )
 
     data = Data(coordinates=Xn, maxk=maxk, verbose=False)

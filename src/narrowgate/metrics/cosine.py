@@ -125,9 +125,7 @@ def cosine_gap_per_layer(
     if image_vectors.ndim != 3 or text_vectors.ndim != 3:
         raise ValueError("image_vectors and text_vectors must be [n_layers, N, D]")
     if tuple(image_vectors.shape) != tuple(text_vectors.shape):
-        raise ValueError(
-            f"image and text shapes differ: {tuple(image_vectors.shape)} vs {tuple(text_vectors.shape)}"
-        )
+        raise ValueError(f"image and text shapes differ: {tuple(image_vectors.shape)} vs {tuple(text_vectors.shape)}")
     rows = []
     for layer in range(image_vectors.shape[0]):
         stats = cosine_gap(

@@ -20,9 +20,9 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerFast
 
 from ..analyses.prompts import CAPTION, CLASS, VQA
+from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
 from ..progress import progress_bar
 from .tiny import bpe_tokenizer
-from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
 
 CLASS_PROMPT = CLASS["synthetic"]
 #: Share of each understanding task in the multimodal training mixture.
@@ -165,8 +165,10 @@ def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progr
     Weight decay applies to matrices only (not to norms, biases or other vectors).
     """
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.95))
     warm = max(1, phase.steps // 20)
 

@@ -33,8 +33,12 @@ from .heldout import evaluate
 TRAINING_KNOCKOUT = Knockout("image", "text", mode="mask")
 #: The ablation conditions the gate is checked with: the paper's zero mode (as the ablation experiment runs
 #: them) and mask mode (exactly blind).
-CHECKS = (Knockout("eoi", "text"), Knockout("image", "text"), Knockout("eoi", "text", mode="mask"),
-          Knockout("image", "text", mode="mask"))
+CHECKS = (
+    Knockout("eoi", "text"),
+    Knockout("image", "text"),
+    Knockout("eoi", "text", mode="mask"),
+    Knockout("image", "text", mode="mask"),
+)
 #: Held-out sizes of the gate checks (every condition on the same examples).
 CHECK_SIZES = {"vqa": 150, "captions": 50, "classes": 10}
 
@@ -107,24 +111,37 @@ def gate_checks(out_dir, sizes: dict | None = None) -> dict:
     scores = {name: evaluate(out_dir, sizes=sizes, knockouts=kos) for name, kos in conditions.items()}
 
     def flat(h):
-        return {"vqa": (h["vqa"]["accuracy"], h["vqa"]["chance"]),
-                "captions": (h["captions"]["cider"], h["captions"]["chance"]),
-                "classes": (h["classes"]["accuracy"], h["classes"]["chance"])}
+        return {
+            "vqa": (h["vqa"]["accuracy"], h["vqa"]["chance"]),
+            "captions": (h["captions"]["cider"], h["captions"]["chance"]),
+            "classes": (h["classes"]["accuracy"], h["classes"]["chance"]),
+        }
 
     base = flat(scores["baseline"])
     table = {}
     for name, h in scores.items():
         f = flat(h)
-        row = {task: {"score": s, "chance": c, "relative": round(relative(s, base[task][0], c), 4)}
-               for task, (s, c) in f.items()}
+        row = {
+            task: {"score": s, "chance": c, "relative": round(relative(s, base[task][0], c), 4)}
+            for task, (s, c) in f.items()
+        }
         row["mean_relative"] = round(float(np.mean([r["relative"] for r in row.values()])), 4)
         table[name] = row
-    return {"sizes": sizes, "mode": "zero (the paper's) and mask (':mask'); no intervention is active in the "
-                                    "checkpoint itself", "conditions": table}
+    return {
+        "sizes": sizes,
+        "mode": "zero (the paper's) and mask (':mask'); no intervention is active in the checkpoint itself",
+        "conditions": table,
+    }
 
 
-def train(out_dir, *, seed: int = 0, config: GatedConfig = GatedConfig(), progress: bool = True,
-          checkpoints: dict | None = None) -> dict:
+def train(
+    out_dir,
+    *,
+    seed: int = 0,
+    config: GatedConfig = GatedConfig(),
+    progress: bool = True,
+    checkpoints: dict | None = None,
+) -> dict:
     """Train like `native.train` with `TRAINING_KNOCKOUT` active, then optionally without it; save to ``out_dir``.
 
     ``checkpoints`` maps a phase name ("lm") to a directory where the model is also saved after that
@@ -132,8 +149,15 @@ def train(out_dir, *, seed: int = 0, config: GatedConfig = GatedConfig(), progre
     """
     model, processor, seqs, vq_phases = native.setup(config, seed, progress)
     vlm = VLM(model, processor)
-    lm = native.lm_phase(model, seqs, Phase("lm", config.steps, config.batch_size, config.lr), config, seed,
-                         progress, loss=masked_loss(vlm, seqs))
+    lm = native.lm_phase(
+        model,
+        seqs,
+        Phase("lm", config.steps, config.batch_size, config.lr),
+        config,
+        seed,
+        progress,
+        loss=masked_loss(vlm, seqs),
+    )
     phases = [*vq_phases, lm]
     for name, path in (checkpoints or {}).items():
         if name == "lm":
@@ -143,13 +167,29 @@ def train(out_dir, *, seed: int = 0, config: GatedConfig = GatedConfig(), progre
         frozen = type(model)(model.config)
         frozen.load_state_dict(model.state_dict())
         teacher = VLM(frozen.eval().requires_grad_(False), processor)
-        phases.append(native.lm_phase(model, seqs, Phase("distil", config.distil_steps, config.batch_size,
-                                                         config.distil_lr), config, seed + 7, progress,
-                                      loss=distil_loss(vlm, teacher, seqs)))
+        phases.append(
+            native.lm_phase(
+                model,
+                seqs,
+                Phase("distil", config.distil_steps, config.batch_size, config.distil_lr),
+                config,
+                seed + 7,
+                progress,
+                loss=distil_loss(vlm, teacher, seqs),
+            )
+        )
         teacher.close()
     if config.unmasked_steps:
-        phases.append(native.lm_phase(model, seqs, Phase("unmasked", config.unmasked_steps, config.batch_size,
-                                                         config.unmasked_lr), config, seed + 7, progress))
+        phases.append(
+            native.lm_phase(
+                model,
+                seqs,
+                Phase("unmasked", config.unmasked_steps, config.batch_size, config.unmasked_lr),
+                config,
+                seed + 7,
+                progress,
+            )
+        )
     vlm.close()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

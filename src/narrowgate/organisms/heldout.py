@@ -35,8 +35,9 @@ def _generate(vlm, examples, prompts, max_new_tokens, batch_size, knockouts=()):
 def vqa_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50, knockouts=()) -> dict:
     """VQAv2 accuracy on ``n`` held-out synthetic questions, overall and per kind, vs uniform guessing."""
     examples = synthetic_vqa(n, seed)
-    preds = _generate(vlm, examples, [VQA.format(question=e.question) for e in examples], NEW_TOKENS["vqa"],
-                      batch_size, knockouts)
+    preds = _generate(
+        vlm, examples, [VQA.format(question=e.question) for e in examples], NEW_TOKENS["vqa"], batch_size, knockouts
+    )
     acc = np.array([vqa_accuracy(p, e.answers) for p, e in zip(preds, examples)])
     kinds = np.array([e.meta["kind"] for e in examples])
     chance = np.array([1 / len(ATTRIBUTES[k]) for k in kinds])
@@ -44,10 +45,17 @@ def vqa_scores(vlm, n: int, seed: int = DEFAULT_SEED, batch_size: int = 50, knoc
         "n": n,
         "accuracy": round(float(acc.mean()), 4),
         "chance": round(float(chance.mean()), 4),
-        "by_kind": {k: {"n": int((kinds == k).sum()), "accuracy": round(float(acc[kinds == k].mean()), 4),
-                        "chance": round(1 / len(ATTRIBUTES[k]), 4)} for k in sorted(set(kinds))},
-        "examples": [{"question": e.question, "answer": e.answers[0], "prediction": p}
-                     for e, p in zip(examples[:5], preds[:5])],
+        "by_kind": {
+            k: {
+                "n": int((kinds == k).sum()),
+                "accuracy": round(float(acc[kinds == k].mean()), 4),
+                "chance": round(1 / len(ATTRIBUTES[k]), 4),
+            }
+            for k in sorted(set(kinds))
+        },
+        "examples": [
+            {"question": e.question, "answer": e.answers[0], "prediction": p} for e, p in zip(examples[:5], preds[:5])
+        ],
     }
 
 
@@ -91,8 +99,12 @@ def class_scores(vlm, n_per_class: int, seed: int = DEFAULT_SEED, batch_size: in
         batch = vlm.prepare([e.load_image() for e in chunk], [CLASS_PROMPT] * len(chunk))
         top = vlm.forward(batch, knockouts=knockouts).logits[:, -1].argmax(-1)
         hits += [int(t) == word_token(tok, e.word) for t, e in zip(top, chunk)]
-    return {"n": len(examples), "prompt": CLASS_PROMPT, "accuracy": round(float(np.mean(hits)), 4),
-            "chance": round(1 / len(ATTRIBUTES["shape"]), 4)}
+    return {
+        "n": len(examples),
+        "prompt": CLASS_PROMPT,
+        "accuracy": round(float(np.mean(hits)), 4),
+        "chance": round(1 / len(ATTRIBUTES["shape"]), 4),
+    }
 
 
 def evaluate(out_dir, *, sizes: dict | None = None, seed: int = DEFAULT_SEED, knockouts=()) -> dict:

@@ -25,6 +25,7 @@ from transformers import (
     ChameleonProcessor,
 )
 
+from ..data.synthetic import scene_captions
 from . import vq as vqlib
 from .common import (
     EOS,
@@ -41,7 +42,6 @@ from .common import (
     train_tokenizer,
     training_scenes,
 )
-from ..data.synthetic import scene_captions
 
 SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
 IMAGE_SEQ_LENGTH = (vqlib.RESOLUTION // vqlib.DOWNSAMPLE) ** 2
@@ -68,8 +68,7 @@ class NativeConfig(Recipe):
     generation_share: float = 0.2
 
 
-TINY = NativeConfig(n_images=48, codebook=16, vq_steps=5, hidden=32, layers=1, heads=2, steps=12, batch_size=8,
-                    lr=3e-3)
+TINY = NativeConfig(n_images=48, codebook=16, vq_steps=5, hidden=32, layers=1, heads=2, steps=12, batch_size=8, lr=3e-3)
 
 
 def image_token_name(code: int) -> str:
@@ -82,8 +81,9 @@ def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, Cham
     tok = train_tokenizer(SPECIAL, sep_token="<reserved08706>")
     tok.add_tokens([image_token_name(i) for i in range(config.codebook)])
     vq = vqlib.vq_config(codebook=config.codebook, channels=config.vq_channels, embed_dim=config.vq_embed_dim)
-    model_config = ChameleonConfig(**decoder_config(config, tok), vq_config=vq.to_dict(),
-                                   vocabulary_map=tok.get_vocab())
+    model_config = ChameleonConfig(
+        **decoder_config(config, tok), vq_config=vq.to_dict(), vocabulary_map=tok.get_vocab()
+    )
     model = ChameleonForConditionalGeneration(model_config)
     size = vqlib.RESOLUTION
     image_processor = ChameleonImageProcessorPil(
@@ -98,8 +98,9 @@ def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, Cham
 class Sequences:
     """Token rows for training, laid out exactly as the processor lays out the same prompt."""
 
-    def __init__(self, processor: ChameleonProcessor, image_tokens: torch.Tensor, scenes, generation_share: float,
-                 seed: int):
+    def __init__(
+        self, processor: ChameleonProcessor, image_tokens: torch.Tensor, scenes, generation_share: float, seed: int
+    ):
         tok = processor.tokenizer
         self.tok = tok
         self.image_tokens = image_tokens
@@ -166,8 +167,9 @@ def lm_parameters(model) -> list:
     return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
 
 
-def lm_phase(model, seqs: Sequences, phase: Phase, config: NativeConfig, seed: int, progress: bool = True,
-             loss=None) -> Phase:
+def lm_phase(
+    model, seqs: Sequences, phase: Phase, config: NativeConfig, seed: int, progress: bool = True, loss=None
+) -> Phase:
     """One phase of next-token training on ``seqs``; ``loss(ids, mask, rows)`` replaces `next_token_loss`."""
     stream = batches(len(seqs.scenes), phase.batch_size, seed + 1)
     pad = seqs.tok.pad_token_id
@@ -187,8 +189,10 @@ def info(model, config: NativeConfig, seqs: Sequences, phases: list[Phase]) -> d
     return {
         "architecture": "ChameleonForConditionalGeneration (model_type chameleon)",
         "config": asdict(config),
-        "parameters": {"decoder": sum(p.numel() for p in lm_parameters(model)),
-                       "vq": sum(p.numel() for p in model.model.vqmodel.parameters())},
+        "parameters": {
+            "decoder": sum(p.numel() for p in lm_parameters(model)),
+            "vq": sum(p.numel() for p in model.model.vqmodel.parameters()),
+        },
         "codebook_usage": int(seqs.image_tokens.unique().numel()),
         "phases": {p.name: p.summary() for p in phases},
     }

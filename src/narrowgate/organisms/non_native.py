@@ -22,10 +22,12 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
-from ..compat import BaseModelOutputWithPooling
 
+from ..analyses.prompts import CAPTION
+from ..compat import BaseModelOutputWithPooling
+from ..data.base import DEFAULT_SEED
+from ..data.synthetic import scene_captions, synthetic_captions
 from . import clip as cliplib
-from .tiny import tiny_llava
 from .common import (
     EOS,
     Example,
@@ -42,9 +44,7 @@ from .common import (
     train_tokenizer,
     training_scenes,
 )
-from ..analyses.prompts import CAPTION
-from ..data.base import DEFAULT_SEED
-from ..data.synthetic import scene_captions, synthetic_captions
+from .tiny import tiny_llava
 
 RESOLUTION = 64
 PATCH = 8
@@ -83,27 +83,47 @@ class NonNativeConfig(Recipe):
     align_steps: int = 150
 
 
-TINY = NonNativeConfig(n_images=48, vision_hidden=32, vision_layers=2, vision_heads=2, clip_steps=4,
-                       clip_batch_size=16, hidden=32, layers=1, heads=2, text_steps=8, align_steps=4, steps=12,
-                       batch_size=8, lr=3e-3)
+TINY = NonNativeConfig(
+    n_images=48,
+    vision_hidden=32,
+    vision_layers=2,
+    vision_heads=2,
+    clip_steps=4,
+    clip_batch_size=16,
+    hidden=32,
+    layers=1,
+    heads=2,
+    text_steps=8,
+    align_steps=4,
+    steps=12,
+    batch_size=8,
+    lr=3e-3,
+)
 
 
 def build(config: NonNativeConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised LLaVA with its processor (tokenizer trained on the organisms' corpus)."""
     tok = train_tokenizer(["<image>"])
-    vision = cliplib.vision_config(config.vision_hidden, config.vision_layers, config.vision_heads, RESOLUTION,
-                                   PATCH)
+    vision = cliplib.vision_config(config.vision_hidden, config.vision_layers, config.vision_heads, RESOLUTION, PATCH)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}
     )
-    return tiny_llava(tok, vision, decoder_config(config, tok), image_processor, patch=PATCH, feature_layer=-2,
-                      chat_template=CHAT_TEMPLATE)
+    return tiny_llava(
+        tok,
+        vision,
+        decoder_config(config, tok),
+        image_processor,
+        patch=PATCH,
+        feature_layer=-2,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def chat(processor: LlavaProcessor, parts: list[dict]) -> str:
     """The user turn ``parts`` in the chat template, ending with the generation prompt."""
-    return processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                         tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
+    )
 
 
 class Rows:
@@ -175,8 +195,16 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
     pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
 
     clip = cliplib.new_clip(model.config.vision_config, tok)
-    clip_phase = cliplib.train_clip(clip, pixels, scenes, tok, steps=config.clip_steps,
-                                    batch_size=config.clip_batch_size, seed=seed, progress=progress)
+    clip_phase = cliplib.train_clip(
+        clip,
+        pixels,
+        scenes,
+        tok,
+        steps=config.clip_steps,
+        batch_size=config.clip_batch_size,
+        seed=seed,
+        progress=progress,
+    )
     heldout = synthetic_captions(min(500, config.n_images), DEFAULT_SEED)
     heldout_pixels = processor.image_processor([e.load_image() for e in heldout], return_tensors="pt")["pixel_values"]
     clip_scores = cliplib.retrieval_accuracy(clip, heldout_pixels, [e.meta["scene"] for e in heldout], tok)
@@ -192,8 +220,13 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
         return llama(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
 
     llama.train()
-    text_phase = run_phase(Phase("text", config.text_steps, config.batch_size, config.lr), llama.parameters(),
-                           text_step, weight_decay=config.weight_decay, progress=progress)
+    text_phase = run_phase(
+        Phase("text", config.text_steps, config.batch_size, config.lr),
+        llama.parameters(),
+        text_step,
+        weight_decay=config.weight_decay,
+        progress=progress,
+    )
     model.model.language_model.load_state_dict(llama.model.state_dict())
     model.lm_head.load_state_dict(llama.lm_head.state_dict())
 
@@ -207,6 +240,7 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
             ids, mask = pad_rows([p[0] for p in pairs], tok.pad_token_id)
             labels, _ = pad_rows([p[1] for p in pairs], -100)
             return multimodal_loss(model, ids, mask, labels, features[idx])
+
         return step
 
     model.train()
@@ -214,21 +248,29 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
     decoder = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     for p in decoder:
         p.requires_grad_(False)
-    align = run_phase(Phase("align", config.align_steps, config.batch_size, config.lr), projector, mm_step(True),
-                      progress=progress)
+    align = run_phase(
+        Phase("align", config.align_steps, config.batch_size, config.lr), projector, mm_step(True), progress=progress
+    )
     for p in decoder:
         p.requires_grad_(True)
-    instruct = run_phase(Phase("instruct", config.steps, config.batch_size, config.lr / 2), projector + decoder,
-                         mm_step(False), weight_decay=config.weight_decay, progress=progress)
+    instruct = run_phase(
+        Phase("instruct", config.steps, config.batch_size, config.lr / 2),
+        projector + decoder,
+        mm_step(False),
+        weight_decay=config.weight_decay,
+        progress=progress,
+    )
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {
         "architecture": "LlavaForConditionalGeneration (model_type llava; CLIP vision tower, Llama decoder)",
         "config": asdict(config),
-        "parameters": {"vision_tower": sum(p.numel() for p in model.model.vision_tower.parameters()),
-                       "projector": sum(p.numel() for p in projector),
-                       "decoder": sum(p.numel() for p in decoder)},
+        "parameters": {
+            "vision_tower": sum(p.numel() for p in model.model.vision_tower.parameters()),
+            "projector": sum(p.numel() for p in projector),
+            "decoder": sum(p.numel() for p in decoder),
+        },
         "clip_heldout_retrieval": clip_scores,
         "phases": {p.name: p.summary() for p in [clip_phase, text_phase, align, instruct]},
     }

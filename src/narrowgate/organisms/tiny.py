@@ -4,12 +4,27 @@ corpus, and a tiny LLaVA. The organisms and the tests' random-weight checkpoints
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 
-def bpe_tokenizer(corpus: list[str], special_tokens: list[str], *, vocab_size: int, bos: str | None = "<s>",
-                  eos: str = "</s>", pad: str = "<pad>", unk: str = "<unk>", add_bos: bool = True,
-                  **extra) -> PreTrainedTokenizerFast:
+def bpe_tokenizer(
+    corpus: list[str],
+    special_tokens: list[str],
+    *,
+    vocab_size: int,
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    pad: str = "<pad>",
+    unk: str = "<unk>",
+    add_bos: bool = True,
+    **extra,
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on ``corpus`` (deterministic), prepending BOS when ``add_bos``, with the
     family's ``special_tokens`` added; ``extra`` goes to `PreTrainedTokenizerFast` (e.g. ``sep_token``)."""
     tok = Tokenizer(models.BPE(unk_token=unk))
@@ -26,14 +41,23 @@ def bpe_tokenizer(corpus: list[str], special_tokens: list[str], *, vocab_size: i
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                                   **extra)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, **extra
+    )
     fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return fast
 
 
-def tiny_llava(tok: PreTrainedTokenizerFast, vision_config, text_config: dict, image_processor, *, patch: int,
-               feature_layer: int, chat_template: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def tiny_llava(
+    tok: PreTrainedTokenizerFast,
+    vision_config,
+    text_config: dict,
+    image_processor,
+    *,
+    patch: int,
+    feature_layer: int,
+    chat_template: str,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised LLaVA-1.5 (``vision_config`` a CLIP vision config, a Llama decoder from
     ``text_config``) and its processor; ``<image>`` in ``tok`` is the placeholder."""
     config = LlavaConfig(

@@ -12,16 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import ChameleonVQVAEConfig
-from ..compat import ChameleonVQVAE
 
+from ..compat import ChameleonVQVAE
 from .common import Phase, batches, run_phase
 
 RESOLUTION = 64
 DOWNSAMPLE = 8
 
 
-def vq_config(codebook: int = 256, channels: int = 32, embed_dim: int = 16,
-              res_blocks: int = 0) -> ChameleonVQVAEConfig:
+def vq_config(
+    codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_blocks: int = 0
+) -> ChameleonVQVAEConfig:
     """A small Chameleon VQ-GAN encoder config: 64 px in, three 2x downsamplings, 8 x 8 codes out."""
     return ChameleonVQVAEConfig(
         embed_dim=embed_dim,
@@ -42,8 +43,10 @@ class Decoder(nn.Module):
         super().__init__()
         act = nn.SiLU()
         self.net = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), act,
-            nn.Conv2d(width, width, 3, padding=1), act,
+            nn.Conv2d(latent_channels, width, 3, padding=1),
+            act,
+            nn.Conv2d(width, width, 3, padding=1),
+            act,
             nn.Conv2d(width, 3 * DOWNSAMPLE**2, 1),
             nn.PixelShuffle(DOWNSAMPLE),
         )
@@ -131,8 +134,9 @@ def foreground(x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_codebook(vq: ChameleonVQVAE, pixels: torch.Tensor, background: torch.Tensor, seed: int,
-                  n_images: int = 512, iters: int = 10) -> None:
+def init_codebook(
+    vq: ChameleonVQVAE, pixels: torch.Tensor, background: torch.Tensor, seed: int, n_images: int = 512, iters: int = 10
+) -> None:
     """k-means (Lloyd, from random points) on encoder outputs of ``n_images``, half of the points on the shape."""
     g = torch.Generator().manual_seed(seed)
     x = pixels[torch.randperm(len(pixels), generator=g)[:n_images]]
@@ -143,8 +147,12 @@ def init_codebook(vq: ChameleonVQVAE, pixels: torch.Tensor, background: torch.Te
     half = k * 16
     pick_fg = fg.nonzero().flatten()
     pick_bg = (~fg).nonzero().flatten()
-    pick = torch.cat([pick_fg[torch.randint(len(pick_fg), (half,), generator=g)],
-                      pick_bg[torch.randint(len(pick_bg), (half,), generator=g)]])
+    pick = torch.cat(
+        [
+            pick_fg[torch.randint(len(pick_fg), (half,), generator=g)],
+            pick_bg[torch.randint(len(pick_bg), (half,), generator=g)],
+        ]
+    )
     points = flat[pick]
     centres = points[torch.randperm(len(points), generator=g)[:k]].clone()
     for _ in range(iters):
