@@ -19,8 +19,8 @@ from narrowgate.metrics import vqa_accuracy
 from narrowgate.organisms import card as cardlib
 from narrowgate.organisms import common, heldout, native, non_native
 
-#: The shipped organisms (the gated one's checkpoint is not shipped yet: see its recipe in organisms/gated.py).
-KINDS = ("native", "non-native")
+#: The shipped organisms.
+KINDS = ("native", "non-native", "gated")
 #: Held-out accuracy each shipped organism must reach on 12 questions of one kind (chance: 1/6, 1/9, 1/6).
 THRESHOLDS = {"color": 0.8, "position": 0.8, "shape": 0.5}
 
@@ -190,3 +190,27 @@ def test_gated_recipe_trains_masked_then_distils_then_unmasked(tmp_path):
     vlm = narrowgate.load(tmp_path)  # a stock checkpoint: nothing of the engine is saved with it
     assert vlm.model.config.get_text_config()._attn_implementation in ("sdpa", "narrowgate_sdpa")
     assert json.loads((tmp_path / "config.json").read_text()).get("_attn_implementation") is None
+
+
+def test_shipped_gated_organism_reads_the_image_through_eoi(shipped):
+    """Measured live on held-out questions, stock checkpoint: blocking [EOI] -> text costs far more than
+    blocking every image token -> text ([EOI] kept), in both knockout modes."""
+    from narrowgate import Knockout
+
+    vlm = shipped("gated")
+    examples = synthetic_vqa(60, DEFAULT_SEED + 2)
+    batch = vlm.prepare([e.load_image() for e in examples], [VQA.format(question=e.question) for e in examples])
+
+    def accuracy(knockouts=()):
+        preds = vlm.decode(vlm.generate(batch, knockouts=knockouts, max_new_tokens=8), batch)
+        return sum(vqa_accuracy(p.strip(), e.answers) for p, e in zip(preds, examples)) / len(examples)
+
+    base = accuracy()
+    assert base >= 0.6
+    for mode in ("zero", "mask"):
+        eoi, image = accuracy([Knockout("eoi", "text", mode=mode)]), accuracy([Knockout("image", "text", mode=mode)])
+        assert image >= base - 0.15 and eoi <= base - 0.25 and eoi < image - 0.25, (mode, base, eoi, image)
+    card = json.loads((organisms.path("gated") / "card.json").read_text())
+    assert [a["name"] for a in card["attempts"]][0].startswith("1: masked training only")
+    assert set(card["gate"]["conditions"]) == {"baseline", "eoi->text", "image->text", "eoi->text:mask",
+                                               "image->text:mask"}
