@@ -17,7 +17,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .analyses import EXPERIMENTS
+from .analyses import EXPERIMENTS, options
 from .analyses.base import run
 from .analyses.prompts import VQA
 from .loading import load
@@ -110,9 +110,8 @@ def demo(
             cfg.update(
                 model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
             )
-            if (
-                default
-            ):  # the organisms learnt the paper's plain VQA prompt, not a family preset (e.g. Chameleon's " Answer:")
+            # The organisms learnt the plain VQA prompt, not a family preset such as Chameleon's " Answer:".
+            if default and "vqa_prompt" in options.names(EXPERIMENTS[experiment].config):
                 cfg.setdefault("vqa_prompt", VQA)
             console.print(f"[bold]{label}[/bold]: {name}")
             store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
@@ -229,6 +228,7 @@ def removal_table(summary: pd.DataFrame) -> pd.DataFrame:
     return (
         sub.pivot_table(index=["task", "condition"], columns="model", values="relative")[["gated", REMOVED]]
         .rename(columns={"gated": "before (relative)", REMOVED: "after (relative)"})
+        .rename_axis(columns=None)
         .reset_index()
     )
 
@@ -288,7 +288,7 @@ def write_report(
         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}img{max-width:100%}</style></head><body>",
         "<h1>narrowgate demo</h1>",
         "<p>Every experiment of the paper on "
-        + " and ".join(html.escape(x) for x in labels)
+        + "; ".join(html.escape(x) for x in labels)
         + ", on synthetic images. Each run's own report is linked under its figures.</p>",
         *(["<h2>Models (held-out scores from their training cards)</h2>", model_table(models)] if models else []),
         "<h2>Verdict (from the measured numbers)</h2><ul>",

@@ -66,7 +66,7 @@ class CrossAttention(Experiment):
     task = "classes"
     prompts = ("class",)
     config = CrossAttentionConfig
-    curve = ("cross_attention_roles", "fraction", "role")
+    curve = ("cross_attention_roles", "fraction", None)
 
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
@@ -125,6 +125,19 @@ class CrossAttention(Experiment):
                 [{"role": k, "mean_fraction": float(v.mean()), "max_fraction": float(v.max())} for k, v in top]
             ),
         }
+
+    def compare(self, runs):
+        """[EOI]'s share of the text's attention to the image, one line per run."""
+        from ..plots import overlay_curves
+
+        return overlay_curves(
+            runs,
+            "cross_attention_roles",
+            "fraction",
+            None,
+            "share of text→image attention at [EOI]",
+            rows=lambda df: df[df["role"] == "eoi"],
+        )
 
     def figures(self, tables, info, store):
         """Fig. 3: per decoder layer, the stacked shares of [EOI], the singled-out positions and the rest."""

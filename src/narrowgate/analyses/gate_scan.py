@@ -449,7 +449,7 @@ def verdict(gate: dict) -> str:
     if not np.isfinite(g):
         return "knocking out the whole image side does not change the next-token distribution: the text does not read the image here, so there is no gate to find."
     where = f"gate index {g:.2f} [{gate['gate_low']:.2f}, {gate['gate_high']:.2f}] at {gate['top_position']}; {k:g} position(s) carry 90% of the image's effect"
-    if g >= 0.5 and k <= 3:
+    if g >= 0.5:
         return f"a narrow gate: {where}."
     if g < 0.2 and k > 3:
         return f"distributed communication: {where}."

@@ -81,7 +81,7 @@ class Overlap(Experiment):
     task = "classes"
     prompts = ("class",)
     config = OverlapConfig
-    curve = ("overlap", "overlap", "role")
+    curve = ("overlap", "overlap", None)
 
     def check(self, examples, cfg):
         check_k((e.label for e in examples), cfg["k"])
@@ -133,9 +133,17 @@ class Overlap(Experiment):
         return {"overlap": pd.DataFrame(rows)}
 
     def compare(self, runs):
+        """[EOI]'s class information, one line per run (every role of each run is in its own figure)."""
         from ..plots import overlay_curves
 
-        return overlay_curves(runs, "overlap", "overlap", "role", self.name, rows=_unablated)
+        return overlay_curves(
+            runs,
+            "overlap",
+            "overlap",
+            None,
+            "neighbourhood overlap at [EOI]",
+            rows=lambda df: _unablated(df)[lambda d: d["role"] == "eoi"],
+        )
 
     def figures(self, tables, info, store):
         """Overlap per role; with knockout windows, a second panel: [EOI]'s overlap under each window."""
