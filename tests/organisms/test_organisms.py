@@ -47,7 +47,9 @@ def test_shipped_organism_answers_heldout_questions(shipped, kind, question):
     batch = vlm.prepare([e.load_image() for e in examples], [VQA.format(question=e.question) for e in examples])
     preds = vlm.decode(vlm.generate(batch, max_new_tokens=8), batch)
     acc = sum(vqa_accuracy(p.strip(), e.answers) for p, e in zip(preds, examples)) / len(examples)
-    assert acc >= (GATED_THRESHOLDS if kind == "gated" else THRESHOLDS)[question], list(zip(preds, [e.answers[0] for e in examples]))
+    assert acc >= (GATED_THRESHOLDS if kind == "gated" else THRESHOLDS)[question], list(
+        zip(preds, [e.answers[0] for e in examples])
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -216,5 +218,10 @@ def test_shipped_gated_organism_reads_the_image_through_eoi(shipped):
         assert image >= base - 0.15 and eoi <= base - drop and eoi < image - gap, (mode, base, eoi, image)
     card = json.loads((organisms.path("gated") / "card.json").read_text())
     assert [a["name"] for a in card["attempts"]][0].startswith("1: masked training only")
-    assert set(card["gate"]["conditions"]) == {"baseline", "eoi->text", "image->text", "eoi->text:mask",
-                                               "image->text:mask"}
+    assert set(card["gate"]["conditions"]) == {
+        "baseline",
+        "eoi->text",
+        "image->text",
+        "eoi->text:mask",
+        "image->text:mask",
+    }
