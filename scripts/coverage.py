@@ -521,7 +521,10 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
     proc = multiprocessing.get_context("fork").Process(target=_child, args=(model_type, child), daemon=True)
     proc.start()
     child.close()
-    result = parent.recv() if parent.poll(SECONDS_PER_TYPE) else None
+    try:
+        result = parent.recv() if parent.poll(SECONDS_PER_TYPE) else None
+    except EOFError:  # the child died before sending
+        result = None
     proc.join(5)
     if proc.is_alive():
         proc.kill()
@@ -537,9 +540,22 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
 
 
 def _child(model_type: str, conn) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    # MEMORY more than the forked parent already maps (a test process may map many GiB before calling this).
+    limit = _address_space() + MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # A parent that already ran torch's OpenMP pool leaves a forked child that hangs in its first parallel region
+    # (libgomp is not fork-safe): the checks run single-threaded.
+    torch.set_num_threads(1)
     conn.send(_run_type(model_type))
     conn.close()
+
+
+def _address_space() -> int:
+    """Bytes of virtual address space this process maps now (VmSize)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _run_type(model_type: str) -> tuple[str, list[str], str]:

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from narrowgate.cli import app
-from narrowgate.demo import PLAN, SUMMARY, demo, verdict
+from narrowgate.demo import PLAN, REMOVED, SUMMARY, demo, verdict
 
 pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper datasets' layouts
 
@@ -21,14 +21,14 @@ def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
     assert "VQA accuracy (chance)" in text  # the organisms' held-out scores, from their cards
-    for label in ("native", "non-native"):
+    for label in ("native", "non-native", "gated", REMOVED):
         assert f"<li>{label}:" in text
         assert f"{label}: " in result.output
         for name, _, _ in PLAN:
             assert (out / label / name / "report.html").exists()
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["condition"]) == set(SUMMARY)
-    assert set(summary["model"]) == {"native", "non-native"}
+    assert set(summary["model"]) == {"native", "non-native", "gated", REMOVED}
     assert set(summary["task"]) == {"vqa", "captions", "classes"}
     # The organisms answer the prompt they learnt (a family preset such as Chameleon's " Answer:" broke them).
     vqa = summary[(summary["task"] == "vqa") & (summary["condition"] == "baseline")]

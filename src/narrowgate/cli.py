@@ -245,6 +245,7 @@ def _experiment_command(name: str):
             opt = typer.Option(
                 ... if meta.get("required") else None,
                 flag,
+                *([meta["short"]] if meta.get("short") else []),
                 help=escape(help_text),
                 min=meta.get("min"),
                 max=meta.get("max"),

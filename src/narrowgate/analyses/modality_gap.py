@@ -25,7 +25,9 @@ from .options import RunConfig, option
 
 @dataclass
 class ModalityGapConfig(RunConfig):
-    n: int | None = option(10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).", min=1)
+    n: int | None = option(
+        10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).", short="-n", min=1
+    )
     Z: float = option(1.2, "ADP clustering confidence Z, above 0.", flag="--z", parse="positive")
     min_cluster_size: int | None = option(None, "Drop ADP clusters smaller than this.", min=1)
     outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")

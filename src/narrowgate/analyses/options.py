@@ -21,6 +21,7 @@ def option(
     help: str,
     *,
     flag: str | None = None,
+    short: str | None = None,
     min: float | None = None,
     max: float | None = None,
     choices: tuple | None = None,
@@ -28,10 +29,13 @@ def option(
     required: bool = False,
     cli: bool = True,
 ):
-    """A settings field: ``help`` and ``flag`` (default ``--field-name``) for the command line, ``min``, ``max``
+    """A settings field: ``help``, ``flag`` (default ``--field-name``) and ``short`` (e.g. ``-n``) for the command
+    line, ``min``, ``max``
     and ``choices`` checked there, ``parse`` naming a text parser of the CLI (layers, roles, device_map, finite,
     positive, nonempty); ``cli=False`` for settings the Python API alone takes."""
-    meta = dict(help=help, flag=flag, min=min, max=max, choices=choices, parse=parse, required=required, cli=cli)
+    meta = dict(
+        help=help, flag=flag, short=short, min=min, max=max, choices=choices, parse=parse, required=required, cli=cli
+    )
     return field(default=default, metadata=meta)
 
 
@@ -47,6 +51,7 @@ class RunConfig:
     n: int | None = option(
         None,
         "Examples to sample (seeded; default 2,000). Under torchrun write -n: torchrun takes --n for its own options.",
+        short="-n",
         min=1,
     )
     n_per_class: int | None = option(None, "Images per class for ImageNet/synthetic classes.", min=1)
