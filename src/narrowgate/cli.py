@@ -372,7 +372,7 @@ def demo(
     ),
     quiet: bool = _flag("--quiet", "No progress bars."),
 ) -> None:
-    """Run every experiment on the two shipped model organisms (native and non-native) and compare them."""
+    """Run every experiment on the three shipped model organisms (native, non-native, gated) and the gated one with its gate removed, and compare them."""
     from .demo import demo as run_demo
 
     run_demo(out, scale=scale, progress=not quiet, console=console)

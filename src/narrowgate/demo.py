@@ -1,4 +1,7 @@
-"""``narrowgate demo``: every experiment on two models (by default the shipped organisms), one report.
+"""``narrowgate demo``: every experiment on several models (by default the shipped organisms), one report.
+
+By default: native, non-native and gated, plus the gated organism after the remove-gate fine-tuning in
+miniature (`remove_gate`), so the report shows an emergent-gate-free pair, a planted gate, and its removal.
 
 Each experiment runs through the same runner as ``narrowgate run`` (so every sub-run is a normal,
 resumable run directory under ``OUT/<model>/``); the demo then writes ``OUT/report.html`` placing the
