@@ -156,8 +156,12 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None):
     C, g = CB // B, H // Hk
     pre = torch.matmul(_fold(query, B, Hk), pk.transpose(2, 3).to(query.dtype))
     own = torch.matmul(query.reshape(CB, Hk, g * Q, -1), key.transpose(2, 3))
-    scores = _capped(torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float() * scale, softcap)
-    p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
+    scores = _capped(torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float().mul_(scale), softcap)
+    # A finite fill (no NaN to clean up over the whole tensor); a row with no key left is zeroed explicitly.
+    p = torch.softmax(scores.masked_fill_(~allow, torch.finfo(scores.dtype).min), dim=-1)
+    empty = ~allow.any(-1, keepdim=True)
+    if empty.any():
+        p = p.masked_fill(empty, 0.0)
     if zero is not None:
         p = p.masked_fill(zero[:, None], 0.0)
     w = p.to(value.dtype)
