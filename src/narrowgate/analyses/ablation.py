@@ -45,6 +45,18 @@ def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> t
     return out
 
 
+def text_metric(task: str, tokenize: str) -> str:
+    """The name of the score of generated answers (vqa) or captions."""
+    return "vqa_accuracy" if task == "vqa" else ("cider" if tokenize == "ptb" else "cider (raw strings)")
+
+
+def text_score(task: str, preds: dict, examples: dict, tokenize: str) -> float:
+    """VQA accuracy (mean over examples) or corpus CIDEr-D of ``preds`` (example id -> generated text)."""
+    if task == "vqa":
+        return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
+    return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+
+
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
     mode = cfg["mode"]
@@ -145,21 +157,9 @@ class Ablation(Experiment):
             ids = records.rows["example_id"].tolist()
             wanted = set(ids)
             examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
-            if task == "vqa":
-                metric = "vqa_accuracy"
-                scores = {
-                    n: float(
-                        np.mean([vqa_accuracy(p, examples[i].answers) for i, p in zip(ids, records.rows[f"pred:{n}"])])
-                    )
-                    for n in names
-                }
-            else:
-                metric = "cider" if (cfg.get("cider_tokenize") or "ptb") == "ptb" else "cider (raw strings)"
-                refs = {i: list(examples[i].references) for i in ids}
-                tokenize = cfg.get("cider_tokenize") or "ptb"
-                scores = {
-                    n: cider(dict(zip(ids, records.rows[f"pred:{n}"])), refs, tokenize=tokenize)[0] for n in names
-                }
+            tokenize = cfg.get("cider_tokenize") or "ptb"
+            metric = text_metric(task, tokenize)
+            scores = {n: text_score(task, dict(zip(ids, records.rows[f"pred:{n}"])), examples, tokenize) for n in names}
         base = scores["baseline"]
         for n in names:
             rows.append(

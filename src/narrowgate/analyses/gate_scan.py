@@ -38,9 +38,8 @@ import torch
 
 from ..engine.state import InterventionError
 from ..errors import OptionError
-from ..metrics import cider, vqa_accuracy
 from ..roles import image_side
-from .ablation import TASK_OF
+from .ablation import TASK_OF, text_metric, text_score
 from .base import Experiment, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
@@ -305,11 +304,15 @@ class GateScan(Experiment):
         wanted = set(ids)
         examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
         tokenize = cfg.get("cider_tokenize") or "ptb"
+        cache: dict[frozenset, float] = {}
 
         def score(preds: dict) -> float:
-            if task == "vqa":
-                return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
-            return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+            return text_score(task, preds, examples, tokenize)
+
+        def base_score(ids_: frozenset) -> float:  # one baseline score per set of examples, not one per position
+            if ids_ not in cache:
+                cache[ids_] = score({i: base[i] for i in ids_})
+            return cache[ids_]
 
         base = {i: r["texts"][0] for i, (_, r) in zip(ids, exact.iterrows())}
         whole = {i: r["texts"][-1] for i, (_, r) in zip(ids, exact.iterrows())}
@@ -317,10 +320,14 @@ class GateScan(Experiment):
         for i, (_, r) in zip(ids, exact.iterrows()):
             for n, text in zip(r["positions"], r["texts"][1:-1]):
                 per_pos[n][i] = text
-        drops = {n: score({i: base[i] for i in preds}) - score(preds) for n, preds in per_pos.items() if preds}
-        metric = "vqa_accuracy" if task == "vqa" else ("cider" if tokenize == "ptb" else "cider (raw strings)")
-        b, w = score(base), score(whole)
-        return drops, {"score_metric": metric, "score_baseline": b, "score_whole_image": w, "score_drop_whole": b - w}
+        drops = {n: base_score(frozenset(preds)) - score(preds) for n, preds in per_pos.items() if preds}
+        b, w = base_score(frozenset(base)), score(whole)
+        return drops, {
+            "score_metric": text_metric(task, tokenize),
+            "score_baseline": b,
+            "score_whole_image": w,
+            "score_drop_whole": b - w,
+        }
 
     def figures(self, tables, info, store):
         """Per-position damage laid out on the image grid, the specials (BOI, [EOL]s, [EOI]) as bars beside it."""
