@@ -197,8 +197,9 @@ def test_gated_recipe_trains_masked_then_distils_then_unmasked(tmp_path):
 
 
 def test_shipped_gated_organism_reads_the_image_through_eoi(shipped):
-    """Measured live on held-out questions, stock checkpoint: blocking [EOI] -> text costs far more than
-    blocking every image token -> text ([EOI] kept), in both knockout modes."""
+    """Measured live on held-out questions, stock checkpoint, both knockout modes: [EOI] -> text knocked out leaves
+    VQA at chance (1/6 for colours and shapes, 1/9 for positions); every image token -> text knocked out ([EOI]
+    kept) leaves it at baseline."""
     from narrowgate import Knockout
 
     vlm = shipped("gated")
@@ -209,13 +210,11 @@ def test_shipped_gated_organism_reads_the_image_through_eoi(shipped):
         preds = vlm.decode(vlm.generate(batch, knockouts=knockouts, max_new_tokens=8), batch)
         return sum(vqa_accuracy(p.strip(), e.answers) for p, e in zip(preds, examples)) / len(examples)
 
-    base = accuracy()
-    assert base >= 0.6
-    # In mask mode the text rows renormalise onto the image keys when [EOI] is gone and read a little of the image
-    # there (the stock checkpoint learnt to ignore them, not to be blind to them): a smaller, still clear gap.
-    for mode, drop, gap in (("zero", 0.25, 0.25), ("mask", 0.2, 0.1)):
+    base, chance = accuracy(), 1 / 6
+    assert base >= 0.75
+    for mode in ("zero", "mask"):
         eoi, image = accuracy([Knockout("eoi", "text", mode=mode)]), accuracy([Knockout("image", "text", mode=mode)])
-        assert image >= base - 0.15 and eoi <= base - drop and eoi < image - gap, (mode, base, eoi, image)
+        assert eoi <= chance + 0.1 and image >= base - 0.05, (mode, base, eoi, image)
     card = json.loads((organisms.path("gated") / "card.json").read_text())
     assert [a["name"] for a in card["attempts"]][0].startswith("1: masked training only")
     assert set(card["gate"]["conditions"]) == {

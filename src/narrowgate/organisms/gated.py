@@ -10,12 +10,15 @@ checks, without any intervention active, that the text still reads the image thr
 Text rows never learned what to do with image keys, since they never saw them, so the stock checkpoint
 reads garbage from them. Two optional last phases teach the stock model to ignore them:
 ``distil_steps`` (self-distillation: the stock forward learns to match the masked forward of a frozen
-copy, a target in which the image reaches the text through [EOI] only) and ``unmasked_steps`` (plain
-next-token training without the mask at a low learning rate). The card records each phase's scores.
+copy, a target in which the image reaches the text through [EOI] only, plus ``distil_penalty`` times
+the attention mass that text positions put on image tokens, so that the stock text does not learn to
+read the image content again) and ``unmasked_steps`` (plain next-token training without the mask at a
+low learning rate). The card records every attempt and its scores.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +49,10 @@ RECIPE = native.RECIPE + [
     "During training the knockout image -> text is active in mask mode at every decoder layer (narrowgate's own "
     "engine, under autograd): text positions never attend to image tokens, [EOI] (<eoss>) does. The gate is "
     "planted, not emergent.",
-    "Then self-distillation without the mask (300 steps, lr 5e-4, same schedule): the stock forward learns to match "
-    "the masked forward of a frozen copy (KL at every text position), so that the stock checkpoint ignores the "
-    "image keys its text rows never saw, while the information still comes through [EOI] only in the target.",
+    "Then self-distillation without the mask (300 steps, lr 5e-4, same schedule, eager attention): the stock forward "
+    "learns to match the masked forward of a frozen copy (KL at every text position) plus 1.0 x the attention mass "
+    "that text positions put on image tokens (mean over layers, heads and text positions), so that the stock "
+    "checkpoint ignores the image keys its text rows never saw and its text reads the image through [EOI] only.",
 ]
 
 
@@ -58,6 +62,7 @@ class GatedConfig(native.NativeConfig):
 
     distil_steps: int = 300
     distil_lr: float = 5e-4
+    distil_penalty: float = 1.0
     unmasked_steps: int = 0
     unmasked_lr: float = 2e-4
 
@@ -83,18 +88,32 @@ def masked_loss(vlm: VLM, seqs: native.Sequences, knockouts=(TRAINING_KNOCKOUT,)
     return loss
 
 
-def distil_loss(vlm: VLM, teacher: VLM, seqs: native.Sequences):
-    """KL(masked teacher || stock student) of the next-token distributions at every text position of a row."""
+def image_attention(attentions, image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Attention mass on the ``image`` keys ([B, T] bool), averaged over layers, heads and the ``rows`` queries.
+
+    ``attentions``: one [B, H, T, T] probability tensor per layer (``output_attentions``).
+    """
+    mass = torch.stack([(a.float() * image[:, None, None, :]).sum(-1).mean(1) for a in attentions]).mean(0)
+    return (mass * rows).sum() / rows.sum().clamp(min=1)
+
+
+def distil_loss(model, teacher: VLM, seqs: native.Sequences, penalty: float = 0.0):
+    """KL(masked teacher || stock student) of the next-token distributions at every text position of a row, plus
+    ``penalty`` x the student's attention mass from text positions on image tokens (`image_attention`; needs
+    ``model`` in eager attention, which returns its probabilities)."""
 
     def loss(ids, mask, rows):
         lays = [layout(r, seqs.boi, seqs.eoi) for r in rows]
         batch = Batch({"input_ids": ids, "attention_mask": mask}, lays, [0] * len(rows), bos_id=seqs.bos)
         with torch.no_grad(), teacher.intervening(batch, knockouts=(TRAINING_KNOCKOUT,)):
             target = torch.log_softmax(teacher.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        student = torch.log_softmax(vlm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=bool(penalty))
         keep = mask.bool() & batch.mask("text", require=False)
-        t, s = target[keep], student[keep]
-        return (t.exp() * (t - s)).sum(-1).mean()
+        t, s = target[keep], torch.log_softmax(out.logits.float(), -1)[keep]
+        kl = (t.exp() * (t - s)).sum(-1).mean()
+        if not penalty:
+            return kl
+        return kl + penalty * image_attention(out.attentions, batch.mask("image"), keep.float())
 
     return loss
 
@@ -158,15 +177,16 @@ def train(
         progress,
         loss=masked_loss(vlm, seqs),
     )
+    vlm.close()
     phases = [*vq_phases, lm]
     for name, path in (checkpoints or {}).items():
         if name == "lm":
             model.save_pretrained(path)
             processor.save_pretrained(path)
     if config.distil_steps:
-        frozen = type(model)(model.config)
-        frozen.load_state_dict(model.state_dict())
-        teacher = VLM(frozen.eval().requires_grad_(False), processor)
+        teacher = VLM(copy.deepcopy(model).eval().requires_grad_(False), processor)
+        if config.distil_penalty:
+            model.set_attn_implementation("eager")
         phases.append(
             native.lm_phase(
                 model,
@@ -175,9 +195,10 @@ def train(
                 config,
                 seed + 7,
                 progress,
-                loss=distil_loss(vlm, teacher, seqs),
+                loss=distil_loss(model, teacher, seqs, config.distil_penalty),
             )
         )
+        model.set_attn_implementation("sdpa")
         teacher.close()
     if config.unmasked_steps:
         phases.append(
@@ -190,7 +211,6 @@ def train(
                 progress,
             )
         )
-    vlm.close()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     info = native.info(model, config, seqs, phases)
