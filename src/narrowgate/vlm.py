@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -15,7 +15,17 @@ from .batch import Batch
 from .engine import attention as engine_attention
 from .engine import hooks, shared
 from .engine.interventions import Capture, Knockout
-from .engine.state import InterventionError, ResolvedKnockout, RoleMask, Run, activate, recompute_context, resolve
+from .engine.state import (
+    InterventionError,
+    Plan,
+    Record,
+    ResolvedKnockout,
+    RoleMask,
+    Run,
+    activate,
+    recompute_context,
+    resolve,
+)
 from .engine.stats import CrossModalAttention, build
 from .families import detect
 
@@ -273,10 +283,10 @@ class VLM:
         return out
 
     # --- running -----------------------------------------------------------------------------
-    def _run(self, batch, knockouts, patches, capture, attention_stats):
+    def _plan(self, batch, knockouts, patches, capture, attention_stats) -> Plan:
         if self._closed:
             raise InterventionError("This VLM was closed (the model was given back); wrap the model again.")
-        run = resolve(
+        plan = resolve(
             batch,
             layer_of=self.layer_of,
             n_layers=self.n_layers,
@@ -285,29 +295,22 @@ class VLM:
             capture=capture,
             attention_stats=attention_stats,
         )
-        if (run.knockouts or attention_stats) and self._attn not in engine_attention.WRAPS.values():
+        if (plan.knockouts or attention_stats) and self._attn not in engine_attention.WRAPS.values():
             raise InterventionError(
                 f"Knockouts and attention statistics need attn_implementation 'sdpa' or 'eager'; this model uses "
                 f"{self._attn!r}. Load it with narrowgate.load(..., attn_implementation='sdpa')."
             )
-        return run
+        return plan
 
-    @staticmethod
-    def _check_applied(run) -> None:
-        needed = set()
-        for k in run.knockouts:
-            needed |= set(range(run.n_layers)) if k.layers is None else set(k.layers)
-        if run.text is not None:
-            needed |= set(range(run.n_layers))
-        missed = sorted(needed - run.attention_calls)
-        if missed:
-            raise InterventionError(
-                f"The engine's attention never ran in decoder layers {missed}: the intervention did not apply. "
-                "The model's attention implementation bypasses narrowgate."
-            )
-        unapplied = [i for i in range(len(run.patches)) if i not in run.patched]
-        if unapplied:
-            raise InterventionError(f"Patches {unapplied} were never applied during the forward pass.")
+    @contextlib.contextmanager
+    def _running(self, plan: Plan, record: Record | None = None):
+        """The one way narrowgate runs the model: every model call (forward, prefix, suffix passes, generation,
+        training) happens inside this block with ``plan`` active; on leaving it, the check that every
+        intervention of the plan was applied. Yields the `Run` (its record holds what the call produced)."""
+        run = Run(plan, record or Record())
+        with activate(run):
+            yield run
+        run.check_applied()
 
     @contextlib.contextmanager
     def intervening(self, batch: Batch, *, knockouts=(), patches=()):
@@ -318,7 +321,7 @@ class VLM:
         through `enable_gradient_checkpointing` so the recompute sees the same interventions. On
         leaving the block the engine checks that every intervention was applied.
         """
-        run = self._run(batch, knockouts, patches, None, False)
+        plan = self._plan(batch, knockouts, patches, None, False)
         if self.model.training:
             stale = [
                 l
@@ -331,9 +334,8 @@ class VLM:
                     "so the backward pass would recompute attention without the interventions. Enable it with "
                     "VLM.enable_gradient_checkpointing()."
                 )
-        with activate(run):
+        with self._running(plan) as run:
             yield run
-        self._check_applied(run)
 
     def enable_gradient_checkpointing(self) -> None:
         """Non-reentrant gradient checkpointing whose recompute re-applies the interventions of its forward."""
@@ -350,14 +352,12 @@ class VLM:
         attention_stats: bool = False,
     ) -> Output:
         """One forward pass with the given interventions; see `Knockout`, `Patch`, `Capture`."""
-        run = self._run(batch, knockouts, patches, capture, attention_stats)
-        with activate(run):
+        plan = self._plan(batch, knockouts, patches, capture, attention_stats)
+        with self._running(plan) as run:
             out = self.model(**self.model_inputs(batch), use_cache=False)
-        self._check_applied(run)
-        residuals = run.residuals()
-        cma = build(batch, run.column_attention, self.n_layers) if attention_stats else None
+        cma = build(batch, run.record.column_attention, self.n_layers) if attention_stats else None
         return Output(
-            logits=out.logits, residuals=residuals, capture_resids=run.capture_resids, cross_modal_attention=cma
+            logits=out.logits, residuals=run.residuals(), capture_resids=plan.capture_resids, cross_modal_attention=cma
         )
 
     @torch.no_grad()
@@ -368,7 +368,7 @@ class VLM:
         rest through the engine (see `generate_conditions`); the result is the same.
         """
         if not knockouts and not patches:
-            return self._generate_runs(batch, [self._run(batch, (), (), None, False)], 0, max_new_tokens, kwargs)[0]
+            return self._generate_plans(batch, [self._plan(batch, (), (), None, False)], 0, max_new_tokens, kwargs)[0]
         cond = shared.Condition("generate", tuple(knockouts), tuple(patches))
         return self.generate_conditions(batch, [cond], max_new_tokens=max_new_tokens, **kwargs)["generate"]
 
@@ -377,10 +377,9 @@ class VLM:
         """Run the shared prefix once (captures of prefix positions only); returns the run and the cache."""
         inputs = self.model_inputs(batch)
         prefix, suffix = shared.split_inputs(inputs, P)
-        run = self._run(batch, (), (), capture, False)
         # A cache that keeps every position in every layer: the model's own would keep only the last window of a
         # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
-        with activate(run):
+        with self._running(self._plan(batch, (), (), capture, False)) as run:
             out = self.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **self._keep_last())
         return run, compat.output_cache(out), suffix
 
@@ -414,31 +413,35 @@ class VLM:
                 "batch examples whose images end at the same position (same prompt length), or one at a time."
             )
         pre_run, cache, suffix = self._prefix_cache(batch, length, capture)
-        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, pre_run.captured)
+        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, pre_run.record.captured)
 
     def _heads(self) -> int:
         return int(self.layers[0].self_attn.config.num_attention_heads)
 
-    def _suffix_pass(self, prefix: shared.SharedPrefix, run, n: int, keep: int = 1) -> torch.Tensor:
-        """The suffix of ``n`` conditions (``run`` over their n * B rows) in one pass; the logits of the last
-        ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1)."""
-        run.prefix = prefix.kv
-        if prefix.captured:
-            run.captured = shared.repeat_captured(prefix.captured, n)
+    def _suffix_pass(self, prefix: shared.SharedPrefix, plan: Plan, n: int, keep: int = 1) -> tuple[torch.Tensor, Run]:
+        """The suffix of ``n`` conditions (``plan`` over their n * B rows) in one pass: the logits of the last
+        ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1), and the run."""
+        record = Record(captured=shared.repeat_captured(prefix.captured, n))
         cache = compat.PrefixCache(self.n_layers, prefix.length)
-        with activate(run):
+        with self._running(replace(plan, prefix=prefix.kv), record) as run:
             out = self.model(
                 **shared.repeat_rows(prefix.suffix, n),
                 **compat.cache_kwargs(cache),
                 use_cache=True,
                 **self._keep_last(keep),
             )
-        self._check_applied(run)
-        return out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()
+        return (out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()), run
 
-    def _rows_per_pass(self, prefix: shared.SharedPrefix) -> int:
+    def _suffix_passes(self, prefix: shared.SharedPrefix, plans: list[Plan], keep: int = 1):
+        """The conditions' ``plans`` on ``prefix``, stacked as batch rows, as many per pass as memory allows.
+
+        Yields, per pass, how many conditions it held, its logits (as `_suffix_pass`) and its run."""
         b = prefix.batch
-        return shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length)
+        step = shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length)
+        for s in range(0, len(plans), step):
+            part = plans[s : s + step]
+            logits, run = self._suffix_pass(prefix, shared.stack(part, b.size, b.length), len(part), keep)
+            yield len(part), logits, run
 
     @torch.no_grad()
     def forward_conditions(
@@ -471,15 +474,13 @@ class VLM:
                 results[c.name] = self._condition_output(out.logits, out.residuals, out.cross_modal_attention, keep)
             return results
         prefix = self.share_prefix(batch, P, capture)
-        runs = [self._run(batch, c.knockouts, c.patches, capture, attention_stats) for c in conds]
-        step, B = self._rows_per_pass(prefix), batch.size
-        for s in range(0, len(conds), step):
-            part = conds[s : s + step]
-            n = len(part)
-            run = shared.stack(runs[s : s + step], B, batch.length)
-            logits = self._suffix_pass(prefix, run, n, keep).cpu().view(n, B, *(() if keep == 1 else (keep,)), -1)
+        plans = [self._plan(batch, c.knockouts, c.patches, capture, attention_stats) for c in conds]
+        B, done = batch.size, 0
+        for n, logits, run in self._suffix_passes(prefix, plans, keep):
+            part, done = conds[done : done + n], done + n
+            logits = logits.cpu().view(n, B, *(() if keep == 1 else (keep,)), -1)
             residuals = {k: v.view(n, B, *v.shape[1:]) for k, v in run.residuals().items()}
-            cols = {l: t.view(n, B, -1) for l, t in run.column_attention.items()}
+            cols = {l: t.view(n, B, -1) for l, t in run.record.column_attention.items()}
             for i, c in enumerate(part):
                 cma = build(batch, {l: t[i] for l, t in cols.items()}, self.n_layers) if attention_stats else None
                 last, tail = (logits[i], None) if keep == 1 else (logits[i][:, -1], logits[i])
@@ -508,30 +509,17 @@ class VLM:
         if len(per) != C:
             raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
         resolved = [
-            self._run(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
+            self._plan(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
             for l in per
         ]  # validates target, layers and mode
         tgt = resolved[0].target
         if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
-        step = self._rows_per_pass(prefix)
-        out = []
-        for s in range(0, C, step):
-            src = sources[s : s + step].bool()
-            n = src.shape[0]
-            run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
-            for window in dict.fromkeys(k.layers for k in resolved[s : s + step]):
-                rows = torch.tensor([k.layers == window for k in resolved[s : s + step]])
-                run.knockouts.append(
-                    ResolvedKnockout(
-                        RoleMask((src & rows[:, None, None]).reshape(n * B, T), False),
-                        RoleMask(tgt.prompt.repeat(n, 1), tgt.generated),
-                        window,
-                        mode,
-                    )
-                )
-            out.append(self._suffix_pass(prefix, run, n).cpu().view(n, B, -1))
-        return torch.cat(out)
+        plans = [
+            Plan(self.layer_of, self.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, k.layers, mode),))
+            for src, k in zip(sources, resolved)
+        ]
+        return torch.cat([logits.cpu().view(n, B, -1) for n, logits, _ in self._suffix_passes(prefix, plans)])
 
     def attribute(
         self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask"
@@ -548,18 +536,18 @@ class VLM:
         if mode not in ("mask", "zero"):
             raise ValueError(f"mode must be 'mask' or 'zero', got {mode!r}.")
         batch, P = prefix.batch, prefix.length
-        rows = self._run(batch, (Knockout("image", target),), (), None, False).knockouts[0].target.prompt[:, P:]
-        run = Run(layer_of=self.layer_of, n_layers=self.n_layers, probs={})
+        rows = self._plan(batch, (Knockout("image", target),), (), None, False).knockouts[0].target.prompt[:, P:]
         with torch.enable_grad():
-            logits = self._suffix_pass(prefix, run, 1)
+            logits, run = self._suffix_pass(prefix, Plan(self.layer_of, self.n_layers, record_probs=True), 1)
+            probs = run.record.probs
             top = logits.argmax(-1)
             metric = torch.log_softmax(logits, -1).gather(1, top[:, None]).sum()
-            layers = sorted(run.probs)
-            grads = torch.autograd.grad(metric, [run.probs[l] for l in layers])
+            layers = sorted(probs)
+            grads = torch.autograd.grad(metric, [probs[l] for l in layers])
         est = torch.zeros(batch.size, batch.length)
         sel = rows.to(grads[0].device)[:, None, :, None].float()  # [B, 1, Q, 1]
         for l, G in zip(layers, grads):
-            A = run.probs[l].detach()
+            A = probs[l].detach()
             if mode == "zero":
                 edge = -A * G
             else:
@@ -575,8 +563,8 @@ class VLM:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
         conds = shared.as_conditions(conditions)
         P = shared.prefix_length(batch, conds, attention_stats=False, causal_from=self.family.causal_from(batch.inputs))
-        runs = [self._run(batch, c.knockouts, c.patches, None, False) for c in conds]
-        return dict(zip((c.name for c in conds), self._generate_runs(batch, runs, P, max_new_tokens, kwargs)))
+        plans = [self._plan(batch, c.knockouts, c.patches, None, False) for c in conds]
+        return dict(zip((c.name for c in conds), self._generate_plans(batch, plans, P, max_new_tokens, kwargs)))
 
     @torch.no_grad()
     def generate_knockouts(
@@ -600,23 +588,24 @@ class VLM:
                 f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
             )
         template = Knockout("image", target, mode=mode)
-        tgt = self._run(batch, (template,), (), None, False).knockouts[0].target
+        tgt = self._plan(batch, (template,), (), None, False).knockouts[0].target
         P = shared.prefix_length(
             batch,
             [shared.Condition("k", knockouts=(template,))],
             attention_stats=False,
             causal_from=self.family.causal_from(batch.inputs),
         )
-        runs = []
-        for c in range(C):
-            run = Run(layer_of=self.layer_of, n_layers=self.n_layers)
-            run.knockouts.append(ResolvedKnockout(RoleMask(sources[c].bool(), False), tgt, None, mode))
-            runs.append(run)
-        return self._generate_runs(batch, runs, P, max_new_tokens, kwargs)
+        plans = [
+            Plan(self.layer_of, self.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, None, mode),))
+            for src in sources
+        ]
+        return self._generate_plans(batch, plans, P, max_new_tokens, kwargs)
 
-    def _generate_runs(self, batch: Batch, runs: list, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
-        """Generate once per resolved run, the first ``P`` positions cached once with stock attention (P = 0:
-        nothing shared, every run reads the whole prompt)."""
+    def _generate_plans(
+        self, batch: Batch, plans: list[Plan], P: int, max_new_tokens: int, kwargs: dict
+    ) -> list[torch.Tensor]:
+        """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
+        shared, every plan reads the whole prompt)."""
         inputs = self.model_inputs(batch)
         cache = None
         if P:
@@ -624,16 +613,15 @@ class VLM:
             inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         kwargs = self._gen_kwargs(kwargs)
         results = []
-        for run in runs:
+        for plan in plans:
             try:
-                with activate(run):
+                with self._running(plan):
                     out = self.model.generate(
                         **inputs, **(compat.cache_kwargs(cache) if P else {}), max_new_tokens=max_new_tokens, **kwargs
                     )
             finally:
                 if P:
                     shared.crop(cache, P)
-            self._check_applied(run)
             results.append(out.cpu())
         return results
 

@@ -3,6 +3,8 @@ on an unmodified model), and the attribution estimate equals the first-order der
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AttentionInterface, ChameleonForConditionalGeneration
@@ -58,16 +60,16 @@ class Planted(VLM):
 
     keep: int = 0
 
-    def _suffix_pass(self, prefix, run, n):
+    def _suffix_pass(self, prefix, plan, n, keep=1):
         batch = prefix.batch
         lay = batch.layouts[0]
         blocked = torch.zeros(batch.size, batch.length, dtype=torch.bool)
         blocked[:, [p for p, _, _ in side_positions(lay) if p != self.keep]] = True
         text = batch.mask("text")
-        run.knockouts.append(
-            ResolvedKnockout(RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True), None, "mask")
+        planted = ResolvedKnockout(
+            RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True), None, "mask"
         )
-        return super()._suffix_pass(prefix, run, n)
+        return super()._suffix_pass(prefix, dataclasses.replace(plan, knockouts=(*plan.knockouts, planted)), n, keep)
 
 
 def test_planted_gate_is_found_and_an_unmodified_model_has_none(checkpoint_dir, loaded, tmp_path):

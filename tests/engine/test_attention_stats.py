@@ -28,10 +28,10 @@ def test_cross_modal_attention_matches_eager_maps(loaded, family, knockout):
     kos = [ng.Knockout("eoi", "text", layers=(1,))] if knockout else []
     cma = vlm.forward(batch, attention_stats=True, knockouts=kos).cross_modal_attention
     with torch.no_grad():
-        from narrowgate.engine.state import activate, resolve
+        from narrowgate.engine.state import Run, activate, resolve
 
-        run = resolve(batch, layer_of=eager.layer_of, n_layers=eager.n_layers, knockouts=kos)
-        with activate(run):
+        plan = resolve(batch, layer_of=eager.layer_of, n_layers=eager.n_layers, knockouts=kos)
+        with activate(Run(plan)):
             att = eager.model(**eager.model_inputs(batch), output_attentions=True, use_cache=False).attentions
     att = att[-eager.n_layers :]  # decoder layers only (some models also return vision attentions)
     assert len(att) == vlm.n_layers

@@ -55,8 +55,8 @@ def test_shared_generation_equals_separate_generation(case):
     conds = _conditions(vlm, batch)
     shared = vlm.generate_conditions(batch, conds, max_new_tokens=5)
     for c in conds:
-        run = vlm._run(batch, c.knockouts, c.patches, None, False)
-        full = vlm._generate_runs(batch, [run], 0, 5, {})[0]  # nothing shared: interventions over the whole prompt
+        plan = vlm._plan(batch, c.knockouts, c.patches, None, False)
+        full = vlm._generate_plans(batch, [plan], 0, 5, {})[0]  # nothing shared: interventions over the whole prompt
         assert torch.equal(shared[c.name], full), c.name
         if c.knockouts or c.patches:
             assert torch.equal(vlm.generate(batch, knockouts=c.knockouts, patches=c.patches, max_new_tokens=5), full)

@@ -65,10 +65,10 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     return m.expand(batch, 1, q_len, k_len)
 
 
-def _effective_mask(run, attention_mask, layer, B, Q, K, offset, device):
+def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
     """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None)."""
     allow = _allowed(attention_mask, B, Q, K, offset, device)
-    mask_block, zero_block = run.blocks(layer, offset, Q, K, device)
+    mask_block, zero_block = plan.blocks(layer, offset, Q, K, device)
     if mask_block is not None:
         allow = allow & ~mask_block[:, None]
     return allow, zero_block
@@ -142,32 +142,91 @@ def _unfold(x: torch.Tensor, C: int, H: int, Q: int) -> torch.Tensor:
     return x.reshape(B, Hk, C, g, Q, n).permute(2, 0, 1, 3, 4, 5).reshape(C * B, H, Q, n)
 
 
-def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None):
+def _fold_entries(entries: torch.Tensor, B: int) -> torch.Tensor:
+    """[C*B, 1, Q, n] -> a [B, 1, C, 1, Q, n] view that broadcasts against folded rows viewed [B, Hk, C, g, Q, n]."""
+    CB, _, Q, n = entries.shape
+    return entries.reshape(CB // B, B, 1, Q, n).permute(1, 2, 0, 3, 4).unsqueeze(3)
+
+
+def _fill_folded(x: torch.Tensor, entries: torch.Tensor, value: float, Hk: int, g: int, inplace: bool) -> torch.Tensor:
+    """Set the ``entries`` ([C*B, 1, Q, P], True = set) of folded rows ``x`` ([B, Hk, C*g*Q, P]) to ``value``.
+
+    Few entries (a scan blocks one column per condition) are written by index; many by a broadcast mask.
+    """
+    hit = entries.nonzero()
+    if len(hit) == 0:
+        return x
+    B = x.shape[0]
+    CB, _, Q, P = entries.shape
+    if len(hit) * 16 < entries.numel():
+        cb, q, p = hit[:, 0], hit[:, 2], hit[:, 3]
+        h = torch.arange(Hk, device=x.device)[:, None, None]
+        gi = torch.arange(g, device=x.device)[None, :, None]
+        idx = (((((cb % B) * Hk + h) * (CB // B) + cb // B) * g + gi) * Q + q) * P + p
+        flat, idx = x.view(-1), idx.reshape(-1).to(x.device)
+        return (flat.index_fill_(0, idx, value) if inplace else flat.index_fill(0, idx, value)).view(x.shape)
+    rows = x.view(B, Hk, CB // B, g, Q, P)
+    m = _fold_entries(entries, B).to(x.device)
+    return (rows.masked_fill_(m, value) if inplace else rows.masked_fill(m, value)).view(x.shape)
+
+
+def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch=None):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
     query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
     [B, Hk, P, d] of the shared prefix, never expanded over conditions; allow [C*B, 1, Q, P+Q].
-    Returns the output [C*B, Q, H, dv] and the probabilities [C*B, H, Q, P+Q] (float32, zero-mode
-    entries zeroed).
+    The prefix part is computed with every condition's rows folded into one matmul per example and
+    merged with the suffix part by their log-sum-exp, so its scores are never concatenated, copied or
+    normalised: outside autograd they live in one buffer (``scratch``, a dict reused by every layer)
+    and are exponentiated in place. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
+    probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
+    them, so gradients reach them).
     """
-    CB, H, Q, _ = query.shape
+    CB, H, Q, d = query.shape
     pk, pv = prefix
     B, Hk, P, _ = pk.shape
     C, g = CB // B, H // Hk
-    pre = torch.matmul(_fold(query, B, Hk), pk.transpose(2, 3).to(query.dtype))
-    own = torch.matmul(query.reshape(CB, Hk, g * Q, -1), key.transpose(2, 3))
-    scores = _capped(torch.cat([_unfold(pre, C, H, Q), own.reshape(CB, H, Q, Q)], dim=-1).float().mul_(scale), softcap)
-    # A finite fill (no NaN to clean up over the whole tensor); a row with no key left is zeroed explicitly.
-    p = torch.softmax(scores.masked_fill_(~allow, torch.finfo(scores.dtype).min), dim=-1)
-    empty = ~allow.any(-1, keepdim=True)
-    if empty.any():
-        p = p.masked_fill(empty, 0.0)
-    if zero is not None:
-        p = p.masked_fill(zero[:, None], 0.0)
-    w = p.to(value.dtype)
-    out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
-    out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
-    return out.transpose(1, 2), p
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, pk, pv)))
+    wide = torch.promote_types(query.dtype, torch.float32)
+    low = torch.finfo(wide).min
+    folded, keys = _fold(query * scale, B, Hk), pk.transpose(2, 3).to(query.dtype)
+    if inplace and scratch is not None and query.dtype == wide:
+        shape = (B, Hk, C * g * Q, P)
+        buf = scratch.get("scores")
+        if buf is None or buf.shape != shape or buf.dtype != wide or buf.device != query.device:
+            buf = scratch["scores"] = torch.empty(shape, dtype=wide, device=query.device)
+        pre = torch.matmul(folded, keys, out=buf)
+    else:
+        pre = torch.matmul(folded, keys).to(wide)
+    if softcap is not None:
+        pre = _capped(pre, softcap)
+    pre = _fill_folded(pre, ~allow[..., :P], low, Hk, g, inplace)
+    top_pre = pre.amax(-1, keepdim=True)
+    e_pre = pre.sub_(top_pre).exp_() if inplace else torch.exp(pre - top_pre)
+    sum_pre = e_pre.sum(-1, keepdim=True)
+    own = _capped(_wide(torch.matmul(query.reshape(CB, Hk, g * Q, d), key.transpose(2, 3))) * scale, softcap)
+    own = own.view(CB, H, Q, Q).masked_fill(~allow[..., P:], low)
+    top_own = own.amax(-1, keepdim=True)
+    e_own = torch.exp(own - top_own)
+    sum_own = e_own.sum(-1, keepdim=True)
+    if zero is not None:  # zero mode: the entries leave the numerator, not the normaliser
+        e_pre = _fill_folded(e_pre, zero[:, None, :, :P], 0.0, Hk, g, inplace)
+        e_own = e_own.masked_fill(zero[:, None, :, P:], 0.0)
+    top_pre, sum_pre = _unfold(top_pre, C, H, Q), _unfold(sum_pre, C, H, Q)
+    top = torch.maximum(top_pre, top_own)
+    w_pre, w_own = torch.exp(top_pre - top), torch.exp(top_own - top)
+    empty = ~allow.any(-1, keepdim=True)  # a row with no key left attends to nothing (output zero)
+    norm = (sum_pre * w_pre + sum_own * w_own).masked_fill(empty, 1.0)
+    w_pre, w_own = (w_pre / norm).masked_fill(empty, 0.0), (w_own / norm).masked_fill(empty, 0.0)
+    if probs:
+        p = torch.cat([_unfold(e_pre, C, H, Q) * w_pre, e_own * w_own], -1)
+        w = p.to(value.dtype)
+        out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
+        out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
+        return out.transpose(1, 2), p
+    o_pre = _unfold(torch.matmul(e_pre.to(value.dtype), pv.to(value.dtype)), C, H, Q)
+    o_own = torch.matmul(e_own.to(value.dtype).reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
+    return (_wide(o_pre) * w_pre + _wide(o_own) * w_own).to(value.dtype).transpose(1, 2), None
 
 
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
@@ -178,32 +237,45 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             "model with attn_implementation='eager'."
         )
     B, H, Q, d = query.shape
-    K = key.shape[2] + (0 if run.prefix is None else run.prefix[layer][0].shape[2])
+    plan, record = run.plan, run.record
+    K = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2])
     offset = K - Q
     device = query.device
     scale = scaling if scaling is not None else d**-0.5
-    run.attention_calls.add(layer)
+    record.attention_calls.add(layer)
 
-    allow, zero_block = run.cached(
-        ("allow", id(attention_mask), run.active_key(layer), offset, Q, K, str(device)),
-        lambda: _effective_mask(run, attention_mask, layer, B, Q, K, offset, device),
+    allow, zero_block = run.scratch.cached(
+        ("allow", id(attention_mask), plan.active_key(layer), offset, Q, K, str(device)),
+        lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device),
         keep=attention_mask,
     )
-    stats_rows = run.text.window(offset, offset + Q, device) if run.text is not None else None
+    stats_rows = plan.text.window(offset, offset + Q, device) if plan.text is not None else None
 
-    if run.prefix is not None:
-        out, probs = with_prefix(query, key, value, run.prefix[layer], scale, allow, zero_block, softcap)
-        run.record(layer, probs)
-        if stats_rows is not None:
+    if plan.prefix is not None:
+        out, probs = with_prefix(
+            query,
+            key,
+            value,
+            plan.prefix[layer],
+            scale,
+            allow,
+            zero_block,
+            softcap,
+            probs=plan.record_probs or stats_rows is not None,
+            scratch=run.scratch.buffers,
+        )
+        if probs is not None:
+            run.record_probs(layer, probs)
+        if probs is not None and stats_rows is not None:
             cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            run.column_attention[layer] = cols.detach()
+            record.column_attention[layer] = cols.detach()
         return out.contiguous(), None
 
     if not eager and Q <= DIRECT_ROWS:
         out, probs = _direct(query, key, value, scale, allow, zero_block, dropout if module.training else 0.0)
         if stats_rows is not None:
             cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            run.column_attention[layer] = cols.detach()
+            record.column_attention[layer] = cols.detach()
         return out.contiguous(), None
 
     groups = getattr(module, "num_key_value_groups", 1)
@@ -219,10 +291,10 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         w = w.to(query.dtype)
         out = torch.nn.functional.dropout(w, p=dropout, training=module.training)
         out = torch.matmul(out, v_full).transpose(1, 2).contiguous()
-        if run.text is not None:
-            rows = run.text.window(offset, offset + Q, device)
+        if plan.text is not None:
+            rows = plan.text.window(offset, offset + Q, device)
             cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
-            run.column_attention[layer] = cols.detach()
+            record.column_attention[layer] = cols.detach()
         return out, w
 
     final = allow if zero_block is None else allow & ~zero_block[:, None]
@@ -248,15 +320,15 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         if stats_rows is not None:
             is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
             cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]
-            run.column_attention[layer] = cols.detach()
+            record.column_attention[layer] = cols.detach()
     return out.contiguous(), None
 
 
 def _make(eager: bool):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         run = active_run()
-        layer = None if run is None else run.layer_of.get(id(module))
-        if layer is None or not run.attention_active(layer):
+        layer = None if run is None else run.plan.layer_of.get(id(module))
+        if layer is None or not run.plan.attention_active(layer):
             if eager:
                 return _stock_eager(
                     module,

@@ -28,7 +28,7 @@ def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
     """Apply patches at residual ``index`` to ``hidden`` [B, Q, D] (a copy if changed); record captures."""
     Q = hidden.shape[1]
     changed = False
-    for i, (layer, pos, value) in enumerate(run.patches):
+    for i, (layer, pos, value) in enumerate(run.plan.patches):
         if layer != index:
             continue
         rel = pos - offset
@@ -40,10 +40,10 @@ def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
             changed = True
         rows = torch.nonzero(ok).flatten()
         hidden[rows.to(hidden.device), rel[rows].to(hidden.device)] = value[rows].to(hidden.device, hidden.dtype)
-        run.patched.add(i)
-    if index in run.capture_resids:
-        for name, positions in run.capture_positions.items():
-            _accumulate(run.captured[name], index, hidden, positions, offset)
+        run.record.patched.add(i)
+    if index in run.plan.capture_resids:
+        for name, positions in run.plan.capture_positions.items():
+            _accumulate(run.record.captured.setdefault(name, {}), index, hidden, positions, offset)
     return hidden
 
 
@@ -85,11 +85,11 @@ def install(layers: torch.nn.ModuleList) -> list:
 
         def pre(module, args, kwargs, l=l):
             run = active_run()
-            if run is None or not (run.patches or run.capture_resids):
+            if run is None or not (run.plan.patches or run.plan.capture_resids):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            run.offset = _past_length(kwargs, l)
-            new = _visit(run, l, hidden, run.offset)
+            run.scratch.offset = _past_length(kwargs, l)
+            new = _visit(run, l, hidden, run.scratch.offset)
             if new is hidden:
                 return None
             if args:
@@ -100,10 +100,10 @@ def install(layers: torch.nn.ModuleList) -> list:
 
     def post(module, args, kwargs, output):
         run = active_run()
-        if run is None or not (run.patches or run.capture_resids):
+        if run is None or not (run.plan.patches or run.plan.capture_resids):
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        new = _visit(run, n, hidden, run.offset)
+        new = _visit(run, n, hidden, run.scratch.offset)
         if new is hidden:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -5,7 +5,7 @@ keys and values in every condition. The prefix (the image, typically nearly all 
 runs once and fills a KV cache. Forwards then run the suffixes of many conditions in one pass: the
 conditions become batch rows (condition-major: row ``c * B + b``), every row attends to the one
 shared prefix without copying it (`narrowgate.compat.PrefixCache`, `engine.attention.with_prefix`),
-and the conditions' interventions are stacked into one run (`stack`). Generation runs each condition
+and the conditions' interventions are stacked into one plan (`stack`). Generation runs each condition
 on the cache and crops it back to the prefix afterwards. Results equal full recomputation (tests).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from ..batch import Batch
 from .interventions import Knockout, Patch
-from .state import ResolvedKnockout, RoleMask, Run
+from .state import Plan, ResolvedKnockout, RoleMask
 
 
 @dataclass(frozen=True)
@@ -146,45 +146,48 @@ def _stacked(parts: list, C: int, fill: torch.Tensor) -> torch.Tensor:
     return torch.cat([fill if p is None else p for p in parts[:C]], dim=0)
 
 
-def stack(runs: list[Run], batch_size: int, length: int) -> Run:
-    """One run over ``len(runs) * batch_size`` rows equal to the given runs (each over the same batch) side by side.
+def stack(plans: list[Plan], batch_size: int, length: int) -> Plan:
+    """One plan over ``len(plans) * batch_size`` rows equal to the given plans (each over the same batch) side by side.
 
     Knockouts (and patches) of different conditions land in different rows, so they merge without
     interacting: the i-th knockout with given layers and mode of every condition becomes one knockout
     whose masks are empty in the rows of conditions that lack it. Captures and attention statistics,
     the same for every condition, are repeated.
     """
-    first, C, B = runs[0], len(runs), batch_size
-    out = Run(layer_of=first.layer_of, n_layers=first.n_layers)
+    first, C, B = plans[0], len(plans), batch_size
+    knockouts, patches = [], []
     empty = torch.zeros(B, length, dtype=torch.bool)
     groups: dict = {}
-    for c, run in enumerate(runs):
+    for c, plan in enumerate(plans):
         seen: dict = {}
-        for k in run.knockouts:
+        for k in plan.knockouts:
             kind = (k.layers, k.mode, k.source.generated, k.target.generated)
             seen[kind] = seen.get(kind, -1) + 1
             groups.setdefault((*kind, seen[kind]), [None] * C)[c] = k
     for (layers, mode, src_gen, tgt_gen, _), ks in groups.items():
         src = _stacked([None if k is None else k.source.prompt for k in ks], C, empty)
         tgt = _stacked([None if k is None else k.target.prompt for k in ks], C, empty)
-        out.knockouts.append(ResolvedKnockout(RoleMask(src, src_gen), RoleMask(tgt, tgt_gen), layers, mode))
+        knockouts.append(ResolvedKnockout(RoleMask(src, src_gen), RoleMask(tgt, tgt_gen), layers, mode))
     patch_groups: dict = {}
-    for c, run in enumerate(runs):
+    for c, plan in enumerate(plans):
         seen = {}
-        for layer, pos, value in run.patches:
+        for layer, pos, value in plan.patches:
             seen[layer] = seen.get(layer, -1) + 1
             patch_groups.setdefault((layer, seen[layer]), [None] * C)[c] = (pos, value)
     for (layer, _), ps in patch_groups.items():
         like = next(p for p in ps if p is not None)[1]
         pos = _stacked([None if p is None else p[0] for p in ps], C, torch.full((B,), -1, dtype=torch.long))
         value = _stacked([None if p is None else p[1] for p in ps], C, torch.zeros_like(like))
-        out.patches.append((layer, pos, value))
-    out.capture_resids = first.capture_resids
-    out.capture_positions = {name: list(pos) * C for name, pos in first.capture_positions.items()}
-    out.captured = {name: {} for name in first.captured}
-    if first.text is not None:
-        out.text = RoleMask(first.text.prompt.repeat(C, 1), first.text.generated)
-    return out
+        patches.append((layer, pos, value))
+    return Plan(
+        first.layer_of,
+        first.n_layers,
+        tuple(knockouts),
+        tuple(patches),
+        {name: list(pos) * C for name, pos in first.capture_positions.items()},
+        first.capture_resids,
+        None if first.text is None else RoleMask(first.text.prompt.repeat(C, 1), first.text.generated),
+    )
 
 
 def repeat_captured(captured: dict, n: int) -> dict:

@@ -1,7 +1,10 @@
-"""The interventions of one model call, resolved against a batch into position masks.
+"""The interventions of one model call: a frozen plan, what the call records, and its scratch state.
 
-A `Run` is made active (a context variable) for the duration of a forward or a generation. The
-attention function and the layer hooks read it; with no active run they do nothing at all.
+`resolve` turns knockouts, patches and captures into position masks for a batch: a `Plan`. A `Run`
+pairs a plan with the `Record` the call fills (captures, attention statistics, which interventions
+applied) and `Scratch` state that lives for the call only. A run is made active (a context variable)
+for the duration of a forward or a generation; the attention function and the layer hooks read it,
+and with no active run they do nothing at all.
 """
 
 from __future__ import annotations
@@ -81,69 +84,36 @@ class ResolvedKnockout:
     mode: str
 
 
-@dataclass
-class Run:
-    """Everything the hooks and the attention function need for one call."""
+@dataclass(frozen=True)
+class Plan:
+    """What one model call does, resolved against its batch: fixed before the call, read by the hooks and the
+    attention function, never written during it. Conditions stacked as batch rows are one plan (`shared.stack`)."""
 
     layer_of: dict[int, int]  # id(attention module) -> decoder layer index
     n_layers: int
-    knockouts: list[ResolvedKnockout] = field(default_factory=list)
-    patches: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, pos[B], value[B,D])
+    knockouts: tuple[ResolvedKnockout, ...] = ()
+    patches: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()  # (resid, pos [B], value [B, D])
     capture_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     capture_resids: tuple[int, ...] = ()
-    captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # sums, counts
     text: RoleMask | None = None  # query rows for attention statistics
-    column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
-    patched: set[int] = field(default_factory=set)  # indices into patches that were applied
-    attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
-    offset: int = 0  # absolute position of the first query row in the current layer call
     prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
-    probs: dict | None = None  # when set: layer -> attention probabilities of the suffix rows, gradients retained
-    _cache: dict = field(default_factory=dict, repr=False)
+    record_probs: bool = False  # keep each layer's suffix attention probabilities, gradients retained
 
-    def cached(self, key, make, keep=None):
-        """Masks shared by the layers of one call: computed once per (mask, window) and reused.
-
-        ``keep`` is held alongside so the id in ``key`` cannot be reused by another tensor.
-        """
-        hit = self._cache.get(key)
-        if hit is None:
-            if len(self._cache) > 8:
-                self._cache.clear()
-            hit = self._cache[key] = (make(), keep)
-        return hit[0]
+    def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
+        return [k for k in self.knockouts if k.layers is None or layer in k.layers]
 
     def active_key(self, layer: int) -> tuple[int, ...]:
         """Which knockouts apply at ``layer``: layers with the same ones share masks."""
         return tuple(i for i, k in enumerate(self.knockouts) if k.layers is None or layer in k.layers)
 
-    def residuals(self) -> dict[str, torch.Tensor]:
-        """Captured residuals per role: [B, len(capture_resids), D], averaged over each role's positions."""
-        out = {}
-        for name, per_layer in self.captured.items():
-            missing = [l for l in self.capture_resids if l not in per_layer]
-            if missing:
-                raise InterventionError(f"Capture of {name} never reached residual indices {missing}.")
-            sums = torch.stack([per_layer[l][0] for l in self.capture_resids], dim=1)
-            counts = torch.stack([per_layer[l][1] for l in self.capture_resids], dim=1)
-            want = torch.tensor([len(p) for p in self.capture_positions[name]], dtype=torch.float32)
-            if not torch.equal(counts, want[:, None].expand_as(counts)):
-                raise InterventionError(f"Capture of {name} saw only part of its positions.")
-            out[name] = sums / counts[..., None]
-        return out
-
-    def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
-        return [k for k in self.knockouts if k.layers is None or layer in k.layers]
-
     def attention_active(self, layer: int) -> bool:
         return bool(self.knockouts_at(layer)) or self.text is not None or self.prefix is not None
 
-    def record(self, layer: int, probs: torch.Tensor) -> None:
-        """Keep a layer's attention probabilities (and, under autograd, their gradient) when asked to."""
-        if self.probs is not None:
-            if probs.requires_grad:
-                probs.retain_grad()
-            self.probs[layer] = probs
+    def attention_layers(self) -> set[int]:
+        """The decoder layers whose attention must run through the engine for the plan to apply."""
+        if self.text is not None or any(k.layers is None for k in self.knockouts):
+            return set(range(self.n_layers))
+        return {l for k in self.knockouts for l in k.layers or ()}
 
     def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
         """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""
@@ -157,6 +127,82 @@ class Run:
         return out["mask"], out["zero"]
 
 
+@dataclass
+class Record:
+    """What one call produced, written by the hooks and the attention function as layers run."""
+
+    captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # sums, counts
+    column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
+    patched: set[int] = field(default_factory=set)  # indices into the plan's patches that were applied
+    attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probabilities (plan.record_probs)
+
+
+@dataclass
+class Scratch:
+    """State that means nothing once the call is over: the current layer call's window and what layers share."""
+
+    offset: int = 0  # absolute position of the first query row in the current layer call (set by the pre-hook)
+    masks: dict = field(default_factory=dict, repr=False)
+    buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
+
+    def cached(self, key, make, keep=None):
+        """Masks shared by the layers of one call: computed once per (mask, window) and reused.
+
+        ``keep`` is held alongside so the id in ``key`` cannot be reused by another tensor.
+        """
+        hit = self.masks.get(key)
+        if hit is None:
+            if len(self.masks) > 8:
+                self.masks.clear()
+            hit = self.masks[key] = (make(), keep)
+        return hit[0]
+
+
+@dataclass
+class Run:
+    """One model call in progress: its frozen `Plan`, the `Record` it fills and its `Scratch` state."""
+
+    plan: Plan
+    record: Record = field(default_factory=Record)
+    scratch: Scratch = field(default_factory=Scratch)
+
+    def record_probs(self, layer: int, probs: torch.Tensor) -> None:
+        """Keep a layer's attention probabilities (and, under autograd, their gradient) when the plan asks."""
+        if self.plan.record_probs:
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.record.probs[layer] = probs
+
+    def check_applied(self) -> None:
+        """Raise unless every knockout, statistic and patch of the plan was applied during the call."""
+        missed = sorted(self.plan.attention_layers() - self.record.attention_calls)
+        if missed:
+            raise InterventionError(
+                f"The engine's attention never ran in decoder layers {missed}: the intervention did not apply. "
+                "The model's attention implementation bypasses narrowgate."
+            )
+        unapplied = [i for i in range(len(self.plan.patches)) if i not in self.record.patched]
+        if unapplied:
+            raise InterventionError(f"Patches {unapplied} were never applied during the forward pass.")
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Captured residuals per role: [B, len(capture_resids), D], averaged over each role's positions."""
+        out = {}
+        for name, positions in self.plan.capture_positions.items():
+            per_layer = self.record.captured.get(name, {})
+            missing = [l for l in self.plan.capture_resids if l not in per_layer]
+            if missing:
+                raise InterventionError(f"Capture of {name} never reached residual indices {missing}.")
+            sums = torch.stack([per_layer[l][0] for l in self.plan.capture_resids], dim=1)
+            counts = torch.stack([per_layer[l][1] for l in self.plan.capture_resids], dim=1)
+            want = torch.tensor([len(p) for p in positions], dtype=torch.float32)
+            if not torch.equal(counts, want[:, None].expand_as(counts)):
+                raise InterventionError(f"Capture of {name} saw only part of its positions.")
+            out[name] = sums / counts[..., None]
+        return out
+
+
 def resolve(
     batch: Batch,
     *,
@@ -166,9 +212,13 @@ def resolve(
     patches=(),
     capture: Capture | None = None,
     attention_stats: bool = False,
-) -> Run:
+) -> Plan:
     """Turn interventions into position masks for ``batch``, checking that each one can apply."""
-    run = Run(layer_of=layer_of, n_layers=n_layers)
+    knocks: list[ResolvedKnockout] = []
+    patched: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    positions: dict[str, list[torch.Tensor]] = {}
+    resids: tuple[int, ...] = ()
+    text: RoleMask | None = None
     for k in knockouts:
         if not isinstance(k, Knockout):
             raise TypeError(f"knockouts must be narrowgate.Knockout objects, got {type(k).__name__}.")
@@ -178,7 +228,7 @@ def resolve(
             src, tgt = role_mask(batch, k.sources), role_mask(batch, k.targets)
         except RoleError as e:
             raise InterventionError(f"Knockout {k.name} cannot apply: {e}") from e
-        run.knockouts.append(ResolvedKnockout(src, tgt, None if k.layers is None else frozenset(k.layers), k.mode))
+        knocks.append(ResolvedKnockout(src, tgt, None if k.layers is None else frozenset(k.layers), k.mode))
     for p in patches:
         if not isinstance(p, Patch):
             raise TypeError(f"patches must be narrowgate.Patch objects, got {type(p).__name__}.")
@@ -189,31 +239,29 @@ def resolve(
             raise InterventionError(f"Patch at {p.role} cannot apply: {e}") from e
         if p.value.shape[0] != batch.size:
             raise InterventionError(f"Patch value has batch size {p.value.shape[0]}, the batch has {batch.size}.")
-        run.patches.append((p.resid, pos, p.value))
+        patched.append((p.resid, pos, p.value))
     if capture is not None:
         layers = tuple(range(n_layers + 1)) if capture.resids is None else capture.resids
         _check_layers(layers, n_layers, "Capture", "residual index")
-        run.capture_resids = layers
+        resids = tuple(layers)
         for r in capture.parsed:
             role_pos = batch.positions(r)
             empty = [b for b, p in enumerate(role_pos) if len(p) == 0]
             if empty:
                 raise InterventionError(f"Cannot capture role {r}: it is empty in example(s) {empty}.")
-            run.capture_positions[str(r)] = role_pos
-            run.captured[str(r)] = {}
-        for name, positions in capture.at or ():  # type: ignore[union-attr]  # a tuple after Capture.__post_init__
-            if len(positions) != batch.size or not all(0 <= p < batch.length for p in positions):
+            positions[str(r)] = role_pos
+        for name, at in capture.at or ():  # type: ignore[union-attr]  # a tuple after Capture.__post_init__
+            if len(at) != batch.size or not all(0 <= p < batch.length for p in at):
                 raise InterventionError(
                     f"Capture {name!r} needs one position per example inside the sequence (0..{batch.length - 1})."
                 )
-            run.capture_positions[name] = [torch.tensor([p]) for p in positions]
-            run.captured[name] = {}
+            positions[name] = [torch.tensor([p]) for p in at]
     if attention_stats:
         try:
-            run.text = role_mask(batch, "text")
+            text = role_mask(batch, "text")
         except RoleError as e:
             raise InterventionError(f"Cross-modal attention needs text positions: {e}") from e
-    return run
+    return Plan(layer_of, n_layers, tuple(knocks), tuple(patched), positions, resids, text)
 
 
 def _check_layers(layers, top: int, what: str, kind: str) -> None:
