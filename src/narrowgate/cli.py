@@ -22,6 +22,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import NarrowgateError, OptionError, parse_layer_set
+from .roles import RoleError, parse_role
 
 console = Console()
 
@@ -98,24 +99,18 @@ def _nonempty(value):
     return value
 
 
-def _layers(value):
-    if value is not None:
-        try:
-            parse_layer_set(value)
-        except OptionError as e:
-            raise typer.BadParameter(str(e)) from None
-    return value
+def _refusing(parse, error):
+    """A typer callback that refuses a value (or any item of a list) ``parse`` rejects with ``error``."""
 
+    def check(value):
+        for v in value if isinstance(value, list) else ([] if value is None else [value]):
+            try:
+                parse(v)
+            except error as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
 
-def _roles(values):
-    from .roles import RoleError, parse_role
-
-    for v in values or ():
-        try:
-            parse_role(v)
-        except RoleError as e:
-            raise typer.BadParameter(str(e)) from None
-    return values
+    return check
 
 
 def _device_map(value):
@@ -173,8 +168,8 @@ def roles(
 
 
 PARSERS = {
-    "layers": _layers,
-    "roles": _roles,
+    "layers": _refusing(parse_layer_set, OptionError),
+    "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
     "finite": _finite,
     "positive": _positive,

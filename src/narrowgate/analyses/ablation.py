@@ -25,7 +25,6 @@ from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
-TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagenet": "classes"}
 
 
 def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> tuple[int, ...] | None:
@@ -93,14 +92,11 @@ class Ablation(Experiment):
     task = "vqa"
     config = AblationConfig
 
-    def _task(self, cfg):
-        return cfg.get("task") or TASK_OF.get(cfg["data"], "vqa")
-
     def prompt_kinds(self, cfg):
-        return ({"classes": "class"}.get(self._task(cfg), self._task(cfg)),)
+        return ({"classes": "class"}.get(self.task_of(cfg), self.task_of(cfg)),)
 
     def requested(self, cfg):
-        if self._task(cfg) == "classes":
+        if self.task_of(cfg) == "classes":
             out = {"n_per_class": cfg.get("n_per_class") or 100}
             return {**out, "n": cfg["n"]} if cfg.get("n") else out
         return {"n": cfg.get("n") or 2000}
@@ -108,7 +104,7 @@ class Ablation(Experiment):
     def examples(self, cfg):
         return tasks.load(
             cfg["data"],
-            self._task(cfg),
+            self.task_of(cfg),
             cfg.get("data_dir"),
             seed=cfg["seed"],
             allow_fewer=bool(cfg.get("allow_fewer")),
@@ -116,14 +112,14 @@ class Ablation(Experiment):
         )
 
     def check(self, examples, cfg):
-        if self._task(cfg) == "classes":
+        if self.task_of(cfg) == "classes":
             check_k((e.label for e in examples), cfg["k"])
 
     def check_model(self, cfg, n_layers):
         conditions(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):
-        task = self._task(cfg)
+        task = self.task_of(cfg)
         conds = conditions(cfg, vlm.n_layers)
         exs = [u.examples[0] for u in units]
         imgs = [im[0] for im in images]
@@ -145,7 +141,7 @@ class Ablation(Experiment):
         return rows, {}
 
     def aggregate(self, records, cfg, info):
-        task = self._task(cfg)
+        task = self.task_of(cfg)
         names = [c.name for c in conditions(cfg, info["n_layers"])]
         rows = []
         if task == "classes":

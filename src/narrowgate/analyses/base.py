@@ -59,6 +59,10 @@ def register(cls: type[Experiment]) -> type[Experiment]:
     return cls
 
 
+#: The task each paper dataset implies (for experiments that run any of several tasks).
+TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagenet": "classes"}
+
+
 class Experiment:
     """Base class: subclasses set ``name``, ``task``, ``config`` and implement `process`/`aggregate`/`figures`."""
 
@@ -92,6 +96,10 @@ class Experiment:
 
     def prompt_kinds(self, cfg: dict) -> tuple:
         return self.prompts
+
+    def task_of(self, cfg: dict) -> str:
+        """For experiments with a ``--task`` setting: that task, else the one the dataset implies, else ``task``."""
+        return cfg.get("task") or TASK_OF.get(cfg["data"], self.task)
 
     def requested(self, cfg: dict) -> dict:
         """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""

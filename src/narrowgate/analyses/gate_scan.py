@@ -39,7 +39,7 @@ import torch
 from ..engine.state import InterventionError
 from ..errors import OptionError
 from ..roles import image_side
-from .ablation import TASK_OF, text_metric, text_score
+from .ablation import text_metric, text_score
 from .base import Experiment, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
@@ -113,13 +113,10 @@ class GateScan(Experiment):
     task = "classes"
     config = GateScanConfig
 
-    def _task(self, cfg):
-        return cfg.get("task") or TASK_OF.get(cfg["data"], "classes")
-
     def examples(self, cfg):
         from . import tasks
 
-        task = self._task(cfg)
+        task = self.task_of(cfg)
         n = cfg.get("n") or (None if task == "classes" else 200)
         return tasks.load(
             cfg["data"],
@@ -131,15 +128,15 @@ class GateScan(Experiment):
         )
 
     def units(self, examples, cfg):
-        if cfg.get("score") and self._task(cfg) not in ("vqa", "captions"):
+        if cfg.get("score") and self.task_of(cfg) not in ("vqa", "captions"):
             raise OptionError(
-                f"--score needs a generative task, and this run's is {self._task(cfg)!r}: give --data "
+                f"--score needs a generative task, and this run's is {self.task_of(cfg)!r}: give --data "
                 "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data."
             )
         return [Unit(e.id, (e,), meta={"check": i < int(cfg["check"])}) for i, e in enumerate(examples)]
 
     def _prompt(self, example, cfg):
-        task = self._task(cfg)
+        task = self.task_of(cfg)
         if task == "vqa":
             return vqa_prompt(cfg, example.question)
         return caption_prompt(cfg) if task == "captions" else class_prompt(cfg)
@@ -181,7 +178,7 @@ class GateScan(Experiment):
         for i, (p, _, _) in enumerate(side):
             m[1 + i, 0, p] = True
         m[N + 1, 0, [p for p, _, _ in side]] = True
-        new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self._task(cfg)])
+        new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self.task_of(cfg)])
         gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
         return [vlm.decode(g, batch)[0].strip() for g in gens]
 
@@ -299,7 +296,7 @@ class GateScan(Experiment):
 
     def _score_drops(self, exact: pd.DataFrame, names: list[str], cfg) -> tuple[dict, dict]:
         """Per position, baseline score - score with that position knocked out (on the examples that have it)."""
-        task = self._task(cfg)
+        task = self.task_of(cfg)
         ids = exact["example_id"].tolist()
         wanted = set(ids)
         examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
