@@ -148,26 +148,42 @@ def _fold_entries(entries: torch.Tensor, B: int) -> torch.Tensor:
     return entries.reshape(CB // B, B, 1, Q, n).permute(1, 2, 0, 3, 4).unsqueeze(3)
 
 
-def _fill_folded(x: torch.Tensor, entries: torch.Tensor, value: float, Hk: int, g: int, inplace: bool) -> torch.Tensor:
-    """Set the ``entries`` ([C*B, 1, Q, P], True = set) of folded rows ``x`` ([B, Hk, C*g*Q, P]) to ``value``.
-
-    Few entries (a scan blocks one column per condition) are written by index; many by a broadcast mask.
-    """
+def _fill_plan(entries: torch.Tensor, B: int, Hk: int, g: int, device) -> torch.Tensor | None:
+    """Where to write ``entries`` ([C*B, 1, Q, P], True = set) in folded rows [B, Hk, C*g*Q, P]: None (nowhere),
+    flat indices (few entries: a scan blocks one column per condition) or a broadcast bool mask (many)."""
     hit = entries.nonzero()
     if len(hit) == 0:
-        return x
-    B = x.shape[0]
+        return None
     CB, _, Q, P = entries.shape
-    if len(hit) * 16 < entries.numel():
-        cb, q, p = hit[:, 0], hit[:, 2], hit[:, 3]
-        h = torch.arange(Hk, device=x.device)[:, None, None]
-        gi = torch.arange(g, device=x.device)[None, :, None]
-        idx = (((((cb % B) * Hk + h) * (CB // B) + cb // B) * g + gi) * Q + q) * P + p
-        flat, idx = x.view(-1), idx.reshape(-1).to(x.device)
-        return (flat.index_fill_(0, idx, value) if inplace else flat.index_fill(0, idx, value)).view(x.shape)
-    rows = x.view(B, Hk, CB // B, g, Q, P)
-    m = _fold_entries(entries, B).to(x.device)
-    return (rows.masked_fill_(m, value) if inplace else rows.masked_fill(m, value)).view(x.shape)
+    if len(hit) * 16 >= entries.numel():
+        return _fold_entries(entries, B).to(device)
+    cb, q, p = hit[:, 0], hit[:, 2], hit[:, 3]
+    h = torch.arange(Hk)[:, None, None]
+    gi = torch.arange(g)[None, :, None]
+    return ((((((cb % B) * Hk + h) * (CB // B) + cb // B) * g + gi) * Q + q) * P + p).reshape(-1).to(device)
+
+
+def _cached_plan(scratch: dict | None, name: str, mask: torch.Tensor, entries, B: int, Hk: int, g: int):
+    """`_fill_plan` of ``entries()``, kept in ``scratch`` while ``mask`` (the layers' shared mask) stays the same."""
+    hit = None if scratch is None else scratch.get(name)
+    if hit is None or hit[0] is not mask:
+        hit = (mask, _fill_plan(entries(), B, Hk, g, mask.device))
+        if scratch is not None:
+            scratch[name] = hit
+    return hit[1]
+
+
+def _fill(x: torch.Tensor, where: torch.Tensor | None, value: float, inplace: bool) -> torch.Tensor:
+    """``x`` (folded rows [B, Hk, C*g*Q, P]) with the places of `_fill_plan` set to ``value``."""
+    if where is None:
+        return x
+    if where.dtype != torch.bool:
+        flat = x.view(-1)
+        return (flat.index_fill_(0, where, value) if inplace else flat.index_fill(0, where, value)).view(x.shape)
+    B, Hk, _, P = x.shape
+    _, _, C, _, Q, _ = where.shape
+    rows = x.view(B, Hk, C, -1, Q, P)
+    return (rows.masked_fill_(where, value) if inplace else rows.masked_fill(where, value)).view(x.shape)
 
 
 def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch=None):
@@ -200,7 +216,7 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
         pre = torch.matmul(folded, keys).to(wide)
     if softcap is not None:
         pre = _capped(pre, softcap)
-    pre = _fill_folded(pre, ~allow[..., :P], low, Hk, g, inplace)
+    pre = _fill(pre, _cached_plan(scratch, "blocked", allow, lambda: ~allow[..., :P], B, Hk, g), low, inplace)
     top_pre = pre.amax(-1, keepdim=True)
     e_pre = pre.sub_(top_pre).exp_() if inplace else torch.exp(pre - top_pre)
     sum_pre = e_pre.sum(-1, keepdim=True)
@@ -210,7 +226,8 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     e_own = torch.exp(own - top_own)
     sum_own = e_own.sum(-1, keepdim=True)
     if zero is not None:  # zero mode: the entries leave the numerator, not the normaliser
-        e_pre = _fill_folded(e_pre, zero[:, None, :, :P], 0.0, Hk, g, inplace)
+        where = _cached_plan(scratch, "zero", zero, lambda: zero[:, None, :, :P], B, Hk, g)
+        e_pre = _fill(e_pre, where, 0.0, inplace)
         e_own = e_own.masked_fill(zero[:, None, :, P:], 0.0)
     top_pre, sum_pre = _unfold(top_pre, C, H, Q), _unfold(sum_pre, C, H, Q)
     top = torch.maximum(top_pre, top_own)
