@@ -13,6 +13,7 @@ import narrowgate as ng
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
 from narrowgate.analyses.gate_scan import kl, side_positions
+from narrowgate.engine import shared
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
 from narrowgate.vlm import VLM
 from tests.fixtures import chameleon
@@ -27,7 +28,10 @@ def _scan_cfg(ckpt, out, **extra):
 
 @pytest.mark.parametrize("family", ["chameleon", "llava"])
 @pytest.mark.parametrize("mode", ["mask", "zero"])
-def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mode):
+@pytest.mark.parametrize("per_pass", [None, 7], ids=["one-pass", "seven-per-pass"])
+def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mode, per_pass, monkeypatch):
+    if per_pass:  # a real scan runs in many suffix passes
+        monkeypatch.setattr(shared, "rows_per_pass", lambda *args: per_pass)
     vlm = loaded(family)
     batch = vlm.prepare(images(1, seed=3), [PROMPT])
     lay = batch.layouts[0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import narrowgate as ng
+from narrowgate.engine import shared as shared_prefix
 from narrowgate.engine.shared import Condition, prefix_length
 from tests.engine.conftest import same_prompt
 
@@ -34,8 +35,12 @@ def case(request, loaded, family, mixed):
     return vlm, batch
 
 
-def test_shared_forward_equals_separate_forwards(case):
+@pytest.mark.parametrize("per_pass", [None, 2], ids=["one-pass", "two-per-pass"])
+def test_shared_forward_equals_separate_forwards(case, per_pass, monkeypatch):
+    """Also when the conditions are split into several suffix passes (as a large scan is)."""
     vlm, batch = case
+    if per_pass:
+        monkeypatch.setattr(shared_prefix, "rows_per_pass", lambda *args: per_pass)
     conds = _conditions(vlm, batch)
     capture = ng.Capture(("last_image", "eoi", "last"))
     shared = vlm.forward_conditions(batch, conds, capture=capture, attention_stats=True)
