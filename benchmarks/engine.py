@@ -12,7 +12,8 @@ Ratios (each timing is the fastest of interleaved repeats, the least disturbed b
   R4  20-token generation with a knockout / plain generate                    target <= 1.1
   R5  exact gate scan: every image-side position -> text knocked out alone (mask mode), plus the baseline,
       / plain forward of the same prompt: the scan's own default, the class prompt "This animal is a"
-      (exactness costs at least 1 + positions x suffix / sequence forwards)  target <= 10, naive ~1,027
+      (exactness costs at least 1 + positions x suffix / sequence forwards by token count; the FLOP count,
+      whose suffix tokens attend to the whole prompt, is printed too)  target <= 10, naive ~1,027
       R5_attribution: the first-order scan (one suffix forward + backward) / plain forward   target <= 3
 
     python benchmarks/engine.py [--json FILE] [--config small|7b] [--repeats N]
@@ -123,6 +124,23 @@ def _kib(status: Path, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{key} not in {status}")
+
+
+def _scan_floor_flops(vlm, T: int, P: int, conditions: int) -> float:
+    """What an exact scan must compute, in plain forwards of its prompt, counting matmul FLOPs: the prefix once,
+    then every condition's T - P suffix tokens through every layer, each attending to the whole prompt (a plain
+    forward's token attends to (T + 1) / 2 positions on average)."""
+    cfg = vlm.model.config.get_text_config()
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    linear = 2 * (2 * h * h + 2 * h * kv + 3 * h * m)  # q, o; k, v; gated MLP
+
+    def per_token(keys: float) -> float:
+        return linear + 4 * h * keys  # scores and weighted values
+
+    plain = T * per_token((T + 1) / 2)
+    suffix = conditions * (T - P) * per_token(T)
+    return (P * per_token((P + 1) / 2) + suffix) / plain
 
 
 def main(argv=None) -> dict:
@@ -238,6 +256,7 @@ def main(argv=None) -> dict:
         "scan_positions": len(side),
         "scan_suffix_tokens": scan_batch.length - lay.eoi - 1,
         "R5_floor": 1 + (len(side) + 1) * (scan_batch.length - lay.eoi - 1) / scan_batch.length,
+        "R5_floor_flops": _scan_floor_flops(vlm, scan_batch.length, lay.eoi + 1, len(side) + 1),
         "scan_positions_per_s": len(side) / med["R5"],
         "naive": {
             "R1": med["R1_naive"] / med["plain"],
@@ -270,7 +289,8 @@ def main(argv=None) -> dict:
         print(f"{k:<10} {result[k]:9.2f} {target:8.2f} {naive_text}  {flag}")
     print(
         f"gate scan: {len(side)} image-side positions, {result['scan_suffix_tokens']} text tokens after [EOI] "
-        f"(arithmetic floor {result['R5_floor']:.2f} forwards), {result['scan_positions_per_s']:.1f} positions/s"
+        f"(floor {result['R5_floor']:.2f} forwards by tokens, {result['R5_floor_flops']:.2f} by FLOPs), "
+        f"{result['scan_positions_per_s']:.1f} positions/s"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
