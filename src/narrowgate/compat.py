@@ -1,4 +1,4 @@
-"""Every use of transformers internals and of version-specific names, in one place.
+"""Every use of transformers (and PyTorch) internals and of version-specific names, in one place.
 
 narrowgate supports the transformers releases that `pyproject.toml` admits (see the README's
 compatibility table). When a release renames something, the fix belongs here and nowhere else;
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _dist_version
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
@@ -79,6 +80,31 @@ class PrefixCache(Cache):
         super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
 
 
+def _flash_cpu():
+    """PyTorch's fused CPU attention that also returns the log-sum-exp of each row (private; the public
+    ``scaled_dot_product_attention`` dispatches to it but drops the log-sum-exp). None where it is missing or
+    behaves otherwise than expected (checked once on a small case); callers then compute the same by hand."""
+    op = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
+    if op is None:
+        return None
+    try:
+        q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+        bias = torch.zeros(1, 1, 3, 5)
+        bias[..., 0] = torch.finfo(torch.float32).min
+        out, lse = op(q, k, v, 0.0, False, attn_mask=bias, scale=0.5)
+        scores = (q @ k.transpose(2, 3)) * 0.5 + bias
+        ok = torch.allclose(out, torch.softmax(scores, -1) @ v, atol=1e-5) and torch.allclose(
+            lse.reshape(1, 1, 3), torch.logsumexp(scores, -1), atol=1e-5
+        )
+    except (RuntimeError, TypeError):
+        return None
+    return op if ok else None
+
+
+#: ``flash_cpu(q, k, v, 0.0, False, attn_mask=additive_bias, scale=s) -> (output, logsumexp)`` or None.
+flash_cpu = _flash_cpu()
+
+
 def enable_checkpointing(model, context_fn) -> None:
     """Non-reentrant gradient checkpointing whose recompute enters ``context_fn``'s second context.
 
@@ -116,6 +142,7 @@ __all__ = [
     "checkpointing_context",
     "enable_checkpointing",
     "eager_mask",
+    "flash_cpu",
     "is_torchvision_available",
     "layer_cache",
     "output_cache",

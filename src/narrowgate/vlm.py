@@ -437,7 +437,7 @@ class VLM:
 
         Yields, per pass, how many conditions it held, its logits (as `_suffix_pass`) and its run."""
         b = prefix.batch
-        step = shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length, self.input_device.type)
+        step = shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length)
         for s in range(0, len(plans), step):
             part = plans[s : s + step]
             logits, run = self._suffix_pass(prefix, shared.stack(part, b.size, b.length), len(part), keep)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import narrowgate as ng
+from narrowgate import compat
 from narrowgate.engine import shared as shared_prefix
 from narrowgate.engine.shared import Condition, prefix_length
 from tests.engine.conftest import same_prompt
@@ -35,12 +36,16 @@ def case(request, loaded, family, mixed):
     return vlm, batch
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-prefix", "prefix-by-hand"])
 @pytest.mark.parametrize("per_pass", [None, 2], ids=["one-pass", "two-per-pass"])
-def test_shared_forward_equals_separate_forwards(case, per_pass, monkeypatch):
-    """Also when the conditions are split into several suffix passes (as a large scan is)."""
+def test_shared_forward_equals_separate_forwards(case, per_pass, fused, monkeypatch):
+    """Also when the conditions are split into several suffix passes (as a large scan is), and with the prefix
+    part computed by hand (accelerators, soft-capping) instead of by PyTorch's fused CPU attention."""
     vlm, batch = case
     if per_pass:
         monkeypatch.setattr(shared_prefix, "rows_per_pass", lambda *args: per_pass)
+    if not fused:
+        monkeypatch.setattr(compat, "flash_cpu", None)
     conds = _conditions(vlm, batch)
     capture = ng.Capture(("last_image", "eoi", "last"))
     shared = vlm.forward_conditions(batch, conds, capture=capture, attention_stats=True)
@@ -74,3 +79,23 @@ def test_condition_touching_the_image_falls_back_to_full_runs(mixed):
     out = vlm.forward_conditions(batch, conds)
     full = vlm.forward(batch, knockouts=conds[1].knockouts)
     torch.testing.assert_close(out["img"].last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-prefix", "prefix-by-hand"])
+def test_text_blind_to_the_whole_prefix_equals_full_forward(loaded, fused, monkeypatch):
+    """Text rows whose every prefix key is knocked out (mask mode) attend to the text only: the prefix part of the
+    shared-prefix attention is empty for them and must weigh nothing."""
+    if not fused:
+        monkeypatch.setattr(compat, "flash_cpu", None)
+    vlm = loaded("chameleon")  # image first: everything before the text is bos and the image
+    batch = same_prompt(vlm)
+    blind = ng.Knockout(("bos", "boi", "image", "eoi"), "text", mode="mask")
+    conds = [Condition("baseline"), Condition("blind", knockouts=(blind,))]
+    first_text = prefix_length(batch, conds, attention_stats=False)
+    assert first_text == int(batch.mask("text").any(0).nonzero().min())
+    assert batch.mask(blind.sources)[:, :first_text].all()  # every prefix key is blocked for the text
+    got = vlm.forward_conditions(batch, conds)
+    for c in conds:
+        full = vlm.forward(batch, knockouts=c.knockouts).logits[:, -1].float()
+        torch.testing.assert_close(got[c.name].last_logits, full, atol=1e-5, rtol=0)
+    assert (got["blind"].last_logits - got["baseline"].last_logits).abs().max() > 1e-4

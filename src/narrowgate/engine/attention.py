@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from .. import compat
 from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
 from .state import InterventionError, active_run
 
@@ -163,16 +164,6 @@ def _fill_plan(entries: torch.Tensor, B: int, Hk: int, g: int, device) -> torch.
     return ((((((cb % B) * Hk + h) * (CB // B) + cb // B) * g + gi) * Q + q) * P + p).reshape(-1).to(device)
 
 
-def _cached_plan(scratch: dict | None, name: str, mask: torch.Tensor, entries, B: int, Hk: int, g: int):
-    """`_fill_plan` of ``entries()``, kept in ``scratch`` while ``mask`` (the layers' shared mask) stays the same."""
-    hit = None if scratch is None else scratch.get(name)
-    if hit is None or hit[0] is not mask:
-        hit = (mask, _fill_plan(entries(), B, Hk, g, mask.device))
-        if scratch is not None:
-            scratch[name] = hit
-    return hit[1]
-
-
 def _fill(x: torch.Tensor, where: torch.Tensor | None, value: float, inplace: bool) -> torch.Tensor:
     """``x`` (folded rows [B, Hk, C*g*Q, P]) with the places of `_fill_plan` set to ``value``."""
     if where is None:
@@ -186,14 +177,60 @@ def _fill(x: torch.Tensor, where: torch.Tensor | None, value: float, inplace: bo
     return (rows.masked_fill_(where, value) if inplace else rows.masked_fill(where, value)).view(x.shape)
 
 
+def _prefix_scores(folded, keys, scratch, inplace: bool, wide) -> torch.Tensor:
+    """Scores of the folded query rows against the prefix keys, in ``scratch``'s reused buffer outside autograd."""
+    if not (inplace and scratch is not None and folded.dtype == wide):
+        return torch.matmul(folded, keys).to(wide)
+    shape = (*folded.shape[:-1], keys.shape[-1])
+    buf = scratch.get("scores")
+    if buf is None or buf.shape != shape or buf.dtype != wide or buf.device != folded.device:
+        buf = scratch["scores"] = torch.empty(shape, dtype=wide, device=folded.device)
+    return torch.matmul(folded, keys, out=buf)
+
+
+def _fused_prefix(folded, pk, pv, allow, zero, scratch, low):
+    """The prefix part by PyTorch's fused CPU attention (`compat.flash_cpu`): normalised output over the kept
+    keys and the log-sum-exp over kept and over allowed keys (they differ by zero-mode entries), folded rows."""
+    B, Hk, R, _ = folded.shape
+    CB, _, Q, _ = allow.shape
+    C, P = CB // B, pk.shape[2]
+
+    def bias(keep):
+        rows = keep.reshape(C, B, 1, Q, P).permute(1, 2, 0, 3, 4).unsqueeze(3).expand(B, 1, C, R // (C * Q), Q, P)
+        out = torch.zeros(B, 1, R, P, dtype=folded.dtype, device=folded.device)
+        return out.masked_fill_(~rows.reshape(B, 1, R, P), low)
+
+    allowed = _cached(scratch, "bias", allow, lambda: bias(allow[..., :P]))
+    if zero is None or not zero[..., :P].any():
+        out, lse = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=allowed, scale=1.0)
+        return out, lse[..., None], lse[..., None]
+    kept = _cached(scratch, "bias_zero", zero, lambda: bias(allow[..., :P] & ~zero[:, None, :, :P]))
+    out, lse_kept = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=kept, scale=1.0)
+    _, lse_all = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=allowed, scale=1.0)
+    return out, lse_kept[..., None], lse_all[..., None]
+
+
+def _cached(scratch: dict | None, name: str, mask: torch.Tensor, make):
+    """``make()``, kept in ``scratch`` while ``mask`` (the layers' shared mask) stays the same tensor."""
+    hit = None if scratch is None else scratch.get(name)
+    if hit is None or hit[0] is not mask:
+        hit = (mask, make())
+        if scratch is not None:
+            scratch[name] = hit
+    return hit[1]
+
+
 def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch=None):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
     query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
     [B, Hk, P, d] of the shared prefix, never expanded over conditions; allow [C*B, 1, Q, P+Q].
-    The prefix part is computed with every condition's rows folded into one matmul per example and
-    merged with the suffix part by their log-sum-exp, so its scores are never concatenated, copied or
-    normalised: outside autograd they live in one buffer (``scratch``, a dict reused by every layer)
+    Every condition's rows of an example are folded into one query block against that example's prefix,
+    and the two parts (prefix, own suffix) are merged exactly by their log-sum-exp, so no score is ever
+    concatenated or copied. Each part gives an unnormalised output U, a log-offset t and its log-normaliser
+    n (its output is U e^t; its share of the softmax denominator e^n; zero-mode entries leave U, not n).
+    The prefix part runs in PyTorch's fused CPU attention where it can (no scores in memory at all);
+    otherwise its scores live in one reused buffer (``scratch``, a dict shared by the layers of a call)
     and are exponentiated in place. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
     probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
     them, so gradients reach them).
@@ -205,43 +242,48 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, pk, pv)))
     wide = torch.promote_types(query.dtype, torch.float32)
     low = torch.finfo(wide).min
-    folded, keys = _fold(query * scale, B, Hk), pk.transpose(2, 3).to(query.dtype)
-    if inplace and scratch is not None and query.dtype == wide:
-        shape = (B, Hk, C * g * Q, P)
-        buf = scratch.get("scores")
-        if buf is None or buf.shape != shape or buf.dtype != wide or buf.device != query.device:
-            buf = scratch["scores"] = torch.empty(shape, dtype=wide, device=query.device)
-        pre = torch.matmul(folded, keys, out=buf)
+    folded, keys = _fold(query * scale, B, Hk), pk.to(query.dtype)
+    fused = (
+        compat.flash_cpu is not None
+        and inplace
+        and not probs
+        and softcap is None
+        and query.device.type == "cpu"
+        and query.dtype == wide
+    )
+    if fused:
+        u_pre, t_pre, n_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, zero, scratch, low)
     else:
-        pre = torch.matmul(folded, keys).to(wide)
-    if softcap is not None:
-        pre = _capped(pre, softcap)
-    pre = _fill(pre, _cached_plan(scratch, "blocked", allow, lambda: ~allow[..., :P], B, Hk, g), low, inplace)
-    top_pre = pre.amax(-1, keepdim=True)
-    e_pre = pre.sub_(top_pre).exp_() if inplace else torch.exp(pre - top_pre)
-    sum_pre = e_pre.sum(-1, keepdim=True)
+        pre = _capped(_prefix_scores(folded, keys.transpose(2, 3), scratch, inplace, wide), softcap)
+        blocked = _cached(scratch, "blocked", allow, lambda: _fill_plan(~allow[..., :P], B, Hk, g, query.device))
+        pre = _fill(pre, blocked, low, inplace)
+        t_pre = pre.amax(-1, keepdim=True)
+        e_pre = pre.sub_(t_pre).exp_() if inplace else torch.exp(pre - t_pre)
+        n_pre = t_pre + torch.log(e_pre.sum(-1, keepdim=True))
+        if zero is not None:  # zero mode: the entries leave the numerator, not the normaliser
+            where = _cached(scratch, "zero", zero, lambda: _fill_plan(zero[:, None, :, :P], B, Hk, g, query.device))
+            e_pre = _fill(e_pre, where, 0.0, inplace)
+        u_pre = None if probs else torch.matmul(e_pre.to(value.dtype), pv.to(value.dtype))
     own = _capped(_wide(torch.matmul(query.reshape(CB, Hk, g * Q, d), key.transpose(2, 3))) * scale, softcap)
     own = own.view(CB, H, Q, Q).masked_fill(~allow[..., P:], low)
-    top_own = own.amax(-1, keepdim=True)
-    e_own = torch.exp(own - top_own)
-    sum_own = e_own.sum(-1, keepdim=True)
-    if zero is not None:  # zero mode: the entries leave the numerator, not the normaliser
-        where = _cached_plan(scratch, "zero", zero, lambda: zero[:, None, :, :P], B, Hk, g)
-        e_pre = _fill(e_pre, where, 0.0, inplace)
+    t_own = own.amax(-1, keepdim=True)
+    e_own = torch.exp(own - t_own)
+    n_own = t_own + torch.log(e_own.sum(-1, keepdim=True))
+    if zero is not None:
         e_own = e_own.masked_fill(zero[:, None, :, P:], 0.0)
-    top_pre, sum_pre = _unfold(top_pre, C, H, Q), _unfold(sum_pre, C, H, Q)
-    top = torch.maximum(top_pre, top_own)
-    w_pre, w_own = torch.exp(top_pre - top), torch.exp(top_own - top)
+    t_pre, n_pre = _unfold(t_pre, C, H, Q), _unfold(n_pre, C, H, Q)
+    top = torch.maximum(n_pre, n_own)
     empty = ~allow.any(-1, keepdim=True)  # a row with no key left attends to nothing (output zero)
-    norm = (sum_pre * w_pre + sum_own * w_own).masked_fill(empty, 1.0)
-    w_pre, w_own = (w_pre / norm).masked_fill(empty, 0.0), (w_own / norm).masked_fill(empty, 0.0)
+    norm = (torch.exp(n_pre - top) + torch.exp(n_own - top)).masked_fill(empty, 1.0)
+    w_pre = (torch.exp(t_pre - top) / norm).masked_fill(empty, 0.0)
+    w_own = (torch.exp(t_own - top) / norm).masked_fill(empty, 0.0)
     if probs:
         p = torch.cat([_unfold(e_pre, C, H, Q) * w_pre, e_own * w_own], -1)
         w = p.to(value.dtype)
         out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
         out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
         return out.transpose(1, 2), p
-    o_pre = _unfold(torch.matmul(e_pre.to(value.dtype), pv.to(value.dtype)), C, H, Q)
+    o_pre = _unfold(u_pre, C, H, Q)
     o_own = torch.matmul(e_own.to(value.dtype).reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
     return (_wide(o_pre) * w_pre + _wide(o_own) * w_own).to(value.dtype).transpose(1, 2), None
 

@@ -125,16 +125,13 @@ def crop(cache, P: int) -> None:
         cache.crop(-extra)
 
 
-#: Attention scores (float32 elements) one suffix pass may hold; conditions are split into passes to fit. On a CPU
-#: a pass's scores stay within a last-level cache (16 MiB; the benchmark's gate scan, measured side by side: 9.1
-#: plain forwards against 9.4 with 128 MiB passes); an accelerator takes fewer, larger passes (128 MiB).
-SCORE_BUDGET = {"cpu": 1 << 22, "other": 1 << 25}
+#: Attention scores (float32 elements) one suffix pass may hold; conditions are split into passes to fit.
+SCORE_BUDGET = 1 << 25
 
 
-def rows_per_pass(batch_size: int, heads: int, suffix: int, length: int, device: str = "cpu") -> int:
+def rows_per_pass(batch_size: int, heads: int, suffix: int, length: int) -> int:
     """How many conditions one suffix pass takes: their [rows, heads, suffix, length] scores fit the budget."""
-    budget = SCORE_BUDGET["cpu" if device == "cpu" else "other"]
-    return max(1, budget // max(1, batch_size * heads * suffix * length))
+    return max(1, SCORE_BUDGET // max(1, batch_size * heads * suffix * length))
 
 
 def repeat_rows(suffix: dict, n: int) -> dict:
