@@ -188,26 +188,20 @@ def _prefix_scores(folded, keys, scratch, inplace: bool, wide) -> torch.Tensor:
     return torch.matmul(folded, keys, out=buf)
 
 
-def _fused_prefix(folded, pk, pv, allow, zero, scratch, low):
-    """The prefix part by PyTorch's fused CPU attention (`compat.flash_cpu`): normalised output over the kept
-    keys and the log-sum-exp over kept and over allowed keys (they differ by zero-mode entries), folded rows."""
+def _fused_prefix(folded, pk, pv, allow, scratch, low):
+    """The prefix part by PyTorch's fused CPU attention (`compat.flash_cpu`), folded rows: its normalised output
+    and its log-sum-exp (mask mode only: zero-mode entries would need a second call, slower than by hand)."""
     B, Hk, R, _ = folded.shape
     CB, _, Q, _ = allow.shape
     C, P = CB // B, pk.shape[2]
 
-    def bias(keep):
-        rows = keep.reshape(C, B, 1, Q, P).permute(1, 2, 0, 3, 4).unsqueeze(3).expand(B, 1, C, R // (C * Q), Q, P)
-        out = torch.zeros(B, 1, R, P, dtype=folded.dtype, device=folded.device)
-        return out.masked_fill_(~rows.reshape(B, 1, R, P), low)
+    def bias():
+        keep = allow[..., :P].reshape(C, B, 1, Q, P).permute(1, 2, 0, 3, 4).unsqueeze(3)
+        keep = keep.expand(B, 1, C, R // (C * Q), Q, P).reshape(B, 1, R, P)
+        return torch.zeros(B, 1, R, P, dtype=folded.dtype, device=folded.device).masked_fill_(~keep, low)
 
-    allowed = _cached(scratch, "bias", allow, lambda: bias(allow[..., :P]))
-    if zero is None or not zero[..., :P].any():
-        out, lse = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=allowed, scale=1.0)
-        return out, lse[..., None], lse[..., None]
-    kept = _cached(scratch, "bias_zero", zero, lambda: bias(allow[..., :P] & ~zero[:, None, :, :P]))
-    out, lse_kept = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=kept, scale=1.0)
-    _, lse_all = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=allowed, scale=1.0)
-    return out, lse_kept[..., None], lse_all[..., None]
+    out, lse = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=_cached(scratch, "bias", allow, bias), scale=1.0)
+    return out, lse[..., None]
 
 
 def _cached(scratch: dict | None, name: str, mask: torch.Tensor, make):
@@ -229,8 +223,8 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     and the two parts (prefix, own suffix) are merged exactly by their log-sum-exp, so no score is ever
     concatenated or copied. Each part gives an unnormalised output U, a log-offset t and its log-normaliser
     n (its output is U e^t; its share of the softmax denominator e^n; zero-mode entries leave U, not n).
-    The prefix part runs in PyTorch's fused CPU attention where it can (no scores in memory at all);
-    otherwise its scores live in one reused buffer (``scratch``, a dict shared by the layers of a call)
+    The prefix part runs in PyTorch's fused CPU attention where it can (no scores in memory at all; not with
+    zero-mode entries in the prefix, probabilities, autograd or soft-capping); otherwise its scores live in one reused buffer (``scratch``, a dict shared by the layers of a call)
     and are exponentiated in place. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
     probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
     them, so gradients reach them).
@@ -250,9 +244,11 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
         and softcap is None
         and query.device.type == "cpu"
         and query.dtype == wide
+        and (zero is None or not _cached(scratch, "zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
     )
     if fused:
-        u_pre, t_pre, n_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, zero, scratch, low)
+        u_pre, t_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, scratch, low)
+        n_pre = t_pre
     else:
         pre = _capped(_prefix_scores(folded, keys.transpose(2, 3), scratch, inplace, wide), softcap)
         blocked = _cached(scratch, "blocked", allow, lambda: _fill_plan(~allow[..., :P], B, Hk, g, query.device))
