@@ -487,6 +487,15 @@ class VLM:
                 results[c.name] = shared.ConditionOutput(last, {k: v[i] for k, v in residuals.items()}, cma, tail)
         return results
 
+    @staticmethod
+    def _check_sources(batch: Batch, sources: torch.Tensor) -> tuple[int, int]:
+        """Refuse knockout sources not shaped [C, B, T] for ``batch``; returns (C, B)."""
+        if sources.dim() != 3 or tuple(sources.shape[1:]) != (batch.size, batch.length):
+            raise InterventionError(
+                f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
+            )
+        return sources.shape[0], sources.shape[1]
+
     @torch.no_grad()
     def forward_knockouts(
         self, prefix: shared.SharedPrefix, sources: torch.Tensor, *, target="text", layers=None, mode: str = "mask"
@@ -499,11 +508,7 @@ class VLM:
         suffix passes on ``prefix`` (`share_prefix`).
         """
         batch = prefix.batch
-        C, B, T = sources.shape
-        if (batch.size, batch.length) != (B, T):
-            raise InterventionError(
-                f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
-            )
+        C, B = self._check_sources(batch, sources)
         each = isinstance(layers, list) and not all(isinstance(x, int) for x in layers)
         per = list(layers) if each else [layers] * C
         if len(per) != C:
@@ -582,11 +587,7 @@ class VLM:
         ``sources`` is a [C, B, T] boolean mask of arbitrary key positions, as in `forward_knockouts` (the
         gate scan's single positions); the prompt up to the first target position runs once and is shared.
         """
-        C, B, T = sources.shape
-        if (batch.size, batch.length) != (B, T):
-            raise InterventionError(
-                f"sources must be [C, {batch.size}, {batch.length}] for this batch, got {tuple(sources.shape)}."
-            )
+        self._check_sources(batch, sources)
         template = Knockout("image", target, mode=mode)
         tgt = self._plan(batch, (template,), (), None, False).knockouts[0].target
         P = shared.prefix_length(

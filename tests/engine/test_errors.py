@@ -75,3 +75,16 @@ def test_bypassed_attention_is_detected(checkpoint_dir):
     b = vlm.prepare(images(2), PROMPTS)
     with pytest.raises(InterventionError, match="did not apply"):
         vlm.forward(b, knockouts=[ng.Knockout("eoi", "text")])
+
+
+@pytest.mark.parametrize("shape", [(3, 1, None), (3, None), (None,)], ids=["wrong-batch", "no-condition-axis", "1d"])
+def test_knockout_sources_of_the_wrong_shape_are_refused(vlm, shape):
+    """Both scan entry points name the shape they need."""
+    same = vlm.prepare(images(2), [PROMPTS[0]] * 2)
+    prefix = vlm.share_prefix(same, same.layouts[0].eoi + 1)
+    sources = torch.zeros(*[same.length if n is None else n for n in shape], dtype=torch.bool)
+    need = rf"sources must be \[C, 2, {same.length}\]"
+    with pytest.raises(InterventionError, match=need):
+        vlm.generate_knockouts(same, sources, max_new_tokens=1)
+    with pytest.raises(InterventionError, match=need):
+        vlm.forward_knockouts(prefix, sources)

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 
 from .. import compat
 from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
-from .state import InterventionError, active_run
+from .state import InterventionError, Scratch, active_run
 
 SDPA = "narrowgate_sdpa"
 EAGER = "narrowgate_eager"
@@ -177,18 +177,18 @@ def _fill(x: torch.Tensor, where: torch.Tensor | None, value: float, inplace: bo
     return (rows.masked_fill_(where, value) if inplace else rows.masked_fill(where, value)).view(x.shape)
 
 
-def _prefix_scores(folded, keys, scratch, inplace: bool, wide) -> torch.Tensor:
-    """Scores of the folded query rows against the prefix keys, in ``scratch``'s reused buffer outside autograd."""
-    if not (inplace and scratch is not None and folded.dtype == wide):
+def _prefix_scores(folded, keys, buffers: dict | None, inplace: bool, wide) -> torch.Tensor:
+    """Scores of the folded query rows against the prefix keys, in a buffer of ``buffers`` outside autograd."""
+    if not (inplace and buffers is not None and folded.dtype == wide):
         return torch.matmul(folded, keys).to(wide)
     shape = (*folded.shape[:-1], keys.shape[-1])
-    buf = scratch.get("scores")
+    buf = buffers.get("scores")
     if buf is None or buf.shape != shape or buf.dtype != wide or buf.device != folded.device:
-        buf = scratch["scores"] = torch.empty(shape, dtype=wide, device=folded.device)
+        buf = buffers["scores"] = torch.empty(shape, dtype=wide, device=folded.device)
     return torch.matmul(folded, keys, out=buf)
 
 
-def _fused_prefix(folded, pk, pv, allow, scratch, low):
+def _fused_prefix(folded, pk, pv, allow, cache, low):
     """The prefix part by PyTorch's fused CPU attention (`compat.flash_cpu`), folded rows: its normalised output
     and its log-sum-exp (mask mode only: zero-mode entries would need a second call, slower than by hand)."""
     B, Hk, R, _ = folded.shape
@@ -196,25 +196,16 @@ def _fused_prefix(folded, pk, pv, allow, scratch, low):
     C, P = CB // B, pk.shape[2]
 
     def bias():
-        keep = allow[..., :P].reshape(C, B, 1, Q, P).permute(1, 2, 0, 3, 4).unsqueeze(3)
-        keep = keep.expand(B, 1, C, R // (C * Q), Q, P).reshape(B, 1, R, P)
+        keep = _fold_entries(allow[..., :P], B).expand(B, 1, C, R // (C * Q), Q, P).reshape(B, 1, R, P)
         return torch.zeros(B, 1, R, P, dtype=folded.dtype, device=folded.device).masked_fill_(~keep, low)
 
-    out, lse = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=_cached(scratch, "bias", allow, bias), scale=1.0)
+    out, lse = compat.flash_cpu(folded, pk, pv, 0.0, False, attn_mask=cache("bias", allow, bias), scale=1.0)
     return out, lse[..., None]
 
 
-def _cached(scratch: dict | None, name: str, mask: torch.Tensor, make):
-    """``make()``, kept in ``scratch`` while ``mask`` (the layers' shared mask) stays the same tensor."""
-    hit = None if scratch is None else scratch.get(name)
-    if hit is None or hit[0] is not mask:
-        hit = (mask, make())
-        if scratch is not None:
-            scratch[name] = hit
-    return hit[1]
-
-
-def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch=None):
+def with_prefix(
+    query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch: Scratch | None = None
+):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
     query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
@@ -224,8 +215,9 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     concatenated or copied. Each part gives an unnormalised output U, a log-offset t and its log-normaliser
     n (its output is U e^t; its share of the softmax denominator e^n; zero-mode entries leave U, not n).
     The prefix part runs in PyTorch's fused CPU attention where it can (no scores in memory at all; not with
-    zero-mode entries in the prefix, probabilities, autograd or soft-capping); otherwise its scores live in one reused buffer (``scratch``, a dict shared by the layers of a call)
-    and are exponentiated in place. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
+    zero-mode entries in the prefix, probabilities, autograd or soft-capping); otherwise its scores live in
+    one reused buffer and are exponentiated in place. ``scratch`` (the call's `Scratch`) keeps that buffer and
+    the per-pass masks every layer shares. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
     probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
     them, so gradients reach them).
     """
@@ -233,6 +225,10 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     pk, pv = prefix
     B, Hk, P, _ = pk.shape
     C, g = CB // B, H // Hk
+
+    def cache(name: str, mask: torch.Tensor, make):  # computed once per pass: every layer shares ``mask``
+        return make() if scratch is None else scratch.cached((name, id(mask)), make, keep=mask)
+
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, pk, pv)))
     wide = torch.promote_types(query.dtype, torch.float32)
     low = torch.finfo(wide).min
@@ -244,20 +240,23 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
         and softcap is None
         and query.device.type == "cpu"
         and query.dtype == wide
-        and (zero is None or not _cached(scratch, "zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
+        and (zero is None or not cache("zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
     )
     if fused:
-        u_pre, t_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, scratch, low)
-        n_pre = t_pre
+        u_pre, t_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, cache, low)
+        n_pre = None  # normalised: its log-normaliser is its log-offset
     else:
-        pre = _capped(_prefix_scores(folded, keys.transpose(2, 3), scratch, inplace, wide), softcap)
-        blocked = _cached(scratch, "blocked", allow, lambda: _fill_plan(~allow[..., :P], B, Hk, g, query.device))
+        pre = _capped(
+            _prefix_scores(folded, keys.transpose(2, 3), None if scratch is None else scratch.buffers, inplace, wide),
+            softcap,
+        )
+        blocked = cache("blocked", allow, lambda: _fill_plan(~allow[..., :P], B, Hk, g, query.device))
         pre = _fill(pre, blocked, low, inplace)
         t_pre = pre.amax(-1, keepdim=True)
         e_pre = pre.sub_(t_pre).exp_() if inplace else torch.exp(pre - t_pre)
         n_pre = t_pre + torch.log(e_pre.sum(-1, keepdim=True))
         if zero is not None:  # zero mode: the entries leave the numerator, not the normaliser
-            where = _cached(scratch, "zero", zero, lambda: _fill_plan(zero[:, None, :, :P], B, Hk, g, query.device))
+            where = cache("zero", zero, lambda: _fill_plan(zero[:, None, :, :P], B, Hk, g, query.device))
             e_pre = _fill(e_pre, where, 0.0, inplace)
         u_pre = None if probs else torch.matmul(e_pre.to(value.dtype), pv.to(value.dtype))
     own = _capped(_wide(torch.matmul(query.reshape(CB, Hk, g * Q, d), key.transpose(2, 3))) * scale, softcap)
@@ -267,7 +266,8 @@ def with_prefix(query, key, value, prefix, scale, allow, zero, softcap=None, *, 
     n_own = t_own + torch.log(e_own.sum(-1, keepdim=True))
     if zero is not None:
         e_own = e_own.masked_fill(zero[:, None, :, P:], 0.0)
-    t_pre, n_pre = _unfold(t_pre, C, H, Q), _unfold(n_pre, C, H, Q)
+    t_pre = _unfold(t_pre, C, H, Q)
+    n_pre = t_pre if n_pre is None else _unfold(n_pre, C, H, Q)
     top = torch.maximum(n_pre, n_own)
     empty = ~allow.any(-1, keepdim=True)  # a row with no key left attends to nothing (output zero)
     norm = (torch.exp(n_pre - top) + torch.exp(n_own - top)).masked_fill(empty, 1.0)
@@ -317,7 +317,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             zero_block,
             softcap,
             probs=plan.record_probs or stats_rows is not None,
-            scratch=run.scratch.buffers,
+            scratch=run.scratch,
         )
         if probs is not None:
             run.record_probs(layer, probs)
