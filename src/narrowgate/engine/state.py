@@ -99,12 +99,12 @@ class Plan:
     prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
     record_probs: bool = False  # keep each layer's suffix attention probabilities, gradients retained
 
-    def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
-        return [k for k in self.knockouts if k.layers is None or layer in k.layers]
-
     def active_key(self, layer: int) -> tuple[int, ...]:
-        """Which knockouts apply at ``layer``: layers with the same ones share masks."""
+        """Which knockouts apply at ``layer`` (their indices): layers with the same ones share masks."""
         return tuple(i for i, k in enumerate(self.knockouts) if k.layers is None or layer in k.layers)
+
+    def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
+        return [self.knockouts[i] for i in self.active_key(layer)]
 
     def attention_active(self, layer: int) -> bool:
         return bool(self.knockouts_at(layer)) or self.text is not None or self.prefix is not None
@@ -147,7 +147,7 @@ class Scratch:
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
 
     def cached(self, key, make, keep=None):
-        """Masks shared by the layers of one call: computed once per (mask, window) and reused.
+        """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
 
         ``keep`` is held alongside so the id in ``key`` cannot be reused by another tensor.
         """
