@@ -373,6 +373,56 @@ def demo(
     run_demo(out, scale=scale, progress=not quiet, console=console)
 
 
+study_app = typer.Typer(
+    help="Studies: many models trained and measured with the experiments to answer one question "
+    "(each registered in docs/study-*.md before it ran).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("emergence")
+def study_emergence(
+    out: str = typer.Option(
+        "studies/emergence",
+        "--out",
+        callback=_nonempty,
+        help="Small files: results.csv, emergence.png, verdict.json, the cards; rerun to resume.",
+    ),
+    work: str = typer.Option(
+        "runs/emergence",
+        "--work",
+        callback=_nonempty,
+        help="The trained organisms and their measurement runs (large: keep out of git).",
+    ),
+    scale: float = typer.Option(
+        1.0,
+        "--scale",
+        callback=_positive,
+        help="Multiply the training steps and every sample size (e.g. 0.1 for a quick look); one scale per --out.",
+    ),
+    only: list[str] = typer.Option(
+        None,
+        "--only",
+        help="KEY=V[,V...] (repeatable; KEY share, tokens, layers or seed): only the grid points matching every one.",
+    ),
+    quiet: bool = _flag("--quiet", "No progress bars."),
+) -> None:
+    """When does a narrow gate emerge? Native organisms trained over generation share x image length x depth (28 models), each measured with the gate scan, the ablation and the cross-attention (docs/study-emergence.md)."""
+    from .studies.emergence import parse_only, run_study
+
+    run_study(
+        out,
+        work,
+        scale=scale,
+        only=parse_only(only),
+        progress=not quiet,
+        console=console,
+        command=["narrowgate", *sys.argv[1:]],
+    )
+
+
 @app.command("train-organism")
 def train_organism(
     kind: str = typer.Argument(

@@ -93,42 +93,33 @@ class Shard:
     arrays: dict[str, np.ndarray]  # name -> [n_rows, ...], aligned with rows
 
 
-class RunStore:
-    """One run directory. ``rank`` separates the shards of concurrent processes."""
+class DirLock:
+    """One writer per directory: an advisory ``flock`` on ``DIR/lock``, which the kernel drops when its process
+    dies, so a lock left by a killed process is taken over (with a warning naming that process)."""
 
-    def __init__(self, path: str | os.PathLike, *, rank: int = 0):
-        self.path = Path(path)
-        self.rank = rank
-        for sub in ("records", "failures", "tables", "figures"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
-        self._counter = self._next_counter()
-        self._lock_fd: int | None = None
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.path = self.directory / "lock"
+        self._fd: int | None = None
 
-    # --- lock -----------------------------------------------------------------------------------
-    @property
-    def lock_path(self) -> Path:
-        return self.path / "lock"
-
-    def lock(self, command: str = "") -> None:
-        """Take the directory's exclusive lock, or raise `RunLocked` naming its holder.
-
-        An advisory ``flock`` on ``DIR/lock``: the kernel drops it when its process dies, so a lock
-        left by a killed run is taken over (with a warning naming that process). Data-parallel ranks
-        share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
-        """
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self, command: str = "") -> None:
+        """Take the lock, or raise `RunLocked` naming its holder."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
             raise RunLocked(
-                f"{self.path} is in use by another run ({_describe(holder)}); wait for it to finish, or use another --out."
+                f"{self.directory} is in use by another run ({_describe(holder)}); wait for it to finish, or use "
+                "another --out."
             ) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
             logger.warning(
-                "%s: taking over the lock of a run that ended without releasing it (%s)", self.path, _describe(previous)
+                "%s: taking over the lock of a run that ended without releasing it (%s)",
+                self.directory,
+                _describe(previous),
             )
         info = {
             "pid": os.getpid(),
@@ -138,15 +129,43 @@ class RunStore:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._lock_fd = fd
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (emptying the file marks a clean release)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class RunStore:
+    """One run directory. ``rank`` separates the shards of concurrent processes."""
+
+    def __init__(self, path: str | os.PathLike, *, rank: int = 0):
+        self.path = Path(path)
+        self.rank = rank
+        for sub in ("records", "failures", "tables", "figures"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self._counter = self._next_counter()
+        self._lock = DirLock(self.path)
+
+    # --- lock -----------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self._lock.path
+
+    def lock(self, command: str = "") -> None:
+        """Take the directory's exclusive lock (`DirLock`), or raise `RunLocked` naming its holder.
+
+        Data-parallel ranks share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
+        """
+        self._lock.acquire(command)
 
     def unlock(self) -> None:
         """Release the lock (emptying the file marks a clean release)."""
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     # --- manifest -------------------------------------------------------------------------------
     @property

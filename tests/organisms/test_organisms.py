@@ -15,6 +15,7 @@ from narrowgate.analyses.prompts import VQA
 from narrowgate.cli import app
 from narrowgate.data.base import DEFAULT_SEED
 from narrowgate.data.synthetic import synthetic_vqa
+from narrowgate.errors import OptionError
 from narrowgate.metrics import vqa_accuracy
 from narrowgate.organisms import card as cardlib
 from narrowgate.organisms import common, heldout, native, non_native
@@ -224,3 +225,22 @@ def test_shipped_gated_organism_reads_the_image_through_eoi(shipped):
         "eoi->text:mask",
         "image->text:mask",
     }
+
+
+def test_native_image_length_is_a_config_field(tmp_path):
+    """image_tokens=16: a VQ with four downsamplings, 16 codes per image in training rows and in the processor."""
+    card = organisms.train("native", tmp_path, tiny=True, progress=False, heldout={}, overrides={"image_tokens": 16})
+    assert card["config"]["image_tokens"] == 16 and "4 x 4 codes" in card["recipe"][0]
+    vlm = narrowgate.load(tmp_path)
+    images = common.render(common.training_scenes(2, 0))
+    batch = vlm.prepare(images, ["This shape is a"] * 2)
+    assert [len(lay.content) for lay in batch.layouts] == [16, 16]
+    pixels = vlm.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert vlm.model.get_image_tokens(pixels).shape == (2, 16)
+    assert "8 x 8 codes" in native.RECIPE[0]  # the shipped recipe keeps its 64
+
+
+@pytest.mark.parametrize("bad", [32, 9, 1])
+def test_native_image_length_must_be_a_square_grid_of_downsamplings(bad):
+    with pytest.raises(OptionError, match=f"image_tokens {bad}: .* 4, 16, 64, 256 or 1024"):
+        native.build(native.TINY.__class__(**{**native.TINY.__dict__, "image_tokens": bad}))

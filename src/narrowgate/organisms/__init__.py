@@ -78,7 +78,8 @@ def train(
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
     scores = evaluate(out, sizes=heldout) if heldout != {} else None
-    card = cardlib.make_card(kind, module.RECIPE, info, scores, seed=seed, seconds=seconds, out_dir=out)
+    recipe = module.recipe(cfg) if hasattr(module, "recipe") else module.RECIPE
+    card = cardlib.make_card(kind, recipe, info, scores, seed=seed, seconds=seconds, out_dir=out)
     cardlib.write_card(out, card)
     return card
 

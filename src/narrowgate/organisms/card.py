@@ -91,6 +91,8 @@ def render_markdown(card: dict) -> str:
         f"from {card['data']['training_stream']}; task mix {card['data']['task_mix']}; "
         f"{card['data']['prompts']}.",
         "",
+        "Config: " + ", ".join(f"{k} {v}" for k, v in card["config"].items()) + ".",
+        "",
         "| phase | steps | batch | lr | first loss | final loss | seconds |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -1,7 +1,7 @@
 """The native organism: a stock Chameleon trained from scratch, early fusion, loss on every token.
 
 Recipe (the paper's multimodal-output models, Sec. 3.1): a VQ image tokenizer (`vq`) turns each
-image into 64 discrete codes that live in the same vocabulary as the text (``IMGIMG...Z`` tokens);
+image into 64 discrete codes (``image_tokens``) that live in the same vocabulary as the text (``IMGIMG...Z`` tokens);
 the image is written ``<racm3:break>`` codes ``<eoss>``, exactly as `ChameleonProcessor` lays it
 out. The decoder starts from random weights, and the next-token loss runs over all positions,
 image tokens included. Sequences are the understanding tasks with the image first (VQA, caption,
@@ -44,17 +44,8 @@ from .common import (
 )
 
 SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
+#: Codes per image of the shipped recipe (`NativeConfig.image_tokens`).
 IMAGE_SEQ_LENGTH = (vqlib.RESOLUTION // vqlib.DOWNSAMPLE) ** 2
-
-
-RECIPE = [
-    "VQ image tokenizer: Chameleon's VQ-VAE encoder + codebook trained as an autoencoder (reconstruction + VQ "
-    "losses, throwaway decoder) on the training images; 64 x 64 pixels -> 8 x 8 codes.",
-    "Codes become IMGIMG...Z tokens of the same vocabulary as the text; an image is <racm3:break> codes <eoss>.",
-    "Decoder trained from scratch (no pre-trained weights) with next-token loss on every position, image and text "
-    "tokens alike, on image-first task sequences (VQA / caption / class prompt + answer) and caption-then-image "
-    "sequences (text-to-image generation).",
-]
 
 
 @dataclass(frozen=True)
@@ -66,8 +57,24 @@ class NativeConfig(Recipe):
     vq_embed_dim: int = 16
     vq_steps: int = 1500
     generation_share: float = 0.2
+    image_tokens: int = IMAGE_SEQ_LENGTH
 
 
+def recipe(config: NativeConfig) -> list[str]:
+    """The recipe's steps in words, with ``config``'s code grid and share of generation sequences."""
+    side = vqlib.codes_side(config.image_tokens)
+    return [
+        "VQ image tokenizer: Chameleon's VQ-VAE encoder + codebook trained as an autoencoder (reconstruction + VQ "
+        f"losses, throwaway decoder) on the training images; {vqlib.RESOLUTION} x {vqlib.RESOLUTION} pixels -> "
+        f"{side} x {side} codes.",
+        "Codes become IMGIMG...Z tokens of the same vocabulary as the text; an image is <racm3:break> codes <eoss>.",
+        "Decoder trained from scratch (no pre-trained weights) with next-token loss on every position, image and text "
+        "tokens alike, on image-first task sequences (VQA / caption / class prompt + answer) and caption-then-image "
+        f"sequences (text-to-image generation, {config.generation_share:g} of the sequences).",
+    ]
+
+
+RECIPE = recipe(NativeConfig())
 TINY = NativeConfig(n_images=48, codebook=16, vq_steps=5, hidden=32, layers=1, heads=2, steps=12, batch_size=8, lr=3e-3)
 
 
@@ -80,7 +87,12 @@ def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, Cham
     """A randomly initialised Chameleon with its processor (tokenizer trained on the organisms' corpus)."""
     tok = train_tokenizer(SPECIAL, sep_token="<reserved08706>")
     tok.add_tokens([image_token_name(i) for i in range(config.codebook)])
-    vq = vqlib.vq_config(codebook=config.codebook, channels=config.vq_channels, embed_dim=config.vq_embed_dim)
+    vq = vqlib.vq_config(
+        codebook=config.codebook,
+        channels=config.vq_channels,
+        embed_dim=config.vq_embed_dim,
+        image_tokens=config.image_tokens,
+    )
     model_config = ChameleonConfig(
         **decoder_config(config, tok), vq_config=vq.to_dict(), vocabulary_map=tok.get_vocab()
     )
@@ -90,7 +102,7 @@ def build(config: NativeConfig) -> tuple[ChameleonForConditionalGeneration, Cham
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
     processor = ChameleonProcessor(
-        image_processor=image_processor, tokenizer=tok, image_seq_length=IMAGE_SEQ_LENGTH, image_token="<image>"
+        image_processor=image_processor, tokenizer=tok, image_seq_length=config.image_tokens, image_token="<image>"
     )
     return model, processor
 

@@ -4,42 +4,65 @@ Chameleon ships only the encoder half of its VQ-GAN (``ChameleonVQVAE``: encoder
 codebook, ``post_quant_conv``). We train that module together with a small convolutional decoder
 to reconstruct the training images, then keep the encoder and codebook (the decoder is only a
 training device and is dropped). Dead codebook entries are restarted on encoder outputs, so the
-codebook stays in use. 64 x 64 pixels become 8 x 8 = 64 discrete codes.
+codebook stays in use. 64 x 64 pixels become 8 x 8 = 64 discrete codes by default (three 2x
+downsamplings); `codes_side` gives the other square sizes (4 x 4 = 16 codes: four downsamplings).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 from transformers import ChameleonVQVAEConfig
 
 from ..compat import ChameleonVQVAE
+from ..errors import OptionError
 from .common import Phase, batches, run_phase
 
 RESOLUTION = 64
 DOWNSAMPLE = 8
 
 
+def codes_side(image_tokens: int) -> int:
+    """The side of the square code grid of ``image_tokens`` codes (4, 16, 64, 256 or 1,024 on 64 px images)."""
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens or side < 2 or RESOLUTION % side or (RESOLUTION // side) & (RESOLUTION // side - 1):
+        raise OptionError(
+            f"image_tokens {image_tokens}: a {RESOLUTION} px image is cut into a square grid of codes by 2x "
+            "downsamplings, so it must be 4, 16, 64, 256 or 1024."
+        )
+    return side
+
+
+def downsample(config: ChameleonVQVAEConfig) -> int:
+    """Pixels per code side of a VQ config: 2 ** (number of downsamplings)."""
+    return 2 ** (len(config.channel_multiplier) - 1)
+
+
 def vq_config(
-    codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_blocks: int = 0
+    codebook: int = 256, channels: int = 32, embed_dim: int = 16, res_blocks: int = 0, image_tokens: int = 64
 ) -> ChameleonVQVAEConfig:
-    """A small Chameleon VQ-GAN encoder config: 64 px in, three 2x downsamplings, 8 x 8 codes out."""
+    """A small Chameleon VQ-GAN encoder config: 64 px in, 2x downsamplings down to ``image_tokens`` codes
+    (three for 8 x 8 codes)."""
+    factor = RESOLUTION // codes_side(image_tokens)
     return ChameleonVQVAEConfig(
         embed_dim=embed_dim,
         num_embeddings=codebook,
         latent_channels=channels,
         resolution=RESOLUTION,
         base_channels=channels,
-        channel_multiplier=[1, 1, 1, 1],
+        channel_multiplier=[1] * (factor.bit_length()),
         num_res_blocks=res_blocks,
         attn_resolutions=[],
     )
 
 
 class Decoder(nn.Module):
-    """Training-only decoder: latents (C, 8, 8) back to pixels (3, 64, 64), one 8 x 8 patch per latent."""
+    """Training-only decoder: latents (C, s, s) back to pixels (3, 64, 64), one ``factor`` x ``factor`` patch
+    per latent."""
 
-    def __init__(self, latent_channels: int, width: int = 128):
+    def __init__(self, latent_channels: int, width: int = 128, factor: int = DOWNSAMPLE):
         super().__init__()
         act = nn.SiLU()
         self.net = nn.Sequential(
@@ -47,8 +70,8 @@ class Decoder(nn.Module):
             act,
             nn.Conv2d(width, width, 3, padding=1),
             act,
-            nn.Conv2d(width, 3 * DOWNSAMPLE**2, 1),
-            nn.PixelShuffle(DOWNSAMPLE),
+            nn.Conv2d(width, 3 * factor**2, 1),
+            nn.PixelShuffle(factor),
         )
 
     def forward(self, z):
@@ -89,7 +112,7 @@ def train_vq(
     for ``restart_every`` steps move onto poorly quantised encoder outputs. Returns the phases
     (the decoder is a training device and is dropped).
     """
-    decoder = Decoder(vq.config.latent_channels)
+    decoder = Decoder(vq.config.latent_channels, factor=downsample(vq.config))
     vq.train()
     background = pixels.amax(dim=(0, 2, 3)).view(1, 3, 1, 1)
     stream = batches(len(pixels), batch_size, seed)
@@ -142,7 +165,7 @@ def init_codebook(
     x = pixels[torch.randperm(len(pixels), generator=g)[:n_images]]
     z = vq.quant_conv(vq.encoder(x))
     flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-    fg = nn.functional.max_pool2d(foreground(x, background), DOWNSAMPLE).flatten().bool()
+    fg = nn.functional.max_pool2d(foreground(x, background), downsample(vq.config)).flatten().bool()
     k = vq.config.num_embeddings
     half = k * 16
     pick_fg = fg.nonzero().flatten()
