@@ -40,10 +40,11 @@ def test_grid_is_the_registered_design():
     per_share = pd.Series([p.share for p in points]).value_counts()
     assert per_share[0.0] == per_share[0.8] == 8 and per_share[0.2] == per_share[0.5] == per_share[1.0] == 4
     assert {(p.image_tokens, p.layers) for p in points} == {(16, 4), (16, 8), (64, 4), (64, 8)}
-    assert (points[0].image_tokens, points[0].layers) == (16, 4) and (points[-1].image_tokens, points[-1].layers) == (
-        64,
-        8,
-    )
+    # Run order: shares 0, 0.5 and 1.0 in every cell first (cheapest cell first), the other shares, the extra seeds.
+    first = [(p.share, p.image_tokens, p.layers) for p in points[:12]]
+    assert first[:3] == [(0.0, 16, 4), (0.5, 16, 4), (1.0, 16, 4)] and first[-1] == (1.0, 64, 8)
+    assert {p.share for p in points[:12]} == {0.0, 0.5, 1.0} and all(p.seed == 0 for p in points[:20])
+    assert all(p.seed == 1 for p in points[20:])
     full = next(p for p in points if p.share == 1.0)
     assert full.trained_share == pytest.approx(0.9)
     cfg = full.config(em.RECIPE)

@@ -121,8 +121,13 @@ class Point:
         )
 
 
+#: Shares trained first in every cell, so that a grid stopped early already has a trend to test in each.
+FIRST_SHARES = (0.0, 0.5, 1.0)
+
+
 def grid() -> list[Point]:
-    """Every model of the study, cheapest cell first; in each cell seed 0 at every share, then the extra seeds."""
+    """Every model of the study in the order it runs: seed 0 at `FIRST_SHARES` in every cell (cheapest cell first),
+    then seed 0 at the other shares, then the extra seeds."""
     points = [
         Point(share, tokens, layers, seed)
         for tokens in IMAGE_TOKENS
@@ -130,7 +135,12 @@ def grid() -> list[Point]:
         for share in SHARES
         for seed in (0, *EXTRA_SEEDS.get(share, ()))
     ]
-    return sorted(points, key=lambda p: (p.image_tokens * p.layers, p.layers, p.seed, p.share))
+
+    def order(p: Point):
+        phase = 2 if p.seed else (0 if p.share in FIRST_SHARES else 1)
+        return (phase, p.image_tokens * p.layers, p.layers, p.share, p.seed)
+
+    return sorted(points, key=order)
 
 
 #: ``--only`` keys: the Point field each names and the values the grid has.
