@@ -262,3 +262,37 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     assert (
         other.exit_code == 1 and "holds a study with other settings" in other.output and other.output.count("\n") == 1
     )
+
+
+def test_a_failed_model_costs_that_model_and_is_retried(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(kind, out, *, seed, progress, overrides, heldout):
+        trained.append(overrides["generation_share"])
+        if overrides["generation_share"] == 0.0:
+            raise RuntimeError("loss is NaN")
+        out.mkdir(parents=True)
+        for name in ("card.json", "CARD.md"):
+            (out / name).write_text("{}")
+
+    monkeypatch.setattr(organisms, "train", fake_train)
+    monkeypatch.setattr(em, "measure_point", lambda point, model, *a: model)
+    monkeypatch.setattr(
+        em, "row_of", lambda p, *a: {"model": p.name, **{f: getattr(p, f) for f in ("image_tokens", "layers", "seed")}}
+    )
+    out = tmp_path / "study"
+    results = em.run_study(out, tmp_path / "work", only=em.parse_only(TINY_ONLY), progress=False)
+    assert results["model"].tolist() == ["share1-tokens16-layers4-seed0"] and trained == [0.0, 0.9]
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures.to_dict("records") == [
+        {"model": "share0-tokens16-layers4-seed0", "stage": "training", "reason": "RuntimeError: loss is NaN"}
+    ]
+    em.run_study(out, tmp_path / "work", only=em.parse_only(TINY_ONLY), progress=False)
+    assert trained == [0.0, 0.9, 0.0]  # the failed model is retried, the measured one is not
+
+
+def test_out_and_work_must_be_directories(tmp_path):
+    (tmp_path / "file").write_text("")
+    for args in ({"out": tmp_path / "file"}, {"out": tmp_path / "o", "work": tmp_path / "file"}):
+        with pytest.raises(OptionError, match="is a file; give a directory"):
+            em.run_study(**{"work": tmp_path / "w", **args}, progress=False)

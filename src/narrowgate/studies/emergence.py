@@ -19,6 +19,7 @@ Layout (``OUT`` holds small files only, ``WORK`` the checkpoints)::
     OUT/results.csv           one row per trained and measured model
     OUT/emergence.png         gate index vs generation share (and the ablation and [EOI] attention)
     OUT/verdict.json          the registered rule applied to results.csv
+    OUT/failures.csv          models whose training or measurement failed in the last run (retried by the next)
     OUT/cards/<model>/        each organism's training card (CARD.md, card.json)
     WORK/<model>/model/       the organism checkpoint
     WORK/<model>/measure/     the measurement runs (a demo directory: report.html, summary.csv, runs)
@@ -319,15 +320,20 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
 # --- the registered rule ----------------------------------------------------------------------------------------
 
 
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` as numbers (NaN where missing or not a number; all NaN when the table lacks it)."""
+    return pd.to_numeric(df[name], errors="coerce") if name in df else pd.Series(math.nan, index=df.index)
+
+
 def judge(results: pd.DataFrame) -> pd.DataFrame:
     """``results`` with ``included`` (the model reads the image and has a mask-mode gate index) and ``gate``."""
     df = results.copy()
-    reads = df["heldout_vqa"] >= READS_IMAGE * df["heldout_vqa_chance"] if "heldout_vqa" in df else False
-    index = pd.to_numeric(df.get("gate_index_mask"), errors="coerce")
+    index, low = _column(df, "gate_index_mask"), _column(df, "gate_low_mask")
+    reads = _column(df, "heldout_vqa") >= READS_IMAGE * _column(df, "heldout_vqa_chance")
     df["included"] = reads & np.isfinite(index)
-    low = pd.to_numeric(df.get("gate_low_mask"), errors="coerce")
-    ablation = df.get("ablation_verdict", pd.Series("", index=df.index)).fillna("").astype(str)
-    df["gate"] = df["included"] & (index >= GATE_LEVEL) & (low >= GATE_LEVEL) & ablation.str.contains("a narrow gate")
+    ablation = df["ablation_verdict"].fillna("").astype(str) if "ablation_verdict" in df else ""
+    agrees = ablation.str.contains("a narrow gate") if isinstance(ablation, pd.Series) else False
+    df["gate"] = df["included"] & (index >= GATE_LEVEL) & (low >= GATE_LEVEL) & agrees
     return df
 
 
@@ -345,11 +351,11 @@ def trend(results: pd.DataFrame, column: str = "gate_index_mask", *, permutation
     permutation p-values for a rise (``p_increase``) and a fall (``p_decrease``): ``column`` shuffled within
     each cell, ``permutations`` times."""
     df = judge(results)
-    df = df[df["included"] & np.isfinite(pd.to_numeric(df[column], errors="coerce"))]
+    df = df[df["included"] & np.isfinite(_column(df, column))]
     rng = np.random.default_rng(seed)
     cells, observed, null = {}, [], []
     for (tokens, layers), g in df.groupby(["image_tokens", "layers"]):
-        y = g[column].to_numpy(dtype=float)
+        y = _column(g, column).to_numpy(dtype=float)
         if len(g) < MIN_CELL or np.ptp(y) == 0 or g["generation_share"].nunique() < 2:
             continue
         xr = pd.Series(g["generation_share"].to_numpy()).rank().to_numpy()
@@ -394,7 +400,7 @@ def verdict(results: pd.DataFrame, *, permutations: int = PERMUTATIONS) -> dict:
         outcome = "reverse"
     else:
         outcome = "no effect of generation"
-    index = pd.to_numeric(df.loc[df["included"], "gate_index_mask"], errors="coerce")
+    index = _column(df, "gate_index_mask")[df["included"]]
     planned = len(grid())
     return {
         "outcome": outcome,
@@ -450,7 +456,8 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
             ax.axhline(GATE_LEVEL, color="k", lw=0.8, ls="--")
         ax.set_xticks(SHARES, [f"{s:g}" if s < 1 else "1.0*" for s in SHARES])
         ax.set(xlabel="share of caption → image generation sequences", ylabel=label)
-    axes[0, 0].legend(fontsize=8)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=8)
     fig.suptitle(
         "When does a gate emerge? Native organisms over the grid (points: models; black edge: seed 1; "
         f"line: mean over seeds)\n*at 1.0, {UNDERSTANDING_FLOOR:g} of the sequences stay understanding tasks; "
@@ -504,6 +511,9 @@ def run_study(
         raise OptionError(f"--scale must be a finite number above 0, got {scale!r}.")
     console = console or Console()
     out, work = Path(out), Path(work)
+    for path, flag in ((out, "--out"), (work, "--work")):
+        if path.exists() and not path.is_dir():
+            raise OptionError(f"{flag} {path} is a file; give a directory.")
     out.mkdir(parents=True, exist_ok=True)
     command_text = shlex.join(command if command is not None else sys.argv)
     lock = DirLock(out)
@@ -522,21 +532,36 @@ def run_study(
             f"measured, {len(todo)} to do ({out})"
         )
         cfg = scaled(recipe, scale)
+        failed = []
         for i, point in enumerate(todo, 1):
-            console.print(
-                f"[bold][{i}/{len(todo)}] {point.name}[/bold]: training (generation share {point.trained_share:g})"
-            )
-            model = train_point(point, work, cfg, heldout, progress)
-            cards = out / "cards" / point.name
-            cards.mkdir(parents=True, exist_ok=True)
-            for name in ("card.json", "CARD.md"):
-                shutil.copyfile(model / name, cards / name)
-            console.print(f"[bold][{i}/{len(todo)}] {point.name}[/bold]: measuring")
-            start = time.perf_counter()
-            measured = measure_point(point, model, work, scale, plan, progress, console)
-            row = row_of(point, model, measured, time.perf_counter() - start)
+            stage = "training"
+            try:
+                console.print(
+                    f"[bold][{i}/{len(todo)}] {point.name}[/bold]: training (generation share {point.trained_share:g})"
+                )
+                model = train_point(point, work, cfg, heldout, progress)
+                cards = out / "cards" / point.name
+                cards.mkdir(parents=True, exist_ok=True)
+                for name in ("card.json", "CARD.md"):
+                    shutil.copyfile(model / name, cards / name)
+                stage = "measuring"
+                console.print(f"[bold][{i}/{len(todo)}] {point.name}[/bold]: measuring")
+                start = time.perf_counter()
+                measured = measure_point(point, model, work, scale, plan, progress, console)
+                row = row_of(point, model, measured, time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 -- a failed model costs that model (recorded), not the study
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                console.print(f"[red]{point.name}: {stage} failed[/red] ({reason}); it is retried on the next run")
+                failed.append({"model": point.name, "stage": stage, "reason": reason})
+                continue
             results = pd.concat([results[results["model"] != point.name], pd.DataFrame([row])], ignore_index=True)
             finish(out, results, permutations=permutations)
+        failures = out / "failures.csv"
+        if failed:
+            _write_csv(pd.DataFrame(failed), failures)
+            console.print(f"[yellow]{len(failed)} model(s) failed[/yellow]; see {failures}")
+        elif failures.exists():
+            failures.unlink()
         v = finish(out, results, permutations=permutations)
         if v:
             console.print(
