@@ -420,10 +420,15 @@ def verdict(results: pd.DataFrame, *, permutations: int = PERMUTATIONS) -> dict:
 # --- the figure ---------------------------------------------------------------------------------------------------
 
 
+#: Upper limit of the gate-index axes; a larger index (the whole image side barely matters, so the ratio is
+#: unstable) is drawn at the edge with its value.
+INDEX_TOP = 1.3
+
+
 def figure(results: pd.DataFrame, path: Path) -> Path:
-    """Gate index vs generation share (mask and zero mode), one line per image length x depth through the mean
-    over seeds, every model a point with its interval; below, [EOI]->text relative score and [EOI]'s attention
-    share."""
+    """Gate index vs generation share (mask and zero mode), one line per image length x depth through the mean over
+    the analysed models (`judge`), every model a point (hollow: not analysed; square: seed 1) with its interval;
+    below, [EOI]->text relative score and [EOI]'s attention share."""
     from ..plots import COLORS, plt
 
     panels = [
@@ -432,36 +437,49 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
         ("eoi_relative", "ablation: [EOI]→text knocked out,\nmean relative score (zero mode)", None, None),
         ("eoi_attention_share", "[EOI]'s share of text→image attention\n(mean over layers)", None, None),
     ]
+    judged = judge(results)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    cells = sorted({(int(t), int(l)) for t, l in zip(results["image_tokens"], results["layers"])})
+    cells = sorted({(int(t), int(l)) for t, l in zip(judged["image_tokens"], judged["layers"])})
     for ax, (col, label, low, high) in zip(axes.flat, panels):
-        if col not in results:
+        if col not in judged:
             ax.set_visible(False)
             continue
+        index = col.startswith("gate_index")
         for j, (tokens, layers) in enumerate(cells):
-            g = results[(results["image_tokens"] == tokens) & (results["layers"] == layers)]
-            g = g.assign(y=pd.to_numeric(g[col], errors="coerce")).sort_values("generation_share")
+            g = judged[(judged["image_tokens"] == tokens) & (judged["layers"] == layers)]
+            g = g.assign(y=_column(g, col)).sort_values("generation_share")
             color = COLORS[j % len(COLORS)]
-            mean = g.groupby("generation_share")["y"].mean()
+            mean = g[g["included"]].groupby("generation_share")["y"].mean()
             ax.plot(
                 mean.index, mean.to_numpy(), "-", color=color, lw=1.2, label=f"{tokens} image tokens, {layers} layers"
             )
             x = g["generation_share"].to_numpy() + (j - (len(cells) - 1) / 2) * 0.012
             y = g["y"].to_numpy()
+            shown = np.minimum(y, INDEX_TOP) if index else y
             if low and low in g and high in g:
-                err = np.vstack([y - pd.to_numeric(g[low]).to_numpy(), pd.to_numeric(g[high]).to_numpy() - y])
-                ax.errorbar(x, y, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="none", ecolor=color, lw=0.7)
-            ax.scatter(x, y, s=18, color=color, zorder=3, edgecolor=["k" if s else color for s in g["seed"]])
-        if col.startswith("gate_index"):
+                err = np.vstack([y - _column(g, low).to_numpy(), _column(g, high).to_numpy() - y])
+                ok = y <= INDEX_TOP
+                ax.errorbar(
+                    x[ok], y[ok], yerr=np.clip(np.nan_to_num(err[:, ok]), 0, None), fmt="none", ecolor=color, lw=0.7
+                )
+            for seed, marker in ((0, "o"), (1, "s")):
+                for included, face in ((True, color), (False, "none")):
+                    m = (g["seed"].to_numpy() == seed) & (g["included"].to_numpy() == included)
+                    ax.scatter(x[m], shown[m], s=22, marker=marker, facecolor=face, edgecolor=color, zorder=3)
+            if index:
+                for xi, yi in zip(x[y > INDEX_TOP], y[y > INDEX_TOP]):
+                    ax.annotate(f"{yi:.3g}↑", (xi, INDEX_TOP), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if index:
             ax.axhline(GATE_LEVEL, color="k", lw=0.8, ls="--")
+            ax.set_ylim(min(-0.05, float(np.nanmin(_column(judged, col), initial=0.0)) - 0.05), INDEX_TOP + 0.05)
         ax.set_xticks(SHARES, [f"{s:g}" if s < 1 else "1.0*" for s in SHARES])
         ax.set(xlabel="share of caption → image generation sequences", ylabel=label)
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=8)
     fig.suptitle(
-        "When does a gate emerge? Native organisms over the grid (points: models; black edge: seed 1; "
-        f"line: mean over seeds)\n*at 1.0, {UNDERSTANDING_FLOOR:g} of the sequences stay understanding tasks; "
-        f"dashed: gate threshold {GATE_LEVEL:g}",
+        f"When does a gate emerge? Native organisms over the grid ({len(judged)} of {len(grid())} models). Points: "
+        "models (square: seed 1; hollow: not analysed);\nline: mean over the analysed models. *At 1.0, "
+        f"{UNDERSTANDING_FLOOR:g} of the sequences stay understanding tasks. Dashed: gate threshold {GATE_LEVEL:g}.",
         fontsize=10,
     )
     fig.tight_layout()
