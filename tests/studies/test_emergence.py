@@ -246,6 +246,9 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     batch = vlm.prepare([synthetic_classes(1)[0].load_image()], ["This shape is a"])
     assert len(batch.layouts[0].content) == 16
     assert (out / "emergence.png").stat().st_size > 0 and (out / "cards" / results["model"][1] / "CARD.md").is_file()
+    summary = (out / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("**not enough models**") and len(summary) == 6 + len(results)
+    assert all(f"| {m} |" in "\n".join(summary) for m in results["model"])
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["models"] == 2 and verdict["planned"] == 28 and not verdict["complete"]
     assert len((out / "commands.txt").read_text().splitlines()) == 1  # each invocation, with its time

@@ -19,6 +19,7 @@ Layout (``OUT`` holds small files only, ``WORK`` the checkpoints)::
     OUT/results.csv           one row per trained and measured model
     OUT/emergence.png         gate index vs generation share (and the ablation and [EOI] attention)
     OUT/verdict.json          the registered rule applied to results.csv
+    OUT/summary.md            the verdict and the headline columns, one row per model
     OUT/failures.csv          models whose training or measurement failed in the last run (retried by the next)
     OUT/cards/<model>/        each organism's training card (CARD.md, card.json)
     WORK/<model>/model/       the organism checkpoint
@@ -503,7 +504,41 @@ def finish(out: Path, results: pd.DataFrame, *, permutations: int = PERMUTATIONS
     figure(results, out / "emergence.png")
     v = verdict(results, permutations=permutations)
     (out / "verdict.json").write_text(json.dumps(v, indent=2, default=float) + "\n")
+    (out / "summary.md").write_text(summary_markdown(results, v))
     return v
+
+
+def _fmt(value, digits: int = 2) -> str:
+    number = pd.to_numeric(value, errors="coerce")
+    return "–" if pd.isna(number) else f"{number:.{digits}f}"
+
+
+def summary_markdown(results: pd.DataFrame, v: dict) -> str:
+    """The verdict and one table row per model (the headline columns of results.csv), as Markdown."""
+    t = v["trend"]
+    lines = [
+        f"**{v['outcome']}** — {v['meaning']} ({v['models']} of {v['planned']} models, {v['analysed']} analysed; "
+        f"not analysed: {', '.join(v['excluded']) or 'none'}; gates: {', '.join(v['gates']) or 'none'}).",
+        "",
+        f"Trend statistic (mean within-cell Spearman, mask-mode gate index): {_fmt(t['statistic'])}, "
+        f"p(rise) {_fmt(t['p_increase'], 4)}, p(fall) {_fmt(t['p_decrease'], 4)}; per cell: "
+        + (", ".join(f"{c} {_fmt(r['spearman'])} (n={r['n']})" for c, r in t["cells"].items()) or "none")
+        + ".",
+        "",
+        "| model | VQA (chance) | CIDEr-D (chance) | gate index, mask [95%] | positions for 90% | top | gate index, zero "
+        "| [EOI]→text | image→text | [EOI] attention | analysed | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in judge(results).iterrows():
+        lines.append(
+            f"| {r['model']} | {_fmt(r.get('heldout_vqa'))} ({_fmt(r.get('heldout_vqa_chance'))}) | "
+            f"{_fmt(r.get('heldout_cider'))} ({_fmt(r.get('heldout_cider_chance'))}) | "
+            f"{_fmt(r.get('gate_index_mask'), 3)} [{_fmt(r.get('gate_low_mask'), 3)}, {_fmt(r.get('gate_high_mask'), 3)}] | "
+            f"{_fmt(r.get('positions_for_90_mask'), 1)} | {r.get('top_position_mask', '–')} | "
+            f"{_fmt(r.get('gate_index_zero'), 3)} | {_fmt(r.get('eoi_relative'))} | {_fmt(r.get('image_relative'))} | "
+            f"{_fmt(r.get('eoi_attention_share'))} | {'yes' if r['included'] else 'no'} | {'yes' if r['gate'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_study(
