@@ -143,16 +143,24 @@ def models() -> None:
 @app.command()
 def roles(
     model: str = typer.Argument(..., help=MODEL_HELP, callback=_nonempty),
-    prompt: str = typer.Option("Provide a one-sentence caption for the provided image.", help="Prompt text."),
+    prompt: str = typer.Option(
+        None,
+        help="Prompt text (default: the caption prompt of the checkpoint's narrowgate.json, else the paper's).",
+        callback=_nonempty,
+    ),
     text_first: bool = _flag("--text-first", "Put the text before the image."),
 ) -> None:
     """Show where every role sits in one example prompt of MODEL (a blank grey image)."""
     from PIL import Image
 
+    from .analyses.prompts import sources
     from .loading import load
     from .roles import ROLE_NAMES
 
     vlm = load(model)
+    if prompt is None:
+        cfg = {"data": None}
+        prompt = sources(cfg, ("captions",), vlm.family.name, vlm.n_layers, vlm.checkpoint_prompts)["caption_prompt"][0]
     batch = vlm.prepare([Image.new("RGB", (224, 224), (128, 128, 128))], [prompt], image_first=not text_first)
     tok = vlm.family.tokenizer
     table = Table(title=f"{vlm.family.name}: {batch.length} tokens", caption=vlm.family.eoi_doc)
@@ -436,6 +444,18 @@ def finetune(
         False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."
     ),
     save_every: int = typer.Option(50, "--save-every", help="Optimizer steps between resumable checkpoints."),
+    vqa_prompt: str = typer.Option(
+        None,
+        "--vqa-prompt",
+        help="VQA prompt with {question} (default: the checkpoint's narrowgate.json, else the family preset).",
+        callback=_nonempty,
+    ),
+    caption_prompt: str = typer.Option(
+        None,
+        "--caption-prompt",
+        help="Caption prompt (default: the checkpoint's narrowgate.json, else the family preset).",
+        callback=_nonempty,
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
@@ -475,6 +495,8 @@ def finetune(
             gradient_checkpointing=gradient_checkpointing,
             merge=merge,
             save_every=save_every,
+            vqa_prompt=vqa_prompt,
+            caption_prompt=caption_prompt,
             progress=not quiet,
             command=["narrowgate", *sys.argv[1:]],
         )

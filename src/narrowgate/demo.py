@@ -20,9 +20,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .analyses import EXPERIMENTS, options
+from .analyses import EXPERIMENTS
 from .analyses.base import run
-from .analyses.prompts import VQA
 from .loading import load
 from .plots import compare
 from .store import RunStore
@@ -113,9 +112,6 @@ def demo(
             cfg.update(
                 model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
             )
-            # The organisms learnt the plain VQA prompt, not a family preset such as Chameleon's " Answer:".
-            if default and "vqa_prompt" in options.names(EXPERIMENTS[experiment].config):
-                cfg.setdefault("vqa_prompt", VQA)
             console.print(f"[bold]{label}[/bold]: {name}")
             store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
             runs[label][name] = store.path

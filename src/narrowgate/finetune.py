@@ -39,8 +39,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint_prompts
 from .analyses.base import Ranks, model_info
-from .analyses.prompts import CAPTION, VQA
+from .checkpoint_prompts import DATASETS
 from .data import BadExample
 from .engine.interventions import Knockout
 from .progress import progress_bar
@@ -86,21 +87,30 @@ RECIPES = {
 
 @dataclass(frozen=True)
 class Item:
-    """One training example: where it comes from, its image source, the prompt and the answer to learn."""
+    """One training example: its source, image source, prompt kind and the answer to learn.
+
+    ``kind`` is ``vqa`` or ``captions`` (the prompt comes from the run's templates, `with_prompts`) or
+    ``instruct`` (the example's own instruction, LLaVA-Instruct).
+    """
 
     source: str
     example: object
-    prompt: str
+    kind: str
     answer: str
+    prompt: str = ""
 
     @property
     def id(self) -> str:
         return f"{self.source}:{self.example.id}"
 
 
+#: The dataset whose prompt (narrowgate.json, family preset) each source's VQA / caption examples use.
+PROMPT_DATASET = {"vqav2": "vqav2", "coco": "coco", "synthetic": "synthetic"}
+
+
 # --- data ----------------------------------------------------------------------------------------
 def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
-    """``n`` seeded examples of ``source`` as prompt/answer pairs in the experiments' prompt formats."""
+    """``n`` seeded examples of ``source`` as prompt kind / answer pairs (prompts filled by `with_prompts`)."""
     from . import data
     from .analyses.tasks import _find
     from .data.llava_instruct import load_llava_instruct
@@ -109,8 +119,8 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
         half = n // 2
         vqa = data.synthetic_vqa(n - half, seed + 1000)
         caps = data.synthetic_captions(half, seed + 2000)
-        return [Item(source, e, VQA.format(question=e.question), e.answers[0]) for e in vqa] + [
-            Item(source, e, CAPTION, e.references[0]) for e in caps
+        return [Item(source, e, "vqa", e.answers[0]) for e in vqa] + [
+            Item(source, e, "captions", e.references[0]) for e in caps
         ]
     if path is None:
         raise ValueError(f"--data {source} needs a path: --data {source}=DIR.")
@@ -118,7 +128,7 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
     if not root.exists():
         raise ValueError(f"--data {source}={root}: no such file or directory.")
     if source == "llava-instruct":
-        return [Item(source, e, e.prompt, e.answer) for e in load_llava_instruct(root, n=n, seed=seed)]
+        return [Item(source, e, "instruct", e.answer, e.prompt) for e in load_llava_instruct(root, n=n, seed=seed)]
     if source == "vqav2":
         if root.is_dir() and (any(root.rglob("*.parquet")) or any(root.rglob("*.arrow"))):
             exs = data.load_vqav2_hf(root, split="train", n=n, seed=seed)
@@ -128,7 +138,7 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
             Item(
                 source,
                 e,
-                VQA.format(question=e.question),
+                "vqa",
                 e.meta.get("multiple_choice_answer") or max(set(e.answers), key=e.answers.count),
             )
             for e in exs
@@ -136,7 +146,7 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
         ]
     if source == "coco":
         found = _find(root, ("captions_train2014.json", "**/captions_train*.json"), "COCO training caption file")
-        return [Item(source, e, CAPTION, e.references[0]) for e in data.load_coco_captions(found, n=n, seed=seed)]
+        return [Item(source, e, "captions", e.references[0]) for e in data.load_coco_captions(found, n=n, seed=seed)]
     raise ValueError(f"Unknown data source {source!r}; choose from {', '.join(SOURCES)}.")
 
 
@@ -149,6 +159,54 @@ def mixture(paths: dict[str, str | None], sizes: dict[str, int], seed: int) -> l
         pool += _items(source, path, sizes[source], seed)
     order = np.random.default_rng(seed).permutation(len(pool))
     return [pool[i] for i in order]
+
+
+def templates(vlm, sources, overrides: dict[str, str | None]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(kind, dataset) -> (prompt, where it comes from) for the VQA and caption examples of ``sources``:
+    ``overrides`` (``vqa_prompt``, ``caption_prompt``), else the checkpoint's narrowgate.json, else the preset."""
+    from .analyses import prompts
+
+    out = {}
+    info = model_info(vlm)
+    for source in sources:
+        dataset = PROMPT_DATASET.get(source)
+        if dataset is None:
+            continue
+        cfg = {"data": dataset, **{k: v for k, v in overrides.items() if v}}
+        used = prompts.sources(cfg, ("vqa", "captions"), info["family"], info["n_layers"], vlm.checkpoint_prompts)
+        out[("vqa", dataset)] = used["vqa_prompt"]
+        out[("captions", dataset)] = used["caption_prompt"]
+    return out
+
+
+def with_prompts(items: list[Item], chosen: dict[tuple[str, str], tuple[str, str]]) -> list[Item]:
+    """``items`` with the prompt of each VQA / caption example filled in from ``chosen`` (`templates`)."""
+    from .analyses.prompts import vqa_prompt
+
+    out = []
+    for it in items:
+        if it.kind == "instruct":
+            out.append(it)
+            continue
+        text = chosen[(it.kind, PROMPT_DATASET[it.source])][0]
+        prompt = vqa_prompt({"vqa_prompt": text}, it.example.question) if it.kind == "vqa" else text
+        out.append(replace(it, prompt=prompt))
+    return out
+
+
+def trained_prompts(vlm, chosen: dict[tuple[str, str], tuple[str, str]]) -> dict:
+    """The narrowgate.json prompts of a model fine-tuned with ``chosen``: those it was trained on, over the
+    base checkpoint's own (kind -> prompt, or dataset -> prompt where they differ)."""
+    own = dict(vlm.checkpoint_prompts.prompts) if vlm.checkpoint_prompts is not None else {}
+    for kind in ("vqa", "captions"):
+        per = {d: text for (k, d), (text, _) in chosen.items() if k == kind}
+        if not per:
+            continue
+        base = own.get(kind)
+        merged = dict(base) if isinstance(base, dict) else {d: base for d in DATASETS} if base else {}
+        merged.update(per)
+        own[kind] = next(iter(merged.values())) if len(set(merged.values())) == 1 else merged
+    return own
 
 
 # --- scores ----------------------------------------------------------------------------------------
@@ -252,6 +310,8 @@ def finetune(
     gradient_checkpointing: bool = False,
     merge: bool = False,
     save_every: int = 50,
+    vqa_prompt: str | None = None,
+    caption_prompt: str | None = None,
     progress: bool = True,
     vlm=None,
     command: list[str] | None = None,
@@ -259,7 +319,9 @@ def finetune(
     """Fine-tune ``model`` with ``recipe`` on ``data`` (source -> path), writing everything under ``out``.
 
     ``knockouts`` (e.g. ``["eoi->text"]``) replace the recipe's; ``samples`` (source -> n) its mixture;
-    ``steps`` stops early (scaled-down runs). Returns the training card.
+    ``steps`` stops early (scaled-down runs). VQA and caption examples are asked with ``vqa_prompt`` /
+    ``caption_prompt``, else the checkpoint's own (narrowgate.json), else the family preset; the merged
+    model's narrowgate.json records them. Returns the training card.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -286,6 +348,7 @@ def finetune(
     out = Path(out)
     store = RunStore(out, rank=ranks.rank)
     vlm = vlm or load(model, dtype=dtype, device_map=device_map)
+    chosen = templates(vlm, data, {"vqa_prompt": vqa_prompt, "caption_prompt": caption_prompt})
     config = {
         "model": str(model),
         "recipe": recipe,
@@ -297,6 +360,7 @@ def finetune(
         "micro_batch": micro_batch,
         "dtype": dtype,
         "gradient_checkpointing": gradient_checkpointing,
+        "prompts": {f"{kind} ({dataset})": text for (kind, dataset), (text, _) in sorted(chosen.items())},
     }
     config = json.loads(json.dumps(config))  # as the manifest stores it, so a resume compares like with like
     store.open_manifest(
@@ -305,10 +369,12 @@ def finetune(
             "config": config,
             "command": shlex.join(command if command is not None else sys.argv),
             "model": model_info(vlm),
+            "prompt_sources": {f"{k} ({d})": where for (k, d), (_, where) in sorted(chosen.items())},
+            "checkpoint_prompts": vlm.checkpoint_prompts.as_json() if vlm.checkpoint_prompts else None,
         }
     )
 
-    pool = mixture(data, sizes, seed)
+    pool = with_prompts(mixture(data, sizes, seed), chosen)
     if len(pool) <= heldout:
         raise ValueError(f"Only {len(pool)} examples for {heldout} held-out ones; lower --heldout or add data.")
     held, train = pool[:heldout], pool[heldout:]
@@ -382,6 +448,7 @@ def finetune(
         "steps": total,
         "steps_per_epoch": per_epoch,
         "micro_batch": micro_batch,
+        "prompts": config["prompts"],
         "train_examples": len(train),
         "heldout_examples": heldout,
         "loss": {
@@ -410,6 +477,7 @@ def finetune(
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")
             vlm.processor.save_pretrained(out / "merged")
+            checkpoint_prompts.write(out / "merged", trained_prompts(vlm, chosen))
         (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (out / "CARD.md").write_text(render_card(card))
     ranks.barrier()
@@ -428,6 +496,8 @@ def render_card(card: dict) -> str:
         f"{card['steps']} steps ({card['steps_per_epoch']} per epoch); mixture {hp['mixture']}.",
         "",
         f"Knockouts active while training: {', '.join(card['knockouts']) or 'none'}.",
+        "",
+        "Prompts: " + "; ".join(f"{k}: `{json.dumps(v)}`" for k, v in card["prompts"].items()) + ".",
         "",
         f"Loss: first step {card['loss']['first']}, last fifth {card['loss']['final']}.",
         "",
