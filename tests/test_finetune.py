@@ -110,7 +110,7 @@ def test_cli_finetune_and_bad_input(checkpoint_dir, tmp_path):
     bad = runner.invoke(
         app, ["finetune", "--model", base, "--recipe", "nope", "--data", "synthetic", "--out", str(tmp_path / "bad")]
     )
-    assert bad.exit_code != 0 and "Unknown recipe" in bad.output
+    assert bad.exit_code != 0 and "--recipe 'nope' is not a recipe" in bad.output
     missing = runner.invoke(
         app,
         [

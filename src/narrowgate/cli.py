@@ -409,14 +409,14 @@ def train_organism(
 
 @app.command()
 def finetune(
-    model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP, callback=_nonempty),
     recipe: str = typer.Option(
         ..., "--recipe", help="understanding (SM 7.1) or remove-gate (the paper's gate removal)."
     ),
     data: list[str] = typer.Option(
         ..., "--data", help="SOURCE=PATH (repeatable): llava-instruct, vqav2, coco; or synthetic."
     ),
-    out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
+    out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume.", callback=_nonempty),
     knockout: list[str] = typer.Option(
         None,
         "--knockout",
@@ -426,24 +426,24 @@ def finetune(
         None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."
     ),
     steps: int = typer.Option(
-        None, "--steps", help="Stop after this many optimizer steps (default: the recipe's epochs)."
+        None, "--steps", min=1, help="Stop after this many optimizer steps (default: the recipe's epochs)."
     ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Examples per optimizer step (default: the recipe's)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1, help="Examples per optimizer step (default: the recipe's)."
+    ),
     micro_batch: int = typer.Option(
-        4, "--micro-batch", help="Examples per forward; gradients accumulate up to --batch-size."
+        4, "--micro-batch", min=1, help="Examples per forward; gradients accumulate up to --batch-size."
     ),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's)."),
-    heldout: int = typer.Option(64, "--heldout", help="Examples set aside for the before/after scores."),
-    seed: int = typer.Option(42, "--seed", help="Data sampling and order seed."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
-    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
-    gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing", help="Recompute activations in the backward pass."
+    lr: float = typer.Option(None, "--lr", callback=_positive, help="Peak learning rate (default: the recipe's)."),
+    heldout: int = typer.Option(64, "--heldout", min=1, help="Examples set aside for the before/after scores."),
+    seed: int = typer.Option(42, "--seed", min=0, help="Data sampling and order seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device_map: str = typer.Option(
+        None, "--device-map", callback=_device_map, help="accelerate device map: auto, balanced, or a JSON dict."
     ),
-    merge: bool = typer.Option(
-        False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."
-    ),
-    save_every: int = typer.Option(50, "--save-every", help="Optimizer steps between resumable checkpoints."),
+    gradient_checkpointing: bool = _flag("--gradient-checkpointing", "Recompute activations in the backward pass."),
+    merge: bool = _flag("--merge", "Also save the merged model as a normal checkpoint (OUT/merged)."),
+    save_every: int = typer.Option(50, "--save-every", min=1, help="Optimizer steps between resumable checkpoints."),
     vqa_prompt: str = typer.Option(
         None,
         "--vqa-prompt",
@@ -456,52 +456,38 @@ def finetune(
         help="Caption prompt (default: the checkpoint's narrowgate.json, else the family preset).",
         callback=_nonempty,
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
     """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
-    import json
-    import sys
+    from . import recipes
+
+    settings = dict(
+        knockouts=None if not knockout else [k for k in knockout if k.strip().lower() != "none"],
+        samples=recipes.parse_samples(samples),
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        heldout=heldout,
+        seed=seed,
+        dtype=dtype,
+        device_map=json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map,
+        gradient_checkpointing=gradient_checkpointing,
+        merge=merge,
+        save_every=save_every,
+        vqa_prompt=vqa_prompt,
+        caption_prompt=caption_prompt,
+    )
+    sources = recipes.parse_data(data)
+    checked = ("samples", "steps", "batch_size", "micro_batch", "lr", "heldout", "seed", "save_every", "dtype")
+    recipes.check(recipe, sources, **{k: settings[k] for k in checked}, vqa_prompt=vqa_prompt)  # before torch loads
 
     from .finetune import finetune as run_finetune
     from .finetune import render_card
 
-    def pairs(items, what):
-        out_ = {}
-        for item in items or ():
-            key, eq, value = item.partition("=")
-            if what == "--samples" and not eq:
-                raise typer.BadParameter(f"{what} {item!r}: write SOURCE=N.")
-            out_[key.strip()] = value.strip() or None
-        return out_
-
-    dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
-    kos = None if not knockout else [k for k in knockout if k.lower() != "none"]
-    try:
-        card = run_finetune(
-            model,
-            recipe,
-            pairs(data, "--data"),
-            out,
-            knockouts=kos,
-            samples={k: int(v) for k, v in pairs(samples, "--samples").items()},
-            steps=steps,
-            batch_size=batch_size,
-            micro_batch=micro_batch,
-            lr=lr,
-            heldout=heldout,
-            seed=seed,
-            dtype=dtype,
-            device_map=dmap,
-            gradient_checkpointing=gradient_checkpointing,
-            merge=merge,
-            save_every=save_every,
-            vqa_prompt=vqa_prompt,
-            caption_prompt=caption_prompt,
-            progress=not quiet,
-            command=["narrowgate", *sys.argv[1:]],
-        )
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+    card = run_finetune(
+        model, recipe, sources, out, **settings, progress=not quiet, command=["narrowgate", *sys.argv[1:]]
+    )
     console.print(render_card(card))
 
 

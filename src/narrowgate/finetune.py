@@ -31,7 +31,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,45 +44,12 @@ from .analyses.base import Ranks, model_info
 from .checkpoint_prompts import DATASETS
 from .data import BadExample
 from .engine.interventions import Knockout
+from .errors import DataError, OptionError
 from .progress import progress_bar
+from .recipes import RECIPES, SOURCES, Recipe, check
 from .store import RunStore
 
-SOURCES = ("llava-instruct", "vqav2", "coco", "synthetic")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Hyper-parameters and data mixture (examples per source) of one fine-tuning recipe."""
-
-    rank: int
-    alpha: int
-    lr: float
-    weight_decay: float
-    batch_size: int
-    epochs: int = 1
-    mixture: dict = field(default_factory=dict)
-    knockouts: tuple[str, ...] = ()
-
-
-RECIPES = {
-    "understanding": Recipe(
-        rank=64,
-        alpha=16,
-        lr=5e-5,
-        weight_decay=0.0,
-        batch_size=64,
-        mixture={"vqav2": 18750, "coco": 18750, "llava-instruct": 150000},
-    ),
-    "remove-gate": Recipe(
-        rank=128,
-        alpha=256,
-        lr=2e-5,
-        weight_decay=0.1,
-        batch_size=128,
-        mixture={"llava-instruct": 7500, "vqav2": 7500},
-        knockouts=("eoi->text",),
-    ),
-}
+__all__ = ["RECIPES", "SOURCES", "Recipe", "finetune", "heldout_scores", "load_adapted", "render_card"]
 
 
 @dataclass(frozen=True)
@@ -123,10 +90,10 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
             Item(source, e, "captions", e.references[0]) for e in caps
         ]
     if path is None:
-        raise ValueError(f"--data {source} needs a path: --data {source}=DIR.")
+        raise DataError(f"--data {source} needs a path: --data {source}=DIR.")
     root = Path(path).expanduser()
     if not root.exists():
-        raise ValueError(f"--data {source}={root}: no such file or directory.")
+        raise DataError(f"--data {source}={root}: no such file or directory.")
     if source == "llava-instruct":
         return [Item(source, e, "instruct", e.answer, e.prompt) for e in load_llava_instruct(root, n=n, seed=seed)]
     if source == "vqav2":
@@ -147,15 +114,13 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
     if source == "coco":
         found = _find(root, ("captions_train2014.json", "**/captions_train*.json"), "COCO training caption file")
         return [Item(source, e, "captions", e.references[0]) for e in data.load_coco_captions(found, n=n, seed=seed)]
-    raise ValueError(f"Unknown data source {source!r}; choose from {', '.join(SOURCES)}.")
+    raise DataError(f"Unknown data source {source!r}; choose from {', '.join(SOURCES)}.")
 
 
 def mixture(paths: dict[str, str | None], sizes: dict[str, int], seed: int) -> list[Item]:
     """The training pool: ``sizes[source]`` examples of each source, shuffled together (seeded)."""
     pool = []
     for source, path in paths.items():
-        if source not in SOURCES:
-            raise ValueError(f"Unknown data source {source!r}; choose from {', '.join(SOURCES)}.")
         pool += _items(source, path, sizes[source], seed)
     order = np.random.default_rng(seed).permutation(len(pool))
     return [pool[i] for i in order]
@@ -241,7 +206,7 @@ def heldout_scores(vlm, items: list[Item], knockouts=(), micro_batch: int = 8) -
         count += int(keep.sum())
     vlm.model.train(training)
     if not count:
-        raise ValueError("No held-out example could be loaded; the scores would be meaningless.")
+        raise DataError("No held-out example could be loaded; the scores would be meaningless.")
     return {"loss": round(total / count, 4), "token_accuracy": round(correct / count, 4), "tokens": count}
 
 
@@ -327,22 +292,35 @@ def finetune(
 
     from .loading import load
 
-    if recipe not in RECIPES:
-        raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
-    if not data:
-        raise ValueError("Give at least one --data SOURCE=PATH (or --data synthetic).")
-    rec = RECIPES[recipe]
-    rec = replace(
-        rec,
-        batch_size=batch_size or rec.batch_size,
-        lr=lr or rec.lr,
-        knockouts=tuple(knockouts) if knockouts is not None else rec.knockouts,
+    rec, sizes = check(
+        recipe,
+        data,
+        samples=samples,
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        heldout=heldout,
+        seed=seed,
+        save_every=save_every,
+        dtype=dtype,
+        vqa_prompt=vqa_prompt,
     )
-    kos = [Knockout.parse(k) for k in rec.knockouts]
-    sizes = {s: (samples or {}).get(s) or rec.mixture.get(s) for s in data}
-    missing = [s for s, n in sizes.items() if not n]
-    if missing:
-        raise ValueError(f"The {recipe} recipe has no size for {missing}; give --samples {missing[0]}=N.")
+    rec = replace(rec, knockouts=tuple(knockouts) if knockouts is not None else rec.knockouts)
+    try:
+        kos = [Knockout.parse(k) for k in rec.knockouts]
+    except ValueError as e:
+        raise OptionError(f"--knockout: {e}") from None
+    pool = mixture(data, sizes, seed)  # read before the run directory is touched: bad data writes nothing
+    if len(pool) <= heldout:
+        raise OptionError(f"Only {len(pool)} examples for {heldout} held-out ones; lower --heldout or add data.")
+    held, train = pool[:heldout], pool[heldout:]
+    per_epoch = math.ceil(len(train) / rec.batch_size)
+    if steps is not None and steps > per_epoch * rec.epochs:
+        raise OptionError(
+            f"--steps {steps} is more than the recipe's {rec.epochs} epoch(s) of {per_epoch} steps over "
+            f"{len(train)} training examples at batch {rec.batch_size}: give at most {per_epoch * rec.epochs}."
+        )
     ranks = Ranks.from_env()
     ranks.init()
     out = Path(out)
@@ -374,10 +352,7 @@ def finetune(
         }
     )
 
-    pool = with_prompts(mixture(data, sizes, seed), chosen)
-    if len(pool) <= heldout:
-        raise ValueError(f"Only {len(pool)} examples for {heldout} held-out ones; lower --heldout or add data.")
-    held, train = pool[:heldout], pool[heldout:]
+    held, train = with_prompts(held, chosen), with_prompts(train, chosen)
     conditions = {"baseline": ()} | {k.name: (k,) for k in kos}
     scores_path = out / "heldout-before.json"
     if scores_path.exists():
@@ -394,8 +369,7 @@ def finetune(
         vlm.enable_gradient_checkpointing()
     params = [p for _, p in _trainable(peft_model)]
     opt = torch.optim.AdamW(params, lr=rec.lr, weight_decay=rec.weight_decay)
-    per_epoch = math.ceil(len(train) / rec.batch_size)
-    total = min(steps or per_epoch * rec.epochs, per_epoch * rec.epochs)
+    total = steps or per_epoch * rec.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = out / "checkpoint"
     start, losses = _load_state(ckpt, peft_model, opt) if (ckpt / "state.json").exists() else (0, [])
