@@ -47,7 +47,7 @@ from .engine.interventions import Knockout
 from .errors import DataError, OptionError
 from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
-from .store import RunStore
+from .store import RunLocked, RunStore
 
 __all__ = ["RECIPES", "SOURCES", "Recipe", "finetune", "heldout_scores", "load_adapted", "render_card"]
 
@@ -288,10 +288,6 @@ def finetune(
     ``caption_prompt``, else the checkpoint's own (narrowgate.json), else the family preset; the merged
     model's narrowgate.json records them. Returns the training card.
     """
-    from peft import LoraConfig, get_peft_model
-
-    from .loading import load
-
     rec, sizes = check(
         recipe,
         data,
@@ -325,8 +321,82 @@ def finetune(
     ranks.init()
     out = Path(out)
     store = RunStore(out, rank=ranks.rank)
+    command_text = shlex.join(command if command is not None else sys.argv)
+    refused = None
+    if ranks.rank == 0:
+        try:
+            store.lock(command_text)
+        except RunLocked as e:
+            refused = str(e)
+    refused = ranks.share(refused)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        return _finetune_locked(
+            model,
+            recipe,
+            data,
+            out,
+            rec=rec,
+            sizes=sizes,
+            kos=kos,
+            held=held,
+            train=train,
+            store=store,
+            ranks=ranks,
+            command_text=command_text,
+            steps=steps,
+            micro_batch=micro_batch,
+            heldout=heldout,
+            seed=seed,
+            dtype=dtype,
+            device_map=device_map,
+            gradient_checkpointing=gradient_checkpointing,
+            merge=merge,
+            save_every=save_every,
+            overrides={"vqa_prompt": vqa_prompt, "caption_prompt": caption_prompt},
+            progress=progress,
+            vlm=vlm,
+        )
+    finally:
+        store.unlock()
+
+
+def _finetune_locked(
+    model,
+    recipe: str,
+    data: dict,
+    out: Path,
+    *,
+    rec: Recipe,
+    sizes: dict[str, int],
+    kos: list,
+    held: list[Item],
+    train: list[Item],
+    store: RunStore,
+    ranks: Ranks,
+    command_text: str,
+    steps: int | None,
+    micro_batch: int,
+    heldout: int,
+    seed: int,
+    dtype: str,
+    device_map,
+    gradient_checkpointing: bool,
+    merge: bool,
+    save_every: int,
+    overrides: dict,
+    progress: bool,
+    vlm,
+) -> dict:
+    """`finetune` once the run directory is locked: load, check the manifest, train, score, save."""
+    from peft import LoraConfig, get_peft_model
+
+    from .loading import fingerprint, load
+
     vlm = vlm or load(model, dtype=dtype, device_map=device_map)
-    chosen = templates(vlm, data, {"vqa_prompt": vqa_prompt, "caption_prompt": caption_prompt})
+    base = fingerprint(model, model_info(vlm)["revision"])
+    chosen = templates(vlm, data, overrides)
     config = {
         "model": str(model),
         "recipe": recipe,
@@ -345,11 +415,13 @@ def finetune(
         {
             "experiment": "finetune",
             "config": config,
-            "command": shlex.join(command if command is not None else sys.argv),
+            "fingerprint": base,
+            "command": command_text,
             "model": model_info(vlm),
             "prompt_sources": {f"{k} ({d})": where for (k, d), (_, where) in sorted(chosen.items())},
             "checkpoint_prompts": vlm.checkpoint_prompts.as_json() if vlm.checkpoint_prompts else None,
-        }
+        },
+        key_fields=("experiment", "config", "fingerprint"),
     )
 
     held, train = with_prompts(held, chosen), with_prompts(train, chosen)
@@ -369,6 +441,7 @@ def finetune(
         vlm.enable_gradient_checkpointing()
     params = [p for _, p in _trainable(peft_model)]
     opt = torch.optim.AdamW(params, lr=rec.lr, weight_decay=rec.weight_decay)
+    per_epoch = math.ceil(len(train) / rec.batch_size)
     total = steps or per_epoch * rec.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = out / "checkpoint"
