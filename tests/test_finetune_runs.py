@@ -5,11 +5,13 @@ that example alone."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 import narrowgate as ng
-from narrowgate.finetune import finetune
+from narrowgate.finetune import BASE_FILE, finetune, load_adapted
+from narrowgate.loading import LoadError
 from narrowgate.store import ManifestMismatch, RunLocked, RunStore
 from tests.fixtures import chameleon
 
@@ -47,3 +49,26 @@ def test_resume_on_a_replaced_base_is_refused(base, tmp_path):
     chameleon.build(base, seed=1)  # same architecture and path, other weights
     with pytest.raises(ManifestMismatch, match="different fingerprint"):
         finetune(str(base), "remove-gate", {"synthetic": None}, out, **TINY)
+
+
+# --- item 6: an adapter refuses a base it was not trained on -------------------------------------------------
+@pytest.mark.slow
+def test_load_adapted_refuses_an_adapter_trained_on_another_model(base, tmp_path, checkpoint_dir):
+    out = tmp_path / "ft"
+    finetune(str(base), "remove-gate", {"synthetic": None}, out, **TINY)
+    adapter = out / "adapter"
+    assert json.loads((adapter / BASE_FILE).read_text())["fingerprint"] == ng.loading.fingerprint(base)
+    load_adapted(base, adapter, dtype="float32")  # its own base: fine
+    # Another architecture (LLaVA): with or without the record, refused instead of returning the plain base.
+    with pytest.raises(LoadError, match="trained on"):
+        load_adapted(checkpoint_dir("llava"), adapter)
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(adapter, unrecorded)
+    (unrecorded / BASE_FILE).unlink()
+    with pytest.raises(LoadError, match="does not fit .* trained on another model"):
+        load_adapted(checkpoint_dir("llava"), unrecorded)
+    # The same architecture with other weights: only the recorded fingerprint can tell, and it does.
+    other = tmp_path / "other"
+    chameleon.build(other, seed=1)
+    with pytest.raises(LoadError, match=r"was trained on .*base.*fingerprint differs: model.safetensors"):
+        load_adapted(other, adapter)

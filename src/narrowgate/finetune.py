@@ -49,6 +49,9 @@ from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
 from .store import RunLocked, RunStore
 
+#: Beside a saved adapter: the base checkpoint it was trained on and its fingerprint (`load_adapted` checks it).
+BASE_FILE = "narrowgate-base.json"
+
 __all__ = ["RECIPES", "SOURCES", "Recipe", "finetune", "heldout_scores", "load_adapted", "render_card"]
 
 
@@ -509,6 +512,7 @@ def _finetune_locked(
     }
     if ranks.rank == 0:
         peft_model.save_pretrained(out / "adapter")
+        (out / "adapter" / BASE_FILE).write_text(json.dumps({"model": str(model), "fingerprint": base}, indent=2))
         store.write_table("loss", pd.DataFrame({"step": np.arange(1, len(losses) + 1), "loss": losses}))
         store.write_table(
             "heldout",
@@ -564,11 +568,51 @@ def render_card(card: dict) -> str:
 
 
 def load_adapted(base: str | Path, adapter: str | Path, **load_kwargs):
-    """`narrowgate.load` ``base`` with a saved LoRA ``adapter`` merged in: a `VLM` every experiment accepts."""
-    from peft import PeftModel
+    """`narrowgate.load` ``base`` with a saved LoRA ``adapter`` merged in: a `VLM` every experiment accepts.
 
-    from .loading import load
+    Refuses (`LoadError`) an adapter trained on another model: one whose recorded base fingerprint
+    (``narrowgate-base.json``, written by `finetune`) differs from ``base``'s, or whose weights do not
+    all find their place in ``base`` (peft itself would only warn and return the unmodified base).
+    """
+    from peft import PeftConfig, PeftModel
 
+    from .loading import LoadError, fingerprint, load
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise LoadError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json).")
     vlm = load(base, **load_kwargs)
-    PeftModel.from_pretrained(vlm.model, str(adapter)).merge_and_unload()  # merges into vlm.model's own modules
+    recorded = adapter / BASE_FILE
+    if recorded.is_file():
+        trained_on = json.loads(recorded.read_text())
+        now = fingerprint(base, model_info(vlm)["revision"])
+        if trained_on.get("fingerprint") != now:
+            raise LoadError(
+                f"{adapter} was trained on {trained_on.get('model')}, and {base} is another checkpoint (its "
+                f"fingerprint differs: {_difference(trained_on.get('fingerprint'), now)}). Load it on the base "
+                "it was trained on."
+            )
+    try:
+        peft_model = PeftModel(vlm.model, PeftConfig.from_pretrained(str(adapter)))
+        result = peft_model.load_adapter(str(adapter), "default")
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise LoadError(
+            f"{adapter} does not fit {base} ({' '.join(str(e).split())[:300]}): it was trained on another model."
+        ) from e
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise LoadError(
+            f"{adapter} does not fit {base}: {len(result.unexpected_keys)} of its weights have no place in it and "
+            f"{len(missing)} of its layers get no weight (e.g. {(result.unexpected_keys or missing)[0]}): it was "
+            "trained on another model."
+        )
+    peft_model.merge_and_unload()  # merges into vlm.model's own modules
     return vlm
+
+
+def _difference(there, now) -> str:
+    """Which files (or hub fields) of two fingerprints differ."""
+    there, now = there or {}, now or {}
+    a, b = there.get("files", there), now.get("files", now)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(keys[:5]) or "its form"
