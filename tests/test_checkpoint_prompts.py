@@ -20,12 +20,14 @@ from narrowgate.cli import app
 from narrowgate.organisms.common import PROMPTS
 
 runner = CliRunner()
+#: transformers' own progress bars while it loads or writes weights (not narrowgate's output).
+HF_PROGRESS = ("Loading weights", "Writing model shards")
 ANSWER = PRESETS[("chameleon", None, "vqa", None)]  # Chameleon's VQA preset, ending in " Answer:"
 
 
 def _one_line_error(result, *needles):
     assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(HF_PROGRESS)]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
     for needle in needles:
         assert needle in lines[0], lines[0]

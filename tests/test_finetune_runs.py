@@ -15,6 +15,8 @@ from narrowgate.loading import LoadError
 from narrowgate.store import ManifestMismatch, RunLocked, RunStore
 from tests.fixtures import chameleon
 
+#: transformers' own progress bars while it loads or writes weights (not narrowgate's output).
+HF_PROGRESS = ("Loading weights", "Writing model shards")
 TINY = dict(samples={"synthetic": 24}, steps=2, batch_size=4, micro_batch=4, lr=1e-2, heldout=4, progress=False)
 
 
@@ -72,3 +74,58 @@ def test_load_adapted_refuses_an_adapter_trained_on_another_model(base, tmp_path
     chameleon.build(other, seed=1)
     with pytest.raises(LoadError, match=r"was trained on .*base.*fingerprint differs: model.safetensors"):
         load_adapted(other, adapter)
+
+
+# --- item 10: a failed start leaves --out usable -------------------------------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from narrowgate.cli import app
+
+    return CliRunner().invoke(app, ["finetune", *args, "--quiet"])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code not in (0, None), result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(HF_PROGRESS)]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+SMALL = ["--steps", "2", "--batch-size", "4", "--micro-batch", "4", "--heldout", "4", "--lr", "1e-2"]
+
+
+@pytest.mark.slow
+def test_missing_data_or_a_knockout_beyond_the_model_writes_nothing_and_the_fix_runs(base, tmp_path):
+    out = tmp_path / "ft"
+    model = ["--model", str(base), "--recipe", "remove-gate", "--out", str(out), *SMALL]
+    missing = _cli(*model, "--data", f"vqav2={tmp_path / 'nowhere'}", "--samples", "llava-instruct=0")
+    _one_line_error(missing, "--data vqav2", "nowhere")
+    assert not out.exists()
+    data = ["--data", "synthetic", "--samples", "synthetic=24"]
+    beyond = _cli(*model, *data, "--knockout", "eoi->text@7")
+    _one_line_error(beyond, "--knockout eoi->text@7", "3 decoder layers")
+    assert not (out / "manifest.json").exists()
+    fixed = _cli(*model, *data)
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads((out / "card.json").read_text())["knockouts"] == ["eoi->text"]
+
+
+# --- item 11: one bad example costs that example --------------------------------------------------------------
+@pytest.mark.slow
+def test_a_bad_training_example_is_a_failure_record_and_the_run_goes_on(base, tmp_path):
+    from tests.data import train_layouts
+
+    root = train_layouts.llava_instruct(tmp_path / "llava", n=16, answers={5: "It is <image> here."})
+    settings = dict(TINY, samples={"llava-instruct": 16, "vqav2": 0}, steps=3)
+    out = tmp_path / "ft"
+    card = finetune(str(base), "remove-gate", {"llava-instruct": str(root)}, out, **settings)
+    failures = RunStore(out).failures()
+    assert failures["example_id"].tolist() == [f"llava-instruct:{5:012d}-0"]
+    assert "Image features and image tokens do not match" in failures["reason"].iloc[0]
+    assert card["failures"]["by_source"] == {"llava-instruct": 1} and card["steps"] == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "1 example" in (out / "CARD.md").read_text()
+    again = finetune(str(base), "remove-gate", {"llava-instruct": str(root)}, out, **settings)  # resumes
+    assert again["loss"] == card["loss"] and len(RunStore(out).failures()) == 1

@@ -489,6 +489,10 @@ def finetune(
         model, recipe, sources, out, **settings, progress=not quiet, command=["narrowgate", *sys.argv[1:]]
     )
     console.print(render_card(card))
+    if card["failures"]["examples"]:
+        console.print(
+            f"[yellow]{card['failures']['examples']} example(s) skipped[/yellow]; see {card['failures']['table']}"
+        )
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ the cosine schedule decays to zero with no warm-up.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shlex
 import sys
@@ -48,6 +49,8 @@ from .errors import DataError, OptionError
 from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
 from .store import RunLocked, RunStore
+
+logger = logging.getLogger("narrowgate.finetune")
 
 #: Beside a saved adapter: the base checkpoint it was trained on and its fingerprint (`load_adapted` checks it).
 BASE_FILE = "narrowgate-base.json"
@@ -178,8 +181,28 @@ def trained_prompts(vlm, chosen: dict[tuple[str, str], tuple[str, str]]) -> dict
 
 
 # --- scores ----------------------------------------------------------------------------------------
-def _micro_batches(vlm, items: list[Item], size: int, store: RunStore | None):
-    """Training batches of ``size`` loadable items; an item whose image fails is recorded and skipped."""
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def each_micro_batch(vlm, items: list[Item], size: int, work, failed: list[tuple[str, str]]) -> None:
+    """Call ``work(items, training_batch)`` on micro-batches of ``size`` items.
+
+    One bad example costs that example alone: an item whose image does not load is left out, and a
+    micro-batch whose preparation or ``work`` raises (e.g. an answer holding the image token) is done
+    again one item at a time; each item that still fails is appended to ``failed`` as (id, reason) and
+    logged. Out-of-memory is not an example's fault and propagates.
+    """
+
+    def attempt(group, images) -> BaseException | None:
+        try:
+            work(group, vlm.prepare_training(images, [it.prompt for it in group], [" " + it.answer for it in group]))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
+            return e
+        return None
+
     for i in range(0, len(items), size):
         good, images = [], []
         for it in items[i : i + size]:
@@ -187,30 +210,65 @@ def _micro_batches(vlm, items: list[Item], size: int, store: RunStore | None):
                 images.append(it.example.load_image())
                 good.append(it)
             except BadExample as bad:
-                if store is not None:
-                    store.fail(it.id, bad.reason)
-        if good:
-            yield good, vlm.prepare_training(images, [it.prompt for it in good], [" " + it.answer for it in good])
+                failed.append((it.id, bad.reason))
+                logger.warning("skipping %s: %s", it.id, bad.reason)
+        if not good or attempt(good, images) is None:
+            continue
+        for it, image in zip(good, images):
+            error = attempt([it], [image])
+            if error is not None:
+                failed.append((it.id, _reason(error)))
+                logger.warning("skipping %s: %s", it.id, _reason(error))
 
 
 @torch.no_grad()
-def heldout_scores(vlm, items: list[Item], knockouts=(), micro_batch: int = 8) -> dict:
-    """Answer-token loss and teacher-forced top-1 accuracy on ``items``, with ``knockouts`` active."""
+def heldout_scores(vlm, items: list[Item], knockouts=(), micro_batch: int = 8, failed: list | None = None) -> dict:
+    """Answer-token loss and teacher-forced top-1 accuracy on ``items``, with ``knockouts`` active.
+
+    Items that cannot be scored are left out and appended to ``failed`` (`each_micro_batch`).
+    """
     training = vlm.model.training
     vlm.model.eval()
-    total, correct, count = 0.0, 0, 0
-    for _, tb in _micro_batches(vlm, items, micro_batch, None):
+    sums = {"total": 0.0, "correct": 0, "count": 0}
+
+    def score(_, tb):
         with vlm.intervening(tb.batch, knockouts=knockouts):
             logits, labels = vlm.answer_logits(tb)
         keep = labels != -100
         lp = torch.log_softmax(logits.float(), -1)
-        total += float(-lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][keep].sum())
-        correct += int((logits.argmax(-1) == labels)[keep].sum())
-        count += int(keep.sum())
+        sums["total"] += float(-lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][keep].sum())
+        sums["correct"] += int((logits.argmax(-1) == labels)[keep].sum())
+        sums["count"] += int(keep.sum())
+
+    each_micro_batch(vlm, items, micro_batch, score, [] if failed is None else failed)
     vlm.model.train(training)
+    count = sums["count"]
     if not count:
-        raise DataError("No held-out example could be loaded; the scores would be meaningless.")
-    return {"loss": round(total / count, 4), "token_accuracy": round(correct / count, 4), "tokens": count}
+        raise DataError("No held-out example could be scored; the scores would be meaningless (see the log).")
+    return {
+        "loss": round(sums["total"] / count, 4),
+        "token_accuracy": round(sums["correct"] / count, 4),
+        "tokens": count,
+    }
+
+
+def _record(store: RunStore, failed: list[tuple[str, str]]) -> None:
+    """Write the failures gathered so far to the run directory (each as its own record) and forget them."""
+    for example_id, reason in failed:
+        store.fail(example_id, reason)
+    failed.clear()
+
+
+def _heldout(vlm, items: list[Item], conditions: dict, micro_batch: int, failed: list) -> dict:
+    """`heldout_scores` under each condition, all on the same items: those the baseline could score."""
+    before = len(failed)
+    out = {"baseline": heldout_scores(vlm, items, conditions["baseline"], micro_batch, failed)}
+    dropped = {i for i, _ in failed[before:]}
+    kept = [it for it in items if it.id not in dropped]
+    out.update(
+        {c: heldout_scores(vlm, kept, ks, micro_batch, failed) for c, ks in conditions.items() if c != "baseline"}
+    )
+    return out
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -218,7 +276,7 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _save_state(path: Path, model, opt, step: int, losses: list[float]) -> None:
+def _save_state(path: Path, model, opt, step: int, losses: list[float | None]) -> None:
     """Adapter weights, optimizer moments and progress, all safetensors/JSON (no pickle)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -398,6 +456,11 @@ def _finetune_locked(
     from .loading import fingerprint, load
 
     vlm = vlm or load(model, dtype=dtype, device_map=device_map)
+    beyond = [k.name for k in kos if k.layers and max(k.layers) >= vlm.n_layers]
+    if beyond:
+        raise OptionError(
+            f"--knockout {beyond[0]}: the model has {vlm.n_layers} decoder layers (0..{vlm.n_layers - 1})."
+        )
     base = fingerprint(model, model_info(vlm)["revision"])
     chosen = templates(vlm, data, overrides)
     config = {
@@ -413,6 +476,14 @@ def _finetune_locked(
         "gradient_checkpointing": gradient_checkpointing,
         "prompts": {f"{kind} ({dataset})": text for (kind, dataset), (text, _) in sorted(chosen.items())},
     }
+    held, train = with_prompts(held, chosen), with_prompts(train, chosen)
+    conditions = {"baseline": ()} | {k.name: (k,) for k in kos}
+    scores_path = out / "heldout-before.json"
+    failed: list[tuple[str, str]] = []
+    if scores_path.exists():
+        before = json.loads(scores_path.read_text())
+    else:  # before the manifest: a held-out set that cannot be scored leaves --out free for the corrected command
+        before = _heldout(vlm, held, conditions, micro_batch, failed)
     config = json.loads(json.dumps(config))  # as the manifest stores it, so a resume compares like with like
     store.open_manifest(
         {
@@ -426,16 +497,9 @@ def _finetune_locked(
         },
         key_fields=("experiment", "config", "fingerprint"),
     )
-
-    held, train = with_prompts(held, chosen), with_prompts(train, chosen)
-    conditions = {"baseline": ()} | {k.name: (k,) for k in kos}
-    scores_path = out / "heldout-before.json"
-    if scores_path.exists():
-        before = json.loads(scores_path.read_text())
-    else:
-        before = {c: heldout_scores(vlm, held, ks, micro_batch) for c, ks in conditions.items()}
-        if ranks.rank == 0:
-            scores_path.write_text(json.dumps(before, indent=1))
+    if not scores_path.exists() and ranks.rank == 0:
+        scores_path.write_text(json.dumps(before, indent=1))
+    _record(store, failed)
 
     lora = LoraConfig(r=rec.rank, lora_alpha=rec.alpha, lora_dropout=0.0, target_modules=lora_targets(vlm))
     torch.manual_seed(seed)  # LoRA's initialisation: the same command gives the same run
@@ -462,13 +526,17 @@ def _finetune_locked(
             epoch, i = divmod(step, per_epoch)
             order = np.random.default_rng(seed + epoch).permutation(len(train))
             mine = [train[j] for j in order[i * rec.batch_size : (i + 1) * rec.batch_size]][ranks.rank :: ranks.world]
-            n = max(1, len(mine))
-            step_loss = torch.zeros(())
-            for good, tb in _micro_batches(vlm, mine, micro_batch, store):
+            parts: list[torch.Tensor] = []
+
+            def learn(good, tb, share=max(1, len(mine)), parts=parts):
                 with vlm.intervening(tb.batch, knockouts=kos):
-                    loss = vlm.answer_loss(tb) * (len(good) / n)
+                    loss = vlm.answer_loss(tb) * (len(good) / share)
                 loss.backward()
-                step_loss += loss.detach().float().cpu()
+                parts.append(loss.detach().float().cpu())
+
+            each_micro_batch(vlm, mine, micro_batch, learn, failed)
+            _record(store, failed)
+            step_loss = torch.stack(parts).sum() if parts else torch.zeros(())
             if ranks.world > 1:
                 import torch.distributed as dist
 
@@ -483,13 +551,16 @@ def _finetune_locked(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(round(float(step_loss), 5))
-            bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+            losses.append(round(float(step_loss), 5) if parts or ranks.world > 1 else None)  # None: all failed
+            bar.update(task, advance=1, loss="-" if losses[-1] is None else f"{losses[-1]:.4f}")
             if ranks.rank == 0 and ((step + 1) % save_every == 0 or step + 1 == total):
                 _save_state(ckpt, peft_model, opt, step + 1, losses)
     seconds = time.perf_counter() - t0
+    measured = [x for x in losses if x is not None]
     vlm.model.eval()
-    after = {c: heldout_scores(vlm, held, ks, micro_batch) for c, ks in conditions.items()}
+    after = _heldout(vlm, held, conditions, micro_batch, failed)
+    _record(store, failed)
+    failures = store.failures()
     card = {
         "recipe": recipe,
         "model": str(model),
@@ -502,10 +573,15 @@ def _finetune_locked(
         "train_examples": len(train),
         "heldout_examples": heldout,
         "loss": {
-            "first": losses[0] if losses else None,
-            "final": float(np.mean(losses[-max(1, len(losses) // 5) :])) if losses else None,
+            "first": measured[0] if measured else None,
+            "final": float(np.mean(measured[-max(1, len(measured) // 5) :])) if measured else None,
         },
         "heldout": {"before": before, "after": after},
+        "failures": {
+            "examples": len(failures),
+            "by_source": failures["example_id"].str.split(":").str[0].value_counts().sort_index().to_dict(),
+            "table": str(out / "failures"),
+        },
         "train_seconds_this_session": round(seconds, 1),
         "adapter": str(out / "adapter"),
         "merged": str(out / "merged") if merge else None,
@@ -560,7 +636,16 @@ def render_card(card: dict) -> str:
     b, a = card["heldout"]["before"], card["heldout"]["after"]
     for c in b:
         lines.append(f"| {c} | {b[c]['loss']} | {a[c]['loss']} | {b[c]['token_accuracy']} | {a[c]['token_accuracy']} |")
+    failed = card["failures"]
     lines += [
+        "",
+        f"Failures: {failed['examples']} example(s) left out"
+        + (
+            f" ({', '.join(f'{s}: {n}' for s, n in failed['by_source'].items())}; see `{failed['table']}`)"
+            if failed["examples"]
+            else ""
+        )
+        + ".",
         "",
         f"Adapter: `{card['adapter']}`" + (f"; merged checkpoint: `{card['merged']}`" if card["merged"] else ""),
     ]
