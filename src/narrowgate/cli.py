@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -21,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from .catalog import catalog, settings, summary
 from .errors import NarrowgateError, OptionError, parse_layer_set
 from .roles import RoleError, parse_role
 
@@ -183,30 +183,6 @@ PARSERS = {
     "positive": _positive,
     "nonempty": _nonempty,
 }
-_ANALYSES = Path(__file__).parent / "analyses"
-
-
-def catalog() -> dict[str, str]:
-    """Every experiment's command name and one-line summary, read from the sources without importing them
-    (importing loads torch): the classes decorated ``@register`` in ``narrowgate/analyses/*.py``."""
-    import ast
-
-    out = {}
-    for path in sorted(_ANALYSES.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in tree.body:
-            if not (
-                isinstance(node, ast.ClassDef)
-                and any(getattr(d, "id", None) == "register" for d in node.decorator_list)
-            ):
-                continue
-            name = next(
-                st.value.value
-                for st in node.body
-                if isinstance(st, ast.Assign) and getattr(st.targets[0], "id", None) == "name"
-            )
-            out[name] = (ast.get_docstring(tree) or "").split("\n")[0]
-    return dict(sorted(out.items()))
 
 
 def _cli_type(hint):
@@ -221,18 +197,17 @@ def _cli_type(hint):
 
 
 def _experiment_command(name: str):
-    """The click command ``narrowgate run NAME``: its options come from the experiment's settings dataclass."""
+    """The click command ``narrowgate run NAME``: its options come from the experiment's settings dataclass,
+    read without importing the experiment (`narrowgate.catalog.settings`), which loads torch only once the
+    options are read and checked."""
     import inspect
     import typing
     from dataclasses import MISSING, fields
 
-    from .analyses import EXPERIMENTS
-    from .analyses import base as analyses_base
-
-    exp_cls = EXPERIMENTS[name]
-    hints = typing.get_type_hints(exp_cls.config)
+    config, namespace = settings(name)
+    hints = typing.get_type_hints(config, globalns=namespace)
     params, choices = [], {}
-    for f in fields(exp_cls.config):
+    for f in fields(config):
         meta = f.metadata
         if not meta.get("cli", True):
             continue
@@ -275,22 +250,19 @@ def _experiment_command(name: str):
         if isinstance(cfg.get("device_map"), str) and cfg["device_map"].strip().startswith("{"):
             cfg["device_map"] = json.loads(cfg["device_map"])
         cfg["progress"] = not kw["quiet"]
-        store = analyses_base.run(exp_cls(), cfg, command=["narrowgate", *sys.argv[1:]])
+        from .analyses import EXPERIMENTS
+        from .analyses import base as analyses_base
+
+        store = analyses_base.run(EXPERIMENTS[name](), cfg, command=["narrowgate", *sys.argv[1:]])
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = _summary(exp_cls)
+    command.__doc__ = summary(name)
     sub = typer.Typer(add_completion=False)
     sub.command(name)(command)
     return typer.main.get_command(sub)
-
-
-def _summary(exp_cls) -> str:
-    """The experiment module's docstring up to its first blank line: the command's --help text."""
-    doc = sys.modules[exp_cls.__module__].__doc__ or ""
-    return doc.split("\n\n")[0].replace("\n", " ")
 
 
 def _print_run(store) -> None:
