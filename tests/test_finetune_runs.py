@@ -118,7 +118,7 @@ def test_a_bad_training_example_is_a_failure_record_and_the_run_goes_on(base, tm
     from tests.data import train_layouts
 
     root = train_layouts.llava_instruct(tmp_path / "llava", n=16, answers={5: "It is <image> here."})
-    settings = dict(TINY, samples={"llava-instruct": 16, "vqav2": 0}, steps=3)
+    settings = dict(TINY, samples={"llava-instruct": 12, "vqav2": 0}, steps=3)
     out = tmp_path / "ft"
     card = finetune(str(base), "remove-gate", {"llava-instruct": str(root)}, out, **settings)
     failures = RunStore(out).failures()

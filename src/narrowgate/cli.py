@@ -395,7 +395,9 @@ def finetune(
         help="SRC->TGT[@LAYERS][:MODE] active while training (repeatable; replaces the recipe's; 'none' for none).",
     ),
     samples: list[str] = typer.Option(
-        None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."
+        None,
+        "--samples",
+        help="SOURCE=N: training examples of a source (default: the recipe's mixture; 0 leaves a recipe source out).",
     ),
     steps: int = typer.Option(
         None, "--steps", min=1, help="Stop after this many optimizer steps (default: the recipe's epochs)."
@@ -428,6 +430,9 @@ def finetune(
         help="Caption prompt (default: the checkpoint's narrowgate.json, else the family preset).",
         callback=_nonempty,
     ),
+    allow_fewer: bool = _flag(
+        "--allow-fewer", "Train on fewer examples than asked when a source has fewer (the card records the counts)."
+    ),
     quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
     """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
@@ -449,6 +454,7 @@ def finetune(
         save_every=save_every,
         vqa_prompt=vqa_prompt,
         caption_prompt=caption_prompt,
+        allow_fewer=allow_fewer,
     )
     sources = recipes.parse_data(data)
     checked = ("samples", "steps", "batch_size", "micro_batch", "lr", "heldout", "seed", "save_every", "dtype")

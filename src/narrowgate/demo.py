@@ -46,7 +46,7 @@ FLOOR = {"n": 10, "n_per_class": 2}
 #: The paper's "remove the gate" experiment in miniature: the remove-gate recipe ([EOI]->text knocked out while
 #: training, LoRA rank 128 / alpha 256, AdamW with weight decay 0.1, cosine) on synthetic VQA and captions, with
 #: fewer steps and a learning rate scaled up for a 1M-parameter model trained for seconds.
-REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=150, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
+REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=125, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
 REMOVED = "gated, gate removed"
 
 
@@ -61,7 +61,7 @@ def remove_gate(out: Path, gated: Path, *, scale: float = 1.0, progress: bool = 
     """Fine-tune ``gated`` with the remove-gate recipe in miniature (`REMOVE_GATE`); returns the merged checkpoint.
 
     The same command from the shell: ``narrowgate finetune --model GATED --recipe remove-gate --data synthetic
-    --samples synthetic=2000 --steps 150 --batch-size 16 --micro-batch 16 --lr 2e-3 --merge --out OUT``.
+    --samples synthetic=2000 --steps 125 --batch-size 16 --micro-batch 16 --lr 2e-3 --merge --out OUT``.
     """
     from .finetune import finetune
 

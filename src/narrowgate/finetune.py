@@ -32,6 +32,7 @@ import math
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -82,19 +83,12 @@ PROMPT_DATASET = {"vqav2": "vqav2", "coco": "coco", "synthetic": "synthetic"}
 
 
 # --- data ----------------------------------------------------------------------------------------
-def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
-    """``n`` seeded examples of ``source`` as prompt kind / answer pairs (prompts filled by `with_prompts`)."""
+def _examples(source: str, path: str | None, n: int, seed: int) -> list[Item]:
+    """The first ``n`` of ``source``'s seeded order (a prefix of a larger draw) as prompt kind / answer pairs."""
     from . import data
     from .analyses.tasks import _find
     from .data.llava_instruct import load_llava_instruct
 
-    if source == "synthetic":  # a seed stream of its own, apart from the experiments' held-out data
-        half = n // 2
-        vqa = data.synthetic_vqa(n - half, seed + 1000)
-        caps = data.synthetic_captions(half, seed + 2000)
-        return [Item(source, e, "vqa", e.answers[0]) for e in vqa] + [
-            Item(source, e, "captions", e.references[0]) for e in caps
-        ]
     if path is None:
         raise DataError(f"--data {source} needs a path: --data {source}=DIR.")
     root = Path(path).expanduser()
@@ -107,29 +101,71 @@ def _items(source: str, path: str | None, n: int, seed: int) -> list[Item]:
             exs = data.load_vqav2_hf(root, split="train", n=n, seed=seed)
         else:
             exs = data.load_vqav2(root, split="train2014", n=n, seed=seed)
-        return [
-            Item(
-                source,
-                e,
-                "vqa",
-                e.meta.get("multiple_choice_answer") or max(set(e.answers), key=e.answers.count),
-            )
-            for e in exs
-            if e.answers
-        ]
+        return [Item(source, e, "vqa", vqa_answer(e)) for e in exs if e.answers]
     if source == "coco":
         found = _find(root, ("captions_train2014.json", "**/captions_train*.json"), "COCO training caption file")
         return [Item(source, e, "captions", e.references[0]) for e in data.load_coco_captions(found, n=n, seed=seed)]
     raise DataError(f"Unknown data source {source!r}; choose from {', '.join(SOURCES)}.")
 
 
-def mixture(paths: dict[str, str | None], sizes: dict[str, int], seed: int) -> list[Item]:
-    """The training pool: ``sizes[source]`` examples of each source, shuffled together (seeded)."""
-    pool = []
-    for source, path in paths.items():
-        pool += _items(source, path, sizes[source], seed)
-    order = np.random.default_rng(seed).permutation(len(pool))
-    return [pool[i] for i in order]
+def vqa_answer(example) -> str:
+    """The answer a VQAv2 example teaches: ``multiple_choice_answer``, else the most common human answer
+    (the first given among equally common ones)."""
+    return example.meta.get("multiple_choice_answer") or Counter(example.answers).most_common(1)[0][0]
+
+
+def _items(
+    source: str, path: str | None, n: int, held: int, seed: int, allow_fewer: bool
+) -> tuple[list[Item], list[Item]]:
+    """``n`` training examples of ``source`` and ``held`` held-out ones drawn after them, in the same seeded order:
+    the training sample is the one the recipe's count alone draws, and no held-out example is among it.
+
+    Fewer than ``n + held`` examples is an error unless ``allow_fewer`` (then training keeps up to ``n``)."""
+    from . import data
+
+    if source == "synthetic":  # a seed stream of its own, apart from the experiments' held-out data
+        n_caps, held_caps = n // 2, held // 2
+        vqa = [
+            Item(source, e, "vqa", e.answers[0]) for e in data.synthetic_vqa(n - n_caps + held - held_caps, seed + 1000)
+        ]
+        caps = [
+            Item(source, e, "captions", e.references[0])
+            for e in data.synthetic_captions(n_caps + held_caps, seed + 2000)
+        ]
+        return vqa[: n - n_caps] + caps[:n_caps], vqa[n - n_caps :] + caps[n_caps:]
+    pool = _examples(source, path, n + held, seed)
+    if len(pool) < n + held and not allow_fewer:
+        raise DataError(
+            f"--data {source}={path} has {len(pool)} usable examples; the run needs {n + held} ({n} for training, "
+            f"{held} held out beyond them). Give --samples {source}=N with fewer, point --data at a larger copy, or "
+            "pass --allow-fewer to train on what there is (the card records the counts)."
+        )
+    train = pool[:n]
+    return train, pool[len(train) : len(train) + held]
+
+
+def _shares(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """``total`` split over the sources in proportion to ``sizes`` (largest remainder; ties by source name)."""
+    weight = sum(sizes.values())
+    exact = {s: total * n / weight for s, n in sizes.items()}
+    out = {s: int(x) for s, x in exact.items()}
+    for s in sorted(exact, key=lambda s: (out[s] - exact[s], s))[: total - sum(out.values())]:
+        out[s] += 1
+    return out
+
+
+def mixture(
+    paths: dict[str, str | None], sizes: dict[str, int], heldout: int, seed: int, allow_fewer: bool = False
+) -> tuple[list[Item], list[Item]]:
+    """The training pool (``sizes[source]`` examples of each source, shuffled together, seeded) and the held-out
+    examples (``heldout`` in all, shared in proportion to ``sizes``, drawn beyond each source's training sample)."""
+    train, held = [], []
+    for source, share in _shares(heldout, sizes).items():
+        t, h = _items(source, paths[source], sizes[source], share, seed, allow_fewer)
+        train += t
+        held += h
+    order = np.random.default_rng(seed).permutation(len(train))
+    return [train[i] for i in order], held
 
 
 def templates(vlm, sources, overrides: dict[str, str | None]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -338,14 +374,17 @@ def finetune(
     save_every: int = 50,
     vqa_prompt: str | None = None,
     caption_prompt: str | None = None,
+    allow_fewer: bool = False,
     progress: bool = True,
     vlm=None,
     command: list[str] | None = None,
 ) -> dict:
     """Fine-tune ``model`` with ``recipe`` on ``data`` (source -> path), writing everything under ``out``.
 
-    ``knockouts`` (e.g. ``["eoi->text"]``) replace the recipe's; ``samples`` (source -> n) its mixture;
-    ``steps`` stops early (scaled-down runs). VQA and caption examples are asked with ``vqa_prompt`` /
+    ``knockouts`` (e.g. ``["eoi->text"]``) replace the recipe's; ``samples`` (source -> n) its mixture
+    (``0`` leaves a recipe source out); ``steps`` stops early (scaled-down runs). ``heldout`` examples are
+    drawn beyond the training sample; a source with fewer examples than both need is an error unless
+    ``allow_fewer``. VQA and caption examples are asked with ``vqa_prompt`` /
     ``caption_prompt``, else the checkpoint's own (narrowgate.json), else the family preset; the merged
     model's narrowgate.json records them. Returns the training card.
     """
@@ -368,10 +407,11 @@ def finetune(
         kos = [Knockout.parse(k) for k in rec.knockouts]
     except ValueError as e:
         raise OptionError(f"--knockout: {e}") from None
-    pool = mixture(data, sizes, seed)  # read before the run directory is touched: bad data writes nothing
-    if len(pool) <= heldout:
-        raise OptionError(f"Only {len(pool)} examples for {heldout} held-out ones; lower --heldout or add data.")
-    held, train = pool[:heldout], pool[heldout:]
+    train, held = mixture(data, sizes, heldout, seed, allow_fewer)  # read before --out is touched
+    if not train or not held:
+        raise DataError(
+            f"{len(train)} training and {len(held)} held-out examples: nothing to train on or to score; add data."
+        )
     per_epoch = math.ceil(len(train) / rec.batch_size)
     if steps is not None and steps > per_epoch * rec.epochs:
         raise OptionError(
@@ -416,11 +456,70 @@ def finetune(
             merge=merge,
             save_every=save_every,
             overrides={"vqa_prompt": vqa_prompt, "caption_prompt": caption_prompt},
+            allow_fewer=allow_fewer,
+            samples=samples or {},
             progress=progress,
             vlm=vlm,
         )
     finally:
         store.unlock()
+
+
+def checked_knockouts(knockouts) -> list:
+    """The knockouts the held-out scores are taken under: each training knockout, and the mask-mode twin of each
+    zero-mode one (zero mode leaks through the softmax normaliser, which training can learn to amplify: a gate
+    that looks removed in zero mode must also look removed when the keys are masked exactly)."""
+    out = list(knockouts)
+    out += [replace(k, mode="mask") for k in knockouts if k.mode == "zero" and replace(k, mode="mask") not in out]
+    return out
+
+
+def departures(recipe: str, rec: Recipe, sizes: dict, samples: dict, steps: int | None, knockouts) -> list[str]:
+    """Where this run departs from the reproducibility sheet's recipe (a scaled-down or changed run says so)."""
+    sheet = RECIPES[recipe]
+    out = []
+    for source in sorted(set(sheet.mixture) | set(sizes)):
+        want, got = sheet.mixture.get(source), sizes.get(source, 0)
+        if want != got:
+            why = f"left out (--samples {source}=0)" if samples.get(source) == 0 else f"{got} examples"
+            out.append(f"{source}: {why}, the sheet's recipe has {want or 'none'}")
+    for name, value, default in (("lr", rec.lr, sheet.lr), ("batch size", rec.batch_size, sheet.batch_size)):
+        if value != default:
+            out.append(f"{name} {value}, the sheet's {default}")
+    if steps is not None:
+        out.append(f"stopped after {steps} steps, not {sheet.epochs} full epoch(s)")
+    if tuple(k.name for k in knockouts) != sheet.knockouts:
+        out.append(
+            f"knockouts while training: {[k.name for k in knockouts] or 'none'}, the recipe's {list(sheet.knockouts) or 'none'}"
+        )
+    return out
+
+
+def inferences(recipe: str, rec: Recipe, data: dict, chosen: dict, knockouts) -> list[str]:
+    """Every choice of this run the reproducibility sheet is silent on, so a reader can tell ours from the paper's."""
+    out = [
+        "Loss on the answer tokens only (the prompt and the image are context), each answer closed by EOS.",
+        "LoRA on every linear layer of the language model's decoder layers, no dropout; the vision side is frozen.",
+        "'Adam with weight decay' is AdamW (decoupled); gradients clipped at norm 1; cosine decay to 0, no warm-up.",
+        "Held-out examples (for the before/after scores) are drawn beyond each source's training sample, in "
+        "proportion to the mixture, so the training counts are the sheet's.",
+    ]
+    if recipe == "understanding" and {"vqav2", "coco"} & set(data):
+        out.append("The sheet's 37.5k VQAv2 + MS-COCO-2014 samples are split evenly (18,750 each).")
+    if recipe == "remove-gate" and knockouts:
+        out.append(
+            "Removing the gate is read as training with [EOI]->text knocked out (zero mode, every layer): the sheet "
+            "gives the data and hyper-parameters, not the training-time intervention."
+        )
+    if "llava-instruct" in data:
+        out.append("LLaVA-Instruct-150K: each conversation's first question and answer; later turns are left out.")
+    if "coco" in data:
+        out.append("COCO captions: the first caption of each image (annotation-id order) is the answer.")
+    if "vqav2" in data:
+        out.append("VQAv2: the answer taught is multiple_choice_answer (else the most common human answer).")
+    for (kind, dataset), (text, where) in sorted(chosen.items()):
+        out.append(f"{kind} prompt on {dataset} examples: {json.dumps(text)} (from {where}).")
+    return out
 
 
 def _finetune_locked(
@@ -447,6 +546,8 @@ def _finetune_locked(
     merge: bool,
     save_every: int,
     overrides: dict,
+    allow_fewer: bool,
+    samples: dict[str, int],
     progress: bool,
     vlm,
 ) -> dict:
@@ -470,6 +571,7 @@ def _finetune_locked(
         "data": {s: str(p) for s, p in data.items()},
         "steps": steps,
         "heldout": heldout,
+        "allow_fewer": allow_fewer,
         "seed": seed,
         "micro_batch": micro_batch,
         "dtype": dtype,
@@ -477,7 +579,7 @@ def _finetune_locked(
         "prompts": {f"{kind} ({dataset})": text for (kind, dataset), (text, _) in sorted(chosen.items())},
     }
     held, train = with_prompts(held, chosen), with_prompts(train, chosen)
-    conditions = {"baseline": ()} | {k.name: (k,) for k in kos}
+    conditions = {"baseline": ()} | {k.name: (k,) for k in checked_knockouts(kos)}
     scores_path = out / "heldout-before.json"
     failed: list[tuple[str, str]] = []
     if scores_path.exists():
@@ -561,6 +663,8 @@ def _finetune_locked(
     after = _heldout(vlm, held, conditions, micro_batch, failed)
     _record(store, failed)
     failures = store.failures()
+    rec_sheet = RECIPES[recipe]
+    failed_by_source = failures["example_id"].str.split(":").str[0].value_counts().to_dict()
     card = {
         "recipe": recipe,
         "model": str(model),
@@ -570,8 +674,22 @@ def _finetune_locked(
         "steps_per_epoch": per_epoch,
         "micro_batch": micro_batch,
         "prompts": config["prompts"],
+        "data": {
+            s: {
+                "recipe": rec_sheet.mixture.get(s),
+                "requested": sizes[s],
+                "train": sum(it.source == s for it in train),
+                "heldout": sum(it.source == s for it in held),
+                "failures": int(failed_by_source.get(s, 0)),
+                "path": data[s],
+            }
+            for s in data
+        },
+        "sources_left_out": {s: n for s, n in rec_sheet.mixture.items() if samples.get(s) == 0},
+        "departures": departures(recipe, rec, sizes, samples, steps, kos),
+        "inferences": inferences(recipe, rec, data, chosen, kos),
         "train_examples": len(train),
-        "heldout_examples": heldout,
+        "heldout_examples": len(held),
         "loss": {
             "first": measured[0] if measured else None,
             "final": float(np.mean(measured[-max(1, len(measured) // 5) :])) if measured else None,
@@ -579,7 +697,7 @@ def _finetune_locked(
         "heldout": {"before": before, "after": after},
         "failures": {
             "examples": len(failures),
-            "by_source": failures["example_id"].str.split(":").str[0].value_counts().sort_index().to_dict(),
+            "by_source": {s: int(n) for s, n in sorted(failed_by_source.items())},
             "table": str(out / "failures"),
         },
         "train_seconds_this_session": round(seconds, 1),
@@ -612,7 +730,8 @@ def _finetune_locked(
 
 
 def render_card(card: dict) -> str:
-    hp = card["hyper_parameters"]
+    """The card as Markdown (``CARD.md``)."""
+    hp, failed = card["hyper_parameters"], card["failures"]
     lines = [
         f"# Fine-tuning card: {card['recipe']}",
         "",
@@ -628,7 +747,24 @@ def render_card(card: dict) -> str:
         "",
         f"Loss: first step {card['loss']['first']}, last fifth {card['loss']['final']}.",
         "",
+        "## Data",
+        "",
+        "| source | the sheet's recipe | asked | trained on | held out | failures |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {s} | {d['recipe'] or '-'} | {d['requested']} | {d['train']} | {d['heldout']} | {d['failures']} |"
+            for s, d in card["data"].items()
+        ),
+        *(f"| {s} | {n} | 0 (left out) | 0 | 0 | 0 |" for s, n in card["sources_left_out"].items()),
+        "",
+        f"Failures: {failed['examples']} example(s) left out"
+        + (f" (see `{failed['table']}`)" if failed["examples"] else "")
+        + ".",
+        "",
         f"## Held-out answers ({card['heldout_examples']} examples, teacher-forced)",
+        "",
+        "Each training knockout in zero mode is also scored in mask mode (zero mode leaks through the softmax "
+        "normaliser, which training can amplify).",
         "",
         "| condition | loss before | loss after | token accuracy before | token accuracy after |",
         "|---|---|---|---|---|",
@@ -636,16 +772,11 @@ def render_card(card: dict) -> str:
     b, a = card["heldout"]["before"], card["heldout"]["after"]
     for c in b:
         lines.append(f"| {c} | {b[c]['loss']} | {a[c]['loss']} | {b[c]['token_accuracy']} | {a[c]['token_accuracy']} |")
-    failed = card["failures"]
+    lines += ["", "## Departures from the sheet's recipe", ""]
+    lines += [f"- {d}" for d in card["departures"]] or ["None."]
+    lines += ["", "## Inferences (choices the reproducibility sheet is silent on)", ""]
+    lines += [f"- {i}" for i in card["inferences"]]
     lines += [
-        "",
-        f"Failures: {failed['examples']} example(s) left out"
-        + (
-            f" ({', '.join(f'{s}: {n}' for s, n in failed['by_source'].items())}; see `{failed['table']}`)"
-            if failed["examples"]
-            else ""
-        )
-        + ".",
         "",
         f"Adapter: `{card['adapter']}`" + (f"; merged checkpoint: `{card['merged']}`" if card["merged"] else ""),
     ]

@@ -3,7 +3,8 @@
 `check` is what ``narrowgate finetune`` and `narrowgate.finetune.finetune` both call first: every
 number is a whole number of at least 1 (``--steps 0`` is not "a full epoch", ``--lr inf`` is not a
 learning rate), every source is one narrowgate reads, and the mixture is exactly what will be trained
-on. It raises `OptionError` naming the option and the fix. Nothing here imports torch, so the command
+on: a recipe source missing from ``--data`` is refused unless ``--samples SOURCE=0`` leaves it out on
+purpose (or the run is on the synthetic stand-in alone, which needs no files). It raises `OptionError` naming the option and the fix. Nothing here imports torch, so the command
 line answers a bad option at once.
 """
 
@@ -145,4 +146,11 @@ def check(
     unsized = [s for s, n in sizes.items() if not n]
     if unsized:
         raise OptionError(f"The {recipe} recipe has no size for {', '.join(unsized)}; give --samples {unsized[0]}=N.")
+    missing = [s for s in rec.mixture if s not in data and s not in samples]
+    if missing and set(data) != {"synthetic"}:
+        listed = ", ".join(f"{s} ({rec.mixture[s]})" for s in missing)
+        raise OptionError(
+            f"The {recipe} recipe trains on {listed} too, and no --data names it: give --data "
+            f"{missing[0]}=PATH, or train without it with --samples {missing[0]}=0 (the card records it)."
+        )
     return replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr), sizes
