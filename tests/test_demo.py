@@ -22,21 +22,29 @@ def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
     assert "VQA accuracy (chance)" in text  # the organisms' held-out scores, from their cards
+    summary = pd.read_csv(out / "summary.csv")
     for label in ("native", "non-native", "gated", REMOVED):
         assert f"<li>{label}:" in text
         assert f"{label}: " in result.output
         for name, _, _ in PLAN:
-            assert (out / label / name / "report.html").exists()
-    summary = pd.read_csv(out / "summary.csv")
+            # The gate-removed model is a fine-tuning of a few steps at this scale: an ablation of it whose
+            # baseline is at chance is refused (records kept, no tables), said in the report, and left out.
+            refused = name.startswith("ablation") and not (out / label / name / "tables" / "ablation.csv").exists()
+            assert label == REMOVED or not refused, (label, name)
+            assert (out / label / name / "report.html").exists() or refused, (label, name)
+            if refused:
+                assert name.removeprefix("ablation-") not in set(summary[summary["model"] == label]["task"])
+                assert "No relative scores: The baseline scores" in text
     assert set(summary["condition"]) == set(SUMMARY)
-    assert set(summary["model"]) == {"native", "non-native", "gated", REMOVED}
-    assert set(summary["task"]) == {"vqa", "captions", "classes"}
+    assert {"native", "non-native", "gated"} <= set(summary["model"])
+    shipped = summary[summary["model"] != REMOVED]
+    assert set(shipped.groupby("model")["task"].agg(frozenset)) == {frozenset({"vqa", "captions", "classes"})}
     # The organisms answer the prompt they learnt (a family preset such as Chameleon's " Answer:" broke them).
     # (The gate-removed model is a fine-tuning of a few steps at this scale: only the shipped organisms are held to it.)
     vqa = summary[(summary["task"] == "vqa") & (summary["condition"] == "baseline") & (summary["model"] != REMOVED)]
     assert (vqa["score"] >= 0.5).all(), vqa
     gates = pd.read_csv(out / "gates.csv").fillna("")
-    assert set(gates["model"]) == set(summary["model"]) and "Gate scan" in text
+    assert set(gates["model"]) == {"native", "non-native", "gated", REMOVED} and "Gate scan" in text
     assert set(gates["agrees_with_ablation"]) <= {"agrees", "DISAGREES", ""}
     # Every number shown comes from the sub-runs' own tables, and every verdict from those numbers.
     for _, row in summary.iterrows():
@@ -46,7 +54,13 @@ def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
         scan = pd.read_csv(out / g["model"] / "gate-scan" / "tables" / "gate.csv").iloc[0]
         assert g["gate_index"] == pytest.approx(scan["gate_index"], nan_ok=True)
         assert g["top_position"] == scan["top_position"] and scan["verdict"] in g["verdict"]
-    for sentence in verdict(summary).values():
+    refused = {
+        label: {
+            n: "" for n, _, _ in PLAN if n.startswith("abl") and not (out / label / n / "tables/ablation.csv").exists()
+        }
+        for label in gates["model"]
+    }
+    for sentence in verdict(summary, models=[*gates["model"]], refused=refused).values():
         assert html.escape(sentence) in text and sentence in " ".join(result.output.split())
 
 
