@@ -1,11 +1,15 @@
 """``narrowgate finetune``: LoRA fine-tuning with interventions active, and the paper's two recipes.
 
-A run flows: recipe + overrides -> data mixture (seeded; a held-out slice set aside) -> LoRA on
-the language model's linear layers (peft) -> held-out scores before -> optimisation (gradient
-accumulation, knockouts active through `VLM.intervening`, resumable checkpoints) -> held-out scores
+A run flows: recipe + overrides, checked (`narrowgate.recipes.check`) -> data mixture (seeded; the
+held-out examples drawn beyond each source's training sample), read before anything is written ->
+the run directory's lock -> the model, its prompts (`templates`) and the held-out scores before ->
+manifest (with the base checkpoint's fingerprint) -> LoRA on the language model's linear layers
+(peft) -> optimisation (gradient accumulation, knockouts active through `VLM.intervening`,
+resumable checkpoints; a bad example is a failure record, `each_micro_batch`) -> held-out scores
 after -> adapter (safetensors), optionally the merged model as a normal checkpoint directory,
 and a training card. The run directory follows the experiments' conventions (``manifest.json``,
 ``failures/``, ``tables/``); rerunning the same command on it resumes from the last checkpoint.
+docs/finetuning.md says what it guarantees.
 
 Recipes (the paper's reproducibility sheet, rows "Dataset Splits" and "Experiment Setup"):
 
@@ -155,7 +159,7 @@ def _shares(total: int, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def mixture(
-    paths: dict[str, str | None], sizes: dict[str, int], heldout: int, seed: int, allow_fewer: bool = False
+    paths: dict[str, str | None], sizes: dict[str, int], *, heldout: int, seed: int, allow_fewer: bool = False
 ) -> tuple[list[Item], list[Item]]:
     """The training pool (``sizes[source]`` examples of each source, shuffled together, seeded) and the held-out
     examples (``heldout`` in all, shared in proportion to ``sizes``, drawn beyond each source's training sample)."""
@@ -407,7 +411,7 @@ def finetune(
         kos = [Knockout.parse(k) for k in rec.knockouts]
     except ValueError as e:
         raise OptionError(f"--knockout: {e}") from None
-    train, held = mixture(data, sizes, heldout, seed, allow_fewer)  # read before --out is touched
+    train, held = mixture(data, sizes, heldout=heldout, seed=seed, allow_fewer=allow_fewer)  # before --out is touched
     if not train or not held:
         raise DataError(
             f"{len(train)} training and {len(held)} held-out examples: nothing to train on or to score; add data."
