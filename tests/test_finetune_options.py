@@ -91,8 +91,8 @@ def test_python_api_refuses_the_same_settings_before_loading(case, tmp_path):
 
 
 def test_steps_beyond_the_recipes_epochs_are_refused_not_cut(tmp_path):
-    """24 examples, 4 held out, batch 4: one epoch is 5 steps; --steps 6 would silently have run 5."""
-    with pytest.raises(OptionError, match=r"--steps 6 is more than the recipe's 1 epoch\(s\) of 5 steps"):
+    """24 training examples (4 held out beyond them), batch 4: one epoch is 6 steps; --steps 7 would have run 6."""
+    with pytest.raises(OptionError, match=r"--steps 7 is more than the recipe's 1 epoch\(s\) of 6 steps"):
         finetune(
             str(tmp_path / "no-model"),
             "remove-gate",
@@ -101,7 +101,7 @@ def test_steps_beyond_the_recipes_epochs_are_refused_not_cut(tmp_path):
             samples={"synthetic": 24},
             heldout=4,
             batch_size=4,
-            steps=6,
+            steps=7,
         )
     assert not (tmp_path / "out").exists()
 
