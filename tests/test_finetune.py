@@ -10,8 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 import narrowgate as ng
+from narrowgate import checkpoint_prompts
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
+from narrowgate.analyses.prompts import CAPTION, PRESETS
 from narrowgate.cli import app
 from narrowgate.finetune import RECIPES, finetune, load_adapted
 from tests.fixtures.common import images
@@ -43,21 +45,16 @@ def test_recipe_end_to_end(checkpoint_dir, tmp_path, recipe):
     plain = ng.load(base, dtype="float32")
     torch.testing.assert_close(_logits(adapted), _logits(merged), atol=1e-4, rtol=0)
     assert (_logits(plain) - _logits(merged)).abs().max() > 1e-3
-    # The merged checkpoint is a normal checkpoint: an experiment runs on it.
+    # The merged checkpoint is a normal checkpoint: an experiment runs on it, asking the prompts it was tuned on.
     store = run(
-        EXPERIMENTS["ablation"](),
-        dict(
-            model=str(out / "merged"),
-            data="synthetic",
-            task="classes",
-            n_per_class=3,
-            k=2,
-            out=str(tmp_path / "abl"),
-            progress=False,
-        ),
+        EXPERIMENTS["overlap"](),
+        dict(model=str(out / "merged"), data="synthetic", n_per_class=3, k=2, out=str(tmp_path / "ov"), progress=False),
         command=["test"],
     )
-    assert len(store.tables()["ablation"]) >= 4
+    assert len(store.tables()["overlap"]) > 0
+    tuned = checkpoint_prompts.read(out / "merged")
+    assert tuned.prompts == {"vqa": PRESETS[("chameleon", None, "vqa", None)], "captions": CAPTION}
+    assert card["prompts"] == {"captions (synthetic)": CAPTION, "vqa (synthetic)": tuned.prompts["vqa"]}
     # Rerunning the same command resumes from the last checkpoint: nothing left to do, same losses.
     again = finetune(str(base), recipe, {"synthetic": None}, out, merge=True, **TINY)
     assert again["loss"] == card["loss"]
@@ -113,7 +110,7 @@ def test_cli_finetune_and_bad_input(checkpoint_dir, tmp_path):
     bad = runner.invoke(
         app, ["finetune", "--model", base, "--recipe", "nope", "--data", "synthetic", "--out", str(tmp_path / "bad")]
     )
-    assert bad.exit_code != 0 and "Unknown recipe" in bad.output
+    assert bad.exit_code != 0 and "--recipe 'nope' is not a recipe" in bad.output
     missing = runner.invoke(
         app,
         [

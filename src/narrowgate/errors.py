@@ -24,6 +24,10 @@ class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
 
 
+class BaselineAtChance(DataError):
+    """The model's baseline score is at or below chance: scores relative to it would mean nothing."""
+
+
 def check_count(value, option: str) -> None:
     """Refuse a count below 1 or not a whole number (``--n 0`` is not "the default"), naming ``option``."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):

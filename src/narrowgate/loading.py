@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from . import checkpoint_prompts
 from .errors import NarrowgateError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
@@ -24,14 +25,14 @@ class LoadError(NarrowgateError, RuntimeError):
     """A checkpoint could not be loaded; the message names the problem and the fix."""
 
 
-ORGANISMS = ("native", "non-native")
+ORGANISMS = ("native", "non-native", "gated")
 #: Files that define a checkpoint's model (weights, their index, the config); the processor's do not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SAMPLE = 1 << 16
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """The checkpoint a user means: a shipped organism's name (``native``, ``non-native``) becomes its
+    """The checkpoint a user means: a shipped organism's name (``native``, ``non-native``, ``gated``) becomes its
     directory unless a directory of that name exists here; anything else is returned unchanged."""
     name = str(name_or_path)
     if name in ORGANISMS and not Path(name).exists():
@@ -118,6 +119,8 @@ def load(
 
     ``dtype`` is "auto", a torch dtype or its name ("bfloat16"); ``device_map`` and
     ``max_memory`` go to accelerate (e.g. "auto", or a dict of module -> device, "disk" included).
+    A checkpoint directory's ``narrowgate.json`` (its own prompts, `narrowgate.checkpoint_prompts`) is
+    validated first and kept as ``VLM.checkpoint_prompts``.
     """
     name = resolve(name_or_path)
     path = Path(name).expanduser()
@@ -125,10 +128,12 @@ def load(
         raise LoadError(f"{name} is a file; give the checkpoint directory (the one holding config.json).")
     if not path.exists() and (_looks_like_path(name) or isinstance(name_or_path, os.PathLike)):
         raise LoadError(f"Checkpoint directory {name} does not exist.")
+    own_prompts = None
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoadError(f"{name} has no config.json: it is not a Hugging Face checkpoint directory.")
         name = str(path)
+        own_prompts = checkpoint_prompts.read(path)
         for weights in sorted(path.glob("*.safetensors")):
             safetensors_header(weights)
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -179,7 +184,7 @@ def load(
         model = model_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise LoadError(f"Could not load the {family.name} model from {name!r}: {e}") from e
-    return VLM(model, processor)
+    return VLM(model, processor, checkpoint_prompts=own_prompts)
 
 
 __all__ = ["LoadError", "fingerprint", "load", "resolve", "supported"]

@@ -60,9 +60,12 @@ class VLM:
     The wrapper switches the language model's attention to the engine's registered functions, installs
     the capture/patch hooks and puts the model in eval mode; `close` (or leaving a ``with VLM(...)``
     block) puts all three back, so a model handed to narrowgate is left as it was found.
+    ``checkpoint_prompts``: the prompts the checkpoint says it answers (its ``narrowgate.json``, set by
+    `narrowgate.load`; None when it has none or the model came from elsewhere).
     """
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, checkpoint_prompts=None):
+        self.checkpoint_prompts = checkpoint_prompts
         self._was_training = model.training
         self._closed = False
         self.model = model.eval()

@@ -54,6 +54,17 @@ def test_ablation_classes_scores_each_condition():
     assert list(table.index) == names
     assert table["score"].to_dict() == {n: 1.0 if planted[n] is SAME else 0.0 for n in names}
     assert table["relative"].to_dict() == table["score"].to_dict() and (table["metric"] == "overlap@last").all()
+    assert (table["chance"] == 1 / 3).all()  # two labels of two points: a random neighbour shares one's label 1 in 3
+
+
+def test_ablation_refuses_a_baseline_at_chance_instead_of_relative_scores():
+    from narrowgate.errors import BaselineAtChance
+
+    rows = [{"example_id": str(i), "label": lab} for i, lab in enumerate(LABELS)]
+    names = ["baseline", "eoi->text", "image->text", "last_image->text", "eoi->eoi+text"]
+    records = _records(rows, {f"last:{n}": CROSS for n in names})  # baseline overlap 0, chance 1/3
+    with pytest.raises(BaselineAtChance, match=r"baseline scores 0.0000 overlap@last .* chance \(0.3333"):
+        EXPERIMENTS["ablation"]().aggregate(records, _cfg("ablation", task="classes", k=1), {"n_layers": 2})
 
 
 def test_patching_means_per_resid_and_per_pair():

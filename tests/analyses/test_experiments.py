@@ -33,12 +33,21 @@ TABLES = {
 }
 
 
+@pytest.fixture(scope="module")
+def native():
+    """The shipped native organism: the ablation refuses a baseline at chance, which a random-weight model has."""
+    import narrowgate as ng
+
+    return ng.load("native", dtype="float32")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
+def test_experiment_writes_every_output(case, checkpoint_dir, loaded, native, tmp_path):
     name = case.split("-")[0] if case.startswith("ablation") else case.removesuffix("-attribution")
-    vlm = loaded("chameleon")
+    organism = name == "ablation"
+    vlm = native if organism else loaded("chameleon")
     cfg = dict(
-        model=str(checkpoint_dir("chameleon")),
+        model="native" if organism else str(checkpoint_dir("chameleon")),
         data="synthetic",
         out=str(tmp_path / "run"),
         batch_size=2,
@@ -62,6 +71,7 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
     if name == "ablation":
         df = tables["ablation"]
         assert df["condition"].iloc[0] == "baseline"
+        assert (df["score"].iloc[0] > df["chance"]).all() and df["relative"].notna().all()
         if case == "ablation-sweep":
             L = vlm.n_layers
             windows = {

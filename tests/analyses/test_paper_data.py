@@ -12,6 +12,7 @@ from narrowgate.analyses.prompts import VQA
 from narrowgate.cli import app
 from narrowgate.data import class_pairs
 from narrowgate.store import RunStore
+from tests.analyses.ablation_outcome import check_ablation_outcome
 from tests.data import layouts
 
 pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper datasets' layouts
@@ -82,12 +83,17 @@ CASES = [
 )
 def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoint_dir, datasets, tmp_path):
     result, out = _run(checkpoint_dir, datasets, tmp_path, experiment, data, *args)
-    _ok(result)
+    # The ablation of a random-weight checkpoint may be at chance: then the run refuses (records kept).
+    if experiment == "ablation":
+        finished = check_ablation_outcome(result, out)
+    else:
+        _ok(result)
+        finished = True
     manifest = _manifest(out)
     n = int(args[args.index("--n") + 1])
     assert manifest["data"]["requested"]["n"] == n and manifest["data"]["actual"]["examples"] == n
+    assert len(RunStore(out).failures()) == 0
     tables = RunStore(out).tables()
-    assert len(tables["failures"]) == 0
     if data == "imagenet":  # the paper sampled the train split
         ids = RunStore(out).records().rows["example_id"]
         assert ids.str.match(r"n\d{8}/n\d{8}_\d$").all()
@@ -97,7 +103,7 @@ def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoin
         assert tables["overlap"]["knockout"].nunique() == 3 and tables["overlap"]["resid"].min() == 1
     if "--normalise" in args:
         assert manifest["config"]["normalise"] == "after-mean"
-    if (experiment, data) == ("ablation", "flickr30k"):
+    if (experiment, data) == ("ablation", "flickr30k") and finished:
         assert tables["ablation"]["metric"].iloc[0] == "cider (raw strings)"
 
 
@@ -125,7 +131,7 @@ def test_too_few_images_stop_with_the_count_unless_allowed(checkpoint_dir, datas
     result, out = _run(
         checkpoint_dir, datasets, tmp_path, "ablation", "coco", "--n", "6", "--max-new-tokens", "2", "--allow-fewer"
     )
-    _ok(result)
+    check_ablation_outcome(result, out)
     manifest = _manifest(out)
     assert manifest["data"]["requested"] == {"n": 6} and manifest["data"]["actual"]["examples"] == 4
 

@@ -5,7 +5,9 @@ Conditions: the baseline and, for each source role, ``role -> text`` (``eoi``, `
 from attending to itself (``eoi -> eoi+text``). Knockouts stay on while generating. With
 ``--layers`` every knockout applies to that window; with ``--sweep`` each one is repeated for
 growing windows ending at the last layer (SM 6.3). Scores: VQA accuracy (VQAv2), CIDEr-D
-(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet).
+(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet), each
+beside its chance level (`narrowgate.metrics.chance`); a baseline at or below chance stops the run
+(`BaselineAtChance`), since scores relative to it would be undefined.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
-from ..errors import OptionError, parse_layer_set
-from ..metrics import cider, neighborhood_overlap, vqa_accuracy
+from ..errors import BaselineAtChance, OptionError, parse_layer_set
+from ..metrics import cider, cider_chance, neighborhood_overlap, overlap_chance, vqa_accuracy, vqa_chance
 from . import tasks
 from .base import Experiment, check_k, overlap_k, register, stack
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
@@ -54,6 +56,36 @@ def text_score(task: str, preds: dict, examples: dict, tokenize: str) -> float:
     if task == "vqa":
         return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
     return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+
+
+def text_chance(task: str, preds: dict, examples: dict, tokenize: str, seed: int) -> float:
+    """What the baseline's own answers score on other images (`narrowgate.metrics.chance`): the image-blind
+    level a score must beat to say the model reads the image."""
+    if task == "vqa":
+        groups = {i: examples[i].meta.get("question_type") or examples[i].question for i in preds}
+        return vqa_chance(preds, {i: examples[i].answers for i in preds}, groups)
+    return cider_chance(preds, {i: list(examples[i].references) for i in preds}, seed=seed, tokenize=tokenize)
+
+
+#: How each task's chance level is measured (the refusal names it).
+CHANCE_IS = {
+    "vqa": "the baseline's answers scored against other images' questions of the same type",
+    "captions": "the baseline's captions given to other images",
+    "classes": "the overlap of random neighbours with the labels",
+}
+
+
+def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int, cfg: dict) -> None:
+    """Raise `BaselineAtChance` when the baseline does not beat chance: relative scores would be undefined."""
+    if base > chance:
+        return
+    key = {"vqa": "vqa_prompt", "captions": "caption_prompt"}.get(task, "prompt")
+    raise BaselineAtChance(
+        f"The baseline scores {base:.4f} {metric} on {n} examples, at or below chance ({chance:.4f}: "
+        f"{CHANCE_IS[task]}), so scores relative to it are undefined: the model does not solve this task as asked. "
+        f"Check the model and its prompt ({key} {cfg.get(key)!r}; a checkpoint sets its own in narrowgate.json, "
+        "see docs/checkpoint-prompts.md); the records are kept."
+    )
 
 
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
@@ -149,21 +181,26 @@ class Ablation(Experiment):
             k = overlap_k(labels, cfg["k"])
             scores = {n: neighborhood_overlap(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
             metric = "overlap@last"
+            chance = overlap_chance(labels.tolist())
         else:
             ids = records.rows["example_id"].tolist()
             wanted = set(ids)
             examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
             tokenize = cfg.get("cider_tokenize") or "ptb"
             metric = text_metric(task, tokenize)
-            scores = {n: text_score(task, dict(zip(ids, records.rows[f"pred:{n}"])), examples, tokenize) for n in names}
+            preds = {n: dict(zip(ids, records.rows[f"pred:{n}"])) for n in names}
+            scores = {n: text_score(task, preds[n], examples, tokenize) for n in names}
+            chance = text_chance(task, preds["baseline"], examples, tokenize, cfg["seed"])
         base = scores["baseline"]
+        refuse_at_chance(task, metric, base, chance, len(records.rows), cfg)
         for n in names:
             rows.append(
                 {
                     "condition": n,
                     "metric": metric,
                     "score": float(scores[n]),
-                    "relative": float(scores[n] / base) if base else float("nan"),
+                    "relative": float(scores[n] / base),
+                    "chance": float(chance),
                     "n": len(records.rows),
                     **({"k": k} if task == "classes" else {}),
                 }

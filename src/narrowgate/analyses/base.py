@@ -382,7 +382,9 @@ def _run_locked(
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
     info = model_info(vlm)
     exp.check_model(cfg, vlm.n_layers)
-    cfg = prompts.resolve(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"])
+    own = getattr(vlm, "checkpoint_prompts", None)
+    used = prompts.sources(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"], own)
+    cfg = {**cfg, **{key: text for key, (text, _) in used.items()}}
     units = exp.units(examples, cfg)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and v is not None}
     store.open_manifest(
@@ -393,6 +395,8 @@ def _run_locked(
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
             "command": command_text,
             "model": info,
+            "prompts": {key: {"text": text, "from": where} for key, (text, where) in used.items()},
+            "checkpoint_prompts": own.as_json() if own is not None else None,
             "data": {
                 "dataset": cfg["data"],
                 "data_dir": str(cfg.get("data_dir")),

@@ -7,8 +7,10 @@ prompts; where the authors used a different one for a model, the preset reproduc
 - Chameleon-34B (48 decoder layers), ImageNet patching and steering: "Answer the question using a
   single word, number, or short phrase. This animal is a" (SM 7.4: the model refused the plain prompt).
 
-`resolve` writes the prompts a run uses into its config (so the manifest shows them); ``--prompt``,
-``--vqa-prompt`` and ``--caption-prompt`` override them.
+A checkpoint's own ``narrowgate.json`` (`narrowgate.checkpoint_prompts`) comes before the presets: the
+prompts a model was trained on are the ones it answers. `resolve` writes the prompts a run uses into
+its config (so the manifest shows them, with where each came from); ``--prompt``, ``--vqa-prompt``
+and ``--caption-prompt`` override both.
 """
 
 from __future__ import annotations
@@ -44,13 +46,24 @@ def preset(kind: str, family: str, n_layers: int, dataset: str) -> str:
     return {"vqa": VQA, "captions": CAPTION}[kind]
 
 
-def resolve(cfg: dict, kinds, family: str, n_layers: int) -> dict:
-    """``cfg`` with the prompt of every kind in ``kinds`` filled in (a user's override is kept)."""
-    out = dict(cfg)
+def resolve(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict:
+    """``cfg`` with the prompt of every kind in ``kinds`` filled in: a user's setting, else the checkpoint's
+    own (``checkpoint``, its `narrowgate.checkpoint_prompts.CheckpointPrompts`), else the family preset."""
+    return {**cfg, **{key: text for key, (text, _) in sources(cfg, kinds, family, n_layers, checkpoint).items()}}
+
+
+def sources(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict[str, tuple[str, str]]:
+    """Config key -> (prompt, where it comes from: the option, the checkpoint's narrowgate.json, the preset)."""
+    out = {}
     for kind in kinds:
         key = KEYS[kind]
-        if not out.get(key):
-            out[key] = preset(kind, family, n_layers, cfg["data"])
+        own = checkpoint.get(kind, cfg.get("data")) if checkpoint is not None else None
+        if cfg.get(key):
+            out[key] = (cfg[key], "--" + key.replace("_", "-"))
+        elif own is not None:
+            out[key] = (own, checkpoint.path or "narrowgate.json")
+        else:
+            out[key] = (preset(kind, family, n_layers, cfg["data"]), f"{family} family preset")
     return out
 
 

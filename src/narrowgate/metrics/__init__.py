@@ -2,6 +2,7 @@
 representation geometry (neighbourhood overlap, modality gap, cluster homogeneity,
 patching similarity)."""
 
+from narrowgate.metrics.chance import cider_chance, overlap_chance, vqa_chance
 from narrowgate.metrics.cider import cider, ptb_tokenize
 from narrowgate.metrics.clustering import modality_homogeneity
 from narrowgate.metrics.cosine import cosine_gap, cosine_gap_per_layer
@@ -11,6 +12,7 @@ from narrowgate.metrics.vqa import normalize_vqa_answer, vqa_accuracy
 
 __all__ = [
     "cider",
+    "cider_chance",
     "cosine_gap",
     "cosine_gap_per_layer",
     "distribution_similarity",
@@ -18,7 +20,9 @@ __all__ = [
     "neighborhood_overlap",
     "neighborhood_overlap_per_layer",
     "normalize_vqa_answer",
+    "overlap_chance",
     "ptb_tokenize",
     "vqa_accuracy",
+    "vqa_chance",
     "weighted_jaccard",
 ]

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint_prompts
 from . import card as cardlib
 from . import gated, native, non_native
+from .common import PROMPTS
 from .heldout import evaluate
 
 KINDS = ("native", "non-native", "gated")
@@ -55,7 +57,8 @@ def train(
     overrides: dict | None = None,
     heldout: dict | None = None,
 ) -> dict:
-    """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card; return the card.
+    """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card and its prompts
+    (``narrowgate.json``, `common.PROMPTS`); return the card.
 
     Training is deterministic (2 CPU threads, deterministic algorithms): the same seed, versions and
     machine give the same weights.
@@ -77,6 +80,7 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
+    checkpoint_prompts.write(out, PROMPTS)
     scores = evaluate(out, sizes=heldout) if heldout != {} else None
     card = cardlib.make_card(kind, module.RECIPE, info, scores, seed=seed, seconds=seconds, out_dir=out)
     cardlib.write_card(out, card)
