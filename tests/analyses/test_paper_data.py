@@ -162,3 +162,16 @@ def test_steering_generates_with_the_target_eoi_on_imagenet(checkpoint_dir, data
     hits = [tgt.lower() in txt.lower() for tgt, txt in zip(rows["target"], rows["text_steered"])]
     assert summary["names_target_steered"] == pytest.approx(sum(hits) / len(hits))
     assert set(zip(rows["target"], rows["base"])) == {(a.word, b.word) for a, b in class_pairs()}
+
+
+def test_gate_scan_honours_allow_fewer_on_imagenet(checkpoint_dir, datasets, tmp_path):
+    args = ("--n-per-class", "3", "--n", "12", "--bootstrap", "50")
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "gate-scan", "imagenet", *args)
+    assert result.exit_code == 1 and "only 2 exist" in result.output and "--allow-fewer" in result.output
+    assert not (out / "manifest.json").exists()
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "gate-scan", "imagenet", *args, "--allow-fewer")
+    _ok(result)
+    manifest = _manifest(out)
+    assert manifest["data"]["requested"] == {"n_per_class": 3, "n": 12}
+    assert manifest["data"]["actual"]["examples"] == 12 and manifest["data"]["actual"]["max_per_class"] <= 2
+    assert RunStore(out).tables()["gate"].iloc[0]["n_exact"] == 12
