@@ -94,7 +94,9 @@ def test_experiment_runs_on_the_papers_dataset(experiment, data, args, checkpoin
     if (experiment, data) == ("ablation", "vqav2"):
         assert manifest["config"]["vqa_prompt"] == VQA + " Answer:"  # the authors' Chameleon prompt
     if "--sweep" in args:
-        assert tables["overlap"]["knockout"].nunique() == 3 and tables["overlap"]["resid"].min() == 1
+        # none, and the three knockouts (the authors' two and image->eoi+text) over windows 0-1 and 0-2
+        assert tables["overlap"]["knockout"].nunique() == 7 and tables["overlap"]["resid"].min() == 1
+        assert set(tables["overlap_sweep"]["sweep"]) == {"eoi->eoi+text", "image->text", "image->eoi+text"}
     if "--normalise" in args:
         assert manifest["config"]["normalise"] == "after-mean"
     if (experiment, data) == ("ablation", "flickr30k"):
