@@ -126,31 +126,41 @@ def test_steering_counts_texts_naming_each_class():
 def test_gate_scan_ranks_positions_and_divides_by_the_whole_image():
     names, roles = ["boi", "image[0]", "image[1]", "eoi"], ["boi", "image_content", "image_content", "eoi"]
     grid = [[-1, -1], [0, 0], [0, 1], [-1, -1]]
+    kinds = (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))
     rows = [
         {
-            "example_id": e,
+            "example_id": f"{e}-{i}",
             "positions": names,
             "roles": roles,
             "grid": grid,
             "damage": d,
+            "damage_other": [x / 2 for x in d],
+            "all_but": [1.0, 0.9, 0.9, w],  # everything but eoi knocked out: w of the whole image's 1.0
             "whole": 1.0,
-            "whole_except_top": w,
+            "whole_other": 0.5,
             "k90": k,
             "window_top": ["eoi", "image[0]", "image[1]"],
             "window_damage": [[0.5, 0.1, 0.0, 0.6], [0.2, 0.0, 0.1, 0.4]],
             "logp_change": [0.0] * 4,
         }
-        for e, d, w, k in (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))
+        for i in range(5)
+        for e, d, w, k in kinds
     ]
     cfg = _cfg("gate-scan", bootstrap=200, windows=2)
     tables = EXPERIMENTS["gate-scan"]().aggregate(_records(rows), cfg, {"n_layers": 4})
     positions = tables["positions"]
     assert list(positions["position"]) == ["eoi", "image[0]", "image[1]", "boi"]
     np.testing.assert_allclose(positions["damage"], [0.7, 0.15, 0.05, 0.0])
+    np.testing.assert_allclose(positions["damage_zero"], [0.35, 0.075, 0.025, 0.0])
+    np.testing.assert_allclose(positions["sufficiency"], [0.8, 0.1, 0.1, 0.0])
     gate = tables["gate"].iloc[0]
-    assert gate["top_position"] == "eoi" and gate["gate_index"] == pytest.approx(0.7)
+    # eoi tops every half of 5, so the split-half index is the mean over both halves: the overall mean
+    assert gate["top_position"] == "eoi" and gate["gate_index"] == pytest.approx(0.7) and gate["top_stability"] == 1
+    assert gate["gate_index_zero"] == pytest.approx(0.7) and gate["whole_damage_zero"] == pytest.approx(0.5)
+    assert gate["sufficiency"] == pytest.approx(0.8) and gate["sufficiency_low"] <= 0.8 <= gate["sufficiency_high"]
     assert gate["positions_for_90"] == 1.5 and gate["whole_except_top_damage"] == pytest.approx(0.2)
-    assert gate["gate_low"] <= 0.7 <= gate["gate_high"]
+    assert gate["gate_low"] <= 0.7 <= gate["gate_high"] and gate["n_exact"] == 10
+    assert gate["verdict"].startswith("a narrow gate at eoi")
     layers = tables["layers"]
     whole = layers[layers["what"] == "image side"].set_index("window")["damage"]
     assert whole.to_dict() == pytest.approx({"0-1": 0.6, "2-3": 0.4})
