@@ -112,15 +112,17 @@ def test_steering_counts_texts_naming_each_class():
             "target": "owl",
             "resids": "1-2",
             "text_unpatched": "fox",
-            "text_steered": "fox",
+            "text_steered": "a bowl, not a fox",  # "owl" inside "bowl" is not the word owl
         },
     ]
     tables = EXPERIMENTS["steering"]().aggregate(_records(rows), _cfg("steering"), {"n_layers": 4})
     s = tables["steering"].iloc[0]
     assert (s["names_target_steered"], s["names_base_steered"]) == pytest.approx((2 / 3, 2 / 3))
+    assert s["names_target_not_base_steered"] == pytest.approx(1 / 3) and s["names_target_not_base_unpatched"] == 0
     assert (s["names_target_unpatched"], s["names_base_unpatched"], s["n"]) == (0.0, 1.0, 3)
     pairs = tables["steering_pairs"].set_index("pair")
     assert pairs.loc["cat<-dog", "target_steered"] == 1.0 and pairs.loc["fox<-owl", "target_steered"] == 0.0
+    assert pairs.loc["cat<-dog", "target_not_base_steered"] == 0.5
 
 
 def test_gate_scan_ranks_positions_and_divides_by_the_whole_image():

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from narrowgate.analyses import tasks
 from narrowgate.analyses.prompts import VQA
+from narrowgate.analyses.steering import names
 from narrowgate.cli import app
 from narrowgate.data import class_pairs
 from narrowgate.store import RunStore
@@ -161,7 +162,7 @@ def test_steering_generates_with_the_target_eoi_on_imagenet(checkpoint_dir, data
     summary = tables["steering"].iloc[0]
     assert summary["resids"] == "0-2" and summary["n"] == 10
     rows = RunStore(out).records().rows
-    hits = [tgt.lower() in txt.lower() for tgt, txt in zip(rows["target"], rows["text_steered"])]
+    hits = [names(txt, tgt) for tgt, txt in zip(rows["target"], rows["text_steered"])]  # whole words
     assert summary["names_target_steered"] == pytest.approx(sum(hits) / len(hits))
     assert set(zip(rows["target"], rows["base"])) == {(a.word, b.word) for a, b in class_pairs()}
 
