@@ -70,18 +70,33 @@ def test_patching_means_per_resid_and_per_pair():
         }
         for i, p in enumerate(["x<-y", "x<-y", "z<-w"])
     ]
+    # score(target) - score(base): unpatched +, -, +; patched (+, -), (-, +), (-, +) -> flips (0, 1), (0, 1), (1, 0)
+    scores = {
+        "score_target_unpatched": [1.0, -1.0, 2.0],
+        "score_base_unpatched": [0.0, 0.0, 0.0],
+        "score_target": [[1.0, -1.0], [-1.0, 1.0], [-3.0, 3.0]],
+        "score_base": [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+    }
     records = _records(
         rows,
-        {"similarity": sim, "accuracy": acc, "similarity_unpatched": [0.2, 0.4, 0.6], "accuracy_unpatched": [0, 0, 1]},
+        {
+            "similarity": sim,
+            "accuracy": acc,
+            "similarity_unpatched": [0.2, 0.4, 0.6],
+            "accuracy_unpatched": [0, 0, 1],
+            **scores,
+        },
     )
     tables = EXPERIMENTS["patching"]().aggregate(records, _cfg("patching"), {"n_layers": 2})
     curve = tables["patching"]
     np.testing.assert_allclose(curve["similarity"], [0.4, 1.6 / 3])
     np.testing.assert_allclose(curve["accuracy"], [1 / 3, 2 / 3])
+    np.testing.assert_allclose(curve["flip_rate"], [1 / 3, 2 / 3])
     assert list(curve["resid"]) == [0, 1] and curve["similarity_unpatched"].iloc[0] == pytest.approx(0.4)
     pairs = tables["patching_pairs"].set_index("pair")
     assert pairs.loc["x<-y", "best_resid"] == 1 and pairs.loc["x<-y", "max_similarity"] == pytest.approx(0.7)
     assert pairs.loc["z<-w", "best_resid"] == 0 and pairs.loc["z<-w", "n"] == 1
+    assert pairs.loc["x<-y", "max_flip_rate"] == 1.0 and pairs.loc["z<-w", "max_flip_rate"] == 1.0
     assert (pairs.loc["x<-y", "base"], pairs.loc["x<-y", "target"]) == ("xw", "yw")
 
 
