@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .errors import NarrowgateError, OptionError, parse_layer_set
+from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set
 from .roles import RoleError, parse_role
 
 console = Console()
@@ -169,6 +169,7 @@ def roles(
 
 PARSERS = {
     "layers": _refusing(parse_layer_set, OptionError),
+    "image_size": _refusing(parse_image_size, OptionError),
     "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
     "finite": _finite,

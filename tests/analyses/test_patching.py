@@ -116,7 +116,10 @@ def test_prompt_presets_reproduce_the_published_settings():
 
     assert preset("class_patching", "chameleon", 48, "imagenet").endswith(". This animal is a")  # Chameleon-34B
     assert preset("class_patching", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Chameleon-7B
-    assert preset("class", "chameleon", 48, "imagenet") == CLASS["imagenet"]  # Sec. 4.2/4.3 prompt
+    # the authors' Chameleon-34B long prompt on every ImageNet input (cross-attention, overlap, ImageNet ablation)
+    assert preset("class", "chameleon", 48, "imagenet") == preset("class_patching", "chameleon", 48, "imagenet")
+    assert preset("class", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Sec. 4.2/4.3 prompt
+    assert preset("class", "chameleon", 48, "synthetic") == CLASS["synthetic"]
     assert preset("vqa", "chameleon", 32, "vqav2") == VQA + " Answer:" and preset("vqa", "llava", 32, "vqav2") == VQA
     cfg = resolve({"data": "imagenet", "prompt": "mine"}, ("class_patching",), "chameleon", 48)
     assert cfg["prompt"] == "mine"
@@ -133,3 +136,4 @@ def test_flip_rate_counts_sign_changes_of_the_class_score_difference(checkpoint_
         before
     )
     np.testing.assert_allclose(table["flip_rate"], (acc != before[:, None]).mean(0))
+    assert list(table["relative_depth"]) == [l / vlm.n_layers for l in range(vlm.n_layers)]  # resid / L

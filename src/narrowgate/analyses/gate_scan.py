@@ -135,6 +135,9 @@ class GateScan(Experiment):
     task = "classes"
     config = GateScanConfig
 
+    def prompt_kinds(self, cfg):
+        return ({"classes": "class"}.get(self.task_of(cfg), self.task_of(cfg)),)
+
     def requested(self, cfg):
         """``n`` examples (200 on VQA/captions), or ``n_per_class`` images per class (10) on classes."""
         if self.task_of(cfg) == "classes":

@@ -1,12 +1,12 @@
 """Sec. 4.2, Eq. 2: how much ImageNet class information the residual stream holds at each role, per layer.
 
 Residuals are captured at ``eoi``, ``first_image`` (the role Chameleon-34B's figure singles out),
-``last_image``, ``image[k]`` (the paper's 32nd image token, k = 31, or the last but one when the
-image is shorter), the mean over ``internal_image`` tokens, the mean over ``eol`` tokens when the
-family has them (Pixtral's [IMG_BREAK]s, SM Fig. 2), and ``last``; the neighbourhood overlap with
-the class labels (k = 30) is computed per residual index ``resid`` 0..L (0 = embeddings; the paper
-plots layer outputs, resid 1..L: ``--outputs-only``) over all examples. The authors' "32nd image
-token" is sequence position 32, content index 30: ``--image-index 30``.
+``last_image``, ``image[k]`` (the paper's "32nd image token": sequence position 32 of the authors' code,
+content index k = 30; the last but one when the image is shorter), the mean over ``internal_image``
+tokens, the mean over ``eol`` tokens when the family has them (Pixtral's [IMG_BREAK]s, SM Fig. 2), and
+``last``; the neighbourhood overlap with the class labels (k = 30) is computed per residual index
+``resid`` 0..L (0 = embeddings; ``--outputs-only`` captures 1..L only). The figure draws the paper's
+axis, layer l = resid l+1 (``--axis resid``: every residual index).
 
 With ``--sweep`` the same captures are also taken under growing early-layer knockout windows, decoder
 layers 0..w-1 for w = step, 2 step, ..., L (``--sweep-step``, the authors' 4), for three knockouts:
@@ -34,7 +34,7 @@ from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
 from .base import Experiment, check_k, overlap_k, register, stack
-from .options import MODES, ClassPrompt, RunConfig, option
+from .options import MODES, ClassPrompt, PaperAxis, RunConfig, option
 from .prompts import class_prompt
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")
@@ -80,11 +80,13 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
 
 
 @dataclass
-class OverlapConfig(ClassPrompt, RunConfig):
+class OverlapConfig(PaperAxis, ClassPrompt, RunConfig):
     n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
     k: int = option(30, "Neighbours of the neighbourhood overlap (the paper: 30).", min=1)
-    image_index: int = option(31, "The k of image[k], the paper's 32nd image token (the authors' code: 30).", min=0)
-    outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
+    image_index: int = option(
+        30, "The k of image[k]: the paper's '32nd image token' (sequence position 32 = content index 30).", min=0
+    )
+    outputs_only: bool = option(False, "Capture the layer outputs only (resid 1..L), not the embeddings.")
     sweep: bool = option(
         False,
         "Also under growing early-layer windows 0..w-1 of eoi->eoi+text and image->text knocked out "
@@ -174,7 +176,7 @@ class Overlap(Experiment):
     def figures(self, tables, info, store):
         """Overlap per role; with ``--sweep``, a second panel: the overlap of ``last`` after the last layer against
         the number of early layers knocked out, one line per knockout (the authors' overlap-with-ablation)."""
-        from ..plots import COLORS, RESID, has, plt, save
+        from ..plots import COLORS, has, plt, resid_axis, save
 
         if not has(tables, "overlap"):
             return []
@@ -183,9 +185,10 @@ class Overlap(Experiment):
         swept = sweep is not None and len(sweep)
         fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(12 if swept else 7, 3.8), squeeze=False)
         ax = axes[0, 0]
-        for i, (role, g) in enumerate(_unablated(df).groupby("role", sort=False)):
-            ax.plot(g["resid"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
-        ax.set(xlabel=RESID, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
+        rows, x, label = resid_axis(_unablated(df), info)
+        for i, (role, g) in enumerate(rows.groupby("role", sort=False)):
+            ax.plot(x.loc[g.index], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
+        ax.set(xlabel=label, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
         ax.legend(fontsize=8)
         if swept:
             b = axes[0, 1]

@@ -161,7 +161,7 @@ class Patching(Experiment):
         rows = [
             {
                 "resid": l,
-                "relative_depth": l / max(1, L - 1),
+                "relative_depth": l / max(1, L),
                 "patched": site,
                 "direction": cfg["direction"],
                 "similarity": float(sim[:, l].mean()),
@@ -206,13 +206,19 @@ class Patching(Experiment):
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
         a.plot(df["relative_depth"], df["similarity"], "-o", ms=3, color=COLORS[2], label="after patching")
         a.axhline(df["similarity_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
-        a.set(xlabel="relative depth of patched residual", ylabel="similarity to target distribution", ylim=(0, 1))
+        a.set(
+            xlabel="relative depth of the patched residual (resid / L)",
+            ylabel="similarity to target distribution",
+            ylim=(0, 1),
+        )
         a.legend(fontsize=8)
         b.plot(df["relative_depth"], df["accuracy"], "-o", ms=3, color=COLORS[1], label="score(target) > score(base)")
         b.axhline(df["accuracy_unpatched"].iloc[0], ls="--", color=COLORS[0], label="... without patching")
         if df["flip_rate"].notna().any():
             b.plot(df["relative_depth"], df["flip_rate"], "-s", ms=3, color=COLORS[3], label="flip rate (authors')")
-        b.set(xlabel="relative depth of patched residual", ylabel="share of examples", ylim=(-0.02, 1.02))
+        b.set(
+            xlabel="relative depth of the patched residual (resid / L)", ylabel="share of examples", ylim=(-0.02, 1.02)
+        )
         b.legend(fontsize=8)
         return [save(fig, store, "patching")]
 
