@@ -29,7 +29,7 @@ import torch
 from ..data import BadExample
 from ..errors import DataError, OptionError, check_count, parse_image_size
 from ..progress import progress_bar
-from ..store import RunLocked, RunStore
+from ..store import NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
@@ -180,8 +180,9 @@ def _load_images(
 def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_size: int) -> int:
     """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
 
-    A batch that raises anything else is processed again one unit at a time, and a unit that still
-    raises is recorded as a failure with its reason: one example never stops the run for good.
+    A batch that raises anything else (or whose residuals cannot be stored: `NonFiniteResidual`) is processed
+    again one unit at a time, and a unit that still fails is recorded as a failure with its reason: one example
+    never stops the run for good.
     """
     i = 0
     while i < len(units):
@@ -197,18 +198,26 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
                 torch.cuda.empty_cache()
             continue
         except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
-            if len(chunk) > 1:
-                for j in range(len(chunk)):
-                    _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
-            else:
-                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                logger.warning("skipping %s: %s", chunk[0].id, reason)
-                store.fail(chunk[0].id, reason)
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
             i += len(chunk)
             continue
-        store.write(rows, arrays)
+        try:
+            store.write(rows, arrays)
+        except NonFiniteResidual as e:
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
         i += len(chunk)
     return batch_size
+
+
+def _one_by_one(exp: Experiment, vlm, chunk, imgs, cfg, store: RunStore, error: Exception) -> None:
+    """A failed batch again one unit at a time, or the failure record of a single unit."""
+    if len(chunk) > 1:
+        for j in range(len(chunk)):
+            _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
+        return
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    logger.warning("skipping %s: %s", chunk[0].id, reason)
+    store.fail(chunk[0].id, reason)
 
 
 def check_config(cfg: dict, config: type) -> None:

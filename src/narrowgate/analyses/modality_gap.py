@@ -19,6 +19,7 @@ import numpy as np
 from ..data import caption_text
 from ..engine.interventions import Capture
 from ..metrics import cosine_gap_per_layer, modality_homogeneity
+from ..store import BFloat16
 from .base import Experiment, register, stack
 from .options import PaperAxis, RunConfig, option
 
@@ -69,8 +70,8 @@ class ModalityGap(Experiment):
             for u, tp, ip in zip(units, text_pos, image_pos)
         ]
         return rows, {
-            "text": t.residuals["text"].numpy().astype(np.float16),
-            "image": i.residuals["image"].numpy().astype(np.float16),
+            "text": BFloat16(t.residuals["text"].numpy(), layers),
+            "image": BFloat16(i.residuals["image"].numpy(), layers),
         }
 
     def aggregate(self, records, cfg, info):

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
+from ..store import BFloat16
 from .base import Experiment, check_k, overlap_k, register, stack
 from .options import MODES, ClassPrompt, PaperAxis, RunConfig, option
 from .prompts import class_prompt
@@ -120,8 +120,8 @@ class Overlap(Experiment):
         for i, cond in enumerate(conds):
             res = outs[cond.name].residuals
             for role in roles:
-                arrays[f"{i}:{role}"] = res[role].numpy().astype(np.float16)
-            arrays[f"{i}:image_k"] = res[f"image[{k}]"].numpy().astype(np.float16)
+                arrays[f"{i}:{role}"] = BFloat16(res[role].numpy(), capture.resids)
+            arrays[f"{i}:image_k"] = BFloat16(res[f"image[{k}]"].numpy(), capture.resids)
         return rows, arrays
 
     def aggregate(self, records, cfg, info):
