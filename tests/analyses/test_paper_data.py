@@ -178,3 +178,37 @@ def test_gate_scan_honours_allow_fewer_on_imagenet(checkpoint_dir, datasets, tmp
     assert manifest["data"]["requested"] == {"n_per_class": 3, "n": 12}
     assert manifest["data"]["actual"]["examples"] == 12 and manifest["data"]["actual"]["max_per_class"] <= 2
     assert RunStore(out).tables()["gate"].iloc[0]["n_exact"] == 12
+
+
+def test_authors_inputs_on_imagenet_pixtral_size_and_chameleon_34b_prompt(checkpoint_dir, datasets, tmp_path):
+    """On the ImageNet layout: Pixtral reads 512 x 512 images and a 48-layer Chameleon the long prompt, as the
+    authors' code; both in the manifest."""
+    from narrowgate.analyses.prompts import LONG_CLASS
+    from tests.fixtures import chameleon
+
+    argv = ["--data", "imagenet", "--data-dir", str(datasets["imagenet"]), "--n-per-class", "1", "--n", "12"]
+    out = tmp_path / "pixtral"
+    result = runner.invoke(
+        app, ["run", "cross-attention", "--model", str(checkpoint_dir("pixtral")), *argv, "--out", str(out), "--quiet"]
+    )
+    _ok(result)
+    assert _manifest(out)["config"]["image_size"] == "512x512"
+    assert set(RunStore(out).records().rows["n_content"]) == {16}  # the tiny processor's 32 x 32 limit, 8-pixel patches
+    big = chameleon.build(tmp_path / "chameleon-48", layers=48, hidden=32, heads=2, kv_heads=1)
+    for experiment in ("cross-attention", "patching"):
+        out = tmp_path / f"c48-{experiment}"
+        args = argv if experiment == "cross-attention" else argv[:4] + ["--n-per-class", "1"]
+        result = runner.invoke(app, ["run", experiment, "--model", str(big), *args, "--out", str(out), "--quiet"])
+        _ok(result)
+        manifest = _manifest(out)
+        assert manifest["model"]["n_layers"] == 48 and manifest["config"]["prompt"] == LONG_CLASS
+        assert manifest["config"]["image_size"] == "processor"
+
+
+def test_patching_reports_the_authors_flip_rate_on_imagenet(checkpoint_dir, datasets, tmp_path):
+    result, out = _run(checkpoint_dir, datasets, tmp_path, "patching", "imagenet", "--n-per-class", "2")
+    _ok(result)
+    arrays, table = RunStore(out).records().arrays, RunStore(out).tables()
+    flips = (arrays["accuracy"] != arrays["accuracy_unpatched"][:, None]).mean(0)
+    assert table["patching"]["flip_rate"].tolist() == pytest.approx(flips.tolist())
+    assert table["patching_pairs"]["max_flip_rate"].between(0, 1).all()
