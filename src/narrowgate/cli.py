@@ -21,7 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .catalog import catalog, settings, summary
-from .errors import NarrowgateError, OptionError, parse_layer_set
+from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set
 from .roles import RoleError, parse_role
 
 console = Console()
@@ -177,6 +177,7 @@ def roles(
 
 PARSERS = {
     "layers": _refusing(parse_layer_set, OptionError),
+    "image_size": _refusing(parse_image_size, OptionError),
     "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
     "finite": _finite,

@@ -215,9 +215,10 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
         g = pd.read_csv(by_name["gate-scan"] / "tables" / "gate.csv").iloc[0]
         scan_gate = str(g["verdict"]).startswith("a narrow gate")
         ablation = verdicts.get(label, "")
+        undecided = str(g["verdict"]).startswith(("no verdict", "inconclusive"))
         agree = (
             ""
-            if NO_VERDICT in ablation or not ablation
+            if NO_VERDICT in ablation or not ablation or undecided
             else ("agrees" if scan_gate == ("a narrow gate" in ablation) else "DISAGREES")
         )
         text = f"{label}: gate scan — {g['verdict']}"
@@ -229,6 +230,7 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
                 "gate_index": g["gate_index"],
                 "gate_low": g["gate_low"],
                 "gate_high": g["gate_high"],
+                "sufficiency": g.get("sufficiency"),
                 "positions_for_90": g["positions_for_90"],
                 "top_position": g["top_position"],
                 "agrees_with_ablation": agree,

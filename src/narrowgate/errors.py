@@ -68,3 +68,19 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)
+
+
+def parse_image_size(text) -> tuple[int, int] | None:
+    """``'WxH'`` -> (width, height) in pixels; ``'processor'`` (the processor's own sizing) -> None.
+
+    Raises `OptionError` naming ``--image-size`` for anything else.
+    """
+    value = str(text).strip().lower()
+    if value == "processor":
+        return None
+    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value)
+    if not m or not all(1 <= int(g) <= 16384 for g in m.groups()):
+        raise OptionError(
+            f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 512x512, each 1..16384) or 'processor'."
+        )
+    return int(m.group(1)), int(m.group(2))

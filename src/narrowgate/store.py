@@ -11,7 +11,9 @@ Layout of ``DIR``::
     figures/<name>.png|.pdf       figures
     report.html
 
-Every shard is written to a temporary name and renamed, so a killed run leaves only whole shards;
+Residuals are stored as bfloat16 (`BFloat16`: half the size of float32, float32's range, so no
+activation overflows as it would in float16); a non-finite residual is refused, naming the example and
+the residual index. Every shard is written to a temporary name and renamed, so a killed run leaves only whole shards;
 the Parquet file is renamed last and marks the shard as done. Rerunning on the same directory
 skips the examples already recorded (or recorded as failures; ``retry_failed`` processes those
 again). One process writes at a time: `RunStore.lock` takes an exclusive lock (released by the
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from .errors import NarrowgateError
@@ -53,6 +56,10 @@ class ManifestMismatch(NarrowgateError, RuntimeError):
 
 class RunLocked(NarrowgateError, RuntimeError):
     """Another process is writing to the run directory."""
+
+
+class NonFiniteResidual(NarrowgateError, ValueError):
+    """A residual to store is inf or NaN (the model's activations overflowed); nothing of the shard is written."""
 
 
 def versions() -> dict[str, str]:
@@ -85,6 +92,56 @@ def _difference(there, now) -> str:
         keys = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
         return "; ".join(f"{k}: {there.get(k)!r} there, {now.get(k)!r} now" for k in keys)
     return f"{there!r} there, {now!r} now"
+
+
+@dataclass(frozen=True)
+class BFloat16:
+    """Values a run stores as bfloat16 (residuals): ``values`` [n_rows, ...], rounded to nearest even when written,
+    read back as float32. ``resids``: the residual index of each entry of axis 1 ([n_rows, resid, ...]), or the
+    one index of [n_rows, D] values, to name it in an error."""
+
+    values: np.ndarray
+    resids: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+#: Safetensors metadata key listing the arrays of a shard stored as bfloat16 bits (uint16).
+_BF16_KEY = "narrowgate.bfloat16"
+
+
+def _bf16_bits(name: str, array: BFloat16, ids: list) -> np.ndarray:
+    """float -> bfloat16 bits (uint16, round to nearest even); refuses a non-finite value, naming its example and
+    its residual index."""
+    x = np.ascontiguousarray(array.values, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        resid = None if array.resids is None else array.resids[0] if x.ndim == 2 else array.resids[int(where[1])]
+        at = "" if resid is None else f" at resid {resid}"
+        raise NonFiniteResidual(
+            f"example {ids[int(where[0])]}: a non-finite residual ({x[tuple(where)]}) in {name!r}{at}: the model's "
+            "activations overflowed (load it in float32 or bfloat16, not float16)."
+        )
+    bits = x.view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    out = rounded.astype(np.uint16)
+    if not np.isfinite(_from_bf16_bits(out)).all():  # the largest float32 values round up to inf
+        raise NonFiniteResidual(f"a residual in {name!r} is too large for bfloat16 (above 3.39e38).")
+    return out
+
+
+def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A shard's arrays, bfloat16 ones back as float32."""
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="np") as f:
+        bf16 = ((f.metadata() or {}).get(_BF16_KEY) or "").split("\n")
+    return {k: _from_bf16_bits(v) if k in bf16 else v for k, v in arrays.items()}
 
 
 @dataclass
@@ -189,8 +246,9 @@ class RunStore:
         self._counter += 1
         return name
 
-    def write(self, rows: list[dict], arrays: dict[str, np.ndarray] | None = None) -> None:
-        """Append one shard of per-example rows (each with ``example_id``) and aligned arrays."""
+    def write(self, rows: list[dict], arrays: dict[str, np.ndarray | BFloat16] | None = None) -> None:
+        """Append one shard of per-example rows (each with ``example_id``) and aligned arrays (`BFloat16` ones
+        stored as bfloat16)."""
         if not rows:
             return
         if any("example_id" not in r for r in rows):
@@ -200,8 +258,15 @@ class RunStore:
             for k, v in arrays.items():
                 if len(v) != len(rows):
                     raise ValueError(f"Array {k!r} has {len(v)} rows, the shard has {len(rows)} records.")
-            data = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-            _atomic_write(self.path / "records" / f"{name}.safetensors", lambda p: save_file(data, str(p)))
+            ids = [r["example_id"] for r in rows]
+            data = {
+                k: _bf16_bits(k, v, ids) if isinstance(v, BFloat16) else np.ascontiguousarray(v)
+                for k, v in arrays.items()
+            }
+            meta = {_BF16_KEY: "\n".join(k for k, v in arrays.items() if isinstance(v, BFloat16))}
+            _atomic_write(
+                self.path / "records" / f"{name}.safetensors", lambda p: save_file(data, str(p), metadata=meta)
+            )
         table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
         _atomic_write(self.path / "records" / f"{name}.parquet", lambda p: pq.write_table(table, p))
 
@@ -241,7 +306,7 @@ class RunStore:
             frames.append(df)
             tensors = p.with_suffix(".safetensors")
             if tensors.exists():
-                for k, v in load_file(str(tensors)).items():
+                for k, v in _load_arrays(tensors).items():
                     arrays.setdefault(k, []).append(v)
         if not frames:
             return Shard(pd.DataFrame(columns=["example_id"]), {})

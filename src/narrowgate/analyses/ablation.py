@@ -21,6 +21,7 @@ from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..errors import BaselineAtChance, OptionError, parse_layer_set
 from ..metrics import cider, cider_chance, neighborhood_overlap, overlap_chance, vqa_accuracy, vqa_chance
+from ..store import BFloat16
 from . import tasks
 from .base import Experiment, check_k, overlap_k, register, stack
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
@@ -159,7 +160,9 @@ class Ablation(Experiment):
             batch = vlm.prepare(imgs, [class_prompt(cfg)] * len(units))
             outs = vlm.forward_conditions(batch, conds, capture=Capture("last", resids=(vlm.n_layers,)))
             rows = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
-            arrays = {f"last:{c.name}": outs[c.name].residuals["last"][:, 0].numpy().astype(np.float16) for c in conds}
+            arrays = {
+                f"last:{c.name}": BFloat16(outs[c.name].residuals["last"][:, 0].numpy(), (vlm.n_layers,)) for c in conds
+            }
             return rows, arrays
         prompts = [vqa_prompt(cfg, e.question) for e in exs] if task == "vqa" else [caption_prompt(cfg)] * len(units)
         batch = vlm.prepare(imgs, prompts)

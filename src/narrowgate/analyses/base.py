@@ -27,15 +27,15 @@ import pandas as pd
 import torch
 
 from ..data import BadExample
-from ..errors import DataError, OptionError, check_count
+from ..errors import DataError, OptionError, check_count, parse_image_size
 from ..progress import progress_bar
-from ..store import RunLocked, RunStore
+from ..store import NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
 
-#: Settings that may change between a run and its resumption without changing its results.
-RUN_ONLY = ("batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
+#: Settings that may change between a run and its resumption without changing its results (``axis``: figures only).
+RUN_ONLY = ("axis", "batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class Experiment:
         cls.defaults = options.defaults(cls.config)
 
     def figures(self, tables: dict[str, pd.DataFrame], info: dict, store) -> list[str]:
-        """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names."""
+        """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names. ``info``
+        describes the model (`model_info`) and holds the run's settings under ``settings``."""
         return []
 
     def compare(self, runs: list[tuple[str, dict, dict]]):
@@ -100,6 +101,12 @@ class Experiment:
     def task_of(self, cfg: dict) -> str:
         """For experiments with a ``--task`` setting: that task, else the one the dataset implies, else ``task``."""
         return cfg.get("task") or TASK_OF.get(cfg["data"], self.task)
+
+    def generates(self, cfg: dict) -> bool:
+        """Whether the run generates VQA answers or captions (the authors' scripts for those kept the processor's
+        image sizing, `prompts.IMAGE_SIZES`)."""
+        task = self.task_of(cfg) if "task" in options.names(self.config) else self.task
+        return task in ("vqa", "captions")
 
     def requested(self, cfg: dict) -> dict:
         """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""
@@ -153,11 +160,14 @@ def model_info(vlm) -> dict:
     }
 
 
-def _load_images(units: list[Unit], store: RunStore) -> tuple[list[Unit], list[tuple]]:
+def _load_images(
+    units: list[Unit], store: RunStore, size: tuple[int, int] | None = None
+) -> tuple[list[Unit], list[tuple]]:
+    """The units whose images load (resized to ``size``, width x height, when given) and their images."""
     good, images = [], []
     for unit in units:
         try:
-            imgs = tuple(e.load_image() for e in unit.examples)
+            imgs = tuple(prompts.resize(e.load_image(), size) for e in unit.examples)
         except BadExample as bad:
             logger.warning("skipping %s: %s", unit.id, bad)
             store.fail(unit.id, f"{bad.example_id}: {bad.reason}")
@@ -170,8 +180,9 @@ def _load_images(units: list[Unit], store: RunStore) -> tuple[list[Unit], list[t
 def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_size: int) -> int:
     """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
 
-    A batch that raises anything else is processed again one unit at a time, and a unit that still
-    raises is recorded as a failure with its reason: one example never stops the run for good.
+    A batch that raises anything else (or whose residuals cannot be stored: `NonFiniteResidual`) is processed
+    again one unit at a time, and a unit that still fails is recorded as a failure with its reason: one example
+    never stops the run for good.
     """
     i = 0
     while i < len(units):
@@ -187,18 +198,26 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
                 torch.cuda.empty_cache()
             continue
         except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
-            if len(chunk) > 1:
-                for j in range(len(chunk)):
-                    _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
-            else:
-                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                logger.warning("skipping %s: %s", chunk[0].id, reason)
-                store.fail(chunk[0].id, reason)
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
             i += len(chunk)
             continue
-        store.write(rows, arrays)
+        try:
+            store.write(rows, arrays)
+        except NonFiniteResidual as e:
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
         i += len(chunk)
     return batch_size
+
+
+def _one_by_one(exp: Experiment, vlm, chunk, imgs, cfg, store: RunStore, error: Exception) -> None:
+    """A failed batch again one unit at a time, or the failure record of a single unit."""
+    if len(chunk) > 1:
+        for j in range(len(chunk)):
+            _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
+        return
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    logger.warning("skipping %s: %s", chunk[0].id, reason)
+    store.fail(chunk[0].id, reason)
 
 
 def check_config(cfg: dict, config: type) -> None:
@@ -336,6 +355,8 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
         )
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     check_config(cfg, exp.config)
+    if cfg.get("image_size") is not None:
+        parse_image_size(cfg["image_size"])
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
     ranks = Ranks.from_env()
@@ -385,6 +406,7 @@ def _run_locked(
     own = getattr(vlm, "checkpoint_prompts", None)
     used = prompts.sources(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"], own)
     cfg = {**cfg, **{key: text for key, (text, _) in used.items()}}
+    cfg = prompts.resolve_image_size(cfg, info["family"], exp.generates(cfg))
     units = exp.units(examples, cfg)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and v is not None}
     store.open_manifest(
@@ -415,11 +437,12 @@ def _run_locked(
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
     done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
     batch_size = int(cfg["batch_size"])
+    size = parse_image_size(cfg["image_size"])
     with progress_bar(disable=not cfg.get("progress", True)) as progress:
         label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
         task = progress.add_task(label, total=total)
         for chunk in _chunks(ranks.shard(units), max(batch_size, 1) * 4):
-            good, images = _load_images([u for u in chunk if u.id not in done], store)
+            good, images = _load_images([u for u in chunk if u.id not in done], store, size)
             batch_size = _process(exp, vlm, good, images, cfg, store, batch_size)
             progress.update(task, advance=len(chunk))
     ranks.barrier()
@@ -464,7 +487,7 @@ def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report
     tables["failures"] = failures
     for name, df in tables.items():
         store.write_table(name, df)
-    figures = exp.figures(tables, info, store) if len(records.rows) else []
+    figures = exp.figures(tables, {**info, "settings": cfg}, store) if len(records.rows) else []
     write_report(store, exp.name, tables, figures, info)
 
 
