@@ -123,7 +123,7 @@ def check_hub(name: str, revision: str | None = None) -> None:
         get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=HUB_TIMEOUT)
     except HfHubHTTPError:
         return  # the hub answered
-    except Exception as e:  # noqa: BLE001 - any transport failure (DNS, refused, timeout, proxy) means unreachable
+    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means unreachable
         reason = " ".join(str(e).split()) or type(e).__name__
         raise LoadError(
             f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}."
