@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from .analyses.base import run
 from .analyses.prompts import VQA
 from .loading import load
 from .plots import compare
+from .progress import eta
 from .store import RunStore
 
 #: (run name, experiment, settings) — sample sizes for about a minute on 2 CPU cores for both organisms.
@@ -103,6 +105,7 @@ def demo(
             out / "remove-gate", models["gated"], scale=scale, progress=progress, console=console
         )
     runs: dict[str, dict[str, Path]] = {}
+    started, done = time.perf_counter(), 0
     for label, path in models.items():
         vlm = load(path, dtype="float32")
         runs[label] = {}
@@ -116,9 +119,11 @@ def demo(
             # The organisms learnt the plain VQA prompt, not a family preset such as Chameleon's " Answer:".
             if default and "vqa_prompt" in options.names(EXPERIMENTS[experiment].config):
                 cfg.setdefault("vqa_prompt", VQA)
-            console.print(f"[bold]{label}[/bold]: {name}")
+            where = eta(done, len(models) * len(plan), time.perf_counter() - started)
+            console.print(f"[bold]{label}[/bold]: {name}  (demo runs {where})")
             store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
             runs[label][name] = store.path
+            done += 1
     summary = summarize(runs)
     verdicts = verdict(summary)
     print_summary(summary, verdicts, console)

@@ -7,6 +7,7 @@ lists every name in that state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -45,3 +46,18 @@ def renamed(since: str, removed_in: str, **renames: str):
         return cls
 
     return decorate
+
+
+#: Modules whose deprecation notices are about their own internals (e.g. peft reading transformers' deprecated
+#: ``is_gradient_checkpointing``), which a narrowgate user can neither act on nor silence by changing their code.
+DEPENDENCIES = r"(transformers|peft|accelerate|huggingface_hub)(\..*)?$"
+
+
+@contextlib.contextmanager
+def dependency_deprecations_hidden():
+    """Within the block, DeprecationWarning / FutureWarning / PendingDeprecationWarning raised inside
+    narrowgate's dependencies (`DEPENDENCIES`) are not shown; narrowgate's own deprecations still are."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=DEPENDENCIES)
+        yield

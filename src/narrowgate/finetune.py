@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from .analyses.base import Ranks, model_info
 from .analyses.prompts import CAPTION, VQA
 from .data import BadExample
+from .deprecation import dependency_deprecations_hidden
 from .engine.interventions import Knockout
 from .progress import progress_bar
 from .store import RunStore
@@ -168,6 +169,17 @@ def _micro_batches(vlm, items: list[Item], size: int, store: RunStore | None):
 
 
 @torch.no_grad()
+def _heldout_all(vlm, items: list[Item], conditions: dict, micro_batch: int, when: str, progress: bool) -> dict:
+    """`heldout_scores` under every condition, with a progress line per condition (a 7B model takes a while)."""
+    out = {}
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(f"held-out scores {when} training (conditions)", total=len(conditions))
+        for c, ks in conditions.items():
+            out[c] = heldout_scores(vlm, items, ks, micro_batch)
+            bar.advance(task)
+    return out
+
+
 def heldout_scores(vlm, items: list[Item], knockouts=(), micro_batch: int = 8) -> dict:
     """Answer-token loss and teacher-forced top-1 accuracy on ``items``, with ``knockouts`` active."""
     training = vlm.model.training
@@ -317,13 +329,14 @@ def finetune(
     if scores_path.exists():
         before = json.loads(scores_path.read_text())
     else:
-        before = {c: heldout_scores(vlm, held, ks, micro_batch) for c, ks in conditions.items()}
+        before = _heldout_all(vlm, held, conditions, micro_batch, "before", progress and ranks.rank == 0)
         if ranks.rank == 0:
             scores_path.write_text(json.dumps(before, indent=1))
 
     lora = LoraConfig(r=rec.rank, lora_alpha=rec.alpha, lora_dropout=0.0, target_modules=lora_targets(vlm))
     torch.manual_seed(seed)  # LoRA's initialisation: the same command gives the same run
-    peft_model = get_peft_model(vlm.model, lora)
+    with dependency_deprecations_hidden():  # peft reads transformers' deprecated is_gradient_checkpointing
+        peft_model = get_peft_model(vlm.model, lora)
     if gradient_checkpointing:
         vlm.enable_gradient_checkpointing()
     params = [p for _, p in _trainable(peft_model)]
@@ -373,7 +386,7 @@ def finetune(
                 _save_state(ckpt, peft_model, opt, step + 1, losses)
     seconds = time.perf_counter() - t0
     vlm.model.eval()
-    after = {c: heldout_scores(vlm, held, ks, micro_batch) for c, ks in conditions.items()}
+    after = _heldout_all(vlm, held, conditions, micro_batch, "after", progress and ranks.rank == 0)
     card = {
         "recipe": recipe,
         "model": str(model),
