@@ -33,7 +33,7 @@ _ng_install() {
   fi
   if [ "${NARROWGATE_LOCK:-}" = "none" ]; then
     [ -n "$keep_torch" ] || _ng_pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    _ng_pip install -q -e "$ROOT[test]"
+    _ng_pip install -q -e "$ROOT[test,docs,release]"
     return
   fi
   local made here
