@@ -6,6 +6,7 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
   overlay on relative depth. The demo runs once per build (``demo.demo`` on the shipped organisms at
   `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds reuse it;
   ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have (e.g. ``runs/demo``).
+- ``<!-- demo-table RUN TABLE -->``: that table of a demo run (``tables/TABLE.csv``), every model's, in one table.
 - ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
 - ``<!-- options EXPERIMENT -->``: the experiment's options, from its settings dataclass.
 - ``<!-- benchmark -->``: the engine benchmark's tables, from ``docs/_generated/engine-benchmark.json``.
@@ -35,7 +36,7 @@ EXTRA_PLAN = (
     ("logit-lens", "logit-lens", dict(n_per_class=40)),
 )
 BENCHMARK = ROOT / "docs" / "_generated" / "engine-benchmark.json"
-DIRECTIVE = re.compile(r"^<!-- (demo-figures|demo-summary|options|benchmark|cli)\b ?(.*?) ?-->$", re.M)
+DIRECTIVE = re.compile(r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|cli)\b ?(.*?) ?-->$", re.M)
 FIGURES = "figures/demo"
 
 _demo: Path | None = None
@@ -132,6 +133,20 @@ def _demo_figures(runs: list[str], page) -> str:
         "noisier than `narrowgate demo` at full scale).*\n\n"
     )
     return note + "\n".join(parts)
+
+
+def _demo_table(run: str, table: str, page) -> str:
+    import pandas as pd
+
+    demo = _demo_dir()
+    frames = []
+    for model in sorted(p for p in demo.iterdir() if (p / run / "tables" / f"{table}.csv").is_file()):
+        frames.append(pd.read_csv(model / run / "tables" / f"{table}.csv").assign(model=model.name))
+    if not frames:
+        log.warning("%s: no demo run %r has a table %r", page.file.src_uri, run, table)
+        return ""
+    df = pd.concat(frames, ignore_index=True)
+    return _md_table(df[["model", *[c for c in df.columns if c != "model"]]]) + "\n"
 
 
 def _demo_summary() -> str:
@@ -232,6 +247,8 @@ def on_page_markdown(markdown, page, config, files):
         kind, arg = m.group(1), m.group(2).split()
         if kind == "demo-figures":
             return _demo_figures(arg, page)
+        if kind == "demo-table":
+            return _demo_table(arg[0], arg[1], page)
         if kind == "demo-summary":
             return _demo_summary()
         if kind == "options":
