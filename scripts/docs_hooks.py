@@ -4,7 +4,7 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
 
 - ``<!-- demo-figures RUN ... -->``: the figures of those demo runs (e.g. ``ablation-vqa``), every model's, and the
   overlay on relative depth. The demo runs once per build (``demo.demo`` on the shipped organisms at
-  `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds reuse it;
+  `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds of the same sources reuse it;
   ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have (e.g. ``runs/demo``).
 - ``<!-- demo-table RUN TABLE -->``: that table of a demo run (``tables/TABLE.csv``), every model's, in one table.
 - ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
@@ -46,6 +46,18 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
+def _source_digest() -> str:
+    """A digest of narrowgate's sources and the organisms' weights: a cached demo is reused only for the same code."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    src = ROOT / "src" / "narrowgate"
+    for path in sorted([*src.rglob("*.py"), *src.rglob("*.safetensors")]):
+        digest.update(str(path.relative_to(src)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _demo_dir() -> Path:
     """The demo output the pages show: NARROWGATE_DOCS_DEMO, or a run made (once) for the docs."""
     global _demo
@@ -60,7 +72,7 @@ def _demo_dir() -> Path:
     import narrowgate
     from narrowgate import demo
 
-    out = ROOT / ".cache" / "docs-demo" / f"{narrowgate.__version__}-{DEMO_SCALE}"
+    out = ROOT / ".cache" / "docs-demo" / f"{narrowgate.__version__}-{DEMO_SCALE}-{_source_digest()}"
     if not (out / "summary.csv").is_file():
         from rich.console import Console
 

@@ -1,6 +1,6 @@
 """Every use of transformers (and PyTorch) internals and of version-specific names, in one place.
 
-narrowgate supports the transformers releases that `pyproject.toml` admits (see the README's
+narrowgate supports the transformers releases that `pyproject.toml` admits (see docs/compatibility.md,
 compatibility table). When a release renames something, the fix belongs here and nowhere else;
 each branch names the versions it is for.
 """
