@@ -5,7 +5,9 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
 - ``<!-- demo-figures RUN ... -->``: the figures of those demo runs (e.g. ``ablation-vqa``), every model's, and the
   overlay on relative depth. The demo runs once per build (``demo.demo`` on the shipped organisms at
   `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds of the same sources reuse it;
-  ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have (e.g. ``runs/demo``).
+  ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have, which must hold every run the pages show
+  (``demo.demo(DIR, plan=demo.PLAN + EXTRA_PLAN)`` writes one; ``narrowgate demo`` alone has no steering or
+  logit-lens run).
 - ``<!-- demo-table RUN TABLE -->``: that table of a demo run (``tables/TABLE.csv``), every model's, in one table.
 - ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
 - ``<!-- options EXPERIMENT -->``: the experiment's options, from its settings dataclass.

@@ -103,17 +103,19 @@ class LineProgress(Progress):
             text = self.line(self._tasks[task_id])
         self.console.print(escape(text), highlight=False, soft_wrap=True)
 
-    def report_due(self) -> None:
-        """Print a line for every unfinished task whose last line is ``every`` seconds old or more."""
-        now = self.get_time()
+    def report_due(self, at_least: float = 0.0) -> None:
+        """Print a line for every unfinished task whose last line is ``every`` (and ``at_least``) seconds old."""
+        now, wait = self.get_time(), max(self.every, at_least)
         with self._lock:
-            due = [i for i, t in self._tasks.items() if i not in self._ended and now - self._last[i] >= self.every]
+            due = [i for i, t in self._tasks.items() if i not in self._ended and now - self._last[i] >= wait]
         for task_id in due:
             self._report(task_id)
 
     def _beat(self) -> None:
+        # The heartbeat reports a step that outlasts the interval; it never repeats a line within a second (with an
+        # interval of 0, every update prints one and the heartbeat stays quiet).
         while not self._stop.wait(min(1.0, max(self.every / 4, 0.01))):
-            self.report_due()
+            self.report_due(at_least=1.0)
 
     def start(self) -> None:
         super().start()
