@@ -80,13 +80,16 @@ def _demo_dir() -> Path:
 
         log.info("narrowgate docs: running the demo at scale %s into %s", DEMO_SCALE, out)
         shutil.rmtree(out, ignore_errors=True)
-        demo.demo(
-            out,
-            scale=DEMO_SCALE,
-            progress=False,
-            console=Console(file=io.StringIO()),
-            plan=demo.PLAN + EXTRA_PLAN,
-        )
+        from narrowgate.deprecation import dependency_deprecations_hidden
+
+        with dependency_deprecations_hidden():
+            demo.demo(
+                out,
+                scale=DEMO_SCALE,
+                progress=False,
+                console=Console(file=io.StringIO()),
+                plan=demo.PLAN + EXTRA_PLAN,
+            )
     _demo = out
     return out
 
