@@ -273,6 +273,8 @@ def main(argv=None) -> dict:
         "n_layers": L,
         "config": args.config,
         "dtype": dtype,
+        "targets": dict(TARGETS),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),

@@ -17,8 +17,20 @@ pytestmark = pytest.mark.slow  # minutes: demo runs, fine-tuning, the paper data
 
 def test_demo_command_runs_every_experiment_on_the_shipped_organisms(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scale", "0.05", "--quiet"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scale", "0.05"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
+    # CliRunner's output is not a terminal: every phase prints plain progress lines (counts, elapsed, estimate);
+    # between two lines of one phase at most 30 s pass (tests/test_progress.py, on a fake clock).
+    # (Not anchored at line starts: transformers' own bars, imported before the command could switch them off,
+    # write to the same captured stream without a newline of their own.)
+    log = result.output
+    for phase in ("held-out scores before training", "finetune remove-gate", "held-out scores after training"):
+        assert re.search(rf"{phase}[^:\n]*: 0/\d+ \(0%\)", log) and re.search(rf"{phase}[^\n]*finished\n", log), phase
+    for family in ("chameleon", "llava"):
+        for experiment in {e for _, e, _ in PLAN}:
+            assert re.search(rf"{experiment} \({family}\): \d+/\d+ \(100%\), [^\n]* elapsed, finished\n", log)
+    n = 4 * len(PLAN)
+    assert f"(demo runs 0/{n}, " in log and re.search(rf"\(demo runs {n - 1}/{n}, .* elapsed, ~.* left\)", log)
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64") >= 2 * len(PLAN)
     assert "VQA accuracy (chance)" in text  # the organisms' held-out scores, from their cards

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -137,3 +138,28 @@ def test_knockout_parse_inverts_name():
         assert ng.Knockout.parse(k.name) == k
     with pytest.raises(ValueError, match="SRC->TGT"):
         ng.Knockout.parse("eoi")
+
+
+def test_cli_in_a_log_prints_progress_lines_and_no_dependency_deprecations(tmp_path):
+    """`narrowgate finetune > log 2>&1`: plain progress lines for every phase, and nothing of transformers' own
+    deprecations (peft reads its deprecated `is_gradient_checkpointing`, a FutureWarning Python always shows)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    args = ["finetune", "--model", "gated", "--recipe", "remove-gate", "--data", "synthetic"]
+    args += ["--samples", "synthetic=24", "--steps", "2", "--batch-size", "4", "--micro-batch", "4", "--heldout", "4"]
+    cli = [sys.executable, "-c", "from narrowgate.cli import main; main()"]
+    done = subprocess.run([*cli, *args, "--out", str(tmp_path / "ft")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "Warning" not in log and "is_gradient_checkpointing" not in log, log
+    assert "Loading weights" not in log  # transformers' \r-redrawn bars stay out of a log
+    for line in (
+        "held-out scores before training (conditions): 0/2 (0%), 0:00:00 elapsed",
+        "finetune remove-gate: 0/2 (0%), loss -, 0:00:00 elapsed",
+        "held-out scores after training (conditions): 0/2 (0%), 0:00:00 elapsed",
+    ):
+        assert line in log.splitlines(), log
+    assert re.search(r"^finetune remove-gate: 2/2 \(100%\), loss [0-9.]+, \d:\d\d:\d\d elapsed, finished$", log, re.M)

@@ -5,7 +5,7 @@ from importlib import import_module
 from .errors import NarrowgateError
 from .roles import ROLE_NAMES, RoleError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 
 # Imported on first use (PEP 562), so `narrowgate --help` and the error types do not load torch.
 _LAZY = {

@@ -21,6 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .catalog import catalog, settings, summary
+from .deprecation import dependency_deprecations_hidden
 from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set
 from .roles import RoleError, parse_role
 
@@ -44,8 +45,11 @@ class _Commands(TyperGroup):
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or os.environ.get("NARROWGATE_DEBUG", "") not in ("", "0")
         argv = [a for a in argv if a != "--debug"]
+        if not sys.stderr.isatty():  # transformers' own bars (loading weights) redraw with \r: noise in a log
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
-            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            with dependency_deprecations_hidden():
+                rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _ClickException as e:
             if type(e).__name__ == "NoArgsIsHelpError":
                 typer.echo(e.format_message())

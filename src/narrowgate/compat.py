@@ -1,7 +1,7 @@
 """Every use of transformers (and PyTorch) internals and of version-specific names, in one place.
 
-narrowgate supports the transformers releases that `pyproject.toml` admits (see the README's
-compatibility table). When a release renames something, the fix belongs here and nowhere else;
+narrowgate supports the transformers releases that `pyproject.toml` admits (see the
+compatibility table in docs/compatibility.md). When a release renames something, the fix belongs here and nowhere else;
 each branch names the versions it is for.
 """
 

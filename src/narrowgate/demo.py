@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from .analyses.base import run
 from .errors import BaselineAtChance
 from .loading import load
 from .plots import compare
+from .progress import eta
 from .store import RunStore
 
 #: (run name, experiment, settings) — sample sizes for about a minute on 2 CPU cores for both organisms.
@@ -104,6 +106,7 @@ def demo(
         )
     runs: dict[str, dict[str, Path]] = {}
     refused: dict[str, dict[str, str]] = {}
+    started, done = time.perf_counter(), 0
     for label, path in models.items():
         vlm = load(path, dtype="float32")
         runs[label] = {}
@@ -114,13 +117,15 @@ def demo(
             cfg.update(
                 model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
             )
-            console.print(f"[bold]{label}[/bold]: {name}")
+            where = eta(done, len(models) * len(plan), time.perf_counter() - started)
+            console.print(f"[bold]{label}[/bold]: {name}  (demo runs {where})")
             runs[label][name] = Path(cfg["out"])
             try:
                 run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
             except BaselineAtChance as e:  # that run's scores stay out of the summary and of every verdict
                 refused.setdefault(label, {})[name] = str(e)
                 console.print(f"[yellow]{label}: {name} gives no relative scores[/yellow]: {e}")
+            done += 1
     summary = summarize(runs)
     verdicts = verdict(summary, models=list(runs), refused=refused)
     print_summary(summary, verdicts, console)

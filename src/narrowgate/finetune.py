@@ -49,6 +49,7 @@ from . import checkpoint_prompts
 from .analyses.base import Ranks, model_info
 from .checkpoint_prompts import DATASETS
 from .data import BadExample
+from .deprecation import dependency_deprecations_hidden
 from .engine.interventions import Knockout
 from .errors import DataError, OptionError
 from .progress import progress_bar
@@ -299,15 +300,22 @@ def _record(store: RunStore, failed: list[tuple[str, str]]) -> None:
     failed.clear()
 
 
-def _heldout(vlm, items: list[Item], conditions: dict, micro_batch: int, failed: list) -> dict:
-    """`heldout_scores` under each condition, all on the same items: those the baseline could score."""
+def _heldout(
+    vlm, items: list[Item], conditions: dict, micro_batch: int, failed: list, when: str, progress: bool
+) -> dict:
+    """`heldout_scores` under each condition, all on the same items: those the baseline could score; a
+    progress line per condition (a 7B model takes a while)."""
     before = len(failed)
-    out = {"baseline": heldout_scores(vlm, items, conditions["baseline"], micro_batch, failed)}
-    dropped = {i for i, _ in failed[before:]}
-    kept = [it for it in items if it.id not in dropped]
-    out.update(
-        {c: heldout_scores(vlm, kept, ks, micro_batch, failed) for c, ks in conditions.items() if c != "baseline"}
-    )
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(f"held-out scores {when} training (conditions)", total=len(conditions))
+        out = {"baseline": heldout_scores(vlm, items, conditions["baseline"], micro_batch, failed)}
+        bar.advance(task)
+        dropped = {i for i, _ in failed[before:]}
+        kept = [it for it in items if it.id not in dropped]
+        for c, ks in conditions.items():
+            if c != "baseline":
+                out[c] = heldout_scores(vlm, kept, ks, micro_batch, failed)
+                bar.advance(task)
     return out
 
 
@@ -589,7 +597,7 @@ def _finetune_locked(
     if scores_path.exists():
         before = json.loads(scores_path.read_text())
     else:  # before the manifest: a held-out set that cannot be scored leaves --out free for the corrected command
-        before = _heldout(vlm, held, conditions, micro_batch, failed)
+        before = _heldout(vlm, held, conditions, micro_batch, failed, "before", progress and ranks.rank == 0)
     config = json.loads(json.dumps(config))  # as the manifest stores it, so a resume compares like with like
     store.open_manifest(
         {
@@ -609,7 +617,8 @@ def _finetune_locked(
 
     lora = LoraConfig(r=rec.rank, lora_alpha=rec.alpha, lora_dropout=0.0, target_modules=lora_targets(vlm))
     torch.manual_seed(seed)  # LoRA's initialisation: the same command gives the same run
-    peft_model = get_peft_model(vlm.model, lora)
+    with dependency_deprecations_hidden():  # peft reads transformers' deprecated is_gradient_checkpointing
+        peft_model = get_peft_model(vlm.model, lora)
     if gradient_checkpointing:
         vlm.enable_gradient_checkpointing()
     params = [p for _, p in _trainable(peft_model)]
@@ -664,7 +673,7 @@ def _finetune_locked(
     seconds = time.perf_counter() - t0
     measured = [x for x in losses if x is not None]
     vlm.model.eval()
-    after = _heldout(vlm, held, conditions, micro_batch, failed)
+    after = _heldout(vlm, held, conditions, micro_batch, failed, "after", progress and ranks.rank == 0)
     _record(store, failed)
     failures = store.failures()
     rec_sheet = RECIPES[recipe]

@@ -25,7 +25,10 @@ class LoadError(NarrowgateError, RuntimeError):
     """A checkpoint could not be loaded; the message names the problem and the fix."""
 
 
+#: The shipped organisms loadable by name (`narrowgate.organisms.KINDS`, kept here so naming one imports no torch).
 ORGANISMS = ("native", "non-native", "gated")
+#: Seconds to wait for the hub before calling it unreachable (huggingface_hub itself retries a missing file ~40 s).
+HUB_TIMEOUT = 3.0
 #: Files that define a checkpoint's model (weights, their index, the config); the processor's do not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SAMPLE = 1 << 16
@@ -98,6 +101,36 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1
 
 
+def check_hub(name: str, revision: str | None = None) -> None:
+    """Refuse at once a hub id that is not in the local cache when the hub cannot be reached.
+
+    Without this, huggingface_hub retries a file it has no local copy of for about 40 s before failing.
+    A cached id, or a hub that answers (even with an error of its own, such as an unknown id), passes.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return
+    except ValueError:  # not a valid hub id: transformers names the problem
+        return
+    fix = f"download it where there is network (`hf download {name} --local-dir DIR`) and give DIR instead of the id"
+    if constants.is_offline_mode():
+        raise LoadError(
+            f"{name!r} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): {fix}."
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=HUB_TIMEOUT)
+    except HfHubHTTPError:
+        return  # the hub answered
+    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means unreachable
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise LoadError(
+            f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}."
+        ) from e
+
+
 def _has_torchvision() -> bool:
     from .compat import is_torchvision_available
 
@@ -136,6 +169,8 @@ def load(
         own_prompts = checkpoint_prompts.read(path)
         for weights in sorted(path.glob("*.safetensors")):
             safetensors_header(weights)
+    else:
+        check_hub(name, revision)
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(name, **hub)

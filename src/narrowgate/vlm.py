@@ -135,15 +135,18 @@ class VLM:
 
     @property
     def attn_implementation(self) -> str:
+        """The model's own attention implementation (``sdpa`` or ``eager``), which the engine wraps."""
         return self._attn
 
     @property
     def input_device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (the CPU when they are offloaded)."""
         weight = self.model.get_input_embeddings().weight
         return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
     @property
     def hidden_size(self) -> int:
+        """Width of the residual stream (D)."""
         return int(self.model.get_input_embeddings().weight.shape[1])
 
     # --- inputs ------------------------------------------------------------------------------

@@ -99,7 +99,9 @@ class TaskPrompts:
         None, "On synthetic data: vqa, captions or classes (real data implies its task).", choices=TASKS
     )
     vqa_prompt: str | None = option(
-        None, "VQA prompt with {question} (default: the family's preset, see README).", parse="nonempty"
+        None,
+        "VQA prompt with {question} (default: the family's preset, see docs/experiments/index.md).",
+        parse="nonempty",
     )
     caption_prompt: str | None = option(None, "Caption prompt (default: the paper's).", parse="nonempty")
     max_new_tokens: int | None = option(None, "New tokens to generate (VQA 20, captions 60).", min=1)

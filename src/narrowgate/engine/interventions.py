@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..deprecation import renamed
 from ..errors import parse_layer_set
 from ..roles import Role, parse_role, parse_roles
 
@@ -91,12 +92,13 @@ def _layer_text(layers: tuple[int, ...]) -> str:
     return ",".join(str(x) for x in layers)
 
 
+@renamed("0.2.0", "0.3.0", layer="resid")
 @dataclass(frozen=True, eq=False)
 class Patch:
     """Replace the residual stream at ``role``'s position, residual index ``resid``, with ``value`` ([B, D]).
 
     Residual index ``resid`` is the input of decoder layer ``resid``; only later layers see the change.
-    ``resid`` may be ``n_layers`` (the last layer's output).
+    ``resid`` may be ``n_layers`` (the last layer's output). ``layer=`` is the deprecated name of ``resid=``.
     """
 
     role: str
@@ -111,6 +113,7 @@ class Patch:
             raise ValueError("Patch value must be a [batch, hidden_size] tensor.")
 
 
+@renamed("0.2.0", "0.3.0", layers="resids")
 @dataclass(frozen=True)
 class Capture:
     """Read the residual stream at ``roles`` at residual indices ``resids`` (None = all, 0..n_layers).
@@ -118,7 +121,7 @@ class Capture:
     A single-position role gives ``[B, len(resids), D]``. A multi-position role (e.g.
     ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, len(resids), D]``.
     ``at`` adds named captures at explicit positions, one per example (e.g. a random text token):
-    ``Capture(roles=(), at={"text_sample": [17, 21]})``.
+    ``Capture(roles=(), at={"text_sample": [17, 21]})``. ``layers=`` is the deprecated name of ``resids=``.
     """
 
     roles: str | tuple = "eoi"

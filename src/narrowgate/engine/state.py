@@ -267,4 +267,4 @@ def resolve(
 def _check_layers(layers, top: int, what: str, kind: str) -> None:
     bad = [x for x in layers if not 0 <= x <= top]
     if bad:
-        raise InterventionError(f"{what}: {kind} {bad} out of range; valid {kind}es are 0..{top}.")
+        raise InterventionError(f"{what}: {kind} {bad} out of range (valid: 0..{top}).")
