@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ..batch import Batch
 
 #: The named sites a `Hook` (or any `Resolved`) can act at, and the value it sees there. ``R`` counts the
-#: positions at the hook's roles that one model call computes (padded per example, see `Where.valid`).
+#: positions at the hook's roles that one model call computes, in ascending order; an example with fewer has
+#: its last rows zero-padded (`Where.valid` says which), and what is returned there is ignored.
 SITES = {
     "resid": "residual stream entering decoder layer `at` (0 = embeddings, n_layers = the last layer's output, "
     "before the final norm): [B, R, D]",

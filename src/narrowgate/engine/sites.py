@@ -62,17 +62,23 @@ def visit(run, site: str, at: int, x: torch.Tensor, offset: int, positions=None)
             hit = run.scratch.rows.get(key)
             if hit is None:
                 window = r.rows.window(offset, offset + Q, dev)
-                hit = run.scratch.rows[key] = (window, *row_index(window), r.rows.prompt)
-            rows, idx, valid, _ = hit
+                idx, valid = row_index(window)
+                hit = run.scratch.rows[key] = (window, idx, valid, bool(valid.all()), r.rows.prompt)
+            rows, idx, valid, full, _ = hit
         else:
             rows = r.rows.at(positions, positions >= 0)
             idx, valid = row_index(rows)
+            full = bool(valid.all())
         if idx.shape[1] == 0:
             continue
         absolute = offset + idx if positions is None else torch.gather(positions, 1, idx)
         where = Where(site, at, absolute.masked_fill(~valid, -1), valid)
         run.record.visited.setdefault(id(r), set()).add(at)
         value = gather_rows(x, idx, axis)
+        if not full:
+            shape = [valid.shape[0]] + [1] * (x.dim() - 1)
+            shape[axis] = valid.shape[1]
+            value = value.masked_fill(~valid.to(x.device).view(shape), 0)
         new = r.visit(value, where, run.record)
         if new is None:
             continue
