@@ -216,3 +216,30 @@ def test_hook_errors_name_the_problem(loaded):
         ng.Hook("hook_z", 1, "eoi", lambda v: v)
     with pytest.raises(ng.RoleError):
         ng.Hook("resid", 1, "nope", lambda v: v)
+
+
+def test_conditions_with_different_hooks_at_one_site_stack_exactly(loaded, family):
+    """Hooks of several conditions at the same site share one pass; each sees its own condition's rows only."""
+    vlm = loaded(family)
+    batch = same_prompt(vlm)
+    a = ng.Hook("resid", 1, "text", lambda v: v * 1.5)
+    b = ng.Hook("resid", 1, "text", lambda v: v - v.mean(0, keepdim=True))  # mixes the batch's examples
+    k = ng.Knockout("image", "text", mode="mask")
+    conds = [
+        ng.Condition("baseline"),
+        ng.Condition("a", interventions=(a,)),
+        ng.Condition("b", interventions=(b,)),
+        ng.Condition("a+b", interventions=(a, b)),
+        ng.Condition("b+a", knockouts=(k,), interventions=(b, a)),
+    ]
+    got = vlm.forward_conditions(batch, conds, interventions=[ng.Hook("mlp_out", 0, "last", lambda v: v * 0.9)])
+    for c in conds:
+        full = vlm.forward(
+            batch,
+            knockouts=c.knockouts,
+            interventions=[*c.interventions, ng.Hook("mlp_out", 0, "last", lambda v: v * 0.9)],
+        )
+        torch.testing.assert_close(got[c.name].last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
+    assert (got["a+b"].last_logits - got["b+a"].last_logits).abs().max() > 1e-4
+    with pytest.raises(ng.InterventionError, match="reads for every condition"):
+        vlm.forward_conditions(batch, [ng.Condition("c", interventions=(ng.Capture("eoi"),))])

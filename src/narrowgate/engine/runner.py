@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from .. import compat
 from ..batch import Batch
 from . import shared
-from .interventions import Knockout
+from .interventions import AttentionStats, Capture, Knockout, ResolvedStats
 from .state import InterventionError, Plan, Record, ResolvedKnockout, RoleMask, Run
 from .stats import build
 
@@ -91,7 +91,16 @@ class Runner:
 
     # --- several conditions ------------------------------------------------------------------
     def plans(self, batch: Batch, conds: list[shared.Condition], common=(), capture=None, attention_stats=False):
-        """Each condition resolved against ``batch``, with the interventions common to every condition after its own."""
+        """Each condition resolved against ``batch``, with the interventions common to every condition after its own.
+
+        Captures and attention statistics read once for every condition: they are refused inside a condition."""
+        for c in conds:
+            reads = [iv for iv in c.every if isinstance(iv, (Capture, AttentionStats))]
+            if reads:
+                raise InterventionError(
+                    f"Condition {c.name!r} holds a {type(reads[0]).__name__}, which reads for every condition at once: "
+                    "pass it as capture= / attention_stats=True (or in interventions=) of the call."
+                )
         return [
             self.vlm._plan(batch, capture=capture, attention_stats=attention_stats, interventions=(*c.every, *common))
             for c in conds
@@ -108,6 +117,7 @@ class Runner:
         conds = shared.as_conditions(conditions)
         keep = max(1, int(keep))
         plans = self.plans(batch, conds, interventions, capture, attention_stats)
+        attention_stats = any(isinstance(r, ResolvedStats) for r in plans[0].edits)
         P = self.prefix_length(batch, plans, keep)
         results = {}
         if P == 0:
@@ -171,9 +181,9 @@ class Runner:
         """See `VLM.generate_conditions`."""
         conds = shared.as_conditions(conditions)
         plans = self.plans(batch, conds, interventions)
-        reads = [r.name for p in plans for r in p.edits if r.first_affected() is None]
+        reads = [r.name for p in plans for r in p.edits if r.first_affected() is None or isinstance(r, ResolvedStats)]
         if reads:
-            raise InterventionError(f"Generation takes no captures ({reads[0]}); capture with forward.")
+            raise InterventionError(f"Generation takes no reads ({reads[0]}); read with forward or forward_conditions.")
         P = self.prefix_length(batch, plans)
         return dict(zip((c.name for c in conds), self.generate_plans(batch, plans, P, max_new_tokens, kwargs)))
 
