@@ -83,7 +83,7 @@ class VLM:
         )
         self.model.set_attn_implementation(target)
 
-    def _wrap_attention(self) -> str:
+    def _wrap_attention(self) -> str | None:
         """Switch the language model's attention to the engine's wrapper of the same kind (sdpa/eager).
 
         The implementation found first is kept on the decoder layers (shared by every `VLM` of the model)
@@ -129,7 +129,7 @@ class VLM:
         self.close()
 
     @property
-    def attn_implementation(self) -> str:
+    def attn_implementation(self) -> str | None:
         return self._attn
 
     @property
