@@ -162,9 +162,12 @@ class Runner:
         per = list(layers) if each else [layers] * C
         if len(per) != C:
             raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
-        resolved = [
-            vlm._plan(batch, knockouts=(Knockout("image", target, layers=l, mode=mode),)).knockouts[0] for l in per
-        ]  # validates target, layers and mode
+        windows: dict = {}  # one resolution (which validates target, layers and mode) per distinct window
+        for l in per:
+            key = _window(l)
+            if key not in windows:
+                windows[key] = vlm._plan(batch, knockouts=(Knockout("image", target, layers=key, mode=mode),))
+        resolved = [windows[_window(l)].knockouts[0] for l in per]
         tgt = resolved[0].target
         if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
@@ -233,3 +236,8 @@ class Runner:
                     shared.crop(cache, P)
             results.append(out.cpu())
         return results
+
+
+def _window(layers) -> tuple[int, ...] | None:
+    """A knockout's layer window as a hashable key: None (every layer) or a tuple."""
+    return None if layers is None else (layers,) if isinstance(layers, int) else tuple(layers)
