@@ -35,3 +35,17 @@ def test_finetune_benchmark_7b_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         _module().main(["--config", "7b"])
     assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_benchmark_runs_every_workload(tmp_path):
+    """Its tiny config runs every workload (R1-R6) end to end; the ratios are measured on a quiet machine."""
+    spec = importlib.util.spec_from_file_location("engine_benchmark", SCRIPT.parent / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "engine.json"
+    result = module.main(["--config", "tiny", "--repeats", "1", "--new-tokens", "3", "--json", str(out)])
+    assert out.is_file()
+    assert set(module.TARGETS) <= set(result)
+    assert set(result["R6_sites"]) == {"resid", "attn_out", "mlp_out", "head", "pattern"}
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in module.TARGETS)

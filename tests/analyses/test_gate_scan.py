@@ -17,6 +17,7 @@ from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
 from narrowgate.analyses.gate_scan import kl, side_positions
 from narrowgate.engine import shared
+from narrowgate.engine.runner import Runner
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
 from narrowgate.vlm import VLM
 from tests.fixtures import chameleon
@@ -63,12 +64,12 @@ def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mo
         torch.testing.assert_close(g, full, atol=1e-5, rtol=0)
 
 
-class Planted(VLM):
-    """A VLM whose text can read one image-side position only: every other one is masked from the text."""
+class PlantedRunner(Runner):
+    """Suffix passes in which the text can read one image-side position only: every other one is masked from it."""
 
     keep: int = 0
 
-    def _suffix_pass(self, prefix, plan, n, keep=1):
+    def suffix_pass(self, prefix, plan, n, keep=1):
         batch = prefix.batch
         lay = batch.layouts[0]
         blocked = torch.zeros(batch.size, batch.length, dtype=torch.bool)
@@ -77,7 +78,23 @@ class Planted(VLM):
         planted = ResolvedKnockout(
             RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True), None, "mask"
         )
-        return super()._suffix_pass(prefix, dataclasses.replace(plan, knockouts=(*plan.knockouts, planted)), n, keep)
+        return super().suffix_pass(prefix, dataclasses.replace(plan, knockouts=(*plan.knockouts, planted)), n, keep)
+
+
+class Planted(VLM):
+    """A VLM whose text can read one image-side position only (`PlantedRunner`)."""
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        self.runner = PlantedRunner(self)
+
+    @property
+    def keep(self) -> int:
+        return self.runner.keep
+
+    @keep.setter
+    def keep(self, position: int) -> None:
+        self.runner.keep = position
 
 
 def test_planted_gate_is_found_and_an_unmodified_model_has_none(checkpoint_dir, loaded, tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import compat
 from ..data import BadExample
 from ..errors import DataError, OptionError, check_count, parse_image_size
 from ..progress import progress_bar
@@ -153,8 +154,8 @@ def model_info(vlm) -> dict:
         "model_type": cfg.model_type,
         "n_layers": vlm.n_layers,
         "hidden_size": vlm.hidden_size,
-        "name_or_path": getattr(cfg, "_name_or_path", ""),
-        "revision": getattr(cfg, "_commit_hash", None),
+        "name_or_path": compat.name_or_path(cfg),
+        "revision": compat.commit_hash(cfg),
         "dtype": str(vlm.model.dtype),
         "attn_implementation": vlm.attn_implementation,
     }

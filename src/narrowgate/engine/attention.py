@@ -1,14 +1,19 @@
-"""Attention with knockouts and cross-modal statistics, registered through transformers' public interfaces.
+"""Attention with knockouts and the ``head``/``pattern`` sites, registered through transformers' public interfaces.
 
 Two implementations are registered: ``narrowgate_sdpa`` (wraps PyTorch SDPA) and
 ``narrowgate_eager`` (explicit softmax). With no active run, or in a layer no intervention
-touches, each one hands the call to the stock ``sdpa``/``eager`` function unchanged.
+touches, each one hands the call to the stock ``sdpa``/``eager`` function unchanged. Otherwise
+one function per path computes the layer: `_prefix_path` (suffix rows over a shared prefix),
+`_eager_path`, `_direct_path` (a short query window under SDPA) and `_sdpa_path`; ``pattern``
+interventions visit the probabilities each path has (`sites.visit`), ``head`` interventions the
+output before the projection.
 
 Exactness of ``zero`` mode under SDPA: zeroing post-softmax weights of a set Z without
 renormalising equals SDPA with Z masked out, times the kept mass ``sum_{j not in Z} A_ij`` of
 that row. The kept mass needs the attention probabilities of the affected query rows only
-(text rows, typically a handful), never the full [T x T] map. Cross-modal statistics use the
-same row-wise probabilities.
+(text rows, typically a handful), never the full [T x T] map. ``pattern`` interventions
+(cross-modal statistics, a `Hook`) likewise get the probabilities of their own rows only, and
+only the rows they replace are recomputed from the replacement.
 """
 
 from __future__ import annotations
@@ -18,12 +23,23 @@ from transformers import AttentionInterface
 
 from .. import compat
 from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
+from . import sites
 from .state import InterventionError, Scratch, active_run
 
 SDPA = "narrowgate_sdpa"
 EAGER = "narrowgate_eager"
 #: Stock implementation -> engine implementation wrapping it.
 WRAPS = {"sdpa": SDPA, "eager": EAGER}
+
+#: Attention keyword arguments that change the attention itself and that the engine does not implement: refused by
+#: name, since computing without them would silently give another model.
+UNIMPLEMENTED = {
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias",
+    "indices": "sparse attention",
+    "block_indices": "sparse attention",
+}
 
 _ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
 #: Query windows up to this many rows (decode steps, text suffixes) are computed directly from their
@@ -75,15 +91,6 @@ def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
     return allow, zero_block
 
 
-def _row_index(rows: torch.Tensor):
-    """[B, Q] bool -> padded row indices [B, R] and validity [B, R]."""
-    counts = rows.sum(1)
-    r = int(counts.max())
-    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]
-    valid = torch.arange(r, device=rows.device)[None, :] < counts[:, None]
-    return order, valid
-
-
 def _row_probs(query, key, scaling, allow, idx, zero):
     """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries set to zero.
 
@@ -109,23 +116,25 @@ def _row_probs(query, key, scaling, allow, idx, zero):
     return torch.cat(probs, 2), torch.cat(kept, 2)
 
 
-def _direct(query, key, value, scale, allow, zero, dropout=0.0):
-    """Attention of a short query window from its float32 (float64) probabilities (grouped heads, no repeat_kv).
-
-    Returns the output [B, Q, H, dv] and the probabilities [B, H, Q, K] (zero-mode entries zeroed,
-    before ``dropout``, which applies to the output only, as in stock attention).
-    """
+def _direct_probs(query, key, scale, allow, zero):
+    """Post-softmax attention [B, H, Q, K] of a short query window in float32 (float64 for float64 inputs),
+    zero-mode entries zeroed, with grouped heads read in place (no repeat_kv)."""
     B, H, Q, d = query.shape
     Hk, K = key.shape[1], key.shape[2]
-    g = H // Hk
-    q = _wide(query).reshape(B, Hk, g * Q, d)
+    q = _wide(query).reshape(B, Hk, (H // Hk) * Q, d)
     scores = (torch.matmul(q, _wide(key).transpose(2, 3)) * scale).view(B, H, Q, K)
     p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
-    if zero is not None:
-        p = p.masked_fill(zero[:, None], 0.0)
+    return p if zero is None else p.masked_fill(zero[:, None], 0.0)
+
+
+def _weighted(p, value, dropout: float):
+    """``p`` [B, H, Q, K] applied to ``value`` [B, Hk, K, dv] (grouped heads in place): [B, Q, H, dv], in ``value``'s
+    dtype; ``dropout`` applies to the weights, as in stock attention."""
+    B, H, Q, K = p.shape
+    Hk = value.shape[1]
     w = torch.nn.functional.dropout(p, p=dropout) if dropout else p
-    out = torch.matmul(w.reshape(B, Hk, g * Q, K), _wide(value)).view(B, H, Q, -1)
-    return out.transpose(1, 2).to(query.dtype), p
+    out = torch.matmul(w.reshape(B, Hk, (H // Hk) * Q, K), _wide(value)).view(B, H, Q, -1)
+    return out.transpose(1, 2).to(value.dtype)
 
 
 def _fold(x: torch.Tensor, B: int, Hk: int) -> torch.Tensor:
@@ -204,7 +213,18 @@ def _fused_prefix(folded, pk, pv, allow, cache, low):
 
 
 def with_prefix(
-    query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch: Scratch | None = None
+    query,
+    key,
+    value,
+    prefix,
+    scale,
+    allow,
+    zero,
+    softcap=None,
+    *,
+    probs=False,
+    scratch: Scratch | None = None,
+    edit=None,
 ):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
@@ -219,8 +239,10 @@ def with_prefix(
     one reused buffer and are exponentiated in place. ``scratch`` (the call's `Scratch`) keeps that buffer and
     the per-pass masks every layer shares. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
     probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
-    them, so gradients reach them).
+    them, so gradients reach them). ``edit`` (implies ``probs``) maps the probabilities to those the output
+    is computed from (the ``pattern`` site).
     """
+    probs = probs or edit is not None
     CB, H, Q, d = query.shape
     pk, pv = prefix
     B, Hk, P, _ = pk.shape
@@ -275,6 +297,8 @@ def with_prefix(
     w_own = (torch.exp(t_own - top) / norm).masked_fill(empty, 0.0)
     if probs:
         p = torch.cat([_unfold(e_pre, C, H, Q) * w_pre, e_own * w_own], -1)
+        if edit is not None:
+            p = edit(p)
         w = p.to(value.dtype)
         out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
         out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
@@ -284,6 +308,123 @@ def with_prefix(
     return (_wide(o_pre) * w_pre + _wide(o_own) * w_own).to(value.dtype).transpose(1, 2), None
 
 
+def _refuse_unimplemented(kwargs) -> None:
+    for name, what in UNIMPLEMENTED.items():
+        if kwargs.get(name) is not None:
+            raise InterventionError(
+                f"This model passes {what} ({name!r}) to its attention, which narrowgate's attention does not "
+                "implement; running it through narrowgate would compute another model."
+            )
+
+
+class _Layer:
+    """One engine attention call: the inputs, the masks the plan gives this layer, and the run."""
+
+    def __init__(self, module, query, key, value, attention_mask, layer, run, scaling, dropout, softcap):
+        self.module, self.query, self.key, self.value = module, query, key, value
+        self.layer, self.run, self.softcap = layer, run, softcap
+        plan = run.plan
+        B, _, Q, d = query.shape
+        K = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2])
+        self.offset, self.scale = K - Q, scaling if scaling is not None else d**-0.5
+        self.dropout = dropout if module.training else 0.0
+        self.knocked = bool(plan.active_key(layer))
+        self.patterns = bool(plan.at_site("pattern", layer))
+        self.allow, self.zero = run.scratch.cached(
+            ("allow", id(attention_mask), plan.active_key(layer), self.offset, Q, K, str(query.device)),
+            lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, self.offset, query.device),
+            keep=attention_mask,
+        )
+
+    def visit_pattern(self, p: torch.Tensor, positions=None):
+        """The ``pattern`` interventions on probabilities ``p`` [B, H, rows, K]: (probabilities, replaced rows)."""
+        return sites.visit(self.run, "pattern", self.layer, p, self.offset, positions)
+
+
+def _prefix_path(c: _Layer, attention_mask, kwargs):
+    """Suffix rows over a prefix shared by every row (`with_prefix`)."""
+    plan = c.run.plan
+    out, probs = with_prefix(
+        c.query,
+        c.key,
+        c.value,
+        plan.prefix[c.layer],
+        c.scale,
+        c.allow,
+        c.zero,
+        c.softcap,
+        probs=plan.record_probs,
+        scratch=c.run.scratch,
+        edit=(lambda p: c.visit_pattern(p)[0]) if c.patterns else None,
+    )
+    if probs is not None:
+        c.run.record_probs(c.layer, probs)
+    return out, None
+
+
+def _direct_path(c: _Layer, attention_mask, kwargs):
+    """A short query window (decode steps, text suffixes) from its probabilities, which it needs anyway."""
+    p, _ = c.visit_pattern(_direct_probs(c.query, c.key, c.scale, c.allow, c.zero))
+    return _weighted(p, c.value, c.dropout), None
+
+
+def _eager_path(c: _Layer, attention_mask, kwargs):
+    """Explicit softmax over the whole map, as stock eager attention computes (its weights are returned)."""
+    groups = getattr(c.module, "num_key_value_groups", 1)
+    k, v = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
+    scores = _capped(torch.matmul(c.query, k.transpose(2, 3)) * c.scale, c.softcap)
+    scores = scores.masked_fill(~c.allow, torch.finfo(scores.dtype).min)
+    w = torch.softmax(_wide(scores), dim=-1).masked_fill(~c.allow, 0.0)
+    if c.zero is not None:
+        w = w.masked_fill(c.zero[:, None], 0.0)
+    w, _ = c.visit_pattern(w)
+    w = w.to(c.query.dtype)
+    out = torch.nn.functional.dropout(w, p=c.dropout) if c.dropout else w
+    return torch.matmul(out, v).transpose(1, 2).contiguous(), w
+
+
+def _sdpa_path(c: _Layer, attention_mask, kwargs):
+    """SDPA over the whole window (stock, where no knockout acts here); by hand only the rows that need their
+    probabilities: zero-mode rows (rescaled by their kept mass) and the rows of ``pattern`` interventions."""
+    query, B, Q = c.query, c.query.shape[0], c.query.shape[2]
+    H = query.shape[1]
+    groups = getattr(c.module, "num_key_value_groups", 1)
+    k_full, v_full = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
+    if not c.knocked:
+        out, _ = sdpa_attention_forward(
+            c.module, query, c.key, c.value, attention_mask, scaling=c.scale, dropout=c.dropout, **kwargs
+        )
+    else:
+        final = c.allow if c.zero is None else c.allow & ~c.zero[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k_full, v_full, attn_mask=final, dropout_p=c.dropout, scale=c.scale
+        ).transpose(1, 2)  # [B, Q, H, d]
+        out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
+    zero_rows = c.zero.any(-1) if c.zero is not None else None
+    rows = zero_rows
+    for r in c.run.plan.at_site("pattern", c.layer):
+        mine = r.rows.window(c.offset, c.offset + Q, query.device)
+        rows = mine if rows is None else rows | mine
+    if rows is None or not bool(rows.any()):
+        return out.contiguous(), None
+    idx, valid = sites.row_index(rows)
+    probs, kept = _row_probs(query, k_full, c.scale, c.allow, idx, c.zero)
+    if zero_rows is not None:
+        scale_rows = torch.ones(B, Q, H, device=query.device, dtype=kept.dtype)
+        sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
+        factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
+        scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
+        out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
+    if c.patterns:
+        positions = (c.offset + idx).masked_fill(~valid, -1)
+        probs, changed = c.visit_pattern(probs, positions)
+        if changed is not None:
+            w = torch.nn.functional.dropout(probs, p=c.dropout) if c.dropout else probs
+            redone = torch.matmul(w, _wide(v_full)).transpose(1, 2)  # [B, R, H, d]
+            out = sites.put_rows(out, idx, valid & changed, redone, axis=1)
+    return out.contiguous(), None
+
+
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
     softcap = kwargs.get("softcap")
     if softcap is not None and not eager:
@@ -291,114 +432,48 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             "Logit soft-capping (softcap) needs eager attention, as in transformers (its SDPA refuses it): load the "
             "model with attn_implementation='eager'."
         )
-    B, H, Q, d = query.shape
-    plan, record = run.plan, run.record
-    K = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2])
-    offset = K - Q
-    device = query.device
-    scale = scaling if scaling is not None else d**-0.5
-    record.attention_calls.add(layer)
-
-    allow, zero_block = run.scratch.cached(
-        ("allow", id(attention_mask), plan.active_key(layer), offset, Q, K, str(device)),
-        lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device),
-        keep=attention_mask,
-    )
-    stats_rows = plan.text.window(offset, offset + Q, device) if plan.text is not None else None
-
-    if plan.prefix is not None:
-        out, probs = with_prefix(
-            query,
-            key,
-            value,
-            plan.prefix[layer],
-            scale,
-            allow,
-            zero_block,
-            softcap,
-            probs=plan.record_probs or stats_rows is not None,
-            scratch=run.scratch,
+    if attention_mask is None and (kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
+        raise InterventionError(
+            "This layer's attention is not causal and comes without a mask; narrowgate's attention cannot compute it."
         )
-        if probs is not None:
-            run.record_probs(layer, probs)
-        if probs is not None and stats_rows is not None:
-            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out.contiguous(), None
+    c = _Layer(module, query, key, value, attention_mask, layer, run, scaling, dropout, softcap)
+    if run.plan.prefix is not None:
+        path = _prefix_path
+    elif eager:
+        path = _eager_path
+    elif query.shape[2] <= DIRECT_ROWS:
+        path = _direct_path
+    else:
+        path = _sdpa_path
+    return path(c, attention_mask, kwargs)
 
-    if not eager and Q <= DIRECT_ROWS:
-        out, probs = _direct(query, key, value, scale, allow, zero_block, dropout if module.training else 0.0)
-        if stats_rows is not None:
-            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out.contiguous(), None
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
-
+def _stock(eager: bool, module, query, key, value, attention_mask, scaling, dropout, kwargs):
     if eager:
-        scores = _capped(torch.matmul(query, k_full.transpose(2, 3)) * scale, softcap)
-        scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
-        w = torch.softmax(_wide(scores), dim=-1)
-        w = w.masked_fill(~allow, 0.0)
-        if zero_block is not None:
-            w = w.masked_fill(zero_block[:, None], 0.0)
-        w = w.to(query.dtype)
-        out = torch.nn.functional.dropout(w, p=dropout, training=module.training)
-        out = torch.matmul(out, v_full).transpose(1, 2).contiguous()
-        if plan.text is not None:
-            rows = plan.text.window(offset, offset + Q, device)
-            cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out, w
-
-    final = allow if zero_block is None else allow & ~zero_block[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, k_full, v_full, attn_mask=final, dropout_p=dropout if module.training else 0.0, scale=scale
-    )
-    out = out.transpose(1, 2)  # [B, Q, H, d]
-    out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
-
-    zero_rows = zero_block.any(-1) if zero_block is not None else None
-    rows = zero_rows
-    if stats_rows is not None:
-        rows = stats_rows if rows is None else rows | stats_rows
-    if rows is not None and bool(rows.any()):
-        idx, valid = _row_index(rows)
-        probs, kept = _row_probs(query, k_full, scale, allow, idx, zero_block)
-        if zero_rows is not None:
-            scale_rows = torch.ones(B, Q, H, device=device, dtype=kept.dtype)
-            sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
-            factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
-            scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
-            out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
-        if stats_rows is not None:
-            is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
-            cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-    return out.contiguous(), None
+        return _stock_eager(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=kwargs.get("softcap")
+        )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _make(eager: bool):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _refuse_unimplemented(kwargs)
         run = active_run()
         layer = None if run is None else run.plan.layer_of.get(id(module))
-        if layer is None or not run.plan.attention_active(layer):
-            if eager:
-                return _stock_eager(
-                    module,
-                    query,
-                    key,
-                    value,
-                    attention_mask,
-                    scaling=scaling,
-                    dropout=dropout,
-                    softcap=kwargs.get("softcap"),
-                )
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
-        return _intervened(module, query, key, value, attention_mask, layer, run, eager, scaling, dropout, kwargs)
+        if layer is None:
+            return _stock(eager, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        plan = run.plan
+        if plan.attention_active(layer):
+            run.record.attention_calls.add(layer)
+            out, w = _intervened(module, query, key, value, attention_mask, layer, run, eager, scaling, dropout, kwargs)
+        else:
+            out, w = _stock(eager, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        if plan.at_site("head", layer):
+            run.record.attention_calls.add(layer)
+            offset = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2]) - query.shape[2]
+            out, _ = sites.visit(run, "head", layer, out, offset)
+        return out, w
 
     attention.__name__ = EAGER if eager else SDPA
     return attention
