@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .errors import NarrowgateError
+from .errors import NarrowgateError, OptionError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
 
@@ -91,6 +91,39 @@ def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) ->
         entry["sha256" if f.suffix == ".json" else "sample_sha256"] = digest.hexdigest()
         files[f.name] = entry
     return {"files": files}
+
+
+def _gpus_named(device_map) -> list[int]:
+    """The CUDA device indices a device map names (``cuda`` alone is GPU 0; an integer is a GPU index)."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    out = []
+    for v in values:
+        text = str(v).strip()
+        if isinstance(v, int) and not isinstance(v, bool) or text.isdigit():
+            out.append(int(text))
+        elif text == "cuda" or text.startswith("cuda:"):
+            index = text.partition(":")[2] or "0"
+            out.append(int(index) if index.isdigit() else -1)
+    return out
+
+
+def check_device_map(device_map, option: str = "--device-map") -> None:
+    """Refuse a device map naming a GPU this machine does not have, before anything loads or is written."""
+    if device_map is None:
+        return
+    gpus = _gpus_named(device_map)
+    if not gpus:
+        return
+    shown = json.dumps(device_map) if isinstance(device_map, dict) else device_map
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise OptionError(
+            f"{option} {shown} names a GPU, but torch sees none on this machine (torch.cuda.is_available() is "
+            f"False): leave {option} out to run on the CPU, or run where a GPU is visible."
+        )
+    bad = sorted({g for g in gpus if not 0 <= g < have})
+    if bad:
+        raise OptionError(f"{option} {shown} names GPU {bad[0]}, but this machine has {have} (0..{have - 1}).")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -182,4 +215,4 @@ def load(
     return VLM(model, processor)
 
 
-__all__ = ["LoadError", "fingerprint", "load", "resolve", "supported"]
+__all__ = ["LoadError", "check_device_map", "fingerprint", "load", "resolve", "supported"]

@@ -20,7 +20,7 @@ from ..engine.shared import Condition
 from ..errors import OptionError, parse_layer_set
 from ..metrics import cider, neighborhood_overlap, vqa_accuracy
 from . import tasks
-from .base import Experiment, check_k, overlap_k, register, stack
+from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
@@ -60,7 +60,7 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
     mode = cfg["mode"]
     if cfg.get("sweep"):
-        step = max(1, int(cfg.get("sweep_step") or 1))
+        step = sweep_step(cfg, n_layers)
         windows = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
         if windows[-1][0] != 0:
             windows.append(tuple(range(n_layers)))
@@ -112,6 +112,12 @@ class Ablation(Experiment):
         )
 
     def check(self, examples, cfg):
+        check_sweep(cfg)
+        if cfg.get("sweep") and cfg.get("layers") is not None:
+            raise OptionError(
+                f"--sweep makes its own layer windows (growing, ending at the last layer), so --layers "
+                f"{cfg['layers']} would be ignored: drop --layers, or --sweep to knock out in layers {cfg['layers']} only."
+            )
         if self.task_of(cfg) == "classes":
             check_k((e.label for e in examples), cfg["k"])
 

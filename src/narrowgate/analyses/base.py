@@ -239,6 +239,25 @@ def check_k(labels, k: int) -> None:
         )
 
 
+def check_sweep(cfg: dict) -> None:
+    """Refuse ``--sweep-step`` without ``--sweep`` (it would be ignored), before the model loads."""
+    if not cfg.get("sweep") and int(cfg.get("sweep_step") or 1) != 1:
+        raise OptionError(
+            f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
+        )
+
+
+def sweep_step(cfg: dict, n_layers: int) -> int:
+    """``--sweep-step``, refused when larger than the model's decoder layers (the sweep would have one window)."""
+    step = int(cfg.get("sweep_step") or 1)
+    if step > n_layers:
+        raise OptionError(
+            f"--sweep-step {step} is more than the model's {n_layers} decoder layers: the sweep would have a single "
+            f"window; give --sweep-step {n_layers} or less."
+        )
+    return step
+
+
 def overlap_k(labels, k: int) -> int:
     """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
     ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
@@ -336,6 +355,9 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
         )
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     check_config(cfg, exp.config)
+    from ..loading import check_device_map
+
+    check_device_map(cfg.get("device_map"))
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
     ranks = Ranks.from_env()
