@@ -14,19 +14,21 @@ Layout of ``DIR``::
 Every shard is written to a temporary name and renamed, so a killed run leaves only whole shards;
 the Parquet file is renamed last and marks the shard as done. Rerunning on the same directory
 skips the examples already recorded (or recorded as failures; ``retry_failed`` processes those
-again). One process writes at a time: `RunStore.lock` takes an exclusive lock (released by the
-kernel when its holder dies, so a killed run's lock is taken over, with a message). No pickle
-anywhere.
+again). One process writes at a time: `RunStore.lock` takes the directory's `DirectoryLock` (released
+by the kernel when its holder dies, so a killed run's lock is taken over, with a message; a ``lock``
+that is a link or not a regular file is refused, never followed). No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import platform
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -87,6 +89,89 @@ def _difference(there, now) -> str:
     return f"{there!r} there, {now!r} now"
 
 
+class DirectoryLock:
+    """The exclusive lock of a directory that one process writes to (a run directory, a fine-tuning ``--out``).
+
+    An advisory ``flock`` on ``DIR/lock``, which holds who writes (pid, host, since, command). The kernel
+    drops the lock when its process dies, so a lock left by a killed process is taken over, with a warning
+    naming that process. ``DIR/lock`` is opened without following links and must be a regular file with
+    one name: a symbolic link, a hard link to another file, a FIFO or a device is refused, never truncated
+    or read. Use as a context manager, or `acquire` / `release`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, command: str = ""):
+        self.directory = Path(directory)
+        self.path = self.directory / "lock"
+        self.command = command
+        self._fd: int | None = None
+
+    def _refuse(self, what: str) -> RunLocked:
+        return RunLocked(
+            f"{self.path} is {what}, not the regular file narrowgate writes; it is never followed, read or "
+            "truncated. Remove it if no run is using the directory, or use another --out."
+        )
+
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise self._refuse("a symbolic link") from None
+            if e.errno in (errno.EISDIR, errno.ENXIO):
+                raise self._refuse("a directory or a device") from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise self._refuse("a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a file")
+        return fd
+
+    def acquire(self, command: str | None = None) -> None:
+        """Take the lock (recording ``command``, default the one given at construction), or raise `RunLocked`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunLocked(
+                f"{self.directory} is in use by another run ({_describe(holder)}); wait for it to finish, "
+                "or use another --out."
+            ) from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            logger.warning(
+                "%s: taking over the lock of a run that ended without releasing it (%s)",
+                self.directory,
+                _describe(previous),
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": self.command if command is None else command,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (emptying the file marks a clean release)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass
 class Shard:
     rows: pd.DataFrame
@@ -102,7 +187,7 @@ class RunStore:
         for sub in ("records", "failures", "tables", "figures"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._counter = self._next_counter()
-        self._lock_fd: int | None = None
+        self._lock: DirectoryLock | None = None
 
     # --- lock -----------------------------------------------------------------------------------
     @property
@@ -110,43 +195,19 @@ class RunStore:
         return self.path / "lock"
 
     def lock(self, command: str = "") -> None:
-        """Take the directory's exclusive lock, or raise `RunLocked` naming its holder.
+        """Take the directory's exclusive lock (`DirectoryLock`), or raise `RunLocked` naming its holder.
 
-        An advisory ``flock`` on ``DIR/lock``: the kernel drops it when its process dies, so a lock
-        left by a killed run is taken over (with a warning naming that process). Data-parallel ranks
-        share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
+        Data-parallel ranks share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
         """
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunLocked(
-                f"{self.path} is in use by another run ({_describe(holder)}); wait for it to finish, or use another --out."
-            ) from None
-        previous = os.read(fd, 4096).decode(errors="replace").strip()
-        if previous:
-            logger.warning(
-                "%s: taking over the lock of a run that ended without releasing it (%s)", self.path, _describe(previous)
-            )
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "command": command,
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._lock_fd = fd
+        lock = DirectoryLock(self.path)
+        lock.acquire(command)
+        self._lock = lock
 
     def unlock(self) -> None:
         """Release the lock (emptying the file marks a clean release)."""
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- manifest -------------------------------------------------------------------------------
     @property
