@@ -5,7 +5,9 @@ Conditions: the baseline and, for each source role, ``role -> text`` (``eoi``, `
 from attending to itself (``eoi -> eoi+text``). Knockouts stay on while generating. With
 ``--layers`` every knockout applies to that window; with ``--sweep`` each one is repeated for
 growing windows ending at the last layer (SM 6.3). Scores: VQA accuracy (VQAv2), CIDEr-D
-(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet).
+(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet); each
+with its standard error over the examples (``se``), and each relative score with its own
+(``relative_se``, paired: the same examples under both conditions). A score needs two examples.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..errors import OptionError, parse_layer_set
-from ..metrics import cider, neighborhood_overlap, vqa_accuracy
+from ..metrics import cider, neighborhood_overlap_per_point, vqa_accuracy
 from . import tasks
 from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
@@ -51,9 +53,33 @@ def text_metric(task: str, tokenize: str) -> str:
 
 def text_score(task: str, preds: dict, examples: dict, tokenize: str) -> float:
     """VQA accuracy (mean over examples) or corpus CIDEr-D of ``preds`` (example id -> generated text)."""
+    return float(np.mean(text_scores(task, preds, examples, tokenize)))
+
+
+def text_scores(task: str, preds: dict, examples: dict, tokenize: str) -> np.ndarray:
+    """Per-example VQA accuracy or per-image CIDEr-D of ``preds``, in ``preds``' order; their mean is the
+    task's score (corpus CIDEr-D is the mean of the per-image scores, with IDF from the whole set)."""
     if task == "vqa":
-        return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
-    return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+        return np.array([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()], dtype=np.float64)
+    per = cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[1]
+    return np.array([per[i] for i in preds], dtype=np.float64)
+
+
+def standard_errors(per: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Standard errors over examples of the mean of ``per`` and of its ratio to the mean of ``base``.
+
+    The ratio's is the delta method on the paired examples: mean(per)/mean(base) - R is, to first order,
+    the mean of per_i - R base_i divided by mean(base). NaN below two examples, or for a zero baseline.
+    """
+    n = len(per)
+    if n < 2:
+        return float("nan"), float("nan")
+    se = float(np.std(per, ddof=1) / np.sqrt(n))
+    mean_base = float(np.mean(base))
+    if mean_base == 0:
+        return se, float("nan")
+    ratio = float(np.mean(per)) / mean_base
+    return se, float(np.std(per - ratio * base, ddof=1) / np.sqrt(n) / abs(mean_base))
 
 
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
@@ -113,6 +139,11 @@ class Ablation(Experiment):
 
     def check(self, examples, cfg):
         check_sweep(cfg)
+        if len(examples) < 2:
+            raise OptionError(
+                f"--n {len(examples)}: a score over one example has no standard error (and CIDEr-D over one image "
+                "is 0 by construction); give --n 2 or more."
+            )
         if cfg.get("sweep") and cfg.get("layers") is not None:
             raise OptionError(
                 f"--sweep makes its own layer windows (growing, ending at the last layer), so --layers "
@@ -153,7 +184,7 @@ class Ablation(Experiment):
         if task == "classes":
             labels = records.rows["label"].to_numpy()
             k = overlap_k(labels, cfg["k"])
-            scores = {n: neighborhood_overlap(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
+            per = {n: neighborhood_overlap_per_point(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
             metric = "overlap@last"
         else:
             ids = records.rows["example_id"].tolist()
@@ -161,15 +192,19 @@ class Ablation(Experiment):
             examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
             tokenize = cfg.get("cider_tokenize") or "ptb"
             metric = text_metric(task, tokenize)
-            scores = {n: text_score(task, dict(zip(ids, records.rows[f"pred:{n}"])), examples, tokenize) for n in names}
-        base = scores["baseline"]
+            per = {n: text_scores(task, dict(zip(ids, records.rows[f"pred:{n}"])), examples, tokenize) for n in names}
+        base = float(np.mean(per["baseline"]))
         for n in names:
+            score = float(np.mean(per[n]))
+            se, relative_se = standard_errors(per[n], per["baseline"])
             rows.append(
                 {
                     "condition": n,
                     "metric": metric,
-                    "score": float(scores[n]),
-                    "relative": float(scores[n] / base) if base else float("nan"),
+                    "score": score,
+                    "relative": score / base if base else float("nan"),
+                    "se": se,
+                    "relative_se": relative_se,
                     "n": len(records.rows),
                     **({"k": k} if task == "classes" else {}),
                 }

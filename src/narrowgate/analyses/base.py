@@ -277,6 +277,23 @@ def overlap_k(labels, k: int) -> int:
     return min(k, smallest - 1)
 
 
+#: Below this many examples a mean of values in [0, 1] can have a standard error above 0.1 (0.5 / sqrt(n)).
+SMALL_SAMPLE = 25
+
+
+def warn_small(examples) -> None:
+    """Warn, before the model loads, that a sample of fewer than `SMALL_SAMPLE` examples gives noisy numbers."""
+    if hasattr(examples, "__len__") and len(examples) < SMALL_SAMPLE:
+        n = len(examples)
+        logger.warning(
+            "a sample of %d examples is small: a mean of %d values in [0, 1] has a standard error of up to %.2f; "
+            "read the tables' se columns before comparing numbers (docs/run-directories.md)",
+            n,
+            n,
+            0.5 / n**0.5,
+        )
+
+
 def _chunks(items, size: int):
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
@@ -360,6 +377,7 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     check_device_map(cfg.get("device_map"))
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
+    warn_small(examples)
     ranks = Ranks.from_env()
     ranks.init()
     if ranks.world > 1 and not cfg.get("out"):
