@@ -20,6 +20,10 @@ class DataError(NarrowgateError, ValueError):
     """The dataset cannot serve the task, or its files are not where, or what, the user said."""
 
 
+class DataMissing(DataError, FileNotFoundError):
+    """A dataset file or folder is not where the user said (also a `FileNotFoundError`, as it was before)."""
+
+
 class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
 

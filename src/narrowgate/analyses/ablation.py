@@ -151,6 +151,8 @@ class Ablation(Experiment):
             )
         if self.task_of(cfg) == "classes":
             check_k((e.label for e in examples), cfg["k"])
+        if self.task_of(cfg) == "vqa":
+            tasks.require_answers(examples, cfg.get("data_dir"))
 
     def check_model(self, cfg, n_layers):
         conditions(cfg, n_layers)

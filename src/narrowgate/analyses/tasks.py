@@ -65,6 +65,16 @@ def _per_class(examples: list, n_per_class: int | None, seed: int, allow_fewer: 
     return data.sample_per_class(examples, n_per_class, seed)
 
 
+def require_answers(examples, where) -> None:
+    """Refuse VQA questions that come without their human answers (a score needs them), before the model loads."""
+    if isinstance(examples, list) and examples and not any(e.answers for e in examples if e.defect is None):
+        raise DataError(
+            f"None of the {len(examples)} VQA questions from {where} has answers: the annotations file "
+            "(v2_mscoco_val2014_annotations.json beside the questions file) or the Parquet copy's 'answers' column is "
+            "missing, and VQA accuracy needs them. Put the annotations file beside the questions."
+        )
+
+
 def imagenet_split(root: Path) -> str | None:
     """The split the paper sampled (``train/``) when it is on disk, else ``val/``, else class folders in ``root``."""
     for split in ("train", "val"):
