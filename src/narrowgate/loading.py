@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from . import fileio
 from .errors import NarrowgateError, OptionError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
@@ -42,22 +42,11 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 
 def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file, after checking that the file is as long as it says."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or 8 + n > size:
-            raise LoadError(f"{path} is truncated or not a safetensors file ({size} bytes): download or save it again.")
-        header = f.read(n)
+    """The JSON header of a safetensors file, after checking it against the file (`fileio.safetensors_header`)."""
     try:
-        tensors = json.loads(header)
-        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise LoadError(f"{path} has a damaged safetensors header ({e}): download or save it again.") from e
-    if 8 + n + end != size:
-        raise LoadError(f"{path} is truncated: {size} bytes, its header says {8 + n + end}. Download or save it again.")
-    return header
+        return fileio.safetensors_header(path)[0]
+    except fileio.BadSafetensors as e:
+        raise LoadError(f"{e}: download or save it again.") from None
 
 
 def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) -> dict:

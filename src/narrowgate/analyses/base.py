@@ -14,6 +14,7 @@ up front).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import shlex
@@ -26,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import BadExample
+from ..data import BadExample, example_digest
 from ..errors import DataError, OptionError, check_count
 from ..progress import progress_bar
-from ..store import RunLocked, RunStore
+from ..store import ManifestMismatch, RunLocked, RunStore
 from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
@@ -186,6 +187,8 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        except OptionError:  # a setting wrong for every example: stop, naming it (the run has no record yet)
+            raise
         except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
             if len(chunk) > 1:
                 for j in range(len(chunk)):
@@ -196,9 +199,44 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
                 store.fail(chunk[0].id, reason)
             i += len(chunk)
             continue
-        store.write(rows, arrays)
+        digests = {u.id: unit_digest(u) for u in chunk}
+        store.write([{**r, DIGEST: digests.get(r["example_id"])} for r in rows], arrays)
         i += len(chunk)
     return batch_size
+
+
+#: The records' column holding each unit's `unit_digest`: what its data was when it was recorded.
+DIGEST = "data_sha256"
+
+
+def unit_digest(unit: Unit) -> str:
+    """The `example_digest` of a unit's example, or of its examples together (a patching pair)."""
+    digests = [example_digest(e) for e in unit.examples]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
+def check_data(store: RunStore, units) -> None:
+    """Refuse to resume when the data changed under the same settings: a recorded unit that is no longer in
+    the sample (the dataset on disk grew or shrank, so the seeded sample moved), or whose data differs now
+    (an annotation or an image file replaced). Streams (synthetic data) are made from the settings alone."""
+    if not isinstance(units, list):
+        return
+    recorded = store.recorded_digests()
+    if not recorded:
+        return
+    now = {u.id: u for u in units}
+    gone = sorted(i for i in recorded if i not in now)
+    changed = sorted(i for i, d in recorded.items() if i in now and d is not None and d != unit_digest(now[i]))
+    if gone or changed:
+        what = (
+            f"{len(gone)} recorded example(s) are no longer in the sample (e.g. {gone[0]})"
+            if gone
+            else f"{len(changed)} recorded example(s) changed (e.g. {changed[0]}: its annotations or image file)"
+        )
+        raise ManifestMismatch(
+            f"{store.path} holds records of other data: {what} since the run began. Rerun on the data it began "
+            "with, or use another --out."
+        )
 
 
 def check_config(cfg: dict, config: type) -> None:
@@ -287,7 +325,7 @@ def warn_small(examples) -> None:
         n = len(examples)
         logger.warning(
             "a sample of %d examples is small: a mean of %d values in [0, 1] has a standard error of up to %.2f; "
-            "read the tables' se columns before comparing numbers (docs/run-directories.md)",
+            "compare numbers only with their standard errors (the tables' se columns)",
             n,
             n,
             0.5 / n**0.5,
@@ -449,6 +487,7 @@ def _run_locked(
             raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
     sized = units if hasattr(units, "__len__") else examples if hasattr(examples, "__len__") else None
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
+    check_data(store, units)
     done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
     batch_size = int(cfg["batch_size"])
     with progress_bar(disable=not cfg.get("progress", True)) as progress:

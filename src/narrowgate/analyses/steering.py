@@ -49,6 +49,9 @@ class Steering(Patching):
     config = SteeringConfig
     curve = None
 
+    def check_model(self, cfg, n_layers):
+        window(cfg, n_layers)
+
     def process(self, vlm, units, images, cfg):
         prompt = class_prompt(cfg)
         base = vlm.prepare([im[0] for im in images], [prompt] * len(units))

@@ -15,9 +15,11 @@ Every image path named inside an annotation file must stay inside its folder (`i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -241,6 +243,38 @@ def image_of(folder: Path, name: Any) -> tuple[Path | None, str | None]:
         return None, f"the image name is {describe(name)}, not a file name"
     reason = outside(folder, name)
     return (None, reason) if reason else (folder / name, None)
+
+
+def _file_digest(path: Path, sample: int = 4096) -> list:
+    """A file's path, size and a SHA-256 of its first and last ``sample`` bytes (None parts when it is absent)."""
+    if not path.is_file():
+        return [str(path), None, None]
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(sample)
+            f.seek(max(0, size - sample))
+            tail = f.read(sample)
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), size, hashlib.sha256(head + tail).hexdigest()]
+
+
+def example_digest(example: Example) -> str:
+    """What identifies one example's data, so a resume that would mix changed data is refused.
+
+    A SHA-256 over its id, annotations (question, answers, references, label, prompt...), defect, and
+    image: an image file's path, size and first and last 4 KiB (read cheaply, never whole), or the
+    SHA-256 of embedded bytes. A drawn image (synthetic) is made from the run's settings, which the
+    manifest compares already.
+    """
+    skip = ("image_path", "image_bytes", "render", "meta")
+    fields = {k: v for k, v in vars(example).items() if k not in skip}
+    if example.image_path is not None:
+        fields["image"] = _file_digest(Path(example.image_path))
+    elif example.image_bytes is not None:
+        fields["image"] = hashlib.sha256(example.image_bytes).hexdigest()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 class Stream:
