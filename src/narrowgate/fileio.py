@@ -43,14 +43,17 @@ MAX_HEADER = 100_000_000
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``; on any error the
-    temporary file is removed and the error raised (``path`` keeps its previous content, if any)."""
+    temporary file is removed and the error raised (``path`` keeps its previous content, if any). An
+    `OSError` of the machine (a full disk...) is raised naming ``path``, whatever library wrote it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
         raise
 
 

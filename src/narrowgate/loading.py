@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -199,6 +200,13 @@ def load(
         kwargs["offload_folder"] = str(offload_folder)
     try:
         model = model_cls.from_pretrained(name, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:
+        bins = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+        raise LoadError(
+            f"The weights of {name} ({', '.join(bins) or 'a pickle file'}) are a pickle that torch refuses to load "
+            f"safely ({type(e).__name__}: {' '.join(str(e).split())[:80]}...): use the checkpoint's safetensors "
+            "version, or convert it where you trust its origin (model.save_pretrained(DIR, safe_serialization=True))."
+        ) from None
     except (OSError, ValueError) as e:
         raise LoadError(f"Could not load the {family.name} model from {name!r}: {e}") from e
     return VLM(model, processor)

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
-from .errors import NarrowgateError
+from .errors import NarrowgateError, OptionError
 from .fileio import BadSafetensors, atomic_write, safetensors_header
 
 #: Parquet metadata keys of every shard: the run it belongs to, and the arrays written beside it.
@@ -183,6 +183,8 @@ class RunStore:
     def __init__(self, path: str | os.PathLike, *, rank: int = 0):
         self.path = Path(path)
         self.rank = rank
+        if self.path.exists() and not self.path.is_dir():
+            raise OptionError(f"--out {self.path} is a file, not a run directory: give --out a folder.")
         for sub in ("records", "failures", "tables", "figures"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._counter = self._next_counter()
