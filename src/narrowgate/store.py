@@ -234,7 +234,8 @@ class RunStore:
             refusal, old = self._compare(manifest, key_fields)
             if refusal is None:
                 self.run_id = old.get("run_id")
-                self.check_shards()
+                if self.rank == 0:  # the other ranks wait for this at the runner's barrier
+                    self.check_shards()
                 return old
             if self.rank != 0 or self._parts("records"):
                 raise ManifestMismatch(refusal)

@@ -481,6 +481,7 @@ def _run_locked(
         },
         key_fields=("experiment", "config", "fingerprint"),
     )
+    ranks.barrier()  # rank 0 has set damaged shards aside before any rank reads what is done
     if isinstance(units, list):  # streams (synthetic data) number their ids, unique by construction
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
