@@ -3,18 +3,20 @@
 Layout of ``DIR``::
 
     lock                          who writes to the directory now (pid, host, since, command)
-    manifest.json                 command, config, versions, model and its fingerprint, data sources, seed
+    manifest.json                 command, config, run id, versions, model and its fingerprint, data sources, seed
     records/part-<rank>-<n>.parquet   per-example rows (column ``example_id`` + scalars)
     records/part-<rank>-<n>.safetensors  per-example arrays of that shard (optional)
     failures/part-<rank>-<n>.parquet  examples that could not be used, with the reason
+    damaged/                      shards set aside as damaged, to be redone (`RunStore.check_shards`)
     tables/<name>.csv|.parquet    aggregate tables
     figures/<name>.png|.pdf       figures
     report.html
 
-Every shard is written to a temporary name and renamed, so a killed run leaves only whole shards;
-the Parquet file is renamed last and marks the shard as done. Rerunning on the same directory
-skips the examples already recorded (or recorded as failures; ``retry_failed`` processes those
-again). One process writes at a time: `RunStore.lock` takes the directory's `DirectoryLock` (released
+Every file is written to a temporary name and renamed (`fileio.atomic_write`), so a killed run or a
+full disk leaves only whole files; a shard's Parquet file is renamed last and marks it as done, and
+its metadata names the run and the arrays beside it. Rerunning on the same directory skips the
+examples already recorded (or recorded as failures; ``retry_failed`` processes those again); a
+manifest of another run is refused, and one whose run produced no record is replaced. One process writes at a time: `RunStore.lock` takes the directory's `DirectoryLock` (released
 by the kernel when its holder dies, so a killed run's lock is taken over, with a message; a ``lock``
 that is a link or not a regular file is refused, never followed). No pickle anywhere.
 """

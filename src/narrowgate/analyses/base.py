@@ -398,7 +398,8 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 
     Order: settings and data are checked (nothing written yet), the run directory is locked, the
     model loads and is checked against the settings, and only then is the manifest written (with
-    the checkpoint's fingerprint; a resume on another checkpoint is refused). Under torchrun /
+    the checkpoint's fingerprint; a resume on another checkpoint, or on data whose recorded examples
+    changed, is refused; a directory whose run produced no record is taken over). Under torchrun /
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
