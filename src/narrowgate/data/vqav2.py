@@ -105,7 +105,7 @@ def load_vqav2(
                 image_path=path,
                 question=question if isinstance(question, str) else "",
                 answers=given if isinstance(given, tuple) else (),
-                image_id=None if image_id is None else str(image_id),
+                image_id=str(image_id) if isinstance(image_id, (int, str)) else None,
                 meta={k: ann[k] for k in ("multiple_choice_answer", "question_type", "answer_type") if k in ann},
                 defect=defect,
             )
