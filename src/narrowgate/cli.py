@@ -9,10 +9,12 @@ option); ``--debug`` anywhere on the command line, or ``NARROWGATE_DEBUG=1``, sh
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -34,6 +36,26 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 
 def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+#: Errors of the machine rather than of narrowgate (a full disk, a read-only file system...), and what to do.
+_MACHINE = {
+    errno.ENOSPC: "free some space, or give --out on another disk; a rerun resumes where this one stopped",
+    errno.EDQUOT: "free some of your quota, or give --out elsewhere; a rerun resumes where this one stopped",
+    errno.EROFS: "the file system is read-only: give --out on a writable one",
+    errno.EEXIST: "a file is in the way of a folder narrowgate needs: give --out a folder",
+    errno.ENAMETOOLONG: "give a shorter --out",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def _machine_error(e: OSError) -> str | None:
+    """One line for an `OSError` the machine caused (see `_MACHINE`), naming the file; None for any other."""
+    hint = _MACHINE.get(e.errno) if e.errno is not None else None
+    if hint is None:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot write{where}: {e.strerror or os.strerror(e.errno)} ({hint})."
 
 
 class _Commands(TyperGroup):
@@ -65,6 +87,12 @@ class _Commands(TyperGroup):
             if debug:
                 raise
             typer.echo(f"Error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            line = _machine_error(e)
+            if debug or line is None:
+                raise
+            typer.echo(f"Error: {_one_line(line)}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -327,21 +355,50 @@ def compare(
     from .plots import compare as draw_compare
     from .store import RunStore
 
+    _folder(out, "--out")
     loaded = []
-    for d in runs:
+    labels = _labels([Path(d) for d in runs])
+    for d, label in zip(runs, labels):
         path = Path(d)
-        if not (path / "manifest.json").exists():
+        if not (path / "manifest.json").is_file():
             raise typer.BadParameter(f"{d} is not a narrowgate run directory (no manifest.json).")
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads((path / "manifest.json").read_bytes())
+        except (ValueError, RecursionError) as e:
             raise OptionError(f"{path / 'manifest.json'} is not valid JSON ({e}); the run directory is damaged.") from e
-        loaded.append((f"{manifest['model']['family']} ({path.name})", RunStore(path).tables(), manifest))
+        family = manifest.get("model", {}).get("family") if isinstance(manifest, dict) else None
+        if not isinstance(family, str) or not isinstance(manifest.get("experiment"), str):
+            raise OptionError(
+                f"{path / 'manifest.json'} names no model family or experiment (edited, or the run never started): "
+                "rerun it, or leave it out of the comparison."
+            )
+        tables = RunStore(path).tables() if (path / "tables").is_dir() else {}
+        if not any(name != "failures" for name in tables):
+            raise OptionError(f"{d} has no tables yet (the run did not finish): finish it (rerun its command) first.")
+        loaded.append((f"{family} ({label})", tables, manifest))
     kinds = {m["experiment"] for _, _, m in loaded}
     if len(kinds) != 1:
         raise typer.BadParameter(f"runs of different experiments cannot be overlaid: {sorted(kinds)}")
     for p in draw_compare(loaded, out):
         console.print(p)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each run's shortest trailing part of its path that tells it from the others (``a/x`` and ``b/x``)."""
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise OptionError("The same run directory is given twice: give each run once.")
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in resolved]
+
+
+def _folder(path: str, option: str) -> None:
+    """Refuse an output folder that is an existing file (``--out /etc/passwd``), before anything runs."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise OptionError(f"{option} {path} is a file, not a folder: give a folder to write into.")
 
 
 @app.command()
@@ -366,6 +423,7 @@ def train_organism(
     ),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Training seed."),
+    force: bool = _flag("--force", "Overwrite what --out holds (a checkpoint trained before, or other files)."),
 ) -> None:
     """Train a model organism from scratch on synthetic images, reproducing the shipped one from its seed."""
     from rich.markdown import Markdown
@@ -379,7 +437,7 @@ def train_organism(
         )
 
     target = out or f"runs/organism-{kind}"
-    card = organisms.train(kind, target, seed=seed)
+    card = organisms.train(kind, target, seed=seed, overwrite=force)
     console.print(Markdown(render_markdown(card)))
     console.print(f"[green]saved:[/green] {target} (card: {target}/CARD.md)")
 

@@ -20,6 +20,14 @@ class DataError(NarrowgateError, ValueError):
     """The dataset cannot serve the task, or its files are not where, or what, the user said."""
 
 
+class DataMissing(DataError, FileNotFoundError):
+    """A dataset file or folder is not where the user said (also a `FileNotFoundError`, as it was before)."""
+
+
+class PromptError(NarrowgateError, ValueError):
+    """A prompt's text holds one of the model's image tokens (narrowgate places the one image itself)."""
+
+
 class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from . import checkpoint_prompts
-from .errors import NarrowgateError
+from . import checkpoint_prompts, fileio
+from .errors import NarrowgateError, OptionError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
 
@@ -46,22 +46,11 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 
 def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file, after checking that the file is as long as it says."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or 8 + n > size:
-            raise LoadError(f"{path} is truncated or not a safetensors file ({size} bytes): download or save it again.")
-        header = f.read(n)
+    """The JSON header of a safetensors file, after checking it against the file (`fileio.safetensors_header`)."""
     try:
-        tensors = json.loads(header)
-        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise LoadError(f"{path} has a damaged safetensors header ({e}): download or save it again.") from e
-    if 8 + n + end != size:
-        raise LoadError(f"{path} is truncated: {size} bytes, its header says {8 + n + end}. Download or save it again.")
-    return header
+        return fileio.safetensors_header(path)[0]
+    except fileio.BadSafetensors as e:
+        raise LoadError(f"{e}: download or save it again.") from None
 
 
 def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) -> dict:
@@ -95,6 +84,39 @@ def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) ->
         entry["sha256" if f.suffix == ".json" else "sample_sha256"] = digest.hexdigest()
         files[f.name] = entry
     return {"files": files}
+
+
+def _gpus_named(device_map) -> list[int]:
+    """The CUDA device indices a device map names (``cuda`` alone is GPU 0; an integer is a GPU index)."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    out = []
+    for v in values:
+        text = str(v).strip()
+        if isinstance(v, int) and not isinstance(v, bool) or text.isdigit():
+            out.append(int(text))
+        elif text == "cuda" or text.startswith("cuda:"):
+            index = text.partition(":")[2] or "0"
+            out.append(int(index) if index.isdigit() else -1)
+    return out
+
+
+def check_device_map(device_map, option: str = "--device-map") -> None:
+    """Refuse a device map naming a GPU this machine does not have, before anything loads or is written."""
+    if device_map is None:
+        return
+    gpus = _gpus_named(device_map)
+    if not gpus:
+        return
+    shown = json.dumps(device_map) if isinstance(device_map, dict) else device_map
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise OptionError(
+            f"{option} {shown} names a GPU, but torch sees none on this machine (torch.cuda.is_available() is "
+            f"False): leave {option} out to run on the CPU, or run where a GPU is visible."
+        )
+    bad = sorted({g for g in gpus if not 0 <= g < have})
+    if bad:
+        raise OptionError(f"{option} {shown} names GPU {bad[0]}, but this machine has {have} (0..{have - 1}).")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -217,9 +239,16 @@ def load(
         kwargs["offload_folder"] = str(offload_folder)
     try:
         model = model_cls.from_pretrained(name, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:
+        bins = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+        raise LoadError(
+            f"The weights of {name} ({', '.join(bins) or 'a pickle file'}) are a pickle that torch refuses to load "
+            f"safely ({type(e).__name__}: {' '.join(str(e).split())[:80]}...): use the checkpoint's safetensors "
+            "version, or convert it where you trust its origin (model.save_pretrained(DIR, safe_serialization=True))."
+        ) from None
     except (OSError, ValueError) as e:
         raise LoadError(f"Could not load the {family.name} model from {name!r}: {e}") from e
     return VLM(model, processor, checkpoint_prompts=own_prompts)
 
 
-__all__ = ["LoadError", "fingerprint", "load", "resolve", "supported"]
+__all__ = ["LoadError", "check_device_map", "fingerprint", "load", "resolve", "supported"]

@@ -18,12 +18,21 @@ DEPTH = "relative depth (resid / L; decoder layer l at l / L)"
 COLORS = ["#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#004488"]
 
 
+def _write(fig, path, ext: str) -> None:
+    """``fig`` as ``path`` in format ``ext``, whole or not at all (a full disk leaves no truncated file)."""
+    from .fileio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=ext))
+
+
 def save(fig, store, name: str) -> str:
     """Write ``fig`` as figures/<name>.png and .pdf of the run; returns ``name``."""
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(store.figure_path(name, ext), dpi=120)
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            _write(fig, store.figure_path(name, ext), ext)
+    finally:
+        plt.close(fig)
     return name
 
 
@@ -61,11 +70,13 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
         return []
     fig.tight_layout()
     paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"compare-{name}.{ext}"
-        fig.savefig(path, dpi=120)
-        paths.append(str(path))
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            path = out_dir / f"compare-{name}.{ext}"
+            _write(fig, path, ext)
+            paths.append(str(path))
+    finally:
+        plt.close(fig)
     return paths
 
 

@@ -24,6 +24,7 @@ from .engine.protocol import ModelShape
 from .engine.runner import Runner
 from .engine.state import InterventionError, Plan, Record, Run, activate, recompute_context, resolve
 from .engine.stats import CrossModalAttention, build
+from .errors import PromptError
 from .families import detect
 from .training import TrainingBatch
 
@@ -173,6 +174,8 @@ class VLM:
         if not images:
             raise ValueError("prepare() needs at least one example.")
         images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+        for p in prompts:
+            self._check_text(p)
         texts = [self.family.prompt(p, image_first) for p in prompts]
         inputs = self.family.encode(images, texts)
         ids = inputs["input_ids"]
@@ -190,6 +193,20 @@ class VLM:
             layouts.append(lay)
         bos = getattr(self.family.tokenizer, "bos_token_id", None)
         return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos)
+
+    def _check_text(self, text: str) -> None:
+        """Refuse a prompt holding an image token (``<image>``...): the processor would count it as an image."""
+        fam = self.family
+        image_ids = (
+            fam.content_ids | fam.special_ids | fam.eol_ids | {i for i in (fam.boi_id, fam.eoi_id) if i is not None}
+        )
+        found = [i for i in fam.tokenizer(text, add_special_tokens=False)["input_ids"] if i in image_ids]
+        if found:
+            token = fam.tokenizer.convert_ids_to_tokens(found[0])
+            raise PromptError(
+                f"The prompt {text[:60]!r} holds {token!r}, an image token of this {fam.name} model: narrowgate "
+                "places the one image itself. Remove it from the prompt."
+            )
 
     def extend(self, batch: Batch, continuations: list[list[int]]) -> Batch:
         """``batch`` with token ids appended to each prompt (teacher forcing), left-padded again.

@@ -297,5 +297,5 @@ def test_malformed_json_names_the_file(tmp_path):
     with pytest.raises(DataError, match="dataset_flickr30k.json is not valid JSON"):
         tasks.load("flickr30k", "captions", root, n=2, seed=0)
     write_json(root / "dataset_flickr30k.json", {"pictures": []})
-    with pytest.raises(DataError, match="lack field 'images'"):
+    with pytest.raises(DataError, match="expected an object with a list 'images'"):
         tasks.load("flickr30k", "captions", root, n=2, seed=0)

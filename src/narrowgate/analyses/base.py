@@ -14,6 +14,7 @@ up front).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import shlex
@@ -27,10 +28,10 @@ import pandas as pd
 import torch
 
 from .. import compat
-from ..data import BadExample
+from ..data import BadExample, example_digest
 from ..errors import DataError, OptionError, check_count, parse_image_size
 from ..progress import progress_bar
-from ..store import NonFiniteResidual, RunLocked, RunStore
+from ..store import ManifestMismatch, NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
@@ -198,12 +199,15 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        except OptionError:  # a setting wrong for every example: stop, naming it (the run has no record yet)
+            raise
         except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
             _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
             i += len(chunk)
             continue
+        digests = {u.id: unit_digest(u) for u in chunk}
         try:
-            store.write(rows, arrays)
+            store.write([{**r, DIGEST: digests.get(r["example_id"])} for r in rows], arrays)
         except NonFiniteResidual as e:
             _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
         i += len(chunk)
@@ -219,6 +223,40 @@ def _one_by_one(exp: Experiment, vlm, chunk, imgs, cfg, store: RunStore, error: 
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
     logger.warning("skipping %s: %s", chunk[0].id, reason)
     store.fail(chunk[0].id, reason)
+
+
+#: The records' column holding each unit's `unit_digest`: what its data was when it was recorded.
+DIGEST = "data_sha256"
+
+
+def unit_digest(unit: Unit) -> str:
+    """The `example_digest` of a unit's example, or of its examples together (a patching pair)."""
+    digests = [example_digest(e) for e in unit.examples]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
+def check_data(store: RunStore, units) -> None:
+    """Refuse to resume when the data changed under the same settings: a recorded unit that is no longer in
+    the sample (the dataset on disk grew or shrank, so the seeded sample moved), or whose data differs now
+    (an annotation or an image file replaced). Streams (synthetic data) are made from the settings alone."""
+    if not isinstance(units, list):
+        return
+    recorded = store.recorded_digests()
+    if not recorded:
+        return
+    now = {u.id: u for u in units}
+    gone = sorted(i for i in recorded if i not in now)
+    changed = sorted(i for i, d in recorded.items() if i in now and d is not None and d != unit_digest(now[i]))
+    if gone or changed:
+        what = (
+            f"{len(gone)} recorded example(s) are no longer in the sample (e.g. {gone[0]})"
+            if gone
+            else f"{len(changed)} recorded example(s) changed (e.g. {changed[0]}: its annotations or image file)"
+        )
+        raise ManifestMismatch(
+            f"{store.path} holds records of other data: {what} since the run began. Rerun on the data it began "
+            "with, or use another --out."
+        )
 
 
 def check_config(cfg: dict, config: type) -> None:
@@ -259,6 +297,25 @@ def check_k(labels, k: int) -> None:
         )
 
 
+def check_sweep(cfg: dict) -> None:
+    """Refuse ``--sweep-step`` without ``--sweep`` (it would be ignored), before the model loads."""
+    if not cfg.get("sweep") and int(cfg.get("sweep_step") or 1) != 1:
+        raise OptionError(
+            f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
+        )
+
+
+def sweep_step(cfg: dict, n_layers: int) -> int:
+    """``--sweep-step``, refused when larger than the model's decoder layers (the sweep would have one window)."""
+    step = int(cfg.get("sweep_step") or 1)
+    if step > n_layers:
+        raise OptionError(
+            f"--sweep-step {step} is more than the model's {n_layers} decoder layers: the sweep would have a single "
+            f"window; give --sweep-step {n_layers} or less."
+        )
+    return step
+
+
 def overlap_k(labels, k: int) -> int:
     """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
     ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
@@ -276,6 +333,23 @@ def overlap_k(labels, k: int) -> int:
             k,
         )
     return min(k, smallest - 1)
+
+
+#: Below this many examples a mean of values in [0, 1] can have a standard error above 0.1 (0.5 / sqrt(n)).
+SMALL_SAMPLE = 25
+
+
+def warn_small(examples) -> None:
+    """Warn, before the model loads, that a sample of fewer than `SMALL_SAMPLE` examples gives noisy numbers."""
+    if hasattr(examples, "__len__") and len(examples) < SMALL_SAMPLE:
+        n = len(examples)
+        logger.warning(
+            "a sample of %d examples is small: a mean of %d values in [0, 1] has a standard error of up to %.2f; "
+            "compare numbers only with their standard errors (the tables' se columns)",
+            n,
+            n,
+            0.5 / n**0.5,
+        )
 
 
 def _chunks(items, size: int):
@@ -344,7 +418,8 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 
     Order: settings and data are checked (nothing written yet), the run directory is locked, the
     model loads and is checked against the settings, and only then is the manifest written (with
-    the checkpoint's fingerprint; a resume on another checkpoint is refused). Under torchrun /
+    the checkpoint's fingerprint; a resume on another checkpoint, or on data whose recorded examples
+    changed, is refused; a directory whose run produced no record is taken over). Under torchrun /
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
@@ -358,8 +433,12 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     check_config(cfg, exp.config)
     if cfg.get("image_size") is not None:
         parse_image_size(cfg["image_size"])
+    from ..loading import check_device_map
+
+    check_device_map(cfg.get("device_map"))
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
+    warn_small(examples)
     ranks = Ranks.from_env()
     ranks.init()
     if ranks.world > 1 and not cfg.get("out"):
@@ -430,12 +509,14 @@ def _run_locked(
         },
         key_fields=("experiment", "config", "fingerprint"),
     )
+    ranks.barrier()  # rank 0 has set damaged shards aside before any rank reads what is done
     if isinstance(units, list):  # streams (synthetic data) number their ids, unique by construction
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
             raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
     sized = units if hasattr(units, "__len__") else examples if hasattr(examples, "__len__") else None
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
+    check_data(store, units)
     done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
     batch_size = int(cfg["batch_size"])
     size = parse_image_size(cfg["image_size"])

@@ -18,7 +18,9 @@ import numpy as np
 
 from ..data import caption_text
 from ..engine.interventions import Capture
+from ..errors import DataError, OptionError
 from ..metrics import cosine_gap_per_layer, modality_homogeneity
+from ..metrics.clustering import min_points
 from ..store import BFloat16
 from .base import Experiment, register, stack
 from .options import PaperAxis, RunConfig, option
@@ -50,6 +52,15 @@ class ModalityGap(Experiment):
     config = ModalityGapConfig
     curve = ("modality_gap", "median", None)
 
+    def check(self, examples, cfg):
+        """Refuse a sample too small for the ADP clustering of its image and text points, before the model loads."""
+        if 2 * len(examples) < min_points():
+            need = -(-min_points() // 2)
+            raise OptionError(
+                f"--n {len(examples)} gives {2 * len(examples)} points per layer (one image and one text vector per "
+                f"pair), but the ADP clustering needs at least {min_points()}: give --n {need} or more."
+            )
+
     def process(self, vlm, units, images, cfg):
         ids = [u.id for u in units]
         texts = [caption_text(u.examples[0]) for u in units]
@@ -77,6 +88,11 @@ class ModalityGap(Experiment):
     def aggregate(self, records, cfg, info):
         text = stack(records.arrays, "text").transpose(1, 0, 2)  # [L+1, N, D]
         image = stack(records.arrays, "image").transpose(1, 0, 2)
+        if text.shape[1] + image.shape[1] < min_points():
+            raise DataError(
+                f"Only {text.shape[1]} pairs were recorded (the others failed, see tables/failures.csv): the ADP "
+                f"clustering needs {min_points()} points per layer. Fix the failures and rerun with --retry-failed."
+            )
         gap = cosine_gap_per_layer(image, text)
         modality = np.array(["image"] * image.shape[1] + ["text"] * text.shape[1])
         hom = []

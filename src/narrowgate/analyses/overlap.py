@@ -33,7 +33,7 @@ from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
 from ..store import BFloat16
-from .base import Experiment, check_k, overlap_k, register, stack
+from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
 from .options import MODES, ClassPrompt, PaperAxis, RunConfig, option
 from .prompts import class_prompt
 
@@ -53,7 +53,7 @@ def windows(cfg: dict, n_layers: int) -> list[tuple[int, ...]]:
     """Growing early-layer windows 0..w-1 (``--sweep``, step ``--sweep-step``); the last one is every layer."""
     if not cfg.get("sweep"):
         return []
-    step = max(1, int(cfg.get("sweep_step") or 1))
+    step = sweep_step(cfg, n_layers)
     ends = list(range(step, n_layers + 1, step))
     if not ends or ends[-1] != n_layers:
         ends.append(n_layers)
@@ -105,7 +105,11 @@ class Overlap(Experiment):
     curve = ("overlap", "overlap", None)
 
     def check(self, examples, cfg):
+        check_sweep(cfg)
         check_k((e.label for e in examples), cfg["k"])
+
+    def check_model(self, cfg, n_layers):
+        windows(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))

@@ -6,7 +6,11 @@ from narrowgate.metrics.chance import cider_chance, overlap_chance, vqa_chance
 from narrowgate.metrics.cider import cider, ptb_tokenize
 from narrowgate.metrics.clustering import modality_homogeneity
 from narrowgate.metrics.cosine import cosine_gap, cosine_gap_per_layer
-from narrowgate.metrics.overlap import neighborhood_overlap, neighborhood_overlap_per_layer
+from narrowgate.metrics.overlap import (
+    neighborhood_overlap,
+    neighborhood_overlap_per_layer,
+    neighborhood_overlap_per_point,
+)
 from narrowgate.metrics.similarity import distribution_similarity, weighted_jaccard
 from narrowgate.metrics.vqa import normalize_vqa_answer, vqa_accuracy
 
@@ -19,6 +23,7 @@ __all__ = [
     "modality_homogeneity",
     "neighborhood_overlap",
     "neighborhood_overlap_per_layer",
+    "neighborhood_overlap_per_point",
     "normalize_vqa_answer",
     "overlap_chance",
     "ptb_tokenize",
