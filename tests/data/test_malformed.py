@@ -208,6 +208,15 @@ def test_vqa_questions_without_answers_are_refused_before_anything_runs(tmp_path
     assert "annotations" in result.output and not (tmp_path / "run").exists()
 
 
+def test_gate_scan_scoring_vqa_without_answers_is_refused_before_anything_runs(tmp_path):
+    root = layouts.vqav2(tmp_path / "vqa", n_images=4, per_image=3)
+    (root / "v2_mscoco_val2014_annotations.json").unlink()
+    args = ["run", "gate-scan", "--model", "native", "--data", "vqav2", "--data-dir", str(root)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "run"), "--score", "--quiet", "--allow-fewer"])
+    _one_line_refusal(result, "None of the 12 VQA questions from")
+    assert not (tmp_path / "run").exists()
+
+
 # --- item 13: image paths named in annotation files stay inside the data directory -----------------------
 def test_image_paths_that_escape_the_data_directory_are_never_opened(tmp_path, monkeypatch):
     secret = write_jpeg(tmp_path / "outside" / "secret.jpg")  # a real image: only the rule can refuse it

@@ -178,6 +178,10 @@ class GateScan(Experiment):
                 f"examples and scored on the other, which needs at least {MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per "
                 f"half). Raise {what}."
             )
+        if cfg.get("score") and self.task_of(cfg) == "vqa":
+            from . import tasks
+
+            tasks.require_answers(examples, cfg.get("data_dir"))
 
     def units(self, examples, cfg):
         if cfg.get("score") and self.task_of(cfg) not in ("vqa", "captions"):
