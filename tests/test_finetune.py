@@ -156,10 +156,10 @@ def test_cli_in_a_log_prints_progress_lines_and_no_dependency_deprecations(tmp_p
     log = done.stdout + done.stderr
     assert "Warning" not in log and "is_gradient_checkpointing" not in log, log
     assert "Loading weights" not in log  # transformers' \r-redrawn bars stay out of a log
-    for line in (
-        "held-out scores before training (conditions): 0/2 (0%), 0:00:00 elapsed",
+    for line in (  # three conditions: baseline, eoi->text and its mask-mode check
+        "held-out scores before training (conditions): 0/3 (0%), 0:00:00 elapsed",
         "finetune remove-gate: 0/2 (0%), loss -, 0:00:00 elapsed",
-        "held-out scores after training (conditions): 0/2 (0%), 0:00:00 elapsed",
+        "held-out scores after training (conditions): 0/3 (0%), 0:00:00 elapsed",
     ):
         assert line in log.splitlines(), log
     assert re.search(r"^finetune remove-gate: 2/2 \(100%\), loss [0-9.]+, \d:\d\d:\d\d elapsed, finished$", log, re.M)

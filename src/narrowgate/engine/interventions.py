@@ -91,6 +91,7 @@ class Knockout(Intervention):
         return text
 
     def resolve(self, batch, model: ModelShape | None = None) -> ResolvedKnockout:
+        """Bind this Knockout to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         layers = None if self.layers is None else frozenset(self.layers)
         return ResolvedKnockout(
             role_mask(batch, self.sources), role_mask(batch, self.targets), layers, self.mode, f"Knockout {self.name}"
@@ -160,9 +161,11 @@ class Patch(Intervention):
 
     @property
     def name(self) -> str:
+        """A readable name of this Patch, used in messages and in the record of what applied."""
         return f"Patch at {self.role}, residual index {self.resid}"
 
     def resolve(self, batch, model: ModelShape | None = None) -> Resolved:
+        """Bind this Patch to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         pos = batch.index(self.role)
         if self.value.shape[0] != batch.size:
             raise InterventionError(f"Patch value has batch size {self.value.shape[0]}, the batch has {batch.size}.")
@@ -216,9 +219,11 @@ class Capture(Intervention):
 
     @property
     def name(self) -> str:
+        """A readable name of this Capture, used in messages and in the record of what applied."""
         return "Capture of " + ", ".join([str(r) for r in self.parsed] + [n for n, _ in self.at or ()])
 
     def resolve(self, batch, model: ModelShape | None = None) -> ResolvedCapture:
+        """Bind this Capture to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         masks: dict[str, torch.Tensor] = {}
         for r in self.parsed:
             m = batch.mask(r, require=False)
@@ -311,6 +316,7 @@ class AttentionStats(Intervention):
     name = "Cross-modal attention statistics"
 
     def resolve(self, batch, model: ModelShape | None = None) -> ResolvedStats:
+        """Bind this AttentionStats to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         return ResolvedStats(role_mask(batch, "text"))
 
 
@@ -370,10 +376,12 @@ class Hook(Intervention):
 
     @property
     def name(self) -> str:
+        """A readable name of this Hook, used in messages and in the record of what applied."""
         roles = "+".join(str(r) for r in parse_roles(self.roles))
         return f"Hook {getattr(self.fn, '__name__', type(self.fn).__name__)} at {self.site}[{self.at}] on {roles}"
 
     def resolve(self, batch, model: ModelShape | None = None) -> Resolved:
+        """Bind this Hook to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         return _ResolvedHook(self, role_mask(batch, self.roles))
 
 

@@ -44,6 +44,7 @@ SITES = {
     "head": "per-head attention output of decoder layer `at`, before the output projection: [B, R, heads, D_head]",
     "pattern": "attention probabilities of decoder layer `at` for the query rows at the roles: [B, heads, R, keys]",
 }
+"""The named sites a `Hook` (or any `Resolved`) can act at, and the shape of the value it sees there."""
 #: The engine's own site: entries of the attention mask (`Knockout`), applied inside the attention function.
 EDGES = "edges"
 #: Axis of the value that runs over the positions, per site.
