@@ -43,6 +43,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.feature_extraction_auto import (
@@ -66,7 +67,13 @@ from narrowgate.families import (
     out_of_scope,
     refusal,
 )
-from narrowgate.families.generic import BOI_NAMES, EOI_NAMES, wants_mm_token_types
+from narrowgate.families.generic import (
+    BOI_ID_NAMES,
+    BOI_NAMES,
+    EOI_ID_NAMES,
+    EOI_NAMES,
+    wants_mm_token_types,
+)
 from tests.engine import reference
 from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer
 
@@ -105,6 +112,9 @@ TEXT = {
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
     "hidden_size_per_layer_input": 16,
+    # Granite's readout temperature: a checkpoint's 4 divides a 4-layer random model's logits so far that zeroing
+    # one position moves them less than the matrix can tell from rounding (1e-4); the attention path is unchanged.
+    "logits_scaling": 1.0,
 }
 VISION = {
     "hidden_size": 32,
@@ -113,6 +123,7 @@ VISION = {
     "depth": 2,
     "num_attention_heads": 2,
     "num_heads": 2,
+    "num_key_value_heads": 2,
     "embed_dim": 32,
     "head_dim": 16,
     "projection_dim": 64,
@@ -123,6 +134,12 @@ VISION = {
     "projector_output_dim": 64,
     "deepstack_visual_indexes": [0, 1],
 }
+#: Values a type's checkpoints hold (their config.json) where its config class's defaults build no working model,
+#: merged into the default config before shrinking.
+CHECKPOINT = {
+    # tencent/HunyuanOCR: XD-RoPE over (sequence, width, height, image index), 16 half-dimensions each of 64.
+    "hunyuan_vl": {"text_config": {"rope_parameters": {"mrope_section": [16, 16, 16, 16]}}},
+}
 #: What a type's failure means, where it is known.
 KNOWN = {
     "llama4": "transformers bug: Llama4ForConditionalGeneration.forward reads `image_outputs` from the language "
@@ -130,9 +147,9 @@ KNOWN = {
     "qwen3_5": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
     "qwen3_5_moe": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
 }
-#: Special-token-like string literals in a processor's source.
-_LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
-_TOKENIZER_ATTR = re.compile(r"tokenizer\.(\w+_token)\b")
+#: Special-token-like string literals in a processor's source: <tok>, <|tok|>, [TOK], |TOK| (Fuyu's).
+_LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\]|\|[A-Z][A-Z_]{1,30}\|)["']""")
+_TOKENIZER_ATTR = re.compile(r"""tokenizer\.(\w+_token)\b|getattr\(tokenizer, ["'](\w+_token)["']""")
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -147,6 +164,8 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
     """A config of ``cfg``'s class with ``table``'s sizes where it has those fields, per-layer lists cut to match."""
     d = cfg.to_dict()
     small = {k: v for k, v in table.items() if k in d and isinstance(d[k], type(v))}
+    if "head_dim" in table and "head_dim" in d and not d["head_dim"]:  # unset: the model reads it all the same
+        small["head_dim"] = table["head_dim"]
     if vocab is not None:
         small["vocab_size"] = vocab
         if softcap is not None and "attn_logit_softcapping" in d:
@@ -156,6 +175,18 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
     for k, v in d.items():
         if layers and isinstance(v, list) and old and len(v) == old and k not in small:
             small[k] = _cycle(v, layers)
+        elif (
+            layers
+            and old
+            and re.search(r"_(indexes|indices)$", k)
+            and isinstance(v, list)
+            and v
+            and k not in small
+            and all(isinstance(i, int) and 0 <= i < old for i in v)
+        ):  # layer indices (SAM's global-attention layers): the same places in the shrunk stack
+            small[k] = sorted({i * layers // old for i in v})
+        elif layers and old and re.fullmatch(r"num_\w+_layers", k) and isinstance(v, int) and 0 < v < old:
+            small[k] = max(1, round(v * layers / old))  # a share of the layers (Gemma 3n's KV-sharing ones)
         elif layers and isinstance(v, dict) and v and all(str(i).isdigit() for i in v):  # per-layer settings
             small[k] = {i: x for i, x in v.items() if int(i) < layers}
     hd = small.get("head_dim") or (small.get("hidden_size", 0) // max(1, small.get("num_attention_heads", 1)))
@@ -205,7 +236,9 @@ def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
     tokens += [p.default for n, p in params.items() if n.endswith("token") and isinstance(p.default, str)]
     module = sys.modules[cls.__module__]
     attrs = {}
-    for a in _TOKENIZER_ATTR.findall(src):  # the processor's own default or module constant (PaliGemma's IMAGE_TOKEN)
+    for a in (
+        "".join(m) for m in _TOKENIZER_ATTR.findall(src)
+    ):  # the processor's own default or module constant (PaliGemma's IMAGE_TOKEN)
         if a in ("bos_token", "eos_token", "pad_token", "unk_token") or a.startswith("add_"):
             continue
         default = params[a].default if a in params else getattr(module, a.upper(), None)
@@ -213,8 +246,18 @@ def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
     return list(dict.fromkeys(tokens)), attrs
 
 
+def _mapped(mapping: dict, model_type: str):
+    """``mapping``'s entry for ``model_type``, else that of a type whose processor class is the same."""
+    if model_type in mapping:
+        return mapping[model_type]
+    proc = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return next((mapping[t] for t, p in PROCESSOR_MAPPING_NAMES.items() if p == proc and t in mapping), None)
+
+
 def _image_processor(model_type):
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    """The type's default image processor; for a type the image-processor mapping leaves out (GLM-4V MoE,
+    Qwen3-VL MoE), the one of a type whose processor class is the same (GLM-4V, Qwen3-VL)."""
+    names = _mapped(IMAGE_PROCESSOR_MAPPING_NAMES, model_type)
     if not names:
         raise RuntimeError("no image processor class")
     name = names.get("pil") or names.get("torchvision") if isinstance(names, dict) else names
@@ -238,12 +281,15 @@ def _processor(model_type, proc_cls, tok, config):
     vision = getattr(config, "vision_config", None)
     kwargs = {"image_processor": _image_processor(model_type), "tokenizer": tok}
     params = inspect.signature(proc_cls.__init__).parameters
-    if "video_processor" in params and model_type in VIDEO_PROCESSOR_MAPPING_NAMES:
-        video = VIDEO_PROCESSOR_MAPPING_NAMES[model_type]
+    video = _mapped(VIDEO_PROCESSOR_MAPPING_NAMES, model_type)
+    if "video_processor" in params and video:
         video = video.get("torchvision") if isinstance(video, dict) else video
         kwargs["video_processor"] = getattr(transformers, video)()
-    if "feature_extractor" in params and model_type in FEATURE_EXTRACTOR_MAPPING_NAMES:  # audio (Gemma 3n, Gemma 4)
-        kwargs["feature_extractor"] = getattr(transformers, FEATURE_EXTRACTOR_MAPPING_NAMES[model_type])()
+        if getattr(kwargs["video_processor"], "draw_on_frames", False):  # ERNIE 4.5-VL: its font is a hub download
+            kwargs["video_processor"].draw_on_frames = False
+    audio = _mapped(FEATURE_EXTRACTOR_MAPPING_NAMES, model_type)
+    if "feature_extractor" in params and audio:  # audio (Gemma 3n, Gemma 4)
+        kwargs["feature_extractor"] = getattr(transformers, audio)()
     ip = kwargs["image_processor"]
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if getattr(ip, "image_seq_length", 0) is None and isinstance(size, int) and isinstance(patch, int):
@@ -255,6 +301,8 @@ def _processor(model_type, proc_cls, tok, config):
                 kwargs[name] = value
     if "num_additional_image_tokens" in params:
         kwargs["num_additional_image_tokens"] = int(str(getattr(vision, "model_type", "")).startswith("clip"))
+        # A config naming no strategy (VipLlava's) has a model that drops the CLS feature, as "default" says.
+        kwargs.setdefault("vision_feature_select_strategy", "default")
     return proc_cls(**kwargs)
 
 
@@ -299,27 +347,33 @@ def _align(config, processor, vision_first: bool) -> None:
             owner.spatial_merge_size = merge
 
 
-def _chat_template(processor, tok) -> str | None:
+def _named_token(processor, tok, config, names: tuple[str, ...], id_names: tuple[str, ...]) -> str | None:
+    """The special token the processor or tokenizer names under one of ``names``, else the one whose id the config
+    (or its text config) holds under one of ``id_names`` (GLM-4V names its begin/end-of-image tokens only there)."""
+    for n in names:
+        value = getattr(processor, n, None) or getattr(tok, n, None)
+        if isinstance(value, str):
+            return value
+    for owner in (config, getattr(config, "text_config", None)):
+        for n in id_names:
+            value = getattr(owner, n, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tok):
+                return tok.convert_ids_to_tokens(value)
+    return None
+
+
+def _placeholder(processor) -> str:
+    """The image placeholder a prompt holds, as the generic adapter reads it."""
+    return getattr(processor, "image_placeholder_token", None) or processor.image_token
+
+
+def _chat_template(processor, tok, config) -> str | None:
     """A chat template framing the processor's placeholder by the begin/end-of-image tokens when the processor
-    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's); None otherwise (the raw
-    prompt, image first)."""
-    placeholder = processor.image_token
-    boi = next(
-        (
-            getattr(processor, n, None) or getattr(tok, n, None)
-            for n in BOI_NAMES
-            if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)
-        ),
-        None,
-    )
-    eoi = next(
-        (
-            getattr(processor, n, None) or getattr(tok, n, None)
-            for n in EOI_NAMES
-            if isinstance(getattr(processor, n, None) or getattr(tok, n, None), str)
-        ),
-        None,
-    )
+    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's and GLM-4V's); None otherwise
+    (the raw prompt, image first)."""
+    placeholder = _placeholder(processor)
+    boi = _named_token(processor, tok, config, BOI_NAMES, BOI_ID_NAMES)
+    eoi = _named_token(processor, tok, config, EOI_NAMES, EOI_ID_NAMES)
     if not (boi and eoi and placeholder not in (boi, eoi)):
         return None  # the raw prompt (image first) serves
     try:
@@ -345,7 +399,7 @@ def build(model_type: str, path: Path, softcap: float | None = None) -> None:
             text = [
                 processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
                 if processor.chat_template
-                else processor.image_token + "hi"
+                else _placeholder(processor) + "hi"
             ]
             types = {"return_mm_token_type_ids": True} if wants_mm_token_types(model.config) else {}
             try:
@@ -365,18 +419,36 @@ def build(model_type: str, path: Path, softcap: float | None = None) -> None:
     raise error
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s values, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _build(model_type: str, vision_first: bool, softcap: float | None):
     config = CONFIG_MAPPING[model_type]()
+    if model_type in CHECKPOINT:
+        config = type(config).from_dict(_merge(config.to_dict(), CHECKPOINT[model_type]))
     proc_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
     literals, attrs = _processor_tokens(proc_cls)
     extra = [f"<|{k}|>" for _, k in _token_keys(config)]
     tok = make_tokenizer(list(dict.fromkeys(literals + list(attrs.values()) + extra)), extra_special_tokens=attrs)
     text = getattr(config, "text_config", None)
     sub = {}
-    for name in getattr(config, "sub_configs", {}):
+    for name, cls in getattr(config, "sub_configs", {}).items():
         value = getattr(config, name, None)
-        if value is not None and hasattr(value, "to_dict"):
+        if value is None and name == "vision_config" and cls is not AutoConfig:
+            value = cls()  # Gemma 4's default config leaves the vision tower out; its checkpoints have one
+        if value is None or not hasattr(value, "to_dict"):
+            continue
+        try:
             sub[name] = _shrink(value, TEXT if value is text else VISION, len(tok) if value is text else None, softcap)
+        except StrictDataclassError:
+            if name in ("text_config", "vision_config"):
+                raise
+            sub[name] = value  # another tower (audio) whose validator ties its widths together: left as it is
     small = type(config).from_dict({**config.to_dict(), **{k: v.to_dict() for k, v in sub.items()}})
     if text is None:
         small = _shrink(small, TEXT, len(tok), softcap)
@@ -394,12 +466,14 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
     _align(small, processor, vision_first)
     for owner, key in _token_keys(small):
         setattr(owner, key, _token_id(processor, tok, key))
-    processor.chat_template = _chat_template(processor, tok)
+    processor.chat_template = _chat_template(processor, tok, small)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(small, dtype=torch.float32).float().eval()
-    with torch.no_grad():  # weights a trained model has but initialisation zeroes (Gemma 3's image projection)
+    # Weights a trained model has but initialisation leaves (almost) zero: Gemma 3's image projection, the SAM
+    # towers' (GOT-OCR 2's initializer_range is 1e-10), which would make every image look alike.
+    with torch.no_grad():
         for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
+            if p.ndim >= 2 and p.abs().max() < 1e-6:
                 p.normal_(0.0, 0.02)
     return model, processor
 

@@ -103,6 +103,23 @@ def _has_torchvision() -> bool:
     return is_torchvision_available()
 
 
+def _attention(config, attn_implementation: str) -> str | dict[str, str]:
+    """What to load with for ``attn_implementation``: the language model is what the engine routes, so where the
+    model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes
+    to the language model alone and the rest keeps transformers' default."""
+    try:
+        cls = AutoModelForImageTextToText._model_mapping[type(config)]
+    except KeyError:
+        return attn_implementation
+    if (
+        attn_implementation == "sdpa"
+        and not getattr(cls, "_supports_sdpa", True)
+        and "text_config" in config.sub_configs
+    ):
+        return {"text_config": attn_implementation}
+    return attn_implementation
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
@@ -168,7 +185,7 @@ def load(
             raise LoadError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
         dtype = getattr(torch, dtype)
     model_cls = AutoModelForImageTextToText
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **hub)
+    kwargs = dict(dtype=dtype, attn_implementation=_attention(config, attn_implementation), **hub)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
