@@ -99,6 +99,8 @@ TEXT = {
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
     "n_shared_experts": 1,
+    "n_group": 2,
+    "topk_group": 1,
     "sliding_window": 8,
     "attention_chunk_size": 8,
     "first_k_dense_replace": 1,
@@ -166,6 +168,8 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
     small = {k: v for k, v in table.items() if k in d and isinstance(d[k], type(v))}
     if "head_dim" in table and "head_dim" in d and not d["head_dim"]:  # unset: the model reads it all the same
         small["head_dim"] = table["head_dim"]
+    if d.get("head_dim") and d.get("head_dim") == d.get("qk_rope_head_dim") and "qk_rope_head_dim" in small:
+        small["head_dim"] = small["qk_rope_head_dim"]  # DeepSeek-V3's head_dim is its rotary part (Kimi-K2.5)
     if vocab is not None:
         small["vocab_size"] = vocab
         if softcap is not None and "attn_logit_softcapping" in d:
@@ -225,8 +229,9 @@ def _token_keys(cfg) -> list[tuple[object, str]]:
 
 
 def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
-    """Special tokens a processor class names (string literals, ``__init__`` defaults) and the tokenizer
-    attributes it reads (``tokenizer.boi_token``), each given a token."""
+    """Special tokens a processor class names (string literals, ``__init__`` defaults, ``*_TOKEN`` class constants
+    such as MiniMax-M3's ``"]<]image[>["``) and the tokenizer attributes it reads (``tokenizer.boi_token``), each
+    given a token."""
     try:
         src = inspect.getsource(sys.modules[cls.__module__])
     except (OSError, TypeError):
@@ -234,6 +239,7 @@ def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
     tokens = _LITERAL.findall(src)
     params = inspect.signature(cls.__init__).parameters
     tokens += [p.default for n, p in params.items() if n.endswith("token") and isinstance(p.default, str)]
+    tokens += [v for n, v in vars(cls).items() if n.endswith("_TOKEN") and isinstance(v, str) and v]
     module = sys.modules[cls.__module__]
     attrs = {}
     for a in (
@@ -449,19 +455,30 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
             if name in ("text_config", "vision_config"):
                 raise
             sub[name] = value  # another tower (audio) whose validator ties its widths together: left as it is
-    small = type(config).from_dict({**config.to_dict(), **{k: v.to_dict() for k, v in sub.items()}})
+    top = {**config.to_dict(), **{k: v.to_dict() for k, v in sub.items()}}
+    widths = {}  # a sub-config's width -> its shrunk width, for the top-level fields tied to it
+    for name in ("vision_config", "text_config"):
+        if name in sub and isinstance(getattr(getattr(config, name), "hidden_size", None), int):
+            widths[getattr(config, name).hidden_size] = sub[name].hidden_size
+    for k, v in list(top.items()):  # Kimi-K2.5's projection_hidden_size (the vision width), MiniMax-M3's x4 merge
+        if re.search(r"(hidden_size|_dim)$", k) and isinstance(v, int) and not isinstance(v, bool):
+            old = next((w for w in widths if v % w == 0 and v // w in (1, 2, 4, 9, 16)), None)
+            if old is not None:
+                top[k] = v // old * widths[old]
+    vision = top.get("vision_config") or {}
+    depth = vision.get("num_hidden_layers") or vision.get("depth")
+    for owner in [top, *(v for v in top.values() if isinstance(v, dict))]:
+        for key in ("vision_feature_layer", "vision_feature_layers"):  # layers of the shrunk tower (VipLlava, Molmo 2)
+            value = owner.get(key)
+            if depth and isinstance(value, list) and all(isinstance(v, int) for v in value):
+                owner[key] = [max(-depth, min(v, depth - 1)) for v in value]
+    small = type(config).from_dict(top)
     if text is None:
         small = _shrink(small, TEXT, len(tok), softcap)
     if isinstance(getattr(small, "projection_dim", None), int):  # PaliGemma: image features in the text's width
         small.projection_dim = getattr(small.get_text_config(), "hidden_size", 64)
         if isinstance(getattr(small.vision_config, "projection_dim", None), int):
             small.vision_config.projection_dim = small.projection_dim
-    vision = getattr(small, "vision_config", None)
-    depth = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)
-    for key in ("vision_feature_layer", "vision_feature_layers"):  # layers of the shrunk tower (VipLlava)
-        value = getattr(small, key, None)
-        if depth and isinstance(value, list):
-            setattr(small, key, [max(-depth, min(v, depth - 1)) for v in value])
     processor = _processor(model_type, proc_cls, tok, small)
     _align(small, processor, vision_first)
     for owner, key in _token_keys(small):

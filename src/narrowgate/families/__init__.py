@@ -12,6 +12,7 @@ from .emu3 import Emu3
 from .generic import Generic, out_of_scope, refusal
 from .idefics3 import Idefics3
 from .janus import Janus
+from .lighton_ocr import LightOnOcr
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOneVision
@@ -30,6 +31,7 @@ FAMILIES: tuple[type[Family], ...] = (
     Idefics3,
     Janus,
     Qwen2VL,
+    LightOnOcr,
 )
 
 
