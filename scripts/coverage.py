@@ -107,7 +107,7 @@ TEXT = {
     "kv_lora_rank": 16,
     "q_lora_rank": 32,
     "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8,
+    "qk_nope_head_dim": 16,  # MLA: keys 16 + 8 wide, values 16, in the checkpoints' 3 : 2 (DeepSeek-V3: 192, 128)
     "v_head_dim": 16,
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
@@ -141,6 +141,32 @@ VISION = {
 CHECKPOINT = {
     # tencent/HunyuanOCR: XD-RoPE over (sequence, width, height, image index), 16 half-dimensions each of 64.
     "hunyuan_vl": {"text_config": {"rope_parameters": {"mrope_section": [16, 16, 16, 16]}}},
+    # rhymes-ai/Aria: a 14-px-patch SigLIP tower on 980-px images (the projector's query table is keyed by its
+    # patch counts, (490 / 14)**2 and (980 / 14)**2; the class default's 32-px patches give neither).
+    "aria": {"vision_config": {"patch_size": 14, "image_size": 980}},
+    # facebook/Perception-LM-1B: timm's PE ViT without its pooling head (the class default, timm's resnet50, has no
+    # token features), projected tokens pooled 2 x 2 as its processor counts them.
+    "perception_lm": {
+        "projector_pooling_ratio": 2,
+        "vision_config": {
+            "architecture": "vit_pe_core_large_patch14_336",
+            "model_args": {"global_pool": "", "use_post_transformer_norm": False, "init_values": 0.1},
+        },
+    },
+}
+#: Small versions of the timm towers that timm-backed vision configs name (their widths are timm's, which the VISION
+#: table cannot reach): timm constructor arguments, the image side given to the image processor (and the tower),
+#: and the tower's patch size where the processor asks for it.
+TIMM = {
+    # Gemma 3n's MobileNet-V5 with 1/8 of its channels inside: its multi-scale fusion still gives 2048 x 16 x 16
+    # features (one per image token) from any side, so a 128-px image serves.
+    "mobilenetv5_300m_enc": ({"channel_multiplier": 0.125}, 128, None),
+    # PerceptionLM's PE ViT: a 56-px tile is 4 x 4 patches, 2 x 2 image tokens after the 2 x 2 pooling.
+    "vit_pe_core_large_patch14_336": (
+        {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [56, 56], "ref_feat_shape": [4, 4]},
+        56,
+        14,
+    ),
 }
 #: What a type's failure means, where it is known.
 KNOWN = {
@@ -170,6 +196,8 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
         small["head_dim"] = table["head_dim"]
     if d.get("head_dim") and d.get("head_dim") == d.get("qk_rope_head_dim") and "qk_rope_head_dim" in small:
         small["head_dim"] = small["qk_rope_head_dim"]  # DeepSeek-V3's head_dim is its rotary part (Kimi-K2.5)
+    if "kv_lora_rank" in small and "num_attention_heads" in small and "num_key_value_heads" in d:
+        small["num_key_value_heads"] = small["num_attention_heads"]  # MLA expands its keys per query head
     if vocab is not None:
         small["vocab_size"] = vocab
         if softcap is not None and "attn_logit_softcapping" in d:
@@ -203,6 +231,22 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
             new[0] += half - sum(new)
             small[key] = {**rope, "mrope_section": new}
     return type(cfg).from_dict({**d, **small})
+
+
+def _timm(cfg) -> tuple[dict, int, int | None] | None:
+    """The `TIMM` entry of a timm-backed config (one naming a timm ``architecture``), else None."""
+    arch = getattr(cfg, "architecture", None)
+    if not isinstance(arch, str) or not hasattr(cfg, "model_args"):
+        return None
+    if arch not in TIMM:
+        raise RuntimeError(f"the coverage matrix has no small version of timm's {arch}")
+    return TIMM[arch]
+
+
+def _shrink_timm(cfg):
+    """A timm-backed config with its tower's timm arguments made small (`TIMM`)."""
+    d = cfg.to_dict()
+    return type(cfg).from_dict({**d, "model_args": {**(d.get("model_args") or {}), **_timm(cfg)[0]}})
 
 
 def _mrope_default(cfg) -> list[int] | None:
@@ -300,9 +344,12 @@ def _processor(model_type, proc_cls, tok, config):
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if getattr(ip, "image_seq_length", 0) is None and isinstance(size, int) and isinstance(patch, int):
         ip.image_seq_length = (size // patch) ** 2  # PaliGemma: one token per patch
+    timm = _timm(vision) if vision is not None else None
     for name in ("patch_size", "vision_feature_select_strategy", "spatial_merge_size"):
         if name in params and params[name].default is None:
             value = getattr(config, name, None) or getattr(vision, name, None)
+            if name == "patch_size" and value is None and timm is not None:
+                value = timm[2]
             if value is not None:
                 kwargs[name] = value
     if "num_additional_image_tokens" in params:
@@ -328,6 +375,11 @@ def _align(config, processor, vision_first: bool) -> None:
         None,
     )
     size = getattr(vision, "image_size", None)
+    timm = _timm(vision)
+    if timm is not None:
+        side = timm[1]
+        if isinstance(getattr(ip, "tile_size", None), int):  # PerceptionLM's tiles
+            ip.tile_size = side
     if not vision_first:
         side = side or _image_size(ip)
     tokens, patch = getattr(config, "mm_tokens_per_image", None), getattr(vision, "patch_size", None)
@@ -343,8 +395,13 @@ def _align(config, processor, vision_first: bool) -> None:
     patch = getattr(ip, "patch_size", None)
     patch = patch.get("height") if isinstance(patch, dict) else patch
     down = getattr(config, "downsample_factor", 1) or 1
-    if not isinstance(patch, int) and isinstance(getattr(processor, "patch_size", None), int):
-        patch = processor.patch_size if processor.patch_size != getattr(vision, "patch_size", None) * down else None
+    tower = getattr(vision, "patch_size", None)
+    if (
+        not isinstance(patch, int)
+        and isinstance(getattr(processor, "patch_size", None), int)
+        and isinstance(tower, int)
+    ):
+        patch = processor.patch_size if processor.patch_size != tower * down else None
     if isinstance(patch, int) and hasattr(vision, "patch_size"):
         vision.patch_size = [patch, patch] if isinstance(vision.patch_size, list | tuple) else patch
     merge = getattr(ip, "merge_size", None) or getattr(processor, "spatial_merge_size", None)
@@ -450,6 +507,9 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
         if value is None or not hasattr(value, "to_dict"):
             continue
         try:
+            if _timm(value) is not None:
+                sub[name] = _shrink_timm(value)
+                continue
             sub[name] = _shrink(value, TEXT if value is text else VISION, len(tok) if value is text else None, softcap)
         except StrictDataclassError:
             if name in ("text_config", "vision_config"):

@@ -45,10 +45,16 @@ def layer_cache(kwargs: dict):
     return kwargs.get(CACHE_ARG)
 
 
-def cache_kv(cache) -> list[tuple]:
-    """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
-    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def cache_kv(cache, layers) -> list[tuple]:
+    """Per decoder layer (``layers``), the (keys, values) its attention sees for the cached positions, each
+    [B, kv_heads, length, head_dim] (``Cache.layers[i].keys/.values`` in 5.0 - 5.24). Multi-head latent
+    attention (DeepSeek-V3's, Kimi-K2.5's) caches its compressed latent and rotary key instead and expands them
+    on every call with its ``expand_kv`` (5.24): so is it done here."""
+    out = []
+    for layer, cached in zip(layers, cache.layers):
+        expand = getattr(getattr(layer, "self_attn", None), "expand_kv", None)
+        out.append(expand(cached.keys, cached.values) if callable(expand) else (cached.keys, cached.values))
+    return out
 
 
 class _PrefixLayer(DynamicLayer):

@@ -413,7 +413,7 @@ class VLM:
                 "batch examples whose images end at the same position (same prompt length), or one at a time."
             )
         pre_run, cache, suffix = self._prefix_cache(batch, length, capture)
-        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, pre_run.record.captured)
+        return shared.SharedPrefix(batch, length, compat.cache_kv(cache, self.layers), suffix, pre_run.record.captured)
 
     def _heads(self) -> int:
         return int(self.layers[0].self_attn.config.num_attention_heads)

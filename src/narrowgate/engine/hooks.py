@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..compat import layer_cache
-from .state import active_run
+from .state import InterventionError, active_run
 
 
 def _past_length(kwargs, layer: int) -> int:
@@ -26,6 +26,12 @@ def _past_length(kwargs, layer: int) -> int:
 
 def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
     """Apply patches at residual ``index`` to ``hidden`` [B, Q, D] (a copy if changed); record captures."""
+    if hidden.dim() != 3:
+        raise InterventionError(
+            f"The residual stream between this model's decoder layers is {hidden.dim()}-D {tuple(hidden.shape)}, not "
+            "[batch, tokens, width] (Gemma 3n's AltUp carries several streams): narrowgate cannot capture or patch "
+            "it. Knockouts work."
+        )
     Q = hidden.shape[1]
     changed = False
     for i, (layer, pos, value) in enumerate(run.plan.patches):
