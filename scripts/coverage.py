@@ -144,6 +144,15 @@ CHECKPOINT = {
     # rhymes-ai/Aria: a 14-px-patch SigLIP tower on 980-px images (the projector's query table is keyed by its
     # patch counts, (490 / 14)**2 and (980 / 14)**2; the class default's 32-px patches give neither).
     "aria": {"vision_config": {"patch_size": 14, "image_size": 980}},
+    # CohereLabs/North-Micro-Vision-Instruct: RoPE per layer type, as its rotary embedding reads it (the class
+    # default leaves rope_parameters empty, so no model builds); the sections are its code's default.
+    "cohere_compass": {
+        "text_config": {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [24, 20, 20]}
+            }
+        }
+    },
     # facebook/Perception-LM-1B: timm's PE ViT without its pooling head (the class default, timm's resnet50, has no
     # token features), projected tokens pooled 2 x 2 as its processor counts them.
     "perception_lm": {
@@ -224,13 +233,23 @@ def _shrink(cfg, table: dict, vocab: int | None, softcap: float | None = None):
     hd = small.get("head_dim") or (small.get("hidden_size", 0) // max(1, small.get("num_attention_heads", 1)))
     for key in ("rope_parameters", "rope_scaling"):
         rope = d.get(key)
-        sec = rope.get("mrope_section") or _mrope_default(cfg) if isinstance(rope, dict) else None
-        if sec:  # M-RoPE sections cover half the rotary dimensions
-            half = int(hd * rope.get("partial_rotary_factor", 1.0)) // 2
-            new = [max(1, round(x * half / sum(sec))) for x in sec]
-            new[0] += half - sum(new)
-            small[key] = {**rope, "mrope_section": new}
+        if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+            small[key] = {t: _mrope(cfg, r, hd) for t, r in rope.items()}
+        elif isinstance(rope, dict):
+            small[key] = _mrope(cfg, rope, hd)
     return type(cfg).from_dict({**d, **small})
+
+
+def _mrope(cfg, rope: dict, head_dim: int) -> dict:
+    """``rope`` with its M-RoPE sections (or those the model's code falls back on) scaled to cover half the
+    rotary dimensions of ``head_dim``; unchanged without M-RoPE."""
+    sec = rope.get("mrope_section") or _mrope_default(cfg)
+    if not sec:
+        return rope
+    half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+    new = [max(1, round(x * half / sum(sec))) for x in sec]
+    new[0] += half - sum(new)
+    return {**rope, "mrope_section": new}
 
 
 def _timm(cfg) -> tuple[dict, int, int | None] | None:
@@ -647,7 +666,7 @@ def _check(path: str, passed: list[str], state: dict, label: str = "") -> None:
     state["step"] = f"{label}load"
     capped = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None) is not None
     vlm = ng.load(path, dtype="float32", attn_implementation="eager" if capped else "sdpa")
-    state["how"] = "generic" if isinstance(vlm.family, Generic) else "dedicated"
+    state["how"] = "generic" if type(vlm.family) is Generic else "dedicated"
     state["step"] = f"{label}prepare"
     same = vlm.prepare(images(2, seed=2), [PROMPTS[1]] * 2)
     for name in CHECKS:

@@ -11,8 +11,10 @@ from transformers import (
     GotOcr2ForConditionalGeneration,
     GotOcr2ImageProcessorPil,
     GotOcr2Processor,
+    HYV4VLConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
     Qwen2Config,
 )
 
@@ -85,3 +87,18 @@ def test_sdpa_on_the_language_model_where_another_part_has_none(tmp_path):
     assert vlm.model.config.text_config._attn_implementation == "narrowgate_sdpa"
     assert vlm.model.config.vision_config._attn_implementation == "eager"
     assert ng.load(tmp_path, dtype="float32", attn_implementation="eager").attn_implementation == "narrowgate_eager"
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        (LlavaConfig(), "sdpa"),  # SDPA everywhere
+        (GotOcr2Config(), {"text_config": "sdpa"}),  # the SAM tower has none: SDPA on the decoder alone
+        (HYV4VLConfig(), {"text_config": "eager"}),  # the decoder has none: eager, which the engine routes as well
+    ],
+)
+def test_the_attention_each_part_is_loaded_with(config, want):
+    from narrowgate.loading import _attention
+
+    assert _attention(config, "sdpa") == want
+    assert _attention(config, "eager") == "eager"

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .errors import NarrowgateError
 from .families import UnsupportedModelError, detect, supported
@@ -103,21 +103,26 @@ def _has_torchvision() -> bool:
     return is_torchvision_available()
 
 
-def _attention(config, attn_implementation: str) -> str | dict[str, str]:
-    """What to load with for ``attn_implementation``: the language model is what the engine routes, so where the
-    model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes
-    to the language model alone and the rest keeps transformers' default."""
+def _supports_sdpa(auto, config) -> bool:
+    """Whether the class ``auto`` maps ``config`` to runs SDPA (True where it maps none)."""
     try:
-        cls = AutoModelForImageTextToText._model_mapping[type(config)]
+        return bool(getattr(auto._model_mapping[type(config)], "_supports_sdpa", True))
     except KeyError:
+        return True
+
+
+def _attention(config, attn_implementation: str) -> str | dict[str, str]:
+    """What to load with for ``attn_implementation``. The language model is what the engine routes: where the
+    model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes to
+    the language model alone; where the language model itself has none (HunYuan-V4-VL's), it gets eager attention,
+    which the engine routes as exactly. The rest keeps transformers' default."""
+    text = getattr(config, "text_config", None)
+    if attn_implementation != "sdpa" or text is None or "text_config" not in config.sub_configs:
         return attn_implementation
-    if (
-        attn_implementation == "sdpa"
-        and not getattr(cls, "_supports_sdpa", True)
-        and "text_config" in config.sub_configs
-    ):
-        return {"text_config": attn_implementation}
-    return attn_implementation
+    text_sdpa = _supports_sdpa(AutoModel, text)
+    if text_sdpa and _supports_sdpa(AutoModelForImageTextToText, config):
+        return attn_implementation
+    return {"text_config": "sdpa" if text_sdpa else "eager"}
 
 
 def load(
