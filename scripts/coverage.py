@@ -144,6 +144,8 @@ CHECKPOINT = {
     # rhymes-ai/Aria: a 14-px-patch SigLIP tower on 980-px images (the projector's query table is keyed by its
     # patch counts, (490 / 14)**2 and (980 / 14)**2; the class default's 32-px patches give neither).
     "aria": {"vision_config": {"patch_size": 14, "image_size": 980}},
+    # thisisiron/Ovis2-1B-hf: 448-px tiles of 14-px patches merged 2 x 2, the 256 tokens its processor writes per tile.
+    "ovis2": {"vision_config": {"image_size": 448, "patch_size": 14, "hidden_stride": 2}},
     # CohereLabs/North-Micro-Vision-Instruct: RoPE per layer type, as its rotary embedding reads it (the class
     # default leaves rope_parameters empty, so no model builds); the sections are its code's default.
     "cohere_compass": {
@@ -161,6 +163,23 @@ CHECKPOINT = {
             "architecture": "vit_pe_core_large_patch14_336",
             "model_args": {"global_pool": "", "use_post_transformer_norm": False, "init_values": 0.1},
         },
+    },
+}
+#: Config values that work around a transformers bug, merged as `CHECKPOINT`'s are, each naming the failing call.
+WORKAROUND = {
+    # Step3p7TextModel.forward always calls create_sliding_window_causal_mask, which raises while sliding_window is
+    # unset (the class default, with no sliding layer): any window serves, as no layer of this config reads it.
+    "step3p7": {"text_config": {"sliding_window": 8}},
+}
+#: Config token fields that hold another token than the one the builder's rules pick (the processor's own
+#: ``image_token``, or a ``<|field|>`` token), given as token strings (a list for a list of ids).
+TOKENS = {
+    # Ovis2 (thisisiron/Ovis2-1B-hf's ids, in this order): the prompt's <image> expands to <IMG_START> <IMG_ATOM>...
+    # <IMG_GRID> ... <IMG_END>; the model fills the <IMG_ATOM> tokens with image features, the indicator tokens with
+    # its visual indicator embeddings.
+    "ovis2": {
+        "image_token_id": "<IMG_ATOM>",
+        "visual_indicator_token_ids": ["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"],
     },
 }
 #: Small versions of the timm towers that timm-backed vision configs name (their widths are timm's, which the VISION
@@ -411,7 +430,8 @@ def _align(config, processor, vision_first: bool) -> None:
             ip.crop_size = {"height": side, "width": side}
         if hasattr(vision, "image_size"):
             vision.image_size = [side, side] if isinstance(size, list | tuple) else side
-    patch = getattr(ip, "patch_size", None)
+    # The tower's patch: Step 3.7's image processor calls its crop size patch_size and the tower's vision_patch_size.
+    patch = getattr(ip, "vision_patch_size", None) or getattr(ip, "patch_size", None)
     patch = patch.get("height") if isinstance(patch, dict) else patch
     down = getattr(config, "downsample_factor", 1) or 1
     tower = getattr(vision, "patch_size", None)
@@ -511,11 +531,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _build(model_type: str, vision_first: bool, softcap: float | None):
     config = CONFIG_MAPPING[model_type]()
-    if model_type in CHECKPOINT:
-        config = type(config).from_dict(_merge(config.to_dict(), CHECKPOINT[model_type]))
+    for table in (CHECKPOINT, WORKAROUND):
+        if model_type in table:
+            config = type(config).from_dict(_merge(config.to_dict(), table[model_type]))
     proc_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
     literals, attrs = _processor_tokens(proc_cls)
     extra = [f"<|{k}|>" for _, k in _token_keys(config)]
+    for value in TOKENS.get(model_type, {}).values():
+        extra += value if isinstance(value, list) else [value]
     tok = make_tokenizer(list(dict.fromkeys(literals + list(attrs.values()) + extra)), extra_special_tokens=attrs)
     text = getattr(config, "text_config", None)
     sub = {}
@@ -544,6 +567,8 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
             old = next((w for w in widths if v % w == 0 and v // w in (1, 2, 4, 9, 16)), None)
             if old is not None:
                 top[k] = v // old * widths[old]
+    if isinstance(top.get("hidden_size"), int) and "text_config" in sub:  # the text's width (Ovis2's, PaliGemma's)
+        top["hidden_size"] = sub["text_config"].hidden_size
     vision = top.get("vision_config") or {}
     depth = vision.get("num_hidden_layers") or vision.get("depth")
     for owner in [top, *(v for v in top.values() if isinstance(v, dict))]:
@@ -562,6 +587,9 @@ def _build(model_type: str, vision_first: bool, softcap: float | None):
     _align(small, processor, vision_first)
     for owner, key in _token_keys(small):
         setattr(owner, key, _token_id(processor, tok, key))
+    for key, value in TOKENS.get(model_type, {}).items():
+        ids = tok.convert_tokens_to_ids(value)
+        setattr(small, key, ids)
     processor.chat_template = _chat_template(processor, tok, small)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(small, dtype=torch.float32).float().eval()

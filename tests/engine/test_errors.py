@@ -101,7 +101,7 @@ def test_a_residual_stream_not_batch_tokens_width_is_refused(vlm, batch):
 
     handle = vlm.layers[1].register_forward_pre_hook(stacked, with_kwargs=True, prepend=True)
     try:
-        with pytest.raises(InterventionError, match=r"4-D .*AltUp"):
+        with pytest.raises(InterventionError, match=r"4-D .*several streams .*AltUp"):
             vlm.forward(batch, capture=ng.Capture("last"))
         with pytest.raises(InterventionError, match="cannot capture or patch"):
             vlm.forward(batch, patches=[ng.Patch("last", 1, torch.zeros(2, vlm.hidden_size))])

@@ -29,8 +29,8 @@ def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
     if hidden.dim() != 3:
         raise InterventionError(
             f"The residual stream between this model's decoder layers is {hidden.dim()}-D {tuple(hidden.shape)}, not "
-            "[batch, tokens, width] (Gemma 3n's AltUp carries several streams): narrowgate cannot capture or patch "
-            "it. Knockouts work."
+            "[batch, tokens, width]: it carries several streams (Gemma 3n's AltUp, HunYuan-V4's hyper-connections), "
+            "which narrowgate cannot capture or patch. Knockouts work."
         )
     Q = hidden.shape[1]
     changed = False

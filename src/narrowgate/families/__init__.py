@@ -16,6 +16,7 @@ from .lighton_ocr import LightOnOcr
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOneVision
+from .ovis2 import Ovis2
 from .pixtral import Pixtral
 from .qwen2_vl import Qwen2VL
 
@@ -32,6 +33,7 @@ FAMILIES: tuple[type[Family], ...] = (
     Janus,
     Qwen2VL,
     LightOnOcr,
+    Ovis2,
 )
 
 

@@ -134,7 +134,8 @@ class Family:
 
     def causal_from(self, inputs) -> int:
         """The first position from which the model's attention is causal: earlier positions may attend to later
-        ones, so no shared prefix may end before it. 0: causal everywhere outside the image (every dedicated family)."""
+        ones, so no shared prefix may end before it (nor before a token after the image whose input the image pass
+        writes: Ovis2's <IMG_END>). 0: causal everywhere outside the image (most families)."""
         return 0
 
     # --- layout ------------------------------------------------------------------------------
