@@ -26,6 +26,7 @@ recorded and the run goes on. Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import math
@@ -72,6 +73,7 @@ from narrowgate.families.generic import (
     BOI_NAMES,
     EOI_ID_NAMES,
     EOI_NAMES,
+    IMAGE_ID_NAMES,
     wants_mm_token_types,
 )
 from tests.engine import reference
@@ -198,10 +200,67 @@ TIMM = {
 }
 #: What a type's failure means, where it is known.
 KNOWN = {
+    # transformers
     "llama4": "transformers bug: Llama4ForConditionalGeneration.forward reads `image_outputs` from the language "
     "model's output, so no forward with an image runs (chunked attention therefore unchecked)",
+    "granite4_vision": "transformers: the class default builds no model (Granite4VisionModel.__init__ calls len() on "
+    "deepstack_layer_map, None by default); its checkpoints feed vision features into decoder layers up to 21",
+    "instructblip": "transformers bug: InstructBlipProcessor.__call__ reads self.image_token.content, which fails "
+    "(AttributeError: 'str' object has no attribute 'content') when the tokenizer names its image_token, a str in "
+    "transformers 5",
+    "instructblipvideo": "a video model: its config names a video token (video_token_index), no image token",
+    "shieldgemma2": "not a prompted model: ShieldGemma2Processor.__call__ ignores the text and writes one fixed policy "
+    "prompt per image and policy (a classifier)",
+    "diffusion_gemma": "not a decoder-only model: its answer comes from a block-diffusion decoder that reads the "
+    "prompt's cache bidirectionally (DiffusionGemmaDecoderTextAttention.is_causal = False)",
+    "blip": "not a decoder-only model: BLIP's text decoder reads the image through cross-attention",
+    "idefics": "not a decoder reading image tokens: IDEFICS reads the image through gated cross-attention layers",
+    "git": "no image tokens: GIT puts the image's embeddings before the text's, with no placeholder in input_ids",
+    "kosmos-2": "no image tokens: Kosmos-2 places the image by image_embeds_position_mask, not by a token id",
+    "kosmos-2.5": "no image tokens: Kosmos-2.5 places the image by image_embeds_position_mask, not by a token id",
+    # hybrid decoders (issue 29, item 3)
     "qwen3_5": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
     "qwen3_5_moe": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
+    "minicpm_ocr": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
+    "minicpmv4_6": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
+    "minicpmv4_7": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
+    "nemotron_h_omni": "hybrid decoder: Nemotron-H's Mamba-2 layers have no attention to knock out",
+    "lfm3_vl": "hybrid decoder: LFM3's short-convolution layers have no attention to knock out",
+    "glm5_next": "hybrid decoder: linear-attention layers beside DeepSeek-sparse ones (and its validator refuses the "
+    "shrunk rotary width of the sparse layers)",
+    "qwen4_exp": "hybrid decoder: linear-attention layers (and the class default builds no model: its QSA indexer "
+    "divides token_budget by compress_ratio, both None)",
+    **{
+        t: "hybrid decoder: short causal convolutions (attn_sconv, mlp_sconv) mix positions beside attention in "
+        "every layer, so no attention knockout is exact (and the builder's vocabulary is smaller than the "
+        "unembedding's padding)"
+        for t in ("inkling2", "inkling2_loop", "inkling_mm_model")
+    },
+    # narrowgate
+    "gemma3n": "narrowgate: AltUp carries 4 residual streams between decoder layers ([4, B, T, D]), which captures "
+    "and patches refuse; knockouts are exact (roles, blind, reference pass)",
+    "hy_v4_vl": "narrowgate: hyper-connections carry 4 residual streams between decoder layers ([B, T, 4, D]), which "
+    "captures and patches refuse; knockouts are exact (roles, blind, reference pass)",
+    "mistral_large4": "narrowgate: DeepSeek sparse attention needs an indexer cache, which the shared prefix (a plain "
+    "DynamicCache) lacks; and an attention knockout is exact only while its indexer keeps every key (prompts "
+    "shorter than index_topk, as here)",
+    "molmo2": "narrowgate has no Molmo 2 adapter: its image is two framed blocks (low- and high-resolution crops), "
+    "and its config names the patch token image_patch_id, which the builder does not set",
+    "fuyu": "narrowgate has no Fuyu adapter: FuyuProcessor writes the image before the prompt itself (a placeholder "
+    "in the prompt makes a second) and drops the image tokenization's first token as SentencePiece's '▁', which "
+    "the builder's tokenizer does not write",
+    # the builder
+    "apertus1p5": "builder: its images are VQ codes at fixed vocabulary offsets (as its audio), which a small "
+    "tokenizer cannot hold (its validator refuses the shrunk vocabulary)",
+    "pp_chart2table": "builder: its processor writes no image tokens (the checkpoint's chat template spells them out)",
+    "dots3_note": "builder: its per_layer_config is keyed by the real model's 46 layers and does not shrink to a "
+    "stack whose layers of one type agree, as its validator demands (its DeepSeek-sparse layers would then meet "
+    "mistral_large4's shared-prefix gap)",
+    **{
+        t: "builder: its vision config nests a SAM tower and a second (LM-sized) encoder, which the builder does not "
+        "shrink, so the tower runs past the matrix's 6 GiB / 150 s"
+        for t in ("deepseek_ocr2", "unlimited_ocr")
+    },
 }
 #: Special-token-like string literals in a processor's source: <tok>, <|tok|>, [TOK], |TOK| (Fuyu's).
 _LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\]|\|[A-Z][A-Z_]{1,30}\|)["']""")
@@ -299,15 +358,23 @@ def _mrope_default(cfg) -> list[int] | None:
 
 
 def _token_keys(cfg) -> list[tuple[object, str]]:
-    """(config, attribute) of every token id the config holds, top level and text config."""
+    """(config, attribute) of every token id the config holds, top level and text config, and of an image token id
+    the class leaves unset (BLIP-2's ``image_token_index``: its checkpoints set it)."""
     out = []
     for owner in (cfg, getattr(cfg, "text_config", None)):
         if owner is None:
             continue
         for k, v in owner.to_dict().items():
-            if re.search(r"_token_(id|index)$", k) and isinstance(v, int) and not isinstance(v, bool):
+            if (re.search(r"_token_(id|index)$", k) and isinstance(v, int) and not isinstance(v, bool)) or (
+                k in IMAGE_ID_NAMES and v is None and owner is cfg
+            ):
                 out.append((owner, k))
     return out
+
+
+def _unset_image_token(config) -> bool:
+    """Whether the config has an image token id field its class leaves unset (None), for the checkpoint to set."""
+    return any(k in IMAGE_ID_NAMES and v is None for k, v in config.to_dict().items())
 
 
 def _processor_tokens(cls) -> tuple[list[str], dict[str, str]]:
@@ -378,6 +445,8 @@ def _processor(model_type, proc_cls, tok, config):
     audio = _mapped(FEATURE_EXTRACTOR_MAPPING_NAMES, model_type)
     if "feature_extractor" in params and audio:  # audio (Gemma 3n, Gemma 4)
         kwargs["feature_extractor"] = getattr(transformers, audio)()
+    if "qformer_tokenizer" in params:  # InstructBLIP's Q-Former reads the prompt too, with a tokenizer of its own
+        kwargs["qformer_tokenizer"] = copy.deepcopy(tok)
     ip = kwargs["image_processor"]
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if getattr(ip, "image_seq_length", 0) is None and isinstance(size, int) and isinstance(patch, int):
@@ -665,7 +734,8 @@ def check_reference(vlm, batch, path):
 def check_capture(vlm, batch):
     res = vlm.forward(batch, capture=ng.Capture("last")).residuals["last"]
     with torch.no_grad():
-        hs = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        out = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False)
+    hs = getattr(out, "hidden_states", None) or out.language_model_outputs.hidden_states  # BLIP-2 nests its LM's
     if len(hs) != vlm.n_layers + 1:
         raise AssertionError(f"the model returns {len(hs)} hidden states for {vlm.n_layers} layers")
     for l in range(vlm.n_layers):
@@ -770,7 +840,8 @@ def _run_type(model_type: str) -> tuple[str, list[str], str]:
         try:
             state["how"] = "generic" if detect(config) is Generic else "dedicated"
         except UnsupportedModelError:
-            return state["how"], passed, f"no adapter: {refusal(config)}"
+            if not _unset_image_token(config):  # else the built config has it: the load detects again
+                return state["how"], passed, f"no adapter: {refusal(config)}"
         if PROCESSOR_MAPPING_NAMES.get(model_type) is None:
             return state["how"], passed, "transformers maps no processor class to it"
         fixture = ROOT / "tests" / "fixtures" / f"{model_type}.py"

@@ -35,11 +35,6 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
-def output_cache(output):
-    """The KV cache a forward returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
-    return getattr(output, CACHE_ARG)
-
-
 def layer_cache(kwargs: dict):
     """The KV cache a decoder layer was called with (None without one)."""
     return kwargs.get(CACHE_ARG)
@@ -151,7 +146,6 @@ __all__ = [
     "flash_cpu",
     "is_torchvision_available",
     "layer_cache",
-    "output_cache",
     "repeat_kv",
     "sdpa_attention_forward",
     "sdpa_mask",

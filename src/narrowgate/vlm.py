@@ -78,7 +78,11 @@ class VLM:
                 raise InterventionError(f"Decoder layer {l} of this {self.family.name} model has no self_attn module.")
             self.layer_of[id(attn)] = l
         self._attn = self._wrap_attention()
-        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        # A forward that cannot run without the image (BLIP-2's requires pixel_values) has no suffix pass.
+        pixels = params.get("pixel_values")
+        self._suffix_without_image = pixels is None or pixels.default is not inspect.Parameter.empty
         self._hooks = hooks.install(self.layers)
 
     # --- set-up ------------------------------------------------------------------------------
@@ -379,9 +383,16 @@ class VLM:
         prefix, suffix = shared.split_inputs(inputs, P)
         # A cache that keeps every position in every layer: the model's own would keep only the last window of a
         # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
+        # The model fills it in place (read here, not from the output, which BLIP-2 nests in its LM's).
+        cache = DynamicCache()
         with self._running(self._plan(batch, (), (), capture, False)) as run:
-            out = self.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **self._keep_last())
-        return run, compat.output_cache(out), suffix
+            self.model(**prefix, **compat.cache_kwargs(cache), use_cache=True, **self._keep_last())
+        return run, cache, suffix
+
+    def _prefix_from(self, batch: Batch) -> int:
+        """The first position a shared prefix may end at (`Family.causal_from`); past the batch where no suffix can
+        run without the image, so that the conditions run in full."""
+        return self.family.causal_from(batch.inputs) if self._suffix_without_image else batch.length
 
     def _keep_last(self, keep: int = 1) -> dict:
         """Ask the model for the last ``keep`` positions' logits only, where its forward supports it."""
@@ -402,6 +413,11 @@ class VLM:
 
     def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
+        if not self._suffix_without_image:
+            raise InterventionError(
+                f"This {self.family.name} model's forward requires pixel_values, so no suffix runs without the image: "
+                "run each condition in full (forward_conditions does so for it)."
+            )
         if (
             not 0 < length < batch.length
             or length <= max(lay.end for lay in batch.layouts)
@@ -463,7 +479,7 @@ class VLM:
         conds = shared.as_conditions(conditions)
         keep = max(1, int(keep))
         P = shared.prefix_length(
-            batch, conds, attention_stats=attention_stats, keep=keep, causal_from=self.family.causal_from(batch.inputs)
+            batch, conds, attention_stats=attention_stats, keep=keep, causal_from=self._prefix_from(batch)
         )
         results = {}
         if P == 0:
@@ -567,7 +583,7 @@ class VLM:
     ) -> dict[str, torch.Tensor]:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each."""
         conds = shared.as_conditions(conditions)
-        P = shared.prefix_length(batch, conds, attention_stats=False, causal_from=self.family.causal_from(batch.inputs))
+        P = shared.prefix_length(batch, conds, attention_stats=False, causal_from=self._prefix_from(batch))
         plans = [self._plan(batch, c.knockouts, c.patches, None, False) for c in conds]
         return dict(zip((c.name for c in conds), self._generate_plans(batch, plans, P, max_new_tokens, kwargs)))
 
@@ -594,7 +610,7 @@ class VLM:
             batch,
             [shared.Condition("k", knockouts=(template,))],
             attention_stats=False,
-            causal_from=self.family.causal_from(batch.inputs),
+            causal_from=self._prefix_from(batch),
         )
         plans = [
             Plan(self.layer_of, self.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, None, mode),))
