@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GotOcr2Config,
+    GotOcr2ForConditionalGeneration,
+    GotOcr2ImageProcessorPil,
+    GotOcr2Processor,
+    HYV4VLConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    Qwen2Config,
+)
 
 import narrowgate as ng
+from tests.fixtures.common import make_tokenizer, text_config
 
 
 def test_load_from_directory_and_wrap_in_memory(checkpoint_dir):
@@ -109,3 +122,39 @@ def test_organisms_load_by_name():
 def test_bad_dtype(checkpoint_dir):
     with pytest.raises(ng.LoadError, match="dtype"):
         ng.load(checkpoint_dir("llava"), dtype="float7")
+
+
+def test_sdpa_on_the_language_model_where_another_part_has_none(tmp_path):
+    """GOT-OCR 2's class refuses SDPA (its SAM vision tower has none): the decoder still gets it (the engine routes
+    it), the tower keeps eager, and the default attn_implementation loads; the model class's own refusal stands."""
+    tok = make_tokenizer(["<img>", "</img>", "<imgpad>", "<|im_start|>", "<|im_end|>"])
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, mlp_dim=64)
+    config = GotOcr2Config(
+        vision_config=vision,
+        text_config=Qwen2Config(**text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<imgpad>"),
+    )
+    GotOcr2ForConditionalGeneration(config).save_pretrained(tmp_path)
+    GotOcr2Processor(image_processor=GotOcr2ImageProcessorPil(), tokenizer=tok).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa")
+    vlm = ng.load(tmp_path, dtype="float32")
+    assert vlm.attn_implementation == "narrowgate_sdpa"
+    assert vlm.model.config.text_config._attn_implementation == "narrowgate_sdpa"
+    assert vlm.model.config.vision_config._attn_implementation == "eager"
+    assert ng.load(tmp_path, dtype="float32", attn_implementation="eager").attn_implementation == "narrowgate_eager"
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        (LlavaConfig(), "sdpa"),  # SDPA everywhere
+        (GotOcr2Config(), {"text_config": "sdpa"}),  # the SAM tower has none: SDPA on the decoder alone
+        (HYV4VLConfig(), {"text_config": "eager"}),  # the decoder has none: eager, which the engine routes as well
+    ],
+)
+def test_the_attention_each_part_is_loaded_with(config, want):
+    from narrowgate.loading import _attention
+
+    assert _attention(config, "sdpa") == want
+    assert _attention(config, "eager") == "eager"

@@ -35,20 +35,21 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
-def output_cache(output):
-    """The KV cache a forward returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
-    return getattr(output, CACHE_ARG)
-
-
 def layer_cache(kwargs: dict):
     """The KV cache a decoder layer was called with (None without one)."""
     return kwargs.get(CACHE_ARG)
 
 
-def cache_kv(cache) -> list[tuple]:
-    """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
-    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def cache_kv(cache, layers) -> list[tuple]:
+    """Per decoder layer (``layers``), the (keys, values) its attention sees for the cached positions, each
+    [B, kv_heads, length, head_dim] (``Cache.layers[i].keys/.values`` in 5.0 - 5.24). Multi-head latent
+    attention (DeepSeek-V3's, Kimi-K2.5's) caches its compressed latent and rotary key instead and expands them
+    on every call with its ``expand_kv`` (5.24): so is it done here."""
+    out = []
+    for layer, cached in zip(layers, cache.layers):
+        expand = getattr(getattr(layer, "self_attn", None), "expand_kv", None)
+        out.append(expand(cached.keys, cached.values) if callable(expand) else (cached.keys, cached.values))
+    return out
 
 
 class _PrefixLayer(DynamicLayer):
@@ -175,7 +176,6 @@ __all__ = [
     "is_torchvision_available",
     "layer_cache",
     "name_or_path",
-    "output_cache",
     "repeat_kv",
     "sdpa_attention_forward",
     "sdpa_mask",

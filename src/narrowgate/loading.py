@@ -13,7 +13,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from . import checkpoint_prompts, fileio
 from .errors import NarrowgateError, OptionError
@@ -159,6 +159,28 @@ def _has_torchvision() -> bool:
     return is_torchvision_available()
 
 
+def _supports_sdpa(auto, config) -> bool:
+    """Whether the class ``auto`` maps ``config`` to runs SDPA (True where it maps none)."""
+    try:
+        return bool(getattr(auto._model_mapping[type(config)], "_supports_sdpa", True))
+    except KeyError:
+        return True
+
+
+def _attention(config, attn_implementation: str) -> str | dict[str, str]:
+    """What to load with for ``attn_implementation``. The language model is what the engine routes: where the
+    model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes to
+    the language model alone; where the language model itself has none (HunYuan-V4-VL's), it gets eager attention,
+    which the engine routes as exactly. The rest keeps transformers' default."""
+    text = getattr(config, "text_config", None)
+    if attn_implementation != "sdpa" or text is None or "text_config" not in config.sub_configs:
+        return attn_implementation
+    text_sdpa = _supports_sdpa(AutoModel, text)
+    if text_sdpa and _supports_sdpa(AutoModelForImageTextToText, config):
+        return attn_implementation
+    return {"text_config": "sdpa" if text_sdpa else "eager"}
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
@@ -230,7 +252,7 @@ def load(
             raise LoadError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
         dtype = getattr(torch, dtype)
     model_cls = AutoModelForImageTextToText
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **hub)
+    kwargs = dict(dtype=dtype, attn_implementation=_attention(config, attn_implementation), **hub)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:

@@ -75,7 +75,11 @@ class VLM:
         if not hasattr(self.layers, "_narrowgate_padding"):
             self.layers._narrowgate_padding = (tok, getattr(tok, "padding_side", None))
         self._attn = self._wrap_attention()
-        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        # A forward that cannot run without the image (BLIP-2's requires pixel_values) has no suffix pass.
+        pixels = params.get("pixel_values")
+        self._suffix_without_image = pixels is None or pixels.default is not inspect.Parameter.empty
         self._hooks = hooks.install(self.layers, modules)
         self.runner = Runner(self)
 
@@ -388,6 +392,11 @@ class VLM:
             return self._generate_plans(batch, [self._plan(batch)], 0, max_new_tokens, kwargs)[0]
         cond = shared.Condition("generate", tuple(knockouts), tuple(patches), tuple(interventions))
         return self.generate_conditions(batch, [cond], max_new_tokens=max_new_tokens, **kwargs)["generate"]
+
+    def _prefix_from(self, batch: Batch) -> int:
+        """The first position a shared prefix may end at (`Family.causal_from`); past the batch where no suffix can
+        run without the image, so that the conditions run in full."""
+        return self.family.causal_from(batch.inputs) if self._suffix_without_image else batch.length
 
     def _keep_last(self, keep: int = 1) -> dict:
         """Ask the model for the last ``keep`` positions' logits only, where its forward supports it."""

@@ -103,3 +103,23 @@ def test_attention_kwargs_the_engine_does_not_implement_are_refused_by_name(vlm,
     fn(module, q, k, v, None)  # without it the same call runs
     with pytest.raises(InterventionError, match=name):
         fn(module, q, k, v, None, **{name: torch.zeros(module.config.num_attention_heads)})
+
+
+def test_a_residual_stream_not_batch_tokens_width_is_refused(vlm, batch):
+    """Gemma 3n's AltUp carries [streams, batch, tokens, width] between decoder layers: a capture or patch there
+    is refused by name (a hook placed before narrowgate's gives layer 1 such an input here)."""
+
+    def stacked(module, args, kwargs):
+        if args:
+            return (args[0][None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"][None]}
+
+    handle = vlm.layers[1].register_forward_pre_hook(stacked, with_kwargs=True, prepend=True)
+    try:
+        with pytest.raises(InterventionError, match=r"4-D .*several streams .*AltUp"):
+            vlm.forward(batch, capture=ng.Capture("last"))
+        with pytest.raises(InterventionError, match="cannot capture or patch"):
+            vlm.forward(batch, patches=[ng.Patch("last", 1, torch.zeros(2, vlm.hidden_size))])
+    finally:
+        handle.remove()
+    assert vlm.forward(batch, capture=ng.Capture("last")).residuals["last"].shape[:2] == (2, vlm.n_layers + 1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from transformers import Blip2ForConditionalGeneration
 
 import narrowgate as ng
 from narrowgate import compat
@@ -34,6 +37,25 @@ def case(request, loaded, family, mixed):
     batch = same_prompt(vlm)
     assert prefix_length(batch, _conditions(vlm, batch), attention_stats=True) > max(l.end for l in batch.layouts)
     return vlm, batch
+
+
+def test_a_forward_that_requires_the_image_runs_every_condition_in_full(loaded, monkeypatch):
+    """BLIP-2's forward requires pixel_values, so no suffix runs without the image: the conditions run in full
+    (equal to separate forwards) and an explicit shared prefix is refused by name."""
+    params = inspect.signature(Blip2ForConditionalGeneration.forward).parameters
+    assert params["pixel_values"].default is params["pixel_values"].empty  # the case this test stands for
+    vlm = loaded("llava")
+    batch = same_prompt(vlm)
+    assert vlm._suffix_without_image  # llava's forward runs without pixel_values
+    monkeypatch.setattr(vlm, "_suffix_without_image", False)
+    monkeypatch.setattr(vlm, "_suffix_pass", None)  # any suffix pass would fail
+    conds = _conditions(vlm, batch)
+    out = vlm.forward_conditions(batch, conds)
+    for c in conds:
+        full = vlm.forward(batch, knockouts=c.knockouts, patches=c.patches)
+        torch.testing.assert_close(out[c.name].last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
+    with pytest.raises(ng.InterventionError, match="requires pixel_values"):
+        vlm.share_prefix(batch, batch.length - 1)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-prefix", "prefix-by-hand"])

@@ -262,6 +262,7 @@ def with_prefix(
         and softcap is None
         and query.device.type == "cpu"
         and query.dtype == wide
+        and pv.shape[-1] == d  # the fused kernel wants one head size (not MLA's: DeepSeek-V3 keys 192, values 128)
         and (zero is None or not cache("zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
     )
     if fused:

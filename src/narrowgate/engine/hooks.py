@@ -13,7 +13,7 @@ import torch
 
 from ..compat import layer_cache
 from . import sites
-from .state import active_run
+from .state import InterventionError, active_run
 
 
 def _past_length(kwargs, layer: int) -> int:
@@ -30,6 +30,18 @@ def _replace_output(output, new):
     if isinstance(output, tuple):
         return (new, *output[1:])
     return new
+
+
+def _resid(run, at: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The ``resid`` site's interventions at residual index ``at`` applied to ``hidden`` [B, Q, D]; a residual
+    stream of another shape (several streams) is refused where something acts on it."""
+    if hidden.dim() != 3 and run.plan.at_site("resid", at):
+        raise InterventionError(
+            f"The residual stream between this model's decoder layers is {hidden.dim()}-D {tuple(hidden.shape)}, not "
+            "[batch, tokens, width]: it carries several streams (Gemma 3n's AltUp, HunYuan-V4's hyper-connections), "
+            "which narrowgate cannot capture or patch. Knockouts work."
+        )
+    return sites.visit(run, "resid", at, hidden, run.scratch.offset)[0]
 
 
 def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, torch.nn.Module | None]]) -> list:
@@ -54,7 +66,7 @@ def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, to
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             run.scratch.offset = _past_length(kwargs, l)
-            new, _ = sites.visit(run, "resid", l, hidden, run.scratch.offset)
+            new = _resid(run, l, hidden)
             if new is hidden:
                 return None
             if args:
@@ -82,7 +94,7 @@ def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, to
         if run is None or not run.plan.edits:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        new, _ = sites.visit(run, "resid", n, hidden, run.scratch.offset)
+        new = _resid(run, n, hidden)
         return None if new is hidden else _replace_output(output, new)
 
     handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))

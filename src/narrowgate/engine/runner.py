@@ -41,13 +41,20 @@ class Runner:
         plan = reads or vlm._plan(batch)
         # A cache that keeps every position in every layer: the model's own would keep only the last window of a
         # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
+        # The model fills it in place (read here, not from the output, which BLIP-2 nests in its LM's).
+        cache = DynamicCache()
         with vlm._running(plan, check=False) as run:
-            out = vlm.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **vlm._keep_last())
-        return run, compat.output_cache(out), suffix
+            vlm.model(**prefix, **compat.cache_kwargs(cache), use_cache=True, **vlm._keep_last())
+        return run, cache, suffix
 
     def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
         family = self.vlm.family
+        if not self.vlm._suffix_without_image:
+            raise InterventionError(
+                f"This {family.name} model's forward requires pixel_values, so no suffix runs without the image: "
+                "run each condition in full (forward_conditions does so for it)."
+            )
         if (
             not 0 < length < batch.length
             or length <= max(lay.end for lay in batch.layouts)
@@ -60,7 +67,7 @@ class Runner:
             )
         reads = None if capture is None else self.vlm._plan(batch, capture=capture)
         run, cache, suffix = self.prefix_cache(batch, length, reads)
-        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, run.record.captured)
+        return shared.SharedPrefix(batch, length, compat.cache_kv(cache, self.vlm.layers), suffix, run.record.captured)
 
     # --- suffix passes -----------------------------------------------------------------------
     def suffix_pass(self, prefix: shared.SharedPrefix, plan: Plan, n: int, keep: int = 1) -> tuple[torch.Tensor, Run]:
@@ -107,7 +114,7 @@ class Runner:
         ]
 
     def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1) -> int:
-        return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm.family.causal_from(batch.inputs))
+        return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm._prefix_from(batch))
 
     def forward_conditions(
         self, batch: Batch, conditions, *, capture=None, attention_stats=False, keep=1, interventions=()
@@ -130,7 +137,7 @@ class Runner:
             return results
         reads = [r for r in plans[0].edits if r.first_affected() is None]
         run, cache, suffix = self.prefix_cache(batch, P, Plan(vlm.layer_of, vlm.n_layers, (), tuple(reads)))
-        prefix = shared.SharedPrefix(batch, P, compat.cache_kv(cache), suffix, run.record.captured)
+        prefix = shared.SharedPrefix(batch, P, compat.cache_kv(cache, vlm.layers), suffix, run.record.captured)
         B, done = batch.size, 0
         for n, logits, run in self.suffix_passes(prefix, plans, keep):
             part, done = conds[done : done + n], done + n

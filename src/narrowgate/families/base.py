@@ -134,7 +134,8 @@ class Family:
 
     def causal_from(self, inputs) -> int:
         """The first position from which the model's attention is causal: earlier positions may attend to later
-        ones, so no shared prefix may end before it. 0: causal everywhere outside the image (every dedicated family)."""
+        ones, so no shared prefix may end before it (nor before a token after the image whose input the image pass
+        writes: Ovis2's <IMG_END>). 0: causal everywhere outside the image (most families)."""
         return 0
 
     # --- layout ------------------------------------------------------------------------------
@@ -175,18 +176,25 @@ class Family:
             layers = getattr(getattr(decoder, "model", None), "layers", None)
         if isinstance(layers, torch.nn.ModuleList):
             return layers
-        for name, module in model.named_modules():
-            if name.endswith("language_model.layers") or name == "model.layers":
+        for name, module in model.named_modules():  # OPT keeps them in its decoder (BLIP-2)
+            if (
+                name.endswith(("language_model.layers", "language_model.model.decoder.layers"))
+                or name == "model.layers"
+            ):
                 return module
         raise LayoutError(f"Could not find the decoder layers of this {self.name} model.")
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        """The language model's final norm, applied after the last decoder layer."""
+        """The language model's final norm, applied after the last decoder layer (``norm``; OPT's, in BLIP-2, is its
+        decoder's ``final_layer_norm``)."""
         get_decoder = getattr(model, "get_decoder", None)
         decoder = get_decoder() if callable(get_decoder) else None
-        if not hasattr(decoder, "norm"):
-            decoder = getattr(decoder, "model", None)
-        return getattr(decoder, "norm", None)
+        inner = getattr(decoder, "model", None)
+        for owner in (decoder, inner, getattr(decoder, "decoder", None), getattr(inner, "decoder", None)):
+            for name in ("norm", "final_layer_norm"):
+                if isinstance(getattr(owner, name, None), torch.nn.Module):
+                    return getattr(owner, name)
+        return None
 
     @classmethod
     def accepts(cls, vision_model_type: str | None) -> bool:

@@ -4,7 +4,9 @@ Roles come only from what the processor, its tokenizer and the config name:
 
 - content: the token the model replaces with image features (``config.image_token_id`` /
   ``image_token_index``, else the processor's ``image_token_id`` or ``image_token``); the prompt's placeholder
-  is the processor's ``image_token``, which may differ (Gemma 3 writes ``<start_of_image>``, Aya Vision ``<image>``);
+  is the processor's ``image_placeholder_token`` where it names one (Qianfan-OCR writes ``<image>`` and expands
+  it to ``<IMG_CONTEXT>`` tokens), else its ``image_token``, which may differ from the content token (Gemma 3
+  writes ``<start_of_image>``, Aya Vision ``<image>``);
 - ``boi`` / ``eoi``: the begin/end-of-image specials where the processor or tokenizer names them
   (``boi_token``/``eoi_token``, ``image_start_token``/``image_end_token``, ``start_image_token``/
   ``end_image_token``, ``vision_start_token``/``vision_end_token``) or the config gives their ids;
@@ -80,6 +82,12 @@ class Generic(Family):
     def __init__(self, processor, config):
         self.name = config.model_type
         super().__init__(processor, config)
+
+    @property
+    def image_token(self) -> str:
+        """The image placeholder a raw prompt holds (see the module docstring)."""
+        placeholder = getattr(self.processor, "image_placeholder_token", None)
+        return placeholder if isinstance(placeholder, str) and placeholder else super().image_token
 
     def _named(self, names: tuple[str, ...]) -> str | None:
         for owner in (self.processor, self.tokenizer):
