@@ -4,10 +4,14 @@ the manifest), and the corrected command then runs on the same --out."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
+from narrowgate.analyses import EXPERIMENTS
+from narrowgate.analyses.base import check_sweep
 from narrowgate.cli import app
+from narrowgate.errors import OptionError
 from narrowgate.store import RunStore
 
 runner = CliRunner()
@@ -36,6 +40,16 @@ def test_sweep_with_layers_is_refused_not_ignored(tmp_path):
     result = _ablation(out, "--sweep-step", "2")  # --sweep-step alone would be ignored just as silently
     _one_line_refusal(result, "--sweep-step 2 applies only with --sweep")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("experiment", ["ablation", "overlap"])
+def test_only_a_sweep_step_other_than_the_default_needs_sweep(experiment):
+    """Overlap's default step is the authors' 4, the ablation's 1: a run without --sweep keeps either default."""
+    exp = EXPERIMENTS[experiment]()
+    default = exp.defaults["sweep_step"]
+    check_sweep(dict(exp.defaults), default)
+    with pytest.raises(OptionError, match=f"--sweep-step {default + 1} applies only with --sweep"):
+        check_sweep({**exp.defaults, "sweep_step": default + 1}, default)
 
 
 def test_sweep_step_beyond_the_model_is_refused_before_the_manifest(tmp_path):

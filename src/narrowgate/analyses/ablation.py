@@ -171,7 +171,7 @@ class Ablation(Experiment):
         )
 
     def check(self, examples, cfg):
-        check_sweep(cfg)
+        check_sweep(cfg, self.defaults["sweep_step"])
         if len(examples) < 2:
             raise OptionError(
                 f"--n {len(examples)}: a score over one example has no standard error (and CIDEr-D over one image "

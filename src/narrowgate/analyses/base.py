@@ -297,9 +297,10 @@ def check_k(labels, k: int) -> None:
         )
 
 
-def check_sweep(cfg: dict) -> None:
-    """Refuse ``--sweep-step`` without ``--sweep`` (it would be ignored), before the model loads."""
-    if not cfg.get("sweep") and int(cfg.get("sweep_step") or 1) != 1:
+def check_sweep(cfg: dict, default: int) -> None:
+    """Refuse ``--sweep-step`` other than its ``default`` without ``--sweep`` (it would be ignored), before the model
+    loads."""
+    if not cfg.get("sweep") and int(cfg.get("sweep_step") or default) != default:
         raise OptionError(
             f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
         )

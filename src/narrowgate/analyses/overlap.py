@@ -105,7 +105,7 @@ class Overlap(Experiment):
     curve = ("overlap", "overlap", None)
 
     def check(self, examples, cfg):
-        check_sweep(cfg)
+        check_sweep(cfg, self.defaults["sweep_step"])
         check_k((e.label for e in examples), cfg["k"])
 
     def check_model(self, cfg, n_layers):
