@@ -610,6 +610,7 @@ def _finetune_locked(
             "checkpoint_prompts": vlm.checkpoint_prompts.as_json() if vlm.checkpoint_prompts else None,
         },
         key_fields=("experiment", "config", "fingerprint"),
+        work=(scores_path.name, "checkpoint", "adapter", "card.json"),
     )
     if not scores_path.exists() and ranks.rank == 0:
         scores_path.write_text(json.dumps(before, indent=1))

@@ -276,13 +276,17 @@ class RunStore:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
-    def open_manifest(self, manifest: dict, *, key_fields: tuple[str, ...] = ("experiment", "config")) -> dict:
+    def open_manifest(
+        self, manifest: dict, *, key_fields: tuple[str, ...] = ("experiment", "config"), work: tuple[str, ...] = ()
+    ) -> dict:
         """Write the manifest, or check that an existing one describes the same run (resume).
 
         Refused, naming what differs: a manifest of another run (any of ``key_fields`` different, or
         missing: an edited or older manifest cannot vouch for its records), one that is not JSON, and
         records without a manifest. A directory whose run never produced a record (every example
         failed, or the setup did) is replaced instead, with a warning: nothing computed is lost.
+        ``work`` names the files and folders, beside records, that hold computed results (a fine-tune's
+        scores, checkpoint and adapter): a directory holding any of them is never replaced.
         Once the manifest is settled, damaged shards are set aside to be redone (`check_shards`).
         """
         if self.rank != 0:
@@ -296,7 +300,7 @@ class RunStore:
                 if self.rank == 0:  # the other ranks wait for this at the runner's barrier
                     self.check_shards()
                 return old
-            if self.rank != 0 or self._parts("records"):
+            if self.rank != 0 or self._parts("records") or any((self.path / w).exists() for w in work):
                 raise ManifestMismatch(refusal)
             self._replace(refusal)
         elif self._parts("records") or self._parts("failures"):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
 from narrowgate.cli import app
+from narrowgate.errors import BaselineAtChance
 from narrowgate.store import ManifestMismatch, RunStore
 from tests.analyses.test_refusals import _one_line_refusal
 from tests.data import layouts
@@ -27,8 +28,13 @@ def _flickr(tmp_path, n_images=4):
 
 
 def _captions(root, out, **extra):
+    """The native organism captions Flickr30k at chance (it never saw it): the run stops after its records are
+    written (BaselineAtChance), which is all these tests read."""
     cfg = dict(model="native", data="flickr30k", data_dir=str(root), n=4, max_new_tokens=2, out=str(out))
-    return run(EXPERIMENTS["ablation"](), {**cfg, "progress": False, **extra})
+    try:
+        return run(EXPERIMENTS["ablation"](), {**cfg, "progress": False, **extra})
+    except BaselineAtChance:
+        return RunStore(out)
 
 
 # --- item 9: resume on changed data, a lost manifest, an edited manifest ----------------------------------

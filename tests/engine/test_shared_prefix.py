@@ -48,7 +48,7 @@ def test_a_forward_that_requires_the_image_runs_every_condition_in_full(loaded, 
     batch = same_prompt(vlm)
     assert vlm._suffix_without_image  # llava's forward runs without pixel_values
     monkeypatch.setattr(vlm, "_suffix_without_image", False)
-    monkeypatch.setattr(vlm, "_suffix_pass", None)  # any suffix pass would fail
+    monkeypatch.setattr(vlm.runner, "suffix_pass", None)  # any suffix pass would fail
     conds = _conditions(vlm, batch)
     out = vlm.forward_conditions(batch, conds)
     for c in conds:
