@@ -24,7 +24,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import threads
-from .errors import NarrowgateError, OptionError, parse_layer_set
+from .errors import NarrowgateError, OptionError, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
 
 threads.configure()
@@ -176,6 +176,7 @@ PARSERS = {
     "layers": _refusing(parse_layer_set, OptionError),
     "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
+    "size": _refusing(parse_size, OptionError),
     "finite": _finite,
     "positive": _positive,
     "nonempty": _nonempty,

@@ -64,3 +64,25 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
+_UNITS.update({"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40})
+
+
+def parse_size(value, option: str = "--memory-budget") -> int | None:
+    """``'8GiB'``, ``'512 MB'``, ``'1.5g'`` or a number of bytes -> bytes; None (or ``'auto'``) -> None.
+
+    Raises `OptionError` naming ``option`` for anything else, or for less than 1 MiB."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        out = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError, OverflowError):
+        raise OptionError(f"{option} {value!r}: write a size such as 8GiB, 512MiB or 2GB (or auto).") from None
+    if out < 1 << 20:
+        raise OptionError(f"{option} {value!r} is below 1 MiB; no model call fits in it.")
+    return out

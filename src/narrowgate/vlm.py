@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from . import compat
 from .batch import Batch
 from .engine import attention as engine_attention
-from .engine import hooks, shared
+from .engine import budget, hooks, shared
 from .engine.interventions import Capture, Knockout
 from .engine.state import (
     InterventionError,
@@ -22,11 +22,13 @@ from .engine.state import (
     ResolvedKnockout,
     RoleMask,
     Run,
+    Scratch,
     activate,
     recompute_context,
     resolve,
 )
 from .engine.stats import CrossModalAttention, build
+from .errors import parse_size
 from .families import detect
 
 
@@ -60,6 +62,10 @@ class VLM:
     The wrapper switches the language model's attention to the engine's registered functions, installs
     the capture/patch hooks and puts the model in eval mode; `close` (or leaving a ``with VLM(...)``
     block) puts all three back, so a model handed to narrowgate is left as it was found.
+
+    ``memory_budget``: the working memory (bytes beyond the weights) one model call may use; None (the default)
+    means what a plain forward of the same batch needs. Every split of the work — conditions per suffix pass,
+    query rows per attention block — is chosen to fit it (`narrowgate.engine.budget`); results do not depend on it.
     """
 
     def __init__(self, model, processor):
@@ -80,6 +86,17 @@ class VLM:
         self._attn = self._wrap_attention()
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._hooks = hooks.install(self.layers)
+        self.budget = budget.Budget(budget.Shape.of(model))
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Working memory one model call may use, in bytes (None: a plain forward's need)."""
+        return self.budget.limit
+
+    @memory_budget.setter
+    def memory_budget(self, value) -> None:
+        """Bytes, a size such as ``"8GiB"``, or None / ``"auto"`` for a plain forward's need."""
+        self.budget = replace(self.budget, limit=parse_size(value, "memory_budget"))
 
     # --- set-up ------------------------------------------------------------------------------
     def _set_attention(self, implementation: str) -> None:
@@ -307,7 +324,7 @@ class VLM:
         """The one way narrowgate runs the model: every model call (forward, prefix, suffix passes, generation,
         training) happens inside this block with ``plan`` active; on leaving it, the check that every
         intervention of the plan was applied. Yields the `Run` (its record holds what the call produced)."""
-        run = Run(plan, record or Record())
+        run = Run(plan, record or Record(), Scratch(budget=self.budget))
         with activate(run):
             yield run
         run.check_applied()
@@ -415,9 +432,6 @@ class VLM:
         pre_run, cache, suffix = self._prefix_cache(batch, length, capture)
         return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, pre_run.record.captured)
 
-    def _heads(self) -> int:
-        return int(self.layers[0].self_attn.config.num_attention_heads)
-
     def _suffix_pass(self, prefix: shared.SharedPrefix, plan: Plan, n: int, keep: int = 1) -> tuple[torch.Tensor, Run]:
         """The suffix of ``n`` conditions (``plan`` over their n * B rows) in one pass: the logits of the last
         ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1), and the run."""
@@ -432,14 +446,29 @@ class VLM:
             )
         return (out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()), run
 
-    def _suffix_passes(self, prefix: shared.SharedPrefix, plans: list[Plan], keep: int = 1):
-        """The conditions' ``plans`` on ``prefix``, stacked as batch rows, as many per pass as memory allows.
+    def _pass_size(self, prefix: shared.SharedPrefix, *, keep=1, probs=False, zero_in_prefix=False, knockouts=1) -> int:
+        """Conditions per suffix pass on ``prefix``: as many as the memory budget holds (`engine.budget`)."""
+        b, keys = prefix.batch, prefix.kv[0][0]
+        fused = budget.fused_prefix(
+            keys.device,
+            keys.dtype,
+            probs=probs,
+            zero_in_prefix=zero_in_prefix,
+            grad=False,
+            softcap=self.budget.shape.softcap,
+        )
+        return self.budget.conditions_per_pass(
+            b.size, b.length, prefix.length, fused=fused, probs=probs, knockouts=knockouts, keep=keep
+        )
 
-        Yields, per pass, how many conditions it held, its logits (as `_suffix_pass`) and its run."""
+    def _suffix_passes(self, prefix: shared.SharedPrefix, plans, count: int, step: int, keep: int = 1):
+        """``count`` conditions on ``prefix``, stacked as batch rows, ``step`` per pass (`_pass_size`). ``plans`` is
+        their list, or a function (start, stop) -> the plans of those conditions, built pass by pass so a large
+        scan never holds every condition's masks. Yields, per pass, how many conditions it held, its logits (as
+        `_suffix_pass`) and its run."""
         b = prefix.batch
-        step = shared.rows_per_pass(b.size, self._heads(), b.length - prefix.length, b.length)
-        for s in range(0, len(plans), step):
-            part = plans[s : s + step]
+        for s in range(0, count, step):
+            part = plans[s : s + step] if isinstance(plans, list) else plans(s, min(count, s + step))
             logits, run = self._suffix_pass(prefix, shared.stack(part, b.size, b.length), len(part), keep)
             yield len(part), logits, run
 
@@ -475,8 +504,18 @@ class VLM:
             return results
         prefix = self.share_prefix(batch, P, capture)
         plans = [self._plan(batch, c.knockouts, c.patches, capture, attention_stats) for c in conds]
+        kinds = {(k.layers, k.mode, k.source.generated, k.target.generated) for p in plans for k in p.knockouts}
+        step = self._pass_size(
+            prefix,
+            keep=keep,
+            probs=attention_stats,
+            zero_in_prefix=any(
+                k.mode == "zero" and bool(k.source.prompt[:, :P].any()) for p in plans for k in p.knockouts
+            ),
+            knockouts=len(kinds) * max(len(p.knockouts) for p in plans),
+        )
         B, done = batch.size, 0
-        for n, logits, run in self._suffix_passes(prefix, plans, keep):
+        for n, logits, run in self._suffix_passes(prefix, plans, len(plans), step, keep):
             part, done = conds[done : done + n], done + n
             logits = logits.cpu().view(n, B, *(() if keep == 1 else (keep,)), -1)
             residuals = {k: v.view(n, B, *v.shape[1:]) for k, v in run.residuals().items()}
@@ -498,14 +537,25 @@ class VLM:
 
     @torch.no_grad()
     def forward_knockouts(
-        self, prefix: shared.SharedPrefix, sources: torch.Tensor, *, target="text", layers=None, mode: str = "mask"
+        self,
+        prefix: shared.SharedPrefix,
+        sources: torch.Tensor,
+        *,
+        target="text",
+        layers=None,
+        mode: str = "mask",
+        reduce=None,
     ) -> torch.Tensor:
         """Next-token logits at ``last`` ([C, B, V], float32, CPU) for C knockouts ``sources[c] -> target``.
 
         ``sources`` is a [C, B, T] boolean mask of arbitrary key positions (one position, a set, the whole
-        image), so a scan over every image-side position is one call. ``layers``: decoder layers of every
-        knockout (None = all), or a list of C such windows (tuples, ranges or None), one per knockout. The knockouts run as batch rows of
-        suffix passes on ``prefix`` (`share_prefix`).
+        image), so a scan over every image-side position is one call; dense, or sparse COO
+        (``torch.sparse_coo_tensor``), which a scan over thousands of positions should use: each pass then makes
+        only its own conditions' masks. ``layers``: decoder layers of every knockout (None = all), or a list of C
+        such windows (tuples, ranges or None), one per knockout. The knockouts run as batch rows of suffix passes
+        on ``prefix`` (`share_prefix`), as many per pass as the memory budget holds. ``reduce`` maps each pass's
+        logits [n, B, V] to what is kept of them (a divergence per condition, say), so C x V logits are never
+        held; the result is then the concatenation of its outputs.
         """
         batch = prefix.batch
         C, B = self._check_sources(batch, sources)
@@ -513,18 +563,32 @@ class VLM:
         per = list(layers) if each else [layers] * C
         if len(per) != C:
             raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
-        resolved = [
-            self._plan(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False).knockouts[0]
-            for l in per
-        ]  # validates target, layers and mode
-        tgt = resolved[0].target
+        windows: dict = {}
+        for l in per:  # validates target, layers and mode, once per window
+            key = None if l is None else tuple(l)
+            if key not in windows:
+                windows[key] = self._plan(batch, (Knockout("image", target, layers=l, mode=mode),), (), None, False)
+        tgt = next(iter(windows.values())).knockouts[0].target
         if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
-        plans = [
-            Plan(self.layer_of, self.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, k.layers, mode),))
-            for src, k in zip(sources, resolved)
-        ]
-        return torch.cat([logits.cpu().view(n, B, -1) for n, logits, _ in self._suffix_passes(prefix, plans)])
+
+        def plans(start: int, stop: int) -> list[Plan]:
+            part = shared.dense_rows(sources, start, stop)
+            return [
+                Plan(
+                    self.layer_of,
+                    self.n_layers,
+                    (ResolvedKnockout(RoleMask(src.bool(), False), tgt, windows[key].knockouts[0].layers, mode),),
+                )
+                for src, key in zip(part, (None if l is None else tuple(l) for l in per[start:stop]))
+            ]
+
+        step = self._pass_size(prefix, zero_in_prefix=mode == "zero", knockouts=len(windows))
+        out = []
+        for n, logits, _ in self._suffix_passes(prefix, plans, C, step):
+            logits = logits.cpu().view(n, B, -1)
+            out.append(logits if reduce is None else reduce(logits))
+        return torch.cat(out)
 
     def attribute(
         self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask"
@@ -584,8 +648,9 @@ class VLM:
     ) -> list[torch.Tensor]:
         """Greedy generation under C knockouts ``sources[c] -> target`` at every layer; token ids [B, T + new] each.
 
-        ``sources`` is a [C, B, T] boolean mask of arbitrary key positions, as in `forward_knockouts` (the
-        gate scan's single positions); the prompt up to the first target position runs once and is shared.
+        ``sources`` is a [C, B, T] boolean mask of arbitrary key positions, dense or sparse, as in
+        `forward_knockouts` (the gate scan's single positions); the prompt up to the first target position runs
+        once and is shared.
         """
         self._check_sources(batch, sources)
         template = Knockout("image", target, mode=mode)
@@ -596,15 +661,17 @@ class VLM:
             attention_stats=False,
             causal_from=self.family.causal_from(batch.inputs),
         )
-        plans = [
-            Plan(self.layer_of, self.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, None, mode),))
-            for src in sources
-        ]
+        plans = (  # made one at a time: ``sources`` may be sparse (a scan over thousands of positions)
+            Plan(
+                self.layer_of,
+                self.n_layers,
+                (ResolvedKnockout(RoleMask(shared.dense_rows(sources, c, c + 1)[0].bool(), False), tgt, None, mode),),
+            )
+            for c in range(sources.shape[0])
+        )
         return self._generate_plans(batch, plans, P, max_new_tokens, kwargs)
 
-    def _generate_plans(
-        self, batch: Batch, plans: list[Plan], P: int, max_new_tokens: int, kwargs: dict
-    ) -> list[torch.Tensor]:
+    def _generate_plans(self, batch: Batch, plans, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         inputs = self.model_inputs(batch)

@@ -71,6 +71,15 @@ def grid(lay) -> dict[str, tuple[int, int]]:
     return {f"image[{k}]": (k // cols, k % cols) for k in range(n)}
 
 
+def sources(sets: list, length: int) -> torch.Tensor:
+    """Knockout sources [C, 1, T] from C sets of positions, sparse: a scan over thousands of positions holds their
+    entries only, not C x T booleans (`VLM.forward_knockouts` makes each pass's masks)."""
+    index = [(c, 0, p) for c, s in enumerate(sets) for p in s]
+    at = torch.tensor(index, dtype=torch.long).T if index else torch.zeros(3, 0, dtype=torch.long)
+    values = torch.ones(at.shape[1], dtype=torch.bool)
+    return torch.sparse_coo_tensor(at, values, (len(sets), 1, length), check_invariants=True).coalesce()
+
+
 def kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(base) || softmax(logits)) per row, in nats."""
     lp, lq = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
@@ -173,11 +182,8 @@ class GateScan(Experiment):
 
     def _texts(self, vlm, batch, side, cfg) -> list[str]:
         """Generated text with no knockout, each position -> text, and the whole image side -> text."""
-        T, N = batch.length, len(side)
-        m = torch.zeros(N + 2, 1, T, dtype=torch.bool)
-        for i, (p, _, _) in enumerate(side):
-            m[1 + i, 0, p] = True
-        m[N + 1, 0, [p for p, _, _ in side]] = True
+        pos = [p for p, _, _ in side]
+        m = sources([[]] + [[p] for p in pos] + [pos], batch.length)
         new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self.task_of(cfg)])
         gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
         return [vlm.decode(g, batch)[0].strip() for g in gens]
@@ -185,24 +191,26 @@ class GateScan(Experiment):
     def _exact(self, vlm, prefix, side, cfg) -> dict:
         """Single-position damages, the two references, the 90% set size and the layer windows of one example."""
         T, N, mode = prefix.batch.length, len(side), cfg["mode"]
-        pos = torch.tensor([p for p, _, _ in side])
+        pos = [p for p, _, _ in side]
 
         def masks(sets) -> torch.Tensor:
-            m = torch.zeros(len(sets), 1, T, dtype=torch.bool)
-            for i, s in enumerate(sets):
-                m[i, 0, pos[[int(j) for j in s]]] = True
-            return m
+            return sources([[pos[int(j)] for j in s] for s in sets], T)
+
+        def measured(sets, reduce, layers=None) -> torch.Tensor:  # reduced pass by pass: never C x V logits
+            return vlm.forward_knockouts(
+                prefix, masks(sets), layers=layers, mode=mode, reduce=lambda x: reduce(x[:, 0])
+            )
 
         def damage(sets, layers=None) -> np.ndarray:
-            return kl(base, vlm.forward_knockouts(prefix, masks(sets), layers=layers, mode=mode)[:, 0]).numpy()
+            return measured(sets, lambda x: kl(base, x), layers).numpy()
 
-        singles = [[i] for i in range(N)]
-        logits = vlm.forward_knockouts(prefix, masks([[]] + singles + [range(N)]), mode=mode)[:, 0]
-        base = logits[0]
-        d = kl(base, logits[1:]).numpy()
+        base = measured([[]], lambda x: x)[0]
         own = int(base.argmax())
-        logp = torch.log_softmax(logits, -1)[:, own]
-        single, whole = d[:N], float(d[N])
+        both = measured(
+            [[i] for i in range(N)] + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1)
+        )
+        single, whole = both[:N, 0].numpy(), float(both[N, 0])
+        logp_change = (both[:N, 1] - base.log_softmax(-1)[own]).tolist()
         order = np.argsort(-single, kind="stable")
         grid_k = sorted({min(N, int(round(GRID_GROWTH**i))) for i in range(64)} | {N})
         grid_k = [k for k in grid_k if k <= N]
@@ -233,7 +241,7 @@ class GateScan(Experiment):
         by_window = d_windows.reshape(len(spans), len(sets)).tolist()
         return {
             "damage": single.tolist(),
-            "logp_change": (logp[1 : N + 1] - logp[0]).tolist(),
+            "logp_change": logp_change,
             "whole": whole,
             "whole_except_top": rest,
             "k90": k90,

@@ -66,6 +66,12 @@ class RunConfig:
         None, "accelerate device map: auto, balanced, or a JSON dict.", parse="device_map"
     )
     max_memory: dict | None = option(None, "accelerate max_memory per device.", cli=False)
+    memory_budget: str | None = option(
+        None,
+        "Working memory one model call may use beyond the weights, e.g. 8GiB; the work is split to fit "
+        "(default: what a plain forward of the batch needs). Not --max-memory, which places the weights.",
+        parse="size",
+    )
     seed: int = option(42, "Sampling seed.", min=0)
     allow_fewer: bool = option(
         False, "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."

@@ -25,7 +25,8 @@ EAGER = "narrowgate_eager"
 #: Stock implementation -> engine implementation wrapping it.
 WRAPS = {"sdpa": SDPA, "eager": EAGER}
 
-_ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
+#: Bytes per block of query rows where a call has no memory budget (a `Run` made outside `VLM`).
+_FALLBACK_BLOCK = 1 << 26
 #: Query windows up to this many rows (decode steps, text suffixes) are computed directly from their
 #: probabilities, which they need anyway for zero-mode knockouts and statistics.
 DIRECT_ROWS = 32
@@ -66,8 +67,14 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     return m.expand(batch, 1, q_len, k_len)
 
 
-def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
-    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None)."""
+def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows=None):
+    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None); with
+    ``rows`` = (q0, q1), for query rows q0..q1-1 of the call only ([B,1,q1-q0,K])."""
+    if rows is not None:
+        q0, q1 = rows
+        if attention_mask is not None and attention_mask.shape[2] > 1:
+            attention_mask = attention_mask[:, :, q0:q1]
+        Q, offset = q1 - q0, offset + q0
     allow = _allowed(attention_mask, B, Q, K, offset, device)
     mask_block, zero_block = plan.blocks(layer, offset, Q, K, device)
     if mask_block is not None:
@@ -84,16 +91,25 @@ def _row_index(rows: torch.Tensor):
     return order, valid
 
 
-def _row_probs(query, key, scaling, allow, idx, zero):
-    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries set to zero.
+def _block_rows(budget, rows: int, keys: int, bytes_per_entry: int) -> int:
+    """Query rows per block: from the call's memory budget (`engine.budget`), or a fixed size without one."""
+    if budget is not None:
+        return budget.query_rows(rows, keys, bytes_per_entry)
+    return max(1, _FALLBACK_BLOCK // max(1, rows * keys * bytes_per_entry))
+
+
+def _row_probs(query, key, scaling, allow, idx, zero, weights=None, budget=None):
+    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, in blocks of rows
+    (never all at once): their kept mass, with zero-mode entries set to zero ([B,H,R]; 1 without them), and, with
+    ``weights`` ([B,R] bool: the rows to count), the column sums of their probabilities over those rows and heads
+    ([B,K]; None without).
 
     query [B,H,Q,d], key [B,H,K,d] (heads already repeated), allow [B,1,Q,K], idx [B,R].
-    Returns probs [B,H,R,K] and the kept mass (before zeroing would be 1) [B,H,R].
     """
     B, H, _, d = query.shape
     K = key.shape[2]
-    step = max(1, _ROW_BUDGET // max(1, B * H * K))
-    probs, kept = [], []
+    step = _block_rows(budget, B, K, 3 * H * 4)  # scores, probabilities and their zeroed copy, every head, float32
+    kept, cols = [], None
     for s in range(0, idx.shape[1], step):
         ii = idx[:, s : s + step]
         q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d))
@@ -104,9 +120,11 @@ def _row_probs(query, key, scaling, allow, idx, zero):
         if zero is not None:
             z = torch.gather(zero, 1, ii[:, :, None].expand(B, ii.shape[1], K))[:, None]
             p = p.masked_fill(z, 0.0)
-        probs.append(p)
         kept.append(p.sum(-1))
-    return torch.cat(probs, 2), torch.cat(kept, 2)
+        if weights is not None:
+            part = (p.sum(1) * weights[:, s : s + step, None]).sum(1)
+            cols = part if cols is None else cols + part
+    return torch.cat(kept, 2), cols
 
 
 def _direct(query, key, value, scale, allow, zero, dropout=0.0):
@@ -299,14 +317,21 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     scale = scaling if scaling is not None else d**-0.5
     record.attention_calls.add(layer)
 
-    allow, zero_block = run.scratch.cached(
-        ("allow", id(attention_mask), plan.active_key(layer), offset, Q, K, str(device)),
-        lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device),
-        keep=attention_mask,
-    )
+    def masks(rows=None):
+        """The effective masks of the call's query rows (all of them, shared by the layers of the call), or of
+        the block ``rows`` = (q0, q1) alone."""
+        if rows is not None:
+            return _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows)
+        return run.scratch.cached(
+            ("allow", id(attention_mask), plan.active_key(layer), offset, Q, K, str(device)),
+            lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device),
+            keep=attention_mask,
+        )
+
     stats_rows = plan.text.window(offset, offset + Q, device) if plan.text is not None else None
 
     if plan.prefix is not None:
+        allow, zero_block = masks()
         out, probs = with_prefix(
             query,
             key,
@@ -327,6 +352,7 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
         return out.contiguous(), None
 
     if not eager and Q <= DIRECT_ROWS:
+        allow, zero_block = masks()
         out, probs = _direct(query, key, value, scale, allow, zero_block, dropout if module.training else 0.0)
         if stats_rows is not None:
             cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
@@ -336,7 +362,8 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     groups = getattr(module, "num_key_value_groups", 1)
     k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
 
-    if eager:
+    if eager:  # stock eager attention holds every head's [Q, K] weights; this does the same, no more
+        allow, zero_block = masks()
         scores = _capped(torch.matmul(query, k_full.transpose(2, 3)) * scale, softcap)
         scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
         w = torch.softmax(_wide(scores), dim=-1)
@@ -352,31 +379,51 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             record.column_attention[layer] = cols.detach()
         return out, w
 
+    # SDPA over blocks of query rows, so that no [Q, K] mask (nor probabilities of many rows) is built whole: per
+    # entry the model's mask, the knockouts' blocks, the allowed and final masks, and SDPA's additive float copy.
+    step = min(Q, _block_rows(run.scratch.budget, B, K, 8 + len(plan.knockouts_at(layer))))
+    outs, cols = [], None
+    for q0 in range(0, Q, step):
+        q1 = min(Q, q0 + step)
+        allow, zero_block = masks() if step >= Q else masks((q0, q1))
+        rows = None if stats_rows is None else stats_rows[:, q0:q1]
+        out, part = _sdpa_rows(module, query[:, :, q0:q1], k_full, v_full, scale, dropout, allow, zero_block, rows, run)
+        outs.append(out)
+        if part is not None:
+            cols = part if cols is None else cols + part
+    if stats_rows is not None:
+        cols = torch.zeros(B, K, device=device) if cols is None else cols
+        record.column_attention[layer] = (cols / stats_rows.sum(1).clamp(min=1)[:, None]).detach()
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).contiguous(), None
+
+
+def _sdpa_rows(module, query, k_full, v_full, scale, dropout, allow, zero_block, stats_rows, run):
+    """SDPA for a block of query rows ([B, H, Q, d]; keys with heads repeated) with the block's masks: zero-mode
+    rows rescaled by their kept mass. Returns the output [B, Q, H, d] and, with ``stats_rows`` ([B, Q]), the column
+    sums over those rows and the heads of their probabilities ([B, K]; None without stats or without such rows)."""
+    B, H, Q, _ = query.shape
     final = allow if zero_block is None else allow & ~zero_block[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, k_full, v_full, attn_mask=final, dropout_p=dropout if module.training else 0.0, scale=scale
     )
     out = out.transpose(1, 2)  # [B, Q, H, d]
     out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
-
     zero_rows = zero_block.any(-1) if zero_block is not None else None
     rows = zero_rows
     if stats_rows is not None:
         rows = stats_rows if rows is None else rows | stats_rows
-    if rows is not None and bool(rows.any()):
-        idx, valid = _row_index(rows)
-        probs, kept = _row_probs(query, k_full, scale, allow, idx, zero_block)
-        if zero_rows is not None:
-            scale_rows = torch.ones(B, Q, H, device=device, dtype=kept.dtype)
-            sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
-            factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
-            scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
-            out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
-        if stats_rows is not None:
-            is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
-            cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-    return out.contiguous(), None
+    if rows is None or not bool(rows.any()):
+        return out, None
+    idx, valid = _row_index(rows)
+    weights = None if stats_rows is None else torch.gather(stats_rows, 1, idx) & valid
+    kept, cols = _row_probs(query, k_full, scale, allow, idx, zero_block, weights, run.scratch.budget)
+    if zero_rows is not None:
+        scale_rows = torch.ones(B, Q, H, device=query.device, dtype=kept.dtype)
+        sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
+        factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
+        scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
+        out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
+    return out, cols
 
 
 def _make(eager: bool):

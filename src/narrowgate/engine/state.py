@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from ..batch import Batch
 from ..errors import NarrowgateError
 from ..roles import RoleError
 from .interventions import Capture, Knockout, Patch
+
+if TYPE_CHECKING:
+    from .budget import Budget
 
 _ACTIVE: contextvars.ContextVar[Run | None] = contextvars.ContextVar("narrowgate_run", default=None)
 
@@ -145,6 +149,7 @@ class Scratch:
     offset: int = 0  # absolute position of the first query row in the current layer call (set by the pre-hook)
     masks: dict = field(default_factory=dict, repr=False)
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
+    budget: Budget | None = None  # how large the attention's blocks of query rows may be (engine/budget.py)
 
     def cached(self, key, make, keep=None):
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
