@@ -417,8 +417,11 @@ class VLM:
             out.setdefault("pad_token_id", pad)
         return out
 
+    @torch.no_grad()
     def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
-        """Run the first ``length`` positions once; the result serves any number of suffix passes."""
+        """Run the first ``length`` positions once; the result serves any number of suffix passes. Without autograd
+        (`attribute` differentiates the suffix pass only): its keys and values are constants of every pass, and a
+        graph would keep every layer's activations alive as long as the prefix."""
         if (
             not 0 < length < batch.length
             or length <= max(lay.end for lay in batch.layouts)

@@ -109,3 +109,13 @@ def test_dense_rows_of_a_sparse_mask_equal_the_dense_rows():
     sparse = torch.sparse_coo_tensor(at, torch.ones(at.shape[1], dtype=torch.bool), dense.shape, check_invariants=True)
     for start, stop in ((0, 9), (0, 1), (3, 6), (4, 5), (8, 9)):
         assert torch.equal(shared_prefix.dense_rows(sparse, start, stop), dense[start:stop])
+
+
+def test_the_shared_prefix_holds_no_autograd_graph(loaded):
+    """Called with autograd on (as an analysis's process does), the prefix keeps no graph: a graph would hold every
+    layer's activations of the prefix pass for as long as the prefix lives."""
+    vlm = loaded("chameleon")
+    batch = same_prompt(vlm)
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in vlm.model.parameters())
+    prefix = vlm.share_prefix(batch, max(lay.end for lay in batch.layouts) + 1)
+    assert all(k.grad_fn is None and v.grad_fn is None and not k.requires_grad for k, v in prefix.kv)
