@@ -15,7 +15,8 @@ a" after an image of 576, 1,024, 4,096 or 16,384 tokens (crops of 96 to 512 pixe
   capture                 residuals of every role present, at every residual index (the overlap capture)
 
 Each size runs in a fresh child process that builds the model in memory. Time: wall seconds (the fastest of
-``--repeats``) after a warm-up of every analysis on a 64-token image. Memory: on CPU the rise of the child's peak
+``--repeats``) after a warm-up of every analysis on a 64-token image; the rows also give the ratio of CPU seconds
+(``cpu_time_ratio``), which other load on the machine disturbs less (wall ratios need a quiet machine). Memory: on CPU the rise of the child's peak
 RSS above its RSS before the call (VmHWM, reset through /proc/self/clear_refs; before each call glibc returns the
 free memory it holds, malloc_trim, and it returns every block of 1 MiB or more as soon as it is freed,
 MALLOC_MMAP_THRESHOLD_, so the RSS follows what is live); on a GPU the CUDA allocator's peak above what was
@@ -186,24 +187,25 @@ def _release_free_memory() -> None:
             libc.malloc_trim(0)
 
 
-def measure(fn, device) -> tuple[float, float]:
-    """(wall seconds, peak bytes above the level before the call) of one call of ``fn``."""
+def measure(fn, device) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the process, peak bytes above the level before the call) of one call of ``fn``."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         torch.cuda.synchronize()
-        return time.perf_counter() - start, float(torch.cuda.max_memory_allocated() - before)
+        peak = float(torch.cuda.max_memory_allocated() - before)
+        return time.perf_counter() - start, time.process_time() - cpu, peak
     _release_free_memory()
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
     before = _status_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    seconds = time.perf_counter() - start
-    return seconds, float((_status_kib("VmHWM") - before) * 1024)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, float((_status_kib("VmHWM") - before) * 1024)
 
 
 def child(spec: dict) -> dict:
@@ -229,11 +231,12 @@ def child(spec: dict) -> dict:
         fn()
     warm.close()
     runs = workloads(vlm, batch)
-    out = {name: {"seconds": math.inf, "peak_bytes": 0.0} for name in runs}
+    out = {name: {"seconds": math.inf, "cpu_seconds": math.inf, "peak_bytes": 0.0} for name in runs}
     for _ in range(spec["repeats"]):
         for name, fn in runs.items():
-            seconds, peak = measure(fn, device)
+            seconds, cpu, peak = measure(fn, device)
             out[name]["seconds"] = min(out[name]["seconds"], seconds)
+            out[name]["cpu_seconds"] = min(out[name]["cpu_seconds"], cpu)
             out[name]["peak_bytes"] = max(out[name]["peak_bytes"], peak)
     from narrowgate.analyses.gate_scan import side_positions
 
@@ -279,6 +282,7 @@ def rows_of(series: Series, size: int, measured: dict) -> list[dict]:
                 "time_ratio": m["seconds"] / plain["seconds"],
                 "memory_ratio": m["peak_bytes"] / plain["peak_bytes"] if plain["peak_bytes"] > 0 else math.nan,
                 "seconds": m["seconds"],
+                "cpu_time_ratio": m["cpu_seconds"] / plain["cpu_seconds"],
                 "peak_mib": m["peak_bytes"] / 2**20,
                 "series": series.name,
                 "hidden": series.hidden,
