@@ -5,6 +5,7 @@ then the roles, knockouts and the exact gate scan on it."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_knockouts_on_the_shared_prefix_equal_whole_sequence_forwards(large):
     assert all((shared[c.name].last_logits - base).abs().max() > 1e-6 for c in conds[1:])
 
 
-def test_gate_scan_over_every_position_equals_single_knockout_forwards(large):
+def test_gate_scan_over_every_position_equals_single_knockout_forwards(large, monkeypatch):
     """The exact scan over every image-side position (sparse sources, KL reduced pass by pass), checked at three
     positions against separate whole-sequence forwards."""
     _, vlm, batch = large
@@ -82,7 +83,7 @@ def test_gate_scan_over_every_position_equals_single_knockout_forwards(large):
     side = side_positions(lay)
     # At tiny widths a plain forward needs so little that the default budget makes hundreds of passes; results do
     # not depend on the split (tests/engine/test_budget.py), so the scan takes a realistic budget here.
-    vlm.memory_budget = "256MiB"
+    monkeypatch.setattr(vlm, "budget", replace(vlm.budget, limit=256 << 20))
     prefix = vlm.share_prefix(batch, lay.eoi + 1)
     base = vlm.forward_knockouts(prefix, sources([[]], batch.length), mode="mask")[0, 0]
     damage = vlm.forward_knockouts(
