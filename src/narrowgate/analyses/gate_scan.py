@@ -3,9 +3,10 @@
 For each example and every image-side position p — BOI, each image token, each in-image special such
 as [EOL], and [EOI] — the condition "p -> text" is knocked out at every layer (``--mode``, ``mask`` by
 default: exactly blind). Its *damage* is KL(baseline || knocked out) of the next-token distribution at
-``last``. Reference conditions in the same pass: the whole image side knocked out, and the whole image
+``last``. Reference conditions in the same run: the whole image side knocked out, and the whole image
 side except the example's most damaging position. All conditions of an example share its image prefix
-and run as batch rows of one suffix pass (`VLM.forward_knockouts`).
+and run as batch rows of suffix passes, as many per pass as the memory budget holds (`VLM.forward_knockouts`,
+sparse sources, each pass's logits reduced to KL at once).
 
 - **Gate index** = mean damage of the top position (the one with the largest mean damage over examples)
   / mean damage of knocking out the whole image side, with a bootstrap interval over examples. About 1:
