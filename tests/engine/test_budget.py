@@ -4,6 +4,7 @@ the engine obeys them, and results do not depend on the split."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ def test_sizes_parse_to_bytes_or_are_refused_naming_the_option():
     for bad in ("lots", "8 GiBs", "-1GiB", "512KiB", "inf", "nan"):
         with pytest.raises(OptionError, match="--memory-budget"):
             parse_size(bad)
+
+
+def test_the_shape_is_read_from_the_text_config(loaded):
+    vlm = loaded("qwen2_vl")  # a composite config: the decoder's sizes are in its text config
+    shape = Shape.of(vlm.model)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads) == (3, 64, 128, 4, 2)
+    assert (shape.head_dim, shape.vocab, shape.element) == (16, vlm.model.config.get_text_config().vocab_size, 4)
+    text = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_hidden_layers=2, intermediate_size=[16, 32])
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text), dtype=torch.bfloat16)
+    planted = Shape.of(model)  # per-layer MLP sizes count at their largest; absent sizes take their defaults
+    assert (planted.intermediate, planted.kv_heads, planted.head_dim, planted.element) == (32, 2, 4, 2)
 
 
 def test_the_plain_forward_estimate_by_hand():

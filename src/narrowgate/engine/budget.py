@@ -48,16 +48,21 @@ class Shape:
     @classmethod
     def of(cls, model) -> Shape:
         cfg = model.config.get_text_config()
-        hidden = int(cfg.hidden_size)
-        heads = int(cfg.num_attention_heads)
+
+        def size(name: str, default: int) -> int:  # per-layer lists (Gemma 3n's MLP) count at their largest
+            value = getattr(cfg, name, None)
+            return int(max(value) if isinstance(value, (list, tuple)) else value) if value else default
+
+        hidden = size("hidden_size", 0)
+        heads = size("num_attention_heads", 1)
         return cls(
-            layers=int(cfg.num_hidden_layers),
+            layers=size("num_hidden_layers", 1),
             hidden=hidden,
-            intermediate=int(getattr(cfg, "intermediate_size", None) or 4 * hidden),
+            intermediate=size("intermediate_size", 4 * hidden),
             heads=heads,
-            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(cfg, "head_dim", None) or hidden // heads),
-            vocab=int(cfg.vocab_size),
+            kv_heads=size("num_key_value_heads", heads),
+            head_dim=size("head_dim", hidden // heads),
+            vocab=size("vocab_size", 0),
             element=int(model.dtype.itemsize),
             softcap=getattr(cfg, "attn_logit_softcapping", None) is not None,
         )
