@@ -604,7 +604,11 @@ def _run_type(model_type: str) -> tuple[str, list[str], str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--types", help="comma-separated model types (default: every type in the mapping)")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (the README's)")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the table as Markdown (docs/_generated/coverage.md: redirect stdout there)",
+    )
     args = parser.parse_args(argv)
     every = list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
     types = every if not args.types else [t.strip() for t in args.types.split(",") if t.strip()]

@@ -60,3 +60,16 @@ def test_scaling_benchmark_measures_every_analysis_at_every_size(tmp_path):
     assert rows[("forward", sizes[-1])]["time_ratio"] == 1 and rows[("forward", sizes[-1])]["memory_ratio"] == 1
     assert rows[("forward", sizes[-1])]["peak_mib"] > 0
     assert all(math.isfinite(v) for v in result["slopes"].values())
+
+
+def test_engine_benchmark_runs_every_workload(tmp_path):
+    """Its tiny config runs every workload (R1-R6) end to end; the ratios are measured on a quiet machine."""
+    spec = importlib.util.spec_from_file_location("engine_benchmark", SCRIPT.parent / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "engine.json"
+    result = module.main(["--config", "tiny", "--repeats", "1", "--new-tokens", "3", "--json", str(out)])
+    assert out.is_file()
+    assert set(module.TARGETS) <= set(result)
+    assert set(result["R6_sites"]) == {"resid", "attn_out", "mlp_out", "head", "pattern"}
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in module.TARGETS)

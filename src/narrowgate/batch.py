@@ -25,14 +25,17 @@ class Batch:
 
     @property
     def input_ids(self) -> torch.Tensor:
+        """Token ids [B, T], left-padded."""
         return self.inputs["input_ids"]
 
     @property
     def size(self) -> int:
+        """Examples in the batch (B)."""
         return int(self.input_ids.shape[0])
 
     @property
     def length(self) -> int:
+        """Positions per example, padding included (T)."""
         return int(self.input_ids.shape[1])
 
     def __len__(self) -> int:

@@ -1,7 +1,7 @@
 """Every use of transformers (and PyTorch) internals and of version-specific names, in one place.
 
-narrowgate supports the transformers releases that `pyproject.toml` admits (see the README's
-compatibility table). When a release renames something, the fix belongs here and nowhere else;
+narrowgate supports the transformers releases that `pyproject.toml` admits (see the
+compatibility table in docs/compatibility.md). When a release renames something, the fix belongs here and nowhere else;
 each branch names the versions it is for.
 """
 
@@ -105,6 +105,32 @@ def _flash_cpu():
 flash_cpu = _flash_cpu()
 
 
+def attn_implementation(config) -> str | None:
+    """The attention implementation a (sub-)config is set to (``config._attn_implementation``, 5.0 - 5.24)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def name_or_path(config) -> str:
+    """Where a model was loaded from: its hub id or local directory (``config._name_or_path``, 5.0 - 5.24)."""
+    return getattr(config, "_name_or_path", "") or ""
+
+
+def commit_hash(config) -> str | None:
+    """The hub revision a model was loaded at, None for a local directory (``config._commit_hash``, 5.0 - 5.24)."""
+    return getattr(config, "_commit_hash", None)
+
+
+def image_text_to_text_class(config):
+    """The auto class for ``config``'s model type (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING``, 5.0 - 5.24); None
+    when the type has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
 def enable_checkpointing(model, context_fn) -> None:
     """Non-reentrant gradient checkpointing whose recompute enters ``context_fn``'s second context.
 
@@ -137,14 +163,18 @@ __all__ = [
     "PrefixCache",
     "ChameleonVQVAE",
     "TRANSFORMERS",
+    "attn_implementation",
     "cache_kv",
     "cache_kwargs",
     "checkpointing_context",
+    "commit_hash",
     "enable_checkpointing",
     "eager_mask",
     "flash_cpu",
+    "image_text_to_text_class",
     "is_torchvision_available",
     "layer_cache",
+    "name_or_path",
     "output_cache",
     "repeat_kv",
     "sdpa_attention_forward",

@@ -20,8 +20,20 @@ class DataError(NarrowgateError, ValueError):
     """The dataset cannot serve the task, or its files are not where, or what, the user said."""
 
 
+class DataMissing(DataError, FileNotFoundError):
+    """A dataset file or folder is not where the user said (also a `FileNotFoundError`, as it was before)."""
+
+
+class PromptError(NarrowgateError, ValueError):
+    """A prompt's text holds one of the model's image tokens (narrowgate places the one image itself)."""
+
+
 class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
+
+
+class BaselineAtChance(DataError):
+    """The model's baseline score is at or below chance: scores relative to it would mean nothing."""
 
 
 def check_count(value, option: str) -> None:
@@ -64,6 +76,22 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)
+
+
+def parse_image_size(text) -> tuple[int, int] | None:
+    """``'WxH'`` -> (width, height) in pixels; ``'processor'`` (the processor's own sizing) -> None.
+
+    Raises `OptionError` naming ``--image-size`` for anything else.
+    """
+    value = str(text).strip().lower()
+    if value == "processor":
+        return None
+    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value)
+    if not m or not all(1 <= int(g) <= 16384 for g in m.groups()):
+        raise OptionError(
+            f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 512x512, each 1..16384) or 'processor'."
+        )
+    return int(m.group(1)), int(m.group(2))
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}

@@ -43,6 +43,11 @@ ROLE_NAMES = (
     "text",
     "last",
 )
+"""The role vocabulary used everywhere (API, CLI, tables): ``bos``; ``boi`` (image-start token); ``image`` (the
+whole image span, in-image specials included); ``image_content``; ``first_image``; ``last_image``;
+``internal_image``; ``eol`` (in-image line breaks); ``image_special``; ``eoi`` (the first token after the image
+span: the family's end-of-image token where it has one); ``text`` (every position after ``eoi``, and every generated
+token); ``last`` (the final prompt position). ``image[k]``, ``eol[i]`` and ``image_special[i]`` name one position."""
 
 #: Roles that name exactly one position in every example.
 SINGLE_POSITION_ROLES = ("bos", "boi", "first_image", "last_image", "eoi", "last")

@@ -20,8 +20,8 @@ CASES = {
     "ablation-classes": dict(task="classes", n_per_class=3, k=2),
     "ablation-sweep": dict(task="classes", n_per_class=2, k=1, sweep=True, mode="mask"),
     "patching": dict(n_per_class=2),
-    "gate-scan": dict(n_per_class=1, bootstrap=50),
-    "gate-scan-attribution": dict(n_per_class=1, method="attribution", check=2, bootstrap=50),
+    "gate-scan": dict(n_per_class=2, bootstrap=50, floor=1e-4),
+    "gate-scan-attribution": dict(n_per_class=2, method="attribution", check=10, bootstrap=50, floor=1e-4),
 }
 TABLES = {
     "modality-gap": {"modality_gap"},
@@ -33,12 +33,21 @@ TABLES = {
 }
 
 
+@pytest.fixture(scope="module")
+def native():
+    """The shipped native organism: the ablation refuses a baseline at chance, which a random-weight model has."""
+    import narrowgate as ng
+
+    return ng.load("native", dtype="float32")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
+def test_experiment_writes_every_output(case, checkpoint_dir, loaded, native, tmp_path):
     name = case.split("-")[0] if case.startswith("ablation") else case.removesuffix("-attribution")
-    vlm = loaded("chameleon")
+    organism = name == "ablation"
+    vlm = native if organism else loaded("chameleon")
     cfg = dict(
-        model=str(checkpoint_dir("chameleon")),
+        model="native" if organism else str(checkpoint_dir("chameleon")),
         data="synthetic",
         out=str(tmp_path / "run"),
         batch_size=2,
@@ -62,6 +71,7 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
     if name == "ablation":
         df = tables["ablation"]
         assert df["condition"].iloc[0] == "baseline"
+        assert (df["score"].iloc[0] > df["chance"]).all() and df["relative"].notna().all()
         if case == "ablation-sweep":
             L = vlm.n_layers
             windows = {
@@ -78,7 +88,7 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
         assert 0 <= gate["gate_index"] <= 1.5 and gate["positions_for_90"] >= 1 and gate["verdict"]
         assert tables["positions"]["damage"].is_monotonic_decreasing
         if case.endswith("attribution"):
-            assert gate["n_exact"] == 2 and -1 <= gate["spearman_logp"] <= 1
+            assert gate["n_exact"] == 10 and gate["n"] == 12 and -1 <= gate["spearman_logp"] <= 1
     if name == "cross-attention":
         df = tables["cross_attention_by_layer"]
         np.testing.assert_allclose(df.groupby("layer")["fraction"].sum(), 1.0, atol=1e-5)

@@ -109,13 +109,13 @@ def test_suffix_passes_take_what_the_budget_holds(loaded, fam, mode, monkeypatch
     )
     _limited(vlm, monkeypatch, vlm.budget.shape.cache(1, prefix.length) + 5 * each + each // 2)
     sizes = []
-    original = vlm._suffix_pass
+    original = vlm.runner.suffix_pass
 
     def counting(prefix, plan, n, keep=1):
         sizes.append(n)
         return original(prefix, plan, n, keep)
 
-    monkeypatch.setattr(vlm, "_suffix_pass", counting)
+    monkeypatch.setattr(vlm.runner, "suffix_pass", counting)
     split = vlm.forward_knockouts(prefix, sources, mode=mode)
     C = len(side) + 1
     assert sizes == [5] * (C // 5) + ([C % 5] if C % 5 else [])

@@ -88,3 +88,18 @@ def test_knockout_sources_of_the_wrong_shape_are_refused(vlm, shape):
         vlm.generate_knockouts(same, sources, max_new_tokens=1)
     with pytest.raises(InterventionError, match=need):
         vlm.forward_knockouts(prefix, sources)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks"])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "sdpa"])
+def test_attention_kwargs_the_engine_does_not_implement_are_refused_by_name(vlm, name, eager):
+    """Attention sinks would be silently dropped by a by-hand softmax: the call is refused, naming the argument."""
+    from narrowgate.engine import attention
+
+    module = vlm.layers[0].self_attn
+    q = torch.zeros(1, module.config.num_attention_heads, 3, module.head_dim)
+    k = v = torch.zeros(1, module.config.num_key_value_heads, 3, module.head_dim)
+    fn = attention._make(eager=eager)
+    fn(module, q, k, v, None)  # without it the same call runs
+    with pytest.raises(InterventionError, match=name):
+        fn(module, q, k, v, None, **{name: torch.zeros(module.config.num_attention_heads)})

@@ -43,7 +43,7 @@ def test_shared_forward_equals_separate_forwards(case, per_pass, fused, monkeypa
     part computed by hand (accelerators, soft-capping) instead of by PyTorch's fused CPU attention."""
     vlm, batch = case
     if per_pass:
-        monkeypatch.setattr(vlm, "_pass_size", lambda *args, **kwargs: per_pass)
+        monkeypatch.setattr(vlm.runner, "pass_size", lambda *args, **kwargs: per_pass)
     if not fused:
         monkeypatch.setattr(compat, "flash_cpu", None)
     conds = _conditions(vlm, batch)

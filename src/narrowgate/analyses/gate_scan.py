@@ -3,17 +3,24 @@
 For each example and every image-side position p — BOI, each image token, each in-image special such
 as [EOL], and [EOI] — the condition "p -> text" is knocked out at every layer (``--mode``, ``mask`` by
 default: exactly blind). Its *damage* is KL(baseline || knocked out) of the next-token distribution at
-``last``. Reference conditions in the same run: the whole image side knocked out, and the whole image
-side except the example's most damaging position. All conditions of an example share its image prefix
-and run as batch rows of suffix passes, as many per pass as the memory budget holds (`VLM.forward_knockouts`,
-sparse sources, each pass's logits reduced to KL at once).
+``last``. In the same run: the whole image side knocked out, and the whole image side *except* p, for
+every p (what p alone carries). The single-position and whole-image knockouts run in the other mode too
+(``zero``, the paper's, beside ``mask``). All conditions of an example share its image prefix and run as
+batch rows of suffix passes, as many per pass as the memory budget holds (`VLM.forward_knockouts`; sparse
+sources, each pass's logits reduced to KL at once).
 
-- **Gate index** = mean damage of the top position (the one with the largest mean damage over examples)
-  / mean damage of knocking out the whole image side, with a bootstrap interval over examples. About 1:
-  the image reaches the text through that one position (a narrow gate); about 0: through many.
+The verdict rule, stated once in ``docs/gate-scan.md``:
+
+- **Necessity** (the gate index) of a position = its mean damage / the mean whole-image damage;
+  **sufficiency** = 1 - mean damage with everything but it knocked out / mean whole-image damage.
+- The top position is chosen on one half of the examples and scored on the other (both ways, averaged);
+  the 95% interval resamples both halves (the choice redone each time). Fewer than `MIN_EXAMPLES`
+  scanned exactly, or a whole-image damage below ``--floor``: no index and no verdict.
+- Narrow gate: necessity and sufficiency both at least 0.5 (interval lower ends); redundant gate:
+  sufficient, not necessary; distributed: necessity below 0.2 and sufficiency below 0.5; and so on.
 - **positions_for_90**: per example, the smallest number of its top-ranked positions that, knocked out
   *together* (measured, not summed), do at least 90% of the whole-image damage (a geometric grid of set
-  sizes, then bisection); the median over examples.
+  sizes, then bisection); the median over examples. Reported, not part of the verdict.
 - Layer resolution: each example's top positions (``--top``) and the whole image side knocked out in
   ``--windows`` consecutive layer windows only.
 - ``--method attribution``: a first-order estimate of every position's effect from one forward and one
@@ -48,6 +55,13 @@ from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
 MIN_DAMAGE = 1e-6  # nats: below this the text does not read the image, and no share of it means anything
+#: Booleans of knockout masks per call where they must be dense (everything but one position, for every position).
+CHUNK_MASKS = 1 << 24
+#: Examples scanned exactly that a split-half interval needs (half of them on each side).
+MIN_EXAMPLES = 10
+#: The verdict's thresholds on necessity (the gate index) and sufficiency (docs/gate-scan.md).
+GATE, DISTRIBUTED = 0.5, 0.2
+OTHER_MODE = {"mask": "zero", "zero": "mask"}
 
 
 def side_positions(lay) -> list[tuple[int, str, str]]:
@@ -107,10 +121,20 @@ class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
     method: str = option(
         "exact", "exact, or attribution (first-order, one forward + backward).", choices=("exact", "attribution")
     )
-    check: int = option(8, "With --method attribution: examples also scanned exactly, for the rank correlation.", min=1)
+    check: int = option(
+        20,
+        f"With --method attribution: examples also scanned exactly (gate numbers, rank correlation; at least {MIN_EXAMPLES}).",
+        min=1,
+    )
     top: int = option(3, "Top positions per example resolved over layer windows.", min=1)
     windows: int = option(4, "Number of consecutive layer windows.", min=1)
     bootstrap: int = option(1000, "Bootstrap resamples of the intervals.", min=1)
+    floor: float = option(
+        0.01,
+        "Whole-image damage (nats) below which no verdict is given: the text barely reads the image.",
+        parse="finite",
+        min=0.0,
+    )
     per_example: bool = option(False, "Also write tables/positions_by_example.")
     score: bool = option(
         False, "On VQA/captions: also the task-score drop of every position (one generation per position and example)."
@@ -123,19 +147,53 @@ class GateScan(Experiment):
     task = "classes"
     config = GateScanConfig
 
+    def prompt_kinds(self, cfg):
+        return ({"classes": "class"}.get(self.task_of(cfg), self.task_of(cfg)),)
+
+    def requested(self, cfg):
+        """``n`` examples (200 on VQA/captions), or ``n_per_class`` images per class (10) on classes."""
+        if self.task_of(cfg) == "classes":
+            out = {"n_per_class": cfg.get("n_per_class") or 10}
+            return {**out, "n": cfg["n"]} if cfg.get("n") else out
+        return {"n": cfg.get("n") or 200}
+
     def examples(self, cfg):
         from . import tasks
 
-        task = self.task_of(cfg)
-        n = cfg.get("n") or (None if task == "classes" else 200)
         return tasks.load(
             cfg["data"],
-            task,
+            self.task_of(cfg),
             cfg.get("data_dir"),
-            n=n,
             seed=cfg["seed"],
-            n_per_class=cfg.get("n_per_class") or (10 if task == "classes" else None),
+            allow_fewer=bool(cfg.get("allow_fewer")),
+            **self.requested(cfg),
         )
+
+    def check(self, examples, cfg):
+        """Refuse a sample too small for the split-half interval, and a floor that is no number of nats."""
+        floor = cfg.get("floor")
+        if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+            raise OptionError(f"--floor must be a finite number of nats of at least 0, got {floor!r}.")
+        exact = len(examples)
+        if cfg["method"] == "attribution":
+            exact = min(exact, int(cfg["check"]))
+            if exact < MIN_EXAMPLES:
+                raise OptionError(
+                    f"gate-scan --method attribution scans {exact} example(s) exactly (--check {cfg['check']}, "
+                    f"{len(examples)} example(s)); its split-half interval needs at least {MIN_EXAMPLES}: raise --check "
+                    "(and the sample)."
+                )
+        if exact < MIN_EXAMPLES:
+            what = "--n-per-class / --n" if self.task_of(cfg) == "classes" else "--n"
+            raise OptionError(
+                f"gate-scan on {exact} example(s) gives no interval: the top position is chosen on one half of the "
+                f"examples and scored on the other, which needs at least {MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per "
+                f"half). Raise {what}."
+            )
+        if cfg.get("score") and self.task_of(cfg) == "vqa":
+            from . import tasks
+
+            tasks.require_answers(examples, cfg.get("data_dir"))
 
     def units(self, examples, cfg):
         if cfg.get("score") and self.task_of(cfg) not in ("vqa", "captions"):
@@ -190,33 +248,47 @@ class GateScan(Experiment):
         return [vlm.decode(g, batch)[0].strip() for g in gens]
 
     def _exact(self, vlm, prefix, side, cfg) -> dict:
-        """Single-position damages, the two references, the 90% set size and the layer windows of one example."""
+        """One example's single-position damages (both modes), the whole image side knocked out (both modes) and
+        everything but each position knocked out, the 90% set size and the layer windows."""
         T, N, mode = prefix.batch.length, len(side), cfg["mode"]
         pos = [p for p, _, _ in side]
 
         def masks(sets) -> torch.Tensor:
             return sources([[pos[int(j)] for j in s] for s in sets], T)
 
-        def measured(sets, reduce, layers=None) -> torch.Tensor:  # reduced pass by pass: never C x V logits
+        def measured(sets, reduce, layers=None, mode=mode) -> torch.Tensor:  # reduced pass by pass: never C x V
             return vlm.forward_knockouts(
                 prefix, masks(sets), layers=layers, mode=mode, reduce=lambda x: reduce(x[:, 0])
             )
 
-        def damage(sets, layers=None) -> np.ndarray:
-            return measured(sets, lambda x: kl(base, x), layers).numpy()
+        def damage(sets, layers=None, mode=mode) -> np.ndarray:
+            return measured(sets, lambda x: kl(base, x), layers, mode).numpy()
+
+        def all_but() -> np.ndarray:
+            """KL with everything but each position knocked out: N x (N - 1) positions in all, so as dense masks
+            made a chunk at a time (a list, or a sparse tensor, of them all would grow with N squared)."""
+            side_mask = torch.zeros(T, dtype=torch.bool)
+            side_mask[pos] = True
+            at, step, out = torch.tensor(pos), max(1, CHUNK_MASKS // T), []
+            for s in range(0, N, step):
+                idx = torch.arange(s, min(N, s + step))
+                m = side_mask.repeat(len(idx), 1)
+                m[torch.arange(len(idx)), at[idx]] = False
+                out.append(vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: kl(base, x[:, 0])))
+            return torch.cat(out).numpy()
 
         base = measured([[]], lambda x: x)[0]
         own = int(base.argmax())
-        both = measured(
-            [[i] for i in range(N)] + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1)
-        )
+        singles = [[i] for i in range(N)]
+        both = measured(singles + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1))
         single, whole = both[:N, 0].numpy(), float(both[N, 0])
         logp_change = (both[:N, 1] - base.log_softmax(-1)[own]).tolist()
+        rest = all_but()
+        other = damage(singles + [range(N)], mode=OTHER_MODE[mode])  # separate passes: one mode per pass
         order = np.argsort(-single, kind="stable")
         grid_k = sorted({min(N, int(round(GRID_GROWTH**i))) for i in range(64)} | {N})
         grid_k = [k for k in grid_k if k <= N]
         joint = dict(zip(grid_k, damage([order[:k] for k in grid_k])))
-        rest = float(damage([order[1:]])[0]) if N > 1 else 0.0
         k90 = float("nan")
         if whole > MIN_DAMAGE:
             goal = 0.9 * whole
@@ -242,9 +314,11 @@ class GateScan(Experiment):
         by_window = d_windows.reshape(len(spans), len(sets)).tolist()
         return {
             "damage": single.tolist(),
+            "damage_other": other[:N].tolist(),
+            "all_but": rest.tolist(),
             "logp_change": logp_change,
             "whole": whole,
-            "whole_except_top": rest,
+            "whole_other": float(other[N]),
             "k90": k90,
             "window_top": [side[i][1] for i in top],
             "window_damage": by_window,
@@ -267,27 +341,30 @@ class GateScan(Experiment):
                     for n, v in zip(r["positions"], r[key])
                 ]
             )
-        gate = {"method": cfg["method"], "mode": cfg["mode"], "n": len(scored), "top_position": names[0]}
+        mode, other = cfg["mode"], OTHER_MODE[cfg["mode"]]
+        gate = {
+            "method": cfg["method"],
+            "mode": mode,
+            "n": len(scored),
+            "n_exact": len(exact),
+            "top_position": names[0],
+            "floor": float(cfg["floor"]),
+        }
         if len(exact):
-            D = _matrix(exact, "damage", names)
-            whole = exact["whole"].to_numpy(dtype=float)
+            D, Do, R = (_matrix(exact, k, names) for k in ("damage", "damage_other", "all_but"))
+            W, Wo = (exact[k].to_numpy(dtype=float) for k in ("whole", "whole_other"))
             top = int(np.nanargmax(np.nanmean(D, 0)))
-            ratio = _ratio(D[:, top], whole)
-            boot = []
-            for _ in range(int(cfg["bootstrap"])):
-                i = rng.integers(0, len(whole), len(whole))
-                boot.append(_ratio(D[i, top], whole[i]))
-            boot = np.asarray([b for b in boot if np.isfinite(b)])
+            whole = float(W.mean())
+            table["sufficiency"] = 1 - np.nanmean(R, 0) / whole if whole > MIN_DAMAGE else np.nan
+            table[f"damage_{other}"] = np.nanmean(Do, 0)
             gate.update(
                 top_position=names[top],
-                gate_index=ratio,
-                gate_low=float(np.quantile(boot, 0.025)) if np.isfinite(ratio) and len(boot) else float("nan"),
-                gate_high=float(np.quantile(boot, 0.975)) if np.isfinite(ratio) and len(boot) else float("nan"),
+                whole_damage=whole,
+                **{f"whole_damage_{mode}": whole, f"whole_damage_{other}": float(Wo.mean())},
+                whole_except_top_damage=float(np.nanmean(R[:, top])),
                 positions_for_90=float(np.nanmedian(exact["k90"])) if exact["k90"].notna().any() else float("nan"),
-                whole_damage=float(whole.mean()),
-                whole_except_top_damage=float(exact["whole_except_top"].mean()),
-                n_exact=len(exact),
             )
+            gate.update(_split_half(D, W, R, Do, Wo, names, top, mode, other, rng, int(cfg["bootstrap"])))
             tables["layers"] = _layer_table(exact, info["n_layers"], int(cfg["windows"]))
         if cfg["method"] == "attribution" and len(exact):
             gate["spearman"] = float(exact["spearman"].mean())
@@ -385,9 +462,77 @@ def _matrix(df: pd.DataFrame, key: str, names: list[str]) -> np.ndarray:
     return out
 
 
-def _ratio(top: np.ndarray, whole: np.ndarray) -> float:
-    w = float(np.mean(whole))
-    return float(np.nanmean(top) / w) if w > MIN_DAMAGE else float("nan")
+def _means(weights: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Weighted means over examples of each column of ``X`` [E, P] (NaN = absent), one row per weight vector."""
+    present = ~np.isnan(X)
+    count = weights @ present
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (weights @ np.nan_to_num(X)) / count, np.nan)
+
+
+def _cross_fit(wa, wb, D, W, R) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Split-half necessity (and sufficiency, with ``R``) per resample: the top position chosen by mean damage
+    on one half and scored on the other, both ways, averaged. ``wa``/``wb``: [S, E] example weights of the two
+    halves. Returns necessity [S], sufficiency [S] or None, and the two choices [S] each."""
+    ma, mb = _means(wa, D), _means(wb, D)
+    pa = np.argmax(np.where(np.isnan(ma), -np.inf, ma), 1)
+    pb = np.argmax(np.where(np.isnan(mb), -np.inf, mb), 1)
+    wa_w, wb_w = (wa @ W) / wa.sum(1), (wb @ W) / wb.sum(1)
+    rows = np.arange(len(wa))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok_a, ok_b = wa_w > MIN_DAMAGE, wb_w > MIN_DAMAGE
+        nec = (np.where(ok_b, mb[rows, pa] / wb_w, np.nan) + np.where(ok_a, ma[rows, pb] / wa_w, np.nan)) / 2
+        suf = None
+        if R is not None:
+            ra, rb = _means(wa, R), _means(wb, R)
+            suf = (
+                (np.where(ok_b, 1 - rb[rows, pa] / wb_w, np.nan)) + np.where(ok_a, 1 - ra[rows, pb] / wa_w, np.nan)
+            ) / 2
+    return nec, suf, pa, pb
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    return (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) if len(v) else (float("nan"),) * 2
+
+
+def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
+    """The gate numbers of ``docs/gate-scan.md``: split-half necessity in both modes and sufficiency in ``mode``,
+    each with its bootstrap interval over both halves, and how often the resampled choice is ``top``."""
+    E = len(W)
+    out: dict = {}
+    nan = float("nan")
+    if E < MIN_EXAMPLES:
+        for m in ("", f"_{mode}", f"_{other}"):
+            out.update({f"gate_index{m}": nan, f"gate_low{m}": nan, f"gate_high{m}": nan})
+        out.update(sufficiency=nan, sufficiency_low=nan, sufficiency_high=nan, top_stability=nan)
+        return out
+    perm = rng.permutation(E)
+    halves = perm[: E // 2], perm[E // 2 :]
+
+    def weights(resample: bool) -> tuple[np.ndarray, np.ndarray]:
+        out_ = []
+        for half in halves:
+            w = np.zeros((n_boot if resample else 1, E))
+            if resample:
+                w[:, half] = rng.multinomial(len(half), np.full(len(half), 1 / len(half)), size=n_boot)
+            else:
+                w[:, half] = 1.0
+            out_.append(w)
+        return out_[0], out_[1]
+
+    point, boot = weights(False), weights(True)
+    for m, (Dm, Wm, Rm) in {mode: (D, W, R), other: (Do, Wo, None)}.items():
+        nec, suf, _, _ = _cross_fit(*point, Dm, Wm, Rm)
+        bnec, bsuf, pa, pb = _cross_fit(*boot, Dm, Wm, Rm)
+        low, high = _interval(bnec)
+        out.update({f"gate_index_{m}": float(nec[0]), f"gate_low_{m}": low, f"gate_high_{m}": high})
+        if m == mode:
+            out.update(gate_index=float(nec[0]), gate_low=low, gate_high=high)
+            s_low, s_high = _interval(bsuf)
+            out.update(sufficiency=float(suf[0]), sufficiency_low=s_low, sufficiency_high=s_high)
+            out["top_stability"] = float(np.mean(np.concatenate([pa, pb]) == top))
+    return out
 
 
 def _position_table(df, key, rng, n_boot):
@@ -403,6 +548,8 @@ def _position_table(df, key, rng, n_boot):
     present = ~np.isnan(D)
     boot = (weights @ np.nan_to_num(D)) / np.maximum(weights @ present, 1)
     low, high = np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
+    if len(D) < MIN_EXAMPLES:  # a bootstrap over a handful of examples is no 95% interval
+        low, high = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
     order = np.argsort(-mean, kind="stable")
     rows = [
         {
@@ -453,17 +600,36 @@ def _layer_table(df, n_layers, count):
 
 
 def verdict(gate: dict) -> str:
-    """One sentence from the gate index and positions_for_90 (or why there is none)."""
+    """One sentence from the split-half necessity and sufficiency of the top position (``docs/gate-scan.md``)."""
     if "gate_index" not in gate:
         return (
             f"top position by first-order estimate: {gate['top_position']} (no exact scan was run, so no gate index)."
         )
-    g, k = gate["gate_index"], gate["positions_for_90"]
-    if not np.isfinite(g):
-        return "knocking out the whole image side does not change the next-token distribution: the text does not read the image here, so there is no gate to find."
-    where = f"gate index {g:.2f} [{gate['gate_low']:.2f}, {gate['gate_high']:.2f}] at {gate['top_position']}; {k:g} position(s) carry 90% of the image's effect"
-    if g >= 0.5:
-        return f"a narrow gate: {where}."
-    if g < 0.2 and k > 3:
-        return f"distributed communication: {where}."
-    return f"partly concentrated: {where}."
+    n_exact = gate.get("n_exact", 0)
+    if n_exact < MIN_EXAMPLES:
+        return (
+            f"no verdict: {n_exact} example(s) were scanned exactly, and the split-half interval needs at least "
+            f"{MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per half); scan more examples."
+        )
+    if not gate["whole_damage"] >= gate["floor"]:
+        return (
+            f"no verdict: knocking out the whole image side changes the next-token distribution by "
+            f"{gate['whole_damage']:.3g} nats, below the floor of {gate['floor']:g}: the text barely reads the image here."
+        )
+    n_lo, n_hi, s_lo, s_hi = (gate[k] for k in ("gate_low", "gate_high", "sufficiency_low", "sufficiency_high"))
+    where = (
+        f"at {gate['top_position']}: necessity {gate['gate_index']:.2f} [{n_lo:.2f}, {n_hi:.2f}], "
+        f"sufficiency {gate['sufficiency']:.2f} [{s_lo:.2f}, {s_hi:.2f}] ({gate['mode']} mode, split-half); "
+        f"{gate['positions_for_90']:g} position(s) carry 90% of the image's effect"
+    )
+    if n_lo >= GATE and s_lo >= GATE:
+        return f"a narrow gate {where}."
+    if n_hi < GATE and s_lo >= GATE:
+        return f"a redundant gate (the top position alone carries the image, but other positions do too) {where}."
+    if n_lo >= GATE and s_hi < GATE:
+        return f"a necessary but insufficient position (the text needs it, but does not get the image through it alone) {where}."
+    if n_hi < DISTRIBUTED and s_hi < GATE:
+        return f"distributed communication {where}."
+    if n_hi < GATE and s_hi < GATE:
+        return f"partly concentrated {where}."
+    return f"inconclusive at this sample size (an interval contains {GATE}) {where}; scan more examples."

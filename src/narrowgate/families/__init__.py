@@ -38,6 +38,7 @@ class UnsupportedModelError(NarrowgateError, ValueError):
 
 
 def supported() -> str:
+    """The families with a dedicated adapter and their model types, in one line (error messages use it)."""
     return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
 
 

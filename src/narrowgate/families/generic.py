@@ -65,13 +65,10 @@ def refusal(config) -> str | None:
 
 def wants_mm_token_types(config) -> bool:
     """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
-    )
+    from ..compat import image_text_to_text_class
 
-    try:
-        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
-    except KeyError:
+    cls = image_text_to_text_class(config)
+    if cls is None:
         return False
     return "mm_token_type_ids" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined,union-attr]
 
