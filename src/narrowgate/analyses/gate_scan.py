@@ -96,9 +96,11 @@ def sources(sets: list, length: int) -> torch.Tensor:
 
 
 def kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(base) || softmax(logits)) per row, in nats."""
-    lp, lq = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
+    """KL(softmax(base) || softmax(logits)) per row, in nats, computed in float64 (float32 log-probabilities cancel to
+    a noise floor of ~1e-7 nats between two nearly equal distributions, e.g. the same condition in two passes), and
+    returned as float32."""
+    lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0).float()
 
 
 def spearman(a, b) -> float:
