@@ -44,6 +44,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+from narrowgate import threads
+
+threads.configure()  # before torch loads: idle OpenMP threads sleep; the forked checks inherit the policy
+
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
@@ -883,7 +887,6 @@ def main(argv=None) -> int:
     unknown = [t for t in types if t not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES]
     if unknown:
         parser.error(f"not in transformers' image-text-to-text mapping: {', '.join(unknown)}")
-    torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     rows = []

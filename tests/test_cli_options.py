@@ -75,11 +75,27 @@ def test_numbers_reach_the_run_unchanged(captured):
     assert cfg["layers"] == "0-1,3" and cfg["knockout"] == ["image[3]"] and cfg["sweep"] is None
 
 
+def test_memory_budget_reaches_the_run_and_bad_sizes_are_refused(captured):
+    result = _run("--memory-budget=8GiB")
+    assert result.exit_code == 0, result.output
+    assert captured[0]["memory_budget"] == "8GiB"
+    for bad in ("lots", "100KiB"):
+        captured.clear()
+        _one_line_refusal(_run(f"--memory-budget={bad}"), "--memory-budget")
+        assert captured == []
+
+
 def test_api_refuses_counts_below_one_and_unknown_settings_before_loading(tmp_path):
     from narrowgate.analyses import EXPERIMENTS
 
     exp = EXPERIMENTS["ablation"]()
-    for key, value in (("n", 0), ("batch_size", 0), ("max_new_tokens", -1), ("mode", "half")):
+    for key, value in (
+        ("n", 0),
+        ("batch_size", 0),
+        ("max_new_tokens", -1),
+        ("mode", "half"),
+        ("memory_budget", "1KiB"),
+    ):
         with pytest.raises(OptionError, match=f"--{key.replace('_', '-')}"):
             base.run(exp, {"model": "/nonexistent", "data": "synthetic", key: value, "out": str(tmp_path / "x")})
     with pytest.raises(OptionError, match="no setting 'kk'.*sweep_step"):

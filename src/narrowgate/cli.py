@@ -5,6 +5,8 @@ need them, so ``narrowgate --help`` answers at once. Every option is checked bef
 loads. An expected error (a `narrowgate.NarrowgateError`, a bad option, a path that cannot be
 read or written) ends the command with its message on one line and exit status 1 (2 for a bad
 option); ``--debug`` anywhere on the command line, or ``NARROWGATE_DEBUG=1``, shows its traceback.
+Importing this module sets OpenMP's wait policy and thread count for a fair share of the CPU
+(`narrowgate.threads.configure`), before anything loads torch.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from . import threads
 from .catalog import catalog, settings, summary
 from .deprecation import dependency_deprecations_hidden
-from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set
+from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
+
+threads.configure()
 
 console = Console()
 
@@ -212,6 +217,7 @@ PARSERS = {
     "image_size": _refusing(parse_image_size, OptionError),
     "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
+    "size": _refusing(parse_size, OptionError),
     "finite": _finite,
     "positive": _positive,
     "nonempty": _nonempty,

@@ -92,3 +92,25 @@ def parse_image_size(text) -> tuple[int, int] | None:
             f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 512x512, each 1..16384) or 'processor'."
         )
     return int(m.group(1)), int(m.group(2))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
+_UNITS.update({"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40})
+
+
+def parse_size(value, option: str = "--memory-budget") -> int | None:
+    """``'8GiB'``, ``'512 MB'``, ``'1.5g'`` or a number of bytes -> bytes; None (or ``'auto'``) -> None.
+
+    Raises `OptionError` naming ``option`` for anything else, or for less than 1 MiB."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        out = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError, OverflowError):
+        raise OptionError(f"{option} {value!r}: write a size such as 8GiB, 512MiB or 2GB (or auto).") from None
+    if out < 1 << 20:
+        raise OptionError(f"{option} {value!r} is below 1 MiB; no model call fits in it.")
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -18,13 +18,13 @@ from PIL import Image
 from . import compat, training
 from .batch import Batch
 from .engine import attention as engine_attention
-from .engine import attribution, hooks, shared
+from .engine import attribution, budget, hooks, shared
 from .engine.interventions import Capture, ResolvedStats
 from .engine.protocol import ModelShape
 from .engine.runner import Runner
-from .engine.state import InterventionError, Plan, Record, Run, activate, recompute_context, resolve
+from .engine.state import InterventionError, Plan, Record, Run, Scratch, activate, recompute_context, resolve
 from .engine.stats import CrossModalAttention, build
-from .errors import PromptError
+from .errors import PromptError, parse_size
 from .families import detect
 from .training import TrainingBatch
 
@@ -50,6 +50,9 @@ class VLM:
     found.
     ``checkpoint_prompts``: the prompts the checkpoint says it answers (its ``narrowgate.json``, set by
     `narrowgate.load`; None when it has none or the model came from elsewhere).
+    ``memory_budget``: the working memory (bytes beyond the weights) one model call may use; None (the default)
+    means what a plain forward of the same batch needs. Every split of the work — conditions per suffix pass,
+    query rows per attention block — is chosen to fit it (`narrowgate.engine.budget`); results do not depend on it.
     """
 
     def __init__(self, model, processor, checkpoint_prompts=None):
@@ -82,6 +85,17 @@ class VLM:
         self._suffix_without_image = pixels is None or pixels.default is not inspect.Parameter.empty
         self._hooks = hooks.install(self.layers, modules)
         self.runner = Runner(self)
+        self.budget = budget.Budget(budget.Shape.of(model))
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Working memory one model call may use, in bytes (None: a plain forward's need)."""
+        return self.budget.limit
+
+    @memory_budget.setter
+    def memory_budget(self, value) -> None:
+        """Bytes, a size such as ``"8GiB"``, or None / ``"auto"`` for a plain forward's need."""
+        self.budget = replace(self.budget, limit=parse_size(value, "memory_budget"))
 
     # --- set-up ------------------------------------------------------------------------------
     def _set_attention(self, implementation: str) -> None:
@@ -312,7 +326,7 @@ class VLM:
         training) happens inside this block with ``plan`` active; on leaving it, the check that every
         intervention of the plan was applied (``check=False``: a prefix pass, whose reads the suffix completes).
         Yields the `Run` (its record holds what the call produced)."""
-        run = Run(plan, record or Record())
+        run = Run(plan, record or Record(), Scratch(budget=self.budget))
         with activate(run):
             yield run
         if check:
@@ -445,16 +459,27 @@ class VLM:
 
     @torch.no_grad()
     def forward_knockouts(
-        self, prefix: shared.SharedPrefix, sources: torch.Tensor, *, target="text", layers=None, mode: str = "mask"
+        self,
+        prefix: shared.SharedPrefix,
+        sources: torch.Tensor,
+        *,
+        target="text",
+        layers=None,
+        mode: str = "mask",
+        reduce=None,
     ) -> torch.Tensor:
         """Next-token logits at ``last`` ([C, B, V], float32, CPU) for C knockouts ``sources[c] -> target``.
 
         ``sources`` is a [C, B, T] boolean mask of arbitrary key positions (one position, a set, the whole
-        image), so a scan over every image-side position is one call. ``layers``: decoder layers of every
-        knockout (None = all), or a list of C such windows (tuples, ranges or None), one per knockout. The
-        knockouts run as batch rows of suffix passes on ``prefix`` (`share_prefix`).
+        image), so a scan over every image-side position is one call; dense, or sparse COO
+        (``torch.sparse_coo_tensor``), which a scan over thousands of positions should use: each pass then makes
+        only its own conditions' masks. ``layers``: decoder layers of every knockout (None = all), or a list of C
+        such windows (tuples, ranges or None), one per knockout. The knockouts run as batch rows of suffix passes
+        on ``prefix`` (`share_prefix`), as many per pass as the memory budget holds. ``reduce`` maps each pass's
+        logits [n, B, V] to what is kept of them (a divergence per condition, say), so C x V logits are never
+        held; the result is then the concatenation of its outputs.
         """
-        return self.runner.forward_knockouts(prefix, sources, target=target, layers=layers, mode=mode)
+        return self.runner.forward_knockouts(prefix, sources, target=target, layers=layers, mode=mode, reduce=reduce)
 
     def attribute(
         self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask"

@@ -110,3 +110,18 @@ def test_rerun_resumes_and_changed_config_is_refused(checkpoint_dir, loaded, tmp
     assert len(list((again.path / "records").glob("*.parquet"))) == n_parts  # nothing recomputed
     with pytest.raises(ManifestMismatch, match="different config"):
         run(EXPERIMENTS["overlap"](), {**cfg, "image_index": 4}, vlm=vlm, command=["x"])
+
+
+def test_the_memory_budget_applies_to_the_run_and_the_model_is_given_back(
+    checkpoint_dir, loaded, tmp_path, monkeypatch
+):
+    """``memory_budget`` reaches every model call of the run, may change when resuming (it changes no result), and
+    the model handed in keeps its own budget afterwards."""
+    vlm = loaded("chameleon")
+    seen = []
+    original = vlm.forward_conditions
+    monkeypatch.setattr(vlm, "forward_conditions", lambda *a, **k: seen.append(vlm.memory_budget) or original(*a, **k))
+    cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), progress=False)
+    run(EXPERIMENTS["overlap"](), {**cfg, "n_per_class": 2, "k": 1, "memory_budget": "64MiB"}, vlm=vlm, command=["x"])
+    assert seen and set(seen) == {64 << 20} and vlm.memory_budget is None
+    run(EXPERIMENTS["overlap"](), {**cfg, "n_per_class": 2, "k": 1, "memory_budget": "2GiB"}, vlm=vlm, command=["x"])

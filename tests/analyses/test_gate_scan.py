@@ -16,7 +16,6 @@ from narrowgate import compat
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
 from narrowgate.analyses.gate_scan import kl, side_positions
-from narrowgate.engine import shared
 from narrowgate.engine.runner import Runner
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
 from narrowgate.vlm import VLM
@@ -34,10 +33,10 @@ def _scan_cfg(ckpt, out, **extra):
 @pytest.mark.parametrize("mode", ["mask", "zero"])
 @pytest.mark.parametrize("per_pass", [None, 7], ids=["one-pass-fused", "seven-per-pass-by-hand"])
 def test_scan_damage_equals_separate_single_knockout_forwards(loaded, family, mode, per_pass, monkeypatch):
-    if per_pass:  # a real scan runs in many suffix passes; on an accelerator the prefix part is computed by hand
-        monkeypatch.setattr(shared, "rows_per_pass", lambda *args: per_pass)
-        monkeypatch.setattr(compat, "flash_cpu", None)
     vlm = loaded(family)
+    if per_pass:  # a real scan runs in many suffix passes; on an accelerator the prefix part is computed by hand
+        monkeypatch.setattr(vlm.runner, "pass_size", lambda *args, **kwargs: per_pass)
+        monkeypatch.setattr(compat, "flash_cpu", None)
     batch = vlm.prepare(images(1, seed=3), [PROMPT])
     lay = batch.layouts[0]
     side = side_positions(lay)

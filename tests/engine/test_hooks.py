@@ -194,9 +194,9 @@ def test_a_pattern_hook_computes_only_its_own_rows_by_hand(loaded, monkeypatch):
     rows = []
     real = attention._row_probs
 
-    def spy(query, key, scaling, allow, idx, zero):
+    def spy(query, key, scaling, allow, idx, zero, *args, **kwargs):
         rows.append(tuple(idx.shape))
-        return real(query, key, scaling, allow, idx, zero)
+        return real(query, key, scaling, allow, idx, zero, *args, **kwargs)
 
     monkeypatch.setattr(attention, "_row_probs", spy)
     vlm.forward(batch, interventions=[ng.Hook("pattern", 1, "last", lambda p: p * 0.5)])

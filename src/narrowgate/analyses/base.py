@@ -29,7 +29,7 @@ import torch
 
 from .. import compat
 from ..data import BadExample, example_digest
-from ..errors import DataError, OptionError, check_count, parse_image_size
+from ..errors import DataError, OptionError, check_count, parse_image_size, parse_size
 from ..progress import progress_bar
 from ..store import ManifestMismatch, NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
@@ -37,7 +37,7 @@ from . import options, prompts, tasks
 logger = logging.getLogger("narrowgate.run")
 
 #: Settings that may change between a run and its resumption without changing its results (``axis``: figures only).
-RUN_ONLY = ("axis", "batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
+RUN_ONLY = ("axis", "batch_size", "device_map", "max_memory", "memory_budget", "out", "progress", "retry_failed")
 
 
 @dataclass(frozen=True)
@@ -437,6 +437,7 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
     from ..loading import check_device_map
 
     check_device_map(cfg.get("device_map"))
+    parse_size(cfg.get("memory_budget"))
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
     warn_small(examples)
@@ -466,8 +467,7 @@ def _run_locked(
     exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str
 ) -> RunStore:
     """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
-    from ..loading import fingerprint, load
-    from ..report import write_report
+    from ..loading import load
 
     if vlm is None:
         device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
@@ -482,6 +482,20 @@ def _run_locked(
                 max_memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in group}
                 max_memory["cpu"] = "64GiB"
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
+    previous = vlm.budget
+    if cfg.get("memory_budget") is not None:
+        vlm.memory_budget = cfg["memory_budget"]
+    try:
+        return _run_with(exp, cfg, vlm, examples, store, ranks, command_text)
+    finally:
+        vlm.budget = previous  # a model handed in is left as it was found
+
+
+def _run_with(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str) -> RunStore:
+    """`_run_locked` once the model is loaded, with its memory budget set from ``cfg``."""
+    from ..loading import fingerprint
+    from ..report import write_report
+
     info = model_info(vlm)
     exp.check_model(cfg, vlm.n_layers)
     own = getattr(vlm, "checkpoint_prompts", None)

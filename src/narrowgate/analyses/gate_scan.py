@@ -3,10 +3,11 @@
 For each example and every image-side position p — BOI, each image token, each in-image special such
 as [EOL], and [EOI] — the condition "p -> text" is knocked out at every layer (``--mode``, ``mask`` by
 default: exactly blind). Its *damage* is KL(baseline || knocked out) of the next-token distribution at
-``last``. In the same pass: the whole image side knocked out, and the whole image side *except* p, for
+``last``. In the same run: the whole image side knocked out, and the whole image side *except* p, for
 every p (what p alone carries). The single-position and whole-image knockouts run in the other mode too
 (``zero``, the paper's, beside ``mask``). All conditions of an example share its image prefix and run as
-batch rows of suffix passes (`VLM.forward_knockouts`).
+batch rows of suffix passes, as many per pass as the memory budget holds (`VLM.forward_knockouts`; sparse
+sources, each pass's logits reduced to KL at once).
 
 The verdict rule, stated once in ``docs/gate-scan.md``:
 
@@ -54,6 +55,8 @@ from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
 MIN_DAMAGE = 1e-6  # nats: below this the text does not read the image, and no share of it means anything
+#: Booleans of knockout masks per call where they must be dense (everything but one position, for every position).
+CHUNK_MASKS = 1 << 24
 #: Examples scanned exactly that a split-half interval needs (half of them on each side).
 MIN_EXAMPLES = 10
 #: The verdict's thresholds on necessity (the gate index) and sufficiency (docs/gate-scan.md).
@@ -83,10 +86,21 @@ def grid(lay) -> dict[str, tuple[int, int]]:
     return {f"image[{k}]": (k // cols, k % cols) for k in range(n)}
 
 
+def sources(sets: list, length: int) -> torch.Tensor:
+    """Knockout sources [C, 1, T] from C sets of positions, sparse: a scan over thousands of positions holds their
+    entries only, not C x T booleans (`VLM.forward_knockouts` makes each pass's masks)."""
+    index = [(c, 0, p) for c, s in enumerate(sets) for p in s]
+    at = torch.tensor(index, dtype=torch.long).T if index else torch.zeros(3, 0, dtype=torch.long)
+    values = torch.ones(at.shape[1], dtype=torch.bool)
+    return torch.sparse_coo_tensor(at, values, (len(sets), 1, length), check_invariants=True).coalesce()
+
+
 def kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(base) || softmax(logits)) per row, in nats."""
-    lp, lq = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
+    """KL(softmax(base) || softmax(logits)) per row, in nats, computed in float64 (float32 log-probabilities cancel to
+    a noise floor of ~1e-7 nats between two nearly equal distributions, e.g. the same condition in two passes), and
+    returned as float32."""
+    lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0).float()
 
 
 def spearman(a, b) -> float:
@@ -229,11 +243,8 @@ class GateScan(Experiment):
 
     def _texts(self, vlm, batch, side, cfg) -> list[str]:
         """Generated text with no knockout, each position -> text, and the whole image side -> text."""
-        T, N = batch.length, len(side)
-        m = torch.zeros(N + 2, 1, T, dtype=torch.bool)
-        for i, (p, _, _) in enumerate(side):
-            m[1 + i, 0, p] = True
-        m[N + 1, 0, [p for p, _, _ in side]] = True
+        pos = [p for p, _, _ in side]
+        m = sources([[]] + [[p] for p in pos] + [pos], batch.length)
         new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self.task_of(cfg)])
         gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
         return [vlm.decode(g, batch)[0].strip() for g in gens]
@@ -242,25 +253,39 @@ class GateScan(Experiment):
         """One example's single-position damages (both modes), the whole image side knocked out (both modes) and
         everything but each position knocked out, the 90% set size and the layer windows."""
         T, N, mode = prefix.batch.length, len(side), cfg["mode"]
-        pos = torch.tensor([p for p, _, _ in side])
+        pos = [p for p, _, _ in side]
 
         def masks(sets) -> torch.Tensor:
-            m = torch.zeros(len(sets), 1, T, dtype=torch.bool)
-            for i, s in enumerate(sets):
-                m[i, 0, pos[[int(j) for j in s]]] = True
-            return m
+            return sources([[pos[int(j)] for j in s] for s in sets], T)
+
+        def measured(sets, reduce, layers=None, mode=mode) -> torch.Tensor:  # reduced pass by pass: never C x V
+            return vlm.forward_knockouts(
+                prefix, masks(sets), layers=layers, mode=mode, reduce=lambda x: reduce(x[:, 0])
+            )
 
         def damage(sets, layers=None, mode=mode) -> np.ndarray:
-            return kl(base, vlm.forward_knockouts(prefix, masks(sets), layers=layers, mode=mode)[:, 0]).numpy()
+            return measured(sets, lambda x: kl(base, x), layers, mode).numpy()
 
-        singles = [[i] for i in range(N)]
-        all_but = [[j for j in range(N) if j != i] for i in range(N)]
-        logits = vlm.forward_knockouts(prefix, masks([[]] + singles + [range(N)] + all_but), mode=mode)[:, 0]
-        base = logits[0]
-        d = kl(base, logits[1:]).numpy()
+        def all_but() -> np.ndarray:
+            """KL with everything but each position knocked out: N x (N - 1) positions in all, so as dense masks
+            made a chunk at a time (a list, or a sparse tensor, of them all would grow with N squared)."""
+            side_mask = torch.zeros(T, dtype=torch.bool)
+            side_mask[pos] = True
+            at, step, out = torch.tensor(pos), max(1, CHUNK_MASKS // T), []
+            for s in range(0, N, step):
+                idx = torch.arange(s, min(N, s + step))
+                m = side_mask.repeat(len(idx), 1)
+                m[torch.arange(len(idx)), at[idx]] = False
+                out.append(vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: kl(base, x[:, 0])))
+            return torch.cat(out).numpy()
+
+        base = measured([[]], lambda x: x)[0]
         own = int(base.argmax())
-        logp = torch.log_softmax(logits[: N + 1], -1)[:, own]
-        single, whole, rest = d[:N], float(d[N]), d[N + 1 :]
+        singles = [[i] for i in range(N)]
+        both = measured(singles + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1))
+        single, whole = both[:N, 0].numpy(), float(both[N, 0])
+        logp_change = (both[:N, 1] - base.log_softmax(-1)[own]).tolist()
+        rest = all_but()
         other = damage(singles + [range(N)], mode=OTHER_MODE[mode])  # separate passes: one mode per pass
         order = np.argsort(-single, kind="stable")
         grid_k = sorted({min(N, int(round(GRID_GROWTH**i))) for i in range(64)} | {N})
@@ -293,7 +318,7 @@ class GateScan(Experiment):
             "damage": single.tolist(),
             "damage_other": other[:N].tolist(),
             "all_but": rest.tolist(),
-            "logp_change": (logp[1 : N + 1] - logp[0]).tolist(),
+            "logp_change": logp_change,
             "whole": whole,
             "whole_other": float(other[N]),
             "k90": k90,

@@ -72,6 +72,12 @@ class RunConfig:
         "sizing (default: the family's preset, see README).",
         parse="image_size",
     )
+    memory_budget: str | None = option(
+        None,
+        "Working memory one model call may use beyond the weights, e.g. 8GiB; the work is split to fit "
+        "(default: what a plain forward of the batch needs). Not --max-memory, which places the weights.",
+        parse="size",
+    )
     seed: int = option(42, "Sampling seed.", min=0)
     allow_fewer: bool = option(
         False, "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."

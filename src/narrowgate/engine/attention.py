@@ -41,7 +41,8 @@ UNIMPLEMENTED = {
     "block_indices": "sparse attention",
 }
 
-_ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
+#: Bytes per block of query rows where a call has no memory budget (a `Run` made outside `VLM`).
+_FALLBACK_BLOCK = 1 << 26
 #: Query windows up to this many rows (decode steps, text suffixes) are computed directly from their
 #: probabilities, which they need anyway for zero-mode knockouts and statistics.
 DIRECT_ROWS = 32
@@ -82,8 +83,14 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     return m.expand(batch, 1, q_len, k_len)
 
 
-def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
-    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None)."""
+def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows=None):
+    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None); with
+    ``rows`` = (q0, q1), for query rows q0..q1-1 of the call only ([B,1,q1-q0,K])."""
+    if rows is not None:
+        q0, q1 = rows
+        if attention_mask is not None and attention_mask.shape[2] > 1:
+            attention_mask = attention_mask[:, :, q0:q1]
+        Q, offset = q1 - q0, offset + q0
     allow = _allowed(attention_mask, B, Q, K, offset, device)
     mask_block, zero_block = plan.blocks(layer, offset, Q, K, device)
     if mask_block is not None:
@@ -91,29 +98,45 @@ def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
     return allow, zero_block
 
 
-def _row_probs(query, key, scaling, allow, idx, zero):
-    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries set to zero.
+def _block_rows(budget, rows: int, keys: int, bytes_per_entry: int) -> int:
+    """Query rows per block: from the call's memory budget (`engine.budget`), or a fixed size without one."""
+    if budget is not None:
+        return budget.query_rows(rows, keys, bytes_per_entry)
+    return max(1, _FALLBACK_BLOCK // max(1, rows * keys * bytes_per_entry))
 
-    query [B,H,Q,d], key [B,H,K,d] (heads already repeated), allow [B,1,Q,K], idx [B,R].
-    Returns probs [B,H,R,K] and the kept mass (before zeroing would be 1) [B,H,R].
+
+def _row_probs(query, key, scaling, allow, idx, zero, budget=None, *, probs: bool = True):
+    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries
+    set to zero, computed in blocks of rows sized by ``budget``.
+
+    query [B,H,Q,d], key [B,H,K,d] (heads already repeated), idx [B,R] (rows of ``query``); allow [B,1,R,K] and zero
+    [B,R,K] (or None): the masks of those rows. Returns the probabilities [B,H,R,K] (None without ``probs``: then no
+    more than one block's exist at a time) and the kept mass (before zeroing would be 1) [B,H,R].
     """
     B, H, _, d = query.shape
     K = key.shape[2]
-    step = max(1, _ROW_BUDGET // max(1, B * H * K))
-    probs, kept = [], []
+    step = _block_rows(budget, B, K, 3 * H * 4)  # scores, probabilities and their zeroed copy, every head, float32
+    out, kept = [], []
     for s in range(0, idx.shape[1], step):
         ii = idx[:, s : s + step]
         q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d))
         scores = torch.matmul(_wide(q), _wide(key).transpose(2, 3)) * scaling
-        a = torch.gather(allow, 2, ii[:, None, :, None].expand(B, 1, ii.shape[1], K))
-        scores = scores.masked_fill(~a, float("-inf"))
-        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        p = torch.softmax(scores.masked_fill(~allow[:, :, s : s + step], float("-inf")), dim=-1).nan_to_num(0.0)
         if zero is not None:
-            z = torch.gather(zero, 1, ii[:, :, None].expand(B, ii.shape[1], K))[:, None]
-            p = p.masked_fill(z, 0.0)
-        probs.append(p)
+            p = p.masked_fill(zero[:, None, s : s + step], 0.0)
+        if probs:
+            out.append(p)
         kept.append(p.sum(-1))
-    return torch.cat(probs, 2), torch.cat(kept, 2)
+    return (torch.cat(out, 2) if probs else None), torch.cat(kept, 2)
+
+
+def _rows_of(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """The rows ``idx`` ([B, R]) of a mask ``x`` along ``axis`` (``allow`` [B,1,Q,K]: 2; ``zero`` [B,Q,K]: 1)."""
+    shape = list(x.shape)
+    shape[axis] = idx.shape[1]
+    view = [idx.shape[0]] + [1] * (x.dim() - 1)
+    view[axis] = idx.shape[1]
+    return torch.gather(x, axis, idx.view(view).expand(shape))
 
 
 def _direct_probs(query, key, scale, allow, zero):
@@ -331,11 +354,31 @@ class _Layer:
         self.dropout = dropout if module.training else 0.0
         self.knocked = bool(plan.active_key(layer))
         self.patterns = bool(plan.at_site("pattern", layer))
-        self.allow, self.zero = run.scratch.cached(
-            ("allow", id(attention_mask), plan.active_key(layer), self.offset, Q, K, str(query.device)),
-            lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, self.offset, query.device),
-            keep=attention_mask,
-        )
+        self.attention_mask, self.K = attention_mask, K
+        self._masks = None
+
+    def masks(self, rows=None):
+        """The effective masks (`_effective_mask`) of the call's query rows — all of them, shared by the layers of
+        the call, or only the block ``rows`` = (q0, q1) — made when a path asks (the blocked SDPA path never
+        asks for all of a long window)."""
+        plan, (B, _, Q, _), dev = self.run.plan, self.query.shape, self.query.device
+        if rows is not None:
+            return _effective_mask(plan, self.attention_mask, self.layer, B, Q, self.K, self.offset, dev, rows)
+        if self._masks is None:
+            self._masks = self.run.scratch.cached(
+                ("allow", id(self.attention_mask), plan.active_key(self.layer), self.offset, Q, self.K, str(dev)),
+                lambda: _effective_mask(plan, self.attention_mask, self.layer, B, Q, self.K, self.offset, dev),
+                keep=self.attention_mask,
+            )
+        return self._masks
+
+    @property
+    def allow(self) -> torch.Tensor:
+        return self.masks()[0]
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self.masks()[1]
 
     def visit_pattern(self, p: torch.Tensor, positions=None):
         """The ``pattern`` interventions on probabilities ``p`` [B, H, rows, K]: (probabilities, replaced rows)."""
@@ -385,45 +428,75 @@ def _eager_path(c: _Layer, attention_mask, kwargs):
 
 
 def _sdpa_path(c: _Layer, attention_mask, kwargs):
-    """SDPA over the whole window (stock, where no knockout acts here); by hand only the rows that need their
-    probabilities: zero-mode rows (rescaled by their kept mass) and the rows of ``pattern`` interventions."""
-    query, B, Q = c.query, c.query.shape[0], c.query.shape[2]
-    H = query.shape[1]
+    """SDPA over the whole window: stock where no knockout acts here, else in blocks of query rows sized by the
+    memory budget, each with its own masks, so no [Q, K] mask is built whole. By hand only the rows that need
+    their probabilities: zero-mode rows (rescaled by their kept mass, block by block) and the rows of ``pattern``
+    interventions (their masks gathered over the blocks, visited once)."""
+    query, run = c.query, c.run
+    B, H, Q, _ = query.shape
     groups = getattr(c.module, "num_key_value_groups", 1)
     k_full, v_full = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
+    pattern = None
+    for r in run.plan.at_site("pattern", c.layer):
+        mine = r.rows.window(c.offset, c.offset + Q, query.device)
+        pattern = mine if pattern is None else pattern | mine
+    if pattern is not None and not bool(pattern.any()):
+        pattern = None
+    stock = None
     if not c.knocked:
-        out, _ = sdpa_attention_forward(
+        stock, _ = sdpa_attention_forward(
             c.module, query, c.key, c.value, attention_mask, scaling=c.scale, dropout=c.dropout, **kwargs
         )
-    else:
-        final = c.allow if c.zero is None else c.allow & ~c.zero[:, None]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k_full, v_full, attn_mask=final, dropout_p=c.dropout, scale=c.scale
-        ).transpose(1, 2)  # [B, Q, H, d]
-        out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
-    zero_rows = c.zero.any(-1) if c.zero is not None else None
-    rows = zero_rows
-    for r in c.run.plan.at_site("pattern", c.layer):
-        mine = r.rows.window(c.offset, c.offset + Q, query.device)
-        rows = mine if rows is None else rows | mine
-    if rows is None or not bool(rows.any()):
+        if pattern is None:
+            return stock.contiguous(), None
+    # per entry: the model's mask, the knockouts' blocks, the allowed and final masks, SDPA's additive float copy
+    step = min(Q, _block_rows(run.scratch.budget, B, c.K, 8 + len(run.plan.knockouts_at(c.layer))))
+    outs, picked, zeros = [], [], []
+    for q0 in range(0, Q, step):
+        q1 = min(Q, q0 + step)
+        allow, zero = c.masks() if step >= Q else c.masks((q0, q1))
+        if stock is None:
+            outs.append(_sdpa_block(c, query[:, :, q0:q1], k_full, v_full, allow, zero))
+        if pattern is not None and bool(pattern[:, q0:q1].any()):
+            idx, valid = sites.row_index(pattern[:, q0:q1])
+            picked.append((idx + q0, valid, _rows_of(allow, idx, 2)))
+            if zero is not None:
+                zeros.append(_rows_of(zero, idx, 1))
+    out = stock if stock is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    if not picked:
         return out.contiguous(), None
-    idx, valid = sites.row_index(rows)
-    probs, kept = _row_probs(query, k_full, c.scale, c.allow, idx, c.zero)
-    if zero_rows is not None:
-        scale_rows = torch.ones(B, Q, H, device=query.device, dtype=kept.dtype)
-        sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
-        factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
-        scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
-        out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
-    if c.patterns:
-        positions = (c.offset + idx).masked_fill(~valid, -1)
-        probs, changed = c.visit_pattern(probs, positions)
-        if changed is not None:
-            w = torch.nn.functional.dropout(probs, p=c.dropout) if c.dropout else probs
-            redone = torch.matmul(w, _wide(v_full)).transpose(1, 2)  # [B, R, H, d]
-            out = sites.put_rows(out, idx, valid & changed, redone, axis=1)
+    idx, valid = torch.cat([p[0] for p in picked], 1), torch.cat([p[1] for p in picked], 1)
+    allow = torch.cat([p[2] for p in picked], 2)
+    zero = torch.cat(zeros, 1) if zeros else None
+    probs, _ = _row_probs(query, k_full, c.scale, allow, idx, zero, run.scratch.budget)
+    probs, changed = c.visit_pattern(probs, (c.offset + idx).masked_fill(~valid, -1))
+    if changed is not None:
+        w = torch.nn.functional.dropout(probs, p=c.dropout) if c.dropout else probs
+        redone = torch.matmul(w, _wide(v_full)).transpose(1, 2)  # [B, R, H, d]
+        out = sites.put_rows(out, idx, valid & changed, redone, axis=1)
     return out.contiguous(), None
+
+
+def _sdpa_block(c: _Layer, query, k_full, v_full, allow, zero):
+    """SDPA for one block of query rows ([B, H, q, d]) with the block's masks, zero-mode rows rescaled by their
+    kept mass: the output [B, q, H, d]."""
+    B, H, Q, _ = query.shape
+    final = allow if zero is None else allow & ~zero[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k_full, v_full, attn_mask=final, dropout_p=c.dropout, scale=c.scale
+    ).transpose(1, 2)  # [B, Q, H, d]
+    out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
+    rows = None if zero is None else zero.any(-1)
+    if rows is None or not bool(rows.any()):
+        return out
+    idx, valid = sites.row_index(rows)
+    _, kept = _row_probs(
+        query, k_full, c.scale, _rows_of(allow, idx, 2), idx, _rows_of(zero, idx, 1), c.run.scratch.budget, probs=False
+    )
+    scale_rows = torch.ones(B, Q, H, device=query.device, dtype=kept.dtype)
+    factor = torch.where(valid[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
+    scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
+    return (_wide(out) * scale_rows[..., None]).to(query.dtype)
 
 
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):

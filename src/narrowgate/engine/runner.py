@@ -1,7 +1,7 @@
 """Scheduling over a shared prefix: several conditions on one batch, the unchanged prefix computed once.
 
 `Runner` decides what runs where — the prefix pass, the suffix passes (conditions stacked as batch rows,
-as many per pass as the score budget allows), generation on a cached prefix — and hands every model call
+as many per pass as the memory budget holds, `engine.budget`), generation on a cached prefix — and hands every model call
 to the `VLM` it serves (`VLM._running`: the plan active, then the check that it applied). `VLM`'s
 `forward_conditions`, `forward_knockouts`, `generate_conditions`, `generate_knockouts` and
 `share_prefix` delegate here.
@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .. import compat
 from ..batch import Batch
-from . import shared
+from . import budget, shared
 from .interventions import AttentionStats, Capture, Knockout, ResolvedStats
 from .state import InterventionError, Plan, Record, ResolvedKnockout, RoleMask, Run
 from .stats import build
@@ -47,8 +47,11 @@ class Runner:
             vlm.model(**prefix, **compat.cache_kwargs(cache), use_cache=True, **vlm._keep_last())
         return run, cache, suffix
 
+    @torch.no_grad()
     def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
-        """Run the first ``length`` positions once; the result serves any number of suffix passes."""
+        """Run the first ``length`` positions once; the result serves any number of suffix passes. Without autograd
+        (attribution differentiates the suffix pass only): its keys and values are constants of every pass, and a
+        graph would keep every layer's activations alive as long as the prefix."""
         family = self.vlm.family
         if not self.vlm._suffix_without_image:
             raise InterventionError(
@@ -85,14 +88,29 @@ class Runner:
             )
         return (out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()), run
 
-    def suffix_passes(self, prefix: shared.SharedPrefix, plans: list[Plan], keep: int = 1):
-        """The conditions' ``plans`` on ``prefix``, stacked as batch rows, as many per pass as memory allows.
+    def pass_size(self, prefix: shared.SharedPrefix, *, keep=1, probs=False, zero_in_prefix=False, knockouts=1) -> int:
+        """Conditions per suffix pass on ``prefix``: as many as the memory budget holds (`engine.budget`)."""
+        b, keys, vlm = prefix.batch, prefix.kv[0][0], self.vlm
+        fused = budget.fused_prefix(
+            keys.device,
+            keys.dtype,
+            probs=probs,
+            zero_in_prefix=zero_in_prefix,
+            grad=False,
+            softcap=vlm.budget.shape.softcap,
+        )
+        return vlm.budget.conditions_per_pass(
+            b.size, b.length, prefix.length, fused=fused, probs=probs, knockouts=knockouts, keep=keep
+        )
 
-        Yields, per pass, how many conditions it held, its logits (as `suffix_pass`) and its run."""
+    def suffix_passes(self, prefix: shared.SharedPrefix, plans, count: int, step: int, keep: int = 1):
+        """``count`` conditions on ``prefix``, stacked as batch rows, ``step`` per pass (`pass_size`). ``plans`` is
+        their list, or a function (start, stop) -> the plans of those conditions, made pass by pass so a large scan
+        never holds every condition's masks. Yields, per pass, how many conditions it held, its logits (as
+        `suffix_pass`) and its run."""
         b = prefix.batch
-        step = shared.rows_per_pass(b.size, self.vlm._heads(), b.length - prefix.length, b.length)
-        for s in range(0, len(plans), step):
-            part = plans[s : s + step]
+        for s in range(0, count, step):
+            part = plans[s : s + step] if isinstance(plans, list) else plans(s, min(count, s + step))
             logits, run = self.suffix_pass(prefix, shared.stack(part, b.size, b.length), len(part), keep)
             yield len(part), logits, run
 
@@ -138,8 +156,18 @@ class Runner:
         reads = [r for r in plans[0].edits if r.first_affected() is None]
         run, cache, suffix = self.prefix_cache(batch, P, Plan(vlm.layer_of, vlm.n_layers, (), tuple(reads)))
         prefix = shared.SharedPrefix(batch, P, compat.cache_kv(cache, vlm.layers), suffix, run.record.captured)
+        kinds = {(k.layers, k.mode, k.source.generated, k.target.generated) for p in plans for k in p.knockouts}
+        step = self.pass_size(
+            prefix,
+            keep=keep,
+            probs="pattern" in plans[0].sites,
+            zero_in_prefix=any(
+                k.mode == "zero" and bool(k.source.prompt[:, :P].any()) for p in plans for k in p.knockouts
+            ),
+            knockouts=len(kinds) * max(len(p.knockouts) for p in plans),
+        )
         B, done = batch.size, 0
-        for n, logits, run in self.suffix_passes(prefix, plans, keep):
+        for n, logits, run in self.suffix_passes(prefix, plans, len(plans), step, keep):
             part, done = conds[done : done + n], done + n
             logits = logits.cpu().view(n, B, *(() if keep == 1 else (keep,)), -1)
             residuals = {k: v.view(n, B, *v.shape[1:]) for k, v in run.residuals().items()}
@@ -160,7 +188,14 @@ class Runner:
         return sources.shape[0], sources.shape[1]
 
     def forward_knockouts(
-        self, prefix: shared.SharedPrefix, sources: torch.Tensor, *, target="text", layers=None, mode: str = "mask"
+        self,
+        prefix: shared.SharedPrefix,
+        sources: torch.Tensor,
+        *,
+        target="text",
+        layers=None,
+        mode: str = "mask",
+        reduce=None,
     ) -> torch.Tensor:
         """See `VLM.forward_knockouts`."""
         vlm, batch = self.vlm, prefix.batch
@@ -174,15 +209,30 @@ class Runner:
             key = _window(l)
             if key not in windows:
                 windows[key] = vlm._plan(batch, knockouts=(Knockout("image", target, layers=key, mode=mode),))
-        resolved = [windows[_window(l)].knockouts[0] for l in per]
-        tgt = resolved[0].target
+        tgt = next(iter(windows.values())).knockouts[0].target
         if int(tgt.prompt.any(0).nonzero().min()) < prefix.length:
             raise InterventionError(f"Knockout target {target!r} starts inside the shared prefix; share a shorter one.")
-        plans = [
-            Plan(vlm.layer_of, vlm.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, k.layers, mode),))
-            for src, k in zip(sources, resolved)
-        ]
-        return torch.cat([logits.cpu().view(n, B, -1) for n, logits, _ in self.suffix_passes(prefix, plans)])
+
+        def plans(start: int, stop: int) -> list[Plan]:  # this pass's conditions only (``sources`` may be sparse)
+            return [
+                Plan(
+                    vlm.layer_of,
+                    vlm.n_layers,
+                    (
+                        ResolvedKnockout(
+                            RoleMask(src.bool(), False), tgt, windows[_window(l)].knockouts[0].layers, mode
+                        ),
+                    ),
+                )
+                for src, l in zip(shared.dense_rows(sources, start, stop), per[start:stop])
+            ]
+
+        step = self.pass_size(prefix, zero_in_prefix=mode == "zero", knockouts=len(windows))
+        out = []
+        for n, logits, _ in self.suffix_passes(prefix, plans, C, step):
+            logits = logits.cpu().view(n, B, -1)
+            out.append(logits if reduce is None else reduce(logits))
+        return torch.cat(out)
 
     # --- generation --------------------------------------------------------------------------
     def generate_conditions(
@@ -213,15 +263,17 @@ class Runner:
         template = vlm._plan(batch, knockouts=(Knockout("image", target, mode=mode),))
         tgt = template.knockouts[0].target
         P = self.prefix_length(batch, [template])
-        plans = [
-            Plan(vlm.layer_of, vlm.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, None, mode),))
-            for src in sources
-        ]
+        plans = (  # made one at a time: ``sources`` may be sparse (a scan over thousands of positions)
+            Plan(
+                vlm.layer_of,
+                vlm.n_layers,
+                (ResolvedKnockout(RoleMask(shared.dense_rows(sources, c, c + 1)[0].bool(), False), tgt, None, mode),),
+            )
+            for c in range(sources.shape[0])
+        )
         return self.generate_plans(batch, plans, P, max_new_tokens, kwargs)
 
-    def generate_plans(
-        self, batch: Batch, plans: list[Plan], P: int, max_new_tokens: int, kwargs: dict
-    ) -> list[torch.Tensor]:
+    def generate_plans(self, batch: Batch, plans, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         vlm = self.vlm

@@ -6,8 +6,9 @@ runs once and fills a KV cache. Forwards then run the suffixes of many condition
 conditions become batch rows (condition-major: row ``c * B + b``), every row attends to the one
 shared prefix without copying it (`narrowgate.compat.PrefixCache`, `engine.attention.with_prefix`),
 and the conditions' interventions are stacked into one plan (`stack`, through each one's
-`Resolved.stack`). Generation runs each condition on the cache and crops it back to the prefix
-afterwards. Results equal full recomputation (tests). `engine.runner` schedules all of this.
+`Resolved.stack`), as many per pass as the memory budget holds (`engine.budget`). Generation runs each
+condition on the cache and crops it back to the prefix afterwards. Results equal full recomputation (tests).
+`engine.runner` schedules all of this.
 """
 
 from __future__ import annotations
@@ -158,13 +159,18 @@ def crop(cache, P: int) -> None:
         cache.crop(-extra)
 
 
-#: Attention scores (float32 elements) one suffix pass may hold; conditions are split into passes to fit.
-SCORE_BUDGET = 1 << 25
-
-
-def rows_per_pass(batch_size: int, heads: int, suffix: int, length: int) -> int:
-    """How many conditions one suffix pass takes: their [rows, heads, suffix, length] scores fit the budget."""
-    return max(1, SCORE_BUDGET // max(1, batch_size * heads * suffix * length))
+def dense_rows(sources: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start..stop-1`` of a [C, ...] boolean mask as a dense tensor; ``sources`` may be sparse COO (a scan over
+    thousands of positions), whose entries of those rows are found by bisection, not by a pass over all of them."""
+    if not sources.is_sparse:
+        return sources[start:stop]
+    sources = sources.coalesce()  # sorted by row; free when already coalesced
+    index, values = sources.indices(), sources.values()
+    lo, hi = torch.searchsorted(index[0], torch.tensor([start, stop])).tolist()
+    out = torch.zeros(stop - start, *sources.shape[1:], dtype=torch.bool)
+    at = index[:, lo:hi]
+    out[tuple([at[0] - start, *at[1:]])] = values[lo:hi].bool()
+    return out
 
 
 def repeat_rows(suffix: dict, n: int) -> dict:

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ __all__ = [
     "resolve",
     "role_mask",
 ]
+
+if TYPE_CHECKING:
+    from .budget import Budget
 
 _ACTIVE: contextvars.ContextVar[Run | None] = contextvars.ContextVar("narrowgate_run", default=None)
 
@@ -184,6 +188,7 @@ class Scratch:
     masks: dict = field(default_factory=dict, repr=False)
     rows: dict = field(default_factory=dict, repr=False)  # per intervention and window: its rows there (sites.visit)
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
+    budget: Budget | None = None  # how large the attention's blocks of query rows may be (engine/budget.py)
 
     def cached(self, key, make, keep=None):
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
