@@ -45,6 +45,41 @@ def layer_cache(kwargs: dict):
     return kwargs.get(CACHE_ARG)
 
 
+def mixer_cache(kwargs: dict):
+    """The cache a recurrent token mixer (a Gated DeltaNet layer) was called with: ``cache`` from 5.24,
+    ``cache_params`` before; None without one."""
+    return kwargs.get(CACHE_ARG, kwargs.get("cache_params"))
+
+
+def past_length(cache, layer: int) -> int | None:
+    """How many positions ``cache`` held before the current call, as decoder layer ``layer`` sees it.
+
+    A linear-attention layer's cache holds a state, not positions: ``Cache.get_seq_length(layer)`` raises
+    ValueError there (5.23 - 5.24). Layer 0 then reads the first attention layer's length (``get_seq_length()``),
+    which this call has not yet extended; a later layer gets None (the caller keeps what an earlier layer of the
+    same call read)."""
+    try:
+        return int(cache.get_seq_length(layer))
+    except TypeError:
+        return int(cache.get_seq_length())
+    except ValueError:
+        return int(cache.get_seq_length()) if layer == 0 else None
+
+
+def gated_delta_rule(module):
+    """The chunked gated delta rule a Gated DeltaNet module's own forward runs: ``torch_chunk_gated_delta_rule``
+    of its modeling file (5.23 - 5.24; a hub kernel where transformers' kernels are enabled). None where missing."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "torch_chunk_gated_delta_rule", None)
+
+
+def recurrent_cache_states(cache, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The convolution and recurrent states a cache holds for a linear-attention layer (``get_conv_state`` /
+    ``get_recurrent_state``, 5.23 - 5.24), written in place to hand a layer another state; None before the first call."""
+    return cache.get_conv_state(layer), cache.get_recurrent_state(layer)
+
+
 def cache_kv(cache) -> list[tuple]:
     """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
     (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
@@ -168,14 +203,18 @@ __all__ = [
     "cache_kwargs",
     "checkpointing_context",
     "commit_hash",
-    "enable_checkpointing",
     "eager_mask",
+    "enable_checkpointing",
     "flash_cpu",
+    "gated_delta_rule",
     "image_text_to_text_class",
     "is_torchvision_available",
     "layer_cache",
+    "mixer_cache",
     "name_or_path",
     "output_cache",
+    "past_length",
+    "recurrent_cache_states",
     "repeat_kv",
     "sdpa_attention_forward",
     "sdpa_mask",

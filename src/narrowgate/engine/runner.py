@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .. import compat
 from ..batch import Batch
-from . import shared
+from . import recurrent, shared
 from .interventions import AttentionStats, Capture, Knockout, ResolvedStats
 from .state import InterventionError, Plan, Record, ResolvedKnockout, RoleMask, Run
 from .stats import build
@@ -48,6 +48,7 @@ class Runner:
     def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
         family = self.vlm.family
+        self.refuse_recurrent("A shared prefix")
         if (
             not 0 < length < batch.length
             or length <= max(lay.end for lay in batch.layouts)
@@ -107,7 +108,24 @@ class Runner:
         ]
 
     def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1) -> int:
+        """How many leading positions the plans share (`shared.prefix_length`); 0 on a hybrid decoder, whose
+        recurrent layers would need a state per condition at the prefix's end (each condition runs whole)."""
+        if self.vlm.mixers:
+            return 0
         return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm.family.causal_from(batch.inputs))
+
+    def refuse_recurrent(self, what: str) -> None:
+        """Refuse what needs a prefix shared as keys and values when some decoder layers are recurrent."""
+        mixers = self.vlm.mixers
+        if mixers:
+            kind, module = next(iter(mixers.values()))
+            raise InterventionError(
+                f"{what} is shared as keys and values, and decoder layers {sorted(mixers)} of this "
+                f"{self.vlm.family.name} model are {kind.name} ({type(module).__name__}), whose state at the prefix's "
+                "end a knockout of a prefix position changes: narrowgate does not share a prefix on hybrid decoders "
+                "yet. Run the conditions with forward_conditions / generate_conditions (each condition a whole "
+                "forward), or knockouts with forward(knockouts=[...])."
+            )
 
     def forward_conditions(
         self, batch: Batch, conditions, *, capture=None, attention_stats=False, keep=1, interventions=()
@@ -218,6 +236,8 @@ class Runner:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         vlm = self.vlm
+        for plan in plans:
+            recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
         inputs = vlm.model_inputs(batch)
         cache = None
         if P:

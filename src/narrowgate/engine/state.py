@@ -184,6 +184,7 @@ class Scratch:
     masks: dict = field(default_factory=dict, repr=False)
     rows: dict = field(default_factory=dict, repr=False)  # per intervention and window: its rows there (sites.visit)
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
+    mixed: dict = field(default_factory=dict, repr=False)  # recurrent layer -> the cache its prompt pass left a view in
 
     def cached(self, key, make, keep=None):
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
