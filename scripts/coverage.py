@@ -10,9 +10,11 @@ Then the checks:
 - blind: a mask-mode image -> (eoi, text) knockout makes the text logits of two different images identical
   (and they differ without it);
 - reference: eoi -> text knockouts (mask and zero mode, every layer) equal the independent float64 eager
-  reference of tests/engine/reference.py;
+  reference of tests/engine/reference.py (on a hybrid decoder, its recurrent layers written out by hand:
+  tests/engine/recurrent_reference.py);
 - capture: captured residuals equal the model's own ``output_hidden_states``;
-- prefix: `VLM.forward_conditions` (the shared prefix) equals one separate forward per condition.
+- prefix: `VLM.forward_conditions` (the shared prefix) equals one separate forward per condition (a hybrid
+  decoder shares no prefix: there each condition runs whole, and the check holds that to separate forwards).
 
 Where the text config has ``attn_logit_softcapping`` (off in Gemma 3's default), every check runs once more on a
 copy with soft-capping on, under eager attention (transformers' SDPA refuses soft-capping): check ``softcap``.
@@ -127,8 +129,6 @@ VISION = {
 KNOWN = {
     "llama4": "transformers bug: Llama4ForConditionalGeneration.forward reads `image_outputs` from the language "
     "model's output, so no forward with an image runs (chunked attention therefore unchecked)",
-    "qwen3_5": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
-    "qwen3_5_moe": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
 }
 #: Special-token-like string literals in a processor's source.
 _LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w:. -]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
