@@ -10,8 +10,9 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "coverage.py"
 #: Sliding-window + global layers, bidirectional image attention and soft-capping (gemma3), a bidirectional
-#: prefix-LM prompt (paligemma), M-RoPE and deepstack (qwen3_vl), pixel-shuffled tiles (internvl).
-TYPES = ("gemma3", "paligemma", "qwen3_vl", "internvl")
+#: prefix-LM prompt (paligemma), M-RoPE and deepstack (qwen3_vl), pixel-shuffled tiles (internvl), Gated DeltaNet
+#: layers beside attention (qwen3_5, a hybrid decoder).
+TYPES = ("gemma3", "paligemma", "qwen3_vl", "internvl", "qwen3_5")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from importlib.metadata import version as _dist_version
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionLayer
 
 # Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
 from transformers.image_processing_utils import select_best_resolution
@@ -80,10 +80,10 @@ def recurrent_cache_states(cache, layer: int) -> tuple[torch.Tensor | None, torc
     return cache.get_conv_state(layer), cache.get_recurrent_state(layer)
 
 
-def cache_kv(cache) -> list[tuple]:
+def cache_kv(cache) -> list[tuple | None]:
     """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
-    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24); None for a recurrent layer, which holds neither."""
+    return [(layer.keys, layer.values) if hasattr(layer, "keys") else None for layer in cache.layers]
 
 
 class _PrefixLayer(DynamicLayer):
@@ -104,15 +104,38 @@ class _PrefixLayer(DynamicLayer):
         return self.length + query_length, 0
 
 
+class _StatelessRecurrentLayer(LinearAttentionLayer):
+    """A linear-attention cache layer that never holds a state: every call starts afresh, and narrowgate's engine
+    hands the recurrent layer its past itself (`engine.recurrent`). ``LinearAttentionLayer`` of 5.23 - 5.24."""
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, **kwargs):
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+        return recurrent_states
+
+
 class PrefixCache(Cache):
     """A read-only stand-in for a KV cache of ``length`` positions, shared by any number of batch rows.
 
     The model sees an ordinary cache of that length (positions, masks); the keys and values live with
     narrowgate's engine, which attends to them for every row without expanding them (5.0 - 5.24 Cache API).
+    The layers in ``recurrent`` (a hybrid decoder's) hold no state: the engine computes them over the prefix.
     """
 
-    def __init__(self, n_layers: int, length: int):
-        super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
+    def __init__(self, n_layers: int, length: int, recurrent=()):
+        super().__init__(
+            layers=[_StatelessRecurrentLayer() if l in recurrent else _PrefixLayer(length) for l in range(n_layers)]
+        )
+
+
+def prefix_pass_cache(n_layers: int, recurrent=()) -> Cache:
+    """The cache a shared prefix is computed into: every position of every attention layer (the model's own cache
+    would keep only the last window of a sliding-window layer, and the suffix attends to the whole prefix through
+    its mask); the layers in ``recurrent`` hold no state (the engine keeps their projections instead)."""
+    if not recurrent:
+        return DynamicCache()
+    return Cache(layers=[_StatelessRecurrentLayer() if l in recurrent else DynamicLayer() for l in range(n_layers)])
 
 
 def _flash_cpu():
@@ -214,6 +237,7 @@ __all__ = [
     "name_or_path",
     "output_cache",
     "past_length",
+    "prefix_pass_cache",
     "recurrent_cache_states",
     "repeat_kv",
     "sdpa_attention_forward",

@@ -49,6 +49,10 @@ class VLM:
     found.
     ``checkpoint_prompts``: the prompts the checkpoint says it answers (its ``narrowgate.json``, set by
     `narrowgate.load`; None when it has none or the model came from elsewhere).
+
+    On a hybrid decoder (Qwen 3.5's Gated DeltaNet layers beside attention) ``mixers`` maps each recurrent decoder
+    layer to its kind and module, and ``attention_layers`` lists the others; knockouts reach through both kinds
+    (docs/hybrid-decoders.md).
     """
 
     def __init__(self, model, processor, checkpoint_prompts=None):

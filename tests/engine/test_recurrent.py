@@ -154,7 +154,9 @@ def test_mask_mode_is_the_stock_layer_on_the_sequence_without_the_sources(vlm):
     absent[0, 5:17] = True
     absent[1, [3, 4, 20, 30, 31, 32]] = True
     with torch.no_grad():
-        views, _ = kind.view(module, hidden, torch.tensor([0, 1]), absent, torch.zeros_like(absent), False)
+        proj = kind.project(module, hidden)
+        mixed, _ = kind.mix(module, {k: proj[k] for k in kind.carried}, absent, torch.zeros_like(absent), False)
+        views = kind.finish(module, mixed, proj)
         for b in range(2):
             left = (~absent[b]).nonzero().flatten()
             stock = module(hidden_states=hidden[b : b + 1, left])
@@ -208,17 +210,65 @@ def test_generate_equals_greedy_decoding_of_the_reference(vlm, ref):
     assert got.tolist() == tokens
 
 
-def test_conditions_run_whole_and_equal_separate_forwards(vlm):
+def test_conditions_share_the_prefix_and_equal_separate_forwards(vlm):
+    """Over a shared prefix every suffix row computes its recurrent layers' view of the prefix from the prefix's
+    projections: conditions of both modes, a patch, and the baseline equal separate whole forwards."""
     batch = same_prompt(vlm)
+    other = vlm.forward(batch, capture=ng.Capture("eoi")).residuals["eoi"].flip(0)
     conds = [
         Condition("baseline"),
         Condition("image->text", knockouts=(ng.Knockout("image", "text", mode="mask"),)),
         Condition("eoi->text", knockouts=(ng.Knockout("eoi", "text"),)),
+        Condition("image[2]->text@0,3", knockouts=(ng.Knockout("image[2]", "text", layers=(0, 3), mode="zero"),)),
+        Condition("patch", patches=(ng.Patch("eoi", 1, other[:, 1]),)),
     ]
+    assert vlm.runner.prefix_length(batch, vlm.runner.plans(batch, conds)) > max(lay.end for lay in batch.layouts)
     shared = vlm.forward_conditions(batch, conds)
     for c in conds:
-        want = vlm.forward(batch, knockouts=c.knockouts).logits[:, -1]
+        want = vlm.forward(batch, knockouts=c.knockouts, patches=c.patches).logits[:, -1]
         torch.testing.assert_close(shared[c.name].last_logits, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_forward_knockouts_over_a_shared_prefix_equal_whole_forwards(vlm, mode):
+    """The gate scan's call: arbitrary source sets in the prefix, each a batch row of one suffix pass."""
+    batch = vlm.prepare(images(1, seed=2), [PROMPTS[1]])
+    lay = batch.layouts[0]
+    prefix = vlm.share_prefix(batch, lay.eoi + 1)
+    sets = [[], [lay.start], [lay.start + 5, lay.end], [lay.eoi], list(range(lay.start, lay.eoi + 1)), [lay.boi]]
+    sources = torch.zeros(len(sets), 1, batch.length, dtype=torch.bool)
+    for c, positions in enumerate(sets):
+        sources[c, 0, positions] = True
+    got = vlm.forward_knockouts(prefix, sources, mode=mode)
+    for c, positions in enumerate(sets):
+        kos = [_PositionKnockout(sources[c], mode)] if positions else []
+        want = vlm.forward(batch, interventions=kos).logits[:, -1]
+        torch.testing.assert_close(got[c], want, atol=ATOL, rtol=0)
+
+
+class _PositionKnockout(ng.Intervention):
+    """``positions -> text`` at every layer, the positions given as a [1, T] mask (roles cannot name a set)."""
+
+    def __init__(self, sources: torch.Tensor, mode: str):
+        self.sources, self.mode = sources, mode
+
+    def resolve(self, batch, model):
+        from narrowgate.engine.interventions import ResolvedKnockout
+        from narrowgate.engine.protocol import RoleMask, role_mask
+
+        return ResolvedKnockout(RoleMask(self.sources, False), role_mask(batch, "text"), None, self.mode)
+
+
+def test_generation_with_conditions_runs_each_condition_whole(vlm):
+    """A recurrent layer's cached state cannot be cropped back to a prefix: generation shares none, and each
+    condition's tokens equal its own `generate`."""
+    batch = same_prompt(vlm)
+    conds = [Condition("baseline"), Condition("image->text", knockouts=(ng.Knockout("image", "text", mode="mask"),))]
+    plans = vlm.runner.plans(batch, conds)
+    assert vlm.runner.prefix_length(batch, plans, generation=True) == 0
+    got = vlm.generate_conditions(batch, conds, max_new_tokens=3)
+    for c in conds:
+        assert torch.equal(got[c.name], vlm.generate(batch, knockouts=c.knockouts, max_new_tokens=3))
 
 
 def test_attn_out_at_a_recurrent_layer_is_the_mixer_output_after_the_knockout(vlm):
@@ -259,7 +309,7 @@ def test_resid_hooks_see_the_decoded_positions(vlm):
         (lambda v, b: v.forward(b, attention_stats=True), "Gated DeltaNet"),
         (lambda v, b: v.forward(b, interventions=[ng.Hook("pattern", 0, "text", lambda p: None)]), "[0]"),
         (lambda v, b: v.forward(b, interventions=[ng.Hook("head", 1, "text", lambda h: None)]), "attention layers"),
-        (lambda v, b: v.share_prefix(b, b.length - 2), "shared"),
+        (lambda v, b: v.attribute(v.share_prefix(b, b.length - 2)), "first-order"),
         (lambda v, b: v.generate(b, knockouts=[ng.Knockout("text", "last")], max_new_tokens=2), "generated tokens"),
     ],
 )

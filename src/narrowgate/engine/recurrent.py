@@ -40,20 +40,34 @@ ATTENTION_ONLY_SITES = ("head", "pattern")
 
 
 class Mixer:
-    """One kind of recurrent token mixer: how a decoder layer holds it and how a view of it is computed."""
+    """One kind of recurrent token mixer: how a decoder layer holds it and how views of it are computed.
+
+    A view runs in three steps: `project` (per-position inputs, once for every view of a call), `mix` (the
+    convolution and recurrence over a view's whole sequence) and `finish` (per-position output, at the
+    positions read). ``carried`` names the projections `mix` reads over the whole sequence, which a shared
+    prefix keeps."""
 
     name: str  # what the kind is, in words (error messages, docs)
     attribute: str  # the decoder layer's attribute holding the module
     parts: tuple[str, ...]  # the module's attributes the view computation uses
+    carried: tuple[str, ...]  # projections `mix` reads at every position: [B, T, ...], positions on axis 1
 
     def find(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         module = getattr(layer, self.attribute, None)
         return module if module is not None and all(hasattr(module, p) for p in self.parts) else None
 
-    def view(self, module, hidden, rows, absent, silent, want_state: bool):
-        """The module's output [R, T, D] on ``R`` views: row ``r`` reads ``hidden[rows[r]]`` ([B, T, D], padding
-        already zeroed) with ``absent[r]`` positions deleted and ``silent[r]`` positions putting nothing in
-        ([R, T] bool). With ``want_state``, also the state each view leaves (for `store`)."""
+    def project(self, module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-position inputs of ``hidden`` [B, T, D] (padding already zeroed): [B, T, ...] each."""
+        raise NotImplementedError
+
+    def mix(self, module, proj: dict, absent: torch.Tensor, silent: torch.Tensor, want_state: bool):
+        """The mixed values [R, T, ...] of ``R`` views (``proj``: `carried` per view row): ``absent`` [R, T]
+        positions deleted, ``silent`` ones putting nothing in. With ``want_state``, also the state each view leaves
+        after its last position (for `store`)."""
+        raise NotImplementedError
+
+    def finish(self, module, mixed: torch.Tensor, proj: dict) -> torch.Tensor:
+        """The module's output [R, n, D] at ``n`` positions from their mixed values and their own projections."""
         raise NotImplementedError
 
     def store(self, module, cache, b: int, state) -> None:
@@ -69,25 +83,30 @@ class GatedDeltaNet(Mixer):
     name = "Gated DeltaNet (linear attention)"
     attribute = "linear_attn"
     parts = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "A_log", "dt_bias", "norm", "out_proj")
+    carried = ("x", "beta", "g")
 
-    def view(self, module, hidden, rows, absent, silent, want_state):
+    def project(self, module, hidden):
+        return {
+            "x": module.in_proj_qkv(hidden),  # the convolution's input
+            "beta": module.in_proj_b(hidden).sigmoid(),
+            "g": -module.A_log.float().exp() * F.softplus(module.in_proj_a(hidden).float() + module.dt_bias),
+            "z": module.in_proj_z(hidden),
+        }
+
+    def mix(self, module, proj, absent, silent, want_state):
         rule = compat.gated_delta_rule(module)
         if rule is None:
             raise InterventionError(
                 f"{type(module).__name__}: this transformers release has no torch_chunk_gated_delta_rule beside it, "
                 "which narrowgate runs for knockouts through Gated DeltaNet layers; use transformers 5.23 - 5.24."
             )
+        x = proj["x"].transpose(1, 2)  # [R, C, T]
         R, T = absent.shape
-        mixed = module.in_proj_qkv(hidden).transpose(1, 2)[rows]  # [R, C, T], before the convolution
         weight = module.conv1d.weight[:, 0]
-        conv = ACT2FN[module.activation](view_conv(mixed, weight, module.conv1d.bias, absent, silent))
-        q, k, v = torch.split(
-            conv.to(hidden.dtype).transpose(1, 2), [module.key_dim, module.key_dim, module.value_dim], -1
-        )
-        beta = module.in_proj_b(hidden)[rows].sigmoid()
-        g = -module.A_log.float().exp() * F.softplus(module.in_proj_a(hidden)[rows].float() + module.dt_bias)
-        beta = beta.masked_fill((absent | silent)[..., None], 0.0)  # nothing written or erased there
-        g = g.masked_fill(absent[..., None], 0.0)  # no decay through an absent position
+        conv = ACT2FN[module.activation](view_conv(x, weight, module.conv1d.bias, absent, silent)).to(x.dtype)
+        q, k, v = torch.split(conv.transpose(1, 2), [module.key_dim, module.key_dim, module.value_dim], -1)
+        beta = proj["beta"].masked_fill((absent | silent)[..., None], 0.0)  # nothing written or erased there
+        g = proj["g"].masked_fill(absent[..., None], 0.0)  # no decay through an absent position
         core, final = rule(
             q.reshape(R, T, -1, module.head_k_dim),
             k.reshape(R, T, -1, module.head_k_dim),
@@ -98,10 +117,14 @@ class GatedDeltaNet(Mixer):
             output_final_state=want_state,
             use_qk_l2norm_in_kernel=True,
         )
-        z = module.in_proj_z(hidden)[rows].reshape(-1, module.head_v_dim)
-        out = module.out_proj(module.norm(core.reshape(-1, module.head_v_dim), z).reshape(R, T, -1))
-        state = (last_inputs(mixed, absent, silent, weight.shape[1]), final) if want_state else None
-        return out, state
+        state = (last_inputs(x, absent, silent, weight.shape[1]), final) if want_state else None
+        return core, state
+
+    def finish(self, module, mixed, proj):
+        R, n = mixed.shape[:2]
+        dv = module.head_v_dim
+        gated = module.norm(mixed.reshape(-1, dv), proj["z"].reshape(-1, dv)).reshape(R, n, -1)
+        return module.out_proj(gated)
 
     def store(self, module, cache, b, state):
         conv, recurrent = compat.recurrent_cache_states(cache, module.layer_idx)
@@ -180,18 +203,27 @@ def last_inputs(x: torch.Tensor, absent: torch.Tensor, silent: torch.Tensor, K: 
 
 
 # --- the hook ---------------------------------------------------------------------------------------------------
+#: Elements of one view chunk's convolution input (rows x positions x channels); more rows run in several chunks.
+VIEW_BUDGET = 1 << 25
+
+
 def hook(kind: Mixer, layer: int):
-    """The forward hook on decoder layer ``layer``'s mixer: the target rows of the active run's knockouts get their
-    views' outputs; with no active run, or no knockout at this layer, the stock output stands."""
+    """The forward hook on decoder layer ``layer``'s mixer. In a prefix pass it keeps the prefix's projections; in a
+    suffix pass over a shared prefix every row gets its view's output (the stock layer saw no prefix); otherwise
+    the target rows of the active run's knockouts get their views' outputs. With no active run, or nothing to do at
+    this layer, the stock output stands."""
 
     def knockouts(module, args, kwargs, output):
         run = active_run()
         if run is None:
             return None
-        active = run.plan.knockouts_at(layer)
-        if not active:
+        plan = run.plan
+        active = plan.knockouts_at(layer)
+        prefix = None if plan.mixer_prefix is None else plan.mixer_prefix[layer]
+        if not (active or prefix is not None or plan.record_mixers):
             return None
-        run.record.attention_calls.add(layer)
+        if active:
+            run.record.attention_calls.add(layer)
         cache = compat.mixer_cache(kwargs)
         if cache is not None and run.scratch.mixed.get(layer) is cache:
             return None  # a decoding step, on the view state this run's prompt pass left in the cache
@@ -199,8 +231,11 @@ def hook(kind: Mixer, layer: int):
         pad = kwargs.get("attention_mask")
         if isinstance(pad, torch.Tensor) and pad.dim() == 2:  # as the layer zeroes padding before it mixes
             hidden = (hidden * pad[:, :, None]).to(hidden.dtype)
+        proj = kind.project(module, hidden)
+        if plan.record_mixers:
+            run.record.mixer_prefix[layer] = {k: proj[k].detach() for k in kind.carried}
         out = output[0] if isinstance(output, tuple) else output
-        new = apply(kind, module, hidden, out, active, cache)
+        new = apply(kind, module, proj, out, active, cache, prefix)
         if cache is not None:
             run.scratch.mixed[layer] = cache
         if new is None:
@@ -210,30 +245,36 @@ def hook(kind: Mixer, layer: int):
     return knockouts
 
 
-def _codes(masks: list[torch.Tensor]) -> torch.Tensor:
+def _codes(masks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Which of the knockouts' masks hold each place, as an integer per place (bit ``i``: mask ``i``)."""
     if len(masks) > 62:
         raise InterventionError(
             f"{len(masks)} knockouts act at one recurrent layer; narrowgate groups the rows of at most 62."
         )
-    code = torch.zeros_like(masks[0], dtype=torch.long)
+    code = torch.zeros(like.shape, dtype=torch.long, device=like.device)
     for i, m in enumerate(masks):
         code |= m.long() << i
     return code
 
 
-def apply(kind: Mixer, module, hidden: torch.Tensor, out: torch.Tensor, active: list, cache) -> torch.Tensor | None:
-    """``out`` (the stock output [B, T, D] of a call over positions 0..T-1) with every target row replaced by its
-    view's output; with a ``cache`` (a prompt pass before generation), each example's generated tokens' view
-    state put in the cache. None when no row is a target."""
-    B, T, _ = hidden.shape
-    dev = hidden.device
-    code = _codes([k.target.window(0, T, dev) for k in active])  # [B, T]
+def apply(kind: Mixer, module, proj: dict, out: torch.Tensor, active: list, cache, prefix: dict | None):
+    """``out`` (the stock output [B, Q, D] of a call over positions P..P+Q-1) with rows replaced by their views'
+    outputs: the target rows of ``active`` knockouts, and, over a shared ``prefix`` (the carried projections of
+    positions 0..P-1, per example; rows condition-major), every row. With a ``cache`` (a prompt pass before
+    generation), each example's generated tokens' view state goes into the cache. None when nothing changes."""
+    B, Q = out.shape[:2]
+    dev = out.device
+    P = 0 if prefix is None else prefix[kind.carried[0]].shape[1]
+    T = P + Q
+    code = _codes([k.target.window(P, T, dev) for k in active], out[..., 0])  # [B, Q]
     gen = None
-    if cache is not None:
-        gen = _codes([torch.as_tensor(k.target.generated, device=dev).reshape(-1).expand(B) for k in active])
+    if cache is not None and prefix is None:
+        gen = _codes(
+            [torch.as_tensor(k.target.generated, device=dev).reshape(-1).expand(B) for k in active], out[:, 0, 0]
+        )
     groups = set(code.unique().tolist()) | (set(gen.unique().tolist()) if gen is not None else set())
-    groups.discard(0)
+    if prefix is None:
+        groups.discard(0)  # rows that block nothing read the stock output
     if not groups:
         return None
     sources = [k.source.window(0, T, dev) for k in active]
@@ -253,15 +294,38 @@ def apply(kind: Mixer, module, hidden: torch.Tensor, out: torch.Tensor, active: 
             absent.append(mask[b])
             silent.append(zero[b] & ~mask[b])
             group_of.append(u)
-    index = torch.tensor(rows, device=dev)
-    views, states = kind.view(module, hidden, index, torch.stack(absent), torch.stack(silent), cache is not None)
-    which = torch.full((B, T), -1, dtype=torch.long, device=dev)  # the view row each place reads, -1: stock
+    views, states = _views(kind, module, proj, prefix, rows, torch.stack(absent), torch.stack(silent), gen is not None)
+    which = torch.full((B, Q), -1, dtype=torch.long, device=dev)  # the view row each place reads, -1: stock
     for r, (b, u) in enumerate(zip(rows, group_of)):
         which[b][code[b] == u] = r
         if gen is not None and int(gen[b]) == u:
             kind.store(module, cache, b, (states[0][r], states[1][r]))
-    picked = views[which.clamp(min=0), torch.arange(T, device=dev)[None, :]]
+    picked = views[which.clamp(min=0), torch.arange(Q, device=dev)[None, :]]
     return torch.where((which >= 0)[..., None], picked.to(out.dtype), out)
+
+
+def _views(kind: Mixer, module, proj: dict, prefix: dict | None, rows: list[int], absent, silent, want_state: bool):
+    """The outputs [R, Q, D] of the views of ``rows`` (row ``rows[r]`` of ``proj``, after its example's ``prefix``),
+    in chunks of `VIEW_BUDGET`; with ``want_state``, their final states."""
+    R, T = absent.shape
+    x = proj[kind.carried[0]]
+    per_row = max(1, T * x.shape[-1])
+    step = max(1, VIEW_BUDGET // per_row)
+    index = torch.tensor(rows, device=x.device)
+    outs, states = [], []
+    for s in range(0, R, step):
+        own = index[s : s + step]
+        if prefix is None:
+            full = {k: proj[k][own] for k in kind.carried}
+        else:
+            ex = own % prefix[kind.carried[0]].shape[0]  # rows are condition-major: row c * B + b reads example b
+            full = {k: torch.cat([prefix[k][ex].to(proj[k].dtype), proj[k][own]], 1) for k in kind.carried}
+        mixed, state = kind.mix(module, full, absent[s : s + step], silent[s : s + step], want_state)
+        outs.append(kind.finish(module, mixed[:, T - x.shape[1] :], {k: v[own] for k, v in proj.items()}))
+        states.append(state)
+    if not want_state:
+        return torch.cat(outs), None
+    return torch.cat(outs), tuple(torch.cat([st[i] for st in states]) for i in range(2))
 
 
 # --- what the engine refuses on hybrid models ------------------------------------------------------------------

@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
 from .. import compat
 from ..batch import Batch
@@ -38,17 +37,15 @@ class Runner:
         the run, the cache and the suffix's model inputs. The reads are checked once the suffix has run too."""
         vlm = self.vlm
         prefix, suffix = shared.split_inputs(vlm.model_inputs(batch), P)
-        plan = reads or vlm._plan(batch)
-        # A cache that keeps every position in every layer: the model's own would keep only the last window of a
-        # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
+        plan = replace(reads or vlm._plan(batch), record_mixers=bool(vlm.mixers))
+        cache = compat.prefix_pass_cache(vlm.n_layers, set(vlm.mixers))
         with vlm._running(plan, check=False) as run:
-            out = vlm.model(**prefix, **compat.cache_kwargs(DynamicCache()), use_cache=True, **vlm._keep_last())
+            out = vlm.model(**prefix, **compat.cache_kwargs(cache), use_cache=True, **vlm._keep_last())
         return run, compat.output_cache(out), suffix
 
     def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
         family = self.vlm.family
-        self.refuse_recurrent("A shared prefix")
         if (
             not 0 < length < batch.length
             or length <= max(lay.end for lay in batch.layouts)
@@ -61,7 +58,9 @@ class Runner:
             )
         reads = None if capture is None else self.vlm._plan(batch, capture=capture)
         run, cache, suffix = self.prefix_cache(batch, length, reads)
-        return shared.SharedPrefix(batch, length, compat.cache_kv(cache), suffix, run.record.captured)
+        return shared.SharedPrefix(
+            batch, length, compat.cache_kv(cache), suffix, run.record.captured, run.record.mixer_prefix
+        )
 
     # --- suffix passes -----------------------------------------------------------------------
     def suffix_pass(self, prefix: shared.SharedPrefix, plan: Plan, n: int, keep: int = 1) -> tuple[torch.Tensor, Run]:
@@ -69,8 +68,8 @@ class Runner:
         ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1), and the run."""
         vlm = self.vlm
         record = Record(captured=shared.repeat_captured(prefix.captured, n))
-        cache = compat.PrefixCache(vlm.n_layers, prefix.length)
-        with vlm._running(replace(plan, prefix=prefix.kv), record) as run:
+        cache = compat.PrefixCache(vlm.n_layers, prefix.length, set(vlm.mixers))
+        with vlm._running(replace(plan, prefix=prefix.kv, mixer_prefix=prefix.mixers or None), record) as run:
             out = vlm.model(
                 **shared.repeat_rows(prefix.suffix, n),
                 **compat.cache_kwargs(cache),
@@ -107,25 +106,12 @@ class Runner:
             for c in conds
         ]
 
-    def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1) -> int:
-        """How many leading positions the plans share (`shared.prefix_length`); 0 on a hybrid decoder, whose
-        recurrent layers would need a state per condition at the prefix's end (each condition runs whole)."""
-        if self.vlm.mixers:
+    def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1, generation: bool = False) -> int:
+        """How many leading positions the plans share (`shared.prefix_length`). In generation on a hybrid decoder
+        none: a recurrent layer's cached state cannot be cropped back to the prefix after a condition."""
+        if generation and self.vlm.mixers:
             return 0
         return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm.family.causal_from(batch.inputs))
-
-    def refuse_recurrent(self, what: str) -> None:
-        """Refuse what needs a prefix shared as keys and values when some decoder layers are recurrent."""
-        mixers = self.vlm.mixers
-        if mixers:
-            kind, module = next(iter(mixers.values()))
-            raise InterventionError(
-                f"{what} is shared as keys and values, and decoder layers {sorted(mixers)} of this "
-                f"{self.vlm.family.name} model are {kind.name} ({type(module).__name__}), whose state at the prefix's "
-                "end a knockout of a prefix position changes: narrowgate does not share a prefix on hybrid decoders "
-                "yet. Run the conditions with forward_conditions / generate_conditions (each condition a whole "
-                "forward), or knockouts with forward(knockouts=[...])."
-            )
 
     def forward_conditions(
         self, batch: Batch, conditions, *, capture=None, attention_stats=False, keep=1, interventions=()
@@ -148,7 +134,9 @@ class Runner:
             return results
         reads = [r for r in plans[0].edits if r.first_affected() is None]
         run, cache, suffix = self.prefix_cache(batch, P, Plan(vlm.layer_of, vlm.n_layers, (), tuple(reads)))
-        prefix = shared.SharedPrefix(batch, P, compat.cache_kv(cache), suffix, run.record.captured)
+        prefix = shared.SharedPrefix(
+            batch, P, compat.cache_kv(cache), suffix, run.record.captured, run.record.mixer_prefix
+        )
         B, done = batch.size, 0
         for n, logits, run in self.suffix_passes(prefix, plans, keep):
             part, done = conds[done : done + n], done + n
@@ -205,7 +193,7 @@ class Runner:
         reads = [r.name for p in plans for r in p.edits if r.first_affected() is None or isinstance(r, ResolvedStats)]
         if reads:
             raise InterventionError(f"Generation takes no reads ({reads[0]}); read with forward or forward_conditions.")
-        P = self.prefix_length(batch, plans)
+        P = self.prefix_length(batch, plans, generation=True)
         return dict(zip((c.name for c in conds), self.generate_plans(batch, plans, P, max_new_tokens, kwargs)))
 
     def generate_knockouts(
@@ -223,7 +211,7 @@ class Runner:
         self.check_sources(batch, sources)
         template = vlm._plan(batch, knockouts=(Knockout("image", target, mode=mode),))
         tgt = template.knockouts[0].target
-        P = self.prefix_length(batch, [template])
+        P = self.prefix_length(batch, [template], generation=True)
         plans = [
             Plan(vlm.layer_of, vlm.n_layers, (ResolvedKnockout(RoleMask(src.bool(), False), tgt, None, mode),))
             for src in sources

@@ -89,6 +89,8 @@ class Plan:
     edits: tuple[Resolved, ...] = ()
     prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
     record_probs: bool = False  # keep each layer's suffix attention probabilities, gradients retained
+    mixer_prefix: dict | None = None  # per recurrent layer, the shared prefix's projections (engine/recurrent.py)
+    record_mixers: bool = False  # a prefix pass: keep each recurrent layer's projections for the suffix passes
 
     @cached_property
     def _sites(self) -> dict[tuple[str, int], tuple[Resolved, ...]]:
@@ -174,6 +176,7 @@ class Record:
     visited: dict[int, set[int]] = field(default_factory=dict)  # id(resolved) -> where it met its positions
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probabilities (plan.record_probs)
+    mixer_prefix: dict[int, dict] = field(default_factory=dict)  # recurrent layer -> projections (plan.record_mixers)
 
 
 @dataclass
