@@ -12,9 +12,11 @@ Where a class's defaults build no working model, `CHECKPOINT` holds the values i
 - blind: a mask-mode image -> (eoi, text) knockout makes the text logits of two different images identical
   (and they differ without it);
 - reference: eoi -> text knockouts (mask and zero mode, every layer) equal the independent float64 eager
-  reference of tests/engine/reference.py;
+  reference of tests/engine/reference.py (on a hybrid decoder, its recurrent layers written out by hand:
+  tests/engine/recurrent_reference.py);
 - capture: captured residuals equal the model's own ``output_hidden_states``;
-- prefix: `VLM.forward_conditions` (the shared prefix) equals one separate forward per condition.
+- prefix: `VLM.forward_conditions` (the shared prefix) equals one separate forward per condition (a hybrid
+  decoder shares no prefix: there each condition runs whole, and the check holds that to separate forwards).
 
 Where the text config has ``attn_logit_softcapping`` (off in Gemma 3's default), every check runs once more on a
 copy with soft-capping on, under eager attention (transformers' SDPA refuses soft-capping): check ``softcap``.
@@ -225,8 +227,6 @@ KNOWN = {
     "kosmos-2": "no image tokens: Kosmos-2 places the image by image_embeds_position_mask, not by a token id",
     "kosmos-2.5": "no image tokens: Kosmos-2.5 places the image by image_embeds_position_mask, not by a token id",
     # hybrid decoders (issue 29, item 3)
-    "qwen3_5": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
-    "qwen3_5_moe": "hybrid decoder: its Gated DeltaNet (linear attention) layers have no attention to knock out",
     "minicpm_ocr": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
     "minicpmv4_6": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
     "minicpmv4_7": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",

@@ -18,7 +18,7 @@ from PIL import Image
 from . import compat, training
 from .batch import Batch
 from .engine import attention as engine_attention
-from .engine import attribution, budget, hooks, shared
+from .engine import attribution, budget, hooks, recurrent, shared
 from .engine.interventions import Capture, ResolvedStats
 from .engine.protocol import ModelShape
 from .engine.runner import Runner
@@ -53,6 +53,10 @@ class VLM:
     ``memory_budget``: the working memory (bytes beyond the weights) one model call may use; None (the default)
     means what a plain forward of the same batch needs. Every split of the work — conditions per suffix pass,
     query rows per attention block — is chosen to fit it (`narrowgate.engine.budget`); results do not depend on it.
+
+    On a hybrid decoder (Qwen 3.5's Gated DeltaNet layers beside attention) ``mixers`` maps each recurrent decoder
+    layer to its kind and module, and ``attention_layers`` lists the others; knockouts reach through both kinds
+    (docs/hybrid-decoders.md).
     """
 
     def __init__(self, model, processor, checkpoint_prompts=None):
@@ -66,13 +70,29 @@ class VLM:
         self.layers = self.family.decoder_layers(model)
         self.n_layers = len(self.layers)
         self.layer_of = {}
+        self.mixers: dict[int, tuple] = {}  # recurrent layers of a hybrid decoder: (kind, module)
         modules = []
         for l, layer in enumerate(self.layers):
             attn = getattr(layer, "self_attn", None)
             if attn is None:
-                raise InterventionError(f"Decoder layer {l} of this {self.family.name} model has no self_attn module.")
-            self.layer_of[id(attn)] = l
+                found = recurrent.find(layer)
+                if found is None:
+                    raise InterventionError(
+                        f"Decoder layer {l} of this {self.family.name} model ({recurrent.describe(layer)}) has neither "
+                        "self-attention nor a recurrent mixer narrowgate knocks out through (it knows "
+                        f"{', '.join(k.name for k in recurrent.KINDS)})."
+                    )
+                self.mixers[l] = found
+                attn = found[1]
+            else:
+                self.layer_of[id(attn)] = l
             modules.append((attn, getattr(layer, "mlp", None)))
+        self.attention_layers = [l for l in range(self.n_layers) if l not in self.mixers]
+        if not self.attention_layers:
+            raise InterventionError(
+                f"This {self.family.name} model has no self-attention layer for narrowgate to wrap."
+            )
+        self._attention = self.layers[self.attention_layers[0]].self_attn
         self._has_mlp = all(m is not None for _, m in modules)
         tok = self.family.tokenizer
         if not hasattr(self.layers, "_narrowgate_padding"):
@@ -83,7 +103,9 @@ class VLM:
         # A forward that cannot run without the image (BLIP-2's requires pixel_values) has no suffix pass.
         pixels = params.get("pixel_values")
         self._suffix_without_image = pixels is None or pixels.default is not inspect.Parameter.empty
-        self._hooks = hooks.install(self.layers, modules)
+        self._hooks = hooks.install(
+            self.layers, modules, {l: recurrent.hook(kind, l) for l, (kind, _) in self.mixers.items()}
+        )
         self.runner = Runner(self)
         self.budget = budget.Budget(budget.Shape.of(model))
 
@@ -111,7 +133,7 @@ class VLM:
         The implementation found first is kept on the decoder layers (shared by every `VLM` of the model)
         for `close` to restore.
         """
-        attn = self.layers[0].self_attn
+        attn = self._attention
         current = compat.attn_implementation(attn.config)
         if not hasattr(self.layers, "_narrowgate_attention"):
             self.layers._narrowgate_attention = current
@@ -137,7 +159,7 @@ class VLM:
         self._closed = True
         if hooks.uninstall(self.layers):
             original = self.layers.__dict__.pop("_narrowgate_attention", None)
-            if original is not None and original != compat.attn_implementation(self.layers[0].self_attn.config):
+            if original is not None and original != compat.attn_implementation(self._attention.config):
                 self._set_attention(original)
             tok, side = self.layers.__dict__.pop("_narrowgate_padding", (None, None))
             if tok is not None and side is not None:
@@ -169,13 +191,13 @@ class VLM:
     @property
     def shape(self) -> ModelShape:
         """The sizes an intervention may check or build values for (`Intervention.resolve`)."""
-        attn = self.layers[0].self_attn
+        attn = self._attention
         heads = self._heads()
         head_dim = int(getattr(attn, "head_dim", 0) or self.hidden_size // heads)
         return ModelShape(self.n_layers, self.hidden_size, heads, head_dim)
 
     def _heads(self) -> int:
-        return int(self.layers[0].self_attn.config.num_attention_heads)
+        return int(self._attention.config.num_attention_heads)
 
     # --- inputs ------------------------------------------------------------------------------
     def prepare(self, images, prompts, *, image_first: bool = True) -> Batch:
@@ -316,6 +338,7 @@ class VLM:
                 "Knockouts, attention statistics and head/pattern hooks need attn_implementation 'sdpa' or 'eager'; "
                 f"this model uses {self._attn!r}. Load it with narrowgate.load(..., attn_implementation='sdpa')."
             )
+        recurrent.refuse(plan, self.mixers, self.attention_layers, self.family.name)
         if "mlp_out" in plan.sites and not self._has_mlp:
             raise InterventionError(f"This {self.family.name} model's decoder layers have no mlp module for 'mlp_out'.")
         return plan

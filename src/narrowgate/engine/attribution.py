@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .interventions import Knockout
-from .state import Plan
+from .state import InterventionError, Plan
 
 if TYPE_CHECKING:
     from ..vlm import VLM
@@ -28,6 +28,13 @@ def attribute(
     """
     if mode not in ("mask", "zero"):
         raise ValueError(f"mode must be 'mask' or 'zero', got {mode!r}.")
+    if vlm.mixers:
+        kind, module = next(iter(vlm.mixers.values()))
+        raise InterventionError(
+            f"The first-order estimate differentiates attention probabilities, and decoder layers {sorted(vlm.mixers)} "
+            f"of this {vlm.family.name} model are {kind.name} ({type(module).__name__}), which has none: it would "
+            "leave out every path through them. Scan exactly (gate-scan --method exact; VLM.forward_knockouts)."
+        )
     batch, P = prefix.batch, prefix.length
     rows = vlm._plan(batch, knockouts=(Knockout("image", target),)).knockouts[0].target.prompt[:, P:]
     with torch.enable_grad():

@@ -1,5 +1,5 @@
 """Forward hooks on the decoder layers and their attention and MLP modules: the ``resid``, ``attn_out`` and
-``mlp_out`` sites (patches, captures, hooks).
+``mlp_out`` sites (patches, captures, hooks), and knockouts through recurrent mixers (`recurrent.hook`).
 
 Hooks are installed once per model and stay; with no active run they return at once. A pre-hook on
 layer ``l`` sees residual index ``l`` (and notes the call's window offset); a hook on the last layer's
@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from ..compat import layer_cache
+from ..compat import layer_cache, past_length
 from . import sites
 from .state import InterventionError, active_run
 
 
-def _past_length(kwargs, layer: int) -> int:
+def _past_length(kwargs, layer: int, previous: int) -> int:
+    """Where the current call's window starts; ``previous``: what an earlier layer of the call read (a recurrent
+    layer's cache holds no positions)."""
     cache = layer_cache(kwargs)
     if cache is None:
         return 0
-    try:
-        return int(cache.get_seq_length(layer))
-    except TypeError:
-        return int(cache.get_seq_length())
+    got = past_length(cache, layer)
+    return previous if got is None else got
 
 
 def _replace_output(output, new):
@@ -44,9 +44,14 @@ def _resid(run, at: int, hidden: torch.Tensor) -> torch.Tensor:
     return sites.visit(run, "resid", at, hidden, run.scratch.offset)[0]
 
 
-def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, torch.nn.Module | None]]) -> list:
-    """Install the site hooks on every decoder layer (``modules``: per layer its attention and MLP module, None
-    where it has no MLP module); returns the handles.
+def install(
+    layers: torch.nn.ModuleList,
+    modules: list[tuple[torch.nn.Module, torch.nn.Module | None]],
+    mixers: dict | None = None,
+) -> list:
+    """Install the site hooks on every decoder layer (``modules``: per layer its attention module, or its recurrent
+    mixer, and its MLP module, None where it has none); returns the handles. ``mixers``: per recurrent layer the
+    hook that knocks out through it (`recurrent.hook`), which runs before the layer's ``attn_out`` site.
 
     Once per model: a second `VLM` around the same model reuses the hooks already there (they read the
     active run, not the `VLM`), so interventions are never applied twice. Each call counts one user;
@@ -65,7 +70,7 @@ def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, to
             if run is None or not run.plan.edits:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            run.scratch.offset = _past_length(kwargs, l)
+            run.scratch.offset = _past_length(kwargs, l, run.scratch.offset)
             new = _resid(run, l, hidden)
             if new is hidden:
                 return None
@@ -85,6 +90,8 @@ def install(layers: torch.nn.ModuleList, modules: list[tuple[torch.nn.Module, to
             return hook
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        if mixers and l in mixers:
+            handles.append(attn.register_forward_hook(mixers[l], with_kwargs=True))
         handles.append(attn.register_forward_hook(out_hook("attn_out", l)))
         if mlp is not None:
             handles.append(mlp.register_forward_hook(out_hook("mlp_out", l)))

@@ -13,11 +13,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
 from .. import compat
 from ..batch import Batch
-from . import budget, shared
+from . import budget, recurrent, shared
 from .interventions import AttentionStats, Capture, Knockout, ResolvedStats
 from .state import InterventionError, Plan, Record, ResolvedKnockout, RoleMask, Run
 from .stats import build
@@ -38,11 +37,11 @@ class Runner:
         the run, the cache and the suffix's model inputs. The reads are checked once the suffix has run too."""
         vlm = self.vlm
         prefix, suffix = shared.split_inputs(vlm.model_inputs(batch), P)
-        plan = reads or vlm._plan(batch)
-        # A cache that keeps every position in every layer: the model's own would keep only the last window of a
-        # sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through its mask.
-        # The model fills it in place (read here, not from the output, which BLIP-2 nests in its LM's).
-        cache = DynamicCache()
+        plan = replace(reads or vlm._plan(batch), record_mixers=bool(vlm.mixers))
+        # A cache that keeps every position in every attention layer: the model's own would keep only the last
+        # window of a sliding-window layer (Gemma 3, Cohere 2), and the suffix attends to the whole prefix through
+        # its mask. The model fills it in place (read here, not from the output, which BLIP-2 nests in its LM's).
+        cache = compat.prefix_pass_cache(vlm.n_layers, set(vlm.mixers))
         with vlm._running(plan, check=False) as run:
             vlm.model(**prefix, **compat.cache_kwargs(cache), use_cache=True, **vlm._keep_last())
         return run, cache, suffix
@@ -70,7 +69,9 @@ class Runner:
             )
         reads = None if capture is None else self.vlm._plan(batch, capture=capture)
         run, cache, suffix = self.prefix_cache(batch, length, reads)
-        return shared.SharedPrefix(batch, length, compat.cache_kv(cache, self.vlm.layers), suffix, run.record.captured)
+        return shared.SharedPrefix(
+            batch, length, compat.cache_kv(cache, self.vlm.layers), suffix, run.record.captured, run.record.mixer_prefix
+        )
 
     # --- suffix passes -----------------------------------------------------------------------
     def suffix_pass(self, prefix: shared.SharedPrefix, plan: Plan, n: int, keep: int = 1) -> tuple[torch.Tensor, Run]:
@@ -78,8 +79,8 @@ class Runner:
         ``keep`` positions, [n * B, keep, V] (next-token logits [n * B, V] when ``keep`` is 1), and the run."""
         vlm = self.vlm
         record = Record(captured=shared.repeat_captured(prefix.captured, n))
-        cache = compat.PrefixCache(vlm.n_layers, prefix.length)
-        with vlm._running(replace(plan, prefix=prefix.kv), record) as run:
+        cache = compat.PrefixCache(vlm.n_layers, prefix.length, set(vlm.mixers))
+        with vlm._running(replace(plan, prefix=prefix.kv, mixer_prefix=prefix.mixers or None), record) as run:
             out = vlm.model(
                 **shared.repeat_rows(prefix.suffix, n),
                 **compat.cache_kwargs(cache),
@@ -90,7 +91,8 @@ class Runner:
 
     def pass_size(self, prefix: shared.SharedPrefix, *, keep=1, probs=False, zero_in_prefix=False, knockouts=1) -> int:
         """Conditions per suffix pass on ``prefix``: as many as the memory budget holds (`engine.budget`)."""
-        b, keys, vlm = prefix.batch, prefix.kv[0][0], self.vlm
+        b, vlm = prefix.batch, self.vlm
+        keys = next(kv[0] for kv in prefix.kv if kv is not None)  # a hybrid decoder's recurrent layers hold none
         fused = budget.fused_prefix(
             keys.device,
             keys.dtype,
@@ -131,7 +133,11 @@ class Runner:
             for c in conds
         ]
 
-    def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1) -> int:
+    def prefix_length(self, batch: Batch, plans: list[Plan], keep: int = 1, generation: bool = False) -> int:
+        """How many leading positions the plans share (`shared.prefix_length`). In generation on a hybrid decoder
+        none: a recurrent layer's cached state cannot be cropped back to the prefix after a condition."""
+        if generation and self.vlm.mixers:
+            return 0
         return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm._prefix_from(batch))
 
     def forward_conditions(
@@ -155,7 +161,9 @@ class Runner:
             return results
         reads = [r for r in plans[0].edits if r.first_affected() is None]
         run, cache, suffix = self.prefix_cache(batch, P, Plan(vlm.layer_of, vlm.n_layers, (), tuple(reads)))
-        prefix = shared.SharedPrefix(batch, P, compat.cache_kv(cache, vlm.layers), suffix, run.record.captured)
+        prefix = shared.SharedPrefix(
+            batch, P, compat.cache_kv(cache, vlm.layers), suffix, run.record.captured, run.record.mixer_prefix
+        )
         kinds = {(k.layers, k.mode, k.source.generated, k.target.generated) for p in plans for k in p.knockouts}
         step = self.pass_size(
             prefix,
@@ -244,7 +252,7 @@ class Runner:
         reads = [r.name for p in plans for r in p.edits if r.first_affected() is None or isinstance(r, ResolvedStats)]
         if reads:
             raise InterventionError(f"Generation takes no reads ({reads[0]}); read with forward or forward_conditions.")
-        P = self.prefix_length(batch, plans)
+        P = self.prefix_length(batch, plans, generation=True)
         return dict(zip((c.name for c in conds), self.generate_plans(batch, plans, P, max_new_tokens, kwargs)))
 
     def generate_knockouts(
@@ -262,7 +270,7 @@ class Runner:
         self.check_sources(batch, sources)
         template = vlm._plan(batch, knockouts=(Knockout("image", target, mode=mode),))
         tgt = template.knockouts[0].target
-        P = self.prefix_length(batch, [template])
+        P = self.prefix_length(batch, [template], generation=True)
         plans = (  # made one at a time: ``sources`` may be sparse (a scan over thousands of positions)
             Plan(
                 vlm.layer_of,
@@ -277,6 +285,8 @@ class Runner:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         vlm = self.vlm
+        for plan in plans:
+            recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
         inputs = vlm.model_inputs(batch)
         cache = None
         if P:

@@ -60,13 +60,16 @@ class ConditionOutput:
 @dataclass
 class SharedPrefix:
     """A batch's first ``length`` positions, run once: per decoder layer its keys and values ([B, kv_heads,
-    length, head_dim]), the model inputs of the rest (the suffix) and residuals captured in the prefix."""
+    length, head_dim]; None for a recurrent layer), the model inputs of the rest (the suffix), residuals captured
+    in the prefix and, per recurrent layer of a hybrid decoder, the prefix's projections (`engine.recurrent`),
+    from which every suffix row's view of the prefix is computed."""
 
     batch: Batch
     length: int
     kv: list
     suffix: dict
     captured: dict = field(default_factory=dict)
+    mixers: dict = field(default_factory=dict)
 
 
 def as_conditions(conditions) -> list[Condition]:

@@ -93,6 +93,8 @@ class Plan:
     edits: tuple[Resolved, ...] = ()
     prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
     record_probs: bool = False  # keep each layer's suffix attention probabilities, gradients retained
+    mixer_prefix: dict | None = None  # per recurrent layer, the shared prefix's projections (engine/recurrent.py)
+    record_mixers: bool = False  # a prefix pass: keep each recurrent layer's projections for the suffix passes
 
     @cached_property
     def _sites(self) -> dict[tuple[str, int], tuple[Resolved, ...]]:
@@ -178,6 +180,7 @@ class Record:
     visited: dict[int, set[int]] = field(default_factory=dict)  # id(resolved) -> where it met its positions
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probabilities (plan.record_probs)
+    mixer_prefix: dict[int, dict] = field(default_factory=dict)  # recurrent layer -> projections (plan.record_mixers)
 
 
 @dataclass
@@ -189,6 +192,7 @@ class Scratch:
     rows: dict = field(default_factory=dict, repr=False)  # per intervention and window: its rows there (sites.visit)
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
     budget: Budget | None = None  # how large the attention's blocks of query rows may be (engine/budget.py)
+    mixed: dict = field(default_factory=dict, repr=False)  # recurrent layer -> the cache its prompt pass left a view in
 
     def cached(self, key, make, keep=None):
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
