@@ -48,14 +48,10 @@ class Runner:
     def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes."""
         family = self.vlm.family
-        if (
-            not 0 < length < batch.length
-            or length <= max(lay.end for lay in batch.layouts)
-            or length < family.causal_from(batch.inputs)
-        ):
+        if not 0 < length < batch.length or length < batch.end_of_images or length < family.causal_from(batch.inputs):
             raise InterventionError(
-                f"A shared prefix of {length} positions must hold every example's whole image and leave a suffix "
-                f"(images end at {max(lay.end for lay in batch.layouts)}, the batch has {batch.length} positions); "
+                f"A shared prefix of {length} positions must hold every example's whole images and leave a suffix "
+                f"(images end at {batch.end_of_images - 1}, the batch has {batch.length} positions); "
                 "batch examples whose images end at the same position (same prompt length), or one at a time."
             )
         reads = None if capture is None else self.vlm._plan(batch, capture=capture)
