@@ -99,7 +99,7 @@ def test_roles_of_several_images_are_each_images_and_their_union():
     assert pos("eoi@3") == [[], []] and pos("bos") == [[0], []]
     assert batch.index("eoi@2").tolist() == [10, 11] and batch.end_of_images == 11
     for role in ("eoi", "image[0]", "first_image", "boi"):
-        with pytest.raises(RoleError, match=rf"names 2 positions in example 0, one per image of its 2; name the image"):
+        with pytest.raises(RoleError, match=r"names 2 positions in example 0, one per image of its 2; name the image"):
             batch.index(role)
     assert batch.ambiguous("image") is None and batch.ambiguous("eoi@1") is None and batch.ambiguous("last") is None
     with pytest.raises(RoleError, match="eoi@3 is empty in every example of this batch .its prompts hold fewer"):
