@@ -29,6 +29,7 @@ _LAZY = {
     "load": ".loading",
     "VLM": ".vlm",
     "Output": ".vlm",
+    "Video": ".video",
 }
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "SITES",
     "UnsupportedModelError",
     "VLM",
+    "Video",
     "Where",
     "load",
     "supported",

@@ -26,7 +26,9 @@ from .engine.state import InterventionError, Plan, Record, Run, Scratch, activat
 from .engine.stats import CrossModalAttention, build
 from .errors import PromptError, parse_size
 from .families import detect
+from .families.base import Item
 from .training import TrainingBatch
+from .video import Video
 
 __all__ = ["VLM", "Output", "TrainingBatch"]
 
@@ -201,23 +203,37 @@ class VLM:
 
     # --- inputs ------------------------------------------------------------------------------
     def prepare(self, images, prompts, *, image_first: bool = True) -> Batch:
-        """Tokenise one image + one prompt per example into a left-padded batch with role positions."""
-        if isinstance(images, Image.Image):
+        """Tokenise one prompt per example, with its image(s), into a left-padded batch with role positions.
+
+        ``images[b]`` is example ``b``'s image, or the list of its images and videos (`narrowgate.Video`) in the
+        order the prompt shows them (all before the text, or all after it with ``image_first=False``). With
+        several, roles name each one's positions (``eoi@1``, ``image@2``, ``frame@t``: docs/concepts.md)."""
+        if isinstance(images, (Image.Image, Video)):
             images = [images]
         if isinstance(prompts, str):
             prompts = [prompts]
-        images, prompts = list(images), list(prompts)
-        if len(images) != len(prompts):
+        examples = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+        prompts = list(prompts)
+        if len(examples) != len(prompts):
             raise ValueError(
-                f"prepare() got {len(images)} images but {len(prompts)} prompts; give one of each per example."
+                f"prepare() got {len(examples)} images but {len(prompts)} prompts; give one of each per example "
+                "(several images in one prompt: a list per example, [[image_1, image_2]])."
             )
-        if not images:
+        if not examples:
             raise ValueError("prepare() needs at least one example.")
-        images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+        if not all(examples):
+            raise ValueError("prepare() got an example with no image; give each example at least one.")
         for p in prompts:
             self._check_text(p)
-        texts = [self.family.prompt(p, image_first) for p in prompts]
-        inputs = self.family.encode(images, texts)
+        examples = [[x.convert("RGB") if isinstance(x, Image.Image) else x for x in ex] for ex in examples]
+        kinds = [tuple("video" if isinstance(x, Video) else "image" for x in ex) for ex in examples]
+        texts = [self.family.prompt(p, image_first, k) for p, k in zip(prompts, kinds)]
+        if all(k == ("image",) for k in kinds):
+            inputs = self.family.encode([ex[0] for ex in examples], texts)
+        else:
+            stills = [[x for x in ex if not isinstance(x, Video)] for ex in examples]
+            videos = [x.array for ex in examples for x in ex if isinstance(x, Video)]
+            inputs = self.family.encode(stills, texts, videos or None)
         ids = inputs["input_ids"]
         att = inputs.get("attention_mask")
         if att is None:
@@ -225,12 +241,15 @@ class VLM:
         if bool((att[:, -1] == 0).any()):
             raise ValueError("The processor padded on the right; narrowgate needs left padding.")
         first = [int(torch.nonzero(att[b]).min()) for b in range(ids.shape[0])]
-        layouts = []
+        counts = {"image": 0, "video": 0}
+        layouts: list = []
         for b in range(ids.shape[0]):
-            row = ids[b].tolist()
-            lay = self.family.layout(row, first[b])
-            self.family.check_layout(row, lay)
-            layouts.append(lay)
+            items = []
+            for kind in kinds[b]:
+                items.append(Item(kind, counts[kind]))
+                counts[kind] += 1
+            lays = self.family.layouts(ids[b].tolist(), first[b], items, inputs)
+            layouts.append(lays[0] if len(lays) == 1 else lays)
         bos = getattr(self.family.tokenizer, "bos_token_id", None)
         return Batch(inputs=dict(inputs), layouts=layouts, first=first, bos_id=bos)
 
@@ -253,7 +272,7 @@ class VLM:
 
         Row ``b`` becomes its prompt followed by ``continuations[b]``; rows with shorter continuations
         get more left padding, so every row still ends at ``T' - 1``. Image inputs are unchanged and the
-        layouts are located again in the new rows.
+        layouts move with the padding.
         """
         if len(continuations) != batch.size:
             raise ValueError(f"extend() got {len(continuations)} continuations for a batch of {batch.size}.")
@@ -275,13 +294,12 @@ class VLM:
                 )
                 rows.append(torch.cat([torch.full((m - len(cont),), fill, dtype=v.dtype), v[b], tail]))
             inputs[k] = torch.stack(rows)
-        first = [f + m - len(c) for f, c in zip(batch.first, continuations)]
-        layouts = []
-        for b in range(batch.size):
-            row = inputs["input_ids"][b].tolist()
-            lay = self.family.layout(row, first[b])
-            self.family.check_layout(row, lay)
-            layouts.append(lay)
+        shift = [m - len(c) for c in continuations]
+        first = [f + d for f, d in zip(batch.first, shift)]
+        layouts: list = []
+        for b, d in enumerate(shift):
+            moved = [lay.shifted(d) for lay in batch.visuals(b)]
+            layouts.append(moved[0] if len(moved) == 1 else moved)
         return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id)
 
     def prepare_training(self, images, prompts, answers, *, image_first: bool = True) -> TrainingBatch:

@@ -15,7 +15,7 @@ import narrowgate as ng
 from narrowgate import compat
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
-from narrowgate.analyses.gate_scan import kl, side_positions
+from narrowgate.analyses.gate_scan import kl, scan_positions, side_positions
 from narrowgate.engine.runner import Runner
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
 from narrowgate.vlm import VLM
@@ -26,7 +26,8 @@ PROMPT = "This shape is a"
 
 
 def _scan_cfg(ckpt, out, **extra):
-    return dict(model=str(ckpt), data="synthetic", out=str(out), n_per_class=2, progress=False, bootstrap=200, **extra)
+    cfg = dict(model=str(ckpt), data="synthetic", out=str(out), n_per_class=2, progress=False, bootstrap=200)
+    return cfg | extra
 
 
 @pytest.mark.parametrize("family", ["chameleon", "llava"])
@@ -70,9 +71,9 @@ class PlantedRunner(Runner):
 
     def suffix_pass(self, prefix, plan, n, keep=1):
         batch = prefix.batch
-        lay = batch.layouts[0]
         blocked = torch.zeros(batch.size, batch.length, dtype=torch.bool)
-        blocked[:, [p for p, _, _ in side_positions(lay) if p != self.keep]] = True
+        for b in range(batch.size):
+            blocked[b, [p for p, _, _ in scan_positions(batch, b)[0] if p != self.keep]] = True
         text = batch.mask("text")
         planted = ResolvedKnockout(
             RoleMask(blocked.repeat(n, 1), False), RoleMask(text.repeat(n, 1), True), None, "mask"
@@ -127,6 +128,64 @@ def test_planted_gate_is_found_and_an_unmodified_model_has_none(checkpoint_dir, 
     assert "narrow gate" not in gate["verdict"]
     figure = store.path / "figures" / "gate_scan.png"
     assert figure.stat().st_size > 1000
+
+
+def test_several_images_are_scanned_and_summed_up_per_image(checkpoint_dir, loaded, tmp_path):
+    """--images 2 on a model whose text reads image 1's eoi only: the scan finds eoi@1 over both images' positions,
+    gate_by_image gives image 1 its gate there (necessity and sufficiency 1, all of the image side's damage) and
+    image 2 no verdict (knocking it out changes nothing); every position carries its image."""
+    ckpt = checkpoint_dir("chameleon")
+    planted = Planted(loaded("chameleon").model, loaded("chameleon").processor)
+    batch = planted.prepare([images(2)], [PROMPT])
+    planted.keep = int(batch.index("eoi@1")[0])
+    cfg = _scan_cfg(ckpt, tmp_path / "two", floor=1e-4, images=2, n_per_class=4)
+    store = run(EXPERIMENTS["gate-scan"](), cfg, vlm=planted, command=["t"])
+    tables = store.tables()
+    gate, by_image, positions = tables["gate"].iloc[0], tables["gate_by_image"], tables["positions"]
+    assert gate["n_exact"] == 12 and gate["top_position"] == "eoi@1" and gate["verdict"].startswith("a narrow gate")
+    assert by_image["image"].tolist() == [1, 2] and (by_image["n"] == 12).all()
+    one, two = by_image.iloc[0], by_image.iloc[1]
+    assert one["top_position"] == "eoi@1" and one["gate_index"] >= 0.999 and one["sufficiency"] == pytest.approx(1.0)
+    assert one["share_of_whole"] == pytest.approx(1.0, abs=1e-6) and one["verdict"].startswith("a narrow gate at eoi@1")
+    assert two["whole_damage"] < 1e-9 and two["verdict"].startswith("no verdict: knocking out image 2 whole")
+    side = scan_positions(batch)[0]
+    assert one["positions"] + two["positions"] == len(side)
+    group = positions.set_index("position")["image"]
+    assert group["eoi@1"] == 1 and group["boi@2"] == 2 and group["image@2[0]"] == 2 and set(group) == {1, 2}
+    assert store.path.joinpath("figures", "gate_scan.png").stat().st_size > 1000
+
+
+def test_a_clip_is_scanned_frame_by_frame(checkpoint_dir, loaded, tmp_path):
+    """--frames 4 on LLaVA-OneVision: the positions are the clip's frames' tokens (frame@t[k]) and its newline and
+    eoi; each position's damage is KL(baseline || its knockout) of separate forwards; gate_by_frame has a row per
+    frame with the frame knocked out whole."""
+    vlm = loaded("llava_onevision")
+    cfg = _scan_cfg(checkpoint_dir("llava_onevision"), tmp_path / "clip", frames=4, n_per_class=7, per_example=True)
+    store = run(EXPERIMENTS["gate-scan"](), cfg, vlm=vlm, command=["t"])
+    tables = store.tables()
+    by_frame, per = tables["gate_by_frame"], tables["positions_by_example"]
+    assert by_frame["frame"].tolist() == [1, 2, 3, 4] and (by_frame["positions"] == 4).all()
+    assert set(tables["positions"]["position"]) == {f"frame@{t}[{k}]" for t in range(1, 5) for k in range(4)} | {
+        "eol[0]",
+        "eoi",
+    }
+    first = store.records().rows.iloc[0]
+    scan = EXPERIMENTS["gate-scan"]()
+    examples = {e.id: e for e in scan.examples({**scan.defaults, **cfg})}
+    clip = ng.Video([examples[i].load_image() for i in first["example_id"].split("+")])
+    batch = vlm.prepare([clip], [PROMPT])
+    base = vlm.forward(batch).logits[0, -1].float()
+    mine = per[per["example_id"] == first["example_id"]].set_index("position")["damage"]
+    for name in ("frame@2[1]", "frame@4[3]", "eoi"):
+        full = vlm.forward(batch, knockouts=[ng.Knockout(name, "text", mode="mask")]).logits[0, -1].float()
+        assert mine[name] == pytest.approx(float(kl(base, full)), abs=1e-6)
+    whole = vlm.forward(batch, knockouts=[ng.Knockout("frame@3", "text", mode="mask")]).logits[0, -1].float()
+    assert first["group_whole"][2] == pytest.approx(float(kl(base, whole)), abs=1e-6)
+
+
+def test_images_and_frames_together_are_refused(checkpoint_dir, tmp_path):
+    with pytest.raises(ng.NarrowgateError, match="--images or --frames, not both"):
+        run(EXPERIMENTS["gate-scan"](), _scan_cfg(checkpoint_dir("chameleon"), tmp_path / "x", images=2, frames=2))
 
 
 def _interpolating_attention(state):

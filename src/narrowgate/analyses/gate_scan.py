@@ -29,6 +29,12 @@ The verdict rule, stated once in ``docs/gate-scan.md``:
   first ``--check`` examples, which give the gate numbers and the Spearman rank correlation of the
   estimate with the exact KL damage (``spearman``) and with the exact log-probability change
   (``spearman_logp``, the quantity estimated).
+- ``--images N``: each prompt shows N consecutive examples' images (and the first one's prompt); the scan
+  covers every image's side (``boi@n``, ``image@n[k]``, ``eol@n[i]``, ``eoi@n``, ``between@n[i]``) and
+  ``gate_by_image`` sums it up per image: the image knocked out whole, its share of the whole side's damage, and
+  the split-half necessity and sufficiency of its top position measured within it (the rest of the image knocked
+  out for sufficiency). ``--frames T``: the T images as the frames of one clip (a video, on models that take
+  one); positions ``frame@t[k]``, and ``gate_by_frame`` per frame.
 - ``--score`` (VQA and captions): every condition also generates its answer / caption, and each position
   gets the task-score drop of its knockout (VQA accuracy per example, averaged; CIDEr-D over the
   examples that have the position) beside its KL damage; `gate` adds the baseline, whole-image and
@@ -37,6 +43,7 @@ The verdict rule, stated once in ``docs/gate-scan.md``:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -47,6 +54,7 @@ import torch
 from ..engine.state import InterventionError
 from ..errors import OptionError
 from ..roles import image_side
+from ..video import Video
 from .ablation import text_metric, text_score
 from .base import Experiment, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
@@ -64,26 +72,78 @@ GATE, DISTRIBUTED = 0.5, 0.2
 OTHER_MODE = {"mask": "zero", "zero": "mask"}
 
 
-def side_positions(lay) -> list[tuple[int, str, str]]:
-    """Every image-side position of one layout: (absolute position, its role name, its role group), in order."""
-    return ([] if lay.boi is None else [(lay.boi, "boi", "boi")]) + image_side(lay)
+def side_positions(lay, n: int | None = None) -> list[tuple[int, str, str]]:
+    """Every image-side position of one layout: (absolute position, its role name, its role group), in order.
+    ``n``: the image's number in a prompt holding several (names carry it: ``eoi@2``)."""
+    boi = "boi" if n is None else f"boi@{n}"
+    return ([] if lay.boi is None else [(lay.boi, boi, "boi")]) + image_side(lay, n)
 
 
-def grid(lay) -> dict[str, tuple[int, int]]:
-    """Where each image token sits on the image: rows split at [EOL]s, else a square grid, else one row."""
-    n = len(lay.content)
+def scan_positions(batch, b: int = 0) -> tuple[list[tuple[int, str, str]], dict[int, list[int]], str | None]:
+    """Example ``b``'s image side, every image of it, and how it groups for the per-image summary.
+
+    Returns the positions ((position, name, role group) in order: each image's boi, span and eoi, then the
+    positions ``between`` it and the next image), the groups (image number -> indices into the positions; for a
+    lone video, frame number -> its content tokens) and what a group is (``image``, ``frame``, or None for one
+    still image)."""
+    visuals = batch.visuals(b)
+    if len(visuals) == 1:
+        lay = visuals[0]
+        side = side_positions(lay)
+        frames = {p: t for t, f in enumerate(lay.frames, 1) for p in f}
+        groups: dict[int, list[int]] = {}
+        for i, (p, _, _) in enumerate(side):
+            if p in frames:
+                groups.setdefault(frames[p], []).append(i)
+        return side, groups, ("frame" if groups else None)
+    side, groups = [], {}
+    for n, lay in enumerate(visuals, 1):
+        mine = side_positions(lay, n)
+        mine += [(p, f"between@{n}[{i}]", "between") for i, p in enumerate(batch.positions(f"between@{n}")[b].tolist())]
+        groups[n] = list(range(len(side), len(side) + len(mine)))
+        side += mine
+    return side, groups, "image"
+
+
+def grid(lay, n: int | None = None) -> dict[str, tuple[int, int]]:
+    """Where each image token sits on the image: rows split at [EOL]s, else a square grid, else one row. In a video,
+    each frame's tokens on the frame's grid. ``n``: the image's number, as in `side_positions`."""
+    at = "" if n is None else f"@{n}"
+    if lay.frames and n is None:
+        out = {}
+        for t, frame in enumerate(lay.frames, 1):
+            out |= {f"frame@{t}[{k}]": cell for k, cell in enumerate(_square(len(frame)))}
+        return out
     if lay.eol:
         out, row, col, breaks = {}, 0, 0, set(lay.eol)
         for p in range(lay.start, lay.end + 1):
             if p in breaks:
                 row, col = row + 1, 0
             elif p in lay.content:
-                out[f"image[{lay.content.index(p)}]"] = (row, col)
+                out[f"image{at}[{lay.content.index(p)}]"] = (row, col)
                 col += 1
         return out
+    return {f"image{at}[{k}]": cell for k, cell in enumerate(_square(len(lay.content)))}
+
+
+def _square(n: int) -> list[tuple[int, int]]:
     side = math.isqrt(n)
     cols = side if side * side == n else n
-    return {f"image[{k}]": (k // cols, k % cols) for k in range(n)}
+    return [(k // cols, k % cols) for k in range(n)]
+
+
+def _per_prompt(cfg) -> int:
+    """Examples per prompt: ``--images`` or ``--frames`` (1: one image)."""
+    return max(int(cfg.get("images") or 1), int(cfg.get("frames") or 1))
+
+
+def _visual(images: tuple, cfg):
+    """What one prompt shows of a unit's images: the image, the list of them, or a clip of them (``--frames``) at
+    the first one's size."""
+    if int(cfg.get("frames") or 1) > 1:
+        size = images[0].size
+        return Video([im.convert("RGB").resize(size) for im in images])
+    return images[0] if len(images) == 1 else list(images)
 
 
 def sources(sets: list, length: int) -> torch.Tensor:
@@ -138,6 +198,18 @@ class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
         min=0.0,
     )
     per_example: bool = option(False, "Also write tables/positions_by_example.")
+    images: int = option(
+        1,
+        "Images per prompt: each prompt shows this many consecutive examples' images and the first one's prompt; "
+        "the scan covers every image's positions, summarised per image (table gate_by_image).",
+        min=1,
+    )
+    frames: int = option(
+        1,
+        "Frames per clip: each prompt shows a video of this many consecutive examples' images (at the first one's "
+        "size) and the first one's prompt, summarised per frame (table gate_by_frame); models that take video.",
+        min=1,
+    )
     score: bool = option(
         False, "On VQA/captions: also the task-score drop of every position (one generation per position and example)."
     )
@@ -172,11 +244,17 @@ class GateScan(Experiment):
         )
 
     def check(self, examples, cfg):
-        """Refuse a sample too small for the split-half interval, and a floor that is no number of nats."""
+        """Refuse a sample too small for the split-half interval, a floor that is no number of nats, and several
+        images per prompt together with frames."""
+        if int(cfg.get("images") or 1) > 1 and int(cfg.get("frames") or 1) > 1:
+            raise OptionError(
+                "gate-scan takes --images or --frames, not both: a prompt shows several images or one clip."
+            )
         floor = cfg.get("floor")
         if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
             raise OptionError(f"--floor must be a finite number of nats of at least 0, got {floor!r}.")
-        exact = len(examples)
+        per = _per_prompt(cfg)
+        exact = len(examples) // per
         if cfg["method"] == "attribution":
             exact = min(exact, int(cfg["check"]))
             if exact < MIN_EXAMPLES:
@@ -187,9 +265,10 @@ class GateScan(Experiment):
                 )
         if exact < MIN_EXAMPLES:
             what = "--n-per-class / --n" if self.task_of(cfg) == "classes" else "--n"
+            of = f" ({len(examples)} examples, {per} per prompt)" if per > 1 else ""
             raise OptionError(
-                f"gate-scan on {exact} example(s) gives no interval: the top position is chosen on one half of the "
-                f"examples and scored on the other, which needs at least {MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per "
+                f"gate-scan on {exact} prompt(s){of} gives no interval: the top position is chosen on one half of the "
+                f"prompts and scored on the other, which needs at least {MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per "
                 f"half). Raise {what}."
             )
         if cfg.get("score") and self.task_of(cfg) == "vqa":
@@ -203,7 +282,11 @@ class GateScan(Experiment):
                 f"--score needs a generative task, and this run's is {self.task_of(cfg)!r}: give --data "
                 "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data."
             )
-        return [Unit(e.id, (e,), meta={"check": i < int(cfg["check"])}) for i, e in enumerate(examples)]
+        per = _per_prompt(cfg)
+        stream, groups = iter(examples), []  # examples may be a Stream, made one at a time
+        while len(group := tuple(itertools.islice(stream, per))) == per:
+            groups.append(group)
+        return [Unit("+".join(e.id for e in g), g, meta={"check": i < int(cfg["check"])}) for i, g in enumerate(groups)]
 
     def _prompt(self, example, cfg):
         task = self.task_of(cfg)
@@ -214,25 +297,33 @@ class GateScan(Experiment):
     def process(self, vlm, units, images, cfg):
         rows = []
         for unit, imgs in zip(units, images):
-            batch = vlm.prepare([imgs[0]], [self._prompt(unit.examples[0], cfg)])
-            lay = batch.layouts[0]
-            if lay.eoi is None:
+            batch = vlm.prepare([_visual(imgs, cfg)], [self._prompt(unit.examples[0], cfg)])
+            last = batch.visuals(0)[-1]
+            if last.eoi is None:
                 raise InterventionError("The gate scan needs text after the image; this prompt ends with the image.")
-            side = side_positions(lay)
-            prefix = vlm.share_prefix(batch, lay.eoi + 1)
+            side, groups, kind = scan_positions(batch)
+            prefix = vlm.share_prefix(batch, last.eoi + 1)
+            visuals = batch.visuals(0)
+            cells: dict = {}
+            for n, lay in enumerate(visuals, 1):
+                cells |= grid(lay, n if len(visuals) > 1 else None)
             row = {
                 "example_id": unit.id,
+                "asked": unit.examples[0].id,
                 "positions": [n for _, n, _ in side],
                 "roles": [r for _, _, r in side],
-                "grid": [list(grid(lay).get(n, (-1, -1))) for _, n, _ in side],
+                "grid": [list(cells.get(n, (-1, -1))) for _, n, _ in side],
             }
+            if kind:
+                label = {i: g for g, members in groups.items() for i in members}
+                row.update(group_kind=kind, group=[label.get(i, 0) for i in range(len(side))])
             if cfg["method"] == "attribution":
                 est, _ = vlm.attribute(prefix, mode=cfg["mode"])
                 row["estimate"] = est[0, [p for p, _, _ in side]].abs().tolist()
                 if not unit.meta.get("check"):
                     rows.append(row)
                     continue
-            row.update(self._exact(vlm, prefix, side, cfg))
+            row.update(self._exact(vlm, prefix, side, cfg, groups))
             if cfg.get("score"):
                 row["texts"] = self._texts(vlm, batch, side, cfg)
             if cfg["method"] == "attribution":
@@ -249,9 +340,11 @@ class GateScan(Experiment):
         gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
         return [vlm.decode(g, batch)[0].strip() for g in gens]
 
-    def _exact(self, vlm, prefix, side, cfg) -> dict:
+    def _exact(self, vlm, prefix, side, cfg, groups=None) -> dict:
         """One example's single-position damages (both modes), the whole image side knocked out (both modes) and
-        everything but each position knocked out, the 90% set size and the layer windows."""
+        everything but each position knocked out, the 90% set size and the layer windows. With ``groups`` (image
+        or frame number -> indices into ``side``), also each group knocked out whole and, per position of a group,
+        the rest of its group."""
         T, N, mode = prefix.batch.length, len(side), cfg["mode"]
         pos = [p for p, _, _ in side]
 
@@ -280,6 +373,11 @@ class GateScan(Experiment):
             return torch.cat(out).numpy()
 
         base = measured([[]], lambda x: x)[0]
+        groups = groups or {}
+        labels = sorted(groups)
+        in_group = {i: g for g in labels for i in groups[g]}
+        group_sets = [groups[g] for g in labels] + [[j for j in groups[in_group[i]] if j != i] for i in in_group]
+        grouped = damage(group_sets) if group_sets else np.zeros(0)
         own = int(base.argmax())
         singles = [[i] for i in range(N)]
         both = measured(singles + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1))
@@ -314,7 +412,15 @@ class GateScan(Experiment):
         sets = [[i] for i in top] + [range(N)]
         d_windows = damage(sets * len(spans), layers=[w for w in spans for _ in sets])
         by_window = d_windows.reshape(len(spans), len(sets)).tolist()
-        return {
+        out = {}
+        if labels:
+            but = dict(zip(in_group, grouped[len(labels) :]))
+            out = {
+                "group_labels": labels,
+                "group_whole": grouped[: len(labels)].tolist(),
+                "group_all_but": [float(but.get(i, np.nan)) for i in range(N)],
+            }
+        return out | {
             "damage": single.tolist(),
             "damage_other": other[:N].tolist(),
             "all_but": rest.tolist(),
@@ -374,6 +480,10 @@ class GateScan(Experiment):
             gate["spearman_mean_profile"] = spearman(
                 np.nanmean(_matrix(exact, "estimate", names), 0), np.nanmean(_matrix(exact, "damage", names), 0)
             )
+        if "group_whole" in exact and exact["group_whole"].notna().any():
+            kind = exact["group_kind"].dropna().iloc[0]
+            tables[f"gate_by_{kind}"] = _group_table(exact, names, kind, cfg, rng)
+            tables["positions"][kind] = tables["positions"]["position"].map(_group_of(exact))
         if cfg.get("score") and len(exact):
             drops, summary = self._score_drops(exact, names, cfg)
             tables["positions"]["score_drop"] = tables["positions"]["position"].map(drops)
@@ -385,7 +495,7 @@ class GateScan(Experiment):
     def _score_drops(self, exact: pd.DataFrame, names: list[str], cfg) -> tuple[dict, dict]:
         """Per position, baseline score - score with that position knocked out (on the examples that have it)."""
         task = self.task_of(cfg)
-        ids = exact["example_id"].tolist()
+        ids = (exact["asked"] if "asked" in exact else exact["example_id"]).tolist()  # the prompt's example
         wanted = set(ids)
         examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
         tokenize = cfg.get("cider_tokenize") or "ptb"
@@ -421,7 +531,15 @@ class GateScan(Experiment):
         if not has(tables, "positions"):
             return []
         df = tables["positions"]
-        grid = df[df["row"] >= 0]
+        grid = df[df["row"] >= 0].copy()
+        side_by_side = next((k for k in ("image", "frame") if k in grid), None)
+        if side_by_side:  # several images (frames): each on its own grid, left to right
+            cols, offset = grid["col"].astype(int), 0
+            for g in sorted(grid[side_by_side].dropna().unique()):
+                mine = grid[side_by_side] == g
+                cols[mine] += offset
+                offset = int(cols[mine].max()) + 2
+            grid["col"] = cols
         specials = df[df["row"] < 0].sort_values("rank").head(16)
         label = (
             "estimated drop of log p(own next token)"
@@ -434,7 +552,8 @@ class GateScan(Experiment):
             cells[grid["row"].astype(int), grid["col"].astype(int)] = grid["damage"]
             im = a.imshow(cells, cmap="magma", aspect="auto" if cells.shape[0] == 1 else "equal")
             fig.colorbar(im, ax=a, fraction=0.046, label=label)
-        a.set(title="image tokens on the image grid", xticks=[], yticks=[])
+        where = f", {side_by_side}s left to right" if side_by_side else ""
+        a.set(title=f"image tokens on the image grid{where}", xticks=[], yticks=[])
         gate = tables["gate"].iloc[0]
         b.barh(range(len(specials)), specials["damage"], color=COLORS[1])
         err = np.vstack([specials["damage"] - specials["damage_low"], specials["damage_high"] - specials["damage"]])
@@ -499,8 +618,9 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
-    """The gate numbers of ``docs/gate-scan.md``: split-half necessity in both modes and sufficiency in ``mode``,
-    each with its bootstrap interval over both halves, and how often the resampled choice is ``top``."""
+    """The gate numbers of ``docs/gate-scan.md``: split-half necessity in both modes (``mode`` only when ``Do`` is
+    None) and sufficiency in ``mode``, each with its bootstrap interval over both halves, and how often the
+    resampled choice is ``top``."""
     E = len(W)
     out: dict = {}
     nan = float("nan")
@@ -524,7 +644,8 @@ def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
         return out_[0], out_[1]
 
     point, boot = weights(False), weights(True)
-    for m, (Dm, Wm, Rm) in {mode: (D, W, R), other: (Do, Wo, None)}.items():
+    modes = {mode: (D, W, R)} if Do is None else {mode: (D, W, R), other: (Do, Wo, None)}
+    for m, (Dm, Wm, Rm) in modes.items():
         nec, suf, _, _ = _cross_fit(*point, Dm, Wm, Rm)
         bnec, bsuf, pa, pb = _cross_fit(*boot, Dm, Wm, Rm)
         low, high = _interval(bnec)
@@ -535,6 +656,53 @@ def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
             out.update(sufficiency=float(suf[0]), sufficiency_low=s_low, sufficiency_high=s_high)
             out["top_stability"] = float(np.mean(np.concatenate([pa, pb]) == top))
     return out
+
+
+def _group_of(df: pd.DataFrame) -> dict[str, int]:
+    """The image (or frame) number of each position name that belongs to one."""
+    out: dict[str, int] = {}
+    for _, r in df.iterrows():
+        for n, g in zip(r["positions"], r["group"]):
+            if g:
+                out.setdefault(n, int(g))
+    return out
+
+
+def _group_table(exact: pd.DataFrame, names: list[str], kind: str, cfg, rng) -> pd.DataFrame:
+    """One row per image (or frame): the damage of knocking it out whole, its share of the whole image side's,
+    and the gate numbers of its top position within it (split-half necessity and sufficiency, measured against
+    the group knocked out whole, with the rest of the group knocked out for sufficiency) and their verdict."""
+    group_of = _group_of(exact)
+    D, GA = _matrix(exact, "damage", names), _matrix(exact, "group_all_but", names)
+    whole = float(exact["whole"].to_numpy(dtype=float).mean())
+    mode = cfg["mode"]
+    rows = []
+    for g in sorted(set(group_of.values())):
+        cols = [j for j, n in enumerate(names) if group_of.get(n) == g]
+        Wg = np.asarray(
+            [dict(zip(r["group_labels"], r["group_whole"])).get(g, np.nan) for _, r in exact.iterrows()], dtype=float
+        )
+        have = ~np.isnan(Wg)
+        Dg, Rg, Wg = D[have][:, cols], GA[have][:, cols], Wg[have]
+        local = int(np.nanargmax(np.nanmean(Dg, 0)))
+        row = {
+            kind: g,
+            "positions": len(cols),
+            "n": int(have.sum()),
+            "n_exact": int(have.sum()),
+            "mode": mode,
+            "floor": float(cfg["floor"]),
+            "top_position": names[cols[local]],
+            "whole_damage": float(Wg.mean()),
+            "share_of_whole": float(Wg.mean()) / whole if whole > MIN_DAMAGE else float("nan"),
+        }
+        local_names = [names[c] for c in cols]
+        row.update(
+            _split_half(Dg, Wg, Rg, None, None, local_names, local, mode, OTHER_MODE[mode], rng, int(cfg["bootstrap"]))
+        )
+        row["verdict"] = verdict(row, f"{kind} {g} whole")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _position_table(df, key, rng, n_boot):
@@ -601,8 +769,9 @@ def _layer_table(df, n_layers, count):
     return pd.DataFrame(rows)
 
 
-def verdict(gate: dict) -> str:
-    """One sentence from the split-half necessity and sufficiency of the top position (``docs/gate-scan.md``)."""
+def verdict(gate: dict, whole: str = "the whole image side") -> str:
+    """One sentence from the split-half necessity and sufficiency of the top position (``docs/gate-scan.md``);
+    ``whole``: what the whole-side damage knocks out (an image or a frame, in the per-image summaries)."""
     if "gate_index" not in gate:
         return (
             f"top position by first-order estimate: {gate['top_position']} (no exact scan was run, so no gate index)."
@@ -615,15 +784,16 @@ def verdict(gate: dict) -> str:
         )
     if not gate["whole_damage"] >= gate["floor"]:
         return (
-            f"no verdict: knocking out the whole image side changes the next-token distribution by "
+            f"no verdict: knocking out {whole} changes the next-token distribution by "
             f"{gate['whole_damage']:.3g} nats, below the floor of {gate['floor']:g}: the text barely reads the image here."
         )
     n_lo, n_hi, s_lo, s_hi = (gate[k] for k in ("gate_low", "gate_high", "sufficiency_low", "sufficiency_high"))
     where = (
         f"at {gate['top_position']}: necessity {gate['gate_index']:.2f} [{n_lo:.2f}, {n_hi:.2f}], "
-        f"sufficiency {gate['sufficiency']:.2f} [{s_lo:.2f}, {s_hi:.2f}] ({gate['mode']} mode, split-half); "
-        f"{gate['positions_for_90']:g} position(s) carry 90% of the image's effect"
+        f"sufficiency {gate['sufficiency']:.2f} [{s_lo:.2f}, {s_hi:.2f}] ({gate['mode']} mode, split-half)"
     )
+    if "positions_for_90" in gate:
+        where += f"; {gate['positions_for_90']:g} position(s) carry 90% of the image's effect"
     if n_lo >= GATE and s_lo >= GATE:
         return f"a narrow gate {where}."
     if n_hi < GATE and s_lo >= GATE:

@@ -195,6 +195,8 @@ class Capture(Intervention):
 
     A single-position role gives ``[B, len(resids), D]``. A multi-position role (e.g.
     ``internal_image``) is averaged over its positions (``reduce="mean"``), again ``[B, len(resids), D]``.
+    With several images a single-position role names one position per image: it is refused (name the image,
+    ``eoi@2``), never averaged over the images.
     ``at`` adds named captures at explicit positions, one per example (e.g. a random text token):
     ``Capture(roles=(), at={"text_sample": [17, 21]})``. ``layers=`` is the deprecated name of ``resids=``.
     One capture per call; it reads what the interventions before it in the call's list left.
@@ -226,6 +228,9 @@ class Capture(Intervention):
         """Bind this Capture to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         masks: dict[str, torch.Tensor] = {}
         for r in self.parsed:
+            why = batch.ambiguous(r)
+            if why:
+                raise InterventionError(f"Cannot capture role {r}: {why}")
             m = batch.mask(r, require=False)
             empty = [b for b in range(batch.size) if not bool(m[b].any())]
             if empty:

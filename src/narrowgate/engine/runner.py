@@ -57,14 +57,10 @@ class Runner:
                 f"This {family.name} model's forward requires pixel_values, so no suffix runs without the image: "
                 "run each condition in full (forward_conditions does so for it)."
             )
-        if (
-            not 0 < length < batch.length
-            or length <= max(lay.end for lay in batch.layouts)
-            or length < family.causal_from(batch.inputs)
-        ):
+        if not 0 < length < batch.length or length < batch.end_of_images or length < family.causal_from(batch.inputs):
             raise InterventionError(
-                f"A shared prefix of {length} positions must hold every example's whole image and leave a suffix "
-                f"(images end at {max(lay.end for lay in batch.layouts)}, the batch has {batch.length} positions); "
+                f"A shared prefix of {length} positions must hold every example's whole images and leave a suffix "
+                f"(images end at {batch.end_of_images - 1}, the batch has {batch.length} positions); "
                 "batch examples whose images end at the same position (same prompt length), or one at a time."
             )
         reads = None if capture is None else self.vlm._plan(batch, capture=capture)
@@ -285,8 +281,9 @@ class Runner:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         vlm = self.vlm
-        for plan in plans:
-            recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
+        if isinstance(plans, list):  # refused before anything runs; plans made one at a time are checked as they come
+            for plan in plans:
+                recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
         inputs = vlm.model_inputs(batch)
         cache = None
         if P:
@@ -295,6 +292,7 @@ class Runner:
         kwargs = vlm._gen_kwargs(kwargs)
         results = []
         for plan in plans:
+            recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
             try:
                 with vlm._running(plan):
                     out = vlm.model.generate(

@@ -131,9 +131,8 @@ def prefix_length(
     if attention_stats:
         text = batch.mask("text").any(0).nonzero()
         p = min(p, int(text.min()))
-    end_of_image = max(lay.end for lay in batch.layouts) + 1
-    # The suffix must not contain image tokens: the image is encoded in the prefix pass.
-    return p if p >= max(end_of_image, causal_from) else 0
+    # The suffix must not contain image tokens: the images are encoded in the prefix pass.
+    return p if p >= max(batch.end_of_images, causal_from) else 0
 
 
 def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
@@ -145,7 +144,7 @@ def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
     ids = inputs["input_ids"]
     prefix, suffix = {}, {}
     for k, v in inputs.items():
-        per_token = isinstance(v, torch.Tensor) and v.shape[-2:] == ids.shape and k != "pixel_values"
+        per_token = isinstance(v, torch.Tensor) and v.shape[-2:] == ids.shape and not k.startswith("pixel_values")
         if k == "attention_mask":
             prefix[k], suffix[k] = v[:, :P], v
         elif per_token:
