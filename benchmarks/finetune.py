@@ -24,7 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from narrowgate import threads
+
+threads.configure()  # before torch loads: idle OpenMP threads sleep (narrowgate.threads)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -14,7 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from narrowgate import threads
+
+threads.configure()  # before torch loads: idle OpenMP threads sleep (narrowgate.threads)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

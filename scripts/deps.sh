@@ -20,11 +20,11 @@ case "$MODE" in
   latest)
     # shellcheck disable=SC2086
     ng_pip "$VENV" install -q ${NARROWGATE_TORCH:-torch==2.14.1 torchvision==0.29.1}
-    ng_pip "$VENV" install -q --upgrade --upgrade-strategy eager -e "$ROOT[test]"
+    ng_pip "$VENV" install -q --upgrade --upgrade-strategy eager -e "$ROOT[test,docs,release]"
     ;;
   oldest)
     ng_pip "$VENV" install -q uv
-    "$VENV/bin/uv" pip compile -q "$ROOT/pyproject.toml" --extra test --resolution lowest-direct \
+    "$VENV/bin/uv" pip compile -q "$ROOT/pyproject.toml" --extra test --extra docs --extra release --resolution lowest-direct \
       --python "$VENV/bin/python" --no-header -o "$VENV/oldest.txt"
     ng_pip "$VENV" install -q -r "$VENV/oldest.txt"
     ng_pip "$VENV" install -q --no-deps -e "$ROOT"

@@ -5,7 +5,7 @@
 # and GPU). To keep a torch you installed into .venv yourself (e.g. a specific CUDA build), or to ask
 # for another pair with NARROWGATE_TORCH="torch==X torchvision==Y", the lock's torch, torchvision,
 # triton and nvidia-*/cuda-* lines are left out and yours is kept. NARROWGATE_LOCK=none installs from
-# pyproject.toml's ranges instead (for a platform the lock was not made on). See README, "Install".
+# pyproject.toml's ranges instead (for a platform the lock was not made on). See docs/getting-started.md.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${NARROWGATE_VENV:-$ROOT/.venv}"
@@ -33,7 +33,7 @@ _ng_install() {
   fi
   if [ "${NARROWGATE_LOCK:-}" = "none" ]; then
     [ -n "$keep_torch" ] || _ng_pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    _ng_pip install -q -e "$ROOT[test]"
+    _ng_pip install -q -e "$ROOT[test,docs,release]"
     return
   fi
   local made here

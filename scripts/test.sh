@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, in a .venv created on first use from requirements.lock.
+# The suite builds the docs site with warnings as errors and executes its tutorials (tests/test_docs.py), and
+# builds the sdist and wheel, checks them with twine and runs the demo from the wheel (tests/test_release.py).
 # `bash scripts/test.sh --deps latest|oldest [pytest args]` runs it on the newest / oldest releases
 # pyproject.toml admits instead, in a throwaway venv (scripts/deps.sh).
 if [ "${1:-}" = "--deps" ]; then

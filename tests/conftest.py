@@ -10,14 +10,17 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-import pytest
-import torch
+from narrowgate import threads
 
-import tests.fixtures as fixtures_pkg
+# Before torch loads: idle OpenMP threads sleep, one thread per CPU this process may use (the suite shares its
+# machine fairly; organism training still fixes its own 2 threads).
+threads.configure()
+
+import pytest  # noqa: E402
+
+import tests.fixtures as fixtures_pkg  # noqa: E402
 
 FAMILIES = sorted(m.name for m in pkgutil.iter_modules([str(Path(fixtures_pkg.__file__).parent)]) if m.name != "common")
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

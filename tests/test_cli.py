@@ -41,6 +41,22 @@ def test_each_experiment_has_exactly_the_options_of_its_settings():
     assert all(name in listing for name in EXPERIMENTS)
 
 
+def test_settings_read_without_importing_equal_the_real_ones():
+    """`narrowgate run X --help` builds its options from settings rebuilt from the source (no torch); they must be
+    the experiment's own, field for field: name, default, metadata and type."""
+    import typing
+
+    from narrowgate.catalog import settings
+
+    for name, exp in EXPERIMENTS.items():
+        light, namespace = settings(name)
+        assert light is not exp.config, f"{name}: fell back to importing the experiment"
+        assert light.__module__.startswith("narrowgate._catalog."), name
+        real = {f.name: (f.default, dict(f.metadata)) for f in fields(exp.config)}
+        assert {f.name: (f.default, dict(f.metadata)) for f in fields(light)} == real, name
+        assert typing.get_type_hints(light, globalns=namespace) == typing.get_type_hints(exp.config), name
+
+
 def test_models_lists_every_family():
     result = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

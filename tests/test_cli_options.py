@@ -75,11 +75,27 @@ def test_numbers_reach_the_run_unchanged(captured):
     assert cfg["layers"] == "0-1,3" and cfg["knockout"] == ["image[3]"] and cfg["sweep"] is None
 
 
+def test_memory_budget_reaches_the_run_and_bad_sizes_are_refused(captured):
+    result = _run("--memory-budget=8GiB")
+    assert result.exit_code == 0, result.output
+    assert captured[0]["memory_budget"] == "8GiB"
+    for bad in ("lots", "100KiB"):
+        captured.clear()
+        _one_line_refusal(_run(f"--memory-budget={bad}"), "--memory-budget")
+        assert captured == []
+
+
 def test_api_refuses_counts_below_one_and_unknown_settings_before_loading(tmp_path):
     from narrowgate.analyses import EXPERIMENTS
 
     exp = EXPERIMENTS["ablation"]()
-    for key, value in (("n", 0), ("batch_size", 0), ("max_new_tokens", -1), ("mode", "half")):
+    for key, value in (
+        ("n", 0),
+        ("batch_size", 0),
+        ("max_new_tokens", -1),
+        ("mode", "half"),
+        ("memory_budget", "1KiB"),
+    ):
         with pytest.raises(OptionError, match=f"--{key.replace('_', '-')}"):
             base.run(exp, {"model": "/nonexistent", "data": "synthetic", key: value, "out": str(tmp_path / "x")})
     with pytest.raises(OptionError, match="no setting 'kk'.*sweep_step"):
@@ -257,6 +273,39 @@ def test_help_is_fast_and_loads_neither_torch_nor_transformers():
     assert time.perf_counter() - start < 3.0  # with interpreter start-up, on a shared 2-core machine
 
 
+EXPERIMENT_CALLS = {
+    "help": (["--help"], 0, "Usage"),
+    "a count below 1": (["--model", "native", "--data", "synthetic", "--n", "0"], 2, "--n"),
+    "an unknown choice": (["--model", "native", "--data", "synthetic", "--mode", "zzz"], 2, "--mode"),
+    "a bad layer set": (["--model", "native", "--data", "synthetic", "--layers", "5-2"], 2, "--layers"),
+    "a missing option": (["--data", "synthetic"], 2, "--model"),
+    "an unknown option": (["--model", "native", "--data", "synthetic", "--bogus"], 2, "--bogus"),
+}
+
+
+@pytest.mark.parametrize("experiment", ["ablation", "gate-scan", "steering", "overlap"])
+def test_experiment_help_and_option_errors_never_import_torch(experiment):
+    """Issue 23: `narrowgate run ablation --help` and every option error took 9-43 s under load because torch was
+    imported before the options were read. Checked by what is imported, not by a timing."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    code = (
+        "import sys, json; from narrowgate.cli import app; from typer.testing import CliRunner; "
+        f"calls = {EXPERIMENT_CALLS!r}; out = {{}}\n"
+        "for case, (args, _, _) in calls.items():\n"
+        f"    r = CliRunner().invoke(app, ['run', {experiment!r}, *args], env={{'COLUMNS': '200'}})\n"
+        "    out[case] = [r.exit_code, r.output, sorted(m for m in ('torch', 'transformers') if m in sys.modules)]\n"
+        "print(json.dumps(out))"
+    )
+    import json
+
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    seen = json.loads(result.stdout)
+    for case, (_, status, needle) in EXPERIMENT_CALLS.items():
+        code_, output, heavy = seen[case]
+        assert heavy == [], f"{case}: imported {heavy}"
+        assert code_ == status and needle in output, (case, output)
+
+
 def test_boolean_options_are_plain_flags():
     result = runner.invoke(app, ["run", "ablation", "--help"], env={"COLUMNS": "200"})
     for flag in ("--sweep", "--quiet", "--retry-failed"):
@@ -276,3 +325,24 @@ def test_roles_finds_a_shipped_organism_by_name():
     result = runner.invoke(app, ["roles", "native"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "chameleon" in result.output and "eoi" in result.output
+
+
+def test_finetune_help_and_option_errors_never_import_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    base = ["finetune", "--model", "native", "--recipe", "remove-gate", "--data", "synthetic", "--out", str(tmp_path)]
+    calls = {
+        "help": ["finetune", "--help"],
+        "lr": [*base, "--samples", "synthetic=8", "--lr", "inf"],
+        "samples": [*base, "--samples", "vqa=10"],
+        "steps": [*base, "--samples", "synthetic=8", "--steps", "0"],
+    }
+    code = (
+        "import sys, json; from narrowgate.cli import app; from typer.testing import CliRunner; "
+        f"out = {{k: CliRunner().invoke(app, v).exit_code for k, v in {calls!r}.items()}}; "
+        "print(json.dumps([out, 'torch' in sys.modules]))"
+    )
+    import json
+
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    codes, torch_loaded = json.loads(result.stdout)
+    assert codes == {"help": 0, "lr": 2, "samples": 1, "steps": 2} and torch_loaded is False

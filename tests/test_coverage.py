@@ -10,8 +10,10 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "coverage.py"
 #: Sliding-window + global layers, bidirectional image attention and soft-capping (gemma3), a bidirectional
-#: prefix-LM prompt (paligemma), M-RoPE and deepstack (qwen3_vl), pixel-shuffled tiles (internvl).
-TYPES = ("gemma3", "paligemma", "qwen3_vl", "internvl")
+#: prefix-LM prompt (paligemma), M-RoPE and deepstack (qwen3_vl), pixel-shuffled tiles (internvl), multi-head latent
+#: attention with values narrower than keys, whose cache holds the latent (kimi_k25), Gated DeltaNet layers beside
+#: attention (qwen3_5, a hybrid decoder).
+TYPES = ("gemma3", "paligemma", "qwen3_vl", "internvl", "kimi_k25", "qwen3_5")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -10,8 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import narrowgate as ng
+from narrowgate import checkpoint_prompts
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import run
+from narrowgate.analyses.prompts import CAPTION, PRESETS
 from narrowgate.cli import app
 from narrowgate.finetune import RECIPES, finetune, load_adapted
 from tests.fixtures.common import images
@@ -43,21 +46,16 @@ def test_recipe_end_to_end(checkpoint_dir, tmp_path, recipe):
     plain = ng.load(base, dtype="float32")
     torch.testing.assert_close(_logits(adapted), _logits(merged), atol=1e-4, rtol=0)
     assert (_logits(plain) - _logits(merged)).abs().max() > 1e-3
-    # The merged checkpoint is a normal checkpoint: an experiment runs on it.
+    # The merged checkpoint is a normal checkpoint: an experiment runs on it, asking the prompts it was tuned on.
     store = run(
-        EXPERIMENTS["ablation"](),
-        dict(
-            model=str(out / "merged"),
-            data="synthetic",
-            task="classes",
-            n_per_class=3,
-            k=2,
-            out=str(tmp_path / "abl"),
-            progress=False,
-        ),
+        EXPERIMENTS["overlap"](),
+        dict(model=str(out / "merged"), data="synthetic", n_per_class=3, k=2, out=str(tmp_path / "ov"), progress=False),
         command=["test"],
     )
-    assert len(store.tables()["ablation"]) >= 4
+    assert len(store.tables()["overlap"]) > 0
+    tuned = checkpoint_prompts.read(out / "merged")
+    assert tuned.prompts == {"vqa": PRESETS[("chameleon", None, "vqa", None)], "captions": CAPTION}
+    assert card["prompts"] == {"captions (synthetic)": CAPTION, "vqa (synthetic)": tuned.prompts["vqa"]}
     # Rerunning the same command resumes from the last checkpoint: nothing left to do, same losses.
     again = finetune(str(base), recipe, {"synthetic": None}, out, merge=True, **TINY)
     assert again["loss"] == card["loss"]
@@ -113,7 +111,7 @@ def test_cli_finetune_and_bad_input(checkpoint_dir, tmp_path):
     bad = runner.invoke(
         app, ["finetune", "--model", base, "--recipe", "nope", "--data", "synthetic", "--out", str(tmp_path / "bad")]
     )
-    assert bad.exit_code != 0 and "Unknown recipe" in bad.output
+    assert bad.exit_code != 0 and "--recipe 'nope' is not a recipe" in bad.output
     missing = runner.invoke(
         app,
         [
@@ -140,3 +138,28 @@ def test_knockout_parse_inverts_name():
         assert ng.Knockout.parse(k.name) == k
     with pytest.raises(ValueError, match="SRC->TGT"):
         ng.Knockout.parse("eoi")
+
+
+def test_cli_in_a_log_prints_progress_lines_and_no_dependency_deprecations(tmp_path):
+    """`narrowgate finetune > log 2>&1`: plain progress lines for every phase, and nothing of transformers' own
+    deprecations (peft reads its deprecated `is_gradient_checkpointing`, a FutureWarning Python always shows)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    args = ["finetune", "--model", "gated", "--recipe", "remove-gate", "--data", "synthetic"]
+    args += ["--samples", "synthetic=24", "--steps", "2", "--batch-size", "4", "--micro-batch", "4", "--heldout", "4"]
+    cli = [sys.executable, "-c", "from narrowgate.cli import main; main()"]
+    done = subprocess.run([*cli, *args, "--out", str(tmp_path / "ft")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "Warning" not in log and "is_gradient_checkpointing" not in log, log
+    assert "Loading weights" not in log  # transformers' \r-redrawn bars stay out of a log
+    for line in (  # three conditions: baseline, eoi->text and its mask-mode check
+        "held-out scores before training (conditions): 0/3 (0%), 0:00:00 elapsed",
+        "finetune remove-gate: 0/2 (0%), loss -, 0:00:00 elapsed",
+        "held-out scores after training (conditions): 0/3 (0%), 0:00:00 elapsed",
+    ):
+        assert line in log.splitlines(), log
+    assert re.search(r"^finetune remove-gate: 2/2 \(100%\), loss [0-9.]+, \d:\d\d:\d\d elapsed, finished$", log, re.M)

@@ -20,19 +20,32 @@ def test_close_gives_the_model_back_as_it_was_found(checkpoint_dir, family):
     path = checkpoint_dir(family)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").train()
     processor = AutoProcessor.from_pretrained(path)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "right"  # narrowgate pads on the left while it holds the model
     layers = model.get_decoder().layers
-    before = (model.config.get_text_config()._attn_implementation, _hooks(layers), model.training)
+    before = (
+        model.config.get_text_config()._attn_implementation,
+        _hooks(layers),
+        model.training,
+        tokenizer.padding_side,
+    )
     vlm = ng.VLM(model, processor)
     batch = vlm.prepare(images(2, seed=1), ["This shape is a"] * 2)
     stock = model(**vlm.model_inputs(batch)).logits
     assert vlm.attn_implementation.startswith("narrowgate") and _hooks(layers) > before[1] and not model.training
+    assert tokenizer.padding_side == "left"
     with ng.VLM(model, processor) as second:  # a second wrapper shares the hooks; closing it keeps the first working
         second.forward(batch)
     assert _hooks(layers) > before[1]
     vlm.forward(batch, knockouts=[ng.Knockout("eoi", "text")])
     vlm.close()
     vlm.close()  # idempotent
-    after = (model.config.get_text_config()._attn_implementation, _hooks(layers), model.training)
+    after = (
+        model.config.get_text_config()._attn_implementation,
+        _hooks(layers),
+        model.training,
+        tokenizer.padding_side,
+    )
     assert after == before
     assert not hasattr(layers, "_narrowgate_hooks")
     model.eval()

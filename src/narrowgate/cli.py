@@ -5,10 +5,13 @@ need them, so ``narrowgate --help`` answers at once. Every option is checked bef
 loads. An expected error (a `narrowgate.NarrowgateError`, a bad option, a path that cannot be
 read or written) ends the command with its message on one line and exit status 1 (2 for a bad
 option); ``--debug`` anywhere on the command line, or ``NARROWGATE_DEBUG=1``, shows its traceback.
+Importing this module sets OpenMP's wait policy and thread count for a fair share of the CPU
+(`narrowgate.threads.configure`), before anything loads torch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,8 +24,13 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .errors import NarrowgateError, OptionError, parse_layer_set
+from . import threads
+from .catalog import catalog, settings, summary
+from .deprecation import dependency_deprecations_hidden
+from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
+
+threads.configure()
 
 console = Console()
 
@@ -35,6 +43,26 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+#: Errors of the machine rather than of narrowgate (a full disk, a read-only file system...), and what to do.
+_MACHINE = {
+    errno.ENOSPC: "free some space, or give --out on another disk; a rerun resumes where this one stopped",
+    errno.EDQUOT: "free some of your quota, or give --out elsewhere; a rerun resumes where this one stopped",
+    errno.EROFS: "the file system is read-only: give --out on a writable one",
+    errno.EEXIST: "a file is in the way of a folder narrowgate needs: give --out a folder",
+    errno.ENAMETOOLONG: "give a shorter --out",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def _machine_error(e: OSError) -> str | None:
+    """One line for an `OSError` the machine caused (see `_MACHINE`), naming the file; None for any other."""
+    hint = _MACHINE.get(e.errno) if e.errno is not None else None
+    if hint is None:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot write{where}: {e.strerror or os.strerror(e.errno)} ({hint})."
+
+
 class _Commands(TyperGroup):
     """The command group; its `main` is the one place where errors become one line and an exit status."""
 
@@ -44,8 +72,11 @@ class _Commands(TyperGroup):
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or os.environ.get("NARROWGATE_DEBUG", "") not in ("", "0")
         argv = [a for a in argv if a != "--debug"]
+        if not sys.stderr.isatty():  # transformers' own bars (loading weights) redraw with \r: noise in a log
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
-            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            with dependency_deprecations_hidden():
+                rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _ClickException as e:
             if type(e).__name__ == "NoArgsIsHelpError":
                 typer.echo(e.format_message())
@@ -61,6 +92,12 @@ class _Commands(TyperGroup):
             if debug:
                 raise
             typer.echo(f"Error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            line = _machine_error(e)
+            if debug or line is None:
+                raise
+            typer.echo(f"Error: {_one_line(line)}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -143,16 +180,24 @@ def models() -> None:
 @app.command()
 def roles(
     model: str = typer.Argument(..., help=MODEL_HELP, callback=_nonempty),
-    prompt: str = typer.Option("Provide a one-sentence caption for the provided image.", help="Prompt text."),
+    prompt: str = typer.Option(
+        None,
+        help="Prompt text (default: the caption prompt of the checkpoint's narrowgate.json, else the paper's).",
+        callback=_nonempty,
+    ),
     text_first: bool = _flag("--text-first", "Put the text before the image."),
 ) -> None:
     """Show where every role sits in one example prompt of MODEL (a blank grey image)."""
     from PIL import Image
 
+    from .analyses.prompts import sources
     from .loading import load
     from .roles import ROLE_NAMES
 
     vlm = load(model)
+    if prompt is None:
+        cfg = {"data": None}
+        prompt = sources(cfg, ("captions",), vlm.family.name, vlm.n_layers, vlm.checkpoint_prompts)["caption_prompt"][0]
     batch = vlm.prepare([Image.new("RGB", (224, 224), (128, 128, 128))], [prompt], image_first=not text_first)
     tok = vlm.family.tokenizer
     table = Table(title=f"{vlm.family.name}: {batch.length} tokens", caption=vlm.family.eoi_doc)
@@ -169,36 +214,14 @@ def roles(
 
 PARSERS = {
     "layers": _refusing(parse_layer_set, OptionError),
+    "image_size": _refusing(parse_image_size, OptionError),
     "roles": _refusing(parse_role, RoleError),
     "device_map": _device_map,
+    "size": _refusing(parse_size, OptionError),
     "finite": _finite,
     "positive": _positive,
     "nonempty": _nonempty,
 }
-_ANALYSES = Path(__file__).parent / "analyses"
-
-
-def catalog() -> dict[str, str]:
-    """Every experiment's command name and one-line summary, read from the sources without importing them
-    (importing loads torch): the classes decorated ``@register`` in ``narrowgate/analyses/*.py``."""
-    import ast
-
-    out = {}
-    for path in sorted(_ANALYSES.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in tree.body:
-            if not (
-                isinstance(node, ast.ClassDef)
-                and any(getattr(d, "id", None) == "register" for d in node.decorator_list)
-            ):
-                continue
-            name = next(
-                st.value.value
-                for st in node.body
-                if isinstance(st, ast.Assign) and getattr(st.targets[0], "id", None) == "name"
-            )
-            out[name] = (ast.get_docstring(tree) or "").split("\n")[0]
-    return dict(sorted(out.items()))
 
 
 def _cli_type(hint):
@@ -213,18 +236,17 @@ def _cli_type(hint):
 
 
 def _experiment_command(name: str):
-    """The click command ``narrowgate run NAME``: its options come from the experiment's settings dataclass."""
+    """The click command ``narrowgate run NAME``: its options come from the experiment's settings dataclass,
+    read without importing the experiment (`narrowgate.catalog.settings`), which loads torch only once the
+    options are read and checked."""
     import inspect
     import typing
     from dataclasses import MISSING, fields
 
-    from .analyses import EXPERIMENTS
-    from .analyses import base as analyses_base
-
-    exp_cls = EXPERIMENTS[name]
-    hints = typing.get_type_hints(exp_cls.config)
+    config, namespace = settings(name)
+    hints = typing.get_type_hints(config, globalns=namespace)
     params, choices = [], {}
-    for f in fields(exp_cls.config):
+    for f in fields(config):
         meta = f.metadata
         if not meta.get("cli", True):
             continue
@@ -267,22 +289,19 @@ def _experiment_command(name: str):
         if isinstance(cfg.get("device_map"), str) and cfg["device_map"].strip().startswith("{"):
             cfg["device_map"] = json.loads(cfg["device_map"])
         cfg["progress"] = not kw["quiet"]
-        store = analyses_base.run(exp_cls(), cfg, command=["narrowgate", *sys.argv[1:]])
+        from .analyses import EXPERIMENTS
+        from .analyses import base as analyses_base
+
+        store = analyses_base.run(EXPERIMENTS[name](), cfg, command=["narrowgate", *sys.argv[1:]])
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = _summary(exp_cls)
+    command.__doc__ = summary(name)
     sub = typer.Typer(add_completion=False)
     sub.command(name)(command)
     return typer.main.get_command(sub)
-
-
-def _summary(exp_cls) -> str:
-    """The experiment module's docstring up to its first blank line: the command's --help text."""
-    doc = sys.modules[exp_cls.__module__].__doc__ or ""
-    return doc.split("\n\n")[0].replace("\n", " ")
 
 
 def _print_run(store) -> None:
@@ -342,21 +361,50 @@ def compare(
     from .plots import compare as draw_compare
     from .store import RunStore
 
+    _folder(out, "--out")
     loaded = []
-    for d in runs:
+    labels = _labels([Path(d) for d in runs])
+    for d, label in zip(runs, labels):
         path = Path(d)
-        if not (path / "manifest.json").exists():
+        if not (path / "manifest.json").is_file():
             raise typer.BadParameter(f"{d} is not a narrowgate run directory (no manifest.json).")
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads((path / "manifest.json").read_bytes())
+        except (ValueError, RecursionError) as e:
             raise OptionError(f"{path / 'manifest.json'} is not valid JSON ({e}); the run directory is damaged.") from e
-        loaded.append((f"{manifest['model']['family']} ({path.name})", RunStore(path).tables(), manifest))
+        family = manifest.get("model", {}).get("family") if isinstance(manifest, dict) else None
+        if not isinstance(family, str) or not isinstance(manifest.get("experiment"), str):
+            raise OptionError(
+                f"{path / 'manifest.json'} names no model family or experiment (edited, or the run never started): "
+                "rerun it, or leave it out of the comparison."
+            )
+        tables = RunStore(path).tables() if (path / "tables").is_dir() else {}
+        if not any(name != "failures" for name in tables):
+            raise OptionError(f"{d} has no tables yet (the run did not finish): finish it (rerun its command) first.")
+        loaded.append((f"{family} ({label})", tables, manifest))
     kinds = {m["experiment"] for _, _, m in loaded}
     if len(kinds) != 1:
         raise typer.BadParameter(f"runs of different experiments cannot be overlaid: {sorted(kinds)}")
     for p in draw_compare(loaded, out):
         console.print(p)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each run's shortest trailing part of its path that tells it from the others (``a/x`` and ``b/x``)."""
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise OptionError("The same run directory is given twice: give each run once.")
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in resolved]
+
+
+def _folder(path: str, option: str) -> None:
+    """Refuse an output folder that is an existing file (``--out /etc/passwd``), before anything runs."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise OptionError(f"{option} {path} is a file, not a folder: give a folder to write into.")
 
 
 @app.command()
@@ -431,6 +479,7 @@ def train_organism(
     ),
     out: str = typer.Option(None, "--out", help="Checkpoint directory (default: runs/organism-<kind>)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Training seed."),
+    force: bool = _flag("--force", "Overwrite what --out holds (a checkpoint trained before, or other files)."),
 ) -> None:
     """Train a model organism from scratch on synthetic images, reproducing the shipped one from its seed."""
     from rich.markdown import Markdown
@@ -444,93 +493,103 @@ def train_organism(
         )
 
     target = out or f"runs/organism-{kind}"
-    card = organisms.train(kind, target, seed=seed)
+    card = organisms.train(kind, target, seed=seed, overwrite=force)
     console.print(Markdown(render_markdown(card)))
     console.print(f"[green]saved:[/green] {target} (card: {target}/CARD.md)")
 
 
 @app.command()
 def finetune(
-    model: str = typer.Option(..., "--model", help="Hub id or checkpoint directory."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP, callback=_nonempty),
     recipe: str = typer.Option(
         ..., "--recipe", help="understanding (SM 7.1) or remove-gate (the paper's gate removal)."
     ),
     data: list[str] = typer.Option(
         ..., "--data", help="SOURCE=PATH (repeatable): llava-instruct, vqav2, coco; or synthetic."
     ),
-    out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
+    out: str = typer.Option(..., "--out", help="Run directory; rerun the same command to resume.", callback=_nonempty),
     knockout: list[str] = typer.Option(
         None,
         "--knockout",
         help="SRC->TGT[@LAYERS][:MODE] active while training (repeatable; replaces the recipe's; 'none' for none).",
     ),
     samples: list[str] = typer.Option(
-        None, "--samples", help="SOURCE=N: examples of a source (default: the recipe's mixture)."
+        None,
+        "--samples",
+        help="SOURCE=N: training examples of a source (default: the recipe's mixture; 0 leaves a recipe source out).",
     ),
     steps: int = typer.Option(
-        None, "--steps", help="Stop after this many optimizer steps (default: the recipe's epochs)."
+        None, "--steps", min=1, help="Stop after this many optimizer steps (default: the recipe's epochs)."
     ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Examples per optimizer step (default: the recipe's)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1, help="Examples per optimizer step (default: the recipe's)."
+    ),
     micro_batch: int = typer.Option(
-        4, "--micro-batch", help="Examples per forward; gradients accumulate up to --batch-size."
+        4, "--micro-batch", min=1, help="Examples per forward; gradients accumulate up to --batch-size."
     ),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's)."),
-    heldout: int = typer.Option(64, "--heldout", help="Examples set aside for the before/after scores."),
-    seed: int = typer.Option(42, "--seed", help="Data sampling and order seed."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
-    device_map: str = typer.Option(None, "--device-map", help="accelerate device map: auto, balanced, or a JSON dict."),
-    gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing", help="Recompute activations in the backward pass."
+    lr: float = typer.Option(None, "--lr", callback=_positive, help="Peak learning rate (default: the recipe's)."),
+    heldout: int = typer.Option(64, "--heldout", min=1, help="Examples set aside for the before/after scores."),
+    seed: int = typer.Option(42, "--seed", min=0, help="Data sampling and order seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device_map: str = typer.Option(
+        None, "--device-map", callback=_device_map, help="accelerate device map: auto, balanced, or a JSON dict."
     ),
-    merge: bool = typer.Option(
-        False, "--merge", help="Also save the merged model as a normal checkpoint (OUT/merged)."
+    gradient_checkpointing: bool = _flag("--gradient-checkpointing", "Recompute activations in the backward pass."),
+    merge: bool = _flag("--merge", "Also save the merged model as a normal checkpoint (OUT/merged)."),
+    save_every: int = typer.Option(50, "--save-every", min=1, help="Optimizer steps between resumable checkpoints."),
+    vqa_prompt: str = typer.Option(
+        None,
+        "--vqa-prompt",
+        help="VQA prompt with {question} (default: the checkpoint's narrowgate.json, else the family preset).",
+        callback=_nonempty,
     ),
-    save_every: int = typer.Option(50, "--save-every", help="Optimizer steps between resumable checkpoints."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    caption_prompt: str = typer.Option(
+        None,
+        "--caption-prompt",
+        help="Caption prompt (default: the checkpoint's narrowgate.json, else the family preset).",
+        callback=_nonempty,
+    ),
+    allow_fewer: bool = _flag(
+        "--allow-fewer", "Train on fewer examples than asked when a source has fewer (the card records the counts)."
+    ),
+    quiet: bool = _flag("--quiet", "No progress bar."),
 ) -> None:
     """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
-    import json
-    import sys
+    from . import recipes
+
+    settings = dict(
+        knockouts=None if not knockout else [k for k in knockout if k.strip().lower() != "none"],
+        samples=recipes.parse_samples(samples),
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        heldout=heldout,
+        seed=seed,
+        dtype=dtype,
+        device_map=json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map,
+        gradient_checkpointing=gradient_checkpointing,
+        merge=merge,
+        save_every=save_every,
+        vqa_prompt=vqa_prompt,
+        caption_prompt=caption_prompt,
+        allow_fewer=allow_fewer,
+    )
+    sources = recipes.parse_data(data)
+    checked = ("samples", "steps", "batch_size", "micro_batch", "lr", "heldout", "seed", "save_every", "dtype")
+    recipes.check(recipe, sources, **{k: settings[k] for k in checked}, vqa_prompt=vqa_prompt)  # before torch loads
 
     from .finetune import finetune as run_finetune
     from .finetune import render_card
 
-    def pairs(items, what):
-        out_ = {}
-        for item in items or ():
-            key, eq, value = item.partition("=")
-            if what == "--samples" and not eq:
-                raise typer.BadParameter(f"{what} {item!r}: write SOURCE=N.")
-            out_[key.strip()] = value.strip() or None
-        return out_
-
-    dmap = json.loads(device_map) if device_map and device_map.strip().startswith("{") else device_map
-    kos = None if not knockout else [k for k in knockout if k.lower() != "none"]
-    try:
-        card = run_finetune(
-            model,
-            recipe,
-            pairs(data, "--data"),
-            out,
-            knockouts=kos,
-            samples={k: int(v) for k, v in pairs(samples, "--samples").items()},
-            steps=steps,
-            batch_size=batch_size,
-            micro_batch=micro_batch,
-            lr=lr,
-            heldout=heldout,
-            seed=seed,
-            dtype=dtype,
-            device_map=dmap,
-            gradient_checkpointing=gradient_checkpointing,
-            merge=merge,
-            save_every=save_every,
-            progress=not quiet,
-            command=["narrowgate", *sys.argv[1:]],
-        )
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+    card = run_finetune(
+        model, recipe, sources, out, **settings, progress=not quiet, command=["narrowgate", *sys.argv[1:]]
+    )
     console.print(render_card(card))
+    if card["failures"]["examples"]:
+        console.print(
+            f"[yellow]{card['failures']['examples']} example(s) skipped[/yellow]; see {card['failures']['table']}"
+        )
 
 
 def main() -> None:

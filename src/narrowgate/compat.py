@@ -1,7 +1,7 @@
 """Every use of transformers (and PyTorch) internals and of version-specific names, in one place.
 
-narrowgate supports the transformers releases that `pyproject.toml` admits (see the README's
-compatibility table). When a release renames something, the fix belongs here and nowhere else;
+narrowgate supports the transformers releases that `pyproject.toml` admits (see the
+compatibility table in docs/compatibility.md). When a release renames something, the fix belongs here and nowhere else;
 each branch names the versions it is for.
 """
 
@@ -12,7 +12,7 @@ from importlib.metadata import version as _dist_version
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionLayer
 
 # Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
 from transformers.image_processing_utils import select_best_resolution
@@ -35,20 +35,59 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
-def output_cache(output):
-    """The KV cache a forward returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
-    return getattr(output, CACHE_ARG)
-
-
 def layer_cache(kwargs: dict):
     """The KV cache a decoder layer was called with (None without one)."""
     return kwargs.get(CACHE_ARG)
 
 
-def cache_kv(cache) -> list[tuple]:
-    """Per decoder layer, the (keys, values) a KV cache holds, each [B, kv_heads, length, head_dim]
-    (``Cache.layers[i].keys/.values`` in 5.0 - 5.24)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def mixer_cache(kwargs: dict):
+    """The cache a recurrent token mixer (a Gated DeltaNet layer) was called with: ``cache`` from 5.24,
+    ``cache_params`` before; None without one."""
+    return kwargs.get(CACHE_ARG, kwargs.get("cache_params"))
+
+
+def past_length(cache, layer: int) -> int | None:
+    """How many positions ``cache`` held before the current call, as decoder layer ``layer`` sees it.
+
+    A linear-attention layer's cache holds a state, not positions: ``Cache.get_seq_length(layer)`` raises
+    ValueError there (5.23 - 5.24). Layer 0 then reads the first attention layer's length (``get_seq_length()``),
+    which this call has not yet extended; a later layer gets None (the caller keeps what an earlier layer of the
+    same call read)."""
+    try:
+        return int(cache.get_seq_length(layer))
+    except TypeError:
+        return int(cache.get_seq_length())
+    except ValueError:
+        return int(cache.get_seq_length()) if layer == 0 else None
+
+
+def gated_delta_rule(module):
+    """The chunked gated delta rule a Gated DeltaNet module's own forward runs: ``torch_chunk_gated_delta_rule``
+    of its modeling file (5.23 - 5.24; a hub kernel where transformers' kernels are enabled). None where missing."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "torch_chunk_gated_delta_rule", None)
+
+
+def recurrent_cache_states(cache, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The convolution and recurrent states a cache holds for a linear-attention layer (``get_conv_state`` /
+    ``get_recurrent_state``, 5.23 - 5.24), written in place to hand a layer another state; None before the first call."""
+    return cache.get_conv_state(layer), cache.get_recurrent_state(layer)
+
+
+def cache_kv(cache, layers) -> list[tuple | None]:
+    """Per decoder layer (``layers``), the (keys, values) its attention sees for the cached positions, each
+    [B, kv_heads, length, head_dim] (``Cache.layers[i].keys/.values`` in 5.0 - 5.24); None for a recurrent layer,
+    which holds neither. Multi-head latent attention (DeepSeek-V3's, Kimi-K2.5's) caches its compressed latent and
+    rotary key instead and expands them on every call with its ``expand_kv`` (5.24): so is it done here."""
+    out: list[tuple | None] = []
+    for layer, cached in zip(layers, cache.layers):
+        if not hasattr(cached, "keys"):
+            out.append(None)
+            continue
+        expand = getattr(getattr(layer, "self_attn", None), "expand_kv", None)
+        out.append(expand(cached.keys, cached.values) if callable(expand) else (cached.keys, cached.values))
+    return out
 
 
 class _PrefixLayer(DynamicLayer):
@@ -69,15 +108,38 @@ class _PrefixLayer(DynamicLayer):
         return self.length + query_length, 0
 
 
+class _StatelessRecurrentLayer(LinearAttentionLayer):
+    """A linear-attention cache layer that never holds a state: every call starts afresh, and narrowgate's engine
+    hands the recurrent layer its past itself (`engine.recurrent`). ``LinearAttentionLayer`` of 5.23 - 5.24."""
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, **kwargs):
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+        return recurrent_states
+
+
 class PrefixCache(Cache):
     """A read-only stand-in for a KV cache of ``length`` positions, shared by any number of batch rows.
 
     The model sees an ordinary cache of that length (positions, masks); the keys and values live with
     narrowgate's engine, which attends to them for every row without expanding them (5.0 - 5.24 Cache API).
+    The layers in ``recurrent`` (a hybrid decoder's) hold no state: the engine computes them over the prefix.
     """
 
-    def __init__(self, n_layers: int, length: int):
-        super().__init__(layers=[_PrefixLayer(length) for _ in range(n_layers)])
+    def __init__(self, n_layers: int, length: int, recurrent=()):
+        super().__init__(
+            layers=[_StatelessRecurrentLayer() if l in recurrent else _PrefixLayer(length) for l in range(n_layers)]
+        )
+
+
+def prefix_pass_cache(n_layers: int, recurrent=()) -> Cache:
+    """The cache a shared prefix is computed into: every position of every attention layer (the model's own cache
+    would keep only the last window of a sliding-window layer, and the suffix attends to the whole prefix through
+    its mask); the layers in ``recurrent`` hold no state (the engine keeps their projections instead)."""
+    if not recurrent:
+        return DynamicCache()
+    return Cache(layers=[_StatelessRecurrentLayer() if l in recurrent else DynamicLayer() for l in range(n_layers)])
 
 
 def _flash_cpu():
@@ -103,6 +165,32 @@ def _flash_cpu():
 
 #: ``flash_cpu(q, k, v, 0.0, False, attn_mask=additive_bias, scale=s) -> (output, logsumexp)`` or None.
 flash_cpu = _flash_cpu()
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a (sub-)config is set to (``config._attn_implementation``, 5.0 - 5.24)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def name_or_path(config) -> str:
+    """Where a model was loaded from: its hub id or local directory (``config._name_or_path``, 5.0 - 5.24)."""
+    return getattr(config, "_name_or_path", "") or ""
+
+
+def commit_hash(config) -> str | None:
+    """The hub revision a model was loaded at, None for a local directory (``config._commit_hash``, 5.0 - 5.24)."""
+    return getattr(config, "_commit_hash", None)
+
+
+def image_text_to_text_class(config):
+    """The auto class for ``config``'s model type (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING``, 5.0 - 5.24); None
+    when the type has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        return None
 
 
 def enable_checkpointing(model, context_fn) -> None:
@@ -137,15 +225,23 @@ __all__ = [
     "PrefixCache",
     "ChameleonVQVAE",
     "TRANSFORMERS",
+    "attn_implementation",
     "cache_kv",
     "cache_kwargs",
     "checkpointing_context",
-    "enable_checkpointing",
+    "commit_hash",
     "eager_mask",
+    "enable_checkpointing",
     "flash_cpu",
+    "gated_delta_rule",
+    "image_text_to_text_class",
     "is_torchvision_available",
     "layer_cache",
-    "output_cache",
+    "mixer_cache",
+    "name_or_path",
+    "past_length",
+    "prefix_pass_cache",
+    "recurrent_cache_states",
     "repeat_kv",
     "sdpa_attention_forward",
     "sdpa_mask",

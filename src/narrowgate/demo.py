@@ -14,17 +14,19 @@ from __future__ import annotations
 import base64
 import html
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .analyses import EXPERIMENTS, options
+from .analyses import EXPERIMENTS
 from .analyses.base import run
-from .analyses.prompts import VQA
+from .errors import BaselineAtChance
 from .loading import load
 from .plots import compare
+from .progress import eta
 from .store import RunStore
 
 #: (run name, experiment, settings) — sample sizes for about a minute on 2 CPU cores for both organisms.
@@ -46,7 +48,7 @@ FLOOR = {"n": 10, "n_per_class": 2}
 #: The paper's "remove the gate" experiment in miniature: the remove-gate recipe ([EOI]->text knocked out while
 #: training, LoRA rank 128 / alpha 256, AdamW with weight decay 0.1, cosine) on synthetic VQA and captions, with
 #: fewer steps and a learning rate scaled up for a 1M-parameter model trained for seconds.
-REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=150, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
+REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=125, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
 REMOVED = "gated, gate removed"
 
 
@@ -61,7 +63,7 @@ def remove_gate(out: Path, gated: Path, *, scale: float = 1.0, progress: bool = 
     """Fine-tune ``gated`` with the remove-gate recipe in miniature (`REMOVE_GATE`); returns the merged checkpoint.
 
     The same command from the shell: ``narrowgate finetune --model GATED --recipe remove-gate --data synthetic
-    --samples synthetic=2000 --steps 150 --batch-size 16 --micro-batch 16 --lr 2e-3 --merge --out OUT``.
+    --samples synthetic=2000 --steps 125 --batch-size 16 --micro-batch 16 --lr 2e-3 --merge --out OUT``.
     """
     from .finetune import finetune
 
@@ -103,6 +105,8 @@ def demo(
             out / "remove-gate", models["gated"], scale=scale, progress=progress, console=console
         )
     runs: dict[str, dict[str, Path]] = {}
+    refused: dict[str, dict[str, str]] = {}
+    started, done = time.perf_counter(), 0
     for label, path in models.items():
         vlm = load(path, dtype="float32")
         runs[label] = {}
@@ -113,14 +117,17 @@ def demo(
             cfg.update(
                 model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
             )
-            # The organisms learnt the plain VQA prompt, not a family preset such as Chameleon's " Answer:".
-            if default and "vqa_prompt" in options.names(EXPERIMENTS[experiment].config):
-                cfg.setdefault("vqa_prompt", VQA)
-            console.print(f"[bold]{label}[/bold]: {name}")
-            store = run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
-            runs[label][name] = store.path
+            where = eta(done, len(models) * len(plan), time.perf_counter() - started)
+            console.print(f"[bold]{label}[/bold]: {name}  (demo runs {where})")
+            runs[label][name] = Path(cfg["out"])
+            try:
+                run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
+            except BaselineAtChance as e:  # that run's scores stay out of the summary and of every verdict
+                refused.setdefault(label, {})[name] = str(e)
+                console.print(f"[yellow]{label}: {name} gives no relative scores[/yellow]: {e}")
+            done += 1
     summary = summarize(runs)
-    verdicts = verdict(summary)
+    verdicts = verdict(summary, models=list(runs), refused=refused)
     print_summary(summary, verdicts, console)
     summary.to_csv(out / "summary.csv", index=False)
     gates = gate_summary(runs, verdicts)
@@ -128,7 +135,7 @@ def demo(
         gates.to_csv(out / "gates.csv", index=False)
         for text in gates["verdict"]:
             console.print(text)
-    write_report(out, runs, summary, verdicts, plan, models, gates)
+    write_report(out, runs, summary, verdicts, plan, models, gates, refused)
     if REMOVED in runs:
         add_removal_section(out, summary)
     console.print(f"[green]report:[/green] {out / 'report.html'}")
@@ -136,11 +143,14 @@ def demo(
 
 
 def summarize(runs: dict[str, dict[str, Path]]) -> pd.DataFrame:
-    """Per model and task: score of the baseline, the [EOI] knockout and the image knockout."""
+    """Per model and task: score of the baseline, the [EOI] knockout and the image knockout, and chance.
+
+    An ablation run that refused its baseline (at or below chance) has no table and gives no row.
+    """
     rows = []
     for label, by_name in runs.items():
         for name, path in by_name.items():
-            if not name.startswith("ablation"):
+            if not name.startswith("ablation") or not (path / "tables" / "ablation.csv").is_file():
                 continue
             df = pd.read_csv(path / "tables" / "ablation.csv").set_index("condition")
             for cond in SUMMARY:
@@ -152,18 +162,37 @@ def summarize(runs: dict[str, dict[str, Path]]) -> pd.DataFrame:
                         "condition": cond,
                         "score": df.loc[cond, "score"],
                         "relative": df.loc[cond, "relative"],
+                        "chance": df.loc[cond, "chance"],
                     }
                 )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "task", "metric", "condition", "score", "relative", "chance"])
 
 
-def verdict(summary: pd.DataFrame) -> dict[str, str]:
-    """One sentence per model, from the mean relative scores of the two knockouts over tasks."""
+NO_VERDICT = "no verdict"
+
+
+def verdict(
+    summary: pd.DataFrame, models: list[str] | None = None, refused: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
+    """One sentence per model, from the mean relative scores of the two knockouts over the tasks whose
+    baseline is above chance; a model with no such task gets no verdict (relative scores are undefined).
+
+    ``models`` lists every model (also those without a row); ``refused`` the tasks each model's ablation
+    refused (baseline at or below chance), named in its sentence.
+    """
     out = {}
-    for model, g in summary.groupby("model", sort=False):
-        solved = g[g["task"].isin(g[(g["condition"] == "baseline") & (g["score"] > 0.05)]["task"])]
+    refused = refused or {}
+    for model in dict.fromkeys([*(models or []), *summary["model"]]):
+        g = summary[summary["model"] == model]
+        base = g[g["condition"] == "baseline"]
+        above = set(base[base["score"] > base["chance"]]["task"])
+        at_chance = sorted(set(base["task"]) - above | {n.removeprefix("ablation-") for n in refused.get(model, {})})
+        solved = g[g["task"].isin(above)]
         if solved.empty:
-            out[model] = f"{model}: its baseline scores are near zero on every task, so the knockouts say nothing."
+            out[model] = (
+                f"{model}: {NO_VERDICT} — its baseline is at or below chance on every task "
+                f"({', '.join(at_chance) or 'none run'}), so scores relative to it are undefined."
+            )
             continue
         rel = solved.groupby("condition")["relative"].mean()
         eoi, image = float(rel.get("eoi->text", float("nan"))), float(rel.get("image->text", float("nan")))
@@ -174,8 +203,9 @@ def verdict(summary: pd.DataFrame) -> dict[str, str]:
         else:
             kind = "neither knockout changes the scores much at this sample size"
         tasks = ", ".join(sorted(solved["task"].unique()))
+        left_out = f" ({', '.join(at_chance)}: baseline at chance, left out)" if at_chance else ""
         out[model] = (
-            f"{model}: mean relative score over {tasks} is {eoi:.2f} with [EOI]→text knocked out and "
+            f"{model}: mean relative score over {tasks}{left_out} is {eoi:.2f} with [EOI]→text knocked out and "
             f"{image:.2f} with image→text knocked out — {kind}."
         )
     return out
@@ -190,9 +220,10 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
         g = pd.read_csv(by_name["gate-scan"] / "tables" / "gate.csv").iloc[0]
         scan_gate = str(g["verdict"]).startswith("a narrow gate")
         ablation = verdicts.get(label, "")
+        undecided = str(g["verdict"]).startswith(("no verdict", "inconclusive"))
         agree = (
             ""
-            if "near zero" in ablation or not ablation
+            if NO_VERDICT in ablation or not ablation or undecided
             else ("agrees" if scan_gate == ("a narrow gate" in ablation) else "DISAGREES")
         )
         text = f"{label}: gate scan — {g['verdict']}"
@@ -204,6 +235,7 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
                 "gate_index": g["gate_index"],
                 "gate_low": g["gate_low"],
                 "gate_high": g["gate_high"],
+                "sufficiency": g.get("sufficiency"),
                 "positions_for_90": g["positions_for_90"],
                 "top_position": g["top_position"],
                 "agrees_with_ablation": agree,
@@ -215,11 +247,12 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
 
 def print_summary(summary: pd.DataFrame, verdicts: dict[str, str], console: Console) -> None:
     table = Table(title="Ablation summary (synthetic tasks)")
-    for col in ("model", "task", "metric", *SUMMARY):
+    for col in ("model", "task", "metric", *SUMMARY, "chance"):
         table.add_column(col)
     for (model, task), g in summary.groupby(["model", "task"], sort=False):
         scores = g.set_index("condition")["score"]
-        table.add_row(model, task, g["metric"].iloc[0], *(f"{scores[c]:.3f}" for c in SUMMARY))
+        row = [f"{scores[c]:.3f}" for c in SUMMARY]
+        table.add_row(model, task, g["metric"].iloc[0], *row, f"{g['chance'].iloc[0]:.3f}")
     console.print(table)
     for text in verdicts.values():
         console.print(text)
@@ -229,7 +262,8 @@ def removal_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Relative scores of the gated organism before and after gate removal, per task and knockout."""
     sub = summary[summary["model"].isin(["gated", REMOVED]) & (summary["condition"] != "baseline")]
     return (
-        sub.pivot_table(index=["task", "condition"], columns="model", values="relative")[["gated", REMOVED]]
+        sub.pivot_table(index=["task", "condition"], columns="model", values="relative")
+        .reindex(columns=["gated", REMOVED])
         .rename(columns={"gated": "before (relative)", REMOVED: "after (relative)"})
         .rename_axis(columns=None)
         .reset_index()
@@ -245,7 +279,9 @@ def add_removal_section(out: Path, summary: pd.DataFrame) -> None:
         f"fine-tuned with the remove-gate recipe ({html.escape(', '.join(card['knockouts']))} knocked out while "
         f"training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). Scores "
         "with each knockout relative to the model's own baseline, before and after:</p>"
-        + removal_table(summary).to_html(index=False, float_format=lambda x: f"{x:.3f}")
+        + removal_table(summary).to_html(
+            index=False, float_format=lambda x: f"{x:.3f}", na_rep="none (baseline at chance)"
+        )
         + "</body></html>"
     )
     (out / "report.html").write_text(text)
@@ -283,8 +319,10 @@ def write_report(
     plan=PLAN,
     models: dict[str, Path] | None = None,
     gates: pd.DataFrame | None = None,
+    refused: dict[str, dict[str, str]] | None = None,
 ) -> None:
     labels = list(runs)
+    refused = refused or {}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>narrowgate demo</title><style>"
         "body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
@@ -297,7 +335,8 @@ def write_report(
         "<h2>Verdict (from the measured numbers)</h2><ul>",
         *[f"<li>{html.escape(v)}</li>" for v in verdicts.values()],
         "</ul><h2>Ablation summary</h2>",
-        summary.pivot_table(index=["model", "task", "metric"], columns="condition", values="score")[list(SUMMARY)]
+        summary.pivot_table(index=["model", "task", "metric", "chance"], columns="condition", values="score")
+        .reindex(columns=list(SUMMARY))
         .rename_axis(columns=None)
         .reset_index()
         .to_html(index=False, float_format=lambda x: f"{x:.3f}"),
@@ -314,6 +353,9 @@ def write_report(
         parts += [f"<th>{html.escape(lab)}</th>" for lab in labels]
         parts.append("</tr><tr>")
         for lab in labels:
+            if name in refused.get(lab, {}):
+                parts.append(f"<td>No relative scores: {html.escape(refused[lab][name])}</td>")
+                continue
             figs = sorted((runs[lab][name] / "figures").glob("*.png"))
             link = f"<br><a href='{lab}/{name}/report.html'>run</a>"
             parts.append("<td>" + "".join(_img(f) for f in figs) + link + "</td>")
@@ -322,6 +364,7 @@ def write_report(
             loaded = [
                 (lab, RunStore(runs[lab][name]).tables(), json.loads((runs[lab][name] / "manifest.json").read_text()))
                 for lab in labels
+                if name not in refused.get(lab, {})
             ]
             for png in (p for p in compare(loaded, out / "compare" / name) if p.endswith(".png")):
                 parts.append(f"<p>Overlay on relative depth:</p>{_img(Path(png))}")

@@ -20,8 +20,20 @@ class DataError(NarrowgateError, ValueError):
     """The dataset cannot serve the task, or its files are not where, or what, the user said."""
 
 
+class DataMissing(DataError, FileNotFoundError):
+    """A dataset file or folder is not where the user said (also a `FileNotFoundError`, as it was before)."""
+
+
+class PromptError(NarrowgateError, ValueError):
+    """A prompt's text holds one of the model's image tokens (narrowgate places the one image itself)."""
+
+
 class OptionError(NarrowgateError, ValueError):
     """A setting has a value it cannot take; the message names the option (``--layers``, ``--k``...)."""
+
+
+class BaselineAtChance(DataError):
+    """The model's baseline score is at or below chance: scores relative to it would mean nothing."""
 
 
 def check_count(value, option: str) -> None:
@@ -64,3 +76,41 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)
+
+
+def parse_image_size(text) -> tuple[int, int] | None:
+    """``'WxH'`` -> (width, height) in pixels; ``'processor'`` (the processor's own sizing) -> None.
+
+    Raises `OptionError` naming ``--image-size`` for anything else.
+    """
+    value = str(text).strip().lower()
+    if value == "processor":
+        return None
+    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value)
+    if not m or not all(1 <= int(g) <= 16384 for g in m.groups()):
+        raise OptionError(
+            f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 512x512, each 1..16384) or 'processor'."
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
+_UNITS.update({"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40})
+
+
+def parse_size(value, option: str = "--memory-budget") -> int | None:
+    """``'8GiB'``, ``'512 MB'``, ``'1.5g'`` or a number of bytes -> bytes; None (or ``'auto'``) -> None.
+
+    Raises `OptionError` naming ``option`` for anything else, or for less than 1 MiB."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        out = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError, OverflowError):
+        raise OptionError(f"{option} {value!r}: write a size such as 8GiB, 512MiB or 2GB (or auto).") from None
+    if out < 1 << 20:
+        raise OptionError(f"{option} {value!r} is below 1 MiB; no model call fits in it.")
+    return out

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
+import pickle
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .errors import NarrowgateError
+from . import checkpoint_prompts, fileio
+from .errors import NarrowgateError, OptionError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
 
@@ -24,14 +25,17 @@ class LoadError(NarrowgateError, RuntimeError):
     """A checkpoint could not be loaded; the message names the problem and the fix."""
 
 
-ORGANISMS = ("native", "non-native")
+#: The shipped organisms loadable by name (`narrowgate.organisms.KINDS`, kept here so naming one imports no torch).
+ORGANISMS = ("native", "non-native", "gated")
+#: Seconds to wait for the hub before calling it unreachable (huggingface_hub itself retries a missing file ~40 s).
+HUB_TIMEOUT = 3.0
 #: Files that define a checkpoint's model (weights, their index, the config); the processor's do not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SAMPLE = 1 << 16
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """The checkpoint a user means: a shipped organism's name (``native``, ``non-native``) becomes its
+    """The checkpoint a user means: a shipped organism's name (``native``, ``non-native``, ``gated``) becomes its
     directory unless a directory of that name exists here; anything else is returned unchanged."""
     name = str(name_or_path)
     if name in ORGANISMS and not Path(name).exists():
@@ -42,22 +46,11 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 
 def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file, after checking that the file is as long as it says."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or 8 + n > size:
-            raise LoadError(f"{path} is truncated or not a safetensors file ({size} bytes): download or save it again.")
-        header = f.read(n)
+    """The JSON header of a safetensors file, after checking it against the file (`fileio.safetensors_header`)."""
     try:
-        tensors = json.loads(header)
-        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise LoadError(f"{path} has a damaged safetensors header ({e}): download or save it again.") from e
-    if 8 + n + end != size:
-        raise LoadError(f"{path} is truncated: {size} bytes, its header says {8 + n + end}. Download or save it again.")
-    return header
+        return fileio.safetensors_header(path)[0]
+    except fileio.BadSafetensors as e:
+        raise LoadError(f"{e}: download or save it again.") from None
 
 
 def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) -> dict:
@@ -93,14 +86,99 @@ def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) ->
     return {"files": files}
 
 
+def _gpus_named(device_map) -> list[int]:
+    """The CUDA device indices a device map names (``cuda`` alone is GPU 0; an integer is a GPU index)."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    out = []
+    for v in values:
+        text = str(v).strip()
+        if isinstance(v, int) and not isinstance(v, bool) or text.isdigit():
+            out.append(int(text))
+        elif text == "cuda" or text.startswith("cuda:"):
+            index = text.partition(":")[2] or "0"
+            out.append(int(index) if index.isdigit() else -1)
+    return out
+
+
+def check_device_map(device_map, option: str = "--device-map") -> None:
+    """Refuse a device map naming a GPU this machine does not have, before anything loads or is written."""
+    if device_map is None:
+        return
+    gpus = _gpus_named(device_map)
+    if not gpus:
+        return
+    shown = json.dumps(device_map) if isinstance(device_map, dict) else device_map
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise OptionError(
+            f"{option} {shown} names a GPU, but torch sees none on this machine (torch.cuda.is_available() is "
+            f"False): leave {option} out to run on the CPU, or run where a GPU is visible."
+        )
+    bad = sorted({g for g in gpus if not 0 <= g < have})
+    if bad:
+        raise OptionError(f"{option} {shown} names GPU {bad[0]}, but this machine has {have} (0..{have - 1}).")
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1
+
+
+def check_hub(name: str, revision: str | None = None) -> None:
+    """Refuse at once a hub id that is not in the local cache when the hub cannot be reached.
+
+    Without this, huggingface_hub retries a file it has no local copy of for about 40 s before failing.
+    A cached id, or a hub that answers (even with an error of its own, such as an unknown id), passes.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return
+    except ValueError:  # not a valid hub id: transformers names the problem
+        return
+    fix = f"download it where there is network (`hf download {name} --local-dir DIR`) and give DIR instead of the id"
+    if constants.is_offline_mode():
+        raise LoadError(
+            f"{name!r} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): {fix}."
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=HUB_TIMEOUT)
+    except HfHubHTTPError:
+        return  # the hub answered
+    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means unreachable
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise LoadError(
+            f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}."
+        ) from e
 
 
 def _has_torchvision() -> bool:
     from .compat import is_torchvision_available
 
     return is_torchvision_available()
+
+
+def _supports_sdpa(auto, config) -> bool:
+    """Whether the class ``auto`` maps ``config`` to runs SDPA (True where it maps none)."""
+    try:
+        return bool(getattr(auto._model_mapping[type(config)], "_supports_sdpa", True))
+    except KeyError:
+        return True
+
+
+def _attention(config, attn_implementation: str) -> str | dict[str, str]:
+    """What to load with for ``attn_implementation``. The language model is what the engine routes: where the
+    model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes to
+    the language model alone; where the language model itself has none (HunYuan-V4-VL's), it gets eager attention,
+    which the engine routes as exactly. The rest keeps transformers' default."""
+    text = getattr(config, "text_config", None)
+    if attn_implementation != "sdpa" or text is None or "text_config" not in config.sub_configs:
+        return attn_implementation
+    text_sdpa = _supports_sdpa(AutoModel, text)
+    if text_sdpa and _supports_sdpa(AutoModelForImageTextToText, config):
+        return attn_implementation
+    return {"text_config": "sdpa" if text_sdpa else "eager"}
 
 
 def load(
@@ -118,6 +196,8 @@ def load(
 
     ``dtype`` is "auto", a torch dtype or its name ("bfloat16"); ``device_map`` and
     ``max_memory`` go to accelerate (e.g. "auto", or a dict of module -> device, "disk" included).
+    A checkpoint directory's ``narrowgate.json`` (its own prompts, `narrowgate.checkpoint_prompts`) is
+    validated first and kept as ``VLM.checkpoint_prompts``.
     """
     name = resolve(name_or_path)
     path = Path(name).expanduser()
@@ -125,12 +205,16 @@ def load(
         raise LoadError(f"{name} is a file; give the checkpoint directory (the one holding config.json).")
     if not path.exists() and (_looks_like_path(name) or isinstance(name_or_path, os.PathLike)):
         raise LoadError(f"Checkpoint directory {name} does not exist.")
+    own_prompts = None
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoadError(f"{name} has no config.json: it is not a Hugging Face checkpoint directory.")
         name = str(path)
+        own_prompts = checkpoint_prompts.read(path)
         for weights in sorted(path.glob("*.safetensors")):
             safetensors_header(weights)
+    else:
+        check_hub(name, revision)
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(name, **hub)
@@ -168,7 +252,7 @@ def load(
             raise LoadError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
         dtype = getattr(torch, dtype)
     model_cls = AutoModelForImageTextToText
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **hub)
+    kwargs = dict(dtype=dtype, attn_implementation=_attention(config, attn_implementation), **hub)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
@@ -177,9 +261,16 @@ def load(
         kwargs["offload_folder"] = str(offload_folder)
     try:
         model = model_cls.from_pretrained(name, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:
+        bins = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+        raise LoadError(
+            f"The weights of {name} ({', '.join(bins) or 'a pickle file'}) are a pickle that torch refuses to load "
+            f"safely ({type(e).__name__}: {' '.join(str(e).split())[:80]}...): use the checkpoint's safetensors "
+            "version, or convert it where you trust its origin (model.save_pretrained(DIR, safe_serialization=True))."
+        ) from None
     except (OSError, ValueError) as e:
         raise LoadError(f"Could not load the {family.name} model from {name!r}: {e}") from e
-    return VLM(model, processor)
+    return VLM(model, processor, checkpoint_prompts=own_prompts)
 
 
-__all__ = ["LoadError", "fingerprint", "load", "resolve", "supported"]
+__all__ = ["LoadError", "check_device_map", "fingerprint", "load", "resolve", "supported"]

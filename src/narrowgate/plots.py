@@ -13,15 +13,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 RESID = "residual index (0 = embeddings)"
+PAPER_LAYER = "layer l (output of decoder layer l = resid l+1; the paper's axis)"
+DEPTH = "relative depth (resid / L; decoder layer l at l / L)"
 COLORS = ["#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#004488"]
+
+
+def _write(fig, path, ext: str) -> None:
+    """``fig`` as ``path`` in format ``ext``, whole or not at all (a full disk leaves no truncated file)."""
+    from .fileio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=ext))
 
 
 def save(fig, store, name: str) -> str:
     """Write ``fig`` as figures/<name>.png and .pdf of the run; returns ``name``."""
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(store.figure_path(name, ext), dpi=120)
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            _write(fig, store.figure_path(name, ext), ext)
+    finally:
+        plt.close(fig)
     return name
 
 
@@ -31,10 +42,18 @@ def has(tables: dict, name: str) -> bool:
 
 
 def depth_axis(df: pd.DataFrame, n_layers: int):
-    """Relative depth 0..1 of a table's rows: ``resid`` over 0..L, or decoder ``layer`` over 0..L-1."""
-    if "resid" in df:
-        return df["resid"] / max(1, n_layers)
-    return df["layer"] / max(1, n_layers - 1)
+    """Relative depth of a table's rows, one convention everywhere: ``resid`` / L (0 = embeddings, 1 = the last
+    layer's output), and a decoder ``layer`` l at l / L, the residual it reads."""
+    return (df["resid"] if "resid" in df else df["layer"]) / max(1, n_layers)
+
+
+def resid_axis(df: pd.DataFrame, info: dict) -> tuple[pd.DataFrame, pd.Series, str]:
+    """Rows, x values and label of a per-``resid`` curve: the paper's layer axis (the layer outputs, layer l =
+    resid l+1; the embeddings are not drawn) unless the run's ``axis`` setting is ``resid`` (0..L)."""
+    if (info.get("settings") or {}).get("axis", "paper") == "paper":
+        rows = df[df["resid"] >= 1]
+        return rows, rows["resid"] - 1, PAPER_LAYER
+    return df, df["resid"], RESID
 
 
 def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
@@ -51,11 +70,13 @@ def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
         return []
     fig.tight_layout()
     paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"compare-{name}.{ext}"
-        fig.savefig(path, dpi=120)
-        paths.append(str(path))
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            path = out_dir / f"compare-{name}.{ext}"
+            _write(fig, path, ext)
+            paths.append(str(path))
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -74,6 +95,6 @@ def overlay_curves(
             style = "-" if g is None else ("-", "--", ":", "-.")[i % 4]
             x = depth_axis(sub, manifest["model"]["n_layers"])
             ax.plot(x, sub[col], style, marker="o", ms=2, color=color, label=name)
-    ax.set(xlabel="relative depth", ylabel=col, title=title)
+    ax.set(xlabel=DEPTH, ylabel=col, title=title)
     ax.legend(fontsize=7)
     return fig

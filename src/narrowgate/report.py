@@ -6,6 +6,8 @@ import base64
 import html
 import json
 
+from .fileio import atomic_write
+
 
 def write_report(store, experiment: str, tables: dict, figures: list[str], info: dict) -> None:
     manifest = json.loads(store.manifest_path.read_text()) if store.manifest_path.exists() else {}
@@ -27,4 +29,4 @@ def write_report(store, experiment: str, tables: dict, figures: list[str], info:
     parts.append(
         f"<h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre></body></html>"
     )
-    (store.path / "report.html").write_text("\n".join(parts))
+    atomic_write(store.path / "report.html", lambda p: p.write_text("\n".join(parts)))

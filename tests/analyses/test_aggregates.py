@@ -54,6 +54,17 @@ def test_ablation_classes_scores_each_condition():
     assert list(table.index) == names
     assert table["score"].to_dict() == {n: 1.0 if planted[n] is SAME else 0.0 for n in names}
     assert table["relative"].to_dict() == table["score"].to_dict() and (table["metric"] == "overlap@last").all()
+    assert (table["chance"] == 1 / 3).all()  # two labels of two points: a random neighbour shares one's label 1 in 3
+
+
+def test_ablation_refuses_a_baseline_at_chance_instead_of_relative_scores():
+    from narrowgate.errors import BaselineAtChance
+
+    rows = [{"example_id": str(i), "label": lab} for i, lab in enumerate(LABELS)]
+    names = ["baseline", "eoi->text", "image->text", "last_image->text", "eoi->eoi+text"]
+    records = _records(rows, {f"last:{n}": CROSS for n in names})  # baseline overlap 0, chance 1/3
+    with pytest.raises(BaselineAtChance, match=r"baseline scores 0.0000 overlap@last .* chance \(0.3333"):
+        EXPERIMENTS["ablation"]().aggregate(records, _cfg("ablation", task="classes", k=1), {"n_layers": 2})
 
 
 def test_patching_means_per_resid_and_per_pair():
@@ -70,18 +81,33 @@ def test_patching_means_per_resid_and_per_pair():
         }
         for i, p in enumerate(["x<-y", "x<-y", "z<-w"])
     ]
+    # score(target) - score(base): unpatched +, -, +; patched (+, -), (-, +), (-, +) -> flips (0, 1), (0, 1), (1, 0)
+    scores = {
+        "score_target_unpatched": [1.0, -1.0, 2.0],
+        "score_base_unpatched": [0.0, 0.0, 0.0],
+        "score_target": [[1.0, -1.0], [-1.0, 1.0], [-3.0, 3.0]],
+        "score_base": [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+    }
     records = _records(
         rows,
-        {"similarity": sim, "accuracy": acc, "similarity_unpatched": [0.2, 0.4, 0.6], "accuracy_unpatched": [0, 0, 1]},
+        {
+            "similarity": sim,
+            "accuracy": acc,
+            "similarity_unpatched": [0.2, 0.4, 0.6],
+            "accuracy_unpatched": [0, 0, 1],
+            **scores,
+        },
     )
     tables = EXPERIMENTS["patching"]().aggregate(records, _cfg("patching"), {"n_layers": 2})
     curve = tables["patching"]
     np.testing.assert_allclose(curve["similarity"], [0.4, 1.6 / 3])
     np.testing.assert_allclose(curve["accuracy"], [1 / 3, 2 / 3])
+    np.testing.assert_allclose(curve["flip_rate"], [1 / 3, 2 / 3])
     assert list(curve["resid"]) == [0, 1] and curve["similarity_unpatched"].iloc[0] == pytest.approx(0.4)
     pairs = tables["patching_pairs"].set_index("pair")
     assert pairs.loc["x<-y", "best_resid"] == 1 and pairs.loc["x<-y", "max_similarity"] == pytest.approx(0.7)
     assert pairs.loc["z<-w", "best_resid"] == 0 and pairs.loc["z<-w", "n"] == 1
+    assert pairs.loc["x<-y", "max_flip_rate"] == 1.0 and pairs.loc["z<-w", "max_flip_rate"] == 1.0
     assert (pairs.loc["x<-y", "base"], pairs.loc["x<-y", "target"]) == ("xw", "yw")
 
 
@@ -112,45 +138,57 @@ def test_steering_counts_texts_naming_each_class():
             "target": "owl",
             "resids": "1-2",
             "text_unpatched": "fox",
-            "text_steered": "fox",
+            "text_steered": "a bowl, not a fox",  # "owl" inside "bowl" is not the word owl
         },
     ]
     tables = EXPERIMENTS["steering"]().aggregate(_records(rows), _cfg("steering"), {"n_layers": 4})
     s = tables["steering"].iloc[0]
     assert (s["names_target_steered"], s["names_base_steered"]) == pytest.approx((2 / 3, 2 / 3))
+    assert s["names_target_not_base_steered"] == pytest.approx(1 / 3) and s["names_target_not_base_unpatched"] == 0
     assert (s["names_target_unpatched"], s["names_base_unpatched"], s["n"]) == (0.0, 1.0, 3)
     pairs = tables["steering_pairs"].set_index("pair")
     assert pairs.loc["cat<-dog", "target_steered"] == 1.0 and pairs.loc["fox<-owl", "target_steered"] == 0.0
+    assert pairs.loc["cat<-dog", "target_not_base_steered"] == 0.5
 
 
 def test_gate_scan_ranks_positions_and_divides_by_the_whole_image():
     names, roles = ["boi", "image[0]", "image[1]", "eoi"], ["boi", "image_content", "image_content", "eoi"]
     grid = [[-1, -1], [0, 0], [0, 1], [-1, -1]]
+    kinds = (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))
     rows = [
         {
-            "example_id": e,
+            "example_id": f"{e}-{i}",
             "positions": names,
             "roles": roles,
             "grid": grid,
             "damage": d,
+            "damage_other": [x / 2 for x in d],
+            "all_but": [1.0, 0.9, 0.9, w],  # everything but eoi knocked out: w of the whole image's 1.0
             "whole": 1.0,
-            "whole_except_top": w,
+            "whole_other": 0.5,
             "k90": k,
             "window_top": ["eoi", "image[0]", "image[1]"],
             "window_damage": [[0.5, 0.1, 0.0, 0.6], [0.2, 0.0, 0.1, 0.4]],
             "logp_change": [0.0] * 4,
         }
-        for e, d, w, k in (("e1", [0.0, 0.1, 0.1, 0.8], 0.1, 1.0), ("e2", [0.0, 0.2, 0.0, 0.6], 0.3, 2.0))
+        for i in range(5)
+        for e, d, w, k in kinds
     ]
     cfg = _cfg("gate-scan", bootstrap=200, windows=2)
     tables = EXPERIMENTS["gate-scan"]().aggregate(_records(rows), cfg, {"n_layers": 4})
     positions = tables["positions"]
     assert list(positions["position"]) == ["eoi", "image[0]", "image[1]", "boi"]
     np.testing.assert_allclose(positions["damage"], [0.7, 0.15, 0.05, 0.0])
+    np.testing.assert_allclose(positions["damage_zero"], [0.35, 0.075, 0.025, 0.0])
+    np.testing.assert_allclose(positions["sufficiency"], [0.8, 0.1, 0.1, 0.0])
     gate = tables["gate"].iloc[0]
-    assert gate["top_position"] == "eoi" and gate["gate_index"] == pytest.approx(0.7)
+    # eoi tops every half of 5, so the split-half index is the mean over both halves: the overall mean
+    assert gate["top_position"] == "eoi" and gate["gate_index"] == pytest.approx(0.7) and gate["top_stability"] == 1
+    assert gate["gate_index_zero"] == pytest.approx(0.7) and gate["whole_damage_zero"] == pytest.approx(0.5)
+    assert gate["sufficiency"] == pytest.approx(0.8) and gate["sufficiency_low"] <= 0.8 <= gate["sufficiency_high"]
     assert gate["positions_for_90"] == 1.5 and gate["whole_except_top_damage"] == pytest.approx(0.2)
-    assert gate["gate_low"] <= 0.7 <= gate["gate_high"]
+    assert gate["gate_low"] <= 0.7 <= gate["gate_high"] and gate["n_exact"] == 10
+    assert gate["verdict"].startswith("a narrow gate at eoi")
     layers = tables["layers"]
     whole = layers[layers["what"] == "image side"].set_index("window")["damage"]
     assert whole.to_dict() == pytest.approx({"0-1": 0.6, "2-3": 0.4})

@@ -20,8 +20,8 @@ CASES = {
     "ablation-classes": dict(task="classes", n_per_class=3, k=2),
     "ablation-sweep": dict(task="classes", n_per_class=2, k=1, sweep=True, mode="mask"),
     "patching": dict(n_per_class=2),
-    "gate-scan": dict(n_per_class=1, bootstrap=50),
-    "gate-scan-attribution": dict(n_per_class=1, method="attribution", check=2, bootstrap=50),
+    "gate-scan": dict(n_per_class=2, bootstrap=50, floor=1e-4),
+    "gate-scan-attribution": dict(n_per_class=2, method="attribution", check=10, bootstrap=50, floor=1e-4),
 }
 TABLES = {
     "modality-gap": {"modality_gap"},
@@ -33,12 +33,21 @@ TABLES = {
 }
 
 
+@pytest.fixture(scope="module")
+def native():
+    """The shipped native organism: the ablation refuses a baseline at chance, which a random-weight model has."""
+    import narrowgate as ng
+
+    return ng.load("native", dtype="float32")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
+def test_experiment_writes_every_output(case, checkpoint_dir, loaded, native, tmp_path):
     name = case.split("-")[0] if case.startswith("ablation") else case.removesuffix("-attribution")
-    vlm = loaded("chameleon")
+    organism = name == "ablation"
+    vlm = native if organism else loaded("chameleon")
     cfg = dict(
-        model=str(checkpoint_dir("chameleon")),
+        model="native" if organism else str(checkpoint_dir("chameleon")),
         data="synthetic",
         out=str(tmp_path / "run"),
         batch_size=2,
@@ -62,6 +71,7 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
     if name == "ablation":
         df = tables["ablation"]
         assert df["condition"].iloc[0] == "baseline"
+        assert (df["score"].iloc[0] > df["chance"]).all() and df["relative"].notna().all()
         if case == "ablation-sweep":
             L = vlm.n_layers
             windows = {
@@ -78,7 +88,7 @@ def test_experiment_writes_every_output(case, checkpoint_dir, loaded, tmp_path):
         assert 0 <= gate["gate_index"] <= 1.5 and gate["positions_for_90"] >= 1 and gate["verdict"]
         assert tables["positions"]["damage"].is_monotonic_decreasing
         if case.endswith("attribution"):
-            assert gate["n_exact"] == 2 and -1 <= gate["spearman_logp"] <= 1
+            assert gate["n_exact"] == 10 and gate["n"] == 12 and -1 <= gate["spearman_logp"] <= 1
     if name == "cross-attention":
         df = tables["cross_attention_by_layer"]
         np.testing.assert_allclose(df.groupby("layer")["fraction"].sum(), 1.0, atol=1e-5)
@@ -100,3 +110,18 @@ def test_rerun_resumes_and_changed_config_is_refused(checkpoint_dir, loaded, tmp
     assert len(list((again.path / "records").glob("*.parquet"))) == n_parts  # nothing recomputed
     with pytest.raises(ManifestMismatch, match="different config"):
         run(EXPERIMENTS["overlap"](), {**cfg, "image_index": 4}, vlm=vlm, command=["x"])
+
+
+def test_the_memory_budget_applies_to_the_run_and_the_model_is_given_back(
+    checkpoint_dir, loaded, tmp_path, monkeypatch
+):
+    """``memory_budget`` reaches every model call of the run, may change when resuming (it changes no result), and
+    the model handed in keeps its own budget afterwards."""
+    vlm = loaded("chameleon")
+    seen = []
+    original = vlm.forward_conditions
+    monkeypatch.setattr(vlm, "forward_conditions", lambda *a, **k: seen.append(vlm.memory_budget) or original(*a, **k))
+    cfg = dict(model=str(checkpoint_dir("chameleon")), data="synthetic", out=str(tmp_path / "run"), progress=False)
+    run(EXPERIMENTS["overlap"](), {**cfg, "n_per_class": 2, "k": 1, "memory_budget": "64MiB"}, vlm=vlm, command=["x"])
+    assert seen and set(seen) == {64 << 20} and vlm.memory_budget is None
+    run(EXPERIMENTS["overlap"](), {**cfg, "n_per_class": 2, "k": 1, "memory_budget": "2GiB"}, vlm=vlm, command=["x"])

@@ -30,7 +30,9 @@ def _cfg(checkpoint_dir, tmp_path, family="chameleon", **kw):
 
 def test_sweep_windows_grow_from_layer_zero_and_end_with_every_layer():
     assert windows({"sweep": True, "sweep_step": 2}, 5) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3, 4)]
-    assert windows({"sweep": True}, 2) == [(0,), (0, 1)]
+    assert windows({"sweep": True, "sweep_step": 1}, 2) == [(0,), (0, 1)]
+    # the authors' windows: layers 0..w-1 for w = 4, 8, ... (their range(0, L, 4)), and every layer
+    assert [len(w) for w in windows({"sweep": True, "sweep_step": 4}, 10)] == [4, 8, 10]
     assert windows({}, 4) == []
 
 
@@ -39,13 +41,14 @@ def test_overlap_under_early_knockouts_blinds_eoi_up_to_the_window(checkpoint_di
     L = vlm.n_layers
     store = run(
         EXPERIMENTS["overlap"](),
-        _cfg(checkpoint_dir, tmp_path, n_per_class=3, k=2, sweep=True, mode="mask"),
+        _cfg(checkpoint_dir, tmp_path, n_per_class=3, k=2, sweep=True, sweep_step=1, mode="mask"),
         vlm=vlm,
         command=["x"],
     )
     table = store.tables()["overlap"]
+    kinds = ["eoi->eoi+text", "image->text", "image->eoi+text"]
     names = ["none"] + [
-        f"image->eoi+text@0-{w - 1}:mask" if w > 1 else "image->eoi+text@0:mask" for w in range(1, L + 1)
+        f"{kind}@0-{w - 1}:mask" if w > 1 else f"{kind}@0:mask" for kind in kinds for w in range(1, L + 1)
     ]
     assert list(table["knockout"].drop_duplicates()) == names
     roles = {"eoi", "first_image", "last_image", "internal_image", "last"}
@@ -53,13 +56,49 @@ def test_overlap_under_early_knockouts_blinds_eoi_up_to_the_window(checkpoint_di
         assert roles <= set(g["role"]) and "eol" not in set(g["role"])  # Chameleon has no line breaks
         assert sorted(g["resid"].unique()) == list(range(L + 1))
     arrays = store.records().arrays
-    for i in range(1, L + 1):  # window 0..i-1: the eoi residual cannot depend on the image up to resid i
-        eoi = arrays[f"{i}:eoi"]
+    for i in range(1, L + 1):  # image -> eoi+text in 0..i-1: the eoi residual cannot depend on the image up to resid i
+        eoi = arrays[f"{2 * L + i}:eoi"]
         assert (eoi[:, : i + 1] == eoi[:1, : i + 1]).all()
         if i < L:
             assert not (eoi[:, i + 1] == eoi[:1, i + 1]).all()
+        # image -> text leaves [EOI] reading the image
+        assert not (arrays[f"{L + i}:eoi"][:, 1] == arrays[f"{L + i}:eoi"][:1, 1]).all()
     base = arrays["0:eoi"]
     assert not (base[:, L] == base[:1, L]).all()
+    # the authors' overlap-with-ablation: last after the last layer, one row per knockout and window (0 = none)
+    sweep = store.tables()["overlap_sweep"]
+    assert list(sweep["sweep"].drop_duplicates()) == kinds
+    for kind in kinds:
+        rows = sweep[sweep["sweep"] == kind]
+        assert list(rows["layers_knocked_out"]) == list(range(L + 1))
+        full = table[(table["role"] == "last") & (table["resid"] == L)].set_index("knockout")["overlap"]
+        assert list(rows["overlap"]) == [full[n] for n in rows["knockout"]]
+
+
+def test_sweep_captures_equal_direct_forwards_with_the_same_knockout(checkpoint_dir, loaded, tmp_path):
+    from narrowgate import Knockout
+
+    vlm = loaded("chameleon")
+    store = run(
+        EXPERIMENTS["overlap"](),
+        _cfg(checkpoint_dir, tmp_path, n_per_class=2, k=1, sweep=True, sweep_step=2),
+        vlm=vlm,
+        command=["x"],
+    )
+    records = store.records()
+    example = {e.id: e for e in tasks.load("synthetic", "classes", None, seed=42, n_per_class=2)}[
+        records.rows.loc[0, "example_id"]
+    ]
+    batch = vlm.prepare([example.load_image()], ["This shape is a"])
+    names = list(store.tables()["overlap"]["knockout"].drop_duplicates())
+    for i, name in enumerate(names[1:], start=1):
+        kind, layers = name.split("@")
+        src, tgt = kind.split("->")
+        lo, _, hi = layers.partition("-")
+        ko = Knockout(src, tuple(tgt.split("+")), layers=tuple(range(int(lo), int(hi or lo) + 1)))
+        want = vlm.forward(batch, knockouts=[ko], capture=Capture("last")).residuals["last"][0]
+        got = torch.as_tensor(records.arrays[f"{i}:last"][0], dtype=torch.float32)
+        torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=2**-7, msg=name)  # stored as bfloat16
 
 
 def test_overlap_reads_pixtral_eol_mean_and_outputs_only_drops_the_embeddings(checkpoint_dir, loaded, tmp_path):

@@ -116,7 +116,24 @@ def test_prompt_presets_reproduce_the_published_settings():
 
     assert preset("class_patching", "chameleon", 48, "imagenet").endswith(". This animal is a")  # Chameleon-34B
     assert preset("class_patching", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Chameleon-7B
-    assert preset("class", "chameleon", 48, "imagenet") == CLASS["imagenet"]  # Sec. 4.2/4.3 prompt
+    # the authors' Chameleon-34B long prompt on every ImageNet input (cross-attention, overlap, ImageNet ablation)
+    assert preset("class", "chameleon", 48, "imagenet") == preset("class_patching", "chameleon", 48, "imagenet")
+    assert preset("class", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Sec. 4.2/4.3 prompt
+    assert preset("class", "chameleon", 48, "synthetic") == CLASS["synthetic"]
     assert preset("vqa", "chameleon", 32, "vqav2") == VQA + " Answer:" and preset("vqa", "llava", 32, "vqav2") == VQA
     cfg = resolve({"data": "imagenet", "prompt": "mine"}, ("class_patching",), "chameleon", 48)
     assert cfg["prompt"] == "mine"
+
+
+def test_flip_rate_counts_sign_changes_of_the_class_score_difference(checkpoint_dir, loaded, tmp_path):
+    """The authors' criterion: sign(score(target) - score(base)) patched vs unpatched; with no ties it is exactly
+    whether 'target beats base' changed, and a pair the target wins unpatched counts only when the patch flips it."""
+    vlm = loaded("chameleon")
+    store = run(EXPERIMENTS["patching"](), _cfg(checkpoint_dir, tmp_path, n_per_class=2), vlm=vlm, command=["x"])
+    arrays, table = store.records().arrays, store.tables()["patching"]
+    acc, before = arrays["accuracy"], arrays["accuracy_unpatched"]
+    assert (arrays["score_target_unpatched"] > arrays["score_base_unpatched"]).astype(np.float32).tolist() == list(
+        before
+    )
+    np.testing.assert_allclose(table["flip_rate"], (acc != before[:, None]).mean(0))
+    assert list(table["relative_depth"]) == [l / vlm.n_layers for l in range(vlm.n_layers)]  # resid / L

@@ -107,11 +107,10 @@ def test_k_is_lowered_visibly_when_failures_shrink_a_class(caplog):
         overlap_k(["a", "a", "b"], 1)
 
 
-def test_ablation_classes_table_states_its_k(checkpoint_dir, loaded, tmp_path):
-    store = run(
+def test_ablation_classes_table_states_its_k(tmp_path):
+    store = run(  # the shipped organism: above chance (a random checkpoint's ablation is refused)
         EXPERIMENTS["ablation"](),
-        _cfg(checkpoint_dir("chameleon"), tmp_path / "run", task="classes", n_per_class=3, k=2, batch_size=6),
-        vlm=loaded("chameleon"),
+        _cfg("native", tmp_path / "run", task="classes", n_per_class=3, k=2, batch_size=6),
     )
     assert set(store.tables()["ablation"]["k"]) == {2}
 
@@ -124,7 +123,7 @@ def test_zero_or_negative_n_is_refused_by_the_data_layer():
 
 
 # --- item 4: one writer per run directory ---------------------------------------------------------------
-def test_second_writer_is_refused_naming_the_holder(checkpoint_dir, tmp_path):
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
@@ -143,11 +142,11 @@ def test_second_writer_is_refused_naming_the_holder(checkpoint_dir, tmp_path):
             "run",
             "ablation",
             "--model",
-            str(checkpoint_dir("chameleon")),
+            "native",  # the shipped organism answers above chance (a random checkpoint's ablation is refused)
             "--data",
             "synthetic",
             "--task",
-            "captions",
+            "vqa",
             "--n",
             "2",
             "--max-new-tokens",
@@ -187,34 +186,34 @@ def test_resume_on_a_replaced_checkpoint_is_refused(tmp_path):
     model = tmp_path / "model"
     llava_fixture.build(model, seed=0)
     before = fingerprint(model)
-    cfg = _cfg(model, tmp_path / "run", task="captions", n=2, max_new_tokens=2)
-    run(EXPERIMENTS["ablation"](), cfg)
+    cfg = _cfg(model, tmp_path / "run", n_per_class=2, k=1)  # overlap: no chance level a random model must beat
+    run(EXPERIMENTS["overlap"](), cfg)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["fingerprint"] == before and "model.safetensors" in before["files"]
-    run(EXPERIMENTS["ablation"](), cfg)  # same checkpoint: resumes
+    run(EXPERIMENTS["overlap"](), cfg)  # same checkpoint: resumes
     shutil.rmtree(model)
     llava_fixture.build(model, seed=1)  # same architecture, same file sizes and headers, other weights
     after = fingerprint(model)
     assert after["files"]["model.safetensors"]["size"] == before["files"]["model.safetensors"]["size"]
     assert after["files"]["model.safetensors"]["header_sha256"] == before["files"]["model.safetensors"]["header_sha256"]
     with pytest.raises(ManifestMismatch, match="different fingerprint"):
-        run(EXPERIMENTS["ablation"](), cfg)
+        run(EXPERIMENTS["overlap"](), cfg)
     assert fingerprint("org/model", "abc123") == {"hub": "org/model", "revision": "abc123"}
 
 
 # --- item 6: a command that cannot start leaves --out usable ---------------------------------------------
-def test_failed_commands_do_not_poison_the_run_directory(checkpoint_dir, tmp_path):
+def test_failed_commands_do_not_poison_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    model = str(checkpoint_dir("chameleon"))
+    model = "native"  # answers above chance: the corrected command's ablation has relative scores
     base = [
         "run",
         "ablation",
         "--data-dir",
         str(tmp_path),
         "--n",
-        "2",
+        "4",
         "--max-new-tokens",
-        "2",
+        "8",
         "--out",
         str(out),
         "--quiet",
@@ -231,13 +230,13 @@ def test_failed_commands_do_not_poison_the_run_directory(checkpoint_dir, tmp_pat
 
 
 # --- item 7: one example's error costs that example; --retry-failed retries it ---------------------------
-def test_example_errors_become_failures_and_are_retried(checkpoint_dir, loaded, tmp_path, monkeypatch):
-    vlm = loaded("llava")
+def test_example_errors_become_failures_and_are_retried(tmp_path, monkeypatch):
+    vlm = ng.load("native")  # answers above chance (a random checkpoint's ablation is refused)
     good = data.synthetic_vqa(4, 0)
     poisoned = list(good)
     poisoned[2] = dataclasses.replace(good[2], question="What is <image> showing?")
     monkeypatch.setattr(tasks, "load", lambda *a, **k: poisoned)
-    cfg = _cfg(checkpoint_dir("llava"), tmp_path / "run", task="vqa", n=4, max_new_tokens=2, batch_size=4)
+    cfg = _cfg("native", tmp_path / "run", task="vqa", n=4, max_new_tokens=2, batch_size=4)
     store = run(EXPERIMENTS["ablation"](), cfg, vlm=vlm)
     failures = store.failures()
     assert list(failures["example_id"]) == [good[2].id] and "Error" in failures["reason"][0]
@@ -298,5 +297,5 @@ def test_malformed_json_names_the_file(tmp_path):
     with pytest.raises(DataError, match="dataset_flickr30k.json is not valid JSON"):
         tasks.load("flickr30k", "captions", root, n=2, seed=0)
     write_json(root / "dataset_flickr30k.json", {"pictures": []})
-    with pytest.raises(DataError, match="lack field 'images'"):
+    with pytest.raises(DataError, match="expected an object with a list 'images'"):
         tasks.load("flickr30k", "captions", root, n=2, seed=0)

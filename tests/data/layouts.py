@@ -3,8 +3,11 @@
 - ImageNet: ``train/<wnid>/<wnid>_<k>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<k>.JPEG`` for the
   paper's 100 animal classes and the 16 other classes of its patching pairs.
 - VQAv2: the official questions/annotations JSONs and COCO ``val2014/`` images.
-- COCO: the Karpathy split file ``dataset_coco.json`` with ``val2014/`` images.
+- VQAv2 as a Hugging Face Parquet copy: ``data/validation-00000-of-00001.parquet`` with embedded images.
+- COCO: the Karpathy split file ``dataset_coco.json`` with ``val2014/`` images, or the official
+  ``annotations/captions_val2014.json`` with ``val2014/`` beside ``annotations/``.
 - Flickr30k: ``results_20130124.token`` and ``flickr30k-images/``.
+- LLaVA-Instruct-150K: ``llava_instruct_150k.json`` with COCO ``train2017/`` images.
 """
 
 from __future__ import annotations
@@ -79,6 +82,60 @@ def coco_karpathy(root: Path, n_test: int = 4, n_train: int = 2) -> Path:
             }
         )
     write_json(root / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    return root
+
+
+def vqav2_parquet(root: Path, n: int = 6) -> Path:
+    """The layout of a downloaded hub copy: Parquet shards under ``data/``, images embedded as bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.data.helpers import jpeg_bytes
+
+    rows = [
+        {
+            "question_id": 700 + k,
+            "question": f"What is in the picture {k}?",
+            "answers": [
+                {"answer": WORDS[k % len(WORDS)], "answer_confidence": "yes", "answer_id": a} for a in range(10)
+            ],
+            "image_id": 300 + k,
+            "image": {"bytes": jpeg_bytes(_color(k + 3), size=(8, 8)), "path": f"COCO_val2014_{300 + k:012d}.jpg"},
+        }
+        for k in range(n)
+    ]
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "validation-00000-of-00001.parquet")
+    return root
+
+
+def coco_official(root: Path, n_images: int = 4) -> Path:
+    images, annotations = [], []
+    for k in range(n_images):
+        name = f"COCO_val2014_{600 + k:012d}.jpg"
+        write_jpeg(root / "val2014" / name, _color(k + 17), size=(8, 8))
+        images.append({"id": 600 + k, "file_name": name, "height": 8, "width": 8})
+        annotations += [{"id": 10 * k + j, "image_id": 600 + k, "caption": _caption(k, j)} for j in range(5)]
+    write_json(root / "annotations" / "captions_val2014.json", {"images": images, "annotations": annotations})
+    return root
+
+
+def llava_instruct(root: Path, n: int = 4) -> Path:
+    items = []
+    for k in range(n):
+        name = f"{800 + k:012d}.jpg"
+        write_jpeg(root / "train2017" / name, _color(k + 5), size=(8, 8))
+        items.append(
+            {
+                "id": f"{800 + k:012d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nWhat is shown in picture {k}?"},
+                    {"from": "gpt", "value": f"A {WORDS[k % len(WORDS)]}."},
+                ],
+            }
+        )
+    write_json(root / "llava_instruct_150k.json", items)
     return root
 
 

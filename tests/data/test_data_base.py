@@ -115,7 +115,7 @@ def test_sample_more_than_available_returns_all_with_warning(caplog):
 def test_sample_none_returns_all_sorted_and_rejects_bad_input():
     assert [e.id for e in sample(_examples(["b", "c", "a"]), None)] == ["a", "b", "c"]
     assert sample(_examples(["a"]), 0) == []
-    with pytest.raises(ValueError, match="not unique"):
+    with pytest.raises(ValueError, match="'a' appears twice"):
         sample(_examples(["a", "a"]), 1)
     with pytest.raises(ValueError):
         sample(_examples(["a"]), -1)

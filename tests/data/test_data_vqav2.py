@@ -113,7 +113,7 @@ def _hf_rows():
         if k == 4:
             image = {"bytes": CORRUPT_BYTES, "path": None}
         if k == 5:
-            image = {"bytes": None, "path": "/nonexistent/dir/image.jpg"}
+            image = {"bytes": None, "path": "images/nonexistent.jpg"}
         rows.append(
             {
                 "question_id": 500 + k,

@@ -1,7 +1,8 @@
 """An independent eager reference for knockouts: stock eager attention with entries edited by hand.
 
 The reference is registered under its own name and set on a separately loaded HF model, so it
-shares no code with the engine under test.
+shares no code with the engine under test. On a hybrid decoder its Gated DeltaNet layers are replaced by the
+hand-written float64 recurrence of `recurrent_reference`, reading the same `EDITS`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForImageTextToText
 
 from narrowgate.compat import AttentionMaskInterface, eager_mask
+from tests.engine import recurrent_reference
 
 NAME = "ngtest_reference"
 #: {"mask": [(layers, target[B,T], source[B,T])], "zero": [...]} set by a test before each call.
@@ -59,5 +61,7 @@ def reference_model(path, layers_of_vlm, dtype=torch.float32, vision_attn="eager
     LAYER_OF.clear()
     layers = layers_of_vlm(model)
     for l, layer in enumerate(layers):
-        LAYER_OF[id(layer.self_attn)] = l
+        if hasattr(layer, "self_attn"):
+            LAYER_OF[id(layer.self_attn)] = l
+    recurrent_reference.install(layers, EDITS)  # hybrid decoders: their Gated DeltaNet layers, by hand
     return model

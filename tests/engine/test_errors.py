@@ -88,3 +88,38 @@ def test_knockout_sources_of_the_wrong_shape_are_refused(vlm, shape):
         vlm.generate_knockouts(same, sources, max_new_tokens=1)
     with pytest.raises(InterventionError, match=need):
         vlm.forward_knockouts(prefix, sources)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks"])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "sdpa"])
+def test_attention_kwargs_the_engine_does_not_implement_are_refused_by_name(vlm, name, eager):
+    """Attention sinks would be silently dropped by a by-hand softmax: the call is refused, naming the argument."""
+    from narrowgate.engine import attention
+
+    module = vlm.layers[0].self_attn
+    q = torch.zeros(1, module.config.num_attention_heads, 3, module.head_dim)
+    k = v = torch.zeros(1, module.config.num_key_value_heads, 3, module.head_dim)
+    fn = attention._make(eager=eager)
+    fn(module, q, k, v, None)  # without it the same call runs
+    with pytest.raises(InterventionError, match=name):
+        fn(module, q, k, v, None, **{name: torch.zeros(module.config.num_attention_heads)})
+
+
+def test_a_residual_stream_not_batch_tokens_width_is_refused(vlm, batch):
+    """Gemma 3n's AltUp carries [streams, batch, tokens, width] between decoder layers: a capture or patch there
+    is refused by name (a hook placed before narrowgate's gives layer 1 such an input here)."""
+
+    def stacked(module, args, kwargs):
+        if args:
+            return (args[0][None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"][None]}
+
+    handle = vlm.layers[1].register_forward_pre_hook(stacked, with_kwargs=True, prepend=True)
+    try:
+        with pytest.raises(InterventionError, match=r"4-D .*several streams .*AltUp"):
+            vlm.forward(batch, capture=ng.Capture("last"))
+        with pytest.raises(InterventionError, match="cannot capture or patch"):
+            vlm.forward(batch, patches=[ng.Patch("last", 1, torch.zeros(2, vlm.hidden_size))])
+    finally:
+        handle.remove()
+    assert vlm.forward(batch, capture=ng.Capture("last")).residuals["last"].shape[:2] == (2, vlm.n_layers + 1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from transformers import Blip2ForConditionalGeneration
 
 import narrowgate as ng
 from narrowgate import compat
@@ -36,6 +39,25 @@ def case(request, loaded, family, mixed):
     return vlm, batch
 
 
+def test_a_forward_that_requires_the_image_runs_every_condition_in_full(loaded, monkeypatch):
+    """BLIP-2's forward requires pixel_values, so no suffix runs without the image: the conditions run in full
+    (equal to separate forwards) and an explicit shared prefix is refused by name."""
+    params = inspect.signature(Blip2ForConditionalGeneration.forward).parameters
+    assert params["pixel_values"].default is params["pixel_values"].empty  # the case this test stands for
+    vlm = loaded("llava")
+    batch = same_prompt(vlm)
+    assert vlm._suffix_without_image  # llava's forward runs without pixel_values
+    monkeypatch.setattr(vlm, "_suffix_without_image", False)
+    monkeypatch.setattr(vlm.runner, "suffix_pass", None)  # any suffix pass would fail
+    conds = _conditions(vlm, batch)
+    out = vlm.forward_conditions(batch, conds)
+    for c in conds:
+        full = vlm.forward(batch, knockouts=c.knockouts, patches=c.patches)
+        torch.testing.assert_close(out[c.name].last_logits, full.logits[:, -1].float(), atol=1e-5, rtol=0)
+    with pytest.raises(ng.InterventionError, match="requires pixel_values"):
+        vlm.share_prefix(batch, batch.length - 1)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-prefix", "prefix-by-hand"])
 @pytest.mark.parametrize("per_pass", [None, 2], ids=["one-pass", "two-per-pass"])
 def test_shared_forward_equals_separate_forwards(case, per_pass, fused, monkeypatch):
@@ -43,7 +65,7 @@ def test_shared_forward_equals_separate_forwards(case, per_pass, fused, monkeypa
     part computed by hand (accelerators, soft-capping) instead of by PyTorch's fused CPU attention."""
     vlm, batch = case
     if per_pass:
-        monkeypatch.setattr(shared_prefix, "rows_per_pass", lambda *args: per_pass)
+        monkeypatch.setattr(vlm.runner, "pass_size", lambda *args, **kwargs: per_pass)
     if not fused:
         monkeypatch.setattr(compat, "flash_cpu", None)
     conds = _conditions(vlm, batch)
@@ -99,3 +121,23 @@ def test_text_blind_to_the_whole_prefix_equals_full_forward(loaded, fused, monke
         full = vlm.forward(batch, knockouts=c.knockouts).logits[:, -1].float()
         torch.testing.assert_close(got[c.name].last_logits, full, atol=1e-5, rtol=0)
     assert (got["blind"].last_logits - got["baseline"].last_logits).abs().max() > 1e-4
+
+
+def test_dense_rows_of_a_sparse_mask_equal_the_dense_rows():
+    """Uncoalesced entries, several per row, rows without any: each slice equals the dense tensor's."""
+    dense = torch.rand(9, 2, 7) < 0.3
+    dense[4] = False
+    at = dense.nonzero().flip(0).T  # reversed: not sorted, as a caller may build it
+    sparse = torch.sparse_coo_tensor(at, torch.ones(at.shape[1], dtype=torch.bool), dense.shape, check_invariants=True)
+    for start, stop in ((0, 9), (0, 1), (3, 6), (4, 5), (8, 9)):
+        assert torch.equal(shared_prefix.dense_rows(sparse, start, stop), dense[start:stop])
+
+
+def test_the_shared_prefix_holds_no_autograd_graph(loaded):
+    """Called with autograd on (as an analysis's process does), the prefix keeps no graph: a graph would hold every
+    layer's activations of the prefix pass for as long as the prefix lives."""
+    vlm = loaded("chameleon")
+    batch = same_prompt(vlm)
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in vlm.model.parameters())
+    prefix = vlm.share_prefix(batch, max(lay.end for lay in batch.layouts) + 1)
+    assert all(k.grad_fn is None and v.grad_fn is None and not k.requires_grad for k, v in prefix.kv)

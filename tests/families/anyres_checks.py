@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from narrowgate.families import LayoutError
+from narrowgate.families.base import Item
 from tests.families.checks import contains
 from tests.fixtures.common import PROMPTS, images, sized_images
 
@@ -82,12 +83,15 @@ def check_identical_rows(vlm):
     assert torch.equal(batch.positions("eol")[0], batch.positions("eol")[1])
 
 
-def check_layout_needs_the_encoded_batch(vlm, match):
-    """Laying out a row the adapter did not encode raises a `LayoutError` matching ``match``."""
-    batch = vlm.prepare(sized_images((40, 40)), PROMPTS[:1])
-    row = batch.input_ids[0].tolist()
-    with pytest.raises(LayoutError, match=match):
-        vlm.family.layout([row[0]] + row, 0)
+def check_layout_from_the_processor_output(vlm):
+    """The rows are placed from the processor's ``image_sizes``: a row laid out again from the same output gets
+    the same layout, and one whose sizes disagree with its span is refused."""
+    batch = vlm.prepare(sized_images((40, 40), (20, 40)), PROMPTS)
+    for b in range(2):
+        again = vlm.family.layouts(batch.input_ids[b].tolist(), batch.first[b], [Item("image", b)], batch.inputs)
+        assert again == [batch.layouts[b]]
+    with pytest.raises(LayoutError, match="span has .* tokens"):
+        vlm.family.layouts(batch.input_ids[0].tolist(), batch.first[0], [Item("image", 1)], batch.inputs)
 
 
 def newline_features(vlm, *input_names):

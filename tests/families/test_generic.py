@@ -71,3 +71,19 @@ def test_refuses_without_an_image_token(checkpoint_dir):
     processor.tokenizer.image_token = None
     with pytest.raises(LayoutError, match="no image_token"):
         Generic(processor, SimpleNamespace(model_type="some_new_vlm"))
+
+
+def test_the_raw_prompt_holds_the_processors_image_placeholder_token(checkpoint_dir):
+    """A processor whose prompts carry a placeholder other than the token it expands it to (Qianfan-OCR writes
+    ``<image>``, expanded to ``<IMG_CONTEXT>`` tokens) names it ``image_placeholder_token``; the content id stays
+    the image token's."""
+    path = checkpoint_dir("llava")
+    processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+    processor.chat_template = None
+    plain = Generic(processor, config)
+    assert plain.image_token == processor.image_token and plain.prompt("hi").startswith(processor.image_token)
+    processor.image_placeholder_token = "<ph>"
+    generic = Generic(processor, config)
+    assert generic.image_token == "<ph>" and generic.prompt("hi") == "<ph>hi"
+    assert generic.prompt("hi", image_first=False) == "hi<ph>"
+    assert generic.content_ids == plain.content_ids == {processor.image_token_id}

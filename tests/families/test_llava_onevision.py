@@ -40,8 +40,8 @@ def test_identical_rows(vlm):
     anyres.check_identical_rows(vlm)
 
 
-def test_layout_needs_the_encoded_batch(vlm):
-    anyres.check_layout_needs_the_encoded_batch(vlm, "VLM.prepare")
+def test_layout_from_the_processor_output(vlm):
+    anyres.check_layout_from_the_processor_output(vlm)
 
 
 def test_newline_features_are_the_models(vlm):

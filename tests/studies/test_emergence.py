@@ -19,7 +19,7 @@ from narrowgate.cli import app
 from narrowgate.data.synthetic import synthetic_classes
 from narrowgate.errors import OptionError
 from narrowgate.organisms import heldout, native
-from narrowgate.store import DirLock, RunLocked
+from narrowgate.store import DirectoryLock, RunLocked
 from narrowgate.studies import emergence as em
 
 #: The tiny study's measurements: every experiment of the real plan, on a handful of examples.
@@ -179,7 +179,7 @@ def test_training_resumes_and_never_keeps_a_half_written_checkpoint(tmp_path, mo
 
 
 def test_a_study_directory_in_use_is_refused(tmp_path):
-    lock = DirLock(tmp_path)
+    lock = DirectoryLock(tmp_path)
     lock.acquire("the other study")
     try:
         with pytest.raises(RunLocked, match="the other study"):

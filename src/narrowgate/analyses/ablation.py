@@ -5,7 +5,11 @@ Conditions: the baseline and, for each source role, ``role -> text`` (``eoi``, `
 from attending to itself (``eoi -> eoi+text``). Knockouts stay on while generating. With
 ``--layers`` every knockout applies to that window; with ``--sweep`` each one is repeated for
 growing windows ending at the last layer (SM 6.3). Scores: VQA accuracy (VQAv2), CIDEr-D
-(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet).
+(captions), neighbourhood overlap of the residual at ``last`` after the last layer (ImageNet), each
+beside its chance level (`narrowgate.metrics.chance`); a baseline at or below chance stops the run
+(`BaselineAtChance`), since scores relative to it would be undefined. Each score has its standard error
+over the examples (``se``), and each relative score its own (``relative_se``, paired: the same examples under
+both conditions). A score needs two examples.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
-from ..errors import OptionError, parse_layer_set
-from ..metrics import cider, neighborhood_overlap, vqa_accuracy
+from ..errors import BaselineAtChance, OptionError, parse_layer_set
+from ..metrics import cider, cider_chance, neighborhood_overlap_per_point, overlap_chance, vqa_accuracy, vqa_chance
+from ..store import BFloat16
 from . import tasks
-from .base import Experiment, check_k, overlap_k, register, stack
+from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
@@ -51,16 +56,70 @@ def text_metric(task: str, tokenize: str) -> str:
 
 def text_score(task: str, preds: dict, examples: dict, tokenize: str) -> float:
     """VQA accuracy (mean over examples) or corpus CIDEr-D of ``preds`` (example id -> generated text)."""
+    return float(np.mean(text_scores(task, preds, examples, tokenize)))
+
+
+def text_scores(task: str, preds: dict, examples: dict, tokenize: str) -> np.ndarray:
+    """Per-example VQA accuracy or per-image CIDEr-D of ``preds``, in ``preds``' order; their mean is the
+    task's score (corpus CIDEr-D is the mean of the per-image scores, with IDF from the whole set)."""
     if task == "vqa":
-        return float(np.mean([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()]))
-    return float(cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[0])
+        return np.array([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()], dtype=np.float64)
+    per = cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[1]
+    return np.array([per[i] for i in preds], dtype=np.float64)
+
+
+def standard_errors(per: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Standard errors over examples of the mean of ``per`` and of its ratio to the mean of ``base``.
+
+    The ratio's is the delta method on the paired examples: mean(per)/mean(base) - R is, to first order,
+    the mean of per_i - R base_i divided by mean(base). NaN below two examples, or for a zero baseline.
+    """
+    n = len(per)
+    if n < 2:
+        return float("nan"), float("nan")
+    se = float(np.std(per, ddof=1) / np.sqrt(n))
+    mean_base = float(np.mean(base))
+    if mean_base == 0:
+        return se, float("nan")
+    ratio = float(np.mean(per)) / mean_base
+    return se, float(np.std(per - ratio * base, ddof=1) / np.sqrt(n) / abs(mean_base))
+
+
+def text_chance(task: str, preds: dict, examples: dict, tokenize: str, seed: int) -> float:
+    """What the baseline's own answers score on other images (`narrowgate.metrics.chance`): the image-blind
+    level a score must beat to say the model reads the image."""
+    if task == "vqa":
+        groups = {i: examples[i].meta.get("question_type") or examples[i].question for i in preds}
+        return vqa_chance(preds, {i: examples[i].answers for i in preds}, groups)
+    return cider_chance(preds, {i: list(examples[i].references) for i in preds}, seed=seed, tokenize=tokenize)
+
+
+#: How each task's chance level is measured (the refusal names it).
+CHANCE_IS = {
+    "vqa": "the baseline's answers scored against other images' questions of the same type",
+    "captions": "the baseline's captions given to other images",
+    "classes": "the overlap of random neighbours with the labels",
+}
+
+
+def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int, cfg: dict) -> None:
+    """Raise `BaselineAtChance` when the baseline does not beat chance: relative scores would be undefined."""
+    if base > chance:
+        return
+    key = {"vqa": "vqa_prompt", "captions": "caption_prompt"}.get(task, "prompt")
+    raise BaselineAtChance(
+        f"The baseline scores {base:.4f} {metric} on {n} examples, at or below chance ({chance:.4f}: "
+        f"{CHANCE_IS[task]}), so scores relative to it are undefined: the model does not solve this task as asked. "
+        f"Check the model and its prompt ({key} {cfg.get(key)!r}; a checkpoint sets its own in narrowgate.json, "
+        "see docs/checkpoint-prompts.md); the records are kept."
+    )
 
 
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
     mode = cfg["mode"]
     if cfg.get("sweep"):
-        step = max(1, int(cfg.get("sweep_step") or 1))
+        step = sweep_step(cfg, n_layers)
         windows = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
         if windows[-1][0] != 0:
             windows.append(tuple(range(n_layers)))
@@ -112,8 +171,21 @@ class Ablation(Experiment):
         )
 
     def check(self, examples, cfg):
+        check_sweep(cfg, self.defaults["sweep_step"])
+        if len(examples) < 2:
+            raise OptionError(
+                f"--n {len(examples)}: a score over one example has no standard error (and CIDEr-D over one image "
+                "is 0 by construction); give --n 2 or more."
+            )
+        if cfg.get("sweep") and cfg.get("layers") is not None:
+            raise OptionError(
+                f"--sweep makes its own layer windows (growing, ending at the last layer), so --layers "
+                f"{cfg['layers']} would be ignored: drop --layers, or --sweep to knock out in layers {cfg['layers']} only."
+            )
         if self.task_of(cfg) == "classes":
             check_k((e.label for e in examples), cfg["k"])
+        if self.task_of(cfg) == "vqa":
+            tasks.require_answers(examples, cfg.get("data_dir"))
 
     def check_model(self, cfg, n_layers):
         conditions(cfg, n_layers)
@@ -127,7 +199,9 @@ class Ablation(Experiment):
             batch = vlm.prepare(imgs, [class_prompt(cfg)] * len(units))
             outs = vlm.forward_conditions(batch, conds, capture=Capture("last", resids=(vlm.n_layers,)))
             rows = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
-            arrays = {f"last:{c.name}": outs[c.name].residuals["last"][:, 0].numpy().astype(np.float16) for c in conds}
+            arrays = {
+                f"last:{c.name}": BFloat16(outs[c.name].residuals["last"][:, 0].numpy(), (vlm.n_layers,)) for c in conds
+            }
             return rows, arrays
         prompts = [vqa_prompt(cfg, e.question) for e in exs] if task == "vqa" else [caption_prompt(cfg)] * len(units)
         batch = vlm.prepare(imgs, prompts)
@@ -147,23 +221,32 @@ class Ablation(Experiment):
         if task == "classes":
             labels = records.rows["label"].to_numpy()
             k = overlap_k(labels, cfg["k"])
-            scores = {n: neighborhood_overlap(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
+            per = {n: neighborhood_overlap_per_point(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
             metric = "overlap@last"
+            chance = overlap_chance(labels.tolist())
         else:
             ids = records.rows["example_id"].tolist()
             wanted = set(ids)
             examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
             tokenize = cfg.get("cider_tokenize") or "ptb"
             metric = text_metric(task, tokenize)
-            scores = {n: text_score(task, dict(zip(ids, records.rows[f"pred:{n}"])), examples, tokenize) for n in names}
-        base = scores["baseline"]
+            preds = {n: dict(zip(ids, records.rows[f"pred:{n}"])) for n in names}
+            per = {n: text_scores(task, preds[n], examples, tokenize) for n in names}
+            chance = text_chance(task, preds["baseline"], examples, tokenize, cfg["seed"])
+        base = float(np.mean(per["baseline"]))
+        refuse_at_chance(task, metric, base, chance, len(records.rows), cfg)
         for n in names:
+            score = float(np.mean(per[n]))
+            se, relative_se = standard_errors(per[n], per["baseline"])
             rows.append(
                 {
                     "condition": n,
                     "metric": metric,
-                    "score": float(scores[n]),
-                    "relative": float(scores[n] / base) if base else float("nan"),
+                    "score": score,
+                    "relative": score / base,
+                    "se": se,
+                    "relative_se": relative_se,
+                    "chance": float(chance),
                     "n": len(records.rows),
                     **({"k": k} if task == "classes" else {}),
                 }

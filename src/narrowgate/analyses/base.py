@@ -14,6 +14,7 @@ up front).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import shlex
@@ -26,16 +27,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import BadExample
-from ..errors import DataError, OptionError, check_count
+from .. import compat
+from ..data import BadExample, example_digest
+from ..errors import DataError, OptionError, check_count, parse_image_size, parse_size
 from ..progress import progress_bar
-from ..store import RunLocked, RunStore
+from ..store import ManifestMismatch, NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
 
 logger = logging.getLogger("narrowgate.run")
 
-#: Settings that may change between a run and its resumption without changing its results.
-RUN_ONLY = ("batch_size", "device_map", "max_memory", "out", "progress", "retry_failed")
+#: Settings that may change between a run and its resumption without changing its results (``axis``: figures only).
+RUN_ONLY = ("axis", "batch_size", "device_map", "max_memory", "memory_budget", "out", "progress", "retry_failed")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Experiment:
         cls.defaults = options.defaults(cls.config)
 
     def figures(self, tables: dict[str, pd.DataFrame], info: dict, store) -> list[str]:
-        """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names."""
+        """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names. ``info``
+        describes the model (`model_info`) and holds the run's settings under ``settings``."""
         return []
 
     def compare(self, runs: list[tuple[str, dict, dict]]):
@@ -100,6 +103,12 @@ class Experiment:
     def task_of(self, cfg: dict) -> str:
         """For experiments with a ``--task`` setting: that task, else the one the dataset implies, else ``task``."""
         return cfg.get("task") or TASK_OF.get(cfg["data"], self.task)
+
+    def generates(self, cfg: dict) -> bool:
+        """Whether the run generates VQA answers or captions (the authors' scripts for those kept the processor's
+        image sizing, `prompts.IMAGE_SIZES`)."""
+        task = self.task_of(cfg) if "task" in options.names(self.config) else self.task
+        return task in ("vqa", "captions")
 
     def requested(self, cfg: dict) -> dict:
         """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""
@@ -146,18 +155,21 @@ def model_info(vlm) -> dict:
         "model_type": cfg.model_type,
         "n_layers": vlm.n_layers,
         "hidden_size": vlm.hidden_size,
-        "name_or_path": getattr(cfg, "_name_or_path", ""),
-        "revision": getattr(cfg, "_commit_hash", None),
+        "name_or_path": compat.name_or_path(cfg),
+        "revision": compat.commit_hash(cfg),
         "dtype": str(vlm.model.dtype),
         "attn_implementation": vlm.attn_implementation,
     }
 
 
-def _load_images(units: list[Unit], store: RunStore) -> tuple[list[Unit], list[tuple]]:
+def _load_images(
+    units: list[Unit], store: RunStore, size: tuple[int, int] | None = None
+) -> tuple[list[Unit], list[tuple]]:
+    """The units whose images load (resized to ``size``, width x height, when given) and their images."""
     good, images = [], []
     for unit in units:
         try:
-            imgs = tuple(e.load_image() for e in unit.examples)
+            imgs = tuple(prompts.resize(e.load_image(), size) for e in unit.examples)
         except BadExample as bad:
             logger.warning("skipping %s: %s", unit.id, bad)
             store.fail(unit.id, f"{bad.example_id}: {bad.reason}")
@@ -170,8 +182,9 @@ def _load_images(units: list[Unit], store: RunStore) -> tuple[list[Unit], list[t
 def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_size: int) -> int:
     """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
 
-    A batch that raises anything else is processed again one unit at a time, and a unit that still
-    raises is recorded as a failure with its reason: one example never stops the run for good.
+    A batch that raises anything else (or whose residuals cannot be stored: `NonFiniteResidual`) is processed
+    again one unit at a time, and a unit that still fails is recorded as a failure with its reason: one example
+    never stops the run for good.
     """
     i = 0
     while i < len(units):
@@ -186,19 +199,64 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        except OptionError:  # a setting wrong for every example: stop, naming it (the run has no record yet)
+            raise
         except Exception as e:  # noqa: BLE001 -- any per-example error becomes that example's failure record
-            if len(chunk) > 1:
-                for j in range(len(chunk)):
-                    _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
-            else:
-                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                logger.warning("skipping %s: %s", chunk[0].id, reason)
-                store.fail(chunk[0].id, reason)
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
             i += len(chunk)
             continue
-        store.write(rows, arrays)
+        digests = {u.id: unit_digest(u) for u in chunk}
+        try:
+            store.write([{**r, DIGEST: digests.get(r["example_id"])} for r in rows], arrays)
+        except NonFiniteResidual as e:
+            _one_by_one(exp, vlm, chunk, imgs, cfg, store, e)
         i += len(chunk)
     return batch_size
+
+
+def _one_by_one(exp: Experiment, vlm, chunk, imgs, cfg, store: RunStore, error: Exception) -> None:
+    """A failed batch again one unit at a time, or the failure record of a single unit."""
+    if len(chunk) > 1:
+        for j in range(len(chunk)):
+            _process(exp, vlm, chunk[j : j + 1], imgs[j : j + 1], cfg, store, 1)
+        return
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    logger.warning("skipping %s: %s", chunk[0].id, reason)
+    store.fail(chunk[0].id, reason)
+
+
+#: The records' column holding each unit's `unit_digest`: what its data was when it was recorded.
+DIGEST = "data_sha256"
+
+
+def unit_digest(unit: Unit) -> str:
+    """The `example_digest` of a unit's example, or of its examples together (a patching pair)."""
+    digests = [example_digest(e) for e in unit.examples]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
+def check_data(store: RunStore, units) -> None:
+    """Refuse to resume when the data changed under the same settings: a recorded unit that is no longer in
+    the sample (the dataset on disk grew or shrank, so the seeded sample moved), or whose data differs now
+    (an annotation or an image file replaced). Streams (synthetic data) are made from the settings alone."""
+    if not isinstance(units, list):
+        return
+    recorded = store.recorded_digests()
+    if not recorded:
+        return
+    now = {u.id: u for u in units}
+    gone = sorted(i for i in recorded if i not in now)
+    changed = sorted(i for i, d in recorded.items() if i in now and d is not None and d != unit_digest(now[i]))
+    if gone or changed:
+        what = (
+            f"{len(gone)} recorded example(s) are no longer in the sample (e.g. {gone[0]})"
+            if gone
+            else f"{len(changed)} recorded example(s) changed (e.g. {changed[0]}: its annotations or image file)"
+        )
+        raise ManifestMismatch(
+            f"{store.path} holds records of other data: {what} since the run began. Rerun on the data it began "
+            "with, or use another --out."
+        )
 
 
 def check_config(cfg: dict, config: type) -> None:
@@ -239,6 +297,26 @@ def check_k(labels, k: int) -> None:
         )
 
 
+def check_sweep(cfg: dict, default: int) -> None:
+    """Refuse ``--sweep-step`` other than its ``default`` without ``--sweep`` (it would be ignored), before the model
+    loads."""
+    if not cfg.get("sweep") and int(cfg.get("sweep_step") or default) != default:
+        raise OptionError(
+            f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
+        )
+
+
+def sweep_step(cfg: dict, n_layers: int) -> int:
+    """``--sweep-step``, refused when larger than the model's decoder layers (the sweep would have one window)."""
+    step = int(cfg.get("sweep_step") or 1)
+    if step > n_layers:
+        raise OptionError(
+            f"--sweep-step {step} is more than the model's {n_layers} decoder layers: the sweep would have a single "
+            f"window; give --sweep-step {n_layers} or less."
+        )
+    return step
+
+
 def overlap_k(labels, k: int) -> int:
     """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
     ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
@@ -256,6 +334,23 @@ def overlap_k(labels, k: int) -> int:
             k,
         )
     return min(k, smallest - 1)
+
+
+#: Below this many examples a mean of values in [0, 1] can have a standard error above 0.1 (0.5 / sqrt(n)).
+SMALL_SAMPLE = 25
+
+
+def warn_small(examples) -> None:
+    """Warn, before the model loads, that a sample of fewer than `SMALL_SAMPLE` examples gives noisy numbers."""
+    if hasattr(examples, "__len__") and len(examples) < SMALL_SAMPLE:
+        n = len(examples)
+        logger.warning(
+            "a sample of %d examples is small: a mean of %d values in [0, 1] has a standard error of up to %.2f; "
+            "compare numbers only with their standard errors (the tables' se columns)",
+            n,
+            n,
+            0.5 / n**0.5,
+        )
 
 
 def _chunks(items, size: int):
@@ -324,7 +419,8 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 
     Order: settings and data are checked (nothing written yet), the run directory is locked, the
     model loads and is checked against the settings, and only then is the manifest written (with
-    the checkpoint's fingerprint; a resume on another checkpoint is refused). Under torchrun /
+    the checkpoint's fingerprint; a resume on another checkpoint, or on data whose recorded examples
+    changed, is refused; a directory whose run produced no record is taken over). Under torchrun /
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
     """
@@ -336,8 +432,15 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
         )
     cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
     check_config(cfg, exp.config)
+    if cfg.get("image_size") is not None:
+        parse_image_size(cfg["image_size"])
+    from ..loading import check_device_map
+
+    check_device_map(cfg.get("device_map"))
+    parse_size(cfg.get("memory_budget"))
     examples = exp.examples(cfg)
     exp.check(examples, cfg)
+    warn_small(examples)
     ranks = Ranks.from_env()
     ranks.init()
     if ranks.world > 1 and not cfg.get("out"):
@@ -364,8 +467,7 @@ def _run_locked(
     exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str
 ) -> RunStore:
     """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
-    from ..loading import fingerprint, load
-    from ..report import write_report
+    from ..loading import load
 
     if vlm is None:
         device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
@@ -380,9 +482,26 @@ def _run_locked(
                 max_memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in group}
                 max_memory["cpu"] = "64GiB"
         vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
+    previous = vlm.budget
+    if cfg.get("memory_budget") is not None:
+        vlm.memory_budget = cfg["memory_budget"]
+    try:
+        return _run_with(exp, cfg, vlm, examples, store, ranks, command_text)
+    finally:
+        vlm.budget = previous  # a model handed in is left as it was found
+
+
+def _run_with(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str) -> RunStore:
+    """`_run_locked` once the model is loaded, with its memory budget set from ``cfg``."""
+    from ..loading import fingerprint
+    from ..report import write_report
+
     info = model_info(vlm)
     exp.check_model(cfg, vlm.n_layers)
-    cfg = prompts.resolve(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"])
+    own = getattr(vlm, "checkpoint_prompts", None)
+    used = prompts.sources(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"], own)
+    cfg = {**cfg, **{key: text for key, (text, _) in used.items()}}
+    cfg = prompts.resolve_image_size(cfg, info["family"], exp.generates(cfg))
     units = exp.units(examples, cfg)
     key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and v is not None}
     store.open_manifest(
@@ -393,6 +512,8 @@ def _run_locked(
             "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
             "command": command_text,
             "model": info,
+            "prompts": {key: {"text": text, "from": where} for key, (text, where) in used.items()},
+            "checkpoint_prompts": own.as_json() if own is not None else None,
             "data": {
                 "dataset": cfg["data"],
                 "data_dir": str(cfg.get("data_dir")),
@@ -403,19 +524,22 @@ def _run_locked(
         },
         key_fields=("experiment", "config", "fingerprint"),
     )
+    ranks.barrier()  # rank 0 has set damaged shards aside before any rank reads what is done
     if isinstance(units, list):  # streams (synthetic data) number their ids, unique by construction
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
             raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
     sized = units if hasattr(units, "__len__") else examples if hasattr(examples, "__len__") else None
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
+    check_data(store, units)
     done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
     batch_size = int(cfg["batch_size"])
+    size = parse_image_size(cfg["image_size"])
     with progress_bar(disable=not cfg.get("progress", True)) as progress:
         label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
         task = progress.add_task(label, total=total)
         for chunk in _chunks(ranks.shard(units), max(batch_size, 1) * 4):
-            good, images = _load_images([u for u in chunk if u.id not in done], store)
+            good, images = _load_images([u for u in chunk if u.id not in done], store, size)
             batch_size = _process(exp, vlm, good, images, cfg, store, batch_size)
             progress.update(task, advance=len(chunk))
     ranks.barrier()
@@ -460,7 +584,7 @@ def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report
     tables["failures"] = failures
     for name, df in tables.items():
         store.write_table(name, df)
-    figures = exp.figures(tables, info, store) if len(records.rows) else []
+    figures = exp.figures(tables, {**info, "settings": cfg}, store) if len(records.rows) else []
     write_report(store, exp.name, tables, figures, info)
 
 

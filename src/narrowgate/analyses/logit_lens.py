@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ..engine.interventions import Capture
+from ..errors import OptionError
 from ..roles import parse_role
 from .base import Experiment, register, stack
 from .options import ClassPrompt, RunConfig, option
@@ -64,11 +65,14 @@ class LogitLens(Experiment):
         roles = tuple(cfg.get("roles") or ("eoi", "last"))
         for r in roles:
             if not parse_role(r).single:
-                raise ValueError(
+                raise OptionError(
                     f"--roles {r}: the logit lens reads one position per example; give a single-position "
                     "role such as eoi, last, last_image or image[k]."
                 )
         return roles
+
+    def check(self, examples, cfg):
+        self._roles(cfg)
 
     def process(self, vlm, units, images, cfg):
         roles = self._roles(cfg)

@@ -6,7 +6,7 @@ image-first prompt and at a random image position of the text-first prompt (seed
 example id). Per layer: the median and inter-quartile range of the cosine similarity of image
 and text vectors of different examples, and the homogeneity of ADP clusters with respect to
 modality. Rows are residual indices ``resid`` 0..L (0 = embeddings); ``--outputs-only`` keeps the
-layer outputs 1..L, the paper's x axis.
+layer outputs 1..L only. The figure draws the paper's axis (layer l = resid l+1) unless ``--axis resid``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ import numpy as np
 
 from ..data import caption_text
 from ..engine.interventions import Capture
+from ..errors import DataError, OptionError
 from ..metrics import cosine_gap_per_layer, modality_homogeneity
+from ..metrics.clustering import min_points
+from ..store import BFloat16
 from .base import Experiment, register, stack
-from .options import RunConfig, option
+from .options import PaperAxis, RunConfig, option
 
 
 @dataclass
-class ModalityGapConfig(RunConfig):
+class ModalityGapConfig(PaperAxis, RunConfig):
     n: int | None = option(
         10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).", short="-n", min=1
     )
@@ -49,6 +52,15 @@ class ModalityGap(Experiment):
     config = ModalityGapConfig
     curve = ("modality_gap", "median", None)
 
+    def check(self, examples, cfg):
+        """Refuse a sample too small for the ADP clustering of its image and text points, before the model loads."""
+        if 2 * len(examples) < min_points():
+            need = -(-min_points() // 2)
+            raise OptionError(
+                f"--n {len(examples)} gives {2 * len(examples)} points per layer (one image and one text vector per "
+                f"pair), but the ADP clustering needs at least {min_points()}: give --n {need} or more."
+            )
+
     def process(self, vlm, units, images, cfg):
         ids = [u.id for u in units]
         texts = [caption_text(u.examples[0]) for u in units]
@@ -69,13 +81,18 @@ class ModalityGap(Experiment):
             for u, tp, ip in zip(units, text_pos, image_pos)
         ]
         return rows, {
-            "text": t.residuals["text"].numpy().astype(np.float16),
-            "image": i.residuals["image"].numpy().astype(np.float16),
+            "text": BFloat16(t.residuals["text"].numpy(), layers),
+            "image": BFloat16(i.residuals["image"].numpy(), layers),
         }
 
     def aggregate(self, records, cfg, info):
         text = stack(records.arrays, "text").transpose(1, 0, 2)  # [L+1, N, D]
         image = stack(records.arrays, "image").transpose(1, 0, 2)
+        if text.shape[1] + image.shape[1] < min_points():
+            raise DataError(
+                f"Only {text.shape[1]} pairs were recorded (the others failed, see tables/failures.csv): the ADP "
+                f"clustering needs {min_points()} points per layer. Fix the failures and rerun with --retry-failed."
+            )
         gap = cosine_gap_per_layer(image, text)
         modality = np.array(["image"] * image.shape[1] + ["text"] * text.shape[1])
         hom = []
@@ -87,18 +104,18 @@ class ModalityGap(Experiment):
         return {"modality_gap": gap.rename(columns={"layer": "resid"})}
 
     def figures(self, tables, info, store):
-        from ..plots import COLORS, RESID, has, plt, save
+        from ..plots import COLORS, has, plt, resid_axis, save
 
         if not has(tables, "modality_gap"):
             return []
-        df = tables["modality_gap"]
+        df, x, label = resid_axis(tables["modality_gap"], info)
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        a.plot(df["resid"], df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
-        a.fill_between(df["resid"], df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
-        a.set(xlabel=RESID, ylabel="cosine similarity (image vs text)", title="Modality gap")
-        b.plot(df["resid"], df["homogeneity"], "-o", color=COLORS[1], ms=3)
+        a.plot(x, df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
+        a.fill_between(x, df["q25"], df["q75"], color=COLORS[0], alpha=0.25)
+        a.set(xlabel=label, ylabel="cosine similarity (image vs text)", title="Modality gap")
+        b.plot(x, df["homogeneity"], "-o", color=COLORS[1], ms=3)
         b.set(
-            xlabel=RESID, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters"
+            xlabel=label, ylabel="homogeneity (ADP clusters vs modality)", ylim=(-0.02, 1.02), title="Modality clusters"
         )
         for ax in (a, b):
             ax.xaxis.get_major_locator().set_params(integer=True)

@@ -66,6 +66,18 @@ class RunConfig:
         None, "accelerate device map: auto, balanced, or a JSON dict.", parse="device_map"
     )
     max_memory: dict | None = option(None, "accelerate max_memory per device.", cli=False)
+    image_size: str | None = option(
+        None,
+        "Resize every image to WxH pixels before the processor (e.g. 512x512), or 'processor' for the processor's own "
+        "sizing (default: the family's preset, see README).",
+        parse="image_size",
+    )
+    memory_budget: str | None = option(
+        None,
+        "Working memory one model call may use beyond the weights, e.g. 8GiB; the work is split to fit "
+        "(default: what a plain forward of the batch needs). Not --max-memory, which places the weights.",
+        parse="size",
+    )
     seed: int = option(42, "Sampling seed.", min=0)
     allow_fewer: bool = option(
         False, "Run on fewer examples than asked when the data has fewer (recorded in the manifest)."
@@ -93,12 +105,26 @@ class TaskPrompts:
         None, "On synthetic data: vqa, captions or classes (real data implies its task).", choices=TASKS
     )
     vqa_prompt: str | None = option(
-        None, "VQA prompt with {question} (default: the family's preset, see README).", parse="nonempty"
+        None,
+        "VQA prompt with {question} (default: the family's preset, see docs/experiments/index.md).",
+        parse="nonempty",
     )
     caption_prompt: str | None = option(None, "Caption prompt (default: the paper's).", parse="nonempty")
     max_new_tokens: int | None = option(None, "New tokens to generate (VQA 20, captions 60).", min=1)
     cider_tokenize: str = option(
         "ptb", "ptb (official COCO tokenisation) or raw (the authors' raw strings).", choices=("ptb", "raw")
+    )
+
+
+@dataclass
+class PaperAxis:
+    """Experiments whose figures reproduce one of the paper's per-layer figures."""
+
+    axis: str = option(
+        "paper",
+        "Figure x axis: paper (layer l = the output of decoder layer l = resid l+1, as the paper's and the authors' "
+        "figures) or resid (residual index 0..L, embeddings included).",
+        choices=("paper", "resid"),
     )
 
 

@@ -1,31 +1,40 @@
 """Sec. 4.2, Eq. 2: how much ImageNet class information the residual stream holds at each role, per layer.
 
 Residuals are captured at ``eoi``, ``first_image`` (the role Chameleon-34B's figure singles out),
-``last_image``, ``image[k]`` (the paper's 32nd image token, k = 31, or the last but one when the
-image is shorter), the mean over ``internal_image`` tokens, the mean over ``eol`` tokens when the
-family has them (Pixtral's [IMG_BREAK]s, SM Fig. 2), and ``last``; the neighbourhood overlap with
-the class labels (k = 30) is computed per residual index ``resid`` 0..L (0 = embeddings; the paper
-plots layer outputs, resid 1..L: ``--outputs-only``) over all examples. The authors' "32nd image
-token" is sequence position 32, content index 30: ``--image-index 30``.
+``last_image``, ``image[k]`` (the paper's "32nd image token": sequence position 32 of the authors' code,
+content index k = 30; the last but one when the image is shorter), the mean over ``internal_image``
+tokens, the mean over ``eol`` tokens when the family has them (Pixtral's [IMG_BREAK]s, SM Fig. 2), and
+``last``; the neighbourhood overlap with the class labels (k = 30) is computed per residual index
+``resid`` 0..L (0 = embeddings; ``--outputs-only`` captures 1..L only). The figure draws the paper's
+axis, layer l = resid l+1 (``--axis resid``: every residual index).
 
-With ``--sweep`` the same captures are also taken under growing early-layer knockout windows
-(the authors' ImageNet overlap-with-ablation): ``image -> eoi+text`` knocked out in decoder layers
-0..w-1 for w = step, 2 step, ..., L, so the table shows how many early layers [EOI] and the text
-need to read the image for the class to be readable at each role.
+With ``--sweep`` the same captures are also taken under growing early-layer knockout windows, decoder
+layers 0..w-1 for w = step, 2 step, ..., L (``--sweep-step``, the authors' 4), for three knockouts:
+
+- ``eoi -> eoi+text``: the authors' [EOI] ablation ([EOI] -> every position, itself included; earlier
+  positions cannot attend to it anyway);
+- ``image -> text``: the authors' image -> text ablation (image tokens -> the text, [EOI] left reading
+  the image);
+- ``image -> eoi+text``: the image blocked from [EOI] and the text alike (narrowgate's own, named for what
+  it is).
+
+Table ``overlap_sweep`` is the authors' overlap-with-ablation: per knockout and window, the neighbourhood
+overlap of ``last`` after the last layer (resid L); table ``overlap`` holds every role at every index
+under every window.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
-from .base import Experiment, check_k, overlap_k, register, stack
-from .options import MODES, ClassPrompt, RunConfig, option
+from ..store import BFloat16
+from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
+from .options import MODES, ClassPrompt, PaperAxis, RunConfig, option
 from .prompts import class_prompt
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")
@@ -44,34 +53,46 @@ def windows(cfg: dict, n_layers: int) -> list[tuple[int, ...]]:
     """Growing early-layer windows 0..w-1 (``--sweep``, step ``--sweep-step``); the last one is every layer."""
     if not cfg.get("sweep"):
         return []
-    step = max(1, int(cfg.get("sweep_step") or 1))
+    step = sweep_step(cfg, n_layers)
     ends = list(range(step, n_layers + 1, step))
     if not ends or ends[-1] != n_layers:
         ends.append(n_layers)
     return [tuple(range(w)) for w in ends]
 
 
+#: The knockouts of ``--sweep``: (sources, targets), each over the growing windows.
+SWEEPS = (("eoi", ("eoi", "text")), ("image", ("text",)), ("image", ("eoi", "text")))
+
+
+def sweep_name(sources, targets) -> str:
+    """The knockout's name without its layers and mode (``eoi->eoi+text``): the ``sweep`` column."""
+    return Knockout(sources, targets).name
+
+
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
-    """The baseline plus ``image -> eoi+text`` knocked out in each window of `windows`."""
+    """The baseline plus each knockout of `SWEEPS` in each window of `windows`."""
     out = [Condition(NO_KNOCKOUT)]
-    for layers in windows(cfg, n_layers):
-        ko = Knockout("image", ("eoi", "text"), layers=layers, mode=cfg["mode"])
-        out.append(Condition(ko.name, knockouts=(ko,)))
+    for sources, targets in SWEEPS:
+        for layers in windows(cfg, n_layers):
+            ko = Knockout(sources, targets, layers=layers, mode=cfg["mode"])
+            out.append(Condition(ko.name, knockouts=(ko,)))
     return out
 
 
 @dataclass
-class OverlapConfig(ClassPrompt, RunConfig):
+class OverlapConfig(PaperAxis, ClassPrompt, RunConfig):
     n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
     k: int = option(30, "Neighbours of the neighbourhood overlap (the paper: 30).", min=1)
-    image_index: int = option(31, "The k of image[k], the paper's 32nd image token (the authors' code: 30).", min=0)
-    outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
+    image_index: int = option(
+        30, "The k of image[k]: the paper's '32nd image token' (sequence position 32 = content index 30).", min=0
+    )
+    outputs_only: bool = option(False, "Capture the layer outputs only (resid 1..L), not the embeddings.")
     sweep: bool = option(
         False,
-        "Also under growing early-layer windows 0..w-1 of image->eoi+text knocked out "
-        "(the authors' overlap-with-ablation).",
+        "Also under growing early-layer windows 0..w-1 of eoi->eoi+text and image->text knocked out "
+        "(the authors' overlap-with-ablation) and of image->eoi+text.",
     )
-    sweep_step: int = option(1, "Window growth per step with --sweep.", min=1)
+    sweep_step: int = option(4, "Window growth per step with --sweep (the authors: 4).", min=1)
     mode: str = option("zero", "Knockout mode of --sweep: zero (the paper's) or mask.", choices=MODES)
 
 
@@ -84,7 +105,11 @@ class Overlap(Experiment):
     curve = ("overlap", "overlap", None)
 
     def check(self, examples, cfg):
+        check_sweep(cfg, self.defaults["sweep_step"])
         check_k((e.label for e in examples), cfg["k"])
+
+    def check_model(self, cfg, n_layers):
+        windows(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):
         batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
@@ -99,8 +124,8 @@ class Overlap(Experiment):
         for i, cond in enumerate(conds):
             res = outs[cond.name].residuals
             for role in roles:
-                arrays[f"{i}:{role}"] = res[role].numpy().astype(np.float16)
-            arrays[f"{i}:image_k"] = res[f"image[{k}]"].numpy().astype(np.float16)
+                arrays[f"{i}:{role}"] = BFloat16(res[role].numpy(), capture.resids)
+            arrays[f"{i}:image_k"] = BFloat16(res[f"image[{k}]"].numpy(), capture.resids)
         return rows, arrays
 
     def aggregate(self, records, cfg, info):
@@ -110,7 +135,8 @@ class Overlap(Experiment):
         first = 1 if cfg.get("outputs_only") else 0
         rows = []
         for i, cond in enumerate(conditions(cfg, info["n_layers"])):
-            layers = [int(l) for l in cond.knockouts[0].layers] if cond.knockouts else []
+            ko = cond.knockouts[0] if cond.knockouts else None
+            layers = [int(l) for l in ko.layers] if ko else []
             window = "" if not layers else "0" if len(layers) == 1 else f"0-{layers[-1]}"
             for role in (*ROLES, *OPTIONAL_ROLES, "image_k"):
                 if f"{i}:{role}" not in records.arrays:
@@ -122,7 +148,9 @@ class Overlap(Experiment):
                 rows += [
                     {
                         "knockout": cond.name,
+                        "sweep": sweep_name(ko.sources, ko.targets) if ko else NO_KNOCKOUT,
                         "knockout_layers": window,
+                        "layers_knocked_out": len(layers),
                         "resid": first + j,
                         "role": name,
                         "overlap": float(v),
@@ -130,7 +158,11 @@ class Overlap(Experiment):
                     }
                     for j, v in enumerate(values)
                 ]
-        return {"overlap": pd.DataFrame(rows)}
+        table = pd.DataFrame(rows)
+        tables = {"overlap": table}
+        if cfg.get("sweep"):
+            tables["overlap_sweep"] = sweep_table(table, info["n_layers"])
+        return tables
 
     def compare(self, runs):
         """[EOI]'s class information, one line per run (every role of each run is in its own figure)."""
@@ -146,39 +178,47 @@ class Overlap(Experiment):
         )
 
     def figures(self, tables, info, store):
-        """Overlap per role; with knockout windows, a second panel: [EOI]'s overlap under each window."""
-        from ..plots import COLORS, RESID, has, plt, save
+        """Overlap per role; with ``--sweep``, a second panel: the overlap of ``last`` after the last layer against
+        the number of early layers knocked out, one line per knockout (the authors' overlap-with-ablation)."""
+        from ..plots import COLORS, has, plt, resid_axis, save
 
         if not has(tables, "overlap"):
             return []
         df = tables["overlap"]
-        windows = df[df["knockout"] != NO_KNOCKOUT]
-        fig, axes = plt.subplots(1, 2 if len(windows) else 1, figsize=(12 if len(windows) else 7, 3.8), squeeze=False)
+        sweep = tables.get("overlap_sweep")
+        swept = sweep is not None and len(sweep)
+        fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(12 if swept else 7, 3.8), squeeze=False)
         ax = axes[0, 0]
-        for i, (role, g) in enumerate(_unablated(df).groupby("role", sort=False)):
-            ax.plot(g["resid"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
-        ax.set(xlabel=RESID, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
+        rows, x, label = resid_axis(_unablated(df), info)
+        for i, (role, g) in enumerate(rows.groupby("role", sort=False)):
+            ax.plot(x.loc[g.index], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
+        ax.set(xlabel=label, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
         ax.legend(fontsize=8)
-        if len(windows):
+        if swept:
             b = axes[0, 1]
-            groups = list(df[df["role"] == "eoi"].groupby("knockout", sort=False))
-            cmap = plt.get_cmap("viridis")
-            for i, (name, g) in enumerate(groups):
-                window = str(g["knockout_layers"].iloc[0])
-                label = (
-                    "no knockout" if name == NO_KNOCKOUT else f"image→eoi+text, layer{'s' * ('-' in window)} {window}"
-                )
-                color = "k" if name == NO_KNOCKOUT else cmap(i / max(1, len(groups) - 1))
-                b.plot(g["resid"], g["overlap"], "-", lw=1.2, color=color, label=label)
+            for i, (name, g) in enumerate(sweep.groupby("sweep", sort=False)):
+                b.plot(g["layers_knocked_out"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=name)
             b.set(
-                xlabel=RESID, ylabel="overlap at [EOI]", ylim=(-0.02, 1.02), title="[EOI] under early-layer knockouts"
+                xlabel="early layers knocked out (0..w-1)",
+                ylabel="overlap of last after the last layer",
+                ylim=(-0.02, 1.02),
+                title="Overlap with early-layer knockouts",
             )
-            handles, labels = b.get_legend_handles_labels()
-            keep = sorted({0, len(labels) - 1} | set(range(0, len(labels), max(1, len(labels) // 8))))
-            b.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)
+            b.legend(fontsize=8)
         for a in axes[0]:
             a.xaxis.get_major_locator().set_params(integer=True)
         return [save(fig, store, "overlap")]
+
+
+def sweep_table(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Per ``--sweep`` knockout and window w (w = 0: none), the overlap of ``last`` after the last layer."""
+    last = table[(table["role"] == "last") & (table["resid"] == n_layers)]
+    base = last[last["knockout"] == NO_KNOCKOUT]
+    parts = []
+    for name in dict.fromkeys(last.loc[last["knockout"] != NO_KNOCKOUT, "sweep"]):
+        parts += [base.assign(sweep=name), last[last["sweep"] == name]]
+    cols = ["sweep", "knockout", "layers_knocked_out", "knockout_layers", "overlap", "k"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 def _unablated(df: pd.DataFrame) -> pd.DataFrame:

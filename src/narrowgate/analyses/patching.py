@@ -11,9 +11,12 @@ next-token distribution), then the base image runs unpatched and patched. ``span
 paper's Fig. 5) patches the residual entering one decoder layer ``l`` (later layers see it through
 the residual stream); ``span="from"`` (the authors' second variant) patches [EOI] at every index
 ``l..L-1``. Per patch site: the similarity (Eq. 3, histogram intersection) of the patched and the
-target's next-token distributions, and whether the target class scores higher than the base class.
-A class is scored by its whole name: the teacher-forced, summed log-probability of every token of
-" <name>" after the prompt (the authors compared hand-picked first-token ids per model).
+target's next-token distributions, whether the target class scores higher than the base class
+(``accuracy``), and the authors' criterion, the *flip rate*: the share of examples whose sign of
+score(target) - score(base) differs between the unpatched and the patched run (a name-length prior that
+favours one class unpatched moves ``accuracy`` but not the flip rate). A class is scored by its whole
+name: the teacher-forced, summed log-probability of every token of " <name>" after the prompt (the
+authors compared hand-picked first-token ids per model).
 """
 
 from __future__ import annotations
@@ -143,6 +146,8 @@ class Patching(Experiment):
             "accuracy_unpatched": acc[:, 0],
             "score_base": np.stack([s_base[c].numpy() for c in names[1:]], 1).astype(np.float32),
             "score_target": np.stack([s_target[c].numpy() for c in names[1:]], 1).astype(np.float32),
+            "score_base_unpatched": s_base[names[0]].numpy().astype(np.float32),
+            "score_target_unpatched": s_target[names[0]].numpy().astype(np.float32),
         }
 
     def aggregate(self, records, cfg, info):
@@ -151,16 +156,18 @@ class Patching(Experiment):
         acc = records.arrays["accuracy"].reshape(-1, L)
         base_sim = records.arrays["similarity_unpatched"].reshape(-1)
         base_acc = records.arrays["accuracy_unpatched"].reshape(-1)
+        flips = flip_matrix(records.arrays, L)
         site = "eoi, resid l" if cfg["span"] == "single" else "eoi, resid l..L-1"
         rows = [
             {
                 "resid": l,
-                "relative_depth": l / max(1, L - 1),
+                "relative_depth": l / max(1, L),
                 "patched": site,
                 "direction": cfg["direction"],
                 "similarity": float(sim[:, l].mean()),
                 "similarity_std": float(sim[:, l].std()),
                 "accuracy": float(acc[:, l].mean()),
+                "flip_rate": float(flips[:, l].mean()),
                 "similarity_unpatched": float(base_sim.mean()),
                 "accuracy_unpatched": float(base_acc.mean()),
                 "n": int(sim.shape[0]),
@@ -181,6 +188,7 @@ class Patching(Experiment):
                     "best_resid": int(curve.argmax()),
                     "max_similarity": float(curve.max()),
                     "max_accuracy": float(acc[m].mean(0).max()),
+                    "max_flip_rate": float(flips[m].mean(0).max()),
                     "similarity_unpatched": float(base_sim[m].mean()),
                     "accuracy_unpatched": float(base_acc[m].mean()),
                     "n": int(m.sum()),
@@ -198,10 +206,29 @@ class Patching(Experiment):
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
         a.plot(df["relative_depth"], df["similarity"], "-o", ms=3, color=COLORS[2], label="after patching")
         a.axhline(df["similarity_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
-        a.set(xlabel="relative depth of patched residual", ylabel="similarity to target distribution", ylim=(0, 1))
+        a.set(
+            xlabel="relative depth of the patched residual (resid / L)",
+            ylabel="similarity to target distribution",
+            ylim=(0, 1),
+        )
         a.legend(fontsize=8)
-        b.plot(df["relative_depth"], df["accuracy"], "-o", ms=3, color=COLORS[1], label="after patching")
-        b.axhline(df["accuracy_unpatched"].iloc[0], ls="--", color=COLORS[0], label="without patching")
-        b.set(xlabel="relative depth of patched residual", ylabel="score(target) > score(base)", ylim=(-0.02, 1.02))
+        b.plot(df["relative_depth"], df["accuracy"], "-o", ms=3, color=COLORS[1], label="score(target) > score(base)")
+        b.axhline(df["accuracy_unpatched"].iloc[0], ls="--", color=COLORS[0], label="... without patching")
+        if df["flip_rate"].notna().any():
+            b.plot(df["relative_depth"], df["flip_rate"], "-s", ms=3, color=COLORS[3], label="flip rate (authors')")
+        b.set(
+            xlabel="relative depth of the patched residual (resid / L)", ylabel="share of examples", ylim=(-0.02, 1.02)
+        )
         b.legend(fontsize=8)
         return [save(fig, store, "patching")]
+
+
+def flip_matrix(arrays: dict, n_layers: int) -> np.ndarray:
+    """[examples, L]: whether the sign of score(target) - score(base) differs between the unpatched run and the run
+    patched at each residual index (the authors' criterion); NaN for records made before it was stored."""
+    if "score_target_unpatched" not in arrays:
+        n = len(arrays["similarity"])
+        return np.full((n, n_layers), np.nan)
+    before = np.sign(arrays["score_target_unpatched"].reshape(-1, 1) - arrays["score_base_unpatched"].reshape(-1, 1))
+    after = np.sign(arrays["score_target"].reshape(-1, n_layers) - arrays["score_base"].reshape(-1, n_layers))
+    return (after != before).astype(np.float64)

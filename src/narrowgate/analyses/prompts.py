@@ -1,35 +1,48 @@
-"""The paper's prompts, per-family presets that reproduce each published setting, and class-name scoring.
+"""The paper's prompts and input sizes, per-family presets that reproduce each published setting, and class-name scoring.
 
 Presets (each family's chat template is applied by its adapter): the defaults are the paper's
 prompts; where the authors used a different one for a model, the preset reproduces it:
 
 - Chameleon, VQA: the authors' prompt ends with " Answer:" (their VQA evaluation code).
-- Chameleon-34B (48 decoder layers), ImageNet patching and steering: "Answer the question using a
-  single word, number, or short phrase. This animal is a" (SM 7.4: the model refused the plain prompt).
+- Chameleon-34B (48 decoder layers), every ImageNet input (cross-attention, overlap, the ImageNet
+  ablation, patching, steering): "Answer the question using a single word, number, or short phrase.
+  This animal is a" (SM 7.4 names it for patching; the authors' code uses it for every ImageNet prompt of
+  that model: it refused the plain one).
 
-`resolve` writes the prompts a run uses into its config (so the manifest shows them); ``--prompt``,
-``--vqa-prompt`` and ``--caption-prompt`` override them.
+A checkpoint's own ``narrowgate.json`` (`narrowgate.checkpoint_prompts`) comes before the presets: the
+prompts a model was trained on are the ones it answers. `resolve` writes the prompts a run uses into
+its config (so the manifest shows them, with where each came from); ``--prompt``, ``--vqa-prompt``
+and ``--caption-prompt`` override both.
+
+Image size (`image_size`): the authors resize Pixtral's images to 512 x 512 (1,024 image tokens and 32
+row ends) everywhere but their VQA and captioning scripts, which keep the processor's own sizing;
+every other family keeps the processor's sizing.
+
+`resolve_image_size` writes the size a run uses into its config; ``--image-size`` overrides it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import parse_image_size
+
 VQA = "{question}\nAnswer the question using a single word or phrase."
 CAPTION = "Provide a one-sentence caption for the provided image."
 CLASS = {"imagenet": "This animal is a", "synthetic": "This shape is a"}
 NEW_TOKENS = {"vqa": 20, "captions": 60}
+LONG_CLASS = "Answer the question using a single word, number, or short phrase. This animal is a"
 
 #: (family, n_layers or None for any size, prompt kind, dataset or None for any) -> prompt.
 PRESETS = {
     ("chameleon", None, "vqa", None): VQA + " Answer:",
-    (
-        "chameleon",
-        48,
-        "class_patching",
-        "imagenet",
-    ): "Answer the question using a single word, number, or short phrase. This animal is a",
+    ("chameleon", 48, "class", "imagenet"): LONG_CLASS,
+    ("chameleon", 48, "class_patching", "imagenet"): LONG_CLASS,
 }
+#: The processor's own image sizing (no resize before it).
+PROCESSOR = "processor"
+#: (family, generates text) -> image size preset; the authors' Pixtral inputs outside VQA and captioning.
+IMAGE_SIZES = {("pixtral", False): "512x512"}
 #: Config key of each prompt kind.
 KEYS = {"class": "prompt", "class_patching": "prompt", "vqa": "vqa_prompt", "captions": "caption_prompt"}
 
@@ -44,14 +57,44 @@ def preset(kind: str, family: str, n_layers: int, dataset: str) -> str:
     return {"vqa": VQA, "captions": CAPTION}[kind]
 
 
-def resolve(cfg: dict, kinds, family: str, n_layers: int) -> dict:
-    """``cfg`` with the prompt of every kind in ``kinds`` filled in (a user's override is kept)."""
-    out = dict(cfg)
+def resolve(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict:
+    """``cfg`` with the prompt of every kind in ``kinds`` filled in: a user's setting, else the checkpoint's
+    own (``checkpoint``, its `narrowgate.checkpoint_prompts.CheckpointPrompts`), else the family preset."""
+    return {**cfg, **{key: text for key, (text, _) in sources(cfg, kinds, family, n_layers, checkpoint).items()}}
+
+
+def sources(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict[str, tuple[str, str]]:
+    """Config key -> (prompt, where it comes from: the option, the checkpoint's narrowgate.json, the preset)."""
+    out = {}
     for kind in kinds:
         key = KEYS[kind]
-        if not out.get(key):
-            out[key] = preset(kind, family, n_layers, cfg["data"])
+        own = checkpoint.get(kind, cfg.get("data")) if checkpoint is not None else None
+        if cfg.get(key):
+            out[key] = (cfg[key], "--" + key.replace("_", "-"))
+        elif own is not None:
+            out[key] = (own, checkpoint.path or "narrowgate.json")
+        else:
+            out[key] = (preset(kind, family, n_layers, cfg["data"]), f"{family} family preset")
     return out
+
+
+def resolve_image_size(cfg: dict, family: str, generates: bool) -> dict:
+    """``cfg`` with ``image_size`` filled in from the family's preset (a user's value is kept, normalised)."""
+    given = cfg.get("image_size")
+    if given:
+        size = parse_image_size(given)
+        value = PROCESSOR if size is None else f"{size[0]}x{size[1]}"
+    else:
+        value = IMAGE_SIZES.get((family, generates), PROCESSOR)
+    return {**cfg, "image_size": value}
+
+
+def resize(image, size: tuple[int, int] | None):
+    """``image`` resized to ``size`` (width, height) with bilinear filtering — the authors' torchvision resize of a
+    PIL image — or unchanged for None."""
+    from PIL import Image
+
+    return image if size is None or image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
 
 def class_prompt(cfg: dict) -> str:

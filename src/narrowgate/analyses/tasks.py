@@ -65,6 +65,16 @@ def _per_class(examples: list, n_per_class: int | None, seed: int, allow_fewer: 
     return data.sample_per_class(examples, n_per_class, seed)
 
 
+def require_answers(examples, where) -> None:
+    """Refuse VQA questions that come without their human answers (a score needs them), before the model loads."""
+    if isinstance(examples, list) and examples and not any(e.answers for e in examples if e.defect is None):
+        raise DataError(
+            f"None of the {len(examples)} VQA questions from {where} has answers: the annotations file "
+            "(v2_mscoco_val2014_annotations.json beside the questions file) or the Parquet copy's 'answers' column is "
+            "missing, and VQA accuracy needs them. Put the annotations file beside the questions."
+        )
+
+
 def imagenet_split(root: Path) -> str | None:
     """The split the paper sampled (``train/``) when it is on disk, else ``val/``, else class folders in ``root``."""
     for split in ("train", "val"):
@@ -101,7 +111,7 @@ def load(
             f"Dataset {dataset!r} cannot serve the {task} task; use one of {', '.join(TASK_DATASETS[task])}."
         )
     if dataset == "synthetic":
-        return _synthetic(task, n=n, seed=seed, n_per_class=n_per_class, classes=classes)
+        return _synthetic(task, n=n, seed=seed, n_per_class=n_per_class, classes=classes, allow_fewer=allow_fewer)
     if data_dir is None:
         raise DataError(f"--data {dataset} needs --data-dir pointing at the files you have on disk.")
     root = Path(data_dir).expanduser()
@@ -137,10 +147,20 @@ def _files(dataset: str, root: Path, *, n, seed, n_per_class, classes: str, allo
             f"{exc}. The {classes!r} classes of the paper are needed (see narrowgate.data.imagenet)."
         ) from exc
     where = str(root / split) if split else str(root)
+    wanted = {c.wnid for c in data.animal_classes()} if classes == "animals" else None
+    if wanted is None:
+        wanted = {c.wnid for pair in data.class_pairs() for c in pair}
+    empty = sorted(wanted - {e.label for e in pool})
+    if empty and not allow_fewer:
+        raise DataError(
+            f"{len(empty)} of the {len(wanted)} {classes!r} classes have no image in {where} (e.g. "
+            f"{', '.join(empty[:3])}): the copy is incomplete. Fill those folders, or pass --allow-fewer to run on "
+            f"the {len(wanted) - len(empty)} classes there are."
+        )
     return _sample(_per_class(pool, n_per_class, seed, allow_fewer, where), n, seed, allow_fewer, where)
 
 
-def _synthetic(task: str, *, n, seed, n_per_class, classes="animals"):
+def _synthetic(task: str, *, n, seed, n_per_class, classes="animals", allow_fewer: bool = False):
     """Captions and VQA stream (any ``n`` in constant memory); classes are a list of n_per_class x 6."""
     if task in ("captions", "image_text", "vqa"):
         n = 100 if n is None else n
@@ -150,6 +170,14 @@ def _synthetic(task: str, *, n, seed, n_per_class, classes="animals"):
     if classes == "pairs":
         wanted = {c for pair in data.synthetic_class_pairs() for c in pair}
         examples = [e for e in examples if e.label in wanted]
+    if n is not None and n > len(examples) and not allow_fewer:
+        n_classes = len({e.label for e in examples})
+        per = len(examples) // n_classes
+        raise DataError(
+            f"Asked for {n} examples but the synthetic classes at --n-per-class {per} have {len(examples)} "
+            f"({n_classes} classes x {per}). Give --n {len(examples)} or less, raise --n-per-class to "
+            f"{-(-n // n_classes)}, or pass --allow-fewer to run on the {len(examples)} there are."
+        )
     return data.sample(examples, n, seed) if n is not None else examples
 
 

@@ -4,18 +4,27 @@ Loaders read only annotations up front; an image is opened when `Example.load_im
 so sampling 2,000 examples out of a large dataset never touches the other images. A missing or
 corrupt image raises `BadExample` for that example alone (the experiment runner records it as that
 example's failure and goes on); `iter_images` does the same for a plain loop over examples.
+
+Annotation files are checked as they are read: a file of the wrong shape (not the object or list
+expected, entries that are not objects, an id missing or given twice) raises `DataError` naming the
+file and the entry; a field of one entry with the wrong kind of value (a question that is null or a
+number, a caption that is not text, an image id that is not a number) makes that example *defective*:
+it keeps its id and `load_image` raises `BadExample` with the reason, so it becomes a failure record.
+Every image path named inside an annotation file must stay inside its folder (`image_in`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
@@ -64,9 +73,14 @@ class Example:
     image_bytes: bytes | None = field(default=None, repr=False, compare=False)
     render: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: Why the annotations of this example cannot be used (e.g. "question is null, not text"), or None.
+    defect: str | None = field(default=None, compare=False)
 
     def load_image(self) -> Image.Image:
-        """Decode the image fully and return it as RGB; raise `BadExample` if that is impossible."""
+        """Decode the image fully and return it as RGB; raise `BadExample` if that is impossible (or the
+        example is `defect`ive)."""
+        if self.defect is not None:
+            raise BadExample(self.id, self.defect)
         if self.render is not None:
             return self.render().convert("RGB")
         if self.image_bytes is not None:
@@ -133,9 +147,134 @@ def read_json(path: str | Path) -> Any:
     """A JSON file's content; a file that is not valid JSON raises `DataError` naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); is it the right file, complete?") from e
+    except RecursionError:
+        raise DataError(f"{path} is not a dataset file: its JSON is nested too deeply to read.") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not the JSON file expected there.") from None
+
+
+def describe(value: Any) -> str:
+    """A JSON value as a message names it: ``null``, ``the number 12345``, ``a list``, ``the text 'x'``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def entries(doc: Any, key: str | None, path: Path, what: str) -> list[dict]:
+    """``doc[key]`` (``doc`` itself when ``key`` is None) as a list of JSON objects, else `DataError` naming
+    ``path`` as not being ``what`` (e.g. "a VQAv2 questions file")."""
+    if key is None:
+        items = doc
+        if not isinstance(items, list):
+            raise DataError(f"{path} is not {what}: expected a JSON list, found {describe(doc)}.")
+    else:
+        if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+            found = describe(doc) if not isinstance(doc, dict) else f"{key!r} is {describe(doc.get(key))}"
+            raise DataError(f"{path} is not {what}: expected an object with a list {key!r}, found {found}.")
+        items = doc[key]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(
+                f"{path} is not {what}: entry {i} of {key or 'the list'} is {describe(item)}, not an object."
+            )
+    return items
+
+
+def entry_id(entry: dict, key: str, path: Path, index: int) -> str:
+    """The id ``entry[key]`` (a whole number, or non-empty text) as a string, else `DataError`."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{path}: entry {index} has {key} {describe(value)}; expected a number or a name.")
+    return str(value)
+
+
+def unique(examples: list[E], path: Path | str, key: str = "id") -> list[E]:
+    """``examples``, after checking that no id repeats (two entries for one id would be mixed up)."""
+    seen: set[str] = set()
+    for e in examples:
+        if e.id in seen:
+            raise DataError(
+                f"{path} has two entries with {key} {e.id!r}: the file is damaged or two files were merged."
+            )
+        seen.add(e.id)
+    return examples
+
+
+def text_defect(value: Any, what: str) -> str | None:
+    """None when ``value`` is text, else the reason an example with it is defective."""
+    return None if isinstance(value, str) else f"{what} is {describe(value)}, not text"
+
+
+def outside(folder: Path, name: str) -> str | None:
+    """Why the image ``name`` read from an annotation file would lie outside ``folder`` (an absolute path, a
+    ``..`` step, a drive), or None when ``folder / name`` stays inside it. Symbolic links the user made inside
+    the folder are followed as usual: only the names written in the file are judged."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    drive = len(name) > 1 and name[1] == ":" and name[0].isalpha()
+    if not name.strip() or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts or drive:
+        return (
+            f"the image {name[:80]!r} is not a file inside {folder}: narrowgate opens only images inside the data "
+            "directory (a symbolic link inside it is fine)"
+        )
+    return None
+
+
+def image_in(folder: Path, name: str, source: Path | str) -> Path:
+    """``folder / name`` for a folder or image ``name`` read from the file ``source``; `DataError` if it is `outside`."""
+    reason = outside(folder, name)
+    if reason:
+        raise DataError(f"{source} names {reason[4:]}. The file is damaged or not meant for this folder.")
+    return folder / name
+
+
+def image_of(folder: Path, name: Any) -> tuple[Path | None, str | None]:
+    """``(folder / name, None)`` for an example's image ``name``, or ``(None, why it cannot be used)``: a name that is
+    not text, or one `outside` the folder (that example fails; nothing is opened)."""
+    if not isinstance(name, str) or not name:
+        return None, f"the image name is {describe(name)}, not a file name"
+    reason = outside(folder, name)
+    return (None, reason) if reason else (folder / name, None)
+
+
+def _file_digest(path: Path, sample: int = 4096) -> list:
+    """A file's path, size and a SHA-256 of its first and last ``sample`` bytes (None parts when it is absent)."""
+    if not path.is_file():
+        return [str(path), None, None]
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(sample)
+            f.seek(max(0, size - sample))
+            tail = f.read(sample)
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), size, hashlib.sha256(head + tail).hexdigest()]
+
+
+def example_digest(example: Example) -> str:
+    """What identifies one example's data, so a resume that would mix changed data is refused.
+
+    A SHA-256 over its id, annotations (question, answers, references, label, prompt...), defect, and
+    image: an image file's path, size and first and last 4 KiB (read cheaply, never whole), or the
+    SHA-256 of embedded bytes. A drawn image (synthetic) is made from the run's settings, which the
+    manifest compares already.
+    """
+    skip = ("image_path", "image_bytes", "render", "meta")
+    fields = {k: v for k, v in vars(example).items() if k not in skip}
+    if example.image_path is not None:
+        fields["image"] = _file_digest(Path(example.image_path))
+    elif example.image_bytes is not None:
+        fields["image"] = hashlib.sha256(example.image_bytes).hexdigest()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 class Stream:
@@ -164,9 +303,9 @@ def sample(examples: Sequence[E], n: int | None, seed: int = DEFAULT_SEED) -> li
     ``n=None`` means no sampling: all examples, sorted by id. Ids must be unique.
     """
     ordered = sorted(examples, key=lambda e: e.id)
-    ids = [e.id for e in ordered]
-    if len(set(ids)) != len(ids):
-        raise ValueError("example ids are not unique; sampling would not be reproducible")
+    twice = next((a.id for a, b in zip(ordered, ordered[1:]) if a.id == b.id), None)
+    if twice is not None:
+        raise DataError(f"Example id {twice!r} appears twice: ids must be unique for a reproducible sample.")
     if n is not None and n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     if n is not None and n > len(ordered):

@@ -11,8 +11,22 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from .base import DEFAULT_SEED, CaptionExample, read_json, sample
+from ..errors import DataError, DataMissing
+from .base import (
+    DEFAULT_SEED,
+    CaptionExample,
+    describe,
+    entries,
+    entry_id,
+    image_of,
+    outside,
+    read_json,
+    sample,
+    text_defect,
+    unique,
+)
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -23,9 +37,7 @@ def _image_dir(given: str | Path | None, candidates: list[Path], what: str) -> P
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(
-        f"cannot find the {what}; pass it explicitly (looked for: {', '.join(map(str, candidates))})"
-    )
+    raise DataMissing(f"cannot find the {what}; pass it explicitly (looked for: {', '.join(map(str, candidates))})")
 
 
 def _splits(split: str | Iterable[str]) -> set[str]:
@@ -54,19 +66,58 @@ def load_coco_captions(
     match = re.match(r"captions_(\w+)\.json$", annotations.name)
     split = match.group(1) if match else "val2014"
     folder = _image_dir(image_dir, [annotations.parent.parent / split, annotations.parent / split], "COCO image folder")
-    captions: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for k, ann in enumerate(doc["annotations"]):
-        captions[ann["image_id"]].append((ann.get("id", k), ann["caption"].strip()))
-    examples = [
-        CaptionExample(
-            id=str(image["id"]),
-            image_path=folder / image["file_name"],
-            references=tuple(text for _, text in sorted(captions[image["id"]])),
+    what = "a COCO captions file"
+    captions: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    for k, ann in enumerate(entries(doc, "annotations", annotations, what)):
+        order = ann.get("id", k)
+        captions[entry_id(ann, "image_id", annotations, k)].append(
+            (order if isinstance(order, int) else k, ann.get("caption"))
         )
-        for image in doc["images"]
-        if captions.get(image["id"])
-    ]
-    return sample(examples, n, seed)
+    examples = []
+    for k, image in enumerate(entries(doc, "images", annotations, what)):
+        image_id = entry_id(image, "id", annotations, k)
+        if not captions.get(image_id):
+            continue
+        texts = [text for _, text in sorted(captions[image_id], key=lambda c: c[0])]
+        examples.append(_example(image_id, folder, image.get("file_name"), texts, annotations))
+    return sample(unique(examples, annotations, "image id"), n, seed)
+
+
+def _example(example_id: str, folder: Path, name: Any, texts: Any, source: Path, **extra) -> CaptionExample:
+    """A captioned image, defective when its file name or captions are not text (or there are none)."""
+    if not isinstance(texts, list):
+        defect: str | None = f"captions are {describe(texts)}, not a list"
+    elif not texts:
+        defect = "no captions"
+    else:
+        defect = next((d for d in (text_defect(t, "a caption") for t in texts) if d), None)
+    image_path, bad_name = image_of(folder, name)
+    defect = bad_name or defect
+    return CaptionExample(
+        id=example_id,
+        image_path=image_path,
+        references=tuple(t.strip() for t in texts) if defect is None else (),
+        defect=defect,
+        **extra,
+    )
+
+
+def _join(folder: str | None, name: Any) -> Any:
+    """A Karpathy entry's ``filepath/filename`` (the name alone without a filepath; a bad name as it is)."""
+    return f"{folder}/{name}" if folder and isinstance(name, str) and name else name
+
+
+def _in(image: dict, splits: set[str]) -> bool:
+    """Whether a Karpathy entry belongs to one of ``splits`` (an entry without a text split belongs to none)."""
+    split = image.get("split")
+    return isinstance(split, str) and split in splits
+
+
+def _sentences(value: Any) -> Any:
+    """The raw captions of a Karpathy entry's ``sentences`` (a list of ``{"raw": ...}``), or the bad value."""
+    if not isinstance(value, list):
+        return value
+    return [s.get("raw") if isinstance(s, dict) else s for s in value]
 
 
 def load_coco_karpathy(
@@ -85,25 +136,30 @@ def load_coco_karpathy(
     """
     path = Path(path)
     chosen = _splits(split)
-    images = [im for im in read_json(path)["images"] if im["split"] in chosen]
+    images = [im for im in entries(read_json(path), "images", path, "a Karpathy split file") if _in(im, chosen)]
+    for k, im in enumerate(images):
+        if not isinstance(im.get("filepath", ""), str):
+            raise DataError(f"{path}: image {k} has filepath {describe(im.get('filepath'))}; expected a folder name.")
     if image_root is None:
-        filepaths = {im.get("filepath", "") for im in images}
+        filepaths = {im.get("filepath", "") for im in images if not outside(path.parent, im.get("filepath") or ".")}
         candidates = [path.parent, path.parent.parent]
         image_root = next((c for c in candidates if all((c / fp).is_dir() for fp in filepaths)), None)
         if image_root is None:
-            raise FileNotFoundError(
+            raise DataMissing(
                 f"cannot find the COCO image root (with {sorted(filepaths)} inside) in {candidates}; pass image_root"
             )
     examples = [
-        CaptionExample(
-            id=str(im["cocoid"]),
-            image_path=Path(image_root) / im.get("filepath", "") / im["filename"],
-            references=tuple(s["raw"].strip() for s in im["sentences"]),
+        _example(
+            entry_id(im, "cocoid", path, k),
+            Path(image_root),
+            _join(im.get("filepath"), im.get("filename")),
+            _sentences(im.get("sentences")),
+            path,
             meta={"split": im["split"]},
         )
-        for im in images
+        for k, im in enumerate(images)
     ]
-    return sample(examples, n, seed)
+    return sample(unique(examples, path, "cocoid"), n, seed)
 
 
 def load_flickr30k(
@@ -128,39 +184,53 @@ def load_flickr30k(
     )
     if path.suffix == ".json":
         chosen = _splits("test" if split is None else split)
-        examples = [
-            CaptionExample(
-                id=Path(im["filename"]).stem,
-                image_path=folder / im["filename"],
-                references=tuple(s["raw"].strip() for s in im["sentences"]),
-                meta={"split": im["split"]},
+        examples = []
+        for k, im in enumerate(entries(read_json(path), "images", path, "a Karpathy split file")):
+            if not _in(im, chosen):
+                continue
+            name = im.get("filename")
+            if not isinstance(name, str) or not name.strip():
+                raise DataError(f"{path}: image {k} has filename {describe(name)}; expected an image file name.")
+            examples.append(
+                _example(
+                    Path(name).stem, folder, name, _sentences(im.get("sentences")), path, meta={"split": im["split"]}
+                )
             )
-            for im in read_json(path)["images"]
-            if im["split"] in chosen
-        ]
     else:
         if split is not None:
             raise ValueError(
                 f"{path.name} has no splits; use the Karpathy file dataset_flickr30k.json for split={split!r}"
             )
         captions: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, line in enumerate(_token_lines(path), 1):
             if not line.strip():
                 continue
             key, sep, text = line.partition("\t")
             filename, _, index = key.partition("#")
-            if not sep or not index.isdigit():
-                raise ValueError(f"{path}:{line_no}: expected '<file>#<n>\\t<caption>', got {line!r}")
-            captions[filename].append((int(index), text.strip()))
+            if not sep or not index.isascii() or not index.isdigit() or not filename.strip():
+                raise DataError(
+                    f"{path}:{line_no}: expected '<file>#<n><TAB><caption>', got {line[:80]!r}: the file is damaged "
+                    "(a tab turned into spaces?); download results_20130124.token again."
+                )
+            captions[filename].append((int(index), text))
         examples = [
-            CaptionExample(
-                id=Path(filename).stem,
-                image_path=folder / filename,
-                references=tuple(text for _, text in sorted(caps)),
-            )
+            _example(Path(filename).stem, folder, filename, [text for _, text in sorted(caps)], path)
             for filename, caps in captions.items()
         ]
-    return sample(examples, n, seed)
+    return sample(unique(examples, path, "image"), n, seed)
+
+
+def _token_lines(path: Path) -> list[str]:
+    """The lines of a Flickr30k token file, which is UTF-8 (a Latin-1 copy is refused, naming the line)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line} is not UTF-8 text (byte {raw[e.start]:#04x}); the official file is UTF-8: convert this "
+            f"copy (e.g. iconv -f latin1 -t utf-8) or download it again."
+        ) from None
 
 
 def caption_text(example: CaptionExample) -> str:

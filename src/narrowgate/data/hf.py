@@ -8,11 +8,14 @@ up front; the image column is read later, only for the rows an experiment actual
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .base import read_json
+from ..errors import DataError, DataMissing
+from .base import describe, image_in, image_of, read_json
 
 
 def _pyarrow():
@@ -43,26 +46,33 @@ def find_shards(path: str | Path, split: str | None = None) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"no dataset at {path}")
+        raise DataMissing(f"no dataset at {path}")
     dict_file = path / "dataset_dict.json"
     if dict_file.is_file():
-        splits = read_json(dict_file)["splits"]
+        doc = read_json(dict_file)
+        splits = doc.get("splits") if isinstance(doc, dict) else None
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+            raise DataError(f"{dict_file} is not a datasets DatasetDict file: expected a list of split names.")
         if split is None:
             if len(splits) != 1:
-                raise ValueError(f"{path} holds splits {splits}; choose one with split=")
+                raise DataError(f"{path} holds splits {splits}; choose one with split=")
             split = splits[0]
         if split not in splits:
-            raise ValueError(f"split {split!r} not in {path} (it has {splits})")
-        return find_shards(path / split)
+            raise DataError(f"split {split!r} not in {path} (it has {splits})")
+        return find_shards(image_in(path, split, dict_file))
     state_file = path / "state.json"
     if state_file.is_file():
-        state = read_json(state_file)
-        return [path / entry["filename"] for entry in state["_data_files"]]
+        doc = read_json(state_file)
+        files = doc.get("_data_files") if isinstance(doc, dict) else None
+        names = [e.get("filename") if isinstance(e, dict) else None for e in files or ()]
+        if not isinstance(files, list) or not all(isinstance(n, str) and n for n in names):
+            raise DataError(f"{state_file} is not a datasets state file: expected '_data_files' naming its shards.")
+        return [image_in(path, name, state_file) for name in names]
     files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
     if split is not None:
         files = [f for f in files if _split_matches(f.relative_to(path), split)]
     if not files:
-        raise FileNotFoundError(f"no Parquet or Arrow files{f' for split {split!r}' if split else ''} under {path}")
+        raise DataMissing(f"no Parquet or Arrow files{f' for split {split!r}' if split else ''} under {path}")
     return files
 
 
@@ -74,6 +84,21 @@ def _read_arrow(path: Path):
     except pa.ArrowInvalid:
         source.seek(0)
         return pa.ipc.open_file(source).read_all()
+
+
+@contextmanager
+def _readable(shard: Path):
+    """Turn pyarrow's error on a damaged or foreign shard into a `DataError` naming the file."""
+    pa, _ = _pyarrow()
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise DataMissing(f"{shard} is missing: {e}") from None
+        detail = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"{shard} is not a readable Parquet/Arrow file ({detail}): copy or download it again."
+        ) from None
 
 
 class HFTable:
@@ -90,14 +115,16 @@ class HFTable:
         _, pq = _pyarrow()
         out: list[dict[str, Any]] = []
         for i, shard in enumerate(self.shards):
-            if shard.suffix == ".parquet":
-                names = pq.ParquetFile(shard).schema_arrow.names
-                table = pq.read_table(shard, columns=[c for c in names if c != self.image_column])
-            else:
-                table = _read_arrow(shard)
-                if self.image_column in table.column_names:
-                    table = table.drop_columns([self.image_column])
-            for j, row in enumerate(table.to_pylist()):
+            with _readable(shard):
+                if shard.suffix == ".parquet":
+                    names = pq.ParquetFile(shard).schema_arrow.names
+                    table = pq.read_table(shard, columns=[c for c in names if c != self.image_column])
+                else:
+                    table = _read_arrow(shard)
+                    if self.image_column in table.column_names:
+                        table = table.drop_columns([self.image_column])
+                rows = table.to_pylist()
+            for j, row in enumerate(rows):
                 row["_ref"] = (i, j)
                 out.append(row)
         return out
@@ -110,46 +137,61 @@ class HFTable:
             by_shard[shard].append(row)
         out: dict[tuple[int, int], Any] = {}
         for i, rows in by_shard.items():
-            shard = self.shards[i]
-            if shard.suffix == ".parquet":
-                pf = pq.ParquetFile(shard)
-                if self.image_column not in pf.schema_arrow.names:
-                    out.update({(i, r): None for r in rows})
-                    continue
-                starts, start = [], 0
-                for g in range(pf.num_row_groups):
-                    starts.append(start)
-                    start += pf.metadata.row_group(g).num_rows
-                wanted: dict[int, list[int]] = defaultdict(list)
-                for r in rows:
-                    g = max(k for k, s in enumerate(starts) if s <= r)
-                    wanted[g].append(r)
-                for g, group_rows in wanted.items():
-                    column = pf.read_row_group(g, columns=[self.image_column]).column(0)
-                    values = column.take([r - starts[g] for r in group_rows]).to_pylist()
-                    out.update({(i, r): v for r, v in zip(group_rows, values)})
-            else:
-                table = _read_arrow(shard)
-                if self.image_column not in table.column_names:
-                    out.update({(i, r): None for r in rows})
-                    continue
-                values = table.column(self.image_column).take(rows).to_pylist()
-                out.update({(i, r): v for r, v in zip(rows, values)})
+            with _readable(self.shards[i]):
+                out.update(self._images_of(i, rows))
+        return out
+
+    def _images_of(self, i: int, rows: list[int]) -> dict[tuple[int, int], Any]:
+        """The image-column values of ``rows`` of shard ``i``, reading only the row groups that hold them."""
+        _, pq = _pyarrow()
+        shard = self.shards[i]
+        if shard.suffix != ".parquet":
+            table = _read_arrow(shard)
+            if self.image_column not in table.column_names:
+                return {(i, r): None for r in rows}
+            return dict(zip(((i, r) for r in rows), table.column(self.image_column).take(rows).to_pylist()))
+        pf = pq.ParquetFile(shard)
+        if self.image_column not in pf.schema_arrow.names:
+            return {(i, r): None for r in rows}
+        starts, start = [], 0
+        for g in range(pf.num_row_groups):
+            starts.append(start)
+            start += pf.metadata.row_group(g).num_rows
+        wanted: dict[int, list[int]] = defaultdict(list)
+        for r in rows:
+            wanted[max(k for k, s in enumerate(starts) if s <= r)].append(r)
+        out: dict[tuple[int, int], Any] = {}
+        for g, group_rows in wanted.items():
+            column = pf.read_row_group(g, columns=[self.image_column]).column(0)
+            values = column.take([r - starts[g] for r in group_rows]).to_pylist()
+            out.update({(i, r): v for r, v in zip(group_rows, values)})
         return out
 
     def image_source(self, value: Any) -> dict[str, Any]:
-        """Keyword arguments for `Example` (``image_bytes`` or ``image_path``) from an image-column value."""
+        """Keyword arguments for `Example` (``image_bytes`` or ``image_path``, or the ``defect`` that there is no
+        usable image) from an image-column value. A path must lie inside the dataset folder (`image_of`)."""
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
         elif isinstance(value, (bytes, bytearray)):
             data, path = value, None
         else:
             data, path = None, value
-        if data is not None:
+        if isinstance(data, (bytes, bytearray)):
             return {"image_bytes": bytes(data)}
-        if path:
-            path = Path(path)
-            if not path.is_absolute():
-                path = self.root / path
-            return {"image_path": path}
-        return {}
+        if isinstance(path, str) and path:
+            root = self.root if self.root.is_dir() else self.root.parent
+            image_path, reason = image_of(root, _relative_to(path, root))
+            return {"image_path": image_path} if reason is None else {"defect": reason}
+        if value is None:
+            return {"defect": "no image source"}
+        return {"defect": f"the {self.image_column!r} column holds {describe(value)}, not an image"}
+
+
+def _relative_to(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when it is an absolute path inside it (as ``save_to_disk`` may store them);
+    any other absolute path is returned as it is, for `image_of` to refuse."""
+    if not path.startswith("/"):
+        return path
+    absolute = os.path.abspath(root)
+    inside = os.path.normpath(path) == path and path.startswith(absolute.rstrip("/") + "/")
+    return path[len(absolute.rstrip("/")) + 1 :] if inside else path

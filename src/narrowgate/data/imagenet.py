@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import DataMissing
 from .base import DEFAULT_SEED, ClassExample, sample, sample_per_class
 
 RESOURCE = Path(__file__).resolve().parent.parent / "resources" / "imagenet_animals.json"
@@ -71,7 +72,7 @@ def _root_words(root: Path) -> dict[str, str]:
         for candidate in (root / name, root.parent / name):
             if candidate.is_file():
                 words = {}
-                for line in candidate.read_text().splitlines():
+                for line in candidate.read_bytes().decode("utf-8", errors="replace").splitlines():
                     wnid, _, names = line.strip().partition(" ")
                     if names:
                         words[wnid] = names.split(",")[0].strip()
@@ -100,7 +101,7 @@ def load_imagenet(
     root = Path(root)
     tree = root / split if split is not None else root
     if not tree.is_dir():
-        raise FileNotFoundError(f"no ImageNet class folders at {tree}")
+        raise DataMissing(f"no ImageNet class folders at {tree}")
     if classes == "animals":
         wanted = {c.wnid for c in animal_classes()}
     elif classes == "pairs":
@@ -112,7 +113,7 @@ def load_imagenet(
     folders = {d.name: d for d in tree.iterdir() if d.is_dir() and (wanted is None or d.name in wanted)}
     absent = sorted(wanted - folders.keys()) if wanted is not None else []
     if absent:
-        raise FileNotFoundError(f"{len(absent)} requested classes have no folder in {tree}, e.g. {absent[:5]}")
+        raise DataMissing(f"{len(absent)} requested classes have no folder in {tree}, e.g. {absent[:5]}")
     words = {c.wnid: c.word for c in known_classes()}
     fallback = _root_words(root) if set(folders) - words.keys() else {}
     examples = [

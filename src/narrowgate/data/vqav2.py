@@ -6,10 +6,23 @@ The paper evaluates 2,000 randomly chosen validation questions; pass ``n=2000`` 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
-from .base import DEFAULT_SEED, VQAExample, read_json, sample
+from ..errors import DataError, DataMissing
+from .base import (
+    DEFAULT_SEED,
+    VQAExample,
+    describe,
+    entries,
+    entry_id,
+    image_in,
+    read_json,
+    sample,
+    text_defect,
+    unique,
+)
 from .hf import HFTable
 
 
@@ -17,7 +30,7 @@ def _first_existing(candidates: list[Path], what: str) -> Path:
     for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"no {what}; looked for: " + ", ".join(str(c) for c in candidates))
+    raise DataMissing(f"no {what}; looked for: " + ", ".join(str(c) for c in candidates))
 
 
 def load_vqav2(
@@ -57,39 +70,75 @@ def load_vqav2(
             raise ValueError("pass root or image_dir")
         image_dir = _first_existing([base / split, base / "images" / split], "image folder")
 
-    q_doc = read_json(Path(questions))
+    questions = Path(questions)
+    q_doc = read_json(questions)
+    items = entries(q_doc, "questions", questions, "a VQAv2 questions file")
     subtype = q_doc.get("data_subtype") or split
+    if not isinstance(subtype, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", subtype):
+        raise DataError(f"{questions}: data_subtype is {describe(subtype)}; expected a split name such as 'val2014'.")
     if image_name is None:
         image_name = f"COCO_{subtype}_" + "{image_id:012d}.jpg"
-    answers: dict[int, dict[str, Any]] = {}
+    answers: dict[str, dict[str, Any]] = {}
     if annotations is not None:
-        for ann in read_json(Path(annotations))["annotations"]:
-            answers[ann["question_id"]] = ann
+        annotations = Path(annotations)
+        what = "a VQAv2 annotations file"
+        for i, ann in enumerate(entries(read_json(annotations), "annotations", annotations, what)):
+            answers[entry_id(ann, "question_id", annotations, i)] = ann
 
     examples = []
-    for q in q_doc["questions"]:
-        ann = answers.get(q["question_id"], {})
+    for i, q in enumerate(items):
+        qid = entry_id(q, "question_id", questions, i)
+        ann = answers.get(qid, {})
+        image_id, question = q.get("image_id"), q.get("question")
+        given = _answer_texts(ann.get("answers", ()))
+        defect = (
+            text_defect(question, "question")
+            or _image_id_defect(image_id)
+            or (None if isinstance(given, tuple) else given)
+        )
+        path = None
+        if defect is None:
+            path = image_in(Path(image_dir), image_name.format(image_id=int(image_id)), questions)
         examples.append(
             VQAExample(
-                id=str(q["question_id"]),
-                image_path=Path(image_dir) / image_name.format(image_id=int(q["image_id"])),
-                question=q["question"],
-                answers=tuple(a["answer"] for a in ann.get("answers", ())),
-                image_id=str(q["image_id"]),
+                id=qid,
+                image_path=path,
+                question=question if isinstance(question, str) else "",
+                answers=given if isinstance(given, tuple) else (),
+                image_id=str(image_id) if isinstance(image_id, (int, str)) else None,
                 meta={k: ann[k] for k in ("multiple_choice_answer", "question_type", "answer_type") if k in ann},
+                defect=defect,
             )
         )
-    return sample(examples, n, seed)
+    return sample(unique(examples, questions, "question_id"), n, seed)
 
 
-def _answers(value: Any) -> tuple[str, ...]:
+def _image_id_defect(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return None
+    return f"image_id is {describe(value)}, not a COCO image number"
+
+
+def _answer_texts(value: Any) -> tuple[str, ...] | str:
+    """The human answers as texts, or the reason they cannot be used: VQAv2's list of ``{"answer": ...}``
+    objects, a list of texts, one text, or (Hugging Face) an object holding such a list."""
     if value is None:
         return ()
     if isinstance(value, dict):
         value = value.get("answer", ())
     if isinstance(value, str):
         return (value,)
-    return tuple(a["answer"] if isinstance(a, dict) else str(a) for a in value)
+    if not isinstance(value, (list, tuple)):
+        return f"answers are {describe(value)}, not a list"
+    out = []
+    for a in value:
+        text = a.get("answer") if isinstance(a, dict) else a
+        if not isinstance(text, str):
+            return f"an answer is {describe(text)}, not text"
+        out.append(text)
+    return tuple(out)
 
 
 def load_vqav2_hf(
@@ -110,23 +159,29 @@ def load_vqav2_hf(
     table = HFTable(path, split, image_column)
     rows = table.rows()
     if rows and "question" not in rows[0]:
-        raise ValueError(f"no 'question' column in {path}; columns: {sorted(k for k in rows[0] if k != '_ref')}")
+        raise DataError(f"no 'question' column in {path}; columns: {sorted(k for k in rows[0] if k != '_ref')}")
     refs = {}
     examples = []
     for k, row in enumerate(rows):
         qid = row.get("question_id")
-        example_id = str(qid) if qid is not None else f"row-{k}"
+        example_id = f"row-{k}" if qid is None else entry_id(row, "question_id", table.shards[row["_ref"][0]], k)
         refs[example_id] = row["_ref"]
-        image_id = row.get("image_id")
+        image_id, question = row.get("image_id"), row.get("question")
+        given = _answer_texts(row.get("answers"))
         examples.append(
             VQAExample(
                 id=example_id,
-                question=row["question"],
-                answers=_answers(row.get("answers")),
-                image_id=None if image_id is None else str(image_id),
+                question=question if isinstance(question, str) else "",
+                answers=given if isinstance(given, tuple) else (),
+                image_id=str(image_id) if isinstance(image_id, (int, str)) else None,
                 meta={k: row[k] for k in ("multiple_choice_answer", "question_type", "answer_type") if k in row},
+                defect=text_defect(question, "question") or (None if isinstance(given, tuple) else given),
             )
         )
-    chosen = sample(examples, n, seed)
+    chosen = sample(unique(examples, path, "question_id"), n, seed)
     images = table.images([refs[e.id] for e in chosen])
-    return [dataclasses.replace(e, **table.image_source(images[refs[e.id]])) for e in chosen]
+    out = []
+    for e in chosen:
+        source = table.image_source(images[refs[e.id]])
+        out.append(dataclasses.replace(e, **{k: v for k, v in source.items() if k != "defect" or e.defect is None}))
+    return out

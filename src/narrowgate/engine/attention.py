@@ -1,14 +1,19 @@
-"""Attention with knockouts and cross-modal statistics, registered through transformers' public interfaces.
+"""Attention with knockouts and the ``head``/``pattern`` sites, registered through transformers' public interfaces.
 
 Two implementations are registered: ``narrowgate_sdpa`` (wraps PyTorch SDPA) and
 ``narrowgate_eager`` (explicit softmax). With no active run, or in a layer no intervention
-touches, each one hands the call to the stock ``sdpa``/``eager`` function unchanged.
+touches, each one hands the call to the stock ``sdpa``/``eager`` function unchanged. Otherwise
+one function per path computes the layer: `_prefix_path` (suffix rows over a shared prefix),
+`_eager_path`, `_direct_path` (a short query window under SDPA) and `_sdpa_path`; ``pattern``
+interventions visit the probabilities each path has (`sites.visit`), ``head`` interventions the
+output before the projection.
 
 Exactness of ``zero`` mode under SDPA: zeroing post-softmax weights of a set Z without
 renormalising equals SDPA with Z masked out, times the kept mass ``sum_{j not in Z} A_ij`` of
 that row. The kept mass needs the attention probabilities of the affected query rows only
-(text rows, typically a handful), never the full [T x T] map. Cross-modal statistics use the
-same row-wise probabilities.
+(text rows, typically a handful), never the full [T x T] map. ``pattern`` interventions
+(cross-modal statistics, a `Hook`) likewise get the probabilities of their own rows only, and
+only the rows they replace are recomputed from the replacement.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from transformers import AttentionInterface
 
 from .. import compat
 from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
+from . import sites
 from .state import InterventionError, Scratch, active_run
 
 SDPA = "narrowgate_sdpa"
@@ -25,7 +31,18 @@ EAGER = "narrowgate_eager"
 #: Stock implementation -> engine implementation wrapping it.
 WRAPS = {"sdpa": SDPA, "eager": EAGER}
 
-_ROW_BUDGET = 1 << 24  # float32 elements per chunk of attention rows
+#: Attention keyword arguments that change the attention itself and that the engine does not implement: refused by
+#: name, since computing without them would silently give another model.
+UNIMPLEMENTED = {
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias",
+    "indices": "sparse attention",
+    "block_indices": "sparse attention",
+}
+
+#: Bytes per block of query rows where a call has no memory budget (a `Run` made outside `VLM`).
+_FALLBACK_BLOCK = 1 << 26
 #: Query windows up to this many rows (decode steps, text suffixes) are computed directly from their
 #: probabilities, which they need anyway for zero-mode knockouts and statistics.
 DIRECT_ROWS = 32
@@ -66,8 +83,14 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     return m.expand(batch, 1, q_len, k_len)
 
 
-def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
-    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None)."""
+def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows=None):
+    """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None); with
+    ``rows`` = (q0, q1), for query rows q0..q1-1 of the call only ([B,1,q1-q0,K])."""
+    if rows is not None:
+        q0, q1 = rows
+        if attention_mask is not None and attention_mask.shape[2] > 1:
+            attention_mask = attention_mask[:, :, q0:q1]
+        Q, offset = q1 - q0, offset + q0
     allow = _allowed(attention_mask, B, Q, K, offset, device)
     mask_block, zero_block = plan.blocks(layer, offset, Q, K, device)
     if mask_block is not None:
@@ -75,57 +98,66 @@ def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device):
     return allow, zero_block
 
 
-def _row_index(rows: torch.Tensor):
-    """[B, Q] bool -> padded row indices [B, R] and validity [B, R]."""
-    counts = rows.sum(1)
-    r = int(counts.max())
-    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]
-    valid = torch.arange(r, device=rows.device)[None, :] < counts[:, None]
-    return order, valid
+def _block_rows(budget, rows: int, keys: int, bytes_per_entry: int) -> int:
+    """Query rows per block: from the call's memory budget (`engine.budget`), or a fixed size without one."""
+    if budget is not None:
+        return budget.query_rows(rows, keys, bytes_per_entry)
+    return max(1, _FALLBACK_BLOCK // max(1, rows * keys * bytes_per_entry))
 
 
-def _row_probs(query, key, scaling, allow, idx, zero):
-    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries set to zero.
+def _row_probs(query, key, scaling, allow, idx, zero, budget=None, *, probs: bool = True):
+    """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries
+    set to zero, computed in blocks of rows sized by ``budget``.
 
-    query [B,H,Q,d], key [B,H,K,d] (heads already repeated), allow [B,1,Q,K], idx [B,R].
-    Returns probs [B,H,R,K] and the kept mass (before zeroing would be 1) [B,H,R].
+    query [B,H,Q,d], key [B,H,K,d] (heads already repeated), idx [B,R] (rows of ``query``); allow [B,1,R,K] and zero
+    [B,R,K] (or None): the masks of those rows. Returns the probabilities [B,H,R,K] (None without ``probs``: then no
+    more than one block's exist at a time) and the kept mass (before zeroing would be 1) [B,H,R].
     """
     B, H, _, d = query.shape
     K = key.shape[2]
-    step = max(1, _ROW_BUDGET // max(1, B * H * K))
-    probs, kept = [], []
+    step = _block_rows(budget, B, K, 3 * H * 4)  # scores, probabilities and their zeroed copy, every head, float32
+    out, kept = [], []
     for s in range(0, idx.shape[1], step):
         ii = idx[:, s : s + step]
         q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d))
         scores = torch.matmul(_wide(q), _wide(key).transpose(2, 3)) * scaling
-        a = torch.gather(allow, 2, ii[:, None, :, None].expand(B, 1, ii.shape[1], K))
-        scores = scores.masked_fill(~a, float("-inf"))
-        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        p = torch.softmax(scores.masked_fill(~allow[:, :, s : s + step], float("-inf")), dim=-1).nan_to_num(0.0)
         if zero is not None:
-            z = torch.gather(zero, 1, ii[:, :, None].expand(B, ii.shape[1], K))[:, None]
-            p = p.masked_fill(z, 0.0)
-        probs.append(p)
+            p = p.masked_fill(zero[:, None, s : s + step], 0.0)
+        if probs:
+            out.append(p)
         kept.append(p.sum(-1))
-    return torch.cat(probs, 2), torch.cat(kept, 2)
+    return (torch.cat(out, 2) if probs else None), torch.cat(kept, 2)
 
 
-def _direct(query, key, value, scale, allow, zero, dropout=0.0):
-    """Attention of a short query window from its float32 (float64) probabilities (grouped heads, no repeat_kv).
+def _rows_of(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """The rows ``idx`` ([B, R]) of a mask ``x`` along ``axis`` (``allow`` [B,1,Q,K]: 2; ``zero`` [B,Q,K]: 1)."""
+    shape = list(x.shape)
+    shape[axis] = idx.shape[1]
+    view = [idx.shape[0]] + [1] * (x.dim() - 1)
+    view[axis] = idx.shape[1]
+    return torch.gather(x, axis, idx.view(view).expand(shape))
 
-    Returns the output [B, Q, H, dv] and the probabilities [B, H, Q, K] (zero-mode entries zeroed,
-    before ``dropout``, which applies to the output only, as in stock attention).
-    """
+
+def _direct_probs(query, key, scale, allow, zero):
+    """Post-softmax attention [B, H, Q, K] of a short query window in float32 (float64 for float64 inputs),
+    zero-mode entries zeroed, with grouped heads read in place (no repeat_kv)."""
     B, H, Q, d = query.shape
     Hk, K = key.shape[1], key.shape[2]
-    g = H // Hk
-    q = _wide(query).reshape(B, Hk, g * Q, d)
+    q = _wide(query).reshape(B, Hk, (H // Hk) * Q, d)
     scores = (torch.matmul(q, _wide(key).transpose(2, 3)) * scale).view(B, H, Q, K)
     p = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1).nan_to_num(0.0)
-    if zero is not None:
-        p = p.masked_fill(zero[:, None], 0.0)
+    return p if zero is None else p.masked_fill(zero[:, None], 0.0)
+
+
+def _weighted(p, value, dropout: float):
+    """``p`` [B, H, Q, K] applied to ``value`` [B, Hk, K, dv] (grouped heads in place): [B, Q, H, dv], in ``value``'s
+    dtype; ``dropout`` applies to the weights, as in stock attention."""
+    B, H, Q, K = p.shape
+    Hk = value.shape[1]
     w = torch.nn.functional.dropout(p, p=dropout) if dropout else p
-    out = torch.matmul(w.reshape(B, Hk, g * Q, K), _wide(value)).view(B, H, Q, -1)
-    return out.transpose(1, 2).to(query.dtype), p
+    out = torch.matmul(w.reshape(B, Hk, (H // Hk) * Q, K), _wide(value)).view(B, H, Q, -1)
+    return out.transpose(1, 2).to(value.dtype)
 
 
 def _fold(x: torch.Tensor, B: int, Hk: int) -> torch.Tensor:
@@ -204,7 +236,18 @@ def _fused_prefix(folded, pk, pv, allow, cache, low):
 
 
 def with_prefix(
-    query, key, value, prefix, scale, allow, zero, softcap=None, *, probs=False, scratch: Scratch | None = None
+    query,
+    key,
+    value,
+    prefix,
+    scale,
+    allow,
+    zero,
+    softcap=None,
+    *,
+    probs=False,
+    scratch: Scratch | None = None,
+    edit=None,
 ):
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
@@ -219,8 +262,10 @@ def with_prefix(
     one reused buffer and are exponentiated in place. ``scratch`` (the call's `Scratch`) keeps that buffer and
     the per-pass masks every layer shares. Returns the output [C*B, Q, H, dv] and, with ``probs``, the
     probabilities [C*B, H, Q, P+Q] (float32, zero-mode entries zeroed; the output is then computed from
-    them, so gradients reach them).
+    them, so gradients reach them). ``edit`` (implies ``probs``) maps the probabilities to those the output
+    is computed from (the ``pattern`` site).
     """
+    probs = probs or edit is not None
     CB, H, Q, d = query.shape
     pk, pv = prefix
     B, Hk, P, _ = pk.shape
@@ -240,6 +285,7 @@ def with_prefix(
         and softcap is None
         and query.device.type == "cpu"
         and query.dtype == wide
+        and pv.shape[-1] == d  # the fused kernel wants one head size (not MLA's: DeepSeek-V3 keys 192, values 128)
         and (zero is None or not cache("zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
     )
     if fused:
@@ -275,6 +321,8 @@ def with_prefix(
     w_own = (torch.exp(t_own - top) / norm).masked_fill(empty, 0.0)
     if probs:
         p = torch.cat([_unfold(e_pre, C, H, Q) * w_pre, e_own * w_own], -1)
+        if edit is not None:
+            p = edit(p)
         w = p.to(value.dtype)
         out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
         out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
@@ -284,6 +332,173 @@ def with_prefix(
     return (_wide(o_pre) * w_pre + _wide(o_own) * w_own).to(value.dtype).transpose(1, 2), None
 
 
+def _refuse_unimplemented(kwargs) -> None:
+    for name, what in UNIMPLEMENTED.items():
+        if kwargs.get(name) is not None:
+            raise InterventionError(
+                f"This model passes {what} ({name!r}) to its attention, which narrowgate's attention does not "
+                "implement; running it through narrowgate would compute another model."
+            )
+
+
+class _Layer:
+    """One engine attention call: the inputs, the masks the plan gives this layer, and the run."""
+
+    def __init__(self, module, query, key, value, attention_mask, layer, run, scaling, dropout, softcap):
+        self.module, self.query, self.key, self.value = module, query, key, value
+        self.layer, self.run, self.softcap = layer, run, softcap
+        plan = run.plan
+        B, _, Q, d = query.shape
+        K = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2])
+        self.offset, self.scale = K - Q, scaling if scaling is not None else d**-0.5
+        self.dropout = dropout if module.training else 0.0
+        self.knocked = bool(plan.active_key(layer))
+        self.patterns = bool(plan.at_site("pattern", layer))
+        self.attention_mask, self.K = attention_mask, K
+        self._masks = None
+
+    def masks(self, rows=None):
+        """The effective masks (`_effective_mask`) of the call's query rows — all of them, shared by the layers of
+        the call, or only the block ``rows`` = (q0, q1) — made when a path asks (the blocked SDPA path never
+        asks for all of a long window)."""
+        plan, (B, _, Q, _), dev = self.run.plan, self.query.shape, self.query.device
+        if rows is not None:
+            return _effective_mask(plan, self.attention_mask, self.layer, B, Q, self.K, self.offset, dev, rows)
+        if self._masks is None:
+            self._masks = self.run.scratch.cached(
+                ("allow", id(self.attention_mask), plan.active_key(self.layer), self.offset, Q, self.K, str(dev)),
+                lambda: _effective_mask(plan, self.attention_mask, self.layer, B, Q, self.K, self.offset, dev),
+                keep=self.attention_mask,
+            )
+        return self._masks
+
+    @property
+    def allow(self) -> torch.Tensor:
+        return self.masks()[0]
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self.masks()[1]
+
+    def visit_pattern(self, p: torch.Tensor, positions=None):
+        """The ``pattern`` interventions on probabilities ``p`` [B, H, rows, K]: (probabilities, replaced rows)."""
+        return sites.visit(self.run, "pattern", self.layer, p, self.offset, positions)
+
+
+def _prefix_path(c: _Layer, attention_mask, kwargs):
+    """Suffix rows over a prefix shared by every row (`with_prefix`)."""
+    plan = c.run.plan
+    out, probs = with_prefix(
+        c.query,
+        c.key,
+        c.value,
+        plan.prefix[c.layer],
+        c.scale,
+        c.allow,
+        c.zero,
+        c.softcap,
+        probs=plan.record_probs,
+        scratch=c.run.scratch,
+        edit=(lambda p: c.visit_pattern(p)[0]) if c.patterns else None,
+    )
+    if probs is not None:
+        c.run.record_probs(c.layer, probs)
+    return out, None
+
+
+def _direct_path(c: _Layer, attention_mask, kwargs):
+    """A short query window (decode steps, text suffixes) from its probabilities, which it needs anyway."""
+    p, _ = c.visit_pattern(_direct_probs(c.query, c.key, c.scale, c.allow, c.zero))
+    return _weighted(p, c.value, c.dropout), None
+
+
+def _eager_path(c: _Layer, attention_mask, kwargs):
+    """Explicit softmax over the whole map, as stock eager attention computes (its weights are returned)."""
+    groups = getattr(c.module, "num_key_value_groups", 1)
+    k, v = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
+    scores = _capped(torch.matmul(c.query, k.transpose(2, 3)) * c.scale, c.softcap)
+    scores = scores.masked_fill(~c.allow, torch.finfo(scores.dtype).min)
+    w = torch.softmax(_wide(scores), dim=-1).masked_fill(~c.allow, 0.0)
+    if c.zero is not None:
+        w = w.masked_fill(c.zero[:, None], 0.0)
+    w, _ = c.visit_pattern(w)
+    w = w.to(c.query.dtype)
+    out = torch.nn.functional.dropout(w, p=c.dropout) if c.dropout else w
+    return torch.matmul(out, v).transpose(1, 2).contiguous(), w
+
+
+def _sdpa_path(c: _Layer, attention_mask, kwargs):
+    """SDPA over the whole window: stock where no knockout acts here, else in blocks of query rows sized by the
+    memory budget, each with its own masks, so no [Q, K] mask is built whole. By hand only the rows that need
+    their probabilities: zero-mode rows (rescaled by their kept mass, block by block) and the rows of ``pattern``
+    interventions (their masks gathered over the blocks, visited once)."""
+    query, run = c.query, c.run
+    B, H, Q, _ = query.shape
+    groups = getattr(c.module, "num_key_value_groups", 1)
+    k_full, v_full = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
+    pattern = None
+    for r in run.plan.at_site("pattern", c.layer):
+        mine = r.rows.window(c.offset, c.offset + Q, query.device)
+        pattern = mine if pattern is None else pattern | mine
+    if pattern is not None and not bool(pattern.any()):
+        pattern = None
+    stock = None
+    if not c.knocked:
+        stock, _ = sdpa_attention_forward(
+            c.module, query, c.key, c.value, attention_mask, scaling=c.scale, dropout=c.dropout, **kwargs
+        )
+        if pattern is None:
+            return stock.contiguous(), None
+    # per entry: the model's mask, the knockouts' blocks, the allowed and final masks, SDPA's additive float copy
+    step = min(Q, _block_rows(run.scratch.budget, B, c.K, 8 + len(run.plan.knockouts_at(c.layer))))
+    outs, picked, zeros = [], [], []
+    for q0 in range(0, Q, step):
+        q1 = min(Q, q0 + step)
+        allow, zero = c.masks() if step >= Q else c.masks((q0, q1))
+        if stock is None:
+            outs.append(_sdpa_block(c, query[:, :, q0:q1], k_full, v_full, allow, zero))
+        if pattern is not None and bool(pattern[:, q0:q1].any()):
+            idx, valid = sites.row_index(pattern[:, q0:q1])
+            picked.append((idx + q0, valid, _rows_of(allow, idx, 2)))
+            if zero is not None:
+                zeros.append(_rows_of(zero, idx, 1))
+    out = stock if stock is not None else outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    if not picked:
+        return out.contiguous(), None
+    idx, valid = torch.cat([p[0] for p in picked], 1), torch.cat([p[1] for p in picked], 1)
+    allow = torch.cat([p[2] for p in picked], 2)
+    zero = torch.cat(zeros, 1) if zeros else None
+    probs, _ = _row_probs(query, k_full, c.scale, allow, idx, zero, run.scratch.budget)
+    probs, changed = c.visit_pattern(probs, (c.offset + idx).masked_fill(~valid, -1))
+    if changed is not None:
+        w = torch.nn.functional.dropout(probs, p=c.dropout) if c.dropout else probs
+        redone = torch.matmul(w, _wide(v_full)).transpose(1, 2)  # [B, R, H, d]
+        out = sites.put_rows(out, idx, valid & changed, redone, axis=1)
+    return out.contiguous(), None
+
+
+def _sdpa_block(c: _Layer, query, k_full, v_full, allow, zero):
+    """SDPA for one block of query rows ([B, H, q, d]) with the block's masks, zero-mode rows rescaled by their
+    kept mass: the output [B, q, H, d]."""
+    B, H, Q, _ = query.shape
+    final = allow if zero is None else allow & ~zero[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k_full, v_full, attn_mask=final, dropout_p=c.dropout, scale=c.scale
+    ).transpose(1, 2)  # [B, Q, H, d]
+    out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
+    rows = None if zero is None else zero.any(-1)
+    if rows is None or not bool(rows.any()):
+        return out
+    idx, valid = sites.row_index(rows)
+    _, kept = _row_probs(
+        query, k_full, c.scale, _rows_of(allow, idx, 2), idx, _rows_of(zero, idx, 1), c.run.scratch.budget, probs=False
+    )
+    scale_rows = torch.ones(B, Q, H, device=query.device, dtype=kept.dtype)
+    factor = torch.where(valid[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
+    scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
+    return (_wide(out) * scale_rows[..., None]).to(query.dtype)
+
+
 def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
     softcap = kwargs.get("softcap")
     if softcap is not None and not eager:
@@ -291,114 +506,48 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
             "Logit soft-capping (softcap) needs eager attention, as in transformers (its SDPA refuses it): load the "
             "model with attn_implementation='eager'."
         )
-    B, H, Q, d = query.shape
-    plan, record = run.plan, run.record
-    K = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2])
-    offset = K - Q
-    device = query.device
-    scale = scaling if scaling is not None else d**-0.5
-    record.attention_calls.add(layer)
-
-    allow, zero_block = run.scratch.cached(
-        ("allow", id(attention_mask), plan.active_key(layer), offset, Q, K, str(device)),
-        lambda: _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device),
-        keep=attention_mask,
-    )
-    stats_rows = plan.text.window(offset, offset + Q, device) if plan.text is not None else None
-
-    if plan.prefix is not None:
-        out, probs = with_prefix(
-            query,
-            key,
-            value,
-            plan.prefix[layer],
-            scale,
-            allow,
-            zero_block,
-            softcap,
-            probs=plan.record_probs or stats_rows is not None,
-            scratch=run.scratch,
+    if attention_mask is None and (kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
+        raise InterventionError(
+            "This layer's attention is not causal and comes without a mask; narrowgate's attention cannot compute it."
         )
-        if probs is not None:
-            run.record_probs(layer, probs)
-        if probs is not None and stats_rows is not None:
-            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out.contiguous(), None
+    c = _Layer(module, query, key, value, attention_mask, layer, run, scaling, dropout, softcap)
+    if run.plan.prefix is not None:
+        path = _prefix_path
+    elif eager:
+        path = _eager_path
+    elif query.shape[2] <= DIRECT_ROWS:
+        path = _direct_path
+    else:
+        path = _sdpa_path
+    return path(c, attention_mask, kwargs)
 
-    if not eager and Q <= DIRECT_ROWS:
-        out, probs = _direct(query, key, value, scale, allow, zero_block, dropout if module.training else 0.0)
-        if stats_rows is not None:
-            cols = (probs.sum(1) * stats_rows[:, :, None]).sum(1) / stats_rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out.contiguous(), None
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    k_full, v_full = repeat_kv(key, groups), repeat_kv(value, groups)
-
+def _stock(eager: bool, module, query, key, value, attention_mask, scaling, dropout, kwargs):
     if eager:
-        scores = _capped(torch.matmul(query, k_full.transpose(2, 3)) * scale, softcap)
-        scores = scores.masked_fill(~allow, torch.finfo(scores.dtype).min)
-        w = torch.softmax(_wide(scores), dim=-1)
-        w = w.masked_fill(~allow, 0.0)
-        if zero_block is not None:
-            w = w.masked_fill(zero_block[:, None], 0.0)
-        w = w.to(query.dtype)
-        out = torch.nn.functional.dropout(w, p=dropout, training=module.training)
-        out = torch.matmul(out, v_full).transpose(1, 2).contiguous()
-        if plan.text is not None:
-            rows = plan.text.window(offset, offset + Q, device)
-            cols = (w.float().sum(1) * rows[:, :, None]).sum(1) / rows.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-        return out, w
-
-    final = allow if zero_block is None else allow & ~zero_block[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, k_full, v_full, attn_mask=final, dropout_p=dropout if module.training else 0.0, scale=scale
-    )
-    out = out.transpose(1, 2)  # [B, Q, H, d]
-    out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
-
-    zero_rows = zero_block.any(-1) if zero_block is not None else None
-    rows = zero_rows
-    if stats_rows is not None:
-        rows = stats_rows if rows is None else rows | stats_rows
-    if rows is not None and bool(rows.any()):
-        idx, valid = _row_index(rows)
-        probs, kept = _row_probs(query, k_full, scale, allow, idx, zero_block)
-        if zero_rows is not None:
-            scale_rows = torch.ones(B, Q, H, device=device, dtype=kept.dtype)
-            sel = torch.gather(zero_rows, 1, idx) & valid  # [B, R]
-            factor = torch.where(sel[:, None, :], kept, torch.ones_like(kept))  # [B, H, R]
-            scale_rows.scatter_(1, idx[:, :, None].expand(B, idx.shape[1], H), factor.transpose(1, 2))
-            out = (_wide(out) * scale_rows[..., None]).to(query.dtype)
-        if stats_rows is not None:
-            is_text = torch.gather(stats_rows, 1, idx) & valid  # [B, R]
-            cols = (probs.sum(1) * is_text[:, :, None]).sum(1) / is_text.sum(1).clamp(min=1)[:, None]
-            record.column_attention[layer] = cols.detach()
-    return out.contiguous(), None
+        return _stock_eager(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=kwargs.get("softcap")
+        )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _make(eager: bool):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _refuse_unimplemented(kwargs)
         run = active_run()
         layer = None if run is None else run.plan.layer_of.get(id(module))
-        if layer is None or not run.plan.attention_active(layer):
-            if eager:
-                return _stock_eager(
-                    module,
-                    query,
-                    key,
-                    value,
-                    attention_mask,
-                    scaling=scaling,
-                    dropout=dropout,
-                    softcap=kwargs.get("softcap"),
-                )
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
-        return _intervened(module, query, key, value, attention_mask, layer, run, eager, scaling, dropout, kwargs)
+        if layer is None:
+            return _stock(eager, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        plan = run.plan
+        if plan.attention_active(layer):
+            run.record.attention_calls.add(layer)
+            out, w = _intervened(module, query, key, value, attention_mask, layer, run, eager, scaling, dropout, kwargs)
+        else:
+            out, w = _stock(eager, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        if plan.at_site("head", layer):
+            run.record.attention_calls.add(layer)
+            offset = key.shape[2] + (0 if plan.prefix is None else plan.prefix[layer][0].shape[2]) - query.shape[2]
+            out, _ = sites.visit(run, "head", layer, out, offset)
+        return out, w
 
     attention.__name__ = EAGER if eager else SDPA
     return attention

@@ -1,79 +1,61 @@
-"""Forward hooks on the decoder layers: residual capture and patching.
+"""Forward hooks on the decoder layers and their attention and MLP modules: the ``resid``, ``attn_out`` and
+``mlp_out`` sites (patches, captures, hooks), and knockouts through recurrent mixers (`recurrent.hook`).
 
-Hooks are installed once per model and stay; with no active run they return at once. A
-pre-hook on layer ``l`` sees residual index ``l``; a hook on the last layer's output sees
-index ``n_layers``. Every tensor follows the device of the layer it meets (accelerate
-dispatch and disk offload included); captured values are stored on the CPU.
+Hooks are installed once per model and stay; with no active run they return at once. A pre-hook on
+layer ``l`` sees residual index ``l`` (and notes the call's window offset); a hook on the last layer's
+output sees index ``n_layers``; hooks on layer ``l``'s attention and MLP modules see their outputs.
+Every tensor follows the device of the layer it meets (accelerate dispatch and disk offload included).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..compat import layer_cache
-from .state import active_run
+from ..compat import layer_cache, past_length
+from . import sites
+from .state import InterventionError, active_run
 
 
-def _past_length(kwargs, layer: int) -> int:
+def _past_length(kwargs, layer: int, previous: int) -> int:
+    """Where the current call's window starts; ``previous``: what an earlier layer of the call read (a recurrent
+    layer's cache holds no positions)."""
     cache = layer_cache(kwargs)
     if cache is None:
         return 0
-    try:
-        return int(cache.get_seq_length(layer))
-    except TypeError:
-        return int(cache.get_seq_length())
+    got = past_length(cache, layer)
+    return previous if got is None else got
 
 
-def _visit(run, index: int, hidden: torch.Tensor, offset: int) -> torch.Tensor:
-    """Apply patches at residual ``index`` to ``hidden`` [B, Q, D] (a copy if changed); record captures."""
-    Q = hidden.shape[1]
-    changed = False
-    for i, (layer, pos, value) in enumerate(run.plan.patches):
-        if layer != index:
-            continue
-        rel = pos - offset
-        ok = (rel >= 0) & (rel < Q)
-        if not bool(ok.any()):
-            continue
-        if not changed:
-            hidden = hidden.clone()
-            changed = True
-        rows = torch.nonzero(ok).flatten()
-        hidden[rows.to(hidden.device), rel[rows].to(hidden.device)] = value[rows].to(hidden.device, hidden.dtype)
-        run.record.patched.add(i)
-    if index in run.plan.capture_resids:
-        for name, positions in run.plan.capture_positions.items():
-            _accumulate(run.record.captured.setdefault(name, {}), index, hidden, positions, offset)
-    return hidden
+def _replace_output(output, new):
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
 
 
-def _accumulate(store: dict, index: int, hidden: torch.Tensor, positions: list[torch.Tensor], offset: int) -> None:
-    """Add the residuals at ``positions`` that fall in this call's window to ``store[index]`` = (sum, count)."""
-    B, Q, D = hidden.shape
-    total = torch.zeros(B, D, dtype=torch.float32)
-    count = torch.zeros(B, dtype=torch.float32)
-    hit = False
-    for b, pos in enumerate(positions):
-        rel = pos - offset
-        rel = rel[(rel >= 0) & (rel < Q)]
-        if rel.numel():
-            total[b] = hidden[b, rel.to(hidden.device)].float().sum(0).cpu()
-            count[b] = rel.numel()
-            hit = True
-    if not hit:
-        return
-    if index in store:
-        s, c = store[index]
-        total, count = total + s, count + c
-    store[index] = (total, count)
+def _resid(run, at: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The ``resid`` site's interventions at residual index ``at`` applied to ``hidden`` [B, Q, D]; a residual
+    stream of another shape (several streams) is refused where something acts on it."""
+    if hidden.dim() != 3 and run.plan.at_site("resid", at):
+        raise InterventionError(
+            f"The residual stream between this model's decoder layers is {hidden.dim()}-D {tuple(hidden.shape)}, not "
+            "[batch, tokens, width]: it carries several streams (Gemma 3n's AltUp, HunYuan-V4's hyper-connections), "
+            "which narrowgate cannot capture or patch. Knockouts work."
+        )
+    return sites.visit(run, "resid", at, hidden, run.scratch.offset)[0]
 
 
-def install(layers: torch.nn.ModuleList) -> list:
-    """Install the capture/patch hooks on every decoder layer; returns the handles.
+def install(
+    layers: torch.nn.ModuleList,
+    modules: list[tuple[torch.nn.Module, torch.nn.Module | None]],
+    mixers: dict | None = None,
+) -> list:
+    """Install the site hooks on every decoder layer (``modules``: per layer its attention module, or its recurrent
+    mixer, and its MLP module, None where it has none); returns the handles. ``mixers``: per recurrent layer the
+    hook that knocks out through it (`recurrent.hook`), which runs before the layer's ``attn_out`` site.
 
     Once per model: a second `VLM` around the same model reuses the hooks already there (they read the
-    active run, not the `VLM`), so captures and patches are never applied twice. Each call counts one
-    user; `uninstall` removes the hooks when the last one leaves.
+    active run, not the `VLM`), so interventions are never applied twice. Each call counts one user;
+    `uninstall` removes the hooks when the last one leaves.
     """
     setattr(layers, "_narrowgate_users", getattr(layers, "_narrowgate_users", 0) + 1)
     installed = getattr(layers, "_narrowgate_hooks", None)
@@ -81,32 +63,46 @@ def install(layers: torch.nn.ModuleList) -> list:
         return installed
     n = len(layers)
     handles = []
-    for l, layer in enumerate(layers):
+    for l, (layer, (attn, mlp)) in enumerate(zip(layers, modules)):
 
         def pre(module, args, kwargs, l=l):
             run = active_run()
-            if run is None or not (run.plan.patches or run.plan.capture_resids):
+            if run is None or not run.plan.edits:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            run.scratch.offset = _past_length(kwargs, l)
-            new = _visit(run, l, hidden, run.scratch.offset)
+            run.scratch.offset = _past_length(kwargs, l, run.scratch.offset)
+            new = _resid(run, l, hidden)
             if new is hidden:
                 return None
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
 
+        def out_hook(site: str, l: int):
+            def hook(module, args, output):
+                run = active_run()
+                if run is None or site not in run.plan.sites:
+                    return None
+                hidden = output[0] if isinstance(output, tuple) else output
+                new, _ = sites.visit(run, site, l, hidden, run.scratch.offset)
+                return None if new is hidden else _replace_output(output, new)
+
+            return hook
+
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        if mixers and l in mixers:
+            handles.append(attn.register_forward_hook(mixers[l], with_kwargs=True))
+        handles.append(attn.register_forward_hook(out_hook("attn_out", l)))
+        if mlp is not None:
+            handles.append(mlp.register_forward_hook(out_hook("mlp_out", l)))
 
     def post(module, args, kwargs, output):
         run = active_run()
-        if run is None or not (run.plan.patches or run.plan.capture_resids):
+        if run is None or not run.plan.edits:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        new = _visit(run, n, hidden, run.scratch.offset)
-        if new is hidden:
-            return None
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        new = _resid(run, n, hidden)
+        return None if new is hidden else _replace_output(output, new)
 
     handles.append(layers[n - 1].register_forward_hook(post, with_kwargs=True))
     setattr(layers, "_narrowgate_hooks", handles)

@@ -5,8 +5,10 @@ keys and values in every condition. The prefix (the image, typically nearly all 
 runs once and fills a KV cache. Forwards then run the suffixes of many conditions in one pass: the
 conditions become batch rows (condition-major: row ``c * B + b``), every row attends to the one
 shared prefix without copying it (`narrowgate.compat.PrefixCache`, `engine.attention.with_prefix`),
-and the conditions' interventions are stacked into one plan (`stack`). Generation runs each condition
-on the cache and crops it back to the prefix afterwards. Results equal full recomputation (tests).
+and the conditions' interventions are stacked into one plan (`stack`, through each one's
+`Resolved.stack`), as many per pass as the memory budget holds (`engine.budget`). Generation runs each
+condition on the cache and crops it back to the prefix afterwards. Results equal full recomputation (tests).
+`engine.runner` schedules all of this.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ import torch
 
 from ..batch import Batch
 from .interventions import Knockout, Patch
-from .state import Plan, ResolvedKnockout, RoleMask
+from .protocol import Intervention, InterventionError, ModelShape, resolve_all
+from .state import Plan
 
 
 @dataclass(frozen=True)
 class Condition:
-    """A named set of interventions (the baseline has none)."""
+    """A named set of interventions (the baseline has none): ``knockouts`` and ``patches`` are shorthands that
+    apply before ``interventions``."""
 
     name: str
     knockouts: tuple[Knockout, ...] = ()
     patches: tuple[Patch, ...] = ()
+    interventions: tuple[Intervention, ...] = ()
+
+    def __post_init__(self):
+        for f in ("knockouts", "patches", "interventions"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+
+    @property
+    def every(self) -> tuple:
+        """Its interventions in the order they apply."""
+        return (*self.knockouts, *self.patches, *self.interventions)
 
 
 @dataclass
@@ -46,57 +60,79 @@ class ConditionOutput:
 @dataclass
 class SharedPrefix:
     """A batch's first ``length`` positions, run once: per decoder layer its keys and values ([B, kv_heads,
-    length, head_dim]), the model inputs of the rest (the suffix) and residuals captured in the prefix."""
+    length, head_dim]; None for a recurrent layer), the model inputs of the rest (the suffix), residuals captured
+    in the prefix and, per recurrent layer of a hybrid decoder, the prefix's projections (`engine.recurrent`),
+    from which every suffix row's view of the prefix is computed."""
 
     batch: Batch
     length: int
     kv: list
     suffix: dict
     captured: dict = field(default_factory=dict)
+    mixers: dict = field(default_factory=dict)
 
 
 def as_conditions(conditions) -> list[Condition]:
-    """Accept Condition objects or a mapping name -> dict(knockouts=..., patches=...)."""
+    """Accept Condition objects or a mapping name -> dict(knockouts=..., patches=..., interventions=...) or
+    name -> list of interventions."""
     if isinstance(conditions, dict):
-        return [
-            Condition(name, tuple(v.get("knockouts", ())), tuple(v.get("patches", ())))
-            for name, v in conditions.items()
-        ]
+        out = []
+        for name, v in conditions.items():
+            if isinstance(v, dict):
+                unknown = sorted(set(v) - {"knockouts", "patches", "interventions"})
+                if unknown:
+                    raise TypeError(
+                        f"Condition {name!r}: unknown keys {unknown}; use knockouts, patches, interventions."
+                    )
+                out.append(Condition(name, v.get("knockouts", ()), v.get("patches", ()), v.get("interventions", ())))
+            else:
+                out.append(Condition(name, interventions=tuple(v)))
+        return out
     out = list(conditions)
     if not all(isinstance(c, Condition) for c in out):
-        raise TypeError("conditions must be Condition objects or a mapping name -> {'knockouts': ..., 'patches': ...}.")
+        raise TypeError(
+            "conditions must be Condition objects or a mapping name -> {'knockouts': ..., 'patches': ..., "
+            "'interventions': ...}."
+        )
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ValueError(f"Condition names must be unique, got {names}.")
     return out
 
 
-def first_affected(batch: Batch, condition: Condition) -> int:
-    """The earliest position (over the batch) whose computation a condition can change."""
+def first_affected(batch: Batch, condition: Condition | Plan, model: ModelShape | None = None) -> int:
+    """The earliest position (over the batch) whose computation a condition can change (`Resolved.first_affected`).
+
+    A `Condition` is resolved against ``batch`` here (``model``: for interventions that check the model's sizes)."""
     firsts = [batch.length - 1]
-    for k in condition.knockouts:
-        cols = batch.mask(k.targets).any(0).nonzero()
-        if len(cols):
-            firsts.append(int(cols.min()))
-    for p in condition.patches:
-        firsts.append(int(batch.index(p.role).min()))
+    if isinstance(condition, Plan):
+        f = condition.first_affected()
+        firsts += [] if f is None else [f]
+    else:
+        firsts += [f for r in resolve_all(condition.every, batch, model) if (f := r.first_affected()) is not None]
     return min(firsts)
 
 
 def prefix_length(
-    batch: Batch, conditions: list[Condition], *, attention_stats: bool, keep: int = 1, causal_from: int = 0
+    batch: Batch,
+    conditions: list,
+    *,
+    attention_stats: bool = False,
+    keep: int = 1,
+    causal_from: int = 0,
+    model: ModelShape | None = None,
 ) -> int:
-    """How many leading positions all conditions share (the suffix keeps at least the last ``keep`` positions).
+    """How many leading positions all conditions (`Condition` objects or resolved `Plan` objects) share (the suffix
+    keeps at least the last ``keep`` positions); 0 when no prefix can be shared.
 
     ``causal_from``: the first position from which the model's own attention is causal (positions before it may
     attend to later ones, as PaliGemma's whole prompt does); a prefix must reach it to be computable alone."""
-    p = min([first_affected(batch, c) for c in conditions] + [batch.length - keep])
+    p = min([first_affected(batch, c, model) for c in conditions] + [batch.length - keep])
     if attention_stats:
         text = batch.mask("text").any(0).nonzero()
         p = min(p, int(text.min()))
-    end_of_image = max(lay.end for lay in batch.layouts) + 1
-    # The suffix must not contain image tokens: the image is encoded in the prefix pass.
-    return p if p >= max(end_of_image, causal_from) else 0
+    # The suffix must not contain image tokens: the images are encoded in the prefix pass.
+    return p if p >= max(batch.end_of_images, causal_from) else 0
 
 
 def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
@@ -108,7 +144,7 @@ def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
     ids = inputs["input_ids"]
     prefix, suffix = {}, {}
     for k, v in inputs.items():
-        per_token = isinstance(v, torch.Tensor) and v.shape[-2:] == ids.shape and k != "pixel_values"
+        per_token = isinstance(v, torch.Tensor) and v.shape[-2:] == ids.shape and not k.startswith("pixel_values")
         if k == "attention_mask":
             prefix[k], suffix[k] = v[:, :P], v
         elif per_token:
@@ -125,13 +161,18 @@ def crop(cache, P: int) -> None:
         cache.crop(-extra)
 
 
-#: Attention scores (float32 elements) one suffix pass may hold; conditions are split into passes to fit.
-SCORE_BUDGET = 1 << 25
-
-
-def rows_per_pass(batch_size: int, heads: int, suffix: int, length: int) -> int:
-    """How many conditions one suffix pass takes: their [rows, heads, suffix, length] scores fit the budget."""
-    return max(1, SCORE_BUDGET // max(1, batch_size * heads * suffix * length))
+def dense_rows(sources: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start..stop-1`` of a [C, ...] boolean mask as a dense tensor; ``sources`` may be sparse COO (a scan over
+    thousands of positions), whose entries of those rows are found by bisection, not by a pass over all of them."""
+    if not sources.is_sparse:
+        return sources[start:stop]
+    sources = sources.coalesce()  # sorted by row; free when already coalesced
+    index, values = sources.indices(), sources.values()
+    lo, hi = torch.searchsorted(index[0], torch.tensor([start, stop])).tolist()
+    out = torch.zeros(stop - start, *sources.shape[1:], dtype=torch.bool)
+    at = index[:, lo:hi]
+    out[tuple([at[0] - start, *at[1:]])] = values[lo:hi].bool()
+    return out
 
 
 def repeat_rows(suffix: dict, n: int) -> dict:
@@ -142,52 +183,61 @@ def repeat_rows(suffix: dict, n: int) -> dict:
     return out
 
 
-def _stacked(parts: list, C: int, fill: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fill if p is None else p for p in parts[:C]], dim=0)
-
-
 def stack(plans: list[Plan], batch_size: int, length: int) -> Plan:
     """One plan over ``len(plans) * batch_size`` rows equal to the given plans (each over the same batch) side by side.
 
-    Knockouts (and patches) of different conditions land in different rows, so they merge without
-    interacting: the i-th knockout with given layers and mode of every condition becomes one knockout
-    whose masks are empty in the rows of conditions that lack it. Captures and attention statistics,
-    the same for every condition, are repeated.
+    The i-th resolved intervention of a kind (`Resolved.stack_key`) of every condition stacks into one
+    (`Resolved.stack`), absent in the rows of conditions that lack it: knockouts merge their masks, a patch or
+    hook visits each condition's rows apart, captures and attention statistics (the same in every condition)
+    cover every row. Each condition's interventions keep their order.
     """
-    first, C, B = plans[0], len(plans), batch_size
-    knockouts, patches = [], []
-    empty = torch.zeros(B, length, dtype=torch.bool)
-    groups: dict = {}
-    for c, plan in enumerate(plans):
-        seen: dict = {}
-        for k in plan.knockouts:
-            kind = (k.layers, k.mode, k.source.generated, k.target.generated)
-            seen[kind] = seen.get(kind, -1) + 1
-            groups.setdefault((*kind, seen[kind]), [None] * C)[c] = k
-    for (layers, mode, src_gen, tgt_gen, _), ks in groups.items():
-        src = _stacked([None if k is None else k.source.prompt for k in ks], C, empty)
-        tgt = _stacked([None if k is None else k.target.prompt for k in ks], C, empty)
-        knockouts.append(ResolvedKnockout(RoleMask(src, src_gen), RoleMask(tgt, tgt_gen), layers, mode))
-    patch_groups: dict = {}
-    for c, plan in enumerate(plans):
-        seen = {}
-        for layer, pos, value in plan.patches:
-            seen[layer] = seen.get(layer, -1) + 1
-            patch_groups.setdefault((layer, seen[layer]), [None] * C)[c] = (pos, value)
-    for (layer, _), ps in patch_groups.items():
-        like = next(p for p in ps if p is not None)[1]
-        pos = _stacked([None if p is None else p[0] for p in ps], C, torch.full((B,), -1, dtype=torch.long))
-        value = _stacked([None if p is None else p[1] for p in ps], C, torch.zeros_like(like))
-        patches.append((layer, pos, value))
-    return Plan(
-        first.layer_of,
-        first.n_layers,
-        tuple(knockouts),
-        tuple(patches),
-        {name: list(pos) * C for name, pos in first.capture_positions.items()},
-        first.capture_resids,
-        None if first.text is None else RoleMask(first.text.prompt.repeat(C, 1), first.text.generated),
-    )
+    first, C = plans[0], len(plans)
+    stacked = []
+    for field_name in ("knockouts", "edits"):
+        groups: dict = {}
+        after: dict = {}  # group -> groups that some condition applies after it
+        for c, plan in enumerate(plans):
+            seen: dict = {}
+            previous = None
+            for r in getattr(plan, field_name):
+                key = r.stack_key()
+                seen[key] = seen.get(key, -1) + 1
+                group = (key, seen[key])
+                groups.setdefault(group, [None] * C)[c] = r
+                after.setdefault(group, set())
+                if previous is not None:
+                    after[previous].add(group)
+                previous = group
+        stacked.append(
+            tuple(
+                type(next(r for r in groups[g] if r is not None)).stack(groups[g], batch_size, length)
+                for g in _in_order(list(groups), after)
+            )
+        )
+    return Plan(first.layer_of, first.n_layers, stacked[0], stacked[1])
+
+
+def _in_order(groups: list, after: dict) -> list:
+    """``groups`` ordered so that every condition's interventions keep their order (first appearance breaks ties)."""
+    before = {g: 0 for g in groups}
+    for g in groups:
+        for h in after[g]:
+            before[h] += 1
+    out, ready = [], [g for g in groups if before[g] == 0]
+    while ready:
+        g = ready.pop(0)
+        out.append(g)
+        for h in sorted(after[g], key=groups.index):
+            before[h] -= 1
+            if before[h] == 0:
+                ready.append(h)
+        ready.sort(key=groups.index)
+    if len(out) != len(groups):
+        raise InterventionError(
+            "Two conditions apply the same interventions in different orders; give them one order, or run them "
+            "in separate calls."
+        )
+    return out
 
 
 def repeat_captured(captured: dict, n: int) -> dict:

@@ -1,10 +1,10 @@
 """The interventions of one model call: a frozen plan, what the call records, and its scratch state.
 
-`resolve` turns knockouts, patches and captures into position masks for a batch: a `Plan`. A `Run`
-pairs a plan with the `Record` the call fills (captures, attention statistics, which interventions
-applied) and `Scratch` state that lives for the call only. A run is made active (a context variable)
-for the duration of a forward or a generation; the attention function and the layer hooks read it,
-and with no active run they do nothing at all.
+`resolve` binds interventions (the `Intervention` protocol) to a batch: a `Plan`. A `Run` pairs a plan
+with the `Record` the call fills (captures, attention statistics, which interventions met their positions)
+and `Scratch` state that lives for the call only. A run is made active (a context variable) for the
+duration of a forward or a generation; the attention function and the layer hooks read it, and with no
+active run they do nothing at all.
 """
 
 from __future__ import annotations
@@ -12,19 +12,43 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..batch import Batch
-from ..errors import NarrowgateError
-from ..roles import RoleError
-from .interventions import Capture, Knockout, Patch
+from .interventions import AttentionStats, Capture, Knockout, Patch, ResolvedCapture, ResolvedKnockout
+from .protocol import (
+    EDGES,
+    SITES,
+    InterventionError,
+    ModelShape,
+    Resolved,
+    RoleMask,
+    resolve_all,
+    role_mask,
+)
+
+__all__ = [
+    "InterventionError",
+    "Plan",
+    "Record",
+    "ResolvedKnockout",
+    "RoleMask",
+    "Run",
+    "Scratch",
+    "activate",
+    "active_run",
+    "recompute_context",
+    "resolve",
+    "role_mask",
+]
+
+if TYPE_CHECKING:
+    from .budget import Budget
 
 _ACTIVE: contextvars.ContextVar[Run | None] = contextvars.ContextVar("narrowgate_run", default=None)
-
-
-class InterventionError(NarrowgateError, RuntimeError):
-    """A requested intervention cannot be applied; raised rather than silently doing nothing."""
 
 
 def active_run() -> Run | None:
@@ -51,53 +75,54 @@ def recompute_context():
     return contextlib.nullcontext(), (activate(run) if run is not None else contextlib.nullcontext())
 
 
-@dataclass
-class RoleMask:
-    """A [B, T] prompt mask plus whether positions generated after the prompt belong to it."""
-
-    prompt: torch.Tensor
-    generated: bool
-
-    def window(self, start: int, stop: int, device) -> torch.Tensor:
-        """Mask over absolute positions [start, stop) ([B, stop-start]); beyond the prompt use ``generated``."""
-        T = self.prompt.shape[1]
-        inside = self.prompt[:, max(0, min(start, T)) : max(0, min(stop, T))]
-        extra = max(0, stop - max(start, T))
-        if extra:
-            fill = torch.full((inside.shape[0], extra), self.generated, dtype=torch.bool)
-            inside = torch.cat([inside, fill], dim=1)
-        return inside.to(device)
-
-
-def role_mask(batch: Batch, roles) -> RoleMask:
-    from ..roles import parse_roles
-
-    parsed = parse_roles(roles)
-    return RoleMask(batch.mask(parsed), generated=any(r.name == "text" for r in parsed))
-
-
-@dataclass
-class ResolvedKnockout:
-    source: RoleMask
-    target: RoleMask
-    layers: frozenset[int] | None
-    mode: str
+#: Sites the attention function serves (the others are layer hooks).
+ATTENTION_SITES = (EDGES, "head", "pattern")
 
 
 @dataclass(frozen=True)
 class Plan:
     """What one model call does, resolved against its batch: fixed before the call, read by the hooks and the
-    attention function, never written during it. Conditions stacked as batch rows are one plan (`shared.stack`)."""
+    attention function, never written during it. Conditions stacked as batch rows are one plan (`shared.stack`).
+
+    ``knockouts`` are the interventions at the attention mask (`EDGES`), read by every attention call;
+    ``edits`` every other resolved intervention, in the order they apply at each site."""
 
     layer_of: dict[int, int]  # id(attention module) -> decoder layer index
     n_layers: int
     knockouts: tuple[ResolvedKnockout, ...] = ()
-    patches: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()  # (resid, pos [B], value [B, D])
-    capture_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    capture_resids: tuple[int, ...] = ()
-    text: RoleMask | None = None  # query rows for attention statistics
+    edits: tuple[Resolved, ...] = ()
     prefix: list | None = None  # per decoder layer (keys, values) of a prefix shared by all rows (engine/shared.py)
     record_probs: bool = False  # keep each layer's suffix attention probabilities, gradients retained
+    mixer_prefix: dict | None = None  # per recurrent layer, the shared prefix's projections (engine/recurrent.py)
+    record_mixers: bool = False  # a prefix pass: keep each recurrent layer's projections for the suffix passes
+
+    @cached_property
+    def _sites(self) -> dict[tuple[str, int], tuple[Resolved, ...]]:
+        out: dict[tuple[str, int], list[Resolved]] = {}
+        for r in self.edits:
+            for at in r.expected_layers(self.n_layers):
+                out.setdefault((r.site, at), []).append(r)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def at_site(self, site: str, at: int) -> tuple[Resolved, ...]:
+        """The edits acting at ``site`` of residual index / decoder layer ``at``, in order."""
+        return self._sites.get((site, at), ())
+
+    @cached_property
+    def sites(self) -> frozenset[str]:
+        """Every site some edit acts at."""
+        return frozenset(site for site, _ in self._sites)
+
+    @cached_property
+    def capture(self) -> ResolvedCapture | None:
+        found = [r for r in self.edits if isinstance(r, ResolvedCapture)]
+        if len(found) > 1:
+            raise InterventionError("A call takes one Capture; list every role in it (Capture(roles=(...))).")
+        return found[0] if found else None
+
+    @property
+    def capture_resids(self) -> tuple[int, ...]:
+        return () if self.capture is None else self.capture.indices(self.n_layers)
 
     def active_key(self, layer: int) -> tuple[int, ...]:
         """Which knockouts apply at ``layer`` (their indices): layers with the same ones share masks."""
@@ -106,14 +131,28 @@ class Plan:
     def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
         return [self.knockouts[i] for i in self.active_key(layer)]
 
+    @cached_property
+    def _engine_layers(self) -> frozenset[int]:
+        """Decoder layers whose attention the engine computes itself (knockouts, pattern edits)."""
+        out: set[int] = set()
+        for k in self.knockouts:
+            out |= set(range(self.n_layers)) if k.layers is None else set(k.layers)
+        for r in self.edits:
+            if r.site == "pattern":
+                out |= r.expected_layers(self.n_layers)
+        return frozenset(out)
+
     def attention_active(self, layer: int) -> bool:
-        return bool(self.knockouts_at(layer)) or self.text is not None or self.prefix is not None
+        """Whether the engine computes ``layer``'s attention (a plain call hands it to the stock function)."""
+        return self.prefix is not None or layer in self._engine_layers
 
     def attention_layers(self) -> set[int]:
         """The decoder layers whose attention must run through the engine for the plan to apply."""
-        if self.text is not None or any(k.layers is None for k in self.knockouts):
-            return set(range(self.n_layers))
-        return {l for k in self.knockouts for l in k.layers or ()}
+        out = set(self._engine_layers)
+        for r in self.edits:
+            if r.site == "head":
+                out |= r.expected_layers(self.n_layers)
+        return out
 
     def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
         """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""
@@ -126,6 +165,11 @@ class Plan:
             out[k.mode] = blk if prev is None else prev | blk
         return out["mask"], out["zero"]
 
+    def first_affected(self) -> int | None:
+        """The first position some intervention of the plan can change (None: it only reads)."""
+        firsts = [f for r in (*self.knockouts, *self.edits) if (f := r.first_affected()) is not None]
+        return min(firsts) if firsts else None
+
 
 @dataclass
 class Record:
@@ -133,9 +177,10 @@ class Record:
 
     captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # sums, counts
     column_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K]
-    patched: set[int] = field(default_factory=set)  # indices into the plan's patches that were applied
+    visited: dict[int, set[int]] = field(default_factory=dict)  # id(resolved) -> where it met its positions
     attention_calls: set[int] = field(default_factory=set)  # layers whose attention ran through the engine
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probabilities (plan.record_probs)
+    mixer_prefix: dict[int, dict] = field(default_factory=dict)  # recurrent layer -> projections (plan.record_mixers)
 
 
 @dataclass
@@ -144,7 +189,10 @@ class Scratch:
 
     offset: int = 0  # absolute position of the first query row in the current layer call (set by the pre-hook)
     masks: dict = field(default_factory=dict, repr=False)
+    rows: dict = field(default_factory=dict, repr=False)  # per intervention and window: its rows there (sites.visit)
     buffers: dict = field(default_factory=dict, repr=False)  # tensors reused by every layer (attention scores)
+    budget: Budget | None = None  # how large the attention's blocks of query rows may be (engine/budget.py)
+    mixed: dict = field(default_factory=dict, repr=False)  # recurrent layer -> the cache its prompt pass left a view in
 
     def cached(self, key, make, keep=None):
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
@@ -175,32 +223,22 @@ class Run:
             self.record.probs[layer] = probs
 
     def check_applied(self) -> None:
-        """Raise unless every knockout, statistic and patch of the plan was applied during the call."""
+        """Raise unless every intervention of the plan was applied during the call."""
         missed = sorted(self.plan.attention_layers() - self.record.attention_calls)
         if missed:
             raise InterventionError(
                 f"The engine's attention never ran in decoder layers {missed}: the intervention did not apply. "
                 "The model's attention implementation bypasses narrowgate."
             )
-        unapplied = [i for i in range(len(self.plan.patches)) if i not in self.record.patched]
-        if unapplied:
-            raise InterventionError(f"Patches {unapplied} were never applied during the forward pass.")
+        for r in self.plan.edits:
+            why = r.missing(self.record, self.plan.n_layers)
+            if why:
+                raise InterventionError(f"{why}: the intervention did not apply.")
 
     def residuals(self) -> dict[str, torch.Tensor]:
         """Captured residuals per role: [B, len(capture_resids), D], averaged over each role's positions."""
-        out = {}
-        for name, positions in self.plan.capture_positions.items():
-            per_layer = self.record.captured.get(name, {})
-            missing = [l for l in self.plan.capture_resids if l not in per_layer]
-            if missing:
-                raise InterventionError(f"Capture of {name} never reached residual indices {missing}.")
-            sums = torch.stack([per_layer[l][0] for l in self.plan.capture_resids], dim=1)
-            counts = torch.stack([per_layer[l][1] for l in self.plan.capture_resids], dim=1)
-            want = torch.tensor([len(p) for p in positions], dtype=torch.float32)
-            if not torch.equal(counts, want[:, None].expand_as(counts)):
-                raise InterventionError(f"Capture of {name} saw only part of its positions.")
-            out[name] = sums / counts[..., None]
-        return out
+        capture = self.plan.capture
+        return {} if capture is None else capture.residuals(self.record, self.plan.n_layers)
 
 
 def resolve(
@@ -212,59 +250,44 @@ def resolve(
     patches=(),
     capture: Capture | None = None,
     attention_stats: bool = False,
+    interventions=(),
+    model: ModelShape | None = None,
 ) -> Plan:
-    """Turn interventions into position masks for ``batch``, checking that each one can apply."""
-    knocks: list[ResolvedKnockout] = []
-    patched: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    positions: dict[str, list[torch.Tensor]] = {}
-    resids: tuple[int, ...] = ()
-    text: RoleMask | None = None
+    """Bind interventions to ``batch`` (`Intervention.resolve`), checking that each one can apply.
+
+    Order at each site: ``knockouts``, ``patches``, ``interventions``, then ``capture`` and ``attention_stats``
+    (so a capture reads what the edits left)."""
     for k in knockouts:
         if not isinstance(k, Knockout):
             raise TypeError(f"knockouts must be narrowgate.Knockout objects, got {type(k).__name__}.")
-        if k.layers is not None:
-            _check_layers(k.layers, n_layers - 1, f"Knockout {k.name}", "decoder layer")
-        try:
-            src, tgt = role_mask(batch, k.sources), role_mask(batch, k.targets)
-        except RoleError as e:
-            raise InterventionError(f"Knockout {k.name} cannot apply: {e}") from e
-        knocks.append(ResolvedKnockout(src, tgt, None if k.layers is None else frozenset(k.layers), k.mode))
     for p in patches:
         if not isinstance(p, Patch):
             raise TypeError(f"patches must be narrowgate.Patch objects, got {type(p).__name__}.")
-        _check_layers((p.resid,), n_layers, f"Patch at {p.role}", "residual index")
-        try:
-            pos = batch.index(p.role)
-        except RoleError as e:
-            raise InterventionError(f"Patch at {p.role} cannot apply: {e}") from e
-        if p.value.shape[0] != batch.size:
-            raise InterventionError(f"Patch value has batch size {p.value.shape[0]}, the batch has {batch.size}.")
-        patched.append((p.resid, pos, p.value))
-    if capture is not None:
-        layers = tuple(range(n_layers + 1)) if capture.resids is None else capture.resids
-        _check_layers(layers, n_layers, "Capture", "residual index")
-        resids = tuple(layers)
-        for r in capture.parsed:
-            role_pos = batch.positions(r)
-            empty = [b for b, p in enumerate(role_pos) if len(p) == 0]
-            if empty:
-                raise InterventionError(f"Cannot capture role {r}: it is empty in example(s) {empty}.")
-            positions[str(r)] = role_pos
-        for name, at in capture.at or ():  # type: ignore[union-attr]  # a tuple after Capture.__post_init__
-            if len(at) != batch.size or not all(0 <= p < batch.length for p in at):
-                raise InterventionError(
-                    f"Capture {name!r} needs one position per example inside the sequence (0..{batch.length - 1})."
-                )
-            positions[name] = [torch.tensor([p]) for p in at]
+    if capture is not None and not isinstance(capture, Capture):
+        raise TypeError(f"capture must be a narrowgate.Capture, got {type(capture).__name__}.")
+    every = [*knockouts, *patches, *interventions, *([capture] if capture is not None else [])]
     if attention_stats:
-        try:
-            text = role_mask(batch, "text")
-        except RoleError as e:
-            raise InterventionError(f"Cross-modal attention needs text positions: {e}") from e
-    return Plan(layer_of, n_layers, tuple(knocks), tuple(patched), positions, resids, text)
+        every.append(AttentionStats())
+    resolved = resolve_all(every, batch, model)
+    for r in resolved:
+        _check_at(r, n_layers)
+    plan = Plan(
+        layer_of,
+        n_layers,
+        tuple(r for r in resolved if r.site == EDGES),  # type: ignore[misc]
+        tuple(r for r in resolved if r.site != EDGES),
+    )
+    plan.capture  # noqa: B018  # refuses a second capture now rather than mid-call
+    return plan
 
 
-def _check_layers(layers, top: int, what: str, kind: str) -> None:
-    bad = [x for x in layers if not 0 <= x <= top]
+def _check_at(r: Resolved, n_layers: int) -> None:
+    """Refuse a site or layer the model does not have."""
+    if r.site != EDGES and r.site not in SITES:
+        raise InterventionError(f"{r.name}: unknown site {r.site!r}; sites are {', '.join(SITES)}.")
+    if r.layers is None:
+        return
+    top, kind = (n_layers, "residual index") if r.site == "resid" else (n_layers - 1, "decoder layer")
+    bad = sorted(x for x in r.layers if not 0 <= x <= top)
     if bad:
-        raise InterventionError(f"{what}: {kind} {bad} out of range; valid {kind}es are 0..{top}.")
+        raise InterventionError(f"{r.name}: {kind} {bad} out of range; valid ones are 0..{top}.")

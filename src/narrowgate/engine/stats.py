@@ -1,6 +1,6 @@
 """Relative cross-modal attention (the paper's Eq. 1), assembled from per-layer column sums.
 
-For layer l and pre-text position j (image span and ``eoi``; ``bos``/``boi`` excluded)::
+For layer l and pre-text position j (every image's span and ``eoi``; ``bos``, ``boi`` and ``between`` excluded)::
 
     c_l(j) = sum_h mean_{i in text} A^{l,h}_{i,j},    f_l(j) = c_l(j) / sum_j' c_l(j')
 
@@ -50,11 +50,11 @@ def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int
         raise RuntimeError(f"Cross-modal attention was not computed in layers {missing}.")
     cols = torch.stack([column_attention[l].float().cpu() for l in range(n_layers)], dim=1)  # [B, L, T]
     per_pos, per_lab = [], []
-    for lay in batch.layouts:
-        pos = list(range(lay.start, lay.end + 1)) + ([lay.eoi] if lay.eoi is not None else [])
-        labels = [name for _, name, _ in image_side(lay)]
-        per_pos.append(pos)
-        per_lab.append(labels)
+    for b in range(batch.size):
+        visuals = batch.visuals(b)
+        side = [s for n, lay in enumerate(visuals, 1) for s in image_side(lay, n if len(visuals) > 1 else None)]
+        per_pos.append([p for p, _, _ in side])
+        per_lab.append([name for _, name, _ in side])
     P = max(len(p) for p in per_pos)
     B, L = cols.shape[:2]
     fractions = torch.full((B, L, P), float("nan"))

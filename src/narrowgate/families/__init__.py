@@ -12,9 +12,11 @@ from .emu3 import Emu3
 from .generic import Generic, out_of_scope, refusal
 from .idefics3 import Idefics3
 from .janus import Janus
+from .lighton_ocr import LightOnOcr
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOneVision
+from .ovis2 import Ovis2
 from .pixtral import Pixtral
 from .qwen2_vl import Qwen2VL
 
@@ -30,6 +32,8 @@ FAMILIES: tuple[type[Family], ...] = (
     Idefics3,
     Janus,
     Qwen2VL,
+    LightOnOcr,
+    Ovis2,
 )
 
 
@@ -38,6 +42,7 @@ class UnsupportedModelError(NarrowgateError, ValueError):
 
 
 def supported() -> str:
+    """The families with a dedicated adapter and their model types, in one line (error messages use it)."""
     return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
 
 

@@ -5,15 +5,16 @@ the model packs them (``pack_image_features``): first the base image (the whole 
 crop, ``(image_size / patch_size)**2`` features), then the high-resolution crops as one grid of
 feature rows, unpadded to the image's aspect ratio, each row followed by the learned
 ``image_newline`` feature. Every one of these is the image token id, so the rows cannot be read
-off the ids: `AnyresFamily.encode` records each image's size and `AnyresFamily.layout` places
-the rows exactly as the model does. The newline features are ``eol`` and are not content tokens.
-A family says only how big its feature grid is (`AnyresFamily.feature_grid`).
+off the ids: `AnyresFamily.layouts` places them from each image's size (the processor's ``image_sizes``)
+exactly as the model does. The newline features are ``eol`` and are not content tokens.
+A family says only how big its feature grid is (`AnyresFamily.feature_grid`) and whether it patches every image
+of a prompt holding several (`AnyresFamily.patched`).
 """
 
 from __future__ import annotations
 
 from ..compat import select_best_resolution
-from .base import Family, ImageLayout, LayoutError
+from .base import Family, ImageLayout, Item, LayoutError
 
 
 def unpadded_grid(height: int, width: int, grid_pinpoints, crop_size: int, side: int) -> tuple[int, int]:
@@ -40,10 +41,6 @@ class AnyresFamily(Family):
     #: The family's name in messages ("LLaVA-NeXT").
     title: str = ""
 
-    def setup(self):
-        super().setup()
-        self._grids: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-
     @property
     def crop_side(self) -> int:
         """Features per side of one crop (the vision tower's patches per side)."""
@@ -59,33 +56,56 @@ class AnyresFamily(Family):
         """(rows, columns) of the high-resolution feature grid the model packs for an image of this size."""
         raise NotImplementedError
 
-    def encode(self, images, texts):
-        """Encode as usual, remembering each row's feature grid for `layout`."""
-        inputs = super().encode(images, texts)
-        self._grids = {}
-        for row, (h, w) in zip(inputs["input_ids"].tolist(), inputs["image_sizes"].tolist()):
-            self._grids.setdefault(tuple(row), []).append(self.feature_grid(h, w))
-        return inputs
+    def patched(self, images: int) -> bool:
+        """Whether the model adds the high-resolution grid to each image of a prompt holding ``images`` images."""
+        return True
 
-    def layout(self, ids, first) -> ImageLayout:
-        lay = super().layout(ids, first)
-        grids = self._grids.get(tuple(ids))
-        if not grids:
-            raise LayoutError(
-                f"{self.title} rows can only be laid out right after this adapter encoded them (the image "
-                "sizes say where the newline features sit); prepare batches with VLM.prepare."
-            )
-        # Identical rows are laid out in the order they were encoded.
-        rows, cols = grids.pop(0) if len(grids) > 1 else grids[0]
+    def image_rows(self, inputs, item: Item, images: int) -> tuple[int, int] | None:
+        """(rows, columns) of the image's feature grid, or None for the base features and one newline alone (an
+        image the model does not patch)."""
+        if not self.patched(images):
+            return None
+        h, w = (int(x) for x in inputs["image_sizes"][item.index])
+        return self.feature_grid(h, w)
+
+    def layouts(self, ids, first, items, inputs):
+        """Each image's span from the ids, then its newline features where the model packs them."""
+        out = super().layouts(ids, first, items, inputs)
+        images = sum(i.kind == "image" for i in items)
+        for lay, item in zip(out, items):
+            if item.kind == "image":
+                self._place_rows(lay, self.image_rows(inputs, item, images))
+        return out
+
+    def _place_rows(self, lay: ImageLayout, grid: tuple[int, int] | None) -> None:
         base = self.base_features
         length = lay.end - lay.start + 1
-        if length != base + rows * (cols + 1):
+        rows, cols = grid if grid is not None else (1, 0)
+        want = base + rows * (cols + 1)
+        if length != want:
             raise LayoutError(
                 f"The {self.title} image span has {length} tokens, but the model packs {base} base features and "
-                f"{rows} rows of {cols} features plus a newline ({base + rows * (cols + 1)} in all): the processor "
-                "and the model config disagree."
+                f"{rows} rows of {cols} features plus a newline ({want} in all): the processor and the model "
+                "config disagree."
             )
         lay.eol = [lay.start + base + (r + 1) * (cols + 1) - 1 for r in range(rows)]
         eol = set(lay.eol)
         lay.content = [p for p in lay.content if p not in eol]
+
+    def item_lengths(self, items, inputs):
+        """Images written back to back (the llava-hf chat templates do) are told apart by their lengths."""
+        images = sum(i.kind == "image" for i in items)
+        out = []
+        for item in items:
+            if item.kind == "video":
+                return None
+            grid = self.image_rows(inputs, item, images)
+            rows, cols = grid if grid is not None else (1, 0)
+            out.append(self.base_features + rows * (cols + 1))
+        return out
+
+    def video_newlines(self, lay):
+        """A video's frames, pooled, one after the other, then one newline feature (``eol``) closing the span."""
+        lay.eol = [lay.end]
+        lay.content = lay.content[:-1]
         return lay

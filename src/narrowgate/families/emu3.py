@@ -34,6 +34,7 @@ class Emu3(Family):
     model_types = ("emu3",)
     checkpoints = ("BAAI/Emu3-Chat-hf", "BAAI/Emu3-Gen-hf")
     eoi_doc = "eoi is <|image end|>, the end-of-image token after the image's <|extra_201|> (eof) token."
+    several = videos = False  # its raw prompt and layout hold one image
 
     def setup(self):
         p = self.processor
@@ -46,7 +47,10 @@ class Emu3(Family):
         self.boi_id = self.token_id(p.image_start_token)  # <|image start|>
         self.eoi_id = self.token_id(p.image_end_token)  # <|image end|>
 
-    def prompt(self, text, image_first=True):
+    def prompt(self, text, image_first=True, kinds=("image",)):
+        """The raw prompt (Emu3's chat template is not used), with one image."""
+        if tuple(kinds) != ("image",):
+            raise LayoutError(f"The {self.name} adapter lays out one image per prompt; give one image per example.")
         return self.raw_prompt(text, image_first)
 
     def raw_prompt(self, text, image_first):

@@ -4,7 +4,9 @@ Roles come only from what the processor, its tokenizer and the config name:
 
 - content: the token the model replaces with image features (``config.image_token_id`` /
   ``image_token_index``, else the processor's ``image_token_id`` or ``image_token``); the prompt's placeholder
-  is the processor's ``image_token``, which may differ (Gemma 3 writes ``<start_of_image>``, Aya Vision ``<image>``);
+  is the processor's ``image_placeholder_token`` where it names one (Qianfan-OCR writes ``<image>`` and expands
+  it to ``<IMG_CONTEXT>`` tokens), else its ``image_token``, which may differ from the content token (Gemma 3
+  writes ``<start_of_image>``, Aya Vision ``<image>``);
 - ``boi`` / ``eoi``: the begin/end-of-image specials where the processor or tokenizer names them
   (``boi_token``/``eoi_token``, ``image_start_token``/``image_end_token``, ``start_image_token``/
   ``end_image_token``, ``vision_start_token``/``vision_end_token``) or the config gives their ids;
@@ -65,13 +67,10 @@ def refusal(config) -> str | None:
 
 def wants_mm_token_types(config) -> bool:
     """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
-    )
+    from ..compat import image_text_to_text_class
 
-    try:
-        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
-    except KeyError:
+    cls = image_text_to_text_class(config)
+    if cls is None:
         return False
     return "mm_token_type_ids" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined,union-attr]
 
@@ -83,6 +82,12 @@ class Generic(Family):
     def __init__(self, processor, config):
         self.name = config.model_type
         super().__init__(processor, config)
+
+    @property
+    def image_token(self) -> str:
+        """The image placeholder a raw prompt holds (see the module docstring)."""
+        placeholder = getattr(self.processor, "image_placeholder_token", None)
+        return placeholder if isinstance(placeholder, str) and placeholder else super().image_token
 
     def _named(self, names: tuple[str, ...]) -> str | None:
         for owner in (self.processor, self.tokenizer):
@@ -142,15 +147,18 @@ class Generic(Family):
         else:
             self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def encode(self, images, texts):
+    def encode(self, images, texts, videos=None):
         """As every family, with one list of images per prompt (the form most processors accept), the processor's
         ``mm_token_type_ids`` where the model takes them (it needs them to place image features) and no labels."""
         if wants_mm_token_types(self.config):
             self.processor_kwargs = {"return_mm_token_type_ids": True}
-        try:
-            inputs = super().encode([[im] for im in images], texts)
-        except ValueError:  # a processor taking one image per prompt only (GOT-OCR 2)
-            inputs = super().encode(images, texts)
+        if videos or any(isinstance(x, list) for x in images):
+            inputs = super().encode(images, texts, videos)
+        else:
+            try:
+                inputs = super().encode([[im] for im in images], texts)
+            except ValueError:  # a processor taking one image per prompt only (GOT-OCR 2)
+                inputs = super().encode(images, texts)
         inputs.pop("labels", None)  # PaliGemma's processor adds training labels; a loss is no model input here
         return inputs
 
@@ -162,7 +170,7 @@ class Generic(Family):
         ends = [i for i in range(first, len(ids)) if ids[i] == self.eoi_id]
         if len(starts) != 1 or len(ends) != 1 or ends[0] <= starts[0] + 1:
             raise LayoutError(
-                f"Expected exactly one {self.name} image span (one begin- and one end-of-image token, image tokens "
+                f"Expected one {self.name} image span per image (one begin- and one end-of-image token, image tokens "
                 f"between them); found {len(starts)} begin and {len(ends)} end tokens."
             )
         start, end = starts[0] + 1, ends[0] - 1
@@ -172,13 +180,16 @@ class Generic(Family):
             raise LayoutError(f"The {self.name} image span holds no image placeholder token.")
         outside = [i for i in range(first, len(ids)) if ids[i] in self.content_ids and not start <= i <= end]
         if outside:
-            raise LayoutError(f"{self.name} image tokens outside the span: narrowgate supports one image per example.")
+            raise LayoutError(
+                f"{self.name} image tokens outside the span of begin- and end-of-image tokens: the prompt does not have "
+                "the expected layout."
+            )
         eol = [i for i in inside if ids[i] in self.eol_ids]
         return ImageLayout(start=start, end=end, content=content, eol=eol, boi=starts[0], eoi=ends[0])
 
     def check_layout(self, ids, layout):
         super().check_layout(ids, layout)
-        if layout.eoi is None:
+        if layout.eoi is None and layout.end == len(ids) - 1:
             raise LayoutError(f"The {self.name} prompt ends inside the image: no token follows the image span.")
 
     def causal_from(self, inputs):
@@ -195,14 +206,10 @@ class Generic(Family):
         return int(zero.max()) + 1
 
     def attach(self, model):
-        """Keep the model's own M-RoPE position builder (``get_rope_index``), where it has one."""
-        self._rope_index = getattr(getattr(model, "model", model), "get_rope_index", None)
+        self.model_positions(model)
 
     def position_ids(self, inputs):
-        """Multi-axis rotary positions (M-RoPE) from the model's own ``get_rope_index`` on the whole prompt, so a
-        suffix run on a cached prefix gets the positions a full forward would; 1-D positions otherwise."""
-        rope_index = getattr(self, "_rope_index", None)
-        if rope_index is None:
-            return super().position_ids(inputs)
-        wanted = inspect.signature(rope_index).parameters
-        return rope_index(**{k: v for k, v in inputs.items() if k in wanted})[0]
+        """Multi-axis rotary positions (M-RoPE) from the model's own ``get_rope_index`` (`rope_positions`); 1-D
+        positions otherwise."""
+        pos = self.rope_positions(inputs)
+        return super().position_ids(inputs) if pos is None else pos

@@ -46,6 +46,7 @@ _TILE_TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
 
 class Idefics3(Family):
     name = "idefics3"
+    videos = False  # SmolVLM2 writes a video as timestamped frames, each laid out as an image: not read here
     model_types = ("idefics3", "smolvlm")
     checkpoints = (
         "HuggingFaceM4/Idefics3-8B-Llama3",
@@ -74,9 +75,30 @@ class Idefics3(Family):
         start = "<|im_start|>" if self.config.model_type == "smolvlm" else ""
         return f"{start}{body}{self.end_of_utterance}\nAssistant:"
 
-    def encode(self, images, texts):
+    def encode(self, images, texts, videos=None):
         """Encode with one image list per example: SmolVLM's processor reads a flat list as one example's images."""
-        return super().encode([[image] for image in images], texts)
+        return super().encode([im if isinstance(im, list) else [im] for im in images], texts)
+
+    def segments(self, ids, first, items, inputs):
+        """Each image ends with its global image's closing ``<fake_token_around_image>``."""
+        fake = self.boi_id
+        (image_id,) = self.content_ids
+        stops = []
+        for p in range(first + 1, len(ids)):
+            if ids[p] != fake or ids[p - 1] != image_id:
+                continue
+            run = p - 1
+            while ids[run - 1] == image_id:
+                run -= 1
+            opening = max(i for i in range(first, run) if ids[i] == fake)
+            if self._text(ids, opening + 1, run) == self.global_tag:
+                stops.append(p + 1)
+        if len(stops) != len(items):
+            raise LayoutError(
+                f"The prompt holds {len(items)} images but {len(stops)} {self.name} global images close one; the "
+                "processor output does not have the expected layout."
+            )
+        return list(zip([first, *stops[:-1]], stops))
 
     # --- layout ------------------------------------------------------------------------------
     def _text(self, ids: list[int], a: int, b: int) -> str:

@@ -5,7 +5,7 @@ model packs them: first the base image (the whole image resized to one crop, ``(
 patch_size)**2`` features, the CLS feature dropped), then the high-resolution crops as one grid of
 feature rows, unpadded to the image's aspect ratio, each row followed by the learned
 ``image_newline`` feature. The layout is OneVision's without its downscaling of large grids
-(shared in `anyres`): `encode` records each image's size and `layout` places the rows exactly as
+(shared in `anyres`): `layouts` places the rows from each image's size exactly as
 ``LlavaNextModel.pack_image_features`` does. The newline features are ``eol`` and are not content
 tokens (``image[k]`` counts base and grid features only); the span's last token is an ``eol``.
 There is no image-start or end-of-image token: ``eoi`` is the first token after the image (in

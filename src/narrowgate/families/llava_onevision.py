@@ -4,11 +4,13 @@ The ``<image>`` placeholder expands to one ``<image>`` token per image feature, 
 model packs them: first the base image (the whole image as one crop, ``(image_size /
 patch_size)**2`` features), then the high-resolution crops as one grid of feature rows, unpadded
 to the image's aspect ratio, each row followed by the learned ``image_newline`` feature.
-Every one of these is the image token id, so the rows cannot be read off the ids: `encode`
-records each image's size and `layout` places the rows exactly as the model's
+Every one of these is the image token id, so the rows cannot be read off the ids: `layouts`
+places the rows from each image's size exactly as the model's
 ``pack_image_features`` does (shared with LLaVA-NeXT in `anyres`; OneVision also downscales
 grids past ``vision_aspect_ratio`` crops). The newline features are ``eol`` and are not content tokens
 (``image[k]`` counts base and grid features only). The span's last token is thus an ``eol``.
+In a prompt holding several images each image is its base features and one newline only (no grid), and a
+video is its frames' pooled features (``(side / 2)**2`` each, frame after frame) and one newline.
 There is no image-start or end-of-image token: ``eoi`` is the first token after the image (in
 the llava-hf chat template, the newline after ``<image>``). The Qwen2 tokenizer has no BOS
 token, so ``bos`` is empty.
@@ -35,6 +37,11 @@ class LlavaOneVision(AnyresFamily):
     def raw_prompt(self, text, image_first):
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"<|im_start|>user {body}<|im_end|>\n<|im_start|>assistant\n"
+
+    def patched(self, images: int) -> bool:
+        """A prompt holding several images gets each one's base features and one newline only (the model's
+        ``batch_num_images``)."""
+        return images == 1
 
     def feature_grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, columns) of the high-resolution feature grid the model packs for an image of this size.

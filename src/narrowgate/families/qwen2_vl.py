@@ -4,15 +4,16 @@ The prompt carries ``<|vision_start|><|image_pad|><|vision_end|>``; the processo
 ``<|image_pad|>`` to one per merged patch, ``(h / 28) * (w / 28)`` for the real 14-px patches, so
 the span length depends on the image size. ``boi`` is ``<|vision_start|>`` and ``eoi`` is
 ``<|vision_end|>``; no in-image line breaks: rows are encoded by M-RoPE's 3-D position ids,
-which `position_ids` builds exactly as the model's ``get_rope_index`` does. Qwen tokenizers have
+which `position_ids` takes from the model's own ``get_rope_index``. Several images are written back to back,
+each between its own start and end. A video is ``<|vision_start|><|video_pad|><|vision_end|>``, expanded to
+``(T / 2) * (h / 28) * (w / 28)`` tokens, one temporal patch (two input frames, ``temporal_patch_size``) after
+the other: each temporal patch is a frame (``frame@t``). Qwen tokenizers have
 no BOS token, so the ``bos`` role is empty.
 Raw template (no chat template):
 ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\\n<|im_start|>assistant\\n``.
 """
 
 from __future__ import annotations
-
-import torch
 
 from .base import Family, LayoutError
 
@@ -37,37 +38,28 @@ class Qwen2VL(Family):
         self.eoi_id = self.token_id(VISION_END)
 
     def raw_prompt(self, text, image_first):
-        image = f"{VISION_START}{self.image_token}{VISION_END}"
+        image = self.visual_text("image")
         body = f"{image}{text}" if image_first else f"{text}{image}"
         return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
-    def position_ids(self, inputs):
-        """M-RoPE positions ``[3, B, T]`` (temporal, height, width), as the model's ``get_rope_index`` builds them.
+    def visual_text(self, kind):
+        """An image or a video as the chat template writes it: its placeholder between the vision start and end."""
+        return f"{VISION_START}{super().visual_text(kind)}{VISION_END}"
 
-        Text tokens get the same position in all three rows, counted from each row's first real
-        token; the image's tokens get ``start + (t, i, j)`` for merged patch (i, j); text after the
-        image resumes at ``start + max(h, w)``. Explicit positions keep forward, generate and
-        shared-prefix runs (which feed the model a suffix on a KV cache) independent of the
-        model's internal ``rope_deltas`` state.
+    def attach(self, model):
+        self.model_positions(model)
+
+    def position_ids(self, inputs):
+        """M-RoPE positions ``[3, B, T]`` (temporal, height, width) from the model's own ``get_rope_index``.
+
+        Text tokens get the same position in all three rows, counted from each row's first real token; each image's
+        (and video's) tokens get ``start + (t, i, j)`` for merged patch (i, j) of temporal patch t; text after it
+        resumes past its largest. Explicit positions keep forward, generate and shared-prefix runs (which feed the
+        model a suffix on a KV cache) independent of the model's internal ``rope_deltas`` state.
         """
-        grids, mask = inputs.get("image_grid_thw"), inputs.get("attention_mask")
-        if grids is None or mask is None:
+        if inputs.get("attention_mask") is None:
             return None
-        ids = inputs["input_ids"]
-        merge = self.config.vision_config.spatial_merge_size
-        content = torch.tensor(sorted(self.content_ids), device=ids.device)
-        pos = torch.zeros(3, *ids.shape, dtype=torch.long, device=ids.device)
-        for b in range(ids.shape[0]):  # one image per example, so grids[b] is example b's grid
-            real = mask[b].bool()
-            row = ids[b][real]
-            start = int(torch.isin(row, content).nonzero()[0])
-            t, h, w = int(grids[b][0]), int(grids[b][1]) // merge, int(grids[b][2]) // merge
-            image = torch.stack(torch.meshgrid(*(torch.arange(n) for n in (t, h, w)), indexing="ij")).reshape(3, -1)
-            after = row.numel() - start - image.shape[1]
-            before = torch.arange(start).expand(3, -1)
-            text_after = torch.arange(after).expand(3, -1) + start + max(h, w)
-            pos[:, b, real] = torch.cat([before, image + start, text_after], dim=1).to(ids.device)
-        return pos
+        return self.rope_positions(inputs)
 
     def check_layout(self, ids, layout):
         super().check_layout(ids, layout)

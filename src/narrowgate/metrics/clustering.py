@@ -20,7 +20,12 @@ import torch
 from dadapy import Data
 from sklearn.metrics import homogeneity_score
 
-__all__ = ["modality_homogeneity"]
+__all__ = ["min_points", "modality_homogeneity"]
+
+
+def min_points(id_range: tuple[int, int] = (8, 16), density_k: int = 15) -> int:
+    """The fewest points `modality_homogeneity` can cluster: each needs ``max(n2, density_k)`` neighbours."""
+    return max(id_range[1], density_k) + 1
 
 
 def _as_unit_rows(X) -> np.ndarray:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["neighborhood_overlap", "neighborhood_overlap_per_layer"]
+__all__ = ["neighborhood_overlap", "neighborhood_overlap_per_layer", "neighborhood_overlap_per_point"]
 
 # Query rows per block are chosen so that one block of scores holds about this
 # many elements (2**26 float32 = 256 MiB).
@@ -115,6 +115,21 @@ def neighborhood_overlap(
     _check_k(k, n)
     per_point = _per_point_overlap(Xt, codes, int(k), block_size)
     return _reduce(per_point, codes, class_balanced)
+
+
+@torch.no_grad()
+def neighborhood_overlap_per_point(
+    X, labels: Sequence | np.ndarray | torch.Tensor, k: int = 30, *, block_size: int | None = None
+) -> np.ndarray:
+    """Each point's fraction of its ``k`` nearest neighbours sharing its label, float64 [N]; their mean is
+    :func:`neighborhood_overlap` (and their spread gives its standard error over points)."""
+    Xt = _as_float_tensor(X)
+    if Xt.ndim != 2:
+        raise ValueError(f"X must be [N, D], got shape {tuple(Xt.shape)}")
+    n = Xt.shape[0]
+    codes = _encode_labels(labels, n, Xt.device)
+    _check_k(k, n)
+    return _per_point_overlap(Xt, codes, int(k), block_size).cpu().numpy()
 
 
 def neighborhood_overlap_per_layer(

@@ -237,8 +237,12 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         raise TypeError("answers must be a sequence of strings, not a single string")
     if len(answers) == 0:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    pred = normalize_vqa_answer(prediction)
-    hits = [normalize_vqa_answer(a) == pred for a in answers]
+    return accuracy_of_normalized(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+
+
+def accuracy_of_normalized(prediction: str, answers: Sequence[str]) -> float:
+    """`vqa_accuracy` of a prediction and answers already normalised (`normalize_vqa_answer`)."""
+    hits = [a == prediction for a in answers]
     total = sum(hits)
     per_subset = [min(1.0, (total - hit) / 3.0) for hit in hits]
     return sum(per_subset) / len(per_subset)

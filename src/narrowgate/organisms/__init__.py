@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint_prompts
+from ..errors import OptionError
 from . import card as cardlib
 from . import gated, native, non_native
+from .common import PROMPTS
 from .heldout import evaluate
 
 KINDS = ("native", "non-native", "gated")
@@ -54,8 +57,10 @@ def train(
     tiny: bool = False,
     overrides: dict | None = None,
     heldout: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card; return the card.
+    """Train organism ``kind`` from ``seed``, save it to ``out_dir`` with its card and its prompts
+    (``narrowgate.json``, `common.PROMPTS`); return the card.
 
     Training is deterministic (2 CPU threads, deterministic algorithms): the same seed, versions and
     machine give the same weights.
@@ -63,10 +68,19 @@ def train(
     ``tiny`` and ``overrides`` (config fields, e.g. ``{"steps": 100}`` for the main phase) shrink the
     run, e.g. for tests. ``heldout`` sets the
     held-out evaluation sizes (``{"vqa": 300, "captions": 100, "classes": 20}``; ``{}`` to skip it).
+    ``out_dir`` must be a new or empty folder unless ``overwrite`` (checked before training starts).
     """
     _check(kind)
     cfg = config(kind, tiny=tiny, **(overrides or {}))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a folder: give a folder for the checkpoint.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a checkpoint" if (out / "config.json").exists() else "files"
+        raise OptionError(
+            f"--out {out} already holds {what}; training would overwrite it. Give another --out, or --force to "
+            "overwrite it."
+        )
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     module = _MODULES[kind]
@@ -77,6 +91,7 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
+    checkpoint_prompts.write(out, PROMPTS)
     scores = evaluate(out, sizes=heldout) if heldout != {} else None
     recipe = module.recipe(cfg) if hasattr(module, "recipe") else module.RECIPE
     card = cardlib.make_card(kind, recipe, info, scores, seed=seed, seconds=seconds, out_dir=out)

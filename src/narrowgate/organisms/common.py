@@ -25,6 +25,9 @@ from ..progress import progress_bar
 from .tiny import bpe_tokenizer
 
 CLASS_PROMPT = CLASS["synthetic"]
+#: The prompts every organism learns, written beside its config as ``narrowgate.json`` so that every command
+#: asks it those (and not a family preset such as Chameleon's VQA prompt ending in " Answer:").
+PROMPTS = {"vqa": VQA, "captions": CAPTION, "class": CLASS_PROMPT}
 #: Share of each understanding task in the multimodal training mixture.
 TASK_MIX = {"vqa": 0.5, "caption": 0.3, "class": 0.2}
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"

@@ -49,7 +49,7 @@ from rich.console import Console
 from ..analyses.prompts import VQA
 from ..errors import OptionError
 from ..organisms import native
-from ..store import DirLock
+from ..store import DirectoryLock
 
 SHARES = (0.0, 0.2, 0.5, 0.8, 1.0)
 IMAGE_TOKENS = (16, 64)
@@ -569,7 +569,7 @@ def run_study(
             raise OptionError(f"{flag} {path} is a file; give a directory.")
     out.mkdir(parents=True, exist_ok=True)
     command_text = shlex.join(command if command is not None else sys.argv)
-    lock = DirLock(out)
+    lock = DirectoryLock(out)
     lock.acquire(command_text)
     try:
         _check_settings(out, settings(recipe, scale, plan, heldout))

@@ -1,0 +1,314 @@
+"""mkdocs hooks of the documentation site (mkdocs.yml: ``hooks``); every warning here fails the strict build.
+
+Pages ask for generated content with one-line HTML comments, each replaced at build time:
+
+- ``<!-- demo-figures RUN ... -->``: the figures of those demo runs (e.g. ``ablation-vqa``), every model's, and the
+  overlay on relative depth. The demo runs once per build (``demo.demo`` on the shipped organisms at
+  `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds of the same sources reuse it;
+  ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have, which must hold every run the pages show
+  (``demo.demo(DIR, plan=demo.PLAN + EXTRA_PLAN)`` writes one; ``narrowgate demo`` alone has no steering or
+  logit-lens run).
+- ``<!-- demo-table RUN TABLE -->``: that table of a demo run (``tables/TABLE.csv``), every model's, in one table.
+- ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
+- ``<!-- options EXPERIMENT -->``: the experiment's options, from its settings dataclass.
+- ``<!-- benchmark -->``: the engine benchmark's tables, from ``docs/_generated/engine-benchmark.json``.
+- ``<!-- cli -->``: ``--help`` of every command.
+
+Checks: the API page documents every name of ``narrowgate.__all__``, and each of them (and each public method or
+property of its classes) has a docstring.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("mkdocs.plugins.narrowgate_docs")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_SCALE = 0.1
+#: Experiments the demo does not run but whose pages show a figure: (run name, experiment, settings).
+EXTRA_PLAN = (
+    ("steering", "steering", dict(n_per_class=40, max_new_tokens=4)),
+    ("logit-lens", "logit-lens", dict(n_per_class=40)),
+)
+BENCHMARK = ROOT / "docs" / "_generated" / "engine-benchmark.json"
+DIRECTIVE = re.compile(r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|cli)\b ?(.*?) ?-->$", re.M)
+FIGURES = "figures/demo"
+
+_demo: Path | None = None
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _source_digest() -> str:
+    """A digest of narrowgate's sources and the organisms' weights: a cached demo is reused only for the same code."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    src = ROOT / "src" / "narrowgate"
+    for path in sorted([*src.rglob("*.py"), *src.rglob("*.safetensors")]):
+        digest.update(str(path.relative_to(src)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _demo_dir() -> Path:
+    """The demo output the pages show: NARROWGATE_DOCS_DEMO, or a run made (once) for the docs."""
+    global _demo
+    if _demo is not None:
+        return _demo
+    given = os.environ.get("NARROWGATE_DOCS_DEMO")
+    if given:
+        _demo = Path(given)
+        if not (_demo / "summary.csv").is_file():
+            raise SystemExit(f"NARROWGATE_DOCS_DEMO={given} holds no demo output (no summary.csv).")
+        return _demo
+    import narrowgate
+    from narrowgate import demo
+
+    out = ROOT / ".cache" / "docs-demo" / f"{narrowgate.__version__}-{DEMO_SCALE}-{_source_digest()}"
+    if not (out / "summary.csv").is_file():
+        from rich.console import Console
+
+        log.info("narrowgate docs: running the demo at scale %s into %s", DEMO_SCALE, out)
+        shutil.rmtree(out, ignore_errors=True)
+        from narrowgate.deprecation import dependency_deprecations_hidden
+
+        with dependency_deprecations_hidden():
+            demo.demo(
+                out,
+                scale=DEMO_SCALE,
+                progress=False,
+                console=Console(file=io.StringIO()),
+                plan=demo.PLAN + EXTRA_PLAN,
+            )
+    _demo = out
+    return out
+
+
+def _figures(demo: Path) -> dict[tuple[str, str], list[Path]]:
+    """(model label, run name) -> that run's PNG figures; ("compare", run) -> the overlays."""
+    out: dict[tuple[str, str], list[Path]] = {}
+    for model in sorted(p for p in demo.iterdir() if p.is_dir() and p.name not in ("compare", "remove-gate")):
+        for run in sorted(p for p in model.iterdir() if (p / "figures").is_dir()):
+            out[(model.name, run.name)] = sorted((run / "figures").glob("*.png"))
+    for run in sorted((demo / "compare").glob("*")):
+        out[("compare", run.name)] = sorted(run.glob("*.png"))
+    return out
+
+
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
+    for (label, run), pngs in _figures(_demo_dir()).items():
+        for png in pngs:
+            uri = f"{FIGURES}/{_slug(label)}/{run}/{png.name}"
+            files.append(File.generated(config, uri, abs_src_path=str(png)))
+    return files
+
+
+def _md_table(df) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.3f}"
+        return str(v).replace("|", "/")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))
+
+
+def _demo_figures(runs: list[str], page) -> str:
+    demo = _demo_dir()
+    figures = _figures(demo)
+    models = [m for m, _ in figures if m != "compare"]
+    up = "../" * page.file.src_uri.count("/")
+    parts = []
+    for run in runs:
+        if not any(r == run for _, r in figures):
+            log.warning("%s: the demo has no run %r", page.file.src_uri, run)
+            continue
+        for png in figures.get(("compare", run), []):
+            parts.append(
+                f"**{run}, every model on relative depth**\n\n![{run}: overlay]({up}{FIGURES}/compare/{run}/{png.name})\n"
+            )
+        for model in dict.fromkeys(models):
+            for png in figures.get((model, run), []):
+                parts.append(
+                    f"**{run}: {model}** (`{png.stem}`)\n\n![{run}: {model}]({up}{FIGURES}/{_slug(model)}/{run}/{png.name})\n"
+                )
+    scale = "given by NARROWGATE_DOCS_DEMO" if os.environ.get("NARROWGATE_DOCS_DEMO") else f"--scale {DEMO_SCALE}"
+    note = (
+        f"*Figures drawn by this site's build from a demo run on the shipped organisms ({scale}: small samples, so "
+        "noisier than `narrowgate demo` at full scale).*\n\n"
+    )
+    return note + "\n".join(parts)
+
+
+def _demo_table(run: str, table: str, page) -> str:
+    import pandas as pd
+
+    demo = _demo_dir()
+    frames = []
+    for model in sorted(p for p in demo.iterdir() if (p / run / "tables" / f"{table}.csv").is_file()):
+        frames.append(pd.read_csv(model / run / "tables" / f"{table}.csv").assign(model=model.name))
+    if not frames:
+        log.warning("%s: no demo run %r has a table %r", page.file.src_uri, run, table)
+        return ""
+    df = pd.concat(frames, ignore_index=True)
+    return _md_table(df[["model", *[c for c in df.columns if c != "model"]]]) + "\n"
+
+
+def _demo_summary() -> str:
+    import pandas as pd
+
+    from narrowgate.demo import SUMMARY, verdict
+
+    demo = _demo_dir()
+    summary = pd.read_csv(demo / "summary.csv")
+    table = (
+        summary.pivot_table(index=["model", "task", "metric"], columns="condition", values="score", sort=False)[
+            list(SUMMARY)
+        ]
+        .rename_axis(columns=None)
+        .reset_index()
+    )
+    text = "Scores (baseline and with each knockout):\n\n" + _md_table(table) + "\n"
+    text += "".join(f"- {v}\n" for v in verdict(summary).values())
+    gates = demo / "gates.csv"
+    if gates.is_file():
+        g = pd.read_csv(gates)
+        text += "\nGate scan:\n\n" + _md_table(g.drop(columns="verdict")) + "\n"
+        text += "".join(f"- {v}\n" for v in g["verdict"])
+    return text
+
+
+def _options(experiment: str, page) -> str:
+    from dataclasses import MISSING, fields
+
+    from narrowgate.analyses import EXPERIMENTS
+
+    if experiment not in EXPERIMENTS:
+        log.warning("%s: no experiment %r", page.file.src_uri, experiment)
+        return ""
+    rows = ["| option | default | what |", "|---|---|---|"]
+    for f in fields(EXPERIMENTS[experiment].config):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+        flag = f"`{flag}`" + (f", `{meta['short']}`" if meta.get("short") else "")
+        default = "required" if meta.get("required") else ("" if f.default in (MISSING, None) else f"`{f.default}`")
+        what = meta["help"] + (f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else "")
+        rows.append(f"| {flag} | {default} | {what.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _benchmark() -> str:
+    data = json.loads(BENCHMARK.read_text())
+    targets = data.get("targets", {})
+    rows = ["| ratio | measured | target | naive |", "|---|---|---|---|"]
+    for key, target in targets.items():
+        naive = data.get("naive", {}).get(key)
+        rows.append(
+            f"| {key.replace('_', ' ')} | {data[key]:.2f} | ≤ {target:g} | {'' if naive is None else f'{naive:.2f}'} |"
+        )
+    text = "\n".join(rows) + "\n\n"
+    text += (
+        f"Measured {data.get('date', '(no date)')} on {data.get('machine', '(machine not recorded)')}: "
+        f"`--config {data.get('config')}`, {data.get('dtype')}, {data.get('n_layers')} layers, plain forward "
+        f"{data.get('plain_forward_s', float('nan')):.3f} s, plain 20-token generate "
+        f"{data.get('plain_generate_s', float('nan')):.3f} s. Gate scan: {data.get('scan_positions')} image-side "
+        f"positions, {data.get('scan_suffix_tokens')} text tokens after [EOI], floor "
+        f"{data.get('R5_floor', float('nan')):.2f} plain forwards counting tokens and "
+        f"{data.get('R5_floor_flops', float('nan')):.2f} counting FLOPs, {data.get('scan_positions_per_s', 0):.0f} "
+        "positions/s.\n"
+    )
+    if data.get("source"):
+        text += f"\n*Source of these numbers: {data['source']}*\n"
+    return text
+
+
+def _cli() -> str:
+    from typer.testing import CliRunner
+
+    from narrowgate.analyses import EXPERIMENTS
+    from narrowgate.cli import app
+
+    runner = CliRunner()
+    env = {"COLUMNS": "110", "TERM": "dumb", "NO_COLOR": "1"}
+    commands = [["--help"], ["models", "--help"], ["roles", "--help"], ["run", "--help"]]
+    commands += [["run", name, "--help"] for name in sorted(EXPERIMENTS)]
+    commands += [["compare", "--help"], ["demo", "--help"], ["finetune", "--help"], ["train-organism", "--help"]]
+    parts = []
+    for args in commands:
+        result = runner.invoke(app, args, env=env)
+        if result.exit_code != 0:
+            log.warning("narrowgate %s failed: %s", " ".join(args), result.output)
+        title = " ".join(a for a in args if a != "--help") or "narrowgate"
+        parts.append(
+            f"## `{'narrowgate ' + title if title != 'narrowgate' else title}`\n\n```text\n{result.output.rstrip()}\n```\n"
+        )
+    return "\n".join(parts)
+
+
+def on_page_markdown(markdown, page, config, files):
+    def replace(m: re.Match) -> str:
+        kind, arg = m.group(1), m.group(2).split()
+        if kind == "demo-figures":
+            return _demo_figures(arg, page)
+        if kind == "demo-table":
+            return _demo_table(arg[0], arg[1], page)
+        if kind == "demo-summary":
+            return _demo_summary()
+        if kind == "options":
+            return _options(arg[0], page)
+        if kind == "benchmark":
+            return _benchmark()
+        return _cli()
+
+    if page.file.src_uri == "api.md":
+        _check_api(markdown)
+    return DIRECTIVE.sub(replace, markdown)
+
+
+def _public_paths(package) -> dict[str, str]:
+    """Each name of narrowgate.__all__ -> the path where it is defined (``narrowgate.batch.Batch``)."""
+    import narrowgate
+
+    out = {}
+    for name in narrowgate.__all__:
+        if name in narrowgate._LAZY:  # provided on first use (PEP 562): griffe sees no import in __init__
+            out[name] = f"narrowgate{narrowgate._LAZY[name]}.{name}"
+        else:
+            obj = package[name]
+            out[name] = obj.target_path if obj.is_alias else obj.path
+    return out
+
+
+def _check_api(markdown: str) -> None:
+    """Every name of narrowgate.__all__ is on the API page, and it and its public members have docstrings."""
+    import griffe
+
+    package = griffe.load("narrowgate", search_paths=[str(ROOT / "src")])
+    shown = set(re.findall(r"^::: (narrowgate[\w.]*)\s*$", markdown, re.M))
+    for name, path in _public_paths(package).items():
+        if path not in shown:
+            log.warning("api.md: narrowgate.%s is in narrowgate.__all__ but not documented (add '::: %s')", name, path)
+        target = package[path.removeprefix("narrowgate.")]
+        if not target.docstring:
+            log.warning("%s (narrowgate.%s) has no docstring", path, name)
+        if not target.is_class:
+            continue
+        for member_name, member in target.members.items():
+            if member_name.startswith("_") or member.is_alias:
+                continue
+            if (member.is_function or (member.is_attribute and "property" in member.labels)) and not member.docstring:
+                log.warning("%s.%s (public) has no docstring", path, member_name)

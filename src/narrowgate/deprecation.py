@@ -1,0 +1,63 @@
+"""The deprecation policy's one tool: a renamed public name keeps working for one minor version.
+
+A keyword argument (and attribute) renamed in version X.Y still works until X.(Y+1), with a
+`DeprecationWarning` that names its replacement and the version that removes it; docs/deprecations.md
+lists every name in that state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+
+def renamed(since: str, removed_in: str, **renames: str):
+    """Class decorator: each ``old="new"`` keyword of the constructor, and attribute ``old``, still work
+    (mapped to ``new``) with a `DeprecationWarning` naming ``new``."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        def message(old: str, new: str, what: str) -> str:
+            return (
+                f"{cls.__name__}{what.format(old)} is deprecated since narrowgate {since} and will be removed in "
+                f"{removed_in}: use {cls.__name__}{what.format(new)} (the same value)."
+            )
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}() got both {old}= (deprecated) and {new}=; give {new}= only.")
+                    warnings.warn(message(old, new, "({}=...)"), DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        for old, new in renames.items():
+
+            def read(self, old=old, new=new):
+                warnings.warn(message(old, new, ".{}"), DeprecationWarning, stacklevel=2)
+                return getattr(self, new)
+
+            setattr(cls, old, property(read, doc=f"Deprecated alias of `{new}` (removed in {removed_in})."))
+        return cls
+
+    return decorate
+
+
+#: Modules whose deprecation notices are about their own internals (e.g. peft reading transformers' deprecated
+#: ``is_gradient_checkpointing``), which a narrowgate user can neither act on nor silence by changing their code.
+DEPENDENCIES = r"(transformers|peft|accelerate|huggingface_hub)(\..*)?$"
+
+
+@contextlib.contextmanager
+def dependency_deprecations_hidden():
+    """Within the block, DeprecationWarning / FutureWarning / PendingDeprecationWarning raised inside
+    narrowgate's dependencies (`DEPENDENCIES`) are not shown; narrowgate's own deprecations still are."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=DEPENDENCIES)
+        yield
