@@ -231,8 +231,12 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
             assert gate["mode"] == mode
             assert row[f"gate_index_{mode}"] == pytest.approx(gate["gate_index"], nan_ok=True)
             assert row[f"positions_for_90_{mode}"] == pytest.approx(gate["positions_for_90"], nan_ok=True)
-        ablation = pd.read_csv(runs / "ablation-vqa" / "tables" / "ablation.csv").set_index("condition")
-        assert row["vqa_baseline"] == pytest.approx(ablation.loc["baseline", "score"])
+        table = runs / "ablation-vqa" / "tables" / "ablation.csv"
+        if row["vqa_at_chance"]:  # refused by the ablation: no table, no number
+            assert not table.exists() and math.isnan(row["vqa_baseline"]) and math.isnan(row["vqa_eoi_relative"])
+        else:
+            ablation = pd.read_csv(table).set_index("condition")
+            assert row["vqa_baseline"] == pytest.approx(ablation.loc["baseline", "score"])
         roles = pd.read_csv(runs / "cross-attention" / "tables" / "cross_attention_roles.csv")
         assert row["eoi_attention_share"] == pytest.approx(roles.query("role == 'eoi'")["fraction"].mean())
         card = json.loads((out / "cards" / row["model"] / "card.json").read_text())

@@ -291,7 +291,12 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
     summary = summary[summary["model"] == point.name]
     for task in TASKS:
         g = summary[summary["task"] == task].set_index("condition")
+        # A baseline at or below chance gives no relative scores (the ablation refuses them): NaN, and said so.
+        refused = (measured / point.name / f"ablation-{task}" / "manifest.json").is_file() and g.empty
+        row[f"{task}_at_chance"] = refused
         if g.empty:
+            for key in ("metric", "baseline", "eoi_relative", "image_relative"):
+                row[f"{task}_{key}"] = math.nan
             continue
         row[f"{task}_metric"] = g.loc["baseline", "metric"]
         row[f"{task}_baseline"] = g.loc["baseline", "score"]
@@ -302,6 +307,10 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
         row["eoi_relative"] = rel.get("eoi->text", math.nan)
         row["image_relative"] = rel.get("image->text", math.nan)
         row["ablation_verdict"] = ablation_verdict(summary).get(point.name, "")
+    else:
+        row.update(
+            eoi_relative=math.nan, image_relative=math.nan, ablation_verdict="no verdict: every baseline at chance"
+        )
     runs = measured / point.name
     for mode, name in SCANS.items():
         gate = runs / name / "tables" / "gate.csv"
