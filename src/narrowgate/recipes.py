@@ -153,4 +153,4 @@ def check(
             f"The {recipe} recipe trains on {listed} too, and no --data names it: give --data "
             f"{missing[0]}=PATH, or train without it with --samples {missing[0]}=0 (the card records it)."
         )
-    return replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr), sizes
+    return replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr), {s: n for s, n in sizes.items() if n}

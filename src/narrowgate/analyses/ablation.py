@@ -118,11 +118,13 @@ def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int,
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
     mode = cfg["mode"]
+    windows: list[tuple[int, ...] | None]
     if cfg.get("sweep"):
         step = sweep_step(cfg, n_layers)
-        windows = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
-        if windows[-1][0] != 0:
-            windows.append(tuple(range(n_layers)))
+        sweep = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
+        if sweep[-1][0] != 0:
+            sweep.append(tuple(range(n_layers)))
+        windows = list(sweep)
     else:
         windows = [parse_layers(cfg.get("layers"), n_layers)]
     out = [Condition("baseline")]

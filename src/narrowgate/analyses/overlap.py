@@ -136,7 +136,7 @@ class Overlap(Experiment):
         rows = []
         for i, cond in enumerate(conditions(cfg, info["n_layers"])):
             ko = cond.knockouts[0] if cond.knockouts else None
-            layers = [int(l) for l in ko.layers] if ko else []
+            layers = [int(l) for l in ko.layers] if ko and ko.layers is not None else []
             window = "" if not layers else "0" if len(layers) == 1 else f"0-{layers[-1]}"
             for role in (*ROLES, *OPTIONAL_ROLES, "image_k"):
                 if f"{i}:{role}" not in records.arrays:
