@@ -190,7 +190,7 @@ def _attention(config: PreTrainedConfig, attn_implementation: str) -> str | dict
     return {"text_config": "sdpa" if text_sdpa else "eager"}
 
 
-def load(
+def load(  # noqa: C901  # one check per argument and loading path, each a clear error
     name_or_path: str | os.PathLike,
     *,
     dtype: str | torch.dtype = "auto",

@@ -90,7 +90,7 @@ def parse_data(items) -> dict[str, str | None]:
     return out
 
 
-def check(
+def check(  # noqa: C901  # one refusal per setting of a recipe, each naming its fix
     recipe: str,
     data: dict[str, str | None],
     *,

@@ -172,7 +172,7 @@ class Ablation(Experiment):
             **self.requested(cfg),
         )
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         check_sweep(cfg, self.defaults["sweep_step"])
         if len(examples) < 2:
             raise OptionError(
@@ -189,7 +189,7 @@ class Ablation(Experiment):
         if self.task_of(cfg) == "vqa":
             tasks.require_answers(examples, cfg.get("data_dir"))
 
-    def check_model(self, cfg, n_layers):
+    def check_model(self, cfg, n_layers) -> None:
         conditions(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):

@@ -243,7 +243,7 @@ class GateScan(Experiment):
             **self.requested(cfg),
         )
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         """Refuse a sample too small for the split-half interval, a floor that is no number of nats, and several
         images per prompt together with frames."""
         if int(cfg.get("images") or 1) > 1 and int(cfg.get("frames") or 1) > 1:

@@ -104,11 +104,11 @@ class Overlap(Experiment):
     config = OverlapConfig
     curve = ("overlap", "overlap", None)
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         check_sweep(cfg, self.defaults["sweep_step"])
         check_k((e.label for e in examples), cfg["k"])
 
-    def check_model(self, cfg, n_layers):
+    def check_model(self, cfg, n_layers) -> None:
         windows(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):

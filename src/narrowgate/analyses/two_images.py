@@ -89,7 +89,7 @@ class TwoImages(Experiment):
     config = TwoImagesConfig
     curve = ("swap", "flip_rate", None)
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         if "{which}" not in question(cfg):
             raise OptionError(f"--question {question(cfg)!r} has no {{which}} for 'first' / 'second'.")
         units = len(self.units(examples, cfg))
