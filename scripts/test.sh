@@ -9,7 +9,7 @@ if [ "${1:-}" = "--deps" ]; then
   exec bash "$(dirname "$0")/deps.sh" "$@"
 fi
 source "$(dirname "$0")/env.sh"
-# Lint and types first (seconds): ruff's rules and formatting, mypy on the engine, the adapters and the runner.
+# Lint and types first (seconds): ruff's rules and formatting, mypy over all of src/narrowgate (pyproject.toml).
 if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   python -m ruff check src tests benchmarks scripts
   python -m ruff format --check src tests benchmarks scripts

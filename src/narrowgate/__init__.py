@@ -1,6 +1,7 @@
 """narrowgate: how visual information reaches the text inside vision-language models."""
 
 from importlib import import_module
+from typing import Any
 
 from .errors import NarrowgateError
 from .roles import ROLE_NAMES, RoleError
@@ -33,7 +34,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value

@@ -95,7 +95,8 @@ class Batch:
                 return []
             return list(range(lay.eoi + 1, vis[n].first))
         if name == "frame":
-            t = role.at if role.at > 0 else len(lay.frames) + 1 + role.at  # type: ignore[operator]
+            assert role.at is not None  # `parse_role` refuses a frame without its image number
+            t = role.at if role.at > 0 else len(lay.frames) + 1 + role.at
             return list(lay.frames[t - 1]) if 1 <= t <= len(lay.frames) else []
         raise RoleError(f"Unhandled role {role}.")
 

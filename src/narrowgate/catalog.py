@@ -35,7 +35,7 @@ def _tree(module: str) -> ast.Module:
 
 def _registered() -> dict[str, tuple[str, ast.ClassDef]]:
     """Command name -> (module, class) of every class decorated ``@register``."""
-    out = {}
+    out: dict[str, tuple[str, ast.ClassDef]] = {}
     for path in sorted(ANALYSES.glob("*.py")):
         for node in _tree(path.stem).body:
             if isinstance(node, ast.ClassDef) and any(
@@ -44,9 +44,11 @@ def _registered() -> dict[str, tuple[str, ast.ClassDef]]:
                 name = next(
                     st.value.value
                     for st in node.body
-                    if isinstance(st, ast.Assign) and getattr(st.targets[0], "id", None) == "name"
+                    if isinstance(st, ast.Assign)
+                    and getattr(st.targets[0], "id", None) == "name"
+                    and isinstance(st.value, ast.Constant)
                 )
-                out[name] = (path.stem, node)
+                out[str(name)] = (path.stem, node)  # a literal string (the name = "..." rule)
     return dict(sorted(out.items()))
 
 
@@ -106,8 +108,13 @@ def _config_name(module: str, cls: ast.ClassDef) -> tuple[str, str]:
         if local is not None:
             return _config_name(module, local)
         for node in tree.body:
-            imported = isinstance(node, ast.ImportFrom) and node.level == 1 and any(a.name == base for a in node.names)
-            if imported and (ANALYSES / f"{node.module}.py").is_file():
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 1
+                and node.module is not None
+                and any(a.name == base for a in node.names)
+                and (ANALYSES / f"{node.module}.py").is_file()
+            ):
                 parent = next(n for n in _tree(node.module).body if isinstance(n, ast.ClassDef) and n.name == base)
                 return _config_name(node.module, parent)
     return "options", "RunConfig"

@@ -16,7 +16,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -36,10 +38,12 @@ console = Console()
 
 #: Environment errors whose message already names the path: printed alone, like NarrowgateError.
 _PATH_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_ClickException: Any = next(  # click's ClickException, as typer bundles it
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
 
 
-def _one_line(message: str) -> str:
+def _one_line(message: object) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
@@ -56,7 +60,9 @@ _MACHINE = {
 
 def _machine_error(e: OSError) -> str | None:
     """One line for an `OSError` the machine caused (see `_MACHINE`), naming the file; None for any other."""
-    hint = _MACHINE.get(e.errno) if e.errno is not None else None
+    if e.errno is None:
+        return None
+    hint = _MACHINE.get(e.errno)
     if hint is None:
         return None
     where = f" {e.filename}" if e.filename else ""
@@ -66,7 +72,17 @@ def _machine_error(e: OSError) -> str | None:
 class _Commands(TyperGroup):
     """The command group; its `main` is the one place where errors become one line and an exit status."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line: errors become one line and an exit status (the traceback with ``--debug``)."""
+        extra["windows_expand_args"] = windows_expand_args
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
@@ -266,7 +282,7 @@ def _experiment_command(name: str):
                 help=escape(help_text),
                 min=meta.get("min"),
                 max=meta.get("max"),
-                callback=PARSERS.get(meta.get("parse")),
+                callback=PARSERS.get(meta["parse"]) if "parse" in meta else None,
                 show_default=False,
             )
         if meta.get("choices"):
@@ -286,8 +302,9 @@ def _experiment_command(name: str):
                     f"unknown value {kw[key]!r}; choose one of {', '.join(allowed)}.", param_hint=flag
                 )
         cfg = {k: (v if v is not False else None) for k, v in kw.items() if k != "quiet"}
-        if isinstance(cfg.get("device_map"), str) and cfg["device_map"].strip().startswith("{"):
-            cfg["device_map"] = json.loads(cfg["device_map"])
+        device_map = cfg.get("device_map")
+        if isinstance(device_map, str) and device_map.strip().startswith("{"):
+            cfg["device_map"] = json.loads(device_map)
         cfg["progress"] = not kw["quiet"]
         from .analyses import EXPERIMENTS
         from .analyses import base as analyses_base
@@ -296,7 +313,7 @@ def _experiment_command(name: str):
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 
-    command.__signature__ = inspect.Signature(params)
+    setattr(command, "__signature__", inspect.Signature(params))
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = summary(name)
     sub = typer.Typer(add_completion=False)
@@ -557,7 +574,7 @@ def finetune(
     """LoRA fine-tuning with knockouts active (the paper's two recipes); adapter, card and held-out scores in --out."""
     from . import recipes
 
-    settings = dict(
+    settings: dict[str, Any] = dict(
         knockouts=None if not knockout else [k for k in knockout if k.strip().lower() != "none"],
         samples=recipes.parse_samples(samples),
         steps=steps,

@@ -8,6 +8,7 @@ each branch names the versions it is for.
 from __future__ import annotations
 
 from importlib.metadata import version as _dist_version
+from typing import Any
 
 import torch
 import transformers
@@ -112,7 +113,9 @@ class _StatelessRecurrentLayer(LinearAttentionLayer):
     """A linear-attention cache layer that never holds a state: every call starts afresh, and narrowgate's engine
     hands the recurrent layer its past itself (`engine.recurrent`). ``LinearAttentionLayer`` of 5.23 - 5.24."""
 
-    def update_conv_state(self, conv_states, state_idx: int = 0, **kwargs):
+    def update_conv_state(
+        self, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         return conv_states
 
     def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):

@@ -16,6 +16,7 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.console import Console
@@ -48,7 +49,9 @@ FLOOR = {"n": 10, "n_per_class": 2}
 #: The paper's "remove the gate" experiment in miniature: the remove-gate recipe ([EOI]->text knocked out while
 #: training, LoRA rank 128 / alpha 256, AdamW with weight decay 0.1, cosine) on synthetic VQA and captions, with
 #: fewer steps and a learning rate scaled up for a 1M-parameter model trained for seconds.
-REMOVE_GATE = dict(samples={"synthetic": 2000}, steps=125, batch_size=16, micro_batch=16, lr=2e-3, heldout=64)
+REMOVE_GATE: dict[str, Any] = dict(
+    samples={"synthetic": 2000}, steps=125, batch_size=16, micro_batch=16, lr=2e-3, heldout=64
+)
 REMOVED = "gated, gate removed"
 
 
@@ -111,7 +114,7 @@ def demo(
         vlm = load(path, dtype="float32")
         runs[label] = {}
         for name, experiment, settings in plan:
-            cfg = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
+            cfg: dict[str, Any] = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
             if "k" in cfg:  # a scaled-down class sample supports a smaller k (recorded in each run's config)
                 cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
             cfg.update(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections import Counter
 
 
 class NarrowgateError(Exception):
@@ -71,8 +72,7 @@ def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
         if b >= MAX_LAYERS:
             raise OptionError(f"{option} {text!r}: layer {b} is beyond any model (at most {MAX_LAYERS - 1}).")
         out += range(a, b + 1)
-    seen: set[int] = set()
-    twice = sorted({x for x in out if x in seen or seen.add(x)})
+    twice = sorted(x for x, times in Counter(out).items() if times > 1)
     if twice:
         raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
     return tuple(out)

@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,7 +74,7 @@ class Item:
     """
 
     source: str
-    example: object
+    example: Any  # a VQA, caption or instruct example (`narrowgate.data`), read according to ``kind``
     kind: str
     answer: str
     prompt: str = ""
@@ -343,7 +344,7 @@ def _save_state(path: Path, model, opt, step: int, losses: list[float | None]) -
     tmp.rename(path)
 
 
-def _load_state(path: Path, model, opt) -> tuple[int, list[float]]:
+def _load_state(path: Path, model, opt) -> tuple[int, list[float | None]]:
     params = _trainable(model)
     weights = load_file(str(path / "weights.safetensors"))
     with torch.no_grad():
@@ -719,7 +720,7 @@ def _finetune_locked(
         "merged": str(out / "merged") if merge else None,
     }
     if ranks.rank == 0:
-        peft_model.save_pretrained(out / "adapter")
+        peft_model.save_pretrained(str(out / "adapter"))
         (out / "adapter" / BASE_FILE).write_text(json.dumps({"model": str(model), "fingerprint": base}, indent=2))
         store.write_table("loss", pd.DataFrame({"step": np.arange(1, len(losses) + 1), "loss": losses}))
         store.write_table(
@@ -734,7 +735,7 @@ def _finetune_locked(
         )
         if merge:
             merged = peft_model.merge_and_unload()
-            merged.save_pretrained(out / "merged")
+            merged.save_pretrained(out / "merged")  # type: ignore[operator]  # peft types it as a Module; a PreTrainedModel
             vlm.processor.save_pretrained(out / "merged")
             checkpoint_prompts.write(out / "merged", trained_prompts(vlm, chosen))
         (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
@@ -19,6 +20,10 @@ from . import checkpoint_prompts, fileio
 from .errors import NarrowgateError, OptionError
 from .families import UnsupportedModelError, detect, supported
 from .vlm import VLM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 
 class LoadError(NarrowgateError, RuntimeError):
@@ -86,7 +91,11 @@ def fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) ->
     return {"files": files}
 
 
-def _gpus_named(device_map) -> list[int]:
+#: A device map as accelerate takes it: "auto", a device, or module name -> device ("disk" and "cpu" included).
+DeviceMap = str | int | torch.device | dict[str, Any]
+
+
+def _gpus_named(device_map: DeviceMap) -> list[int]:
     """The CUDA device indices a device map names (``cuda`` alone is GPU 0; an integer is a GPU index)."""
     values = device_map.values() if isinstance(device_map, dict) else [device_map]
     out = []
@@ -100,7 +109,7 @@ def _gpus_named(device_map) -> list[int]:
     return out
 
 
-def check_device_map(device_map, option: str = "--device-map") -> None:
+def check_device_map(device_map: DeviceMap | None, option: str = "--device-map") -> None:
     """Refuse a device map naming a GPU this machine does not have, before anything loads or is written."""
     if device_map is None:
         return
@@ -159,15 +168,15 @@ def _has_torchvision() -> bool:
     return is_torchvision_available()
 
 
-def _supports_sdpa(auto, config) -> bool:
+def _supports_sdpa(auto: type[_BaseAutoModelClass], config: PreTrainedConfig) -> bool:
     """Whether the class ``auto`` maps ``config`` to runs SDPA (True where it maps none)."""
     try:
-        return bool(getattr(auto._model_mapping[type(config)], "_supports_sdpa", True))
+        return bool(getattr(auto._model_mapping[type(config)], "_supports_sdpa", True))  # type: ignore[index]  # None only on the abstract base; every Auto class sets it
     except KeyError:
         return True
 
 
-def _attention(config, attn_implementation: str) -> str | dict[str, str]:
+def _attention(config: PreTrainedConfig, attn_implementation: str) -> str | dict[str, str]:
     """What to load with for ``attn_implementation``. The language model is what the engine routes: where the
     model class as a whole refuses SDPA because another part has none (GOT-OCR 2's SAM vision tower), SDPA goes to
     the language model alone; where the language model itself has none (HunYuan-V4-VL's), it gets eager attention,
@@ -181,11 +190,11 @@ def _attention(config, attn_implementation: str) -> str | dict[str, str]:
     return {"text_config": "sdpa" if text_sdpa else "eager"}
 
 
-def load(
+def load(  # noqa: C901  # one check per argument and loading path, each a clear error
     name_or_path: str | os.PathLike,
     *,
-    dtype="auto",
-    device_map=None,
+    dtype: str | torch.dtype = "auto",
+    device_map: DeviceMap | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
@@ -252,7 +261,7 @@ def load(
             raise LoadError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
         dtype = getattr(torch, dtype)
     model_cls = AutoModelForImageTextToText
-    kwargs = dict(dtype=dtype, attn_implementation=_attention(config, attn_implementation), **hub)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=_attention(config, attn_implementation), **hub)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:

@@ -90,7 +90,7 @@ def parse_data(items) -> dict[str, str | None]:
     return out
 
 
-def check(
+def check(  # noqa: C901  # one refusal per setting of a recipe, each naming its fix
     recipe: str,
     data: dict[str, str | None],
     *,
@@ -153,4 +153,4 @@ def check(
             f"The {recipe} recipe trains on {listed} too, and no --data names it: give --data "
             f"{missing[0]}=PATH, or train without it with --samples {missing[0]}=0 (the card records it)."
         )
-    return replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr), sizes
+    return replace(rec, batch_size=batch_size or rec.batch_size, lr=lr or rec.lr), {s: n for s, n in sizes.items() if n}

@@ -70,7 +70,16 @@ SINGLE_POSITION_ROLES = ("bos", "boi", "first_image", "last_image", "eoi", "last
 #: ``frame@t[k]``.
 INDEXED = ("image", "eol", "image_special", "between", "frame")
 #: Roles that take an image number (``eoi@2``): every role of an image's own positions; ``frame`` requires one.
-PER_IMAGE = ("boi", "image", "image_content", "first_image", "last_image", "internal_image", "eol", "image_special")
+PER_IMAGE: tuple[str, ...] = (
+    "boi",
+    "image",
+    "image_content",
+    "first_image",
+    "last_image",
+    "internal_image",
+    "eol",
+    "image_special",
+)
 PER_IMAGE += ("eoi", "between", "frame")
 _NUMBER = r"(0|-?[1-9][0-9]*)"
 _GRAMMAR = re.compile(rf"([a-z_]+)(?:@(-?[1-9][0-9]*))?(?:\[{_NUMBER}\])?", re.ASCII)

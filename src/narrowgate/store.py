@@ -480,7 +480,8 @@ class RunStore:
 
     def records(self) -> Shard:
         """All records, one row per example id (sorted), with their arrays aligned."""
-        frames, arrays = [], {}
+        frames: list[pd.DataFrame] = []
+        arrays: dict[str, list[np.ndarray]] = {}
         for p in self._parts("records"):
             df = pq.read_table(p).to_pandas()
             frames.append(df)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -29,6 +31,19 @@ from .families import detect
 from .families.base import Item
 from .training import TrainingBatch
 from .video import Video
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .checkpoint_prompts import CheckpointPrompts
+    from .engine.interventions import Knockout, Patch
+    from .engine.protocol import Intervention
+    from .engine.runner import LayerWindow
+    from .families.base import Processor
+
+#: One image or video of an example, or all of an example's in prompt order.
+Visual = Image.Image | Video
+Visuals = Visual | Sequence[Visual | Sequence[Visual]]
 
 __all__ = ["VLM", "Output", "TrainingBatch"]
 
@@ -61,7 +76,9 @@ class VLM:
     (docs/hybrid-decoders.md).
     """
 
-    def __init__(self, model, processor, checkpoint_prompts=None):
+    def __init__(
+        self, model: PreTrainedModel, processor: Processor, checkpoint_prompts: CheckpointPrompts | None = None
+    ) -> None:
         self.checkpoint_prompts = checkpoint_prompts
         self._was_training = model.training
         self._closed = False
@@ -71,7 +88,7 @@ class VLM:
         self.family.attach(model)
         self.layers = self.family.decoder_layers(model)
         self.n_layers = len(self.layers)
-        self.layer_of = {}
+        self.layer_of: dict[int, int] = {}
         self.mixers: dict[int, tuple] = {}  # recurrent layers of a hybrid decoder: (kind, module)
         modules = []
         for l, layer in enumerate(self.layers):
@@ -94,11 +111,12 @@ class VLM:
             raise InterventionError(
                 f"This {self.family.name} model has no self-attention layer for narrowgate to wrap."
             )
-        self._attention = self.layers[self.attention_layers[0]].self_attn
+        # a transformers attention module: its config and head_dim are read by name
+        self._attention: Any = self.layers[self.attention_layers[0]].self_attn
         self._has_mlp = all(m is not None for _, m in modules)
         tok = self.family.tokenizer
         if not hasattr(self.layers, "_narrowgate_padding"):
-            self.layers._narrowgate_padding = (tok, getattr(tok, "padding_side", None))
+            setattr(self.layers, "_narrowgate_padding", (tok, getattr(tok, "padding_side", None)))
         self._attn = self._wrap_attention()
         params = inspect.signature(model.forward).parameters
         self._has_logits_to_keep = "logits_to_keep" in params
@@ -117,7 +135,7 @@ class VLM:
         return self.budget.limit
 
     @memory_budget.setter
-    def memory_budget(self, value) -> None:
+    def memory_budget(self, value: int | str | None) -> None:
         """Bytes, a size such as ``"8GiB"``, or None / ``"auto"`` for a plain forward's need."""
         self.budget = replace(self.budget, limit=parse_size(value, "memory_budget"))
 
@@ -138,7 +156,7 @@ class VLM:
         attn = self._attention
         current = compat.attn_implementation(attn.config)
         if not hasattr(self.layers, "_narrowgate_attention"):
-            self.layers._narrowgate_attention = current
+            setattr(self.layers, "_narrowgate_attention", current)
         if current in engine_attention.WRAPS.values():
             return current
         if current not in engine_attention.WRAPS:
@@ -171,7 +189,7 @@ class VLM:
     def __enter__(self) -> VLM:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -202,7 +220,7 @@ class VLM:
         return int(self._attention.config.num_attention_heads)
 
     # --- inputs ------------------------------------------------------------------------------
-    def prepare(self, images, prompts, *, image_first: bool = True) -> Batch:
+    def prepare(self, images: Visuals, prompts: str | Sequence[str], *, image_first: bool = True) -> Batch:
         """Tokenise one prompt per example, with its image(s), into a left-padded batch with role positions.
 
         ``images[b]`` is example ``b``'s image, or the list of its images and videos (`narrowgate.Video`) in the
@@ -302,7 +320,14 @@ class VLM:
             layouts.append(moved[0] if len(moved) == 1 else moved)
         return Batch(inputs=inputs, layouts=layouts, first=first, bos_id=batch.bos_id)
 
-    def prepare_training(self, images, prompts, answers, *, image_first: bool = True) -> TrainingBatch:
+    def prepare_training(
+        self,
+        images: Visuals,
+        prompts: str | Sequence[str],
+        answers: str | Sequence[str],
+        *,
+        image_first: bool = True,
+    ) -> TrainingBatch:
         """`narrowgate.training.prepare_training`: the prompts with their answers appended, and the loss labels."""
         return training.prepare_training(self, images, prompts, answers, image_first=image_first)
 
@@ -335,7 +360,13 @@ class VLM:
 
     # --- running -----------------------------------------------------------------------------
     def _plan(
-        self, batch, knockouts=(), patches=(), capture: Capture | None = None, attention_stats=False, interventions=()
+        self,
+        batch: Batch,
+        knockouts: Iterable[Knockout] = (),
+        patches: Iterable[Patch] = (),
+        capture: Capture | None = None,
+        attention_stats: bool = False,
+        interventions: Iterable[Intervention] = (),
     ) -> Plan:
         """The interventions bound to ``batch`` (`engine.state.resolve`), refused up front where they cannot apply."""
         if self._closed:
@@ -362,7 +393,7 @@ class VLM:
         return plan
 
     @contextlib.contextmanager
-    def _running(self, plan: Plan, record: Record | None = None, *, check: bool = True):
+    def _running(self, plan: Plan, record: Record | None = None, *, check: bool = True) -> Iterator[Run]:
         """The one way narrowgate runs the model: every model call (forward, prefix, suffix passes, generation,
         training) happens inside this block with ``plan`` active; on leaving it, the check that every
         intervention of the plan was applied (``check=False``: a prefix pass, whose reads the suffix completes).
@@ -374,7 +405,14 @@ class VLM:
             run.check_applied()
 
     @contextlib.contextmanager
-    def intervening(self, batch: Batch, *, interventions=(), knockouts=(), patches=()):
+    def intervening(
+        self,
+        batch: Batch,
+        *,
+        interventions: Iterable[Intervention] = (),
+        knockouts: Iterable[Knockout] = (),
+        patches: Iterable[Patch] = (),
+    ) -> Iterator[Run]:
         """Interventions active, under autograd, for every model call inside the block.
 
         For training: the same attention functions and hooks as `forward`, with gradients and in
@@ -411,9 +449,9 @@ class VLM:
         self,
         batch: Batch,
         *,
-        interventions=(),
-        knockouts=(),
-        patches=(),
+        interventions: Iterable[Intervention] = (),
+        knockouts: Iterable[Knockout] = (),
+        patches: Iterable[Patch] = (),
         capture: Capture | None = None,
         attention_stats: bool = False,
     ) -> Output:
@@ -435,7 +473,14 @@ class VLM:
 
     @torch.no_grad()
     def generate(
-        self, batch: Batch, *, interventions=(), knockouts=(), patches=(), max_new_tokens: int = 20, **kwargs
+        self,
+        batch: Batch,
+        *,
+        interventions: Iterable[Intervention] = (),
+        knockouts: Iterable[Knockout] = (),
+        patches: Iterable[Patch] = (),
+        max_new_tokens: int = 20,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy generation (unless ``kwargs`` say otherwise) with interventions on; token ids [B, T + new].
         Every generated token counts as a ``text`` position.
@@ -473,9 +518,9 @@ class VLM:
     def forward_conditions(
         self,
         batch: Batch,
-        conditions,
+        conditions: shared.Conditions,
         *,
-        interventions=(),
+        interventions: Iterable[Intervention] = (),
         capture: Capture | None = None,
         attention_stats: bool = False,
         keep: int = 1,
@@ -504,10 +549,10 @@ class VLM:
         prefix: shared.SharedPrefix,
         sources: torch.Tensor,
         *,
-        target="text",
-        layers=None,
+        target: str | tuple = "text",
+        layers: LayerWindow | list[LayerWindow] = None,
         mode: str = "mask",
-        reduce=None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Next-token logits at ``last`` ([C, B, V], float32, CPU) for C knockouts ``sources[c] -> target``.
 
@@ -523,14 +568,20 @@ class VLM:
         return self.runner.forward_knockouts(prefix, sources, target=target, layers=layers, mode=mode, reduce=reduce)
 
     def attribute(
-        self, prefix: shared.SharedPrefix, *, target="text", mode: str = "mask"
+        self, prefix: shared.SharedPrefix, *, target: str | tuple = "text", mode: str = "mask"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`narrowgate.engine.attribution.attribute`: the first-order estimate of knocking out each position."""
         return attribution.attribute(self, prefix, target=target, mode=mode)
 
     @torch.no_grad()
     def generate_conditions(
-        self, batch: Batch, conditions, *, interventions=(), max_new_tokens: int = 20, **kwargs
+        self,
+        batch: Batch,
+        conditions: shared.Conditions,
+        *,
+        interventions: Iterable[Intervention] = (),
+        max_new_tokens: int = 20,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """Greedy generation for several conditions, sharing the unchanged prefix; token ids [B, T + new] each.
         ``interventions`` apply in every condition, after its own."""
@@ -544,10 +595,10 @@ class VLM:
         batch: Batch,
         sources: torch.Tensor,
         *,
-        target="text",
+        target: str | tuple = "text",
         mode: str = "mask",
         max_new_tokens: int = 20,
-        **kwargs,
+        **kwargs: Any,
     ) -> list[torch.Tensor]:
         """Greedy generation under C knockouts ``sources[c] -> target`` at every layer; token ids [B, T + new] each.
 

@@ -118,11 +118,13 @@ def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int,
 def conditions(cfg: dict, n_layers: int) -> list[Condition]:
     sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
     mode = cfg["mode"]
+    windows: list[tuple[int, ...] | None]
     if cfg.get("sweep"):
         step = sweep_step(cfg, n_layers)
-        windows = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
-        if windows[-1][0] != 0:
-            windows.append(tuple(range(n_layers)))
+        sweep = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
+        if sweep[-1][0] != 0:
+            sweep.append(tuple(range(n_layers)))
+        windows = list(sweep)
     else:
         windows = [parse_layers(cfg.get("layers"), n_layers)]
     out = [Condition("baseline")]
@@ -170,7 +172,7 @@ class Ablation(Experiment):
             **self.requested(cfg),
         )
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         check_sweep(cfg, self.defaults["sweep_step"])
         if len(examples) < 2:
             raise OptionError(
@@ -187,7 +189,7 @@ class Ablation(Experiment):
         if self.task_of(cfg) == "vqa":
             tasks.require_answers(examples, cfg.get("data_dir"))
 
-    def check_model(self, cfg, n_layers):
+    def check_model(self, cfg, n_layers) -> None:
         conditions(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):

@@ -20,8 +20,10 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -33,6 +35,22 @@ from ..errors import DataError, OptionError, check_count, parse_image_size, pars
 from ..progress import progress_bar
 from ..store import ManifestMismatch, NonFiniteResidual, RunLocked, RunStore
 from . import options, prompts, tasks
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..data.base import Example
+    from ..store import Shard
+    from ..vlm import VLM
+
+_T = TypeVar("_T")
+
+
+class ReportWriter(Protocol):
+    """Writes a run's report (`narrowgate.report.write_report`)."""
+
+    def __call__(self, store: RunStore, experiment: str, tables: dict, figures: list[str], info: dict) -> None: ...
+
 
 logger = logging.getLogger("narrowgate.run")
 
@@ -79,16 +97,16 @@ class Experiment:
     #: For ``narrowgate compare``: (table, y column, grouping column or None) drawn on relative depth.
     curve: tuple | None = None
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.defaults = options.defaults(cls.config)
 
-    def figures(self, tables: dict[str, pd.DataFrame], info: dict, store) -> list[str]:
+    def figures(self, tables: dict[str, pd.DataFrame], info: dict, store: RunStore) -> list[str]:
         """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names. ``info``
         describes the model (`model_info`) and holds the run's settings under ``settings``."""
         return []
 
-    def compare(self, runs: list[tuple[str, dict, dict]]):
+    def compare(self, runs: list[tuple[str, dict, dict]]) -> Figure | None:
         """One figure overlaying runs (label, tables, manifest) of this experiment, or None (`curve`)."""
         if self.curve is None:
             return None
@@ -98,6 +116,7 @@ class Experiment:
         return overlay_curves(runs, table, col, group, self.name)
 
     def prompt_kinds(self, cfg: dict) -> tuple:
+        """The kinds of prompt a run with ``cfg`` uses (default: `prompts`)."""
         return self.prompts
 
     def task_of(self, cfg: dict) -> str:
@@ -115,6 +134,7 @@ class Experiment:
         return {k: cfg.get(k) for k in ("n", "n_per_class") if cfg.get(k) is not None}
 
     def examples(self, cfg: dict) -> list:
+        """The run's sample of examples (`tasks.load`), as ``cfg`` asks."""
         return tasks.load(
             cfg["data"],
             self.task,
@@ -124,22 +144,23 @@ class Experiment:
             **self.requested(cfg),
         )
 
-    def units(self, examples, cfg: dict):
+    def units(self, examples: Iterable[Example], cfg: dict) -> Iterable[Unit]:
         """One unit per example; a list for a list of examples, a stream for a stream."""
         units = (Unit(e.id, (e,)) for e in examples)
         return list(units) if isinstance(examples, list) else units
 
-    def check(self, examples, cfg: dict) -> None:
+    def check(self, examples: Iterable[Example], cfg: dict) -> None:
         """Refuse settings the data cannot support, before the model loads (default: nothing to check)."""
 
     def check_model(self, cfg: dict, n_layers: int) -> None:
         """Refuse settings the model cannot support, before anything is written (default: nothing to check)."""
 
-    def process(self, vlm, units: list[Unit], images: list[tuple], cfg: dict) -> tuple[list[dict], dict]:
+    def process(self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: dict) -> tuple[list[dict], dict]:
         """Records (one dict per unit, or more, each with ``example_id``) and aligned arrays."""
         raise NotImplementedError
 
-    def aggregate(self, records, cfg: dict, info: dict) -> dict[str, pd.DataFrame]:
+    def aggregate(self, records: Shard, cfg: dict, info: dict) -> dict[str, pd.DataFrame]:
+        """The run's tables from every record (``records.rows``) and array (``records.arrays``)."""
         raise NotImplementedError
 
 
@@ -148,7 +169,8 @@ def default_out(experiment: str, model: str) -> Path:
     return Path("runs") / f"{experiment}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def model_info(vlm) -> dict:
+def model_info(vlm: VLM) -> dict:
+    """What a run records of its model: family, sizes, checkpoint and revision, dtype, attention."""
     cfg = vlm.model.config
     return {
         "family": vlm.family.name,
@@ -179,7 +201,9 @@ def _load_images(
     return good, images
 
 
-def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_size: int) -> int:
+def _process(
+    exp: Experiment, vlm: VLM, units: list[Unit], images: list[tuple], cfg: dict, store: RunStore, batch_size: int
+) -> int:
     """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
 
     A batch that raises anything else (or whose residuals cannot be stored: `NonFiniteResidual`) is processed
@@ -214,7 +238,15 @@ def _process(exp: Experiment, vlm, units, images, cfg, store: RunStore, batch_si
     return batch_size
 
 
-def _one_by_one(exp: Experiment, vlm, chunk, imgs, cfg, store: RunStore, error: Exception) -> None:
+def _one_by_one(
+    exp: Experiment,
+    vlm: VLM,
+    chunk: list[Unit],
+    imgs: list[tuple],
+    cfg: dict,
+    store: RunStore,
+    error: Exception,
+) -> None:
     """A failed batch again one unit at a time, or the failure record of a single unit."""
     if len(chunk) > 1:
         for j in range(len(chunk)):
@@ -235,7 +267,7 @@ def unit_digest(unit: Unit) -> str:
     return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
-def check_data(store: RunStore, units) -> None:
+def check_data(store: RunStore, units: Iterable[Unit]) -> None:
     """Refuse to resume when the data changed under the same settings: a recorded unit that is no longer in
     the sample (the dataset on disk grew or shrank, so the seeded sample moved), or whose data differs now
     (an annotation or an image file replaced). Streams (synthetic data) are made from the settings alone."""
@@ -272,7 +304,7 @@ def check_config(cfg: dict, config: type) -> None:
             raise OptionError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
 
 
-def _smallest_class(labels) -> tuple:
+def _smallest_class(labels: Iterable) -> tuple:
     counts: dict = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
@@ -280,7 +312,7 @@ def _smallest_class(labels) -> tuple:
     return label, smallest, len(counts)
 
 
-def check_k(labels, k: int) -> None:
+def check_k(labels: Iterable, k: int) -> None:
     """Refuse a neighbourhood overlap whose k the smallest class cannot support, before the model loads.
 
     With k above (smallest class - 1) not even a perfect representation can score 1, and with
@@ -317,7 +349,7 @@ def sweep_step(cfg: dict, n_layers: int) -> int:
     return step
 
 
-def overlap_k(labels, k: int) -> int:
+def overlap_k(labels: Iterable, k: int) -> int:
     """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
     ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
     label, smallest, _ = _smallest_class(labels)
@@ -340,9 +372,9 @@ def overlap_k(labels, k: int) -> int:
 SMALL_SAMPLE = 25
 
 
-def warn_small(examples) -> None:
+def warn_small(examples: Iterable[Example]) -> None:
     """Warn, before the model loads, that a sample of fewer than `SMALL_SAMPLE` examples gives noisy numbers."""
-    if hasattr(examples, "__len__") and len(examples) < SMALL_SAMPLE:
+    if isinstance(examples, Sized) and len(examples) < SMALL_SAMPLE:
         n = len(examples)
         logger.warning(
             "a sample of %d examples is small: a mean of %d values in [0, 1] has a standard error of up to %.2f; "
@@ -353,7 +385,7 @@ def warn_small(examples) -> None:
         )
 
 
-def _chunks(items, size: int):
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
@@ -397,13 +429,13 @@ class Ranks:
             raise ValueError(f"{local_world} processes per node but only {n_gpus} GPUs.")
         return list(range(self.local_rank * per, (self.local_rank + 1) * per))
 
-    def shard(self, units):
+    def shard(self, units: Iterable[Unit]) -> Iterable[Unit]:
         """This rank's units: every ``world``-th of the full, ordered list or stream (stable across resumes)."""
         if isinstance(units, list):
             return units[self.rank :: self.world]
         return itertools.islice(units, self.rank, None, self.world)
 
-    def share(self, value):
+    def share(self, value: _T) -> _T:
         """Rank 0's ``value``, on every rank (a picklable object through the process group)."""
         if self.world == 1:
             return value
@@ -414,7 +446,7 @@ class Ranks:
         return box[0]
 
 
-def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = None) -> RunStore:
+def run(exp: Experiment, cfg: dict, *, vlm: VLM | None = None, command: list[str] | None = None) -> RunStore:
     """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store.
 
     Order: settings and data are checked (nothing written yet), the run directory is locked, the
@@ -464,7 +496,13 @@ def run(exp: Experiment, cfg: dict, *, vlm=None, command: list[str] | None = Non
 
 
 def _run_locked(
-    exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str
+    exp: Experiment,
+    cfg: dict,
+    vlm: VLM | None,
+    examples: Iterable[Example],
+    store: RunStore,
+    ranks: Ranks,
+    command_text: str,
 ) -> RunStore:
     """`run` once the directory is locked: load and check the model, write the manifest, process, finish."""
     from ..loading import load
@@ -491,7 +529,15 @@ def _run_locked(
         vlm.budget = previous  # a model handed in is left as it was found
 
 
-def _run_with(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks: Ranks, command_text: str) -> RunStore:
+def _run_with(
+    exp: Experiment,
+    cfg: dict,
+    vlm: VLM,
+    examples: Iterable[Example],
+    store: RunStore,
+    ranks: Ranks,
+    command_text: str,
+) -> RunStore:
     """`_run_locked` once the model is loaded, with its memory budget set from ``cfg``."""
     from ..loading import fingerprint
     from ..report import write_report
@@ -529,7 +575,7 @@ def _run_with(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks:
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
             raise RuntimeError(f"{exp.name}: work unit ids are not unique.")
-    sized = units if hasattr(units, "__len__") else examples if hasattr(examples, "__len__") else None
+    sized = units if isinstance(units, Sized) else examples if isinstance(examples, Sized) else None
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
     check_data(store, units)
     done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
@@ -549,15 +595,15 @@ def _run_with(exp: Experiment, cfg: dict, vlm, examples, store: RunStore, ranks:
     return store
 
 
-def sample_counts(examples, units) -> dict:
+def sample_counts(examples: Iterable[Example], units: Iterable[Unit]) -> dict:
     """How many examples (and classes, and images per class) and work units a run has.
 
     A streamed source (synthetic data) is not consumed here: only what it knows of its size is recorded.
     """
     out = {}
-    if hasattr(examples, "__len__"):
+    if isinstance(examples, Sized):
         out["examples"] = len(examples)
-    if hasattr(units, "__len__"):
+    if isinstance(units, Sized):
         out["units"] = len(units)
     if not isinstance(examples, list):
         return out
@@ -570,7 +616,7 @@ def sample_counts(examples, units) -> dict:
     return out
 
 
-def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report) -> None:
+def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report: ReportWriter) -> None:
     """Aggregate every record into tables, then figures and the report."""
     records = store.records()
     failures = store.failures()

@@ -149,7 +149,7 @@ class CrossAttention(Experiment):
         wide = df.pivot(index="layer", columns="role", values="fraction").fillna(0.0)
         middle = sorted((c for c in wide.columns if c not in ("eoi", REST)), key=_token_order)
         wide = wide[[c for c in ["eoi", *middle, REST] if c in wide.columns]]
-        palette = plt.get_cmap("tab20").colors
+        palette = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap; stubs say Colormap
         fig, ax = plt.subplots(figsize=(9, 3.8))
         bottom = pd.Series(0.0, index=wide.index)
         for i, col in enumerate(wide.columns):
@@ -157,7 +157,7 @@ class CrossAttention(Experiment):
             label = "rest of the image" if col == REST else col
             ax.bar(wide.index, wide[col], bottom=bottom, color=color, label=label, width=0.85)
             bottom += wide[col]
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # MaxNLocator; stubs: Locator
         ax.set(
             xlabel="decoder layer", ylabel="share of text→image attention", ylim=(0, 1), title="Cross-modal attention"
         )

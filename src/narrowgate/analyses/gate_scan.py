@@ -110,7 +110,7 @@ def grid(lay, n: int | None = None) -> dict[str, tuple[int, int]]:
     each frame's tokens on the frame's grid. ``n``: the image's number, as in `side_positions`."""
     at = "" if n is None else f"@{n}"
     if lay.frames and n is None:
-        out = {}
+        out: dict[str, tuple[int, int]] = {}
         for t, frame in enumerate(lay.frames, 1):
             out |= {f"frame@{t}[{k}]": cell for k, cell in enumerate(_square(len(frame)))}
         return out
@@ -243,7 +243,7 @@ class GateScan(Experiment):
             **self.requested(cfg),
         )
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         """Refuse a sample too small for the split-half interval, a floor that is no number of nats, and several
         images per prompt together with frames."""
         if int(cfg.get("images") or 1) > 1 and int(cfg.get("frames") or 1) > 1:
@@ -652,6 +652,7 @@ def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
         out.update({f"gate_index_{m}": float(nec[0]), f"gate_low_{m}": low, f"gate_high_{m}": high})
         if m == mode:
             out.update(gate_index=float(nec[0]), gate_low=low, gate_high=high)
+            assert suf is not None and bsuf is not None  # the asked mode always has its restorations (R)
             s_low, s_high = _interval(bsuf)
             out.update(sufficiency=float(suf[0]), sufficiency_low=s_low, sufficiency_high=s_high)
             out["top_stability"] = float(np.mean(np.concatenate([pa, pb]) == top))
@@ -707,7 +708,7 @@ def _group_table(exact: pd.DataFrame, names: list[str], kind: str, cfg, rng) -> 
 
 def _position_table(df, key, rng, n_boot):
     """One row per position, ranked by mean ``key``: role, grid cell, mean and its bootstrap interval."""
-    first = {}
+    first: dict = {}
     for _, r in df.iterrows():
         for n, role, g in zip(r["positions"], r["roles"], r["grid"]):
             first.setdefault(n, (role, g))

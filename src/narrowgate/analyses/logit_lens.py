@@ -71,7 +71,7 @@ class LogitLens(Experiment):
                 )
         return roles
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         self._roles(cfg)
 
     def process(self, vlm, units, images, cfg):

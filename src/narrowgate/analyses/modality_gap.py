@@ -52,7 +52,7 @@ class ModalityGap(Experiment):
     config = ModalityGapConfig
     curve = ("modality_gap", "median", None)
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         """Refuse a sample too small for the ADP clustering of its image and text points, before the model loads."""
         if 2 * len(examples) < min_points():
             need = -(-min_points() // 2)

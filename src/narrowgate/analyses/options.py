@@ -136,7 +136,12 @@ def defaults(config: type) -> dict:
     """The fields whose default is a value (None means "decided by the run": data, family or task)."""
     out = {}
     for f in fields(config):
-        value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            raise TypeError(f"{config.__name__}.{f.name} has no default: every setting needs one.")
         if value is not None:
             out[f.name] = value
     return out

@@ -104,11 +104,11 @@ class Overlap(Experiment):
     config = OverlapConfig
     curve = ("overlap", "overlap", None)
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         check_sweep(cfg, self.defaults["sweep_step"])
         check_k((e.label for e in examples), cfg["k"])
 
-    def check_model(self, cfg, n_layers):
+    def check_model(self, cfg, n_layers) -> None:
         windows(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):
@@ -136,7 +136,7 @@ class Overlap(Experiment):
         rows = []
         for i, cond in enumerate(conditions(cfg, info["n_layers"])):
             ko = cond.knockouts[0] if cond.knockouts else None
-            layers = [int(l) for l in ko.layers] if ko else []
+            layers = [int(l) for l in ko.layers] if ko and ko.layers is not None else []
             window = "" if not layers else "0" if len(layers) == 1 else f"0-{layers[-1]}"
             for role in (*ROLES, *OPTIONAL_ROLES, "image_k"):
                 if f"{i}:{role}" not in records.arrays:

@@ -75,8 +75,8 @@ class Patching(Experiment):
     name = "patching"
     task = "classes"
     prompts = ("class_patching",)
-    config = PatchingConfig
-    curve = ("patching", "similarity", None)
+    config: type = PatchingConfig
+    curve: tuple | None = ("patching", "similarity", None)
 
     def requested(self, cfg):
         if cfg.get("n") is not None:

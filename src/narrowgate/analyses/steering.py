@@ -114,10 +114,10 @@ class Steering(Patching):
     config = SteeringConfig
     curve = None
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         load_synonyms(cfg.get("synonyms"))
 
-    def check_model(self, cfg, n_layers):
+    def check_model(self, cfg, n_layers) -> None:
         window(cfg, n_layers)
 
     def process(self, vlm, units, images, cfg):

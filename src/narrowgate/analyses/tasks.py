@@ -184,5 +184,5 @@ def _synthetic(task: str, *, n, seed, n_per_class, classes="animals", allow_fewe
 def class_pairs(dataset: str) -> list[tuple[str, str]]:
     """The class pairs for patching: the paper's 10 ImageNet pairs, or consecutive synthetic shapes."""
     if dataset == "synthetic":
-        return [tuple(p) for p in data.synthetic_class_pairs()]
+        return list(data.synthetic_class_pairs())
     return [(a.wnid, b.wnid) for a, b in data.class_pairs()]

@@ -89,7 +89,7 @@ class TwoImages(Experiment):
     config = TwoImagesConfig
     curve = ("swap", "flip_rate", None)
 
-    def check(self, examples, cfg):
+    def check(self, examples, cfg) -> None:
         if "{which}" not in question(cfg):
             raise OptionError(f"--question {question(cfg)!r} has no {{which}} for 'first' / 'second'.")
         units = len(self.units(examples, cfg))
@@ -104,7 +104,7 @@ class TwoImages(Experiment):
         decides which image the question asks about (even: the first)."""
         groups = [sorted(v, key=lambda e: e.id) for _, v in sorted(by_label(examples).items())]
         order = [g[k] for k in range(max((len(g) for g in groups), default=0)) for g in groups if k < len(g)]
-        units = []
+        units: list[Unit] = []
         for a, b in zip(order[::2], order[1::2]):
             if a.label == b.label:
                 continue
@@ -166,8 +166,8 @@ class TwoImages(Experiment):
         knockouts = pd.DataFrame(rows)
         swaps = []
         for l in range(L):
-            c = 1 + 2 * len(KNOCKOUTS) + l
-            row = _row(f"swap@{l}", margin[:, c], margin[:, 0], div[:, c], flips[:, c])
+            col = 1 + 2 * len(KNOCKOUTS) + l
+            row = _row(f"swap@{l}", margin[:, col], margin[:, 0], div[:, col], flips[:, col])
             swaps.append({"resid": l, "relative_depth": l / max(1, L), "span": cfg["span"], **row})
         swap = pd.DataFrame(swaps).drop(columns="condition")
         return {"two_images": knockouts, "swap": swap, "summary": pd.DataFrame([_summary(knockouts, swap, cfg)])}

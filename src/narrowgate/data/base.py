@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -166,7 +166,8 @@ def describe(value: Any) -> str:
         return f"the number {value!r}"
     if isinstance(value, str):
         return f"the text {value[:40]!r}"
-    return {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    names: dict[type, str] = {list: "a list", dict: "an object"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def entries(doc: Any, key: str | None, path: Path, what: str) -> list[dict]:
@@ -277,7 +278,7 @@ def example_digest(example: Example) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-class Stream:
+class Stream(Generic[E]):
     """``n`` examples made one at a time on every pass, never all held at once: a sized, re-iterable
     sequence for data of any size (the synthetic sets)."""
 
@@ -320,7 +321,7 @@ def sample_per_class(
     examples: Sequence[E],
     n_per_class: int | None,
     seed: int = DEFAULT_SEED,
-    key: Callable[[E], Hashable] = lambda e: e.label,
+    key: Callable[[E], Hashable] = lambda e: _label(e),
 ) -> list[E]:
     """Draw ``n_per_class`` examples from each class (all of a smaller class), reproducibly.
 
@@ -339,7 +340,12 @@ def sample_per_class(
     return out
 
 
-def by_label(examples: Iterable[E], key: Callable[[E], Hashable] = lambda e: e.label) -> dict[Hashable, list[E]]:
+def _label(example: Any) -> Hashable:
+    """The class of a labelled example (`ClassExample`, the synthetic sets)."""
+    return example.label
+
+
+def by_label(examples: Iterable[E], key: Callable[[E], Hashable] = _label) -> dict[Hashable, list[E]]:
     """Group examples by class (``label`` by default), keeping their order within each class."""
     groups: dict[Hashable, list[E]] = defaultdict(list)
     for example in examples:

@@ -67,7 +67,7 @@ def find_shards(path: str | Path, split: str | None = None) -> list[Path]:
         names = [e.get("filename") if isinstance(e, dict) else None for e in files or ()]
         if not isinstance(files, list) or not all(isinstance(n, str) and n for n in names):
             raise DataError(f"{state_file} is not a datasets state file: expected '_data_files' naming its shards.")
-        return [image_in(path, name, state_file) for name in names]
+        return [image_in(path, str(name), state_file) for name in names]  # every name a string (checked above)
     files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
     if split is not None:
         files = [f for f in files if _split_matches(f.relative_to(path), split)]

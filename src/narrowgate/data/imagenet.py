@@ -103,7 +103,7 @@ def load_imagenet(
     if not tree.is_dir():
         raise DataMissing(f"no ImageNet class folders at {tree}")
     if classes == "animals":
-        wanted = {c.wnid for c in animal_classes()}
+        wanted: set[str] | None = {c.wnid for c in animal_classes()}
     elif classes == "pairs":
         wanted = {c.wnid for pair in class_pairs() for c in pair}
     elif isinstance(classes, str):

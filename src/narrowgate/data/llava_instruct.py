@@ -89,9 +89,9 @@ def load_llava_instruct(
         [Path(image_dir)] if image_dir else [base / "train2017", base / "train2014", base / "coco" / "train2017", base]
     )
     folders = [f for f in folders if f.is_dir()] or folders
-    out, seen = [], {}
+    out, seen = [], dict[str, int]()
     for i, item in enumerate(entries(read_json(path), None, path, "LLaVA-Instruct data (a list of conversations)")):
-        turns = item.get("conversations")
+        turns: Any = item.get("conversations")
         if "image" not in item or not _opens(turns):
             continue
         item_id = entry_id(item, "id", path, i)

@@ -98,6 +98,7 @@ def load_vqav2(
         )
         path = None
         if defect is None:
+            assert image_id is not None  # `_image_id_defect` refuses anything but a number
             path = image_in(Path(image_dir), image_name.format(image_id=int(image_id)), questions)
         examples.append(
             VQAExample(

@@ -18,6 +18,9 @@ only the rows they replace are recomputed from the replacement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from transformers import AttentionInterface
 
@@ -25,6 +28,13 @@ from .. import compat
 from ..compat import AttentionMaskInterface, eager_mask, repeat_kv, sdpa_attention_forward, sdpa_mask
 from . import sites
 from .state import InterventionError, Scratch, active_run
+
+if TYPE_CHECKING:
+    from .budget import Budget
+    from .state import Plan, Run
+
+#: What an attention function returns: the output [B, Q, H, d] and the weights (eager) or None.
+AttentionOut = tuple[torch.Tensor, torch.Tensor | None]
 
 SDPA = "narrowgate_sdpa"
 EAGER = "narrowgate_eager"
@@ -58,7 +68,17 @@ def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
-def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def _stock_eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention (additive float mask, optional logit soft-capping), shared by every decoder family."""
     groups = getattr(module, "num_key_value_groups", 1)
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -71,7 +91,9 @@ def _stock_eager(module, query, key, value, attention_mask, scaling=None, dropou
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
 
-def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, device) -> torch.Tensor:
+def _allowed(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, offset: int, device: torch.device
+) -> torch.Tensor:
     """The model's own mask as a boolean [B, 1, Q, K] (True = may attend)."""
     if attention_mask is None:
         q = torch.arange(offset, offset + q_len, device=device)
@@ -83,7 +105,17 @@ def _allowed(attention_mask, batch: int, q_len: int, k_len: int, offset: int, de
     return m.expand(batch, 1, q_len, k_len)
 
 
-def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows=None):
+def _effective_mask(
+    plan: Plan,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    B: int,
+    Q: int,
+    K: int,
+    offset: int,
+    device: torch.device,
+    rows: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's mask minus mask-mode knockouts ([B,1,Q,K]) and the zero-mode entries ([B,Q,K] or None); with
     ``rows`` = (q0, q1), for query rows q0..q1-1 of the call only ([B,1,q1-q0,K])."""
     if rows is not None:
@@ -98,14 +130,24 @@ def _effective_mask(plan, attention_mask, layer, B, Q, K, offset, device, rows=N
     return allow, zero_block
 
 
-def _block_rows(budget, rows: int, keys: int, bytes_per_entry: int) -> int:
+def _block_rows(budget: Budget | None, rows: int, keys: int, bytes_per_entry: int) -> int:
     """Query rows per block: from the call's memory budget (`engine.budget`), or a fixed size without one."""
     if budget is not None:
         return budget.query_rows(rows, keys, bytes_per_entry)
     return max(1, _FALLBACK_BLOCK // max(1, rows * keys * bytes_per_entry))
 
 
-def _row_probs(query, key, scaling, allow, idx, zero, budget=None, *, probs: bool = True):
+def _row_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    allow: torch.Tensor,
+    idx: torch.Tensor,
+    zero: torch.Tensor | None,
+    budget: Budget | None = None,
+    *,
+    probs: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Post-softmax attention (float32, or float64 for float64 inputs) of the selected query rows, zero-mode entries
     set to zero, computed in blocks of rows sized by ``budget``.
 
@@ -116,7 +158,8 @@ def _row_probs(query, key, scaling, allow, idx, zero, budget=None, *, probs: boo
     B, H, _, d = query.shape
     K = key.shape[2]
     step = _block_rows(budget, B, K, 3 * H * 4)  # scores, probabilities and their zeroed copy, every head, float32
-    out, kept = [], []
+    out: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
     for s in range(0, idx.shape[1], step):
         ii = idx[:, s : s + step]
         q = torch.gather(query, 2, ii[:, None, :, None].expand(B, H, ii.shape[1], d))
@@ -139,7 +182,9 @@ def _rows_of(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.gather(x, axis, idx.view(view).expand(shape))
 
 
-def _direct_probs(query, key, scale, allow, zero):
+def _direct_probs(
+    query: torch.Tensor, key: torch.Tensor, scale: float, allow: torch.Tensor, zero: torch.Tensor | None
+) -> torch.Tensor:
     """Post-softmax attention [B, H, Q, K] of a short query window in float32 (float64 for float64 inputs),
     zero-mode entries zeroed, with grouped heads read in place (no repeat_kv)."""
     B, H, Q, d = query.shape
@@ -150,7 +195,7 @@ def _direct_probs(query, key, scale, allow, zero):
     return p if zero is None else p.masked_fill(zero[:, None], 0.0)
 
 
-def _weighted(p, value, dropout: float):
+def _weighted(p: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
     """``p`` [B, H, Q, K] applied to ``value`` [B, Hk, K, dv] (grouped heads in place): [B, Q, H, dv], in ``value``'s
     dtype; ``dropout`` applies to the weights, as in stock attention."""
     B, H, Q, K = p.shape
@@ -181,7 +226,7 @@ def _fold_entries(entries: torch.Tensor, B: int) -> torch.Tensor:
     return entries.reshape(CB // B, B, 1, Q, n).permute(1, 2, 0, 3, 4).unsqueeze(3)
 
 
-def _fill_plan(entries: torch.Tensor, B: int, Hk: int, g: int, device) -> torch.Tensor | None:
+def _fill_plan(entries: torch.Tensor, B: int, Hk: int, g: int, device: torch.device) -> torch.Tensor | None:
     """Where to write ``entries`` ([C*B, 1, Q, P], True = set) in folded rows [B, Hk, C*g*Q, P]: None (nowhere),
     flat indices (few entries: a scan blocks one column per condition) or a broadcast bool mask (many)."""
     hit = entries.nonzero()
@@ -209,7 +254,9 @@ def _fill(x: torch.Tensor, where: torch.Tensor | None, value: float, inplace: bo
     return (rows.masked_fill_(where, value) if inplace else rows.masked_fill(where, value)).view(x.shape)
 
 
-def _prefix_scores(folded, keys, buffers: dict | None, inplace: bool, wide) -> torch.Tensor:
+def _prefix_scores(
+    folded: torch.Tensor, keys: torch.Tensor, buffers: dict | None, inplace: bool, wide: torch.dtype
+) -> torch.Tensor:
     """Scores of the folded query rows against the prefix keys, in a buffer of ``buffers`` outside autograd."""
     if not (inplace and buffers is not None and folded.dtype == wide):
         return torch.matmul(folded, keys).to(wide)
@@ -220,14 +267,20 @@ def _prefix_scores(folded, keys, buffers: dict | None, inplace: bool, wide) -> t
     return torch.matmul(folded, keys, out=buf)
 
 
-def _fused_prefix(folded, pk, pv, allow, cache, low):
+#: A per-pass cache of what every layer shares: (name, the mask it is keyed on, how to make it) -> the value.
+PassCache = Callable[[str, torch.Tensor, Callable[[], Any]], Any]
+
+
+def _fused_prefix(
+    folded: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, allow: torch.Tensor, cache: PassCache, low: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefix part by PyTorch's fused CPU attention (`compat.flash_cpu`), folded rows: its normalised output
     and its log-sum-exp (mask mode only: zero-mode entries would need a second call, slower than by hand)."""
     B, Hk, R, _ = folded.shape
     CB, _, Q, _ = allow.shape
     C, P = CB // B, pk.shape[2]
 
-    def bias():
+    def bias() -> torch.Tensor:
         keep = _fold_entries(allow[..., :P], B).expand(B, 1, C, R // (C * Q), Q, P).reshape(B, 1, R, P)
         return torch.zeros(B, 1, R, P, dtype=folded.dtype, device=folded.device).masked_fill_(~keep, low)
 
@@ -236,19 +289,19 @@ def _fused_prefix(folded, pk, pv, allow, cache, low):
 
 
 def with_prefix(
-    query,
-    key,
-    value,
-    prefix,
-    scale,
-    allow,
-    zero,
-    softcap=None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    allow: torch.Tensor,
+    zero: torch.Tensor | None,
+    softcap: float | None = None,
     *,
-    probs=False,
+    probs: bool = False,
     scratch: Scratch | None = None,
-    edit=None,
-):
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of suffix rows over a prefix shared by every condition plus each row's own suffix.
 
     query [C*B, H, Q, d]; key/value [C*B, Hk, Q, d] (the suffix only); ``prefix`` = (keys, values)
@@ -271,7 +324,7 @@ def with_prefix(
     B, Hk, P, _ = pk.shape
     C, g = CB // B, H // Hk
 
-    def cache(name: str, mask: torch.Tensor, make):  # computed once per pass: every layer shares ``mask``
+    def cache(name: str, mask: torch.Tensor, make: Callable[[], Any]) -> Any:  # once per pass: layers share ``mask``
         return make() if scratch is None else scratch.cached((name, id(mask)), make, keep=mask)
 
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, pk, pv)))
@@ -289,6 +342,8 @@ def with_prefix(
         and (zero is None or not cache("zero_in_prefix", zero, lambda: bool(zero[..., :P].any())))
     )
     if fused:
+        u_pre: torch.Tensor | None
+        n_pre: torch.Tensor | None
         u_pre, t_pre = _fused_prefix(folded, keys, pv.to(value.dtype), allow, cache, low)
         n_pre = None  # normalised: its log-normaliser is its log-offset
     else:
@@ -327,12 +382,13 @@ def with_prefix(
         out = _unfold(torch.matmul(_fold(w[..., :P], B, Hk), pv.to(value.dtype)), C, H, Q)
         out = out + torch.matmul(w[..., P:].reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
         return out.transpose(1, 2), p
+    assert u_pre is not None  # computed whenever the probabilities are not asked for
     o_pre = _unfold(u_pre, C, H, Q)
     o_own = torch.matmul(e_own.to(value.dtype).reshape(CB, Hk, g * Q, Q), value).reshape(CB, H, Q, -1)
     return (_wide(o_pre) * w_pre + _wide(o_own) * w_own).to(value.dtype).transpose(1, 2), None
 
 
-def _refuse_unimplemented(kwargs) -> None:
+def _refuse_unimplemented(kwargs: dict[str, Any]) -> None:
     for name, what in UNIMPLEMENTED.items():
         if kwargs.get(name) is not None:
             raise InterventionError(
@@ -344,7 +400,19 @@ def _refuse_unimplemented(kwargs) -> None:
 class _Layer:
     """One engine attention call: the inputs, the masks the plan gives this layer, and the run."""
 
-    def __init__(self, module, query, key, value, attention_mask, layer, run, scaling, dropout, softcap):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layer: int,
+        run: Run,
+        scaling: float | None,
+        dropout: float,
+        softcap: float | None,
+    ) -> None:
         self.module, self.query, self.key, self.value = module, query, key, value
         self.layer, self.run, self.softcap = layer, run, softcap
         plan = run.plan
@@ -355,9 +423,9 @@ class _Layer:
         self.knocked = bool(plan.active_key(layer))
         self.patterns = bool(plan.at_site("pattern", layer))
         self.attention_mask, self.K = attention_mask, K
-        self._masks = None
+        self._masks: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def masks(self, rows=None):
+    def masks(self, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The effective masks (`_effective_mask`) of the call's query rows — all of them, shared by the layers of
         the call, or only the block ``rows`` = (q0, q1) — made when a path asks (the blocked SDPA path never
         asks for all of a long window)."""
@@ -380,14 +448,17 @@ class _Layer:
     def zero(self) -> torch.Tensor | None:
         return self.masks()[1]
 
-    def visit_pattern(self, p: torch.Tensor, positions=None):
+    def visit_pattern(
+        self, p: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ``pattern`` interventions on probabilities ``p`` [B, H, rows, K]: (probabilities, replaced rows)."""
         return sites.visit(self.run, "pattern", self.layer, p, self.offset, positions)
 
 
-def _prefix_path(c: _Layer, attention_mask, kwargs):
+def _prefix_path(c: _Layer, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionOut:
     """Suffix rows over a prefix shared by every row (`with_prefix`)."""
     plan = c.run.plan
+    assert plan.prefix is not None  # the path `_intervened` takes only with a shared prefix
     out, probs = with_prefix(
         c.query,
         c.key,
@@ -406,13 +477,13 @@ def _prefix_path(c: _Layer, attention_mask, kwargs):
     return out, None
 
 
-def _direct_path(c: _Layer, attention_mask, kwargs):
+def _direct_path(c: _Layer, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionOut:
     """A short query window (decode steps, text suffixes) from its probabilities, which it needs anyway."""
     p, _ = c.visit_pattern(_direct_probs(c.query, c.key, c.scale, c.allow, c.zero))
     return _weighted(p, c.value, c.dropout), None
 
 
-def _eager_path(c: _Layer, attention_mask, kwargs):
+def _eager_path(c: _Layer, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionOut:
     """Explicit softmax over the whole map, as stock eager attention computes (its weights are returned)."""
     groups = getattr(c.module, "num_key_value_groups", 1)
     k, v = repeat_kv(c.key, groups), repeat_kv(c.value, groups)
@@ -427,7 +498,7 @@ def _eager_path(c: _Layer, attention_mask, kwargs):
     return torch.matmul(out, v).transpose(1, 2).contiguous(), w
 
 
-def _sdpa_path(c: _Layer, attention_mask, kwargs):
+def _sdpa_path(c: _Layer, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionOut:
     """SDPA over the whole window: stock where no knockout acts here, else in blocks of query rows sized by the
     memory budget, each with its own masks, so no [Q, K] mask is built whole. By hand only the rows that need
     their probabilities: zero-mode rows (rescaled by their kept mass, block by block) and the rows of ``pattern``
@@ -468,8 +539,9 @@ def _sdpa_path(c: _Layer, attention_mask, kwargs):
     idx, valid = torch.cat([p[0] for p in picked], 1), torch.cat([p[1] for p in picked], 1)
     allow = torch.cat([p[2] for p in picked], 2)
     zero = torch.cat(zeros, 1) if zeros else None
-    probs, _ = _row_probs(query, k_full, c.scale, allow, idx, zero, run.scratch.budget)
-    probs, changed = c.visit_pattern(probs, (c.offset + idx).masked_fill(~valid, -1))
+    picked_probs, _ = _row_probs(query, k_full, c.scale, allow, idx, zero, run.scratch.budget)
+    assert picked_probs is not None  # asked for (probs=True)
+    probs, changed = c.visit_pattern(picked_probs, (c.offset + idx).masked_fill(~valid, -1))
     if changed is not None:
         w = torch.nn.functional.dropout(probs, p=c.dropout) if c.dropout else probs
         redone = torch.matmul(w, _wide(v_full)).transpose(1, 2)  # [B, R, H, d]
@@ -477,7 +549,14 @@ def _sdpa_path(c: _Layer, attention_mask, kwargs):
     return out.contiguous(), None
 
 
-def _sdpa_block(c: _Layer, query, k_full, v_full, allow, zero):
+def _sdpa_block(
+    c: _Layer,
+    query: torch.Tensor,
+    k_full: torch.Tensor,
+    v_full: torch.Tensor,
+    allow: torch.Tensor,
+    zero: torch.Tensor | None,
+) -> torch.Tensor:
     """SDPA for one block of query rows ([B, H, q, d]) with the block's masks, zero-mode rows rescaled by their
     kept mass: the output [B, q, H, d]."""
     B, H, Q, _ = query.shape
@@ -486,8 +565,10 @@ def _sdpa_block(c: _Layer, query, k_full, v_full, allow, zero):
         query, k_full, v_full, attn_mask=final, dropout_p=c.dropout, scale=c.scale
     ).transpose(1, 2)  # [B, Q, H, d]
     out = out.masked_fill(~final.any(-1).transpose(1, 2)[..., None], 0.0)
-    rows = None if zero is None else zero.any(-1)
-    if rows is None or not bool(rows.any()):
+    if zero is None:
+        return out
+    rows = zero.any(-1)
+    if not bool(rows.any()):
         return out
     idx, valid = sites.row_index(rows)
     _, kept = _row_probs(
@@ -499,7 +580,19 @@ def _sdpa_block(c: _Layer, query, k_full, v_full, allow, zero):
     return (_wide(out) * scale_rows[..., None]).to(query.dtype)
 
 
-def _intervened(module, query, key, value, attention_mask, layer: int, run, eager: bool, scaling, dropout, kwargs):
+def _intervened(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    run: Run,
+    eager: bool,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> AttentionOut:
     softcap = kwargs.get("softcap")
     if softcap is not None and not eager:
         raise InterventionError(
@@ -522,7 +615,17 @@ def _intervened(module, query, key, value, attention_mask, layer: int, run, eage
     return path(c, attention_mask, kwargs)
 
 
-def _stock(eager: bool, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+def _stock(
+    eager: bool,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> AttentionOut:
     if eager:
         return _stock_eager(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=kwargs.get("softcap")
@@ -530,12 +633,21 @@ def _stock(eager: bool, module, query, key, value, attention_mask, scaling, drop
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _make(eager: bool):
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _make(eager: bool) -> Callable[..., AttentionOut]:
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> AttentionOut:
         _refuse_unimplemented(kwargs)
         run = active_run()
         layer = None if run is None else run.plan.layer_of.get(id(module))
-        if layer is None:
+        if run is None or layer is None:
             return _stock(eager, module, query, key, value, attention_mask, scaling, dropout, kwargs)
         plan = run.plan
         if plan.attention_active(layer):

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def attribute(
-    vlm: VLM, prefix: SharedPrefix, *, target="text", mode: str = "mask"
+    vlm: VLM, prefix: SharedPrefix, *, target: str | tuple = "text", mode: str = "mask"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order estimate, for every key position j, of knocking out ``j -> target`` at every layer.
 

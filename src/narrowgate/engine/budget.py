@@ -22,10 +22,14 @@ benchmark `benchmarks/scaling.py` measures the real peaks against a plain forwar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import compat
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Share of the budget the attention blocks of a whole-sequence call may use (the rest: its activations).
 BLOCK_SHARE = 4
@@ -46,7 +50,8 @@ class Shape:
     softcap: bool = False
 
     @classmethod
-    def of(cls, model) -> Shape:
+    def of(cls, model: PreTrainedModel) -> Shape:
+        """The sizes of ``model``'s text decoder, read from its config."""
         cfg = model.config.get_text_config()
 
         def size(name: str, default: int) -> int:  # per-layer lists (Gemma 3n's MLP) count at their largest
@@ -85,7 +90,9 @@ def plain_forward_bytes(shape: Shape, rows: int, length: int, keep: int = 1) -> 
     return shape.cache(rows, length) + rows * length * shape.per_token + rows * keep * shape.vocab * 4
 
 
-def fused_prefix(device, dtype, *, probs: bool, zero_in_prefix: bool, grad: bool, softcap: bool) -> bool:
+def fused_prefix(
+    device: torch.device | str, dtype: torch.dtype, *, probs: bool, zero_in_prefix: bool, grad: bool, softcap: bool
+) -> bool:
     """Whether a suffix pass's prefix part runs in PyTorch's fused CPU attention (`attention.with_prefix`), which
     holds an additive bias per entry instead of every head's scores."""
     return (

@@ -9,14 +9,22 @@ Every tensor follows the device of the layer it meets (accelerate dispatch and d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from ..compat import layer_cache, past_length
 from . import sites
 from .state import InterventionError, active_run
 
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
-def _past_length(kwargs, layer: int, previous: int) -> int:
+    from .state import Run
+
+
+def _past_length(kwargs: dict[str, Any], layer: int, previous: int) -> int:
     """Where the current call's window starts; ``previous``: what an earlier layer of the call read (a recurrent
     layer's cache holds no positions)."""
     cache = layer_cache(kwargs)
@@ -26,13 +34,14 @@ def _past_length(kwargs, layer: int, previous: int) -> int:
     return previous if got is None else got
 
 
-def _replace_output(output, new):
+def _replace_output(output: Any, new: torch.Tensor) -> Any:
+    """A module's ``output`` with its hidden states (the first element of a tuple, or the whole) replaced."""
     if isinstance(output, tuple):
         return (new, *output[1:])
     return new
 
 
-def _resid(run, at: int, hidden: torch.Tensor) -> torch.Tensor:
+def _resid(run: Run, at: int, hidden: torch.Tensor) -> torch.Tensor:
     """The ``resid`` site's interventions at residual index ``at`` applied to ``hidden`` [B, Q, D]; a residual
     stream of another shape (several streams) is refused where something acts on it."""
     if hidden.dim() != 3 and run.plan.at_site("resid", at):
@@ -47,8 +56,8 @@ def _resid(run, at: int, hidden: torch.Tensor) -> torch.Tensor:
 def install(
     layers: torch.nn.ModuleList,
     modules: list[tuple[torch.nn.Module, torch.nn.Module | None]],
-    mixers: dict | None = None,
-) -> list:
+    mixers: dict[int, Callable[..., Any]] | None = None,
+) -> list[RemovableHandle]:
     """Install the site hooks on every decoder layer (``modules``: per layer its attention module, or its recurrent
     mixer, and its MLP module, None where it has none); returns the handles. ``mixers``: per recurrent layer the
     hook that knocks out through it (`recurrent.hook`), which runs before the layer's ``attn_out`` site.
@@ -65,7 +74,9 @@ def install(
     handles = []
     for l, (layer, (attn, mlp)) in enumerate(zip(layers, modules)):
 
-        def pre(module, args, kwargs, l=l):
+        def pre(
+            module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], l: int = l
+        ) -> tuple[tuple, dict[str, Any]] | None:
             run = active_run()
             if run is None or not run.plan.edits:
                 return None
@@ -78,8 +89,8 @@ def install(
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
 
-        def out_hook(site: str, l: int):
-            def hook(module, args, output):
+        def out_hook(site: str, l: int) -> Callable[[torch.nn.Module, tuple, Any], Any]:
+            def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
                 run = active_run()
                 if run is None or site not in run.plan.sites:
                     return None
@@ -96,7 +107,7 @@ def install(
         if mlp is not None:
             handles.append(mlp.register_forward_hook(out_hook("mlp_out", l)))
 
-    def post(module, args, kwargs, output):
+    def post(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         run = active_run()
         if run is None or not run.plan.edits:
             return None

@@ -13,8 +13,9 @@ the last layer's output, before the final norm — the same indexing as HF ``hid
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -23,10 +24,15 @@ from ..errors import parse_layer_set
 from ..roles import Role, parse_role, parse_roles
 from .protocol import EDGES, SITES, Intervention, InterventionError, ModelShape, Resolved, RoleMask, Where, role_mask
 
+if TYPE_CHECKING:
+    from ..batch import Batch
+    from .state import Record
+
 KNOCKOUT_MODES = ("zero", "mask")
+_R = TypeVar("_R", bound=Resolved)
 
 
-def _layers(layers) -> tuple[int, ...] | None:
+def _layers(layers: int | Iterable[int] | None) -> tuple[int, ...] | None:
     """None (every layer) or a non-empty tuple of ints: an empty set would make the intervention a no-op."""
     if layers is None:
         return None
@@ -58,7 +64,7 @@ class Knockout(Intervention):
     sources: tuple[Role, ...] = field(init=False, repr=False)
     targets: tuple[Role, ...] = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in KNOCKOUT_MODES:
             raise ValueError(f"Knockout mode must be one of {KNOCKOUT_MODES}, got {self.mode!r}.")
         object.__setattr__(self, "layers", _layers(self.layers))
@@ -90,7 +96,7 @@ class Knockout(Intervention):
             text += f":{self.mode}"
         return text
 
-    def resolve(self, batch, model: ModelShape | None = None) -> ResolvedKnockout:
+    def resolve(self, batch: Batch, model: ModelShape | None = None) -> ResolvedKnockout:
         """Bind this Knockout to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         layers = None if self.layers is None else frozenset(self.layers)
         return ResolvedKnockout(
@@ -118,24 +124,25 @@ class ResolvedKnockout(Resolved):
     name: str = "Knockout"  # type: ignore[misc]
     site = EDGES
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.rows = self.target
 
     def stack_key(self) -> tuple:
         return (ResolvedKnockout, self.layers, self.mode, self.source.generated, self.target.generated)
 
     @classmethod
-    def stack(cls, parts, batch_size, length):
+    def stack(cls, parts: Sequence[Resolved | None], batch_size: int, length: int) -> ResolvedKnockout:
         """Knockouts of different conditions land in different rows, so their masks merge without interacting."""
         empty = torch.zeros(batch_size, length, dtype=torch.bool)
-        first = next(k for k in parts if k is not None)
-        src = torch.cat([empty if k is None else k.source.prompt for k in parts])
-        tgt = torch.cat([empty if k is None else k.target.prompt for k in parts])
+        knocks = [k if k is None else _as(k, ResolvedKnockout) for k in parts]
+        first = next(k for k in knocks if k is not None)
+        src = torch.cat([empty if k is None else k.source.prompt for k in knocks])
+        tgt = torch.cat([empty if k is None else k.target.prompt for k in knocks])
         return cls(
             RoleMask(src, first.source.generated), RoleMask(tgt, first.target.generated), first.layers, first.mode
         )
 
-    def missing(self, record, n_layers):
+    def missing(self, record: Record, n_layers: int) -> str | None:
         return None  # `Run.check_applied` checks that the engine's attention ran in every layer of every knockout
 
 
@@ -152,7 +159,7 @@ class Patch(Intervention):
     resid: int
     value: torch.Tensor
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         r = parse_role(self.role)
         if not r.single:
             raise ValueError(f"A patch needs a single-position role (e.g. 'eoi', 'last', 'image[k]'), got {r}.")
@@ -164,7 +171,7 @@ class Patch(Intervention):
         """A readable name of this Patch, used in messages and in the record of what applied."""
         return f"Patch at {self.role}, residual index {self.resid}"
 
-    def resolve(self, batch, model: ModelShape | None = None) -> Resolved:
+    def resolve(self, batch: Batch, model: ModelShape | None = None) -> Resolved:
         """Bind this Patch to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         pos = batch.index(self.role)
         if self.value.shape[0] != batch.size:
@@ -181,10 +188,10 @@ class Patch(Intervention):
 class _ResolvedPatch(Resolved):
     site = "resid"
 
-    def __init__(self, rows: RoleMask, layers: frozenset[int], value: torch.Tensor, name: str):
+    def __init__(self, rows: RoleMask, layers: frozenset[int], value: torch.Tensor, name: str) -> None:
         self.rows, self.layers, self.value, self.name = rows, layers, value, name
 
-    def visit(self, value, where, record):
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> torch.Tensor:
         return self.value[:, None, :].to(value.device, value.dtype).expand_as(value)
 
 
@@ -208,7 +215,7 @@ class Capture(Intervention):
     at: tuple[tuple[str, tuple[int, ...]], ...] | dict | None = None
     parsed: tuple[Role, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.reduce != "mean":
             raise ValueError("Capture.reduce supports 'mean' only.")
         object.__setattr__(self, "resids", _layers(self.resids))
@@ -224,7 +231,7 @@ class Capture(Intervention):
         """A readable name of this Capture, used in messages and in the record of what applied."""
         return "Capture of " + ", ".join([str(r) for r in self.parsed] + [n for n, _ in self.at or ()])
 
-    def resolve(self, batch, model: ModelShape | None = None) -> ResolvedCapture:
+    def resolve(self, batch: Batch, model: ModelShape | None = None) -> ResolvedCapture:
         """Bind this Capture to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         masks: dict[str, torch.Tensor] = {}
         for r in self.parsed:
@@ -265,14 +272,15 @@ class ResolvedCapture(Resolved):
         return (ResolvedCapture, self.resids, tuple(self.masks))
 
     @classmethod
-    def stack(cls, parts, batch_size, length):
-        first = next(p for p in parts if p is not None)
-        return cls({n: torch.cat([p.masks[n] for p in parts]) for n in first.masks}, first.resids, first.name)
+    def stack(cls, parts: Sequence[Resolved | None], batch_size: int, length: int) -> ResolvedCapture:
+        caps = [_as(p, ResolvedCapture) for p in parts]  # a capture reads in every condition
+        first = caps[0]
+        return cls({n: torch.cat([p.masks[n] for p in caps]) for n in first.masks}, first.resids, first.name)
 
     def indices(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers + 1)) if self.resids is None else tuple(self.resids)
 
-    def visit(self, value, where, record):
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> None:
         for name, mask in self.masks.items():
             sel = RoleMask(mask, False).at(where.positions.cpu(), where.valid.cpu())
             if not bool(sel.any()):
@@ -286,7 +294,7 @@ class ResolvedCapture(Resolved):
             store[where.at] = (total, count)
         return None
 
-    def residuals(self, record, n_layers: int) -> dict[str, torch.Tensor]:
+    def residuals(self, record: Record, n_layers: int) -> dict[str, torch.Tensor]:
         """Captured residuals per name: [B, len(resids), D], averaged over each name's positions."""
         why = self.missing(record, n_layers)
         if why:
@@ -299,7 +307,7 @@ class ResolvedCapture(Resolved):
             out[name] = sums / counts[..., None]
         return out
 
-    def missing(self, record, n_layers):
+    def missing(self, record: Record, n_layers: int) -> str | None:
         for name, mask in self.masks.items():
             per = record.captured.get(name, {})
             lacking = [l for l in self.indices(n_layers) if l not in per]
@@ -320,7 +328,7 @@ class AttentionStats(Intervention):
 
     name = "Cross-modal attention statistics"
 
-    def resolve(self, batch, model: ModelShape | None = None) -> ResolvedStats:
+    def resolve(self, batch: Batch, model: ModelShape | None = None) -> ResolvedStats:
         """Bind this AttentionStats to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         return ResolvedStats(role_mask(batch, "text"))
 
@@ -330,17 +338,18 @@ class ResolvedStats(Resolved):
     layers = None
     name = AttentionStats.name
 
-    def __init__(self, rows: RoleMask):
+    def __init__(self, rows: RoleMask) -> None:
         self.rows = rows
 
     def stack_key(self) -> tuple:
         return (ResolvedStats,)
 
     @classmethod
-    def stack(cls, parts, batch_size, length):
-        return cls(RoleMask(torch.cat([p.rows.prompt for p in parts]), parts[0].rows.generated))
+    def stack(cls, parts: Sequence[Resolved | None], batch_size: int, length: int) -> ResolvedStats:
+        stats = [_as(p, ResolvedStats) for p in parts]  # statistics are asked of every condition
+        return cls(RoleMask(torch.cat([p.rows.prompt for p in stats]), stats[0].rows.generated))
 
-    def visit(self, value, where, record):
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> None:
         record.column_attention[where.at] = column_attention(value, where.valid).detach()
         return None
 
@@ -370,7 +379,7 @@ class Hook(Intervention):
     roles: str | tuple
     fn: Callable
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.site not in SITES:
             raise ValueError(f"Hook site must be one of {tuple(SITES)}, got {self.site!r}.")
         if isinstance(self.at, bool) or not isinstance(self.at, int) or self.at < 0:
@@ -385,22 +394,29 @@ class Hook(Intervention):
         roles = "+".join(str(r) for r in parse_roles(self.roles))
         return f"Hook {getattr(self.fn, '__name__', type(self.fn).__name__)} at {self.site}[{self.at}] on {roles}"
 
-    def resolve(self, batch, model: ModelShape | None = None) -> Resolved:
+    def resolve(self, batch: Batch, model: ModelShape | None = None) -> Resolved:
         """Bind this Hook to ``batch`` (its positions by role, checked against ``model``): the protocol's step."""
         return _ResolvedHook(self, role_mask(batch, self.roles))
 
 
 class _ResolvedHook(Resolved):
-    def __init__(self, hook: Hook, rows: RoleMask):
+    def __init__(self, hook: Hook, rows: RoleMask) -> None:
         self.hook, self.rows, self.name = hook, rows, hook.name
         self.site, self.layers = hook.site, frozenset({hook.at})
         self.with_where = _takes_two(hook.fn)
 
-    def visit(self, value, where: Where, record):
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> torch.Tensor | None:
         return self.hook.fn(value, where) if self.with_where else self.hook.fn(value)
 
 
-def _takes_two(fn) -> bool:
+def _as(r: Resolved | None, kind: type[_R]) -> _R:
+    """``r`` as the resolved kind its stack key promises (stacking groups parts by `Resolved.stack_key`)."""
+    if not isinstance(r, kind):
+        raise TypeError(f"{kind.__name__} stacks only with its own kind in every condition, got {type(r).__name__}.")
+    return r
+
+
+def _takes_two(fn: Callable) -> bool:
     """Whether ``fn`` accepts a second positional argument (the `Where`)."""
     try:
         params = inspect.signature(fn).parameters.values()

@@ -22,8 +22,9 @@ their ``resolve`` returns ``Hook(...).resolve(batch)``. docs/contributing/interv
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,8 @@ from ..roles import RoleError, parse_roles
 
 if TYPE_CHECKING:
     from ..batch import Batch
+    from ..roles import Role
+    from .state import Record
 
 #: The named sites a `Hook` (or any `Resolved`) can act at, and the value it sees there. ``R`` counts the
 #: positions at the hook's roles that one model call computes, in ascending order; an example with fewer has
@@ -63,7 +66,7 @@ class RoleMask:
     prompt: torch.Tensor
     generated: bool | torch.Tensor
 
-    def window(self, start: int, stop: int, device) -> torch.Tensor:
+    def window(self, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
         """Mask over absolute positions [start, stop) ([B, stop-start]); beyond the prompt use ``generated``."""
         B, T = self.prompt.shape
         inside = self.prompt[:, max(0, min(start, T)) : max(0, min(stop, T))]
@@ -89,7 +92,7 @@ class RoleMask:
         return self.prompt.shape[1] if bool(torch.as_tensor(self.generated).any()) else None
 
 
-def role_mask(batch: Batch, roles) -> RoleMask:
+def role_mask(batch: Batch, roles: str | Role | tuple | list) -> RoleMask:
     """The positions of ``roles`` in ``batch``; ``text`` also covers generated tokens. Raises `RoleError` when
     the roles name no position in any example."""
     parsed = parse_roles(roles)
@@ -137,7 +140,7 @@ class Resolved(abc.ABC):
         read once for every condition (captures)."""
         return self.rows.first()
 
-    def visit(self, value: torch.Tensor, where: Where, record) -> torch.Tensor | None:
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> torch.Tensor | None:
         """Read ``value`` (this site's tensor at this intervention's rows, `SITES`) and return a replacement of
         the same shape, or None to leave it. ``record`` is the call's `Record` (for built-in readers)."""
         raise NotImplementedError(f"{type(self).__name__} does not visit tensor sites.")
@@ -159,7 +162,7 @@ class Resolved(abc.ABC):
             return set(self.layers)
         return set(range(n_layers + 1 if self.site == "resid" else n_layers))
 
-    def missing(self, record, n_layers: int) -> str | None:
+    def missing(self, record: Record, n_layers: int) -> str | None:
         """Why it was not applied during the call, or None. Default: it must have met at least one of its rows
         at every one of its layers."""
         seen = record.visited.get(id(self), set())
@@ -175,7 +178,7 @@ class Stacked(Resolved):
     each condition's part visits its own rows only, so a visit that mixes an example's rows or the batch's examples
     (a mean, a statistic) stays what it is alone."""
 
-    def __init__(self, parts: list[Resolved | None], batch_size: int, length: int):
+    def __init__(self, parts: list[Resolved | None], batch_size: int, length: int) -> None:
         present = [p for p in parts if p is not None]
         first = present[0]
         self.parts, self.batch_size = parts, batch_size
@@ -199,7 +202,7 @@ class Stacked(Resolved):
     def expected_layers(self, n_layers: int) -> set[int]:
         return set().union(*(p.expected_layers(n_layers) for p in self.parts if p is not None))
 
-    def visit(self, value, where, record):
+    def visit(self, value: torch.Tensor, where: Where, record: Record) -> torch.Tensor | None:
         B, axis = self.batch_size, ROW_AXIS[where.site]
         out = None
         for c, part in enumerate(self.parts):
@@ -223,14 +226,14 @@ class Stacked(Resolved):
             out[tuple(index)] = new
         return out
 
-    def missing(self, record, n_layers):
+    def missing(self, record: Record, n_layers: int) -> str | None:
         for p in self.parts:
             if p is not None and (why := p.missing(record, n_layers)):
                 return why
         return None
 
 
-def check_value(r: Resolved, new, value: torch.Tensor, site: str) -> None:
+def check_value(r: Resolved, new: object, value: torch.Tensor, site: str) -> None:
     """Refuse a replacement not shaped like the value it replaces, naming the intervention."""
     if not isinstance(new, torch.Tensor) or new.shape != value.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
@@ -254,7 +257,7 @@ class Intervention(abc.ABC):
         `InterventionError` (or `RoleError`) when it cannot apply, e.g. its roles name no position."""
 
 
-def resolve_all(interventions, batch: Batch, model: ModelShape | None) -> list[Resolved]:
+def resolve_all(interventions: Iterable[Intervention], batch: Batch, model: ModelShape | None) -> list[Resolved]:
     """Every intervention resolved against ``batch``, in order; a role error becomes an `InterventionError`.
 
     ``model`` is None only where positions alone are asked of built-in interventions (`shared.first_affected`
@@ -278,7 +281,7 @@ def resolve_all(interventions, batch: Batch, model: ModelShape | None) -> list[R
     return out
 
 
-def _name(iv) -> str:
+def _name(iv: Any) -> str:
     name = getattr(iv, "name", None)
     if not isinstance(name, str):
         return type(iv).__name__

@@ -27,6 +27,9 @@ The layer is entered through a forward hook on its module (installed with the si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -34,6 +37,17 @@ from transformers.activations import ACT2FN
 from .. import compat
 from .protocol import InterventionError
 from .state import active_run
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+    from .state import Plan, ResolvedKnockout
+
+#: A transformers recurrent mixer module (e.g. Qwen3_5GatedDeltaNet): its parts are read by attribute name
+#: (`Mixer.parts`), which torch's Module typing cannot see.
+MixerModule = Any
+#: The state a view leaves after its last position: (convolution inputs, recurrent state).
+MixerState = tuple[torch.Tensor, torch.Tensor]
 
 #: Sites that need attention heads or probabilities, which a recurrent mixer has not.
 ATTENTION_ONLY_SITES = ("head", "pattern")
@@ -53,24 +67,27 @@ class Mixer:
     carried: tuple[str, ...]  # projections `mix` reads at every position: [B, T, ...], positions on axis 1
 
     def find(self, layer: torch.nn.Module) -> torch.nn.Module | None:
+        """The layer's mixer module of this kind, or None when it has none (or lacks one of `parts`)."""
         module = getattr(layer, self.attribute, None)
         return module if module is not None and all(hasattr(module, p) for p in self.parts) else None
 
-    def project(self, module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def project(self, module: MixerModule, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-position inputs of ``hidden`` [B, T, D] (padding already zeroed): [B, T, ...] each."""
         raise NotImplementedError
 
-    def mix(self, module, proj: dict, absent: torch.Tensor, silent: torch.Tensor, want_state: bool):
+    def mix(
+        self, module: MixerModule, proj: dict, absent: torch.Tensor, silent: torch.Tensor, want_state: bool
+    ) -> tuple[torch.Tensor, MixerState | None]:
         """The mixed values [R, T, ...] of ``R`` views (``proj``: `carried` per view row): ``absent`` [R, T]
         positions deleted, ``silent`` ones putting nothing in. With ``want_state``, also the state each view leaves
         after its last position (for `store`)."""
         raise NotImplementedError
 
-    def finish(self, module, mixed: torch.Tensor, proj: dict) -> torch.Tensor:
+    def finish(self, module: MixerModule, mixed: torch.Tensor, proj: dict) -> torch.Tensor:
         """The module's output [R, n, D] at ``n`` positions from their mixed values and their own projections."""
         raise NotImplementedError
 
-    def store(self, module, cache, b: int, state) -> None:
+    def store(self, module: MixerModule, cache: Cache, b: int, state: MixerState) -> None:
         """Put a view's final state in row ``b`` of the cache, for the stock layer to decode on from."""
         raise NotImplementedError
 
@@ -85,7 +102,7 @@ class GatedDeltaNet(Mixer):
     parts = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "A_log", "dt_bias", "norm", "out_proj")
     carried = ("x", "beta", "g")
 
-    def project(self, module, hidden):
+    def project(self, module: MixerModule, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "x": module.in_proj_qkv(hidden),  # the convolution's input
             "beta": module.in_proj_b(hidden).sigmoid(),
@@ -93,7 +110,9 @@ class GatedDeltaNet(Mixer):
             "z": module.in_proj_z(hidden),
         }
 
-    def mix(self, module, proj, absent, silent, want_state):
+    def mix(
+        self, module: MixerModule, proj: dict, absent: torch.Tensor, silent: torch.Tensor, want_state: bool
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rule = compat.gated_delta_rule(module)
         if rule is None:
             raise InterventionError(
@@ -120,13 +139,13 @@ class GatedDeltaNet(Mixer):
         state = (last_inputs(x, absent, silent, weight.shape[1]), final) if want_state else None
         return core, state
 
-    def finish(self, module, mixed, proj):
+    def finish(self, module: MixerModule, mixed: torch.Tensor, proj: dict) -> torch.Tensor:
         R, n = mixed.shape[:2]
         dv = module.head_v_dim
         gated = module.norm(mixed.reshape(-1, dv), proj["z"].reshape(-1, dv)).reshape(R, n, -1)
         return module.out_proj(gated)
 
-    def store(self, module, cache, b, state):
+    def store(self, module: MixerModule, cache: Cache, b: int, state: MixerState) -> None:
         conv, recurrent = compat.recurrent_cache_states(cache, module.layer_idx)
         if conv is None or recurrent is None:
             raise InterventionError(
@@ -177,7 +196,9 @@ def _taps(x: torch.Tensor, pos: torch.Tensor, silent: torch.Tensor) -> torch.Ten
     return got * ok[:, None, :].to(x.dtype)
 
 
-def view_conv(x: torch.Tensor, weight: torch.Tensor, bias, absent: torch.Tensor, silent: torch.Tensor) -> torch.Tensor:
+def view_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, absent: torch.Tensor, silent: torch.Tensor
+) -> torch.Tensor:
     """The causal depthwise convolution (``weight`` [C, K]; tap ``K-1`` on the position itself) of ``x`` [R, C, T],
     before its activation: each position reads its own input and the ``K-1`` previous positions that are not
     ``absent``, a ``silent`` one reading zero. With neither, the stock ``conv1d`` of the layer."""
@@ -207,13 +228,13 @@ def last_inputs(x: torch.Tensor, absent: torch.Tensor, silent: torch.Tensor, K: 
 VIEW_BUDGET = 1 << 25
 
 
-def hook(kind: Mixer, layer: int):
+def hook(kind: Mixer, layer: int) -> Callable[..., Any]:
     """The forward hook on decoder layer ``layer``'s mixer. In a prefix pass it keeps the prefix's projections; in a
     suffix pass over a shared prefix every row gets its view's output (the stock layer saw no prefix); otherwise
     the target rows of the active run's knockouts get their views' outputs. With no active run, or nothing to do at
     this layer, the stock output stands."""
 
-    def knockouts(module, args, kwargs, output):
+    def knockouts(module: MixerModule, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         run = active_run()
         if run is None:
             return None
@@ -257,7 +278,15 @@ def _codes(masks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return code
 
 
-def apply(kind: Mixer, module, proj: dict, out: torch.Tensor, active: list, cache, prefix: dict | None):
+def apply(
+    kind: Mixer,
+    module: MixerModule,
+    proj: dict,
+    out: torch.Tensor,
+    active: list[ResolvedKnockout],
+    cache: Cache | None,
+    prefix: dict | None,
+) -> torch.Tensor | None:
     """``out`` (the stock output [B, Q, D] of a call over positions P..P+Q-1) with rows replaced by their views'
     outputs: the target rows of ``active`` knockouts, and, over a shared ``prefix`` (the carried projections of
     positions 0..P-1, per example; rows condition-major), every row. With a ``cache`` (a prompt pass before
@@ -299,12 +328,22 @@ def apply(kind: Mixer, module, proj: dict, out: torch.Tensor, active: list, cach
     for r, (b, u) in enumerate(zip(rows, group_of)):
         which[b][code[b] == u] = r
         if gen is not None and int(gen[b]) == u:
+            assert cache is not None and states is not None  # ``gen`` exists with a cache, and asks for the states
             kind.store(module, cache, b, (states[0][r], states[1][r]))
     picked = views[which.clamp(min=0), torch.arange(Q, device=dev)[None, :]]
     return torch.where((which >= 0)[..., None], picked.to(out.dtype), out)
 
 
-def _views(kind: Mixer, module, proj: dict, prefix: dict | None, rows: list[int], absent, silent, want_state: bool):
+def _views(
+    kind: Mixer,
+    module: MixerModule,
+    proj: dict,
+    prefix: dict | None,
+    rows: list[int],
+    absent: torch.Tensor,
+    silent: torch.Tensor,
+    want_state: bool,
+) -> tuple[torch.Tensor, MixerState | None]:
     """The outputs [R, Q, D] of the views of ``rows`` (row ``rows[r]`` of ``proj``, after its example's ``prefix``),
     in chunks of `VIEW_BUDGET`; with ``want_state``, their final states."""
     R, T = absent.shape
@@ -312,7 +351,8 @@ def _views(kind: Mixer, module, proj: dict, prefix: dict | None, rows: list[int]
     per_row = max(1, T * x.shape[-1])
     step = max(1, VIEW_BUDGET // per_row)
     index = torch.tensor(rows, device=x.device)
-    outs, states = [], []
+    outs: list[torch.Tensor] = []
+    states: list[MixerState | None] = []
     for s in range(0, R, step):
         own = index[s : s + step]
         if prefix is None:
@@ -325,11 +365,12 @@ def _views(kind: Mixer, module, proj: dict, prefix: dict | None, rows: list[int]
         states.append(state)
     if not want_state:
         return torch.cat(outs), None
-    return torch.cat(outs), tuple(torch.cat([st[i] for st in states]) for i in range(2))
+    kept = [st for st in states if st is not None]  # every one, with ``want_state``
+    return torch.cat(outs), (torch.cat([st[0] for st in kept]), torch.cat([st[1] for st in kept]))
 
 
 # --- what the engine refuses on hybrid models ------------------------------------------------------------------
-def refuse(plan, mixers: dict, attention_layers: list[int], family: str) -> None:
+def refuse(plan: Plan, mixers: dict, attention_layers: list[int], family: str) -> None:
     """Refuse, by name, interventions that need attention where a layer has a recurrent mixer instead."""
     for r in plan.edits:
         if r.site not in ATTENTION_ONLY_SITES:
@@ -344,7 +385,7 @@ def refuse(plan, mixers: dict, attention_layers: list[int], family: str) -> None
             )
 
 
-def refuse_generation(plan, mixers: dict, family: str) -> None:
+def refuse_generation(plan: Plan, mixers: dict, family: str) -> None:
     """Refuse knockouts at recurrent layers whose source takes in generated tokens: the state the layer caches
     has already taken them in when a later token reads it."""
     for k in plan.knockouts:

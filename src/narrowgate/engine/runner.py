@@ -9,8 +9,9 @@ to the `VLM` it serves (`VLM._running`: the plan active, then the check that it 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,17 +23,25 @@ from .state import InterventionError, Plan, Record, ResolvedKnockout, RoleMask, 
 from .stats import build
 
 if TYPE_CHECKING:
+    from transformers import Cache
+
     from ..vlm import VLM
+    from .protocol import Intervention
+
+#: A knockout's decoder layers: one, several, or None (every layer).
+LayerWindow = int | Sequence[int] | None
+#: The plans of a run of conditions: their list, or a function (start, stop) -> those conditions' plans.
+Plans = list[Plan] | Callable[[int, int], list[Plan]]
 
 
 class Runner:
     """The shared-prefix scheduler of one `VLM`."""
 
-    def __init__(self, vlm: VLM):
+    def __init__(self, vlm: VLM) -> None:
         self.vlm = vlm
 
     # --- the prefix --------------------------------------------------------------------------
-    def prefix_cache(self, batch: Batch, P: int, reads: Plan | None = None):
+    def prefix_cache(self, batch: Batch, P: int, reads: Plan | None = None) -> tuple[Run, Cache, dict]:
         """Run the first ``P`` positions once, with the call-level reads of ``reads`` (captures) active: returns
         the run, the cache and the suffix's model inputs. The reads are checked once the suffix has run too."""
         vlm = self.vlm
@@ -47,7 +56,7 @@ class Runner:
         return run, cache, suffix
 
     @torch.no_grad()
-    def share_prefix(self, batch: Batch, length: int, capture=None) -> shared.SharedPrefix:
+    def share_prefix(self, batch: Batch, length: int, capture: Capture | None = None) -> shared.SharedPrefix:
         """Run the first ``length`` positions once; the result serves any number of suffix passes. Without autograd
         (attribution differentiates the suffix pass only): its keys and values are constants of every pass, and a
         graph would keep every layer's activations alive as long as the prefix."""
@@ -85,7 +94,15 @@ class Runner:
             )
         return (out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()), run
 
-    def pass_size(self, prefix: shared.SharedPrefix, *, keep=1, probs=False, zero_in_prefix=False, knockouts=1) -> int:
+    def pass_size(
+        self,
+        prefix: shared.SharedPrefix,
+        *,
+        keep: int = 1,
+        probs: bool = False,
+        zero_in_prefix: bool = False,
+        knockouts: int = 1,
+    ) -> int:
         """Conditions per suffix pass on ``prefix``: as many as the memory budget holds (`engine.budget`)."""
         b, vlm = prefix.batch, self.vlm
         keys = next(kv[0] for kv in prefix.kv if kv is not None)  # a hybrid decoder's recurrent layers hold none
@@ -101,7 +118,9 @@ class Runner:
             b.size, b.length, prefix.length, fused=fused, probs=probs, knockouts=knockouts, keep=keep
         )
 
-    def suffix_passes(self, prefix: shared.SharedPrefix, plans, count: int, step: int, keep: int = 1):
+    def suffix_passes(
+        self, prefix: shared.SharedPrefix, plans: Plans, count: int, step: int, keep: int = 1
+    ) -> Iterator[tuple[int, torch.Tensor, Run]]:
         """``count`` conditions on ``prefix``, stacked as batch rows, ``step`` per pass (`pass_size`). ``plans`` is
         their list, or a function (start, stop) -> the plans of those conditions, made pass by pass so a large scan
         never holds every condition's masks. Yields, per pass, how many conditions it held, its logits (as
@@ -113,7 +132,14 @@ class Runner:
             yield len(part), logits, run
 
     # --- several conditions ------------------------------------------------------------------
-    def plans(self, batch: Batch, conds: list[shared.Condition], common=(), capture=None, attention_stats=False):
+    def plans(
+        self,
+        batch: Batch,
+        conds: list[shared.Condition],
+        common: Iterable[Intervention] = (),
+        capture: Capture | None = None,
+        attention_stats: bool = False,
+    ) -> list[Plan]:
         """Each condition resolved against ``batch``, with the interventions common to every condition after its own.
 
         Captures and attention statistics read once for every condition: they are refused inside a condition."""
@@ -137,7 +163,14 @@ class Runner:
         return shared.prefix_length(batch, plans, keep=keep, causal_from=self.vlm._prefix_from(batch))
 
     def forward_conditions(
-        self, batch: Batch, conditions, *, capture=None, attention_stats=False, keep=1, interventions=()
+        self,
+        batch: Batch,
+        conditions: shared.Conditions,
+        *,
+        capture: Capture | None = None,
+        attention_stats: bool = False,
+        keep: int = 1,
+        interventions: Iterable[Intervention] = (),
     ) -> dict[str, shared.ConditionOutput]:
         """See `VLM.forward_conditions`."""
         vlm = self.vlm
@@ -196,16 +229,19 @@ class Runner:
         prefix: shared.SharedPrefix,
         sources: torch.Tensor,
         *,
-        target="text",
-        layers=None,
+        target: str | tuple = "text",
+        layers: LayerWindow | list[LayerWindow] = None,
         mode: str = "mask",
-        reduce=None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """See `VLM.forward_knockouts`."""
         vlm, batch = self.vlm, prefix.batch
         C, B = self.check_sources(batch, sources)
-        each = isinstance(layers, list) and not all(isinstance(x, int) for x in layers)
-        per = list(layers) if each else [layers] * C
+        per: list[LayerWindow]
+        if isinstance(layers, list) and not all(isinstance(x, int) for x in layers):
+            per = list(layers)
+        else:
+            per = [cast(LayerWindow, layers)] * C  # one window for every knockout (a list of ints is one)
         if len(per) != C:
             raise InterventionError(f"layers lists {len(per)} entries for {C} knockouts; give one per knockout.")
         windows: dict = {}  # one resolution (which validates target, layers and mode) per distinct window
@@ -240,7 +276,13 @@ class Runner:
 
     # --- generation --------------------------------------------------------------------------
     def generate_conditions(
-        self, batch: Batch, conditions, *, max_new_tokens: int = 20, interventions=(), **kwargs
+        self,
+        batch: Batch,
+        conditions: shared.Conditions,
+        *,
+        max_new_tokens: int = 20,
+        interventions: Iterable[Intervention] = (),
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """See `VLM.generate_conditions`."""
         conds = shared.as_conditions(conditions)
@@ -256,10 +298,10 @@ class Runner:
         batch: Batch,
         sources: torch.Tensor,
         *,
-        target="text",
+        target: str | tuple = "text",
         mode: str = "mask",
         max_new_tokens: int = 20,
-        **kwargs,
+        **kwargs: Any,
     ) -> list[torch.Tensor]:
         """See `VLM.generate_knockouts`."""
         vlm = self.vlm
@@ -277,7 +319,9 @@ class Runner:
         )
         return self.generate_plans(batch, plans, P, max_new_tokens, kwargs)
 
-    def generate_plans(self, batch: Batch, plans, P: int, max_new_tokens: int, kwargs: dict) -> list[torch.Tensor]:
+    def generate_plans(
+        self, batch: Batch, plans: Iterable[Plan], P: int, max_new_tokens: int, kwargs: dict
+    ) -> list[torch.Tensor]:
         """Generate once per plan, the first ``P`` positions cached once with stock attention (P = 0: nothing
         shared, every plan reads the whole prompt)."""
         vlm = self.vlm
@@ -285,7 +329,7 @@ class Runner:
             for plan in plans:
                 recurrent.refuse_generation(plan, vlm.mixers, vlm.family.name)
         inputs = vlm.model_inputs(batch)
-        cache = None
+        cache: Cache | None = None
         if P:
             _, cache, _ = self.prefix_cache(batch, P)
             inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
@@ -299,12 +343,12 @@ class Runner:
                         **inputs, **(compat.cache_kwargs(cache) if P else {}), max_new_tokens=max_new_tokens, **kwargs
                     )
             finally:
-                if P:
+                if cache is not None:  # made when P > 0
                     shared.crop(cache, P)
             results.append(out.cpu())
         return results
 
 
-def _window(layers) -> tuple[int, ...] | None:
+def _window(layers: LayerWindow) -> tuple[int, ...] | None:
     """A knockout's layer window as a hashable key: None (every layer) or a tuple."""
     return None if layers is None else (layers,) if isinstance(layers, int) else tuple(layers)

@@ -13,7 +13,9 @@ condition on the cache and crops it back to the prefix afterwards. Results equal
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +23,9 @@ from ..batch import Batch
 from .interventions import Knockout, Patch
 from .protocol import Intervention, InterventionError, ModelShape, resolve_all
 from .state import Plan
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class Condition:
     patches: tuple[Patch, ...] = ()
     interventions: tuple[Intervention, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in ("knockouts", "patches", "interventions"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
 
@@ -72,7 +77,12 @@ class SharedPrefix:
     mixers: dict = field(default_factory=dict)
 
 
-def as_conditions(conditions) -> list[Condition]:
+#: What `as_conditions` accepts: `Condition` objects, or a mapping name -> {"knockouts": ..., "patches": ...,
+#: "interventions": ...} or name -> a list of interventions.
+Conditions = Iterable[Condition] | dict[str, dict[str, Any] | Iterable[Intervention]]
+
+
+def as_conditions(conditions: Conditions) -> list[Condition]:
     """Accept Condition objects or a mapping name -> dict(knockouts=..., patches=..., interventions=...) or
     name -> list of interventions."""
     if isinstance(conditions, dict):
@@ -154,7 +164,7 @@ def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
     return prefix, suffix
 
 
-def crop(cache, P: int) -> None:
+def crop(cache: Cache, P: int) -> None:
     """Drop everything a condition appended to the shared cache."""
     extra = cache.get_seq_length() - P
     if extra > 0:

@@ -6,9 +6,14 @@ the plan's interventions here, in the plan's order, so every site applies the pr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .protocol import ROW_AXIS, Where, check_value
+
+if TYPE_CHECKING:
+    from .state import Run
 
 
 def row_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +48,9 @@ def put_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, new: torch
     return out
 
 
-def visit(run, site: str, at: int, x: torch.Tensor, offset: int, positions=None):
+def visit(
+    run: Run, site: str, at: int, x: torch.Tensor, offset: int, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Let the plan's interventions at ``site``/``at`` visit ``x`` in order; returns ``x`` (a copy where replaced)
     and the [B, Q] mask of the places some intervention replaced (None: none did).
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +23,7 @@ from .interventions import AttentionStats, Capture, Knockout, Patch, ResolvedCap
 from .protocol import (
     EDGES,
     SITES,
+    Intervention,
     InterventionError,
     ModelShape,
     Resolved,
@@ -52,11 +54,13 @@ _ACTIVE: contextvars.ContextVar[Run | None] = contextvars.ContextVar("narrowgate
 
 
 def active_run() -> Run | None:
+    """The run of the model call in progress in this context, or None outside one."""
     return _ACTIVE.get()
 
 
 @contextlib.contextmanager
-def activate(run: Run):
+def activate(run: Run) -> Iterator[Run]:
+    """Make ``run`` the active run for the duration of the ``with`` block."""
     token = _ACTIVE.set(run)
     try:
         yield run
@@ -64,7 +68,7 @@ def activate(run: Run):
         _ACTIVE.reset(token)
 
 
-def recompute_context():
+def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``context_fn`` for `torch.utils.checkpoint`: the recompute in the backward pass sees the run of its forward.
 
     Gradient checkpointing re-runs a layer's forward during ``backward()``, possibly after the
@@ -154,7 +158,9 @@ class Plan:
                 out |= r.expected_layers(self.n_layers)
         return out
 
-    def blocks(self, layer: int, offset: int, q_len: int, k_len: int, device):
+    def blocks(
+        self, layer: int, offset: int, q_len: int, k_len: int, device: torch.device | str
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Boolean [B, Q, K] masks of knocked-out entries for mask-mode and zero-mode knockouts (or None)."""
         out: dict[str, torch.Tensor | None] = {"mask": None, "zero": None}
         for k in self.knockouts_at(layer):
@@ -194,7 +200,7 @@ class Scratch:
     budget: Budget | None = None  # how large the attention's blocks of query rows may be (engine/budget.py)
     mixed: dict = field(default_factory=dict, repr=False)  # recurrent layer -> the cache its prompt pass left a view in
 
-    def cached(self, key, make, keep=None):
+    def cached(self, key: tuple, make: Callable[[], Any], keep: object = None) -> Any:
         """What the layers of one call share (masks, where knockouts write): computed once per ``key``, reused.
 
         ``keep`` is held alongside so the id in ``key`` cannot be reused by another tensor.
@@ -246,11 +252,11 @@ def resolve(
     *,
     layer_of: dict[int, int],
     n_layers: int,
-    knockouts=(),
-    patches=(),
+    knockouts: Iterable[Knockout] = (),
+    patches: Iterable[Patch] = (),
     capture: Capture | None = None,
     attention_stats: bool = False,
-    interventions=(),
+    interventions: Iterable[Intervention] = (),
     model: ModelShape | None = None,
 ) -> Plan:
     """Bind interventions to ``batch`` (`Intervention.resolve`), checking that each one can apply.

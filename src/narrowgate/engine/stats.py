@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batch import Batch
-from ..roles import image_side, parse_role
+from ..roles import Role, image_side, parse_role
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CrossModalAttention:
     labels: list[list[str]]
     batch: Batch
 
-    def share(self, role) -> torch.Tensor:
+    def share(self, role: str | Role) -> torch.Tensor:
         """[B, L]: total fraction received by the positions of ``role`` (e.g. 'eoi', 'eol', 'internal_image')."""
         r = parse_role(role)
         role_pos = self.batch.positions(r)
@@ -45,6 +45,7 @@ class CrossModalAttention:
 
 
 def build(batch: Batch, column_attention: dict[int, torch.Tensor], n_layers: int) -> CrossModalAttention:
+    """The statistics of ``batch`` from each layer's column attention (`interventions.column_attention`)."""
     missing = [l for l in range(n_layers) if l not in column_attention]
     if missing:
         raise RuntimeError(f"Cross-modal attention was not computed in layers {missing}.")

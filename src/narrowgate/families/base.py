@@ -8,10 +8,23 @@ is generic and lives outside `families/`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature, PreTrainedConfig
+
+#: A transformers processor (or a bare tokenizer): its attributes (``image_token``, ``tokenizer``...) differ by
+#: family and are read by name, which transformers' own typing does not describe.
+Processor = Any
+#: The processor's tokenizer: transformers types its methods with unions over the argument's form (one token or a
+#: list: ``str | list[str]``) and no overloads, so a single-token call would need a cast at every use.
+Tokenizer = Any
+#: What the processor returns for a batch (a `transformers.BatchFeature`): model inputs by name.
+Inputs = Mapping[str, Any]
 
 
 class LayoutError(ValueError):
@@ -76,23 +89,23 @@ class Family:
     hard-coded.
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""  # a class attribute; `generic` names each instance after its model type
     model_types: ClassVar[tuple[str, ...]] = ()
     checkpoints: ClassVar[tuple[str, ...]] = ()
     #: One sentence saying which token plays [EOI] in this family.
-    eoi_doc: ClassVar[str] = ""
+    eoi_doc: str = ""
     #: Extra keyword arguments for the processor call.
-    processor_kwargs: ClassVar[dict] = {}
+    processor_kwargs: dict = {}
     #: Whether the adapter lays out several images (and videos) in one prompt (`layouts`).
     several: ClassVar[bool] = True
     #: Whether the adapter lays out a video (one span of video placeholders, frame after frame) where the
     #: processor and the model take one.
     videos: ClassVar[bool] = True
 
-    def __init__(self, processor, config):
+    def __init__(self, processor: Processor, config: PreTrainedConfig) -> None:
         self.processor = processor
         self.config = config
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer: Tokenizer = getattr(processor, "tokenizer", processor)
         self.content_ids: frozenset[int] = frozenset()
         self.special_ids: frozenset[int] = frozenset()
         self.eol_ids: frozenset[int] = frozenset()
@@ -183,7 +196,7 @@ class Family:
         """What `raw_prompt` writes for one image (``kind="image"``) or one video."""
         return self.image_token if kind == "image" else self.video_token
 
-    def encode(self, images: list, texts: list[str], videos: list | None = None):
+    def encode(self, images: list, texts: list[str], videos: list | None = None) -> BatchFeature:
         """Run the processor on full prompt strings, left-padded. ``images``: one per example, or a list per example
         (several in one prompt); ``videos``: every example's videos in order, or None.
 
@@ -205,7 +218,7 @@ class Family:
             **self.processor_kwargs,
         )
 
-    def position_ids(self, inputs) -> torch.Tensor | None:
+    def position_ids(self, inputs: Inputs) -> torch.Tensor | None:
         """Position ids for a left-padded batch, counted from each row's first real token.
 
         The same rule `generate` uses, so a padded example gets the positions it would have alone
@@ -217,15 +230,15 @@ class Family:
             return None
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
-    def attach(self, model) -> None:
+    def attach(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model (`VLM` does); adapters that read nothing from it keep the default."""
 
-    def model_positions(self, model) -> None:
+    def model_positions(self, model: torch.nn.Module) -> None:
         """Keep the model's own multi-axis rotary position builder (``get_rope_index``), where it has one, for
         `rope_positions`."""
         self._rope_index = getattr(getattr(model, "model", model), "get_rope_index", None)
 
-    def rope_positions(self, inputs) -> torch.Tensor | None:
+    def rope_positions(self, inputs: Inputs) -> torch.Tensor | None:
         """Positions from the model's own ``get_rope_index`` on the whole prompt (M-RoPE), so a suffix run on a
         cached prefix gets the positions a full forward would; None where the model has none."""
         rope_index = getattr(self, "_rope_index", None)
@@ -234,7 +247,7 @@ class Family:
         wanted = inspect.signature(rope_index).parameters
         return rope_index(**{k: v for k, v in inputs.items() if k in wanted})[0]
 
-    def causal_from(self, inputs) -> int:
+    def causal_from(self, inputs: Inputs) -> int:
         """The first position from which the model's attention is causal: earlier positions may attend to later
         ones, so no shared prefix may end before it (nor before a token after the image whose input the image pass
         writes: Ovis2's <IMG_END>). 0: causal everywhere outside the image (most families)."""
@@ -260,7 +273,7 @@ class Family:
         eoi = end + 1 if end + 1 < len(ids) else None
         return ImageLayout(start=start, end=end, content=content, eol=eol, boi=boi, eoi=eoi)
 
-    def layouts(self, ids: list[int], first: int, items: list[Item], inputs) -> list[ImageLayout]:
+    def layouts(self, ids: list[int], first: int, items: list[Item], inputs: Inputs) -> list[ImageLayout]:
         """Every image and video of one row (``items``, in prompt order), located and checked: `layout` for a prompt
         holding one image; otherwise each in its own `segments` entry (`layout` for an image, `video_layout` for a
         video). ``inputs``: the processor's output for the whole batch."""
@@ -278,7 +291,7 @@ class Family:
             out.append(lay)
         return out
 
-    def segments(self, ids: list[int], first: int, items: list[Item], inputs) -> list[tuple[int, int]]:
+    def segments(self, ids: list[int], first: int, items: list[Item], inputs: Inputs) -> list[tuple[int, int]]:
         """Per item, the range [a, b) of the row that holds it and nothing of another item: from the end of the
         previous one to the token after its image tokens (its ``eoi``), unless the next item starts there.
 
@@ -311,12 +324,12 @@ class Family:
             a = b
         return out
 
-    def item_lengths(self, items: list[Item], inputs) -> list[int] | None:
+    def item_lengths(self, items: list[Item], inputs: Inputs) -> list[int] | None:
         """How many image tokens each item has, where the family can tell from the processor's output (None: it
         cannot, so items written back to back are refused)."""
         return None
 
-    def video_layout(self, ids: list[int], first: int, item: Item, inputs) -> ImageLayout:
+    def video_layout(self, ids: list[int], first: int, item: Item, inputs: Inputs) -> ImageLayout:
         """A video's span in ``ids[first:]``: `layout` with the video placeholder as the content id, the content
         then cut into the model's frames (`frame_count`)."""
         content = self.content_ids
@@ -332,7 +345,7 @@ class Family:
         none)."""
         return lay
 
-    def frame_count(self, inputs, item: Item) -> int:
+    def frame_count(self, inputs: Inputs, item: Item) -> int:
         """How many frames the model encodes video ``item`` as: the temporal size of its ``video_grid_thw`` where
         the processor gives one (Qwen2-VL: input frames merged ``temporal_patch_size`` at a time), else the frames
         of its ``pixel_values_videos``."""

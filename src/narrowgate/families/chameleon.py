@@ -24,12 +24,12 @@ class Chameleon(Family):
     eoi_doc = "eoi is <eoss>, the end-of-image token the processor writes after the image tokens."
     processor_kwargs = {"return_for_text_completion": True}
 
-    def setup(self):
+    def setup(self) -> None:
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.boi_id = self.token_id(self.processor.image_start_token)  # <racm3:break>
         self.eoi_id = self.token_id(self.processor.image_end_token)  # <eoss>
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         super().check_layout(ids, layout)
         if layout.boi is None or layout.eoi is None:
             raise LayoutError(

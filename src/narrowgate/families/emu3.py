@@ -36,7 +36,7 @@ class Emu3(Family):
     eoi_doc = "eoi is <|image end|>, the end-of-image token after the image's <|extra_201|> (eof) token."
     several = videos = False  # its raw prompt and layout hold one image
 
-    def setup(self):
+    def setup(self) -> None:
         p = self.processor
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.wrapper_id = self.token_id(p.fake_token_around_image)  # <|image token|>
@@ -53,7 +53,7 @@ class Emu3(Family):
             raise LayoutError(f"The {self.name} adapter lays out one image per prompt; give one image per example.")
         return self.raw_prompt(text, image_first)
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}{text} " if image_first else f"{text} {self.image_token}"
         return f"USER: {body}ASSISTANT:"
 
@@ -81,7 +81,7 @@ class Emu3(Family):
         eoi = eof + 1 if eof + 1 < len(ids) else None
         return ImageLayout(start=boi + 1, end=eof, content=content, eol=eol, boi=boi, eoi=eoi)
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         if layout.eoi is None or ids[layout.eoi] != self.eoi_id:
             found = "nothing" if layout.eoi is None else f"id {ids[layout.eoi]}"
             raise LayoutError(

@@ -117,7 +117,7 @@ class Generic(Family):
             return int(tid)
         return self._config_id(id_names)
 
-    def setup(self):
+    def setup(self) -> None:
         image_id = self._config_id(IMAGE_ID_NAMES)
         if image_id is None and isinstance(getattr(self.processor, "image_token_id", None), int):
             image_id = self.processor.image_token_id
@@ -187,7 +187,7 @@ class Generic(Family):
         eol = [i for i in inside if ids[i] in self.eol_ids]
         return ImageLayout(start=start, end=end, content=content, eol=eol, boi=starts[0], eoi=ends[0])
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         super().check_layout(ids, layout)
         if layout.eoi is None and layout.end == len(ids) - 1:
             raise LayoutError(f"The {self.name} prompt ends inside the image: no token follows the image span.")
@@ -205,7 +205,7 @@ class Generic(Family):
         zero = (types == 0).any(0).nonzero()
         return int(zero.max()) + 1
 
-    def attach(self, model):
+    def attach(self, model) -> None:
         self.model_positions(model)
 
     def position_ids(self, inputs):

@@ -55,7 +55,7 @@ class Idefics3(Family):
     )
     eoi_doc = "The <fake_token_around_image> that closes the global image (the last one of the image)."
 
-    def setup(self):
+    def setup(self) -> None:
         p = self.processor
         self.fake_token = p.fake_image_token
         self.global_tag = getattr(p, "global_image_tag", None) or getattr(p, "global_image_token", "<global-img>")
@@ -70,7 +70,7 @@ class Idefics3(Family):
         self.eol_ids = frozenset(ids[0] for ids in breaks if len(ids) == 1)
         self.boi_id = self.eoi_id = fake
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"User:{self.image_token}{text}" if image_first else f"User: {text}{self.image_token}"
         start = "<|im_start|>" if self.config.model_type == "smolvlm" else ""
         return f"{start}{body}{self.end_of_utterance}\nAssistant:"

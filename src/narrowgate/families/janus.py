@@ -20,16 +20,16 @@ class Janus(Family):
     checkpoints = ("deepseek-community/Janus-Pro-1B", "deepseek-community/Janus-Pro-7B")
     eoi_doc = "The <end_of_image> token that closes the image span."
 
-    def setup(self):
+    def setup(self) -> None:
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.boi_id = self.token_id(self.processor.image_start_token)
         self.eoi_id = self.token_id(self.processor.image_end_token)
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"<|User|>: {body}\n\n<|Assistant|>:"
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         super().check_layout(ids, layout)
         if layout.boi is None:
             raise LayoutError(

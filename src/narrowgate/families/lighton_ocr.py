@@ -19,7 +19,7 @@ class LightOnOcr(Generic):
     checkpoints = ("lightonai/LightOnOCR-1B-1025", "lightonai/LightOnOCR-2-1B")
     eoi_doc = "No end-of-image token is written: eoi is the first token after the image tokens."
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.boi_id = self.eoi_id = None
         self.special_ids = self.eol_ids = frozenset()

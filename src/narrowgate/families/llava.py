@@ -21,6 +21,6 @@ class Llava(Family):
     def accepts(cls, vision_model_type):
         return vision_model_type != "pixtral"
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"USER: {body} ASSISTANT:"

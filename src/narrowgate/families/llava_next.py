@@ -27,7 +27,7 @@ class LlavaNext(AnyresFamily):
     checkpoints = ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf")
     eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"[INST] {body} [/INST]"
 

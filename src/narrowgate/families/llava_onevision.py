@@ -34,7 +34,7 @@ class LlavaOneVision(AnyresFamily):
     checkpoints = ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
     eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"<|im_start|>user {body}<|im_end|>\n<|im_start|>assistant\n"
 

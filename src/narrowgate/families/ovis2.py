@@ -22,7 +22,7 @@ class Ovis2(Generic):
     checkpoints = ("thisisiron/Ovis2-1B-hf", "thisisiron/Ovis2-2B-hf")
     eoi_doc = "eoi is <IMG_END>, the indicator token that closes the image."
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.boi_id, self.eoi_id = self.token_id("<IMG_START>"), self.token_id("<IMG_END>")
         self.eoi_doc = type(self).eoi_doc

@@ -24,7 +24,7 @@ class Pixtral(Family):
     def accepts(cls, vision_model_type):
         return vision_model_type == "pixtral"
 
-    def setup(self):
+    def setup(self) -> None:
         p = self.processor
         image_break = self.token_id(getattr(p, "image_break_token", "[IMG_BREAK]"))
         self.content_ids = frozenset({self.token_id(self.image_token)})
@@ -32,7 +32,7 @@ class Pixtral(Family):
         self.eol_ids = frozenset({image_break})
         self.eoi_id = self.token_id(getattr(p, "image_end_token", "[IMG_END]"))
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         """[IMG_END] closes the span, and every row has the same number of [IMG] tokens."""
         super().check_layout(ids, layout)
         if layout.eoi is None:
@@ -41,6 +41,6 @@ class Pixtral(Family):
         if len({b - a - 1 for a, b in zip(bounds, bounds[1:])}) != 1:
             raise LayoutError("The Pixtral image rows (between [IMG_BREAK] tokens) are not all of the same width.")
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"[INST]{body}[/INST]"

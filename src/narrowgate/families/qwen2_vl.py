@@ -32,21 +32,21 @@ class Qwen2VL(Family):
     )
     eoi_doc = "The <|vision_end|> token that closes the image span."
 
-    def setup(self):
+    def setup(self) -> None:
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.boi_id = self.token_id(VISION_START)
         self.eoi_id = self.token_id(VISION_END)
 
-    def raw_prompt(self, text, image_first):
+    def raw_prompt(self, text, image_first) -> str:
         image = self.visual_text("image")
         body = f"{image}{text}" if image_first else f"{text}{image}"
         return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
-    def visual_text(self, kind):
+    def visual_text(self, kind) -> str:
         """An image or a video as the chat template writes it: its placeholder between the vision start and end."""
         return f"{VISION_START}{super().visual_text(kind)}{VISION_END}"
 
-    def attach(self, model):
+    def attach(self, model) -> None:
         self.model_positions(model)
 
     def position_ids(self, inputs):
@@ -61,7 +61,7 @@ class Qwen2VL(Family):
             return None
         return self.rope_positions(inputs)
 
-    def check_layout(self, ids, layout):
+    def check_layout(self, ids, layout) -> None:
         super().check_layout(ids, layout)
         if layout.boi is None:
             raise LayoutError(

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 from pycocoevalcap.cider.cider import Cider
 
 __all__ = ["cider", "ptb_tokenize"]
+
+#: An example's key (its id): the candidates' and the references' keys are the same kind.
+K = TypeVar("K", bound=Hashable)
 
 # Tokens coco-caption removes after PTB tokenisation.
 COCO_PUNCTUATION: frozenset[str] = frozenset(
@@ -132,8 +136,8 @@ TOKENIZERS = {"ptb": ptb_tokenize, "raw": _raw}
 
 
 def cider(
-    candidates: Mapping[Hashable, str],
-    references: Mapping[Hashable, Sequence[str]],
+    candidates: Mapping[K, str],
+    references: Mapping[K, Sequence[str]],
     *,
     tokenize: str = "ptb",
 ) -> tuple[float, dict[Hashable, float]]:

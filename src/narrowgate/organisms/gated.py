@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ def gate_checks(out_dir, sizes: dict | None = None) -> dict:
     table = {}
     for name, h in scores.items():
         f = flat(h)
-        row = {
+        row: dict[str, Any] = {
             task: {"score": s, "chance": c, "relative": round(relative(s, base[task][0], c), 4)}
             for task, (s, c) in f.items()
         }

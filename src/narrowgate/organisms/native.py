@@ -166,7 +166,7 @@ def setup(config: NativeConfig, seed: int, progress: bool = True):
     scenes = training_scenes(config.n_images, seed)
     pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
 
-    vq = vqlib.new_vq(model.config.vq_config)
+    vq = vqlib.new_vq(model.config.vq_config)  # type: ignore[arg-type]  # transformers types sub-configs as dict | config | None
     vq_phases = vqlib.train_vq(vq, pixels, steps=config.vq_steps, seed=seed, progress=progress)
     model.model.vqmodel.load_state_dict(vq.state_dict())
     model.model.vqmodel.eval().requires_grad_(False)

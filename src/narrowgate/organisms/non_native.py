@@ -121,9 +121,9 @@ def build(config: NonNativeConfig) -> tuple[LlavaForConditionalGeneration, Llava
 
 def chat(processor: LlavaProcessor, parts: list[dict]) -> str:
     """The user turn ``parts`` in the chat template, ending with the generation prompt."""
-    return processor.apply_chat_template(
-        [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
-    )
+    # transformers types a message's content as a string only, not a list of parts
+    messages = [{"role": "user", "content": parts}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[arg-type]
 
 
 class Rows:
@@ -182,7 +182,8 @@ def image_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor, b
 def multimodal_loss(model: LlavaForConditionalGeneration, ids, mask, labels, features) -> torch.Tensor:
     """The stock forward's loss, with the (frozen) tower's features precomputed and projected here."""
     projected = model.model.multi_modal_projector(features)
-    cached = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+    # transformers types pooler_output as a Tensor; LLaVA's mm_encoder_outputs takes a list of per-image features
+    cached = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}  # type: ignore[arg-type]
     return model(input_ids=ids, attention_mask=mask, labels=labels, mm_encoder_outputs=cached).loss
 
 
@@ -194,7 +195,7 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
     scenes = training_scenes(config.n_images, seed)
     pixels = processor.image_processor(render(scenes), return_tensors="pt")["pixel_values"]
 
-    clip = cliplib.new_clip(model.config.vision_config, tok)
+    clip = cliplib.new_clip(model.config.vision_config, tok)  # type: ignore[arg-type]  # transformers types sub-configs as dict | config | None
     clip_phase = cliplib.train_clip(
         clip,
         pixels,
@@ -212,7 +213,7 @@ def train(out_dir, *, seed: int = 0, config: NonNativeConfig = NonNativeConfig()
     model.model.vision_tower.eval().requires_grad_(False)
 
     rows = Rows(processor, scenes, seed)
-    llama = LlamaForCausalLM(model.config.text_config)
+    llama = LlamaForCausalLM(model.config.text_config)  # type: ignore[arg-type]  # transformers types sub-configs as dict | config | None
     text_stream = batches(len(scenes), config.batch_size, seed + 3)
 
     def text_step(_):

@@ -60,10 +60,12 @@ def tiny_llava(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised LLaVA-1.5 (``vision_config`` a CLIP vision config, a Llama decoder from
     ``text_config``) and its processor; ``<image>`` in ``tok`` is the placeholder."""
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert isinstance(image_id, int)  # one token asked, one id back
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=LlamaConfig(**text_config),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=image_id,
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
