@@ -110,6 +110,7 @@ class Point:
 
     @property
     def name(self) -> str:
+        """The model's name in the study (its directory, its row)."""
         return f"share{self.share:g}-tokens{self.image_tokens}-layers{self.layers}-seed{self.seed}"
 
     @property
@@ -118,6 +119,7 @@ class Point:
         return round(min(self.share, 1.0 - UNDERSTANDING_FLOOR), 6)
 
     def config(self, recipe: native.NativeConfig) -> native.NativeConfig:
+        """``recipe`` with this point's factors."""
         return dataclasses.replace(
             recipe, generation_share=self.trained_share, image_tokens=self.image_tokens, layers=self.layers
         )
@@ -355,7 +357,9 @@ def _rank_corr(x_ranks: np.ndarray, y_ranks: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (y * x).sum(-1) / np.where(den > 0, den, 1), np.nan)
 
 
-def trend(results: pd.DataFrame, column: str = "gate_index_mask", *, permutations: int = PERMUTATIONS, seed: int = 0):
+def trend(
+    results: pd.DataFrame, column: str = "gate_index_mask", *, permutations: int = PERMUTATIONS, seed: int = 0
+) -> dict:
     """Mean over image length x depth cells of the Spearman correlation between generation share and ``column``
     (analysed models; cells with at least `MIN_CELL` and a non-constant ``column``), and its one-sided
     permutation p-values for a rise (``p_increase``) and a fall (``p_decrease``): ``column`` shuffled within
@@ -466,7 +470,7 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
             x = g["generation_share"].to_numpy() + (j - (len(cells) - 1) / 2) * 0.012
             y = g["y"].to_numpy()
             shown = np.minimum(y, INDEX_TOP) if index else y
-            if low and low in g and high in g:
+            if low and high and low in g and high in g:
                 err = np.vstack([y - _column(g, low).to_numpy(), _column(g, high).to_numpy() - y])
                 ok = y <= INDEX_TOP
                 ax.errorbar(
