@@ -4,10 +4,10 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
 
 - ``<!-- demo-figures RUN ... -->``: the figures of those demo runs (e.g. ``ablation-vqa``), every model's, and the
   overlay on relative depth. The demo runs once per build (``demo.demo`` on the shipped organisms at
-  `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds of the same sources reuse it;
-  ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have, which must hold every run the pages show
-  (``demo.demo(DIR, plan=demo.PLAN + EXTRA_PLAN)`` writes one; ``narrowgate demo`` alone has no steering or
-  logit-lens run).
+  `DEMO_SCALE`, plus `EXTRA_PLAN`), into ``.cache/docs-demo/`` where later builds of the same sources and plan
+  reuse it; ``NARROWGATE_DOCS_DEMO=DIR`` uses a demo output you already have, which must hold every run the pages show
+  (``demo.demo(DIR, plan=demo.PLAN + EXTRA_PLAN)`` writes one; ``narrowgate demo`` alone has no steering,
+  logit-lens or two-images run).
 - ``<!-- demo-table RUN TABLE -->``: that table of a demo run (``tables/TABLE.csv``), every model's, in one table.
 - ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
 - ``<!-- options EXPERIMENT -->``: the experiment's options, from its settings dataclass.
@@ -36,6 +36,7 @@ DEMO_SCALE = 0.1
 EXTRA_PLAN = (
     ("steering", "steering", dict(n_per_class=40, max_new_tokens=4)),
     ("logit-lens", "logit-lens", dict(n_per_class=40)),
+    ("two-images", "two-images", dict(n_per_class=40)),
 )
 BENCHMARK = ROOT / "docs" / "_generated" / "engine-benchmark.json"
 DIRECTIVE = re.compile(r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|cli)\b ?(.*?) ?-->$", re.M)
@@ -49,10 +50,11 @@ def _slug(label: str) -> str:
 
 
 def _source_digest() -> str:
-    """A digest of narrowgate's sources and the organisms' weights: a cached demo is reused only for the same code."""
+    """A digest of narrowgate's sources, the organisms' weights and `EXTRA_PLAN`: a cached demo is reused only for
+    the same code and the same runs."""
     import hashlib
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(repr(EXTRA_PLAN).encode())
     src = ROOT / "src" / "narrowgate"
     for path in sorted([*src.rglob("*.py"), *src.rglob("*.safetensors")]):
         digest.update(str(path.relative_to(src)).encode())
