@@ -223,7 +223,9 @@ def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: dict) -> dict:
         "swap_best_resid": int(best["resid"]),
         "swap_flip_rate": float(best["flip_rate"]),
     }
-    above = base["accuracy"] > CHANCE and base["margin"] > 0
+    # Above chance by two standard errors (one-sided, ~98%): a preference a few pairs show by luck gives no shares.
+    low = float(base["accuracy"] - 2 * base["accuracy_se"])
+    above = low > CHANCE and base["margin"] > 0
     for role in KNOCKOUTS:
         for which in ("asked", "other"):
             removed = -by.loc[f"{role} of the {which} image -> text", "margin_change"] / base["margin"]
@@ -231,8 +233,9 @@ def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: dict) -> dict:
     if not above:
         out["verdict"] = (
             f"no verdict: the baseline prefers the asked image's class in {base['accuracy']:.2f} of {int(base['n'])} "
-            f"pairs (chance {CHANCE}; mean margin {base['margin']:.3g}), so the model does not answer the question as "
-            f"asked; the swap flips {best['flip_rate']:.2f} of answers at resid {int(best['resid'])}."
+            f"pairs (standard error {base['accuracy_se']:.2f}; chance {CHANCE}; mean margin {base['margin']:.3g}), not "
+            "clearly above chance (by two standard errors), so it is not shown to answer the question as asked; the "
+            f"swap flips {best['flip_rate']:.2f} of answers at resid {int(best['resid'])}."
         )
     else:
         out["verdict"] = (
