@@ -12,6 +12,8 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
 - ``<!-- demo-summary -->``: the demo's ablation summary, verdicts and gate-scan table.
 - ``<!-- options EXPERIMENT -->``: the experiment's options, from its settings dataclass.
 - ``<!-- benchmark -->``: the engine benchmark's tables, from ``docs/_generated/engine-benchmark.json``.
+- ``<!-- scaling -->``: the scaling benchmark's time and memory ratios per analysis and size, and its slopes, from
+  ``docs/_generated/scaling.json`` (``python benchmarks/scaling.py --json ...``); nothing where it is missing.
 - ``<!-- cli -->``: ``--help`` of every command.
 
 Checks: the API page documents every name of ``narrowgate.__all__``, and each of them (and each public method or
@@ -39,7 +41,10 @@ EXTRA_PLAN = (
     ("two-images", "two-images", dict(n_per_class=40)),
 )
 BENCHMARK = ROOT / "docs" / "_generated" / "engine-benchmark.json"
-DIRECTIVE = re.compile(r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|cli)\b ?(.*?) ?-->$", re.M)
+SCALING = ROOT / "docs" / "_generated" / "scaling.json"
+DIRECTIVE = re.compile(
+    r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|scaling|cli)\b ?(.*?) ?-->$", re.M
+)
 FIGURES = "figures/demo"
 
 _demo: Path | None = None
@@ -238,6 +243,44 @@ def _benchmark() -> str:
     return text
 
 
+def _scaling() -> str:
+    if not SCALING.is_file():
+        return "*Not yet measured on a quiet machine (no `docs/_generated/scaling.json`).*\n"
+    data = json.loads(SCALING.read_text())
+    rows = data["rows"]
+    text = ""
+    for series in sorted({r["series"] for r in rows}, key=lambda s: s != data["slopes_series"]):
+        mine = [r for r in rows if r["series"] == series]
+        sizes = sorted({r["image_tokens"] for r in mine})
+        one = mine[0]
+        plain = {r["image_tokens"]: r for r in mine if r["analysis"] == "forward"}
+        text += (
+            f"**{series}**: hidden {one['hidden']}, {one['heads']} heads over {one['kv_heads']} key/value heads, "
+            f"{one['layers']} decoder layer(s). Plain forward: "
+            + ", ".join(f"{s:,} tokens {plain[s]['seconds']:.2f} s, {plain[s]['peak_mib']:.0f} MiB" for s in sizes)
+            + ".\n\n| analysis | "
+            + " | ".join(f"{s:,} tokens: time / memory" for s in sizes)
+            + " |\n|---|"
+            + "---|" * len(sizes)
+            + "\n"
+        )
+        for name in dict.fromkeys(r["analysis"] for r in mine):
+            cells = {r["image_tokens"]: r for r in mine if r["analysis"] == name}
+            text += (
+                f"| {name} | "
+                + " | ".join(f"{cells[s]['time_ratio']:.2f} / {cells[s]['memory_ratio']:.2f}" for s in sizes)
+                + " |\n"
+            )
+        text += "\n"
+    slopes = ", ".join(f"{k} {v:.2f}" for k, v in data["slopes"].items())
+    text += (
+        f"Ratios to the plain forward of the same size (time / peak working memory). Log-log slope of time against "
+        f"image tokens ({data['slopes_series']}): {slopes}. Measured {data['date']} on {data['machine']}, "
+        f"`--config {data['config']}`, {data['total_seconds'] / 60:.1f} minutes in all.\n"
+    )
+    return text
+
+
 def _cli() -> str:
     from typer.testing import CliRunner
 
@@ -274,6 +317,8 @@ def on_page_markdown(markdown, page, config, files):
             return _options(arg[0], page)
         if kind == "benchmark":
             return _benchmark()
+        if kind == "scaling":
+            return _scaling()
         return _cli()
 
     if page.file.src_uri == "api.md":

@@ -33,6 +33,15 @@ def _tree(module: str) -> ast.Module:
     return ast.parse((ANALYSES / f"{module}.py").read_text())
 
 
+def _assigned(st: ast.stmt, name: str) -> ast.expr | None:
+    """The value ``st`` gives a class attribute ``name`` (``name = v`` or ``name: T = v``), else None."""
+    if isinstance(st, ast.Assign) and getattr(st.targets[0], "id", None) == name:
+        return st.value
+    if isinstance(st, ast.AnnAssign) and getattr(st.target, "id", None) == name:
+        return st.value
+    return None
+
+
 def _registered() -> dict[str, tuple[str, ast.ClassDef]]:
     """Command name -> (module, class) of every class decorated ``@register``."""
     out: dict[str, tuple[str, ast.ClassDef]] = {}
@@ -41,13 +50,7 @@ def _registered() -> dict[str, tuple[str, ast.ClassDef]]:
             if isinstance(node, ast.ClassDef) and any(
                 getattr(d, "id", None) == "register" for d in node.decorator_list
             ):
-                name = next(
-                    st.value.value
-                    for st in node.body
-                    if isinstance(st, ast.Assign)
-                    and getattr(st.targets[0], "id", None) == "name"
-                    and isinstance(st.value, ast.Constant)
-                )
+                name = next(value.value for st in node.body if isinstance(value := _assigned(st, "name"), ast.Constant))
                 out[str(name)] = (path.stem, node)  # a literal string (the name = "..." rule)
     return dict(sorted(out.items()))
 
@@ -96,12 +99,8 @@ def _namespace(module: str) -> dict:
 def _config_name(module: str, cls: ast.ClassDef) -> tuple[str, str]:
     """(module, name) of the settings class an experiment class names as ``config`` (or inherits)."""
     for st in cls.body:
-        if (
-            isinstance(st, ast.Assign)
-            and getattr(st.targets[0], "id", None) == "config"
-            and isinstance(st.value, ast.Name)
-        ):
-            return module, st.value.id
+        if isinstance(value := _assigned(st, "config"), ast.Name):
+            return module, value.id
     tree = _tree(module)
     for base in (b.id for b in cls.bases if isinstance(b, ast.Name)):
         local = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == base), None)
