@@ -169,6 +169,9 @@ def main(argv=None) -> dict:  # noqa: C901  # one flat sequence of measurements 
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--probe", choices=("plain", "stats", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-budget", help="the engine's memory budget (VLM.memory_budget, e.g. 4GiB; default: a plain forward's)"
+    )
     args = parser.parse_args(argv)
     if args.probe:
         print(probe(args.probe, args.model_dir))
@@ -180,6 +183,7 @@ def main(argv=None) -> dict:  # noqa: C901  # one flat sequence of measurements 
     tmp = tempfile.TemporaryDirectory()
     chameleon.build(tmp.name, **CONFIGS[args.config])
     vlm = ng.load(tmp.name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None)
+    vlm.memory_budget = args.memory_budget
     eager = ng.load(
         tmp.name, dtype=dtype, attn_implementation="eager", device_map=str(device) if device.type == "cuda" else None
     )
@@ -303,6 +307,7 @@ def main(argv=None) -> dict:  # noqa: C901  # one flat sequence of measurements 
         "sequence_length": batch.length,
         "n_layers": L,
         "config": args.config,
+        "memory_budget": args.memory_budget or "auto",
         "dtype": dtype,
         "targets": dict(TARGETS),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

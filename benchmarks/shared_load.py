@@ -9,12 +9,14 @@ about a third of the machine instead of all of it: the goal is a ratio of at mos
 default spinning it was about 28).
 
     python benchmarks/shared_load.py [-n 40] [--repeats 2] [--json FILE]    narrowgate's policy (what users get)
-    python benchmarks/shared_load.py --policy default                      GNU OpenMP's default, for comparison
-    python benchmarks/shared_load.py --engine [--json FILE]                R1-R5 of benchmarks/engine.py, quiet,
-                                                                           with narrowgate's policy and without
+    python benchmarks/shared_load.py --policy default|passive              for comparison: GNU OpenMP's default,
+                                                                           or idle threads sleeping at once
+    python benchmarks/shared_load.py --engine [--json FILE]                R1-R6 of benchmarks/engine.py, quiet,
+                                                                           under each of the three policies
 
 ``--policy default`` sets ``GOMP_SPINCOUNT=300000`` (libgomp's own default spin count), which narrowgate
-respects as the user's choice; ``--policy narrowgate`` (the default) leaves every wait and thread variable
+respects as the user's choice; ``--policy passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` alone (spin count 0,
+narrowgate's choice before 2026-12-04); ``--policy narrowgate`` (the default) leaves every wait and thread variable
 unset, so the command makes its own choice (`narrowgate.threads`). Each timing is the fastest of
 ``--repeats``; the machine must otherwise be quiet for the numbers to mean anything.
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: Every variable through which a wait policy or thread count could reach the workload from this shell.
 CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
-POLICIES = {"narrowgate": {}, "default": {"GOMP_SPINCOUNT": "300000"}}
+POLICIES = {"narrowgate": {}, "default": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 HOGS = 2
 GOAL = 3.0
 
@@ -117,7 +119,8 @@ def load_ratio(policy: str, n: int, repeats: int) -> dict:
 
 
 def engine_with_and_without(repeats: int) -> dict:
-    """benchmarks/engine.py's ratios with narrowgate's policy and with GNU OpenMP's default, one after the other."""
+    """benchmarks/engine.py's ratios under each policy (narrowgate's, GNU OpenMP's default, idle threads sleeping at
+    once), one after the other."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in POLICIES:
@@ -127,9 +130,9 @@ def engine_with_and_without(repeats: int) -> dict:
             subprocess.run(cmd, env=environment(policy), check=True)
             out[policy] = json.loads(path.read_text())
     keys = [k for k in out["narrowgate"] if k.startswith("R") and isinstance(out["narrowgate"][k], float)]
-    print(f"{'ratio':<16} {'narrowgate':>11} {'default':>9}")
+    print(f"{'ratio':<16}" + "".join(f"{policy:>12}" for policy in POLICIES))
     for k in keys:
-        print(f"{k:<16} {out['narrowgate'][k]:11.2f} {out['default'][k]:9.2f}")
+        print(f"{k:<16}" + "".join(f"{out[policy][k]:12.2f}" for policy in POLICIES))
     for policy in POLICIES:
         print(f"plain forward ({policy}): {out[policy]['plain_forward_s']:.3f} s")
     return out

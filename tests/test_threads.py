@@ -30,7 +30,9 @@ ENTRY_POINTS = [
 def test_unset_variables_get_the_fair_share():
     env: dict[str, str] = {}
     assert (
-        threads.configure(env) == env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads.usable_cpus())}
+        threads.configure(env)
+        == env
+        == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "OMP_NUM_THREADS": str(threads.usable_cpus())}
     )
 
 
@@ -54,15 +56,15 @@ def test_usable_cpus_follow_the_affinity_mask():
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_the_command_line_sets_the_policy_and_an_affinity_sized_pool_before_torch():
-    """A process pinned to one CPU that imports the command line gets PASSIVE and one torch thread."""
+    """A process pinned to one CPU that imports the command line gets the short spin and one torch thread."""
     code = (
         "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import narrowgate.cli; "
         "assert 'torch' not in sys.modules; import torch; "
-        "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'], torch.get_num_threads())"
     )
     env = {k: v for k, v in os.environ.items() if k not in (*threads.WAIT_VARIABLES, "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["PASSIVE", "1"]
+    assert out.stdout.split() == ["PASSIVE", "10000", "1"]
 
 
 def test_configure_after_torch_warns_and_sets_the_thread_count(monkeypatch):

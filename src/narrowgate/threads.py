@@ -9,9 +9,13 @@ organism took 170 s instead of 6.1 s on a 2-core machine with two other jobs run
 
 `configure` makes the choice that shares fairly, for whatever has not been chosen already:
 
-- ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), unless the environment already sets
+- ``GOMP_SPINCOUNT=10000`` and ``OMP_WAIT_POLICY=PASSIVE``, unless the environment already sets
   ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` (libgomp's own spin count; ``GOMP_SPINCOUNT=300000`` restores
-  libgomp's default exactly) or ``KMP_BLOCKTIME`` (Intel OpenMP's);
+  libgomp's default exactly) or ``KMP_BLOCKTIME`` (Intel OpenMP's). libgomp, which the PyPI wheels ship,
+  takes its spin count over the policy: an idle thread spins about 0.1 ms, then sleeps — long enough to catch
+  the next parallel region of a run of small kernels (sleeping at once cost a quiet machine 10-25% on the
+  engine's condition suites), short enough not to take a core from another process. Other OpenMP runtimes
+  read the policy: their idle threads sleep at once;
 - ``OMP_NUM_THREADS`` = the CPUs this process may run on (`os.sched_getaffinity`: a ``taskset`` or a
   container's cpuset, not the machine's count), divided among the processes of a ``torchrun`` node
   (``LOCAL_WORLD_SIZE``), unless ``OMP_NUM_THREADS`` is set (torchrun sets 1 when it starts several).
@@ -35,6 +39,10 @@ import warnings
 
 #: Variables through which a user has already chosen how idle OpenMP threads wait.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+#: libgomp's spin count before an idle thread sleeps (about 0.1 ms; libgomp's default is 300,000). Measured on
+#: 2 cores (benchmarks/shared_load.py, 2026-12-04): the engine's ratios R1-R6 as with libgomp's default, and a
+#: workload beside two CPU-bound processes 2.4x its time alone (libgomp's default: about 28x).
+SPIN_COUNT = "10000"
 
 
 def usable_cpus() -> int:
@@ -51,6 +59,7 @@ def settings(environ=None) -> dict[str, str]:
     out = {}
     if not any(v in env for v in WAIT_VARIABLES):
         out["OMP_WAIT_POLICY"] = "PASSIVE"
+        out["GOMP_SPINCOUNT"] = SPIN_COUNT
     if "OMP_NUM_THREADS" not in env:
         try:
             local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
