@@ -7,6 +7,7 @@ Every module in tests/fixtures/ other than `common` is a family builder with ``b
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 
@@ -21,6 +22,17 @@ import pytest  # noqa: E402
 import tests.fixtures as fixtures_pkg  # noqa: E402
 
 FAMILIES = sorted(m.name for m in pkgutil.iter_modules([str(Path(fixtures_pkg.__file__).parent)]) if m.name != "common")
+#: The families the per-family matrices (engine, interventions, every family) run on in the fast tier,
+#: `-m "not slow"`: image tokens in the vocabulary closed by [EOI] (chameleon), a projected vision tower (llava),
+#: M-RoPE over a dynamic grid (qwen2_vl). The others are marked `slow`: the default run and CI run every family,
+#: and NARROWGATE_ALL_FAMILIES=1 keeps them all in the fast tier too.
+FAST_FAMILIES = ("chameleon", "llava", "qwen2_vl")
+
+
+def family_params() -> list:
+    """`FAMILIES` as pytest parameters, the ones outside `FAST_FAMILIES` marked `slow`."""
+    every = os.environ.get("NARROWGATE_ALL_FAMILIES") == "1"
+    return [pytest.param(f, marks=() if every or f in FAST_FAMILIES else pytest.mark.slow) for f in FAMILIES]
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +71,6 @@ def pytest_collection_modifyitems(config, items):
     """`retrain` tests (a full organism retraining, ~10 minutes on 2 cores) run when asked for: `-m retrain`,
     or NARROWGATE_RETRAIN=1 for the whole suite. The default suite, and CI, leave them out; `slow` tests run
     by default (CI runs them) and `-m "not slow"` skips them."""
-    import os
-
     if os.environ.get("NARROWGATE_RETRAIN") == "1" or "retrain" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="retrain: run with -m retrain or NARROWGATE_RETRAIN=1")

@@ -62,6 +62,7 @@ def test_scaling_benchmark_measures_every_analysis_at_every_size(tmp_path):
     assert all(math.isfinite(v) for v in result["slopes"].values())
 
 
+@pytest.mark.slow
 def test_engine_benchmark_runs_every_workload(tmp_path):
     """Its tiny config runs every workload (R1-R6) end to end; the ratios are measured on a quiet machine."""
     spec = importlib.util.spec_from_file_location("engine_benchmark", SCRIPT.parent / "engine.py")

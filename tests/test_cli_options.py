@@ -160,6 +160,7 @@ def test_property_layers_option(value, captured):
         st.sampled_from(ROLE_NAMES), st.from_regex(r"image\[-?[0-9]{1,3}\]", fullmatch=True), st.text(max_size=10)
     )
 )
+@pytest.mark.slow
 @PROPERTY
 def test_property_knockout_and_choice_options(value, captured):
     captured.clear()

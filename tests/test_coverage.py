@@ -24,6 +24,7 @@ def coverage():
     return module
 
 
+@pytest.mark.slow
 def test_reduced_matrix_passes_every_check(coverage, capsys):
     coverage.main(["--types", ",".join(TYPES), "--markdown"])
     lines = capsys.readouterr().out.strip().splitlines()

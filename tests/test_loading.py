@@ -88,6 +88,7 @@ def _unshare_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"]).returncode == 0
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     import os
     import subprocess

@@ -97,6 +97,7 @@ class Planted(VLM):
         self.runner.keep = position
 
 
+@pytest.mark.slow
 def test_planted_gate_is_found_and_an_unmodified_model_has_none(checkpoint_dir, loaded, tmp_path):
     ckpt = checkpoint_dir("chameleon")
     vlm = loaded("chameleon")
@@ -130,6 +131,7 @@ def test_planted_gate_is_found_and_an_unmodified_model_has_none(checkpoint_dir, 
     assert figure.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_several_images_are_scanned_and_summed_up_per_image(checkpoint_dir, loaded, tmp_path):
     """--images 2 on a model whose text reads image 1's eoi only: the scan finds eoi@1 over both images' positions,
     gate_by_image gives image 1 its gate there (necessity and sufficiency 1, all of the image side's damage) and
@@ -155,6 +157,7 @@ def test_several_images_are_scanned_and_summed_up_per_image(checkpoint_dir, load
     assert store.path.joinpath("figures", "gate_scan.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_clip_is_scanned_frame_by_frame(checkpoint_dir, loaded, tmp_path):
     """--frames 4 on LLaVA-OneVision: the positions are the clip's frames' tokens (frame@t[k]) and its newline and
     eoi; each position's damage is KL(baseline || its knockout) of separate forwards; gate_by_frame has a row per

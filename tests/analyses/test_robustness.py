@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from narrowgate.cli import app
@@ -40,6 +41,7 @@ def _args(model: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_tables(tmp_path):
     model = Path("native")  # the shipped organism captions above chance (a random checkpoint's ablation is refused)
     killed = tmp_path / "killed"

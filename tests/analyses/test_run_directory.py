@@ -142,6 +142,7 @@ def test_a_truncated_shard_or_a_missing_arrays_file_is_redone(tmp_path, caplog):
     pd.testing.assert_frame_equal(store.tables()["ablation"], fresh)
 
 
+@pytest.mark.slow
 def test_a_foreign_shard_is_named_and_nothing_is_touched(tmp_path):
     _classes(tmp_path / "other", seed=1)
     out = tmp_path / "run"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FAMILIES
+from tests.conftest import family_params
 from tests.fixtures.common import PROMPTS, images
 
 
 def pytest_generate_tests(metafunc):
     if "family" in metafunc.fixturenames:
-        metafunc.parametrize("family", FAMILIES)
+        metafunc.parametrize("family", family_params())
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import contextlib
 import pytest
 import torch
 
-from tests.conftest import FAMILIES
+from tests.conftest import family_params
 from tests.engine import hook_reference
 
 
 def pytest_generate_tests(metafunc):
     if "family" in metafunc.fixturenames:
-        metafunc.parametrize("family", FAMILIES)
+        metafunc.parametrize("family", family_params())
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,7 @@ def test_short_training_lowers_the_loss_and_loads(tmp_path, kind):
     assert vlm.generate(batch, max_new_tokens=2).shape[1] > batch.length
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_from_the_seed(tmp_path):
     """Two runs from the same seed give the same weights; another seed gives other weights."""
     weights = []
@@ -175,6 +176,7 @@ def test_full_native_recipe_reproduces_the_shipped_scores(tmp_path):
         assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_gated_recipe_trains_masked_then_distils_then_unmasked(tmp_path):
     """The gated recipe's phases run in order, each lowers its loss, and the card carries the gate checks."""
     from narrowgate.organisms import gated
