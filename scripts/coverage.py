@@ -227,9 +227,6 @@ KNOWN = {
     "kosmos-2": "no image tokens: Kosmos-2 places the image by image_embeds_position_mask, not by a token id",
     "kosmos-2.5": "no image tokens: Kosmos-2.5 places the image by image_embeds_position_mask, not by a token id",
     # hybrid decoders (issue 29, item 3)
-    "minicpm_ocr": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
-    "minicpmv4_6": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
-    "minicpmv4_7": "hybrid decoder: a Qwen 3.5 text model, whose Gated DeltaNet layers have no attention to knock out",
     "nemotron_h_omni": "hybrid decoder: Nemotron-H's Mamba-2 layers have no attention to knock out",
     "lfm3_vl": "hybrid decoder: LFM3's short-convolution layers have no attention to knock out",
     "glm5_next": "hybrid decoder: linear-attention layers beside DeepSeek-sparse ones (and its validator refuses the "
