@@ -55,7 +55,7 @@ from .engine.interventions import Knockout
 from .errors import DataError, OptionError
 from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
-from .store import RunLocked, RunStore
+from .store import RunStore
 
 logger = logging.getLogger("narrowgate.finetune")
 
@@ -436,15 +436,7 @@ def finetune(
     out = Path(out)
     store = RunStore(out, rank=ranks.rank)
     command_text = shlex.join(command if command is not None else sys.argv)
-    refused = None
-    if ranks.rank == 0:
-        try:
-            store.lock(command_text)
-        except RunLocked as e:
-            refused = str(e)
-    refused = ranks.share(refused)
-    if refused:
-        raise RunLocked(refused)
+    ranks.lock(store, command_text)
     try:
         return _finetune_locked(
             model,

@@ -445,6 +445,18 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def lock(self, store: RunStore, command: str) -> None:
+        """Take ``store``'s directory lock on rank 0 for every rank, or raise `RunLocked` on every rank."""
+        refused = None
+        if self.rank == 0:
+            try:
+                store.lock(command)
+            except RunLocked as e:
+                refused = str(e)
+        refused = self.share(refused)
+        if refused:
+            raise RunLocked(refused)
+
 
 def run(exp: Experiment, cfg: dict, *, vlm: VLM | None = None, command: list[str] | None = None) -> RunStore:
     """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store.
@@ -480,15 +492,7 @@ def run(exp: Experiment, cfg: dict, *, vlm: VLM | None = None, command: list[str
     out = Path(cfg.get("out") or default_out(exp.name, cfg["model"]))
     store = RunStore(out, rank=ranks.rank)
     command_text = shlex.join(command if command is not None else sys.argv)
-    refused = None
-    if ranks.rank == 0:
-        try:
-            store.lock(command_text)
-        except RunLocked as e:
-            refused = str(e)
-    refused = ranks.share(refused)
-    if refused:
-        raise RunLocked(refused)
+    ranks.lock(store, command_text)
     try:
         return _run_locked(exp, cfg, vlm, examples, store, ranks, command_text)
     finally:
