@@ -38,15 +38,25 @@ def _caption(k: int, j: int) -> str:
     return f"a {WORDS[k % len(WORDS)]} and a {WORDS[(k + j) % len(WORDS)]} in the picture"
 
 
-def vqav2(root: Path, n_images: int = 4, per_image: int = 2) -> Path:
+def vqav2(
+    root: Path,
+    n_images: int = 4,
+    per_image: int = 2,
+    *,
+    split: str = "val2014",
+    first_id: int = 100,
+    first_color: int = 0,
+    question: str = "What is in the picture {j}?",
+) -> Path:
+    """``n_images`` x ``per_image`` questions of ``split``, every one with 10 answers (VQAv2's file layout)."""
     questions, annotations = [], []
     for k in range(n_images):
-        image_id = 100 + k
-        write_jpeg(root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", _color(k), size=(8, 8))
+        image_id = first_id + k
+        write_jpeg(root / split / f"COCO_{split}_{image_id:012d}.jpg", _color(k + first_color), size=(8, 8))
         for j in range(per_image):
             qid = image_id * 10 + j
             answer = WORDS[(k + j) % len(WORDS)]
-            questions.append({"image_id": image_id, "question": f"What is in the picture {j}?", "question_id": qid})
+            questions.append({"image_id": image_id, "question": question.format(j=j), "question_id": qid})
             annotations.append(
                 {
                     "image_id": image_id,
@@ -58,10 +68,10 @@ def vqav2(root: Path, n_images: int = 4, per_image: int = 2) -> Path:
                 }
             )
     write_json(
-        root / "v2_OpenEnded_mscoco_val2014_questions.json",
-        {"questions": questions, "data_subtype": "val2014", "data_type": "mscoco", "task_type": "Open-Ended"},
+        root / f"v2_OpenEnded_mscoco_{split}_questions.json",
+        {"questions": questions, "data_subtype": split, "data_type": "mscoco", "task_type": "Open-Ended"},
     )
-    write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": annotations, "data_subtype": "val2014"})
+    write_json(root / f"v2_mscoco_{split}_annotations.json", {"annotations": annotations, "data_subtype": split})
     return root
 
 

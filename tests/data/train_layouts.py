@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.data import layouts
 from tests.data.helpers import write_jpeg, write_json
 from tests.data.layouts import WORDS, _caption, _color
 
@@ -36,30 +37,9 @@ def llava_instruct(root: Path, n: int = 12, answers: dict[int, str] | None = Non
 
 def vqav2_train(root: Path, n_images: int = 6, per_image: int = 2) -> Path:
     """``n_images`` x ``per_image`` questions of the ``train2014`` split, every one with 10 answers."""
-    questions, annotations = [], []
-    for k in range(n_images):
-        image_id = 300 + k
-        write_jpeg(root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg", _color(k + 5), size=(8, 8))
-        for j in range(per_image):
-            qid = image_id * 10 + j
-            answer = WORDS[(k + j) % len(WORDS)]
-            questions.append({"image_id": image_id, "question": f"What is shown {j}?", "question_id": qid})
-            annotations.append(
-                {
-                    "image_id": image_id,
-                    "question_id": qid,
-                    "multiple_choice_answer": answer,
-                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": a + 1} for a in range(10)],
-                    "answer_type": "other",
-                    "question_type": "what is",
-                }
-            )
-    write_json(
-        root / "v2_OpenEnded_mscoco_train2014_questions.json",
-        {"questions": questions, "data_subtype": "train2014", "data_type": "mscoco", "task_type": "Open-Ended"},
+    return layouts.vqav2(
+        root, n_images, per_image, split="train2014", first_id=300, first_color=5, question="What is shown {j}?"
     )
-    write_json(root / "v2_mscoco_train2014_annotations.json", {"annotations": annotations, "data_subtype": "train2014"})
-    return root
 
 
 def coco_train(root: Path, n_images: int = 8) -> Path:
