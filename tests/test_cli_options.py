@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import narrowgate.analyses.base as base
+import narrowgate.runner as run_module
 from narrowgate.cli import app
 from narrowgate.errors import OptionError, parse_layer_set
 from narrowgate.families import FAMILIES
@@ -50,7 +50,7 @@ def captured(monkeypatch, tmp_path):
         seen.append(cfg)
         return RunStore(tmp_path / "fake")
 
-    monkeypatch.setattr(base, "run", fake_run)
+    monkeypatch.setattr(run_module, "run", fake_run)
     return seen
 
 
@@ -97,9 +97,9 @@ def test_api_refuses_counts_below_one_and_unknown_settings_before_loading(tmp_pa
         ("memory_budget", "1KiB"),
     ):
         with pytest.raises(OptionError, match=f"--{key.replace('_', '-')}"):
-            base.run(exp, {"model": "/nonexistent", "data": "synthetic", key: value, "out": str(tmp_path / "x")})
+            run_module.run(exp, {"model": "/nonexistent", "data": "synthetic", key: value, "out": str(tmp_path / "x")})
     with pytest.raises(OptionError, match="no setting 'kk'.*sweep_step"):
-        base.run(exp, {"model": "/nonexistent", "data": "synthetic", "kk": 3, "out": str(tmp_path / "x")})
+        run_module.run(exp, {"model": "/nonexistent", "data": "synthetic", "kk": 3, "out": str(tmp_path / "x")})
     assert not (tmp_path / "x").exists()
 
 

@@ -55,3 +55,32 @@ def test_new_names_do_not_warn_and_both_names_are_refused():
         ng.Capture("eoi", resids=(0,))
     with pytest.raises(TypeError, match="both layer= .deprecated. and resid="):
         ng.Patch("eoi", layer=1, resid=1, value=value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("narrowgate.analyses.base:run", "narrowgate.runner:run"),
+        ("narrowgate.analyses:run", "narrowgate.runner:run"),
+        ("narrowgate.analyses.base:Ranks", "narrowgate.distributed:Ranks"),
+        ("narrowgate.analyses.base:check_k", "narrowgate.metrics.overlap:check_k"),
+        ("narrowgate.analyses.base:sweep_step", "narrowgate.analyses.options:sweep_step"),
+    ],
+)
+def test_moved_names_still_import_with_a_warning_naming_their_new_home(old, new):
+    import importlib
+
+    old_module, name = old.split(":")
+    new_module, _ = new.split(":")
+    with pytest.warns(
+        DeprecationWarning, match=rf"{old_module}\.{name} is deprecated since .* use {new_module}\.{name}"
+    ):
+        value = getattr(importlib.import_module(old_module), name)
+    assert value is getattr(importlib.import_module(new_module), name)
+
+
+def test_a_name_that_never_existed_is_still_an_attribute_error():
+    import narrowgate.analyses.base as base
+
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        base.nothing  # noqa: B018

@@ -7,7 +7,7 @@ import pytest
 
 from narrowgate import plots
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
+from narrowgate.runner import run
 
 
 def test_relative_depth_is_resid_over_l_and_a_decoder_layer_sits_at_its_input():

@@ -9,7 +9,7 @@ import torch
 
 from narrowgate import Capture, NarrowgateError
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
+from narrowgate.runner import run
 from narrowgate.store import BFloat16, NonFiniteResidual, RunStore
 
 

@@ -73,7 +73,7 @@ assert positions[top] == eoi and float(damage[top]) / whole > 0.5  # the planted
 
 # %%
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
+from narrowgate.runner import run
 
 out = Path(tempfile.mkdtemp())
 gates = {}

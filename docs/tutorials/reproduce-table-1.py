@@ -48,8 +48,8 @@ import pandas as pd
 
 import narrowgate
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
 from narrowgate.errors import BaselineAtChance
+from narrowgate.runner import run
 from narrowgate.store import RunStore
 
 # The checkout holding the test suite's dataset builders: this directory or one above it, or the one narrowgate

@@ -307,9 +307,9 @@ def _experiment_command(name: str):
             cfg["device_map"] = json.loads(device_map)
         cfg["progress"] = not kw["quiet"]
         from .analyses import EXPERIMENTS
-        from .analyses import base as analyses_base
+        from .runner import run
 
-        store = analyses_base.run(EXPERIMENTS[name](), cfg, command=["narrowgate", *sys.argv[1:]])
+        store = run(EXPERIMENTS[name](), cfg, command=["narrowgate", *sys.argv[1:]])
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 

@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .analyses import EXPERIMENTS
-from .analyses.base import run
 from .errors import BaselineAtChance
 from .loading import load
 from .plots import compare
 from .progress import eta
+from .runner import run
 from .store import RunStore
 
 #: (run name, experiment, settings) — sample sizes for about a minute on 2 CPU cores for both organisms.

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 
 def renamed(since: str, removed_in: str, **renames: str):
@@ -61,3 +64,21 @@ def dependency_deprecations_hidden():
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=DEPENDENCIES)
         yield
+
+
+def moved(module: str, since: str, removed_in: str, **homes: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` under which each name in ``homes`` (name -> the module it moved to) still imports
+    from ``module``, with a `DeprecationWarning` naming its new home."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in homes:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{module}.{name} is deprecated since narrowgate {since} and will be removed in {removed_in}: "
+            f"use {homes[name]}.{name} (the same object).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(homes[name]), name)
+
+    return __getattr__

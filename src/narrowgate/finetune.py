@@ -47,14 +47,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint_prompts
-from .analyses.base import Ranks, model_info
 from .checkpoint_prompts import DATASETS
 from .data import BadExample
 from .deprecation import dependency_deprecations_hidden
+from .distributed import Ranks
 from .engine.interventions import Knockout
 from .errors import DataError, OptionError
 from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
+from .runner import model_info
 from .store import RunStore
 
 logger = logging.getLogger("narrowgate.finetune")

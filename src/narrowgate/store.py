@@ -259,7 +259,7 @@ class RunStore:
     def lock(self, command: str = "") -> None:
         """Take the directory's exclusive lock (`DirectoryLock`), or raise `RunLocked` naming its holder.
 
-        Data-parallel ranks share rank 0's lock (`narrowgate.analyses.base.run` arranges this).
+        Data-parallel ranks share rank 0's lock (`narrowgate.runner.run` arranges this).
         """
         lock = DirectoryLock(self.path)
         lock.acquire(command)

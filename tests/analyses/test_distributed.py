@@ -56,7 +56,7 @@ def test_torchrun_two_processes_equal_one(experiment, checkpoint_dir, tmp_path):
 
 
 def test_rank_shards_and_gpu_groups():
-    from narrowgate.analyses.base import Ranks
+    from narrowgate.distributed import Ranks
 
     units = list(range(10))
     shards = [Ranks(r, 3, r).shard(units) for r in range(3)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
+from narrowgate.runner import run
 from narrowgate.store import ManifestMismatch
 
 CASES = {

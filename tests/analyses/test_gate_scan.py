@@ -14,10 +14,10 @@ from transformers import AttentionInterface, ChameleonForConditionalGeneration
 import narrowgate as ng
 from narrowgate import compat
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
 from narrowgate.analyses.gate_scan import kl, scan_positions, side_positions
 from narrowgate.engine.runner import Runner
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
+from narrowgate.runner import run
 from narrowgate.vlm import VLM
 from tests.fixtures import chameleon
 from tests.fixtures.common import images

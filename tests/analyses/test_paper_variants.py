@@ -12,7 +12,6 @@ import torch
 
 from narrowgate import Capture
 from narrowgate.analyses import EXPERIMENTS, tasks
-from narrowgate.analyses.base import run
 from narrowgate.analyses.cross_attention import CrossAttention
 from narrowgate.analyses.overlap import windows
 from narrowgate.analyses.patching import pair_order, patch_conditions
@@ -20,6 +19,7 @@ from narrowgate.analyses.prompts import class_prompt
 from narrowgate.data import by_label
 from narrowgate.engine.interventions import Patch
 from narrowgate.metrics import distribution_similarity
+from narrowgate.runner import run
 
 
 def _cfg(checkpoint_dir, tmp_path, family="chameleon", **kw):

@@ -8,10 +8,10 @@ import torch
 
 from narrowgate import Capture, Patch
 from narrowgate.analyses import EXPERIMENTS, tasks
-from narrowgate.analyses.base import run
 from narrowgate.analyses.patching import pair_order, patch_conditions
 from narrowgate.analyses.prompts import name_ids, name_scores
 from narrowgate.data import class_pairs
+from narrowgate.runner import run
 from tests.fixtures.common import images
 
 PROMPT = "This animal is a"

@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
 from narrowgate.analyses.prompts import LONG_CLASS, resize, resolve, resolve_image_size
 from narrowgate.cli import app
 from narrowgate.errors import BaselineAtChance, OptionError, parse_image_size
+from narrowgate.runner import run
 
 
 def test_image_size_parses_width_by_height_or_the_processor():

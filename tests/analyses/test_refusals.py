@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import check_sweep
+from narrowgate.analyses.options import check_sweep
 from narrowgate.cli import app
 from narrowgate.errors import OptionError
 from narrowgate.store import RunStore

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.base import run
 from narrowgate.cli import app
 from narrowgate.errors import BaselineAtChance
+from narrowgate.runner import run
 from narrowgate.store import ManifestMismatch, RunStore
 from tests.analyses.test_refusals import _one_line_refusal
 from tests.data import layouts

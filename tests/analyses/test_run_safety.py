@@ -24,10 +24,11 @@ from typer.testing import CliRunner
 import narrowgate as ng
 from narrowgate import data
 from narrowgate.analyses import EXPERIMENTS, tasks
-from narrowgate.analyses.base import check_k, overlap_k, run
 from narrowgate.cli import app
 from narrowgate.errors import DataError, OptionError
 from narrowgate.loading import fingerprint
+from narrowgate.metrics.overlap import check_k, overlap_k
+from narrowgate.runner import run
 from narrowgate.store import ManifestMismatch, RunLocked, RunStore
 from tests.data.helpers import write_json
 from tests.fixtures import llava as llava_fixture

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS, tasks
 from narrowgate.analyses.ablation import standard_errors, text_scores
-from narrowgate.analyses.base import run
 from narrowgate.cli import app
 from narrowgate.data import animal_classes, synthetic_captions
 from narrowgate.errors import DataError
 from narrowgate.metrics import cider
+from narrowgate.runner import run
 from narrowgate.store import RunStore
 from tests.analyses.test_refusals import _one_line_refusal
 from tests.data import layouts

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from narrowgate import Capture, Patch
 from narrowgate.analyses import EXPERIMENTS, tasks
-from narrowgate.analyses.base import run
 from narrowgate.analyses.steering import class_names, load_synonyms, names, window
 from narrowgate.cli import app
 from narrowgate.errors import DataError
+from narrowgate.runner import run
 
 
 @pytest.mark.parametrize(

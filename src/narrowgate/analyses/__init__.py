@@ -1,4 +1,4 @@
-"""The paper's experiments and ours, one module each, all run by `narrowgate.analyses.base.run`.
+"""The paper's experiments and ours, one module each, all run by `narrowgate.runner.run`.
 
 Every module of this package is imported here, so an experiment registers itself (``@register``) by
 existing: adding one is adding its file.
@@ -7,7 +7,8 @@ existing: adding one is adding its file.
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Experiment, Unit, register, run
+from ..deprecation import moved
+from .base import REGISTRY, Experiment, Unit, register
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -15,4 +16,6 @@ for _module in pkgutil.iter_modules(__path__):
 #: Every experiment by its command name, in the order of `narrowgate run --help`.
 EXPERIMENTS: dict[str, type[Experiment]] = dict(sorted(REGISTRY.items()))
 
-__all__ = ["EXPERIMENTS", "Experiment", "Unit", "register", "run"]
+__all__ = ["EXPERIMENTS", "Experiment", "Unit", "register"]
+
+__getattr__ = moved(__name__, "0.3.0", "0.4.0", run="narrowgate.runner")

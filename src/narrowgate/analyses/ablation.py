@@ -23,10 +23,11 @@ from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..errors import BaselineAtChance, OptionError, parse_layer_set
 from ..metrics import cider, cider_chance, neighborhood_overlap_per_point, overlap_chance, vqa_accuracy, vqa_chance
+from ..metrics.overlap import check_k, overlap_k
 from ..store import BFloat16
 from . import tasks
-from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
-from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
+from .base import Experiment, register, stack
+from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, check_sweep, option, sweep_step
 from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")

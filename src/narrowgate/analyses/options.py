@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+from ..errors import OptionError
+
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASKS = ("vqa", "captions", "classes")
 MODES = ("zero", "mask")
@@ -145,3 +147,23 @@ def defaults(config: type) -> dict:
         if value is not None:
             out[f.name] = value
     return out
+
+
+def check_sweep(cfg: dict, default: int) -> None:
+    """Refuse ``--sweep-step`` other than its ``default`` without ``--sweep`` (it would be ignored), before the model
+    loads."""
+    if not cfg.get("sweep") and int(cfg.get("sweep_step") or default) != default:
+        raise OptionError(
+            f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
+        )
+
+
+def sweep_step(cfg: dict, n_layers: int) -> int:
+    """``--sweep-step``, refused when larger than the model's decoder layers (the sweep would have one window)."""
+    step = int(cfg.get("sweep_step") or 1)
+    if step > n_layers:
+        raise OptionError(
+            f"--sweep-step {step} is more than the model's {n_layers} decoder layers: the sweep would have a single "
+            f"window; give --sweep-step {n_layers} or less."
+        )
+    return step

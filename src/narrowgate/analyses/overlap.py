@@ -32,9 +32,10 @@ import pandas as pd
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
+from ..metrics.overlap import check_k, overlap_k
 from ..store import BFloat16
-from .base import Experiment, check_k, check_sweep, overlap_k, register, stack, sweep_step
-from .options import MODES, ClassPrompt, PaperAxis, RunConfig, option
+from .base import Experiment, register, stack
+from .options import MODES, ClassPrompt, PaperAxis, RunConfig, check_sweep, option, sweep_step
 from .prompts import class_prompt
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")

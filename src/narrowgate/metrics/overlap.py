@@ -9,12 +9,23 @@ N x N matrix is ever held when N is large. CPU and CUDA tensors both work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["neighborhood_overlap", "neighborhood_overlap_per_layer", "neighborhood_overlap_per_point"]
+from ..errors import DataError, OptionError
+
+logger = logging.getLogger("narrowgate.run")
+
+__all__ = [
+    "check_k",
+    "overlap_k",
+    "neighborhood_overlap",
+    "neighborhood_overlap_per_layer",
+    "neighborhood_overlap_per_point",
+]
 
 # Query rows per block are chosen so that one block of scores holds about this
 # many elements (2**26 float32 = 256 MiB).
@@ -153,3 +164,47 @@ def neighborhood_overlap_per_layer(
     for layer in range(n_layers):
         result[layer] = neighborhood_overlap(X[layer], labels, k, class_balanced=class_balanced, block_size=block_size)
     return result
+
+
+def _smallest_class(labels: Iterable) -> tuple:
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    label, smallest = min(counts.items(), key=lambda kv: kv[1])
+    return label, smallest, len(counts)
+
+
+def check_k(labels: Iterable, k: int) -> None:
+    """Refuse a neighbourhood overlap whose k the smallest class cannot support, before the model loads.
+
+    With k above (smallest class - 1) not even a perfect representation can score 1, and with
+    k >= N - 1 every representation scores the same number: the result would measure the sample size.
+    """
+    labels = list(labels)
+    if not labels:
+        return
+    label, smallest, n_classes = _smallest_class(labels)
+    if k > smallest - 1:
+        raise OptionError(
+            f"--k {k} needs at least {k + 1} examples per class, but class {label!r} has {smallest} "
+            f"({len(labels)} examples in {n_classes} classes): raise --n-per-class / --n or lower --k."
+        )
+
+
+def overlap_k(labels: Iterable, k: int) -> int:
+    """The k the recorded examples support: ``k``, or lower (with a warning; tables show it in column
+    ``k``) when failures left a class with k or fewer examples; refused when no k >= 1 is left."""
+    label, smallest, _ = _smallest_class(labels)
+    if smallest < 2:
+        raise DataError(
+            f"Class {label!r} has {smallest} recorded example(s): the neighbourhood overlap needs 2 per class."
+        )
+    if k > smallest - 1:
+        logger.warning(
+            "failures left class %r with %d examples: neighbourhood overlap uses k=%d, not %d",
+            label,
+            smallest,
+            smallest - 1,
+            k,
+        )
+    return min(k, smallest - 1)
