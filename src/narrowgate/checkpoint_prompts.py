@@ -61,6 +61,7 @@ class CheckpointPrompts:
         return None
 
     def as_json(self) -> dict:
+        """The file's content as written next to a checkpoint (its format version and the prompts)."""
         return {"narrowgate_format": FORMAT, "prompts": self.prompts}
 
 

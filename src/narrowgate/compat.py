@@ -7,8 +7,9 @@ each branch names the versions it is for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import version as _dist_version
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import transformers
@@ -23,6 +24,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 from transformers.utils import is_torchvision_available
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 TRANSFORMERS = Version(_dist_version("transformers"))
 
 #: The name under which a model's forward, its decoder layers, `generate` and the model outputs
@@ -36,12 +40,12 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
-def layer_cache(kwargs: dict):
+def layer_cache(kwargs: dict) -> Cache | None:
     """The KV cache a decoder layer was called with (None without one)."""
     return kwargs.get(CACHE_ARG)
 
 
-def mixer_cache(kwargs: dict):
+def mixer_cache(kwargs: dict) -> Cache | None:
     """The cache a recurrent token mixer (a Gated DeltaNet layer) was called with: ``cache`` from 5.24,
     ``cache_params`` before; None without one."""
     return kwargs.get(CACHE_ARG, kwargs.get("cache_params"))
@@ -62,7 +66,7 @@ def past_length(cache, layer: int) -> int | None:
         return int(cache.get_seq_length()) if layer == 0 else None
 
 
-def gated_delta_rule(module):
+def gated_delta_rule(module: torch.nn.Module) -> Callable[..., Any] | None:
     """The chunked gated delta rule a Gated DeltaNet module's own forward runs: ``torch_chunk_gated_delta_rule``
     of its modeling file (5.23 - 5.24; a hub kernel where transformers' kernels are enabled). None where missing."""
     import sys
@@ -185,13 +189,13 @@ def commit_hash(config) -> str | None:
     return getattr(config, "_commit_hash", None)
 
 
-def image_text_to_text_class(config):
+def image_text_to_text_class(config: Any) -> type[PreTrainedModel] | None:
     """The auto class for ``config``'s model type (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING``, 5.0 - 5.24); None
     when the type has none."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    try:
-        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    try:  # the mapping's type admits a tuple of classes (a tokenizer mapping's); a model mapping holds one class
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]  # type: ignore[return-value]
     except KeyError:
         return None
 
@@ -209,7 +213,7 @@ def enable_checkpointing(model, context_fn) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def checkpointing_context(layer):
+def checkpointing_context(layer: torch.nn.Module) -> Callable[..., Any] | Literal[False] | None:
     """The ``context_fn`` a decoder layer's gradient checkpointing uses; False when checkpointing is off.
 
     Reads ``gradient_checkpointing`` / ``_gradient_checkpointing_func`` (a ``functools.partial`` of

@@ -11,15 +11,17 @@ import contextlib
 import functools
 import importlib
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
-def renamed(since: str, removed_in: str, **renames: str):
+def renamed(since: str, removed_in: str, **renames: str) -> Callable[[type[_T]], type[_T]]:
     """Class decorator: each ``old="new"`` keyword of the constructor, and attribute ``old``, still work
     (mapped to ``new``) with a `DeprecationWarning` naming ``new``."""
 
-    def decorate(cls):
+    def decorate(cls: type[_T]) -> type[_T]:
         init = cls.__init__
 
         def message(old: str, new: str, what: str) -> str:
@@ -38,7 +40,7 @@ def renamed(since: str, removed_in: str, **renames: str):
                     kwargs[new] = kwargs.pop(old)
             init(self, *args, **kwargs)
 
-        cls.__init__ = __init__
+        setattr(cls, "__init__", __init__)
         for old, new in renames.items():
 
             def read(self, old=old, new=new):
@@ -57,7 +59,7 @@ DEPENDENCIES = r"(transformers|peft|accelerate|huggingface_hub)(\..*)?$"
 
 
 @contextlib.contextmanager
-def dependency_deprecations_hidden():
+def dependency_deprecations_hidden() -> Iterator[None]:
     """Within the block, DeprecationWarning / FutureWarning / PendingDeprecationWarning raised inside
     narrowgate's dependencies (`DEPENDENCIES`) are not shown; narrowgate's own deprecations still are."""
     with warnings.catch_warnings():

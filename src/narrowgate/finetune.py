@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,9 @@ from .progress import progress_bar
 from .recipes import RECIPES, SOURCES, Recipe, check
 from .runner import model_info
 from .store import RunStore
+
+if TYPE_CHECKING:
+    from .vlm import VLM
 
 logger = logging.getLogger("narrowgate.finetune")
 
@@ -791,7 +794,7 @@ def render_card(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_adapted(base: str | Path, adapter: str | Path, **load_kwargs):
+def load_adapted(base: str | Path, adapter: str | Path, **load_kwargs: Any) -> VLM:
     """`narrowgate.load` ``base`` with a saved LoRA ``adapter`` merged in: a `VLM` every experiment accepts.
 
     Refuses (`LoadError`) an adapter trained on another model: one whose recorded base fingerprint

@@ -55,6 +55,7 @@ class Skipped:
     reason: str
 
     def as_dict(self) -> dict[str, str]:
+        """The record as a plain dict, for a run's results."""
         return {"id": self.id, "reason": self.reason}
 
 

@@ -128,6 +128,7 @@ class ResolvedKnockout(Resolved):
         self.rows = self.target
 
     def stack_key(self) -> tuple:
+        """Knockouts stack when they share layers, mode and whether source and target cover generated tokens."""
         return (ResolvedKnockout, self.layers, self.mode, self.source.generated, self.target.generated)
 
     @classmethod
@@ -143,7 +144,9 @@ class ResolvedKnockout(Resolved):
         )
 
     def missing(self, record: Record, n_layers: int) -> str | None:
-        return None  # `Run.check_applied` checks that the engine's attention ran in every layer of every knockout
+        """Always None: a knockout has no visit to record; `Run.check_applied` checks instead that the engine's
+        attention ran in every layer of every knockout."""
+        return None
 
 
 @renamed("0.2.0", "0.3.0", layer="resid")
@@ -266,21 +269,26 @@ class ResolvedCapture(Resolved):
         self.rows = RoleMask(torch.stack(list(masks.values())).any(0), False)
 
     def first_affected(self) -> int | None:
-        return None  # reads only: what it reads in a shared prefix is read once and repeated for every condition
+        """None: a capture only reads, so what it reads in a shared prefix is read once for every condition."""
+        return None
 
     def stack_key(self) -> tuple:
+        """Captures stack when they read the same residual indices under the same names."""
         return (ResolvedCapture, self.resids, tuple(self.masks))
 
     @classmethod
     def stack(cls, parts: Sequence[Resolved | None], batch_size: int, length: int) -> ResolvedCapture:
+        """One capture whose masks are the conditions' masks one after the other (every condition has one)."""
         caps = [_as(p, ResolvedCapture) for p in parts]  # a capture reads in every condition
         first = caps[0]
         return cls({n: torch.cat([p.masks[n] for p in caps]) for n in first.masks}, first.resids, first.name)
 
     def indices(self, n_layers: int) -> tuple[int, ...]:
+        """The residual indices it reads in a model of ``n_layers`` decoder layers."""
         return tuple(range(n_layers + 1)) if self.resids is None else tuple(self.resids)
 
     def visit(self, value: torch.Tensor, where: Where, record: Record) -> None:
+        """Add the residuals at each name's positions to the record's sums and counts; the value is left as it is."""
         for name, mask in self.masks.items():
             sel = RoleMask(mask, False).at(where.positions.cpu(), where.valid.cpu())
             if not bool(sel.any()):
@@ -308,6 +316,7 @@ class ResolvedCapture(Resolved):
         return out
 
     def missing(self, record: Record, n_layers: int) -> str | None:
+        """Why a name lacks a residual index, or saw fewer positions than its mask holds; None when complete."""
         for name, mask in self.masks.items():
             per = record.captured.get(name, {})
             lacking = [l for l in self.indices(n_layers) if l not in per]
@@ -334,6 +343,8 @@ class AttentionStats(Intervention):
 
 
 class ResolvedStats(Resolved):
+    """`AttentionStats` bound to a batch: reads the attention probabilities at the text rows of every layer."""
+
     site = "pattern"
     layers = None
     name = AttentionStats.name
@@ -342,14 +353,17 @@ class ResolvedStats(Resolved):
         self.rows = rows
 
     def stack_key(self) -> tuple:
+        """Statistics always stack: there is nothing to tell two apart but their rows."""
         return (ResolvedStats,)
 
     @classmethod
     def stack(cls, parts: Sequence[Resolved | None], batch_size: int, length: int) -> ResolvedStats:
+        """One reader over every condition's text rows (every condition asks for the statistics)."""
         stats = [_as(p, ResolvedStats) for p in parts]  # statistics are asked of every condition
         return cls(RoleMask(torch.cat([p.rows.prompt for p in stats]), stats[0].rows.generated))
 
     def visit(self, value: torch.Tensor, where: Where, record: Record) -> None:
+        """Store this layer's column attention (`column_attention`) in the record; the probabilities are left."""
         record.column_attention[where.at] = column_attention(value, where.valid).detach()
         return None
 

@@ -196,13 +196,17 @@ class Stacked(Resolved):
         )
 
     def first_affected(self) -> int | None:
+        """The earliest of its parts' first affected positions."""
         firsts = [f for p in self.parts if p is not None and (f := p.first_affected()) is not None]
         return min(firsts) if firsts else None
 
     def expected_layers(self, n_layers: int) -> set[int]:
+        """Every layer at which any of its parts must act."""
         return set().union(*(p.expected_layers(n_layers) for p in self.parts if p is not None))
 
     def visit(self, value: torch.Tensor, where: Where, record: Record) -> torch.Tensor | None:
+        """Visit each part with its own condition's rows (cut to the positions valid there) and write back what
+        it replaces; None when no part replaced anything."""
         B, axis = self.batch_size, ROW_AXIS[where.site]
         out = None
         for c, part in enumerate(self.parts):
@@ -227,6 +231,7 @@ class Stacked(Resolved):
         return out
 
     def missing(self, record: Record, n_layers: int) -> str | None:
+        """The first part's reason for not having been applied, or None."""
         for p in self.parts:
             if p is not None and (why := p.missing(record, n_layers)):
                 return why

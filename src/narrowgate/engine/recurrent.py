@@ -103,6 +103,7 @@ class GatedDeltaNet(Mixer):
     carried = ("x", "beta", "g")
 
     def project(self, module: MixerModule, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The convolution's input ``x``, the write strength ``beta``, the decay ``g`` and the output gate ``z``."""
         return {
             "x": module.in_proj_qkv(hidden),  # the convolution's input
             "beta": module.in_proj_b(hidden).sigmoid(),
@@ -113,6 +114,8 @@ class GatedDeltaNet(Mixer):
     def mix(
         self, module: MixerModule, proj: dict, absent: torch.Tensor, silent: torch.Tensor, want_state: bool
     ) -> tuple[torch.Tensor, MixerState | None]:
+        """The view's convolution (`view_conv`), then the model's own chunked delta rule with ``beta`` zeroed at
+        absent and silent positions and ``g`` at absent ones."""
         rule = compat.gated_delta_rule(module)
         if rule is None:
             raise InterventionError(
@@ -140,12 +143,14 @@ class GatedDeltaNet(Mixer):
         return core, state
 
     def finish(self, module: MixerModule, mixed: torch.Tensor, proj: dict) -> torch.Tensor:
+        """The module's gated RMSNorm (gate ``z``) and output projection."""
         R, n = mixed.shape[:2]
         dv = module.head_v_dim
         gated = module.norm(mixed.reshape(-1, dv), proj["z"].reshape(-1, dv)).reshape(R, n, -1)
         return module.out_proj(gated)
 
     def store(self, module: MixerModule, cache: Cache, b: int, state: MixerState) -> None:
+        """Overwrite row ``b`` of the layer's convolution and recurrent states in the cache."""
         conv, recurrent = compat.recurrent_cache_states(cache, module.layer_idx)
         if conv is None or recurrent is None:
             raise InterventionError(

@@ -119,6 +119,7 @@ class Plan:
 
     @cached_property
     def capture(self) -> ResolvedCapture | None:
+        """The call's one capture, or None; two are refused (one capture lists every role)."""
         found = [r for r in self.edits if isinstance(r, ResolvedCapture)]
         if len(found) > 1:
             raise InterventionError("A call takes one Capture; list every role in it (Capture(roles=(...))).")
@@ -126,6 +127,7 @@ class Plan:
 
     @property
     def capture_resids(self) -> tuple[int, ...]:
+        """The residual indices the capture reads (none without a capture)."""
         return () if self.capture is None else self.capture.indices(self.n_layers)
 
     def active_key(self, layer: int) -> tuple[int, ...]:
@@ -133,6 +135,7 @@ class Plan:
         return tuple(i for i, k in enumerate(self.knockouts) if k.layers is None or layer in k.layers)
 
     def knockouts_at(self, layer: int) -> list[ResolvedKnockout]:
+        """The knockouts that apply at decoder layer ``layer``, in order."""
         return [self.knockouts[i] for i in self.active_key(layer)]
 
     @cached_property

@@ -13,11 +13,15 @@ of a prompt holding several (`AnyresFamily.patched`).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from ..compat import select_best_resolution
-from .base import Family, ImageLayout, Item, LayoutError
+from .base import Family, ImageLayout, Inputs, Item, LayoutError
 
 
-def unpadded_grid(height: int, width: int, grid_pinpoints, crop_size: int, side: int) -> tuple[int, int]:
+def unpadded_grid(
+    height: int, width: int, grid_pinpoints: list[list[int]], crop_size: int, side: int
+) -> tuple[int, int]:
     """(rows, columns) of the anyres feature grid of an image of this size, after unpadding.
 
     The best grid resolution among ``grid_pinpoints`` gives the number of crops; each crop is
@@ -52,15 +56,15 @@ class AnyresFamily(Family):
         """Features of the base image, which come first in the span."""
         return self.crop_side**2
 
+    @abstractmethod
     def feature_grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, columns) of the high-resolution feature grid the model packs for an image of this size."""
-        raise NotImplementedError
 
     def patched(self, images: int) -> bool:
         """Whether the model adds the high-resolution grid to each image of a prompt holding ``images`` images."""
         return True
 
-    def image_rows(self, inputs, item: Item, images: int) -> tuple[int, int] | None:
+    def image_rows(self, inputs: Inputs, item: Item, images: int) -> tuple[int, int] | None:
         """(rows, columns) of the image's feature grid, or None for the base features and one newline alone (an
         image the model does not patch)."""
         if not self.patched(images):
@@ -68,7 +72,7 @@ class AnyresFamily(Family):
         h, w = (int(x) for x in inputs["image_sizes"][item.index])
         return self.feature_grid(h, w)
 
-    def layouts(self, ids, first, items, inputs):
+    def layouts(self, ids: list[int], first: int, items: list[Item], inputs: Inputs) -> list[ImageLayout]:
         """Each image's span from the ids, then its newline features where the model packs them."""
         out = super().layouts(ids, first, items, inputs)
         images = sum(i.kind == "image" for i in items)
@@ -92,7 +96,7 @@ class AnyresFamily(Family):
         eol = set(lay.eol)
         lay.content = [p for p in lay.content if p not in eol]
 
-    def item_lengths(self, items, inputs):
+    def item_lengths(self, items: list[Item], inputs: Inputs) -> list[int] | None:
         """Images written back to back (the llava-hf chat templates do) are told apart by their lengths."""
         images = sum(i.kind == "image" for i in items)
         out = []
@@ -104,7 +108,7 @@ class AnyresFamily(Family):
             out.append(self.base_features + rows * (cols + 1))
         return out
 
-    def video_newlines(self, lay):
+    def video_newlines(self, lay: ImageLayout) -> ImageLayout:
         """A video's frames, pooled, one after the other, then one newline feature (``eol``) closing the span."""
         lay.eol = [lay.end]
         lay.content = lay.content[:-1]

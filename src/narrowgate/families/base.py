@@ -8,6 +8,7 @@ is generic and lives outside `families/`.
 from __future__ import annotations
 
 import inspect
+from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,6 +50,7 @@ class ImageLayout:
 
     @property
     def is_video(self) -> bool:
+        """Whether this is a video's span (its content comes frame by frame)."""
         return bool(self.frames)
 
     @property
@@ -81,12 +83,13 @@ class Item:
 KINDS = ("image", "video")
 
 
-class Family:
+class Family(ABC):  # noqa: B024 -- no hook is required: each has a default a shipped family relies on
     """Base class of a model-family adapter.
 
     Subclasses set the class attributes and, where needed, override `raw_prompt`, `setup`
     or `layout`. ``setup`` resolves token ids from the processor's tokenizer, so no id is ever
-    hard-coded.
+    hard-coded. No hook is abstract: each has the behaviour most families need (a LLaVA-1.5 adapter overrides only
+    its raw prompt), so an adapter overrides just what its family does differently.
     """
 
     name: str = ""  # a class attribute; `generic` names each instance after its model type
@@ -95,7 +98,7 @@ class Family:
     #: One sentence saying which token plays [EOI] in this family.
     eoi_doc: str = ""
     #: Extra keyword arguments for the processor call.
-    processor_kwargs: dict = {}
+    processor_kwargs: dict[str, Any] = {}
     #: Whether the adapter lays out several images (and videos) in one prompt (`layouts`).
     several: ClassVar[bool] = True
     #: Whether the adapter lays out a video (one span of video placeholders, frame after frame) where the
@@ -144,6 +147,7 @@ class Family:
 
     @property
     def image_token(self) -> str:
+        """The placeholder a prompt writes for an image (the processor's ``image_token``)."""
         token = getattr(self.processor, "image_token", None)
         if token is None:
             raise LayoutError(f"The {self.name} processor defines no image_token.")
@@ -196,7 +200,7 @@ class Family:
         """What `raw_prompt` writes for one image (``kind="image"``) or one video."""
         return self.image_token if kind == "image" else self.video_token
 
-    def encode(self, images: list, texts: list[str], videos: list | None = None) -> BatchFeature:
+    def encode(self, images: list[Any], texts: list[str], videos: list[Any] | None = None) -> BatchFeature:
         """Run the processor on full prompt strings, left-padded. ``images``: one per example, or a list per example
         (several in one prompt); ``videos``: every example's videos in order, or None.
 
@@ -230,7 +234,7 @@ class Family:
             return None
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
-    def attach(self, model: torch.nn.Module) -> None:
+    def attach(self, model: torch.nn.Module) -> None:  # noqa: B027 -- optional: most adapters read nothing from it
         """Called once with the loaded model (`VLM` does); adapters that read nothing from it keep the default."""
 
     def model_positions(self, model: torch.nn.Module) -> None:

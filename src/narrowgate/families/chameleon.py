@@ -14,10 +14,12 @@ card). ``return_for_text_completion=True`` stops the processor from appending it
 
 from __future__ import annotations
 
-from .base import Family, LayoutError
+from .base import Family, ImageLayout, LayoutError
 
 
 class Chameleon(Family):
+    """Chameleon: the image is a run of ``<image>`` placeholders between ``<racm3:break>`` and ``<eoss>``."""
+
     name = "chameleon"
     model_types = ("chameleon",)
     checkpoints = ("facebook/chameleon-7b", "facebook/chameleon-30b")
@@ -25,11 +27,13 @@ class Chameleon(Family):
     processor_kwargs = {"return_for_text_completion": True}
 
     def setup(self) -> None:
+        """Also resolves the processor's image start and end tokens as ``boi`` and ``eoi``."""
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.boi_id = self.token_id(self.processor.image_start_token)  # <racm3:break>
         self.eoi_id = self.token_id(self.processor.image_end_token)  # <eoss>
 
-    def check_layout(self, ids, layout) -> None:
+    def check_layout(self, ids: list[int], layout: ImageLayout) -> None:
+        """Also requires both ``boi`` and ``eoi`` around the span."""
         super().check_layout(ids, layout)
         if layout.boi is None or layout.eoi is None:
             raise LayoutError(

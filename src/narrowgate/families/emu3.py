@@ -30,6 +30,8 @@ _SIZE = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
 
 
 class Emu3(Family):
+    """Emu3: one image per prompt, its structure (size text, rows closed by line breaks) read by `layout`."""
+
     name = "emu3"
     model_types = ("emu3",)
     checkpoints = ("BAAI/Emu3-Chat-hf", "BAAI/Emu3-Gen-hf")
@@ -37,6 +39,7 @@ class Emu3(Family):
     several = videos = False  # its raw prompt and layout hold one image
 
     def setup(self) -> None:
+        """Resolves the wrapper, end-of-frame and end-of-line ids besides the image's start and end."""
         p = self.processor
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.wrapper_id = self.token_id(p.fake_token_around_image)  # <|image token|>
@@ -47,17 +50,19 @@ class Emu3(Family):
         self.boi_id = self.token_id(p.image_start_token)  # <|image start|>
         self.eoi_id = self.token_id(p.image_end_token)  # <|image end|>
 
-    def prompt(self, text, image_first=True, kinds=("image",)):
+    def prompt(self, text: str, image_first: bool = True, kinds: tuple[str, ...] = ("image",)) -> str:
         """The raw prompt (Emu3's chat template is not used), with one image."""
         if tuple(kinds) != ("image",):
             raise LayoutError(f"The {self.name} adapter lays out one image per prompt; give one image per example.")
         return self.raw_prompt(text, image_first)
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The Emu3-Chat form, ``USER: ... ASSISTANT:``."""
         body = f"{self.image_token}{text} " if image_first else f"{text} {self.image_token}"
         return f"USER: {body}ASSISTANT:"
 
-    def layout(self, ids, first):
+    def layout(self, ids: list[int], first: int) -> ImageLayout:
+        """Read off the structure: h and w from the size text, then every (w+1)-th placeholder a line break."""
         starts = [i for i in range(first, len(ids)) if ids[i] == self.boi_id]
         if len(starts) != 1:
             raise LayoutError(f"Expected exactly one <|image start|> token in the example, found {len(starts)}.")
@@ -81,7 +86,8 @@ class Emu3(Family):
         eoi = eof + 1 if eof + 1 < len(ids) else None
         return ImageLayout(start=boi + 1, end=eof, content=content, eol=eol, boi=boi, eoi=eoi)
 
-    def check_layout(self, ids, layout) -> None:
+    def check_layout(self, ids: list[int], layout: ImageLayout) -> None:
+        """Requires ``<|image end|>`` right after the span (the base check lets a missing ``eoi`` pass)."""
         if layout.eoi is None or ids[layout.eoi] != self.eoi_id:
             found = "nothing" if layout.eoi is None else f"id {ids[layout.eoi]}"
             raise LayoutError(

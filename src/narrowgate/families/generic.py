@@ -29,10 +29,14 @@ at those depths, so a gate found there is fed from several layers, not from the 
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import Family, ImageLayout, LayoutError
+from .base import Family, ImageLayout, Inputs, LayoutError, Processor
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature, PreTrainedConfig
 
 #: Processor / tokenizer attributes holding each special token, in the order they are tried.
 BOI_NAMES = ("boi_token", "image_start_token", "start_image_token", "start_of_img_token", "vision_start_token")
@@ -45,7 +49,7 @@ EOI_ID_NAMES = ("eoi_token_id", "eoi_token_index", "image_end_token_id", "vision
 EOL_ID_NAMES = ("image_break_token_id",)
 
 
-def out_of_scope(config) -> str | None:
+def out_of_scope(config: PreTrainedConfig) -> str | None:
     """Why a model with this config is not a decoder reading image tokens in its sequence (None: it is)."""
     text = getattr(config, "text_config", config)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
@@ -55,7 +59,7 @@ def out_of_scope(config) -> str | None:
     return None
 
 
-def refusal(config) -> str | None:
+def refusal(config: PreTrainedConfig) -> str | None:
     """Why the generic adapter cannot serve a model with this config (None: it may)."""
     why = out_of_scope(config)
     if why is not None:
@@ -65,21 +69,23 @@ def refusal(config) -> str | None:
     return None
 
 
-def wants_mm_token_types(config) -> bool:
+def wants_mm_token_types(config: PreTrainedConfig) -> bool:
     """Whether the model class for this config takes ``mm_token_type_ids`` (Cosmos 3, Qwen 3.5)."""
     from ..compat import image_text_to_text_class
 
     cls = image_text_to_text_class(config)
     if cls is None:
         return False
-    return "mm_token_type_ids" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined,union-attr]
+    return "mm_token_type_ids" in inspect.signature(cls.forward).parameters
 
 
 class Generic(Family):
+    """Any decoder-only VLM without a dedicated adapter, its roles read from what the processor and config name."""
+
     name = "generic"
     eoi_doc = "The end-of-image token the processor names; without one, eoi is the first token after the image tokens."
 
-    def __init__(self, processor, config):
+    def __init__(self, processor: Processor, config: PreTrainedConfig) -> None:
         self.name = config.model_type
         super().__init__(processor, config)
 
@@ -105,7 +111,7 @@ class Generic(Family):
                     return value
         return None
 
-    def _special(self, names, id_names, what: str) -> int | None:
+    def _special(self, names: tuple[str, ...], id_names: tuple[str, ...], what: str) -> int | None:
         token = self._named(names)
         if token is not None:
             tid = self.tokenizer.convert_tokens_to_ids(token)
@@ -118,6 +124,8 @@ class Generic(Family):
         return self._config_id(id_names)
 
     def setup(self) -> None:
+        """Content, begin/end-of-image and line-break ids from the config and the processor's names; ``eoi_doc``
+        names the end-of-image token found."""
         image_id = self._config_id(IMAGE_ID_NAMES)
         if image_id is None and isinstance(getattr(self.processor, "image_token_id", None), int):
             image_id = self.processor.image_token_id
@@ -147,7 +155,7 @@ class Generic(Family):
         else:
             self.eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def encode(self, images, texts, videos=None):
+    def encode(self, images: list[Any], texts: list[str], videos: list[Any] | None = None) -> BatchFeature:
         """As every family, with one list of images per prompt (the form most processors accept), the processor's
         ``mm_token_type_ids`` where the model takes them (it needs them to place image features) and no labels."""
         if wants_mm_token_types(self.config):
@@ -162,7 +170,7 @@ class Generic(Family):
         inputs.pop("labels", None)  # PaliGemma's processor adds training labels; a loss is no model input here
         return inputs
 
-    def layout(self, ids, first):
+    def layout(self, ids: list[int], first: int) -> ImageLayout:
         """Between the begin and end tokens when the family has both; the run of image tokens otherwise."""
         if self.boi_id is None or self.eoi_id is None:
             return super().layout(ids, first)
@@ -187,12 +195,13 @@ class Generic(Family):
         eol = [i for i in inside if ids[i] in self.eol_ids]
         return ImageLayout(start=start, end=end, content=content, eol=eol, boi=starts[0], eoi=ends[0])
 
-    def check_layout(self, ids, layout) -> None:
+    def check_layout(self, ids: list[int], layout: ImageLayout) -> None:
+        """Also refuses a prompt that ends inside the image."""
         super().check_layout(ids, layout)
         if layout.eoi is None and layout.end == len(ids) - 1:
             raise LayoutError(f"The {self.name} prompt ends inside the image: no token follows the image span.")
 
-    def causal_from(self, inputs):
+    def causal_from(self, inputs: Inputs) -> int:
         """Past every ``token_type_ids == 0`` position when the image tokens are type 0: the model then attends
         bidirectionally over the whole type-0 prompt (PaliGemma's prefix-LM). Where the image tokens are the ones
         marked (Gemma 3), only the image is bidirectional, and it ends before any shared prefix does."""
@@ -205,10 +214,11 @@ class Generic(Family):
         zero = (types == 0).any(0).nonzero()
         return int(zero.max()) + 1
 
-    def attach(self, model) -> None:
+    def attach(self, model: torch.nn.Module) -> None:
+        """Keeps the model's ``get_rope_index``, where it has one, for `position_ids`."""
         self.model_positions(model)
 
-    def position_ids(self, inputs):
+    def position_ids(self, inputs: Inputs) -> torch.Tensor | None:
         """Multi-axis rotary positions (M-RoPE) from the model's own ``get_rope_index`` (`rope_positions`); 1-D
         positions otherwise."""
         pos = self.rope_positions(inputs)

@@ -38,13 +38,19 @@ asked (``User: {prompt}<image>...`` text first), SmolVLM's starting with ``<|im_
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
-from .base import Family, ImageLayout, LayoutError
+from .base import Family, ImageLayout, Inputs, Item, LayoutError
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
 
 _TILE_TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
 
 
 class Idefics3(Family):
+    """Idefics3 and SmolVLM: tiles and a global image, the structure read from decoded tags by `layout`."""
+
     name = "idefics3"
     videos = False  # SmolVLM2 writes a video as timestamped frames, each laid out as an image: not read here
     model_types = ("idefics3", "smolvlm")
@@ -56,6 +62,7 @@ class Idefics3(Family):
     eoi_doc = "The <fake_token_around_image> that closes the global image (the last one of the image)."
 
     def setup(self) -> None:
+        """Resolves ``<fake_token_around_image>`` (both ``boi`` and ``eoi``), the tile tags and the line breaks."""
         p = self.processor
         self.fake_token = p.fake_image_token
         self.global_tag = getattr(p, "global_image_tag", None) or getattr(p, "global_image_token", "<global-img>")
@@ -70,16 +77,17 @@ class Idefics3(Family):
         self.eol_ids = frozenset(ids[0] for ids in breaks if len(ids) == 1)
         self.boi_id = self.eoi_id = fake
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The chat templates' form, ``User:...<end_of_utterance>\\nAssistant:`` (SmolVLM's from ``<|im_start|>``)."""
         body = f"User:{self.image_token}{text}" if image_first else f"User: {text}{self.image_token}"
         start = "<|im_start|>" if self.config.model_type == "smolvlm" else ""
         return f"{start}{body}{self.end_of_utterance}\nAssistant:"
 
-    def encode(self, images, texts, videos=None):
+    def encode(self, images: list[Any], texts: list[str], videos: list[Any] | None = None) -> BatchFeature:
         """Encode with one image list per example: SmolVLM's processor reads a flat list as one example's images."""
         return super().encode([im if isinstance(im, list) else [im] for im in images], texts)
 
-    def segments(self, ids, first, items, inputs):
+    def segments(self, ids: list[int], first: int, items: list[Item], inputs: Inputs) -> list[tuple[int, int]]:
         """Each image ends with its global image's closing ``<fake_token_around_image>``."""
         fake = self.boi_id
         (image_id,) = self.content_ids
@@ -104,7 +112,8 @@ class Idefics3(Family):
     def _text(self, ids: list[int], a: int, b: int) -> str:
         return self.tokenizer.decode(ids[a:b]) if b > a else ""
 
-    def layout(self, ids, first) -> ImageLayout:
+    def layout(self, ids: list[int], first: int) -> ImageLayout:
+        """Read off the structure: tiles in row-major order, line breaks after each row, then the global image."""
         fake = self.boi_id
         (image_id,) = self.content_ids
         fakes = [i for i in range(first, len(ids)) if ids[i] == fake]

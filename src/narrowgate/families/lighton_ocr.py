@@ -14,12 +14,15 @@ from .generic import Generic
 
 
 class LightOnOcr(Generic):
+    """LightOnOCR: the generic adapter without the Pixtral break and end tokens its tokenizer names but never writes."""
+
     name = "lighton_ocr"
     model_types = ("lighton_ocr",)
     checkpoints = ("lightonai/LightOnOCR-1B-1025", "lightonai/LightOnOCR-2-1B")
     eoi_doc = "No end-of-image token is written: eoi is the first token after the image tokens."
 
     def setup(self) -> None:
+        """The generic setup, then no ``boi``, ``eoi`` or line breaks (see the module docstring)."""
         super().setup()
         self.boi_id = self.eoi_id = None
         self.special_ids = self.eol_ids = frozenset()

@@ -21,13 +21,16 @@ from .anyres import AnyresFamily, unpadded_grid
 
 
 class LlavaNext(AnyresFamily):
+    """LLaVA-NeXT: anyres image features, every image of a prompt patched."""
+
     name = "llava_next"
     title = "LLaVA-NeXT"
     model_types = ("llava_next",)
     checkpoints = ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf")
     eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The Mistral form, ``[INST] ... [/INST]``."""
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"[INST] {body} [/INST]"
 

@@ -28,13 +28,16 @@ from .anyres import AnyresFamily, unpadded_grid
 
 
 class LlavaOneVision(AnyresFamily):
+    """LLaVA-OneVision: anyres image features, large grids downscaled, only a lone image patched."""
+
     name = "llava_onevision"
     title = "LLaVA-OneVision"
     model_types = ("llava_onevision",)
     checkpoints = ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
     eoi_doc = "No end-of-image token: eoi is the first token after the image tokens."
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The llava-hf chat template's form, ``<|im_start|>user ...<|im_end|>``."""
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"<|im_start|>user {body}<|im_end|>\n<|im_start|>assistant\n"
 

@@ -13,21 +13,25 @@ in a forward that has the image, so a suffix pass would see the plain token embe
 
 from __future__ import annotations
 
+from .base import Inputs
 from .generic import Generic
 
 
 class Ovis2(Generic):
+    """Ovis2: the generic adapter with ``<IMG_START>`` / ``<IMG_END>`` named; no shared prefix before ``<IMG_END>``."""
+
     name = "ovis2"
     model_types = ("ovis2",)
     checkpoints = ("thisisiron/Ovis2-1B-hf", "thisisiron/Ovis2-2B-hf")
     eoi_doc = "eoi is <IMG_END>, the indicator token that closes the image."
 
     def setup(self) -> None:
+        """The generic setup, then ``<IMG_START>`` / ``<IMG_END>`` (unnamed by the processor) as ``boi`` / ``eoi``."""
         super().setup()
         self.boi_id, self.eoi_id = self.token_id("<IMG_START>"), self.token_id("<IMG_END>")
         self.eoi_doc = type(self).eoi_doc
 
-    def causal_from(self, inputs):
+    def causal_from(self, inputs: Inputs) -> int:
         """Past the last ``<IMG_END>``: its embedding comes from the image pass (see the module docstring)."""
         ends = (inputs["input_ids"] == self.eoi_id).nonzero()
         return max(super().causal_from(inputs), int(ends[:, 1].max()) + 1 if len(ends) else 0)

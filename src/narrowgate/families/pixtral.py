@@ -11,20 +11,24 @@ Raw template (no chat template): ``<s>[INST][IMG]\\n{prompt}[/INST]`` (BOS added
 
 from __future__ import annotations
 
-from .base import Family, LayoutError
+from .base import Family, ImageLayout, LayoutError
 
 
 class Pixtral(Family):
+    """Pixtral: rows of ``[IMG]`` tokens closed by ``[IMG_BREAK]``, the last by ``[IMG_END]``."""
+
     name = "pixtral"
     model_types = ("llava",)
     checkpoints = ("mistral-community/pixtral-12b",)
     eoi_doc = "[IMG_END] is the end-of-image token: it replaces the [IMG_BREAK] after the last row of [IMG] tokens."
 
     @classmethod
-    def accepts(cls, vision_model_type):
+    def accepts(cls, vision_model_type: str | None) -> bool:
+        """Only ``llava`` models with a Pixtral vision tower."""
         return vision_model_type == "pixtral"
 
     def setup(self) -> None:
+        """Resolves ``[IMG_BREAK]`` as the in-image line break and ``[IMG_END]`` as ``eoi``."""
         p = self.processor
         image_break = self.token_id(getattr(p, "image_break_token", "[IMG_BREAK]"))
         self.content_ids = frozenset({self.token_id(self.image_token)})
@@ -32,7 +36,7 @@ class Pixtral(Family):
         self.eol_ids = frozenset({image_break})
         self.eoi_id = self.token_id(getattr(p, "image_end_token", "[IMG_END]"))
 
-    def check_layout(self, ids, layout) -> None:
+    def check_layout(self, ids: list[int], layout: ImageLayout) -> None:
         """[IMG_END] closes the span, and every row has the same number of [IMG] tokens."""
         super().check_layout(ids, layout)
         if layout.eoi is None:
@@ -41,6 +45,7 @@ class Pixtral(Family):
         if len({b - a - 1 for a, b in zip(bounds, bounds[1:])}) != 1:
             raise LayoutError("The Pixtral image rows (between [IMG_BREAK] tokens) are not all of the same width.")
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The Mistral form, ``[INST]...[/INST]`` (BOS added by the tokenizer)."""
         body = f"{self.image_token}\n{text}" if image_first else f"{text}\n{self.image_token}"
         return f"[INST]{body}[/INST]"

@@ -15,13 +15,17 @@ Raw template (no chat template):
 
 from __future__ import annotations
 
-from .base import Family, LayoutError
+import torch
+
+from .base import Family, ImageLayout, Inputs, LayoutError
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 
 
 class Qwen2VL(Family):
+    """Qwen2-VL / Qwen2.5-VL: each image or video between ``<|vision_start|>`` and ``<|vision_end|>``; M-RoPE."""
+
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     checkpoints = (
@@ -33,23 +37,26 @@ class Qwen2VL(Family):
     eoi_doc = "The <|vision_end|> token that closes the image span."
 
     def setup(self) -> None:
+        """Also resolves ``<|vision_start|>`` and ``<|vision_end|>`` as ``boi`` and ``eoi``."""
         self.content_ids = frozenset({self.token_id(self.image_token)})
         self.boi_id = self.token_id(VISION_START)
         self.eoi_id = self.token_id(VISION_END)
 
-    def raw_prompt(self, text, image_first) -> str:
+    def raw_prompt(self, text: str, image_first: bool) -> str:
+        """The Qwen chat form, ``<|im_start|>user ...<|im_end|>``, the image wrapped in its vision tokens."""
         image = self.visual_text("image")
         body = f"{image}{text}" if image_first else f"{text}{image}"
         return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
-    def visual_text(self, kind) -> str:
+    def visual_text(self, kind: str) -> str:
         """An image or a video as the chat template writes it: its placeholder between the vision start and end."""
         return f"{VISION_START}{super().visual_text(kind)}{VISION_END}"
 
-    def attach(self, model) -> None:
+    def attach(self, model: torch.nn.Module) -> None:
+        """Keeps the model's ``get_rope_index`` for `position_ids`."""
         self.model_positions(model)
 
-    def position_ids(self, inputs):
+    def position_ids(self, inputs: Inputs) -> torch.Tensor | None:
         """M-RoPE positions ``[3, B, T]`` (temporal, height, width) from the model's own ``get_rope_index``.
 
         Text tokens get the same position in all three rows, counted from each row's first real token; each image's
@@ -61,7 +68,8 @@ class Qwen2VL(Family):
             return None
         return self.rope_positions(inputs)
 
-    def check_layout(self, ids, layout) -> None:
+    def check_layout(self, ids: list[int], layout: ImageLayout) -> None:
+        """Also requires both ``boi`` and ``eoi`` around the span."""
         super().check_layout(ids, layout)
         if layout.boi is None:
             raise LayoutError(

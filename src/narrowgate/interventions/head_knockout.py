@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine.interventions import Hook
-from ..engine.protocol import Intervention, InterventionError
+from ..engine.protocol import Intervention, InterventionError, ModelShape, Resolved, Where
 from ..roles import parse_roles
+
+if TYPE_CHECKING:
+    from ..batch import Batch
 
 __all__ = ["HeadKnockout"]
 
@@ -31,7 +35,7 @@ class HeadKnockout(Intervention):
     mode: str = "zero"
     means: torch.Tensor | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         heads = (self.heads,) if isinstance(self.heads, int) else tuple(int(h) for h in self.heads)
         if not heads:
             raise ValueError("HeadKnockout needs at least one head (an empty set would do nothing).")
@@ -44,10 +48,12 @@ class HeadKnockout(Intervention):
 
     @property
     def name(self) -> str:
+        """A readable name of this HeadKnockout, used in messages and in the record of what applied."""
         roles = "+".join(str(r) for r in parse_roles(self.roles))
         return f"HeadKnockout of heads {list(self.heads)} in decoder layer {self.layer} at {roles} ({self.mode})"
 
-    def resolve(self, batch, model):
+    def resolve(self, batch: Batch, model: ModelShape) -> Resolved:
+        """A `Hook` at ``head`` ablating the chosen heads, once heads and means are checked against ``model``."""
         bad = [h for h in self.heads if not 0 <= h < model.heads]
         if bad:
             raise InterventionError(f"{self.name}: heads {bad} out of range; the layer has heads 0..{model.heads - 1}.")
@@ -58,7 +64,7 @@ class HeadKnockout(Intervention):
         chosen = torch.zeros(model.heads, dtype=torch.bool)
         chosen[list(self.heads)] = True
 
-        def ablate(value, where):  # [B, R, heads, D_head]
+        def ablate(value: torch.Tensor, where: Where) -> torch.Tensor:  # [B, R, heads, D_head]
             pick = chosen.to(value.device)[None, None, :, None]
             if self.mode == "zero":
                 return value.masked_fill(pick, 0.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,8 +28,14 @@ from .heldout import evaluate
 
 KINDS = ("native", "non-native", "gated")
 _MODULES = {"native": native, "non-native": non_native, "gated": gated}
-_DEFAULTS = {"native": native.NativeConfig(), "non-native": non_native.NonNativeConfig(), "gated": gated.GatedConfig()}
-_TINY = {"native": native.TINY, "non-native": non_native.TINY, "gated": gated.TINY}
+#: A recipe's config, one dataclass per kind.
+_Config = native.NativeConfig | non_native.NonNativeConfig | gated.GatedConfig
+_DEFAULTS: dict[str, _Config] = {
+    "native": native.NativeConfig(),
+    "non-native": non_native.NonNativeConfig(),
+    "gated": gated.GatedConfig(),
+}
+_TINY: dict[str, _Config] = {"native": native.TINY, "non-native": non_native.TINY, "gated": gated.TINY}
 
 
 def _check(kind: str) -> None:
@@ -42,7 +49,7 @@ def path(kind: str) -> Path:
     return Path(__file__).parent / "checkpoints" / kind
 
 
-def config(kind: str, *, tiny: bool = False, **overrides):
+def config(kind: str, *, tiny: bool = False, **overrides: Any) -> _Config:
     """The recipe's config of ``kind`` (``tiny``: a seconds-long version for tests), with overrides."""
     _check(kind)
     return dataclasses.replace(_TINY[kind] if tiny else _DEFAULTS[kind], **overrides)

@@ -43,13 +43,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def weights_bytes(out_dir) -> int:
+def weights_bytes(out_dir: str | Path) -> int:
+    """The size of the organism's weight files in ``out_dir`` (the card records it)."""
     return sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
 
 
 def make_card(
     kind: str, recipe: list[str], info: dict, scores: dict | None, *, seed: int, seconds: float, out_dir
 ) -> dict:
+    """The card of an organism trained in ``out_dir``: recipe, data, what training reports (``info``, whose
+    ``architecture`` is taken out of it), held-out ``scores``, and the machine and versions it was trained on."""
     return {
         "kind": kind,
         "architecture": info.pop("architecture"),
@@ -81,6 +84,7 @@ def make_card(
 
 
 def render_markdown(card: dict) -> str:
+    """``CARD.md``: the card for a reader: recipe, training phases, held-out scores, gate checks and attempts."""
     lines = [f"# Model organism: {card['kind']}", "", f"Architecture: {card['architecture']}", "", "## Recipe", ""]
     lines += [f"{i}. {step}" for i, step in enumerate(card["recipe"], 1)]
     lines += [
@@ -164,7 +168,8 @@ def gate_lines(gate: dict) -> list[str]:
     return lines
 
 
-def write_card(out_dir, card: dict) -> None:
+def write_card(out_dir: str | Path, card: dict) -> None:
+    """Write ``card.json`` and ``CARD.md`` into ``out_dir``."""
     out = Path(out_dir)
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "CARD.md").write_text(render_markdown(card))
