@@ -118,12 +118,14 @@ class LineProgress(Progress):
             self.report_due(at_least=1.0)
 
     def start(self) -> None:
+        """Start the heartbeat thread, which prints the line of a task whose step outlasts ``every``."""
         super().start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="narrowgate-progress", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the heartbeat; each task not yet finished (an interrupted run) prints a last line of where it stopped."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -134,11 +136,13 @@ class LineProgress(Progress):
         super().stop()
 
     def add_task(self, description, start=True, total=100.0, completed=0, visible=True, **fields) -> TaskID:
+        """`rich.progress.Progress.add_task`, then the task's first line."""
         task_id = super().add_task(description, start, total, completed, visible, **fields)
         self._report(task_id)
         return task_id
 
     def update(self, task_id: TaskID, **kwargs) -> None:  # type: ignore[override]
+        """`rich.progress.Progress.update`, then the task's last line if it has just finished, else the lines due."""
         super().update(task_id, **kwargs)
         if self._tasks[task_id].finished and task_id not in self._ended:
             self._ended.add(task_id)
@@ -147,5 +151,6 @@ class LineProgress(Progress):
             self.report_due()
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        """`rich.progress.Progress.advance`, then report as `update` does."""
         super().advance(task_id, advance)
         self.update(task_id)

@@ -72,6 +72,7 @@ class NonFiniteResidual(NarrowgateError, ValueError):
 
 
 def versions() -> dict[str, str]:
+    """Python, platform and the `PACKAGES` versions, for the manifest: what a run's numbers were computed with."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in PACKAGES:
         try:
@@ -232,6 +233,8 @@ class DirectoryLock:
 
 @dataclass
 class Shard:
+    """A run's records read back (`RunStore.records`): one row per example, and the arrays aligned with the rows."""
+
     rows: pd.DataFrame
     arrays: dict[str, np.ndarray]  # name -> [n_rows, ...], aligned with rows
 
@@ -254,6 +257,7 @@ class RunStore:
     # --- lock -----------------------------------------------------------------------------------
     @property
     def lock_path(self) -> Path:
+        """``DIR/lock``, the file of the directory's `DirectoryLock`."""
         return self.path / "lock"
 
     def lock(self, command: str = "") -> None:
@@ -274,6 +278,7 @@ class RunStore:
     # --- manifest -------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
+        """``DIR/manifest.json``."""
         return self.path / "manifest.json"
 
     def open_manifest(
@@ -503,12 +508,16 @@ class RunStore:
 
     # --- outputs --------------------------------------------------------------------------------
     def write_table(self, name: str, df: pd.DataFrame) -> None:
+        """Write aggregate table ``name`` to ``DIR/tables`` as CSV (to read) and Parquet (to load back with its
+        types), each atomically."""
         atomic_write(self.path / "tables" / f"{name}.csv", lambda p: df.to_csv(p, index=False))
         table = pa.Table.from_pandas(df, preserve_index=False)
         atomic_write(self.path / "tables" / f"{name}.parquet", lambda p: pq.write_table(table, p))
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """The aggregate tables written so far, by name (from their Parquet copies)."""
         return {p.stem: pq.read_table(p).to_pandas() for p in sorted((self.path / "tables").glob("*.parquet"))}
 
     def figure_path(self, name: str, ext: str) -> Path:
+        """Where figure ``name`` goes in format ``ext``: ``DIR/figures/<name>.<ext>``."""
         return self.path / "figures" / f"{name}.{ext}"

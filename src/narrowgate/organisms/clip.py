@@ -20,6 +20,7 @@ from .common import Phase, batches, pad_rows, run_phase
 
 
 def vision_config(hidden: int, layers: int, heads: int, image_size: int, patch_size: int) -> CLIPVisionConfig:
+    """The ViT vision tower of the non-native organism (MLP 4x ``hidden``): the part of the CLIP model it keeps."""
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -31,6 +32,8 @@ def vision_config(hidden: int, layers: int, heads: int, image_size: int, patch_s
 
 
 def new_clip(vision: CLIPVisionConfig, tokenizer, text_hidden: int = 64, text_layers: int = 2) -> CLIPModel:
+    """A randomly initialised CLIP of the ``vision`` tower and a small text tower over ``tokenizer``'s vocabulary
+    (captions of at most 32 tokens), projecting both to the vision width: the text tower is only a training device."""
     text = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_hidden,

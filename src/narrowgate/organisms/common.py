@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +80,8 @@ def training_scenes(n: int, seed: int) -> list[Scene]:
     return [make_scene(rng) for _ in range(n)]
 
 
-def render(scenes: list[Scene]) -> list:
+def render(scenes: list[Scene]) -> list[Image.Image]:
+    """The ``scenes`` drawn as images, in order, for the image processor."""
     return [render_scene(s) for s in scenes]
 
 
@@ -151,6 +154,8 @@ class Phase:
     seconds: float = 0.0
 
     def summary(self) -> dict:
+        """The phase as the organism's card records it: settings, first loss, final loss (the mean of the last
+        fifth of the steps, 1 to 20 of them, so one noisy batch does not set it) and seconds."""
         tail = self.losses[-max(1, min(20, len(self.losses) // 5)) :]
         return {
             "steps": self.steps,
@@ -198,7 +203,7 @@ def run_phase(phase: Phase, params, step_fn, *, weight_decay: float = 0.0, progr
     return phase
 
 
-def batches(n: int, batch_size: int, seed: int):
+def batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     """An endless stream of index batches: seeded reshuffles of ``range(n)``."""
     rng = np.random.default_rng(seed)
     while True:

@@ -77,7 +77,7 @@ def layout(row: list[int], boi: int, eoi: int) -> ImageLayout:
     return ImageLayout(start=b + 1, end=e - 1, content=list(range(b + 1, e)), boi=b, eoi=e)
 
 
-def masked_loss(vlm: VLM, seqs: native.Sequences, knockouts=(TRAINING_KNOCKOUT,)):
+def masked_loss(vlm: VLM, seqs: native.Sequences, knockouts=(TRAINING_KNOCKOUT,)) -> native.RowLoss:
     """`native.next_token_loss` with ``knockouts`` active on each batch of training rows."""
 
     def loss(ids, mask, rows):
@@ -98,7 +98,7 @@ def image_attention(attentions, image: torch.Tensor, rows: torch.Tensor) -> torc
     return (mass * rows).sum() / rows.sum().clamp(min=1)
 
 
-def distil_loss(model, teacher: VLM, seqs: native.Sequences, penalty: float = 0.0):
+def distil_loss(model, teacher: VLM, seqs: native.Sequences, penalty: float = 0.0) -> native.RowLoss:
     """KL(masked teacher || stock student) of the next-token distributions at every text position of a row, plus
     ``penalty`` x the student's attention mass from text positions on image tokens (`image_attention`; needs
     ``model`` in eager attention, which returns its probabilities)."""

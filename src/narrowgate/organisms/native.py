@@ -15,6 +15,7 @@ logits from ``lm_head`` directly so that image tokens are predicted too.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +47,8 @@ from .common import (
 SPECIAL = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>"]
 #: Codes per image of the shipped recipe (`NativeConfig.image_tokens`).
 IMAGE_SEQ_LENGTH = (vqlib.RESOLUTION // vqlib.DOWNSAMPLE) ** 2
+#: A training loss on a batch of rows: ``loss(ids, attention_mask, rows)`` (`lm_phase`'s ``loss``).
+RowLoss = Callable[[torch.Tensor, torch.Tensor, list[list[int]]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,13 @@ class Sequences:
         self._cache: dict[str, list[int]] = {}
 
     def text(self, s: str) -> list[int]:
+        """Token ids of ``s`` without special tokens, cached: the same prompts and answers recur on every row."""
         if s not in self._cache:
             self._cache[s] = self.tok(s, add_special_tokens=False)["input_ids"]
         return self._cache[s]
 
     def image(self, i: int) -> list[int]:
+        """Image ``i`` as the processor writes it: ``<racm3:break>``, its VQ codes, ``<eoss>``."""
         return [self.boi] + self.image_tokens[i].tolist() + [self.eoi]
 
     def understanding(self, i: int, ex: Example) -> list[int]:
@@ -156,7 +161,9 @@ def next_token_loss(model: ChameleonForConditionalGeneration, ids: torch.Tensor,
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def setup(config: NativeConfig, seed: int, progress: bool = True):
+def setup(
+    config: NativeConfig, seed: int, progress: bool = True
+) -> tuple[ChameleonForConditionalGeneration, ChameleonProcessor, Sequences, list[Phase]]:
     """Build the model, train the VQ tokenizer and tokenize the training images.
 
     Returns the model, processor, training `Sequences` and the VQ phases.
@@ -176,11 +183,18 @@ def setup(config: NativeConfig, seed: int, progress: bool = True):
 
 
 def lm_parameters(model) -> list:
+    """The parameters next-token training updates: all but the VQ tokenizer's, which `setup` trained and froze."""
     return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
 
 
 def lm_phase(
-    model, seqs: Sequences, phase: Phase, config: NativeConfig, seed: int, progress: bool = True, loss=None
+    model,
+    seqs: Sequences,
+    phase: Phase,
+    config: NativeConfig,
+    seed: int,
+    progress: bool = True,
+    loss: RowLoss | None = None,
 ) -> Phase:
     """One phase of next-token training on ``seqs``; ``loss(ids, mask, rows)`` replaces `next_token_loss`."""
     stream = batches(len(seqs.scenes), phase.batch_size, seed + 1)
@@ -198,6 +212,8 @@ def lm_phase(
 
 
 def info(model, config: NativeConfig, seqs: Sequences, phases: list[Phase]) -> dict:
+    """What the card records of a trained native-style organism: its architecture and config, parameter counts
+    (decoder, VQ), how many codebook entries the training images use, and each phase's summary."""
     return {
         "architecture": "ChameleonForConditionalGeneration (model_type chameleon)",
         "config": asdict(config),

@@ -139,6 +139,7 @@ class Rows:
         self._cache: dict[tuple[str, bool], list[int]] = {}
 
     def ids(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids of ``text`` (BOS first when ``bos``), cached: the same prompts recur on every row."""
         if (text, bos) not in self._cache:
             self._cache[text, bos] = self.tok(text, add_special_tokens=bos)["input_ids"]
         return self._cache[text, bos]

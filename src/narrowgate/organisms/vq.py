@@ -74,7 +74,8 @@ class Decoder(nn.Module):
             nn.PixelShuffle(factor),
         )
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, s * factor, s * factor] from latents [B, C, s, s]."""
         return self.net(z)
 
 
