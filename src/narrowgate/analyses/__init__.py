@@ -7,8 +7,6 @@ group (pyproject.toml; `narrowgate.catalog`), so adding one is adding its file a
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..deprecation import moved
 from .base import REGISTRY, Experiment, Unit, register
 
@@ -17,14 +15,11 @@ EXPERIMENTS: dict[str, type[Experiment]]
 
 __all__ = ["EXPERIMENTS", "REGISTRY", "Experiment", "Unit", "register"]
 
-_moved = moved(__name__, "0.3.0", "0.4.0", run="narrowgate.runner")
+
+def _experiments() -> dict[str, type[Experiment]]:
+    from ..catalog import EXPERIMENTS_GROUP, load_experiment, points
+
+    return {name: load_experiment(name) for name in sorted(points(EXPERIMENTS_GROUP))}
 
 
-def __getattr__(name: str) -> Any:
-    if name == "EXPERIMENTS":
-        from ..catalog import EXPERIMENTS_GROUP, load_experiment, points
-
-        value = {n: load_experiment(n) for n in sorted(points(EXPERIMENTS_GROUP))}
-        globals()["EXPERIMENTS"] = value
-        return value
-    return _moved(name)
+__getattr__ = moved(__name__, "0.3.0", "0.4.0", lazy={"EXPERIMENTS": _experiments}, run="narrowgate.runner")
