@@ -217,3 +217,13 @@ def test_plugin_settings_are_rebuilt_from_source(tmp_path, monkeypatch):
     finally:
         catalog.points.cache_clear()
         sys.modules.pop("ng_plugin_demo", None)
+
+
+def test_two_families_accepting_one_model_are_refused_naming_both(monkeypatch):
+    from narrowgate import families
+    from narrowgate.families import AmbiguousFamilyError, Llava
+
+    clone = type("LlavaClone", (Llava,), {"name": "llava-clone", "__module__": "ng_plugin_demo"})
+    monkeypatch.setattr(families, "FAMILIES", (*FAMILIES, clone))
+    with pytest.raises(AmbiguousFamilyError, match=r"llava \(narrowgate\.families\.llava\), llava-clone \(ng_plugin"):
+        families.family_for("llava", "clip_vision_model")

@@ -41,6 +41,10 @@ class UnsupportedModelError(NarrowgateError, ValueError):
     """The model's type is not one narrowgate has an adapter for."""
 
 
+class AmbiguousFamilyError(NarrowgateError, RuntimeError):
+    """Two adapters (e.g. a plugin's and a built-in) both accept one model."""
+
+
 def supported() -> str:
     """The families with a dedicated adapter and their model types, in one line (error messages use it)."""
     return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in _families())
@@ -54,9 +58,10 @@ def family_for(model_type: str, vision_model_type: str | None = None) -> type[Fa
             f"narrowgate has no adapter for model type {model_type!r}. Supported families: {supported()}."
         )
     if len(matches) > 1:
-        raise RuntimeError(
-            f"Adapters {[f.name for f in matches]} all accept model type {model_type!r} "
-            f"(vision tower {vision_model_type!r}); each adapter's accepts() must decide alone."
+        raise AmbiguousFamilyError(
+            f"Adapters {', '.join(f'{f.name} ({f.__module__})' for f in matches)} all accept model type "
+            f"{model_type!r} (vision tower {vision_model_type!r}): uninstall one of the packages, or make each "
+            "adapter's accepts() decide alone."
         )
     return matches[0]
 
@@ -75,6 +80,7 @@ def detect(config) -> type[Family]:
 
 __all__ = [
     "FAMILIES",
+    "AmbiguousFamilyError",
     "Family",
     "Generic",
     "ImageLayout",
