@@ -175,11 +175,31 @@ def test_a_plugin_that_fails_to_import_is_refused_when_run_on_one_line(tmp_path)
     assert "cannot be loaded: ImportError: needs the foo package" in line, line
 
 
-def test_a_plugin_class_named_unlike_its_entry_point_is_refused(tmp_path):
-    plugin = _plugin(tmp_path / "site", GOOD, PLUGIN.replace('name = "eoi-norm"', 'name = "eoi-size"'))
-    result = _narrowgate(plugin, "run", "eoi-norm", "--model", "native", "--data", "synthetic", "-n", "4")
-    assert result.returncode == 1
-    assert "whose name is 'eoi-size'" in result.stderr and "\n" not in result.stderr.strip(), result.stderr
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """``installed(entry_points, source)``: the plugin on this process's path, the catalog's caches emptied."""
+
+    def install(entry_points: str = GOOD, source: str = PLUGIN) -> None:
+        monkeypatch.syspath_prepend(str(_plugin(tmp_path / "site", entry_points, source)))
+        catalog.points.cache_clear()
+        catalog._installed.cache_clear()
+
+    yield install
+    catalog.points.cache_clear()
+    catalog._installed.cache_clear()
+    sys.modules.pop("ng_plugin_demo", None)
+
+
+def test_a_plugin_class_named_unlike_its_entry_point_is_refused(installed):
+    installed(source=PLUGIN.replace('name = "eoi-norm"', 'name = "eoi-size"'))
+    with pytest.raises(catalog.PluginError, match=r"^ng-plugin-demo's entry point .* whose name is 'eoi-size'"):
+        catalog.load_experiment("eoi-norm")
+
+
+def test_a_plugin_entry_point_naming_no_experiment_is_refused(installed):
+    installed("[narrowgate.experiments]\neoi-norm = ng_plugin_demo:NextVideo\n")
+    with pytest.raises(catalog.PluginError, match=r"not a subclass of narrowgate\.analyses\.base\.Experiment"):
+        catalog.load_experiment("eoi-norm")
 
 
 def test_every_built_in_is_an_entry_point_of_narrowgate():
@@ -200,23 +220,18 @@ def test_family_cards_read_from_source_equal_the_loaded_families():
         assert catalog._literal_card(ep) is not None, f"{ep.name}: read by importing, not from its source"
 
 
-def test_plugin_settings_are_rebuilt_from_source(tmp_path, monkeypatch):
+def test_plugin_settings_are_rebuilt_from_source(installed):
     """`narrowgate run eoi-norm --help` reads the plugin's settings from its source (no import), field for field."""
     import importlib
 
-    plugin = _plugin(tmp_path / "site", GOOD)
-    monkeypatch.syspath_prepend(str(plugin))
-    catalog.points.cache_clear()
-    try:
-        light, _ = catalog.settings("eoi-norm")
-        assert light.__module__ == "narrowgate._catalog.ng_plugin_demo"
-        real = importlib.import_module("ng_plugin_demo").EoiNormConfig
-        assert [(f.name, f.default, dict(f.metadata)) for f in fields(light)] == [
-            (f.name, f.default, dict(f.metadata)) for f in fields(real)
-        ]
-    finally:
-        catalog.points.cache_clear()
-        sys.modules.pop("ng_plugin_demo", None)
+    installed()
+    light, _ = catalog.settings("eoi-norm")
+    assert light.__module__ == "narrowgate._catalog.ng_plugin_demo"
+    assert "ng_plugin_demo" not in sys.modules
+    real = importlib.import_module("ng_plugin_demo").EoiNormConfig
+    assert [(f.name, f.default, dict(f.metadata)) for f in fields(light)] == [
+        (f.name, f.default, dict(f.metadata)) for f in fields(real)
+    ]
 
 
 def test_two_families_accepting_one_model_are_refused_naming_both(monkeypatch):

@@ -27,6 +27,7 @@ import ast
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -77,9 +78,15 @@ def _target(ep: EntryPoint) -> tuple[str, str]:
 
 
 @cache
+def _installed() -> Any:
+    """Every installed distribution's entry points (one scan of their metadata for both groups)."""
+    return entry_points()
+
+
+@cache
 def points(group: str) -> dict[str, EntryPoint]:
     """Every entry point of ``group`` by name: narrowgate's own first, in the order declared, then the plugins'."""
-    found = list(entry_points(group=group))
+    found = list(_installed().select(group=group))
     own = [ep for ep in found if _dist(ep) == _OWN]
     if not own:
         raise NarrowgateError(
@@ -99,8 +106,10 @@ def points(group: str) -> dict[str, EntryPoint]:
     return out
 
 
-def _load(ep: EntryPoint, base: type[_T], what: str) -> type[_T]:
-    """The class ``ep`` names, checked to be a ``base`` named as its entry point; a plugin's failure is one line."""
+def _load(ep: EntryPoint, base: Callable[[], type[_T]], what: str) -> type[_T]:
+    """The class ``ep`` names, checked to be a subclass of ``base()`` named as its entry point; a plugin's failure
+    is one line. ``base`` is imported after the plugin, so a plugin that cannot be imported fails before torch loads.
+    """
     module, attr = _target(ep)
     try:
         cls = ep.load()
@@ -108,8 +117,9 @@ def _load(ep: EntryPoint, base: type[_T], what: str) -> type[_T]:
         if _dist(ep) == _OWN:
             raise  # narrowgate's own: a bug, with its traceback
         raise PluginError(f"{_who(ep)} cannot be loaded: {type(e).__name__}: {e}".rstrip(": ")) from e
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(f"{_who(ep)} names {cls!r}, not a subclass of {base.__module__}.{base.__name__}.")
+    parent = base()
+    if not (isinstance(cls, type) and issubclass(cls, parent)):
+        raise PluginError(f"{_who(ep)} names {cls!r}, not a subclass of {parent.__module__}.{parent.__name__}.")
     if getattr(cls, "name", None) != ep.name:
         raise PluginError(
             f"{_who(ep)} names {what} {module}.{attr}, whose name is {getattr(cls, 'name', None)!r}: "
@@ -118,18 +128,26 @@ def _load(ep: EntryPoint, base: type[_T], what: str) -> type[_T]:
     return cls
 
 
-def load_experiment(name: str) -> type[Experiment]:
-    """The experiment class of command ``name`` (imports it, hence torch)."""
+def _experiment_base() -> type[Experiment]:
     from .analyses.base import Experiment
 
-    return _load(points(EXPERIMENTS_GROUP)[name], Experiment, "experiment")
+    return Experiment
+
+
+def _family_base() -> type[Family]:
+    from .families.base import Family
+
+    return Family
+
+
+def load_experiment(name: str) -> type[Experiment]:
+    """The experiment class of command ``name`` (imports it, hence torch)."""
+    return _load(points(EXPERIMENTS_GROUP)[name], _experiment_base, "experiment")
 
 
 def load_families() -> tuple[type[Family], ...]:
     """Every family's adapter class, in the order of `points` (imports them, hence torch)."""
-    from .families.base import Family
-
-    return tuple(_load(ep, Family, "family") for ep in points(FAMILIES_GROUP).values())
+    return tuple(_load(ep, _family_base, "family") for ep in points(FAMILIES_GROUP).values())
 
 
 # --- reading sources without executing them --------------------------------------------------------------------
@@ -359,9 +377,7 @@ def family_cards() -> list[FamilyCard]:
     for ep in points(FAMILIES_GROUP).values():
         card = _literal_card(ep)
         if card is None:
-            from .families.base import Family
-
-            cls: Any = _load(ep, Family, "family")
+            cls: Any = _load(ep, _family_base, "family")
             card = FamilyCard(cls.name, tuple(cls.model_types), tuple(cls.checkpoints), cls.eoi_doc)
         cards.append(card)
     return cards

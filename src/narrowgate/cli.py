@@ -307,9 +307,10 @@ def _experiment_command(name: str):
         if isinstance(device_map, str) and device_map.strip().startswith("{"):
             cfg["device_map"] = json.loads(device_map)
         cfg["progress"] = not kw["quiet"]
+        experiment = load_experiment(name)()  # a plugin that cannot be imported fails here, before torch loads
         from .runner import run
 
-        store = run(load_experiment(name)(), cfg, command=["narrowgate", *sys.argv[1:]])
+        store = run(experiment, cfg, command=["narrowgate", *sys.argv[1:]])
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 
