@@ -30,13 +30,14 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import NarrowgateError
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     from .analyses.base import Experiment
     from .families.base import Family
 
@@ -80,6 +81,8 @@ def _target(ep: EntryPoint) -> tuple[str, str]:
 @cache
 def _installed() -> Any:
     """Every installed distribution's entry points (one scan of their metadata for both groups)."""
+    from importlib.metadata import entry_points  # not at import: `narrowgate --help` needs none
+
     return entry_points()
 
 
