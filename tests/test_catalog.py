@@ -242,3 +242,26 @@ def test_two_families_accepting_one_model_are_refused_naming_both(monkeypatch):
     monkeypatch.setattr(families, "FAMILIES", (*FAMILIES, clone))
     with pytest.raises(AmbiguousFamilyError, match=r"llava \(narrowgate\.families\.llava\), llava-clone \(ng_plugin"):
         families.family_for("llava", "clip_vision_model")
+
+
+def test_every_experiment_and_family_class_of_narrowgate_is_declared():
+    """A built-in left out of pyproject.toml's entry points would vanish from the command line: none is."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import narrowgate.analyses
+    import narrowgate.families
+    from narrowgate.analyses import Experiment
+    from narrowgate.families import Family
+
+    for package, base, declared in (
+        (narrowgate.analyses, Experiment, set(EXPERIMENTS.values())),
+        (narrowgate.families, Family, set(FAMILIES)),
+    ):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for _, cls in inspect.getmembers(module, inspect.isclass):
+                concrete = cls.__module__ == module.__name__ and issubclass(cls, base) and cls is not base
+                if concrete and cls.name and (base is Experiment or cls.model_types):
+                    assert cls in declared, f"{cls.__module__}.{cls.__qualname__} has no entry point in pyproject.toml"
