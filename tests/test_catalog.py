@@ -151,7 +151,11 @@ def test_a_plugin_family_serves_its_model_type_and_a_plugin_experiment_runs(tmp_
         ("[narrowgate.experiments]\nablation = ng_plugin_demo:EoiNorm\n", PLUGIN, "already a built-in of narrowgate"),
         ("[narrowgate.families]\nllava = ng_plugin_demo:NextVideo\n", PLUGIN, "already a built-in of narrowgate"),
         ("[narrowgate.experiments]\neoi-norm = ng_plugin_demo\n", PLUGIN, "misdeclared"),
-        ("[narrowgate.experiments]\neoi-norm = ng_plugin_absent:EoiNorm\n", PLUGIN, "not installed"),
+        (
+            "[narrowgate.experiments]\neoi-norm = ng_plugin_absent:EoiNorm\n",
+            PLUGIN,
+            "cannot be loaded: ModuleNotFoundError: No module named 'ng_plugin_absent'",
+        ),
     ],
     ids=["experiment-name-taken", "family-name-taken", "no-class", "no-module"],
 )

@@ -231,11 +231,11 @@ def _assigned(st: ast.stmt, name: str) -> ast.expr | None:
 
 
 def _docstring(name: str) -> str:
-    ep = points(EXPERIMENTS_GROUP)[name]
-    module, _ = _target(ep)
+    """The experiment module's docstring, from its source; from the module itself where there is no source."""
+    module, _ = _target(points(EXPERIMENTS_GROUP)[name])
     tree = _tree(module)
-    if tree is None:
-        raise PluginError(f"{_who(ep)} names module {module!r}, which is not installed (or not Python source).")
+    if tree is None:  # compiled only, or absent: loading says which, in one line
+        return sys.modules[load_experiment(name).__module__].__doc__ or ""
     return ast.get_docstring(tree) or ""
 
 
