@@ -15,7 +15,7 @@ from .generic import Generic, out_of_scope, refusal
 
 #: Every dedicated adapter (entry points, loaded on first use); exactly one accepts a given model (Pixtral and
 #: LLaVA are both ``llava`` models, told apart by their own ``accepts`` on the vision tower), so the order is
-#: only the order of `narrowgate models`: narrowgate's own as declared, then the plugins'.
+#: only the order of `narrowgate models`: narrowgate's own by name, then the plugins'.
 FAMILIES: tuple[type[Family], ...]
 
 
@@ -26,6 +26,8 @@ def __getattr__(name: str) -> Any:
         value = load_families()
         globals()["FAMILIES"] = value
         return value
+    if name.startswith("_"):  # dunder probes (inspect, pickle...) load nothing
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     own = {cls.__name__: cls for cls in _families() if cls.__module__.startswith(f"{__name__}.")}
     if name in own:  # narrowgate's adapters by class name (``from narrowgate.families import Llava``)
         return own[name]
