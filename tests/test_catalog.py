@@ -142,6 +142,16 @@ def test_a_plugin_family_serves_its_model_type_and_a_plugin_experiment_runs(tmp_
     table = pd.read_csv(out / "tables" / "eoi_norm.csv")
     assert list(table["resid"]) == list(range(manifest["model"]["n_layers"] + 1))
     assert (table["norm"] > 0).all() and table["norm"].notna().all()
+    # Residual 0 at [EOI] is the embedding of the token after the image (no end-of-image token here: the newline),
+    # the same for every example: read with transformers alone.
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    path = checkpoint_dir("llava_next_video")
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("USER: <image>\nDescribe the image. ASSISTANT:", add_special_tokens=False)["input_ids"]
+    after_image = ids[ids.index(tok.convert_tokens_to_ids("<image>")) + 1]
+    weight = AutoModelForImageTextToText.from_pretrained(path).get_input_embeddings().weight
+    assert table["norm"][0] == pytest.approx(weight[after_image].float().norm().item(), rel=1e-5)
     assert not (out / "tables" / "failures.csv").exists() or pd.read_csv(out / "tables" / "failures.csv").empty
 
 
