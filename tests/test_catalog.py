@@ -279,3 +279,18 @@ def test_every_experiment_and_family_class_of_narrowgate_is_declared():
                 concrete = cls.__module__ == module.__name__ and issubclass(cls, base) and cls is not base
                 if concrete and cls.name and (base is Experiment or cls.model_types):
                     assert cls in declared, f"{cls.__module__}.{cls.__qualname__} has no entry point in pyproject.toml"
+
+
+def test_an_installation_without_narrowgates_entry_points_is_refused_saying_to_reinstall(monkeypatch):
+    """A checkout on the path but never installed (or installed before the entry points existed) has no metadata."""
+    from importlib.metadata import EntryPoints
+
+    from narrowgate.errors import NarrowgateError
+
+    monkeypatch.setattr(catalog, "_installed", lambda: EntryPoints(()))
+    catalog.points.cache_clear()
+    try:
+        with pytest.raises(NarrowgateError, match=r"declares no narrowgate\.experiments entry points.*Reinstall"):
+            catalog.catalog()
+    finally:
+        catalog.points.cache_clear()
