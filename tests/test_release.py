@@ -50,6 +50,17 @@ def test_sdist_and_wheel_pass_twine_check_and_ship_everything(dist):
             assert f"narrowgate/organisms/checkpoints/{kind}/{f}" in names, (kind, f)
     assert "narrowgate/resources/imagenet_animals.json" in names
     assert f"narrowgate-{narrowgate.__version__}.dist-info/licenses/LICENSE" in names
+    # A fresh install finds the experiments and families by the wheel's entry points: the ones declared here.
+    from configparser import ConfigParser
+
+    from narrowgate import catalog
+
+    points = ConfigParser(delimiters=("=",))
+    points.read_string(
+        zipfile.ZipFile(wheel).read(f"narrowgate-{narrowgate.__version__}.dist-info/entry_points.txt").decode()
+    )
+    for group in (catalog.EXPERIMENTS_GROUP, catalog.FAMILIES_GROUP):
+        assert dict(points[group]) == {name: ep.value for name, ep in catalog.points(group).items()}, group
     assert not any(n.startswith(("tests/", "docs/", "benchmarks/")) for n in names)
 
 

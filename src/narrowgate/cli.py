@@ -27,7 +27,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import threads
-from .catalog import catalog, settings, summary
+from .catalog import catalog, family_cards, load_experiment, settings, summary
 from .deprecation import dependency_deprecations_hidden
 from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
@@ -181,14 +181,15 @@ def _device_map(value):
 @app.command()
 def models() -> None:
     """List the supported model families, the checkpoints they were written for, and their [EOI] token."""
-    from .families import FAMILIES
-
+    cards = family_cards()  # every family's, plugins' too, read from their sources (no torch)
     table = Table(title="Supported model families")
     table.add_column("family")
     table.add_column("model_type")
-    table.add_column("checkpoints", no_wrap=True, min_width=max(len(c) for f in FAMILIES for c in f.checkpoints))
+    table.add_column(
+        "checkpoints", no_wrap=True, min_width=max((len(c) for f in cards for c in f.checkpoints), default=0)
+    )
     table.add_column("eoi", ratio=1)
-    for fam in FAMILIES:
+    for fam in cards:
         table.add_row(fam.name, ", ".join(fam.model_types), "\n".join(fam.checkpoints), fam.eoi_doc)
     console.print(table)
 
@@ -306,10 +307,10 @@ def _experiment_command(name: str):
         if isinstance(device_map, str) and device_map.strip().startswith("{"):
             cfg["device_map"] = json.loads(device_map)
         cfg["progress"] = not kw["quiet"]
-        from .analyses import EXPERIMENTS
+        experiment = load_experiment(name)()  # a plugin that cannot be imported fails here, before torch loads
         from .runner import run
 
-        store = run(EXPERIMENTS[name](), cfg, command=["narrowgate", *sys.argv[1:]])
+        store = run(experiment, cfg, command=["narrowgate", *sys.argv[1:]])
         if int(os.environ.get("RANK", "0")) == 0:
             _print_run(store)
 
@@ -610,6 +611,7 @@ def finetune(
 
 
 def main() -> None:
+    """Run the ``narrowgate`` command line (``python -m narrowgate.cli``)."""
     app()
 
 

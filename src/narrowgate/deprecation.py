@@ -68,11 +68,18 @@ def dependency_deprecations_hidden() -> Iterator[None]:
         yield
 
 
-def moved(module: str, since: str, removed_in: str, **homes: str) -> Callable[[str], Any]:
+def moved(
+    module: str, since: str, removed_in: str, *, lazy: dict[str, Callable[[], Any]] | None = None, **homes: str
+) -> Callable[[str], Any]:
     """A module ``__getattr__`` under which each name in ``homes`` (name -> the module it moved to) still imports
-    from ``module``, with a `DeprecationWarning` naming its new home."""
+    from ``module``, with a `DeprecationWarning` naming its new home. Each name in ``lazy`` is the module's own,
+    made by its function on first use and then kept in the module."""
 
     def __getattr__(name: str) -> Any:
+        if lazy is not None and name in lazy:
+            value = lazy[name]()
+            setattr(importlib.import_module(module), name, value)
+            return value
         if name not in homes:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
         warnings.warn(

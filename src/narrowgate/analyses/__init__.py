@@ -1,21 +1,25 @@
 """The paper's experiments and ours, one module each, all run by `narrowgate.runner.run`.
 
-Every module of this package is imported here, so an experiment registers itself (``@register``) by
-existing: adding one is adding its file.
+An experiment is found the way any package's is: by its entry point in the ``narrowgate.experiments``
+group (pyproject.toml; `narrowgate.catalog`), so adding one is adding its file and one line there.
+`EXPERIMENTS` loads every one, narrowgate's and installed plugins', on first use.
 """
 
-import importlib
-import pkgutil
+from __future__ import annotations
 
 from ..deprecation import moved
 from .base import REGISTRY, Experiment, Unit, register
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+#: Every experiment by its command name, in the order of `narrowgate run --help` (loaded on first use).
+EXPERIMENTS: dict[str, type[Experiment]]
 
-#: Every experiment by its command name, in the order of `narrowgate run --help`.
-EXPERIMENTS: dict[str, type[Experiment]] = dict(sorted(REGISTRY.items()))
+__all__ = ["EXPERIMENTS", "REGISTRY", "Experiment", "Unit", "register"]
 
-__all__ = ["EXPERIMENTS", "Experiment", "Unit", "register"]
 
-__getattr__ = moved(__name__, "0.3.0", "0.4.0", run="narrowgate.runner")
+def _experiments() -> dict[str, type[Experiment]]:
+    from ..catalog import EXPERIMENTS_GROUP, load_experiment, points
+
+    return {name: load_experiment(name) for name in sorted(points(EXPERIMENTS_GROUP))}
+
+
+__getattr__ = moved(__name__, "0.3.0", "0.4.0", lazy={"EXPERIMENTS": _experiments}, run="narrowgate.runner")

@@ -2,8 +2,8 @@
 
 An experiment is one file: its settings (a dataclass, `options`), how it turns examples into work
 *units* (one example, or a pair for patching), how it processes a batch of units into per-unit
-records, how it aggregates all records into tables, and its figures; ``@register`` makes it a
-``narrowgate run`` command. Everything else (the run directory, resuming, failures, progress,
+records, how it aggregates all records into tables, and its figures; its entry point (group
+``narrowgate.experiments``, `narrowgate.catalog`) makes it a ``narrowgate run`` command. Everything else (the run directory, resuming, failures, progress,
 out-of-memory back-off, the report) is the runner's, `narrowgate.runner.run`.
 """
 
@@ -52,12 +52,16 @@ class Unit:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-#: Every registered experiment by name (`register`).
+#: Every experiment class decorated `register` in this process, by name.
 REGISTRY: dict[str, type[Experiment]] = {}
 
 
 def register(cls: type[Experiment]) -> type[Experiment]:
-    """Class decorator: make ``cls`` the experiment ``narrowgate run <cls.name>`` runs."""
+    """Class decorator: record ``cls`` in `REGISTRY` by its name, refusing a second class of that name.
+
+    The in-process registry (an experiment defined in a notebook, looked up by name). It does not make a command:
+    ``narrowgate run`` and `narrowgate.analyses.EXPERIMENTS` find experiments by their ``narrowgate.experiments``
+    entry points alone (`narrowgate.catalog`), narrowgate's own as any other package's."""
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise RuntimeError(f"Two experiments are named {cls.name!r}.")
     REGISTRY[cls.name] = cls

@@ -1,62 +1,69 @@
 """Model-family adapters, one file each, and the registry that picks one from ``config.model_type``.
 
+Every adapter, narrowgate's and any installed package's, is found by its entry point in the
+``narrowgate.families`` group (pyproject.toml; `narrowgate.catalog`): `FAMILIES` loads them on first use.
 A model type no dedicated adapter accepts gets the `Generic` adapter when its config allows one (a decoder
 reading image placeholder tokens); otherwise `detect` refuses, saying why."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import NarrowgateError
 from .base import Family, ImageLayout, LayoutError
-from .chameleon import Chameleon
-from .emu3 import Emu3
 from .generic import Generic, out_of_scope, refusal
-from .idefics3 import Idefics3
-from .janus import Janus
-from .lighton_ocr import LightOnOcr
-from .llava import Llava
-from .llava_next import LlavaNext
-from .llava_onevision import LlavaOneVision
-from .ovis2 import Ovis2
-from .pixtral import Pixtral
-from .qwen2_vl import Qwen2VL
 
-#: Every adapter; exactly one accepts a given model (Pixtral and LLaVA are both ``llava`` models, told apart
-#: by their own ``accepts`` on the vision tower), so the order is only the order of `narrowgate models`.
-FAMILIES: tuple[type[Family], ...] = (
-    Chameleon,
-    Emu3,
-    Pixtral,
-    Llava,
-    LlavaNext,
-    LlavaOneVision,
-    Idefics3,
-    Janus,
-    Qwen2VL,
-    LightOnOcr,
-    Ovis2,
-)
+#: Every dedicated adapter (entry points, loaded on first use); exactly one accepts a given model (Pixtral and
+#: LLaVA are both ``llava`` models, told apart by their own ``accepts`` on the vision tower), so the order is
+#: only the order of `narrowgate models`: narrowgate's own by name, then the plugins'.
+FAMILIES: tuple[type[Family], ...]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FAMILIES":
+        from ..catalog import load_families
+
+        value = load_families()
+        globals()["FAMILIES"] = value
+        return value
+    if name.startswith("_"):  # dunder probes (inspect, pickle...) load nothing
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    own = {cls.__name__: cls for cls in _families() if cls.__module__.startswith(f"{__name__}.")}
+    if name in own:  # narrowgate's adapters by class name (``from narrowgate.families import Llava``)
+        return own[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _families() -> tuple[type[Family], ...]:
+    """`FAMILIES`, loaded now if nothing has read it yet (a name lookup inside the module skips `__getattr__`)."""
+    return globals()["FAMILIES"] if "FAMILIES" in globals() else __getattr__("FAMILIES")
 
 
 class UnsupportedModelError(NarrowgateError, ValueError):
     """The model's type is not one narrowgate has an adapter for."""
 
 
+class AmbiguousFamilyError(NarrowgateError, RuntimeError):
+    """Two adapters (e.g. a plugin's and a built-in) both accept one model."""
+
+
 def supported() -> str:
     """The families with a dedicated adapter and their model types, in one line (error messages use it)."""
-    return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in _families())
 
 
 def family_for(model_type: str, vision_model_type: str | None = None) -> type[Family]:
     """The adapter class for a ``config.model_type``; raises naming the supported families."""
-    matches = [f for f in FAMILIES if model_type in f.model_types and f.accepts(vision_model_type)]
+    matches = [f for f in _families() if model_type in f.model_types and f.accepts(vision_model_type)]
     if not matches:
         raise UnsupportedModelError(
             f"narrowgate has no adapter for model type {model_type!r}. Supported families: {supported()}."
         )
     if len(matches) > 1:
-        raise RuntimeError(
-            f"Adapters {[f.name for f in matches]} all accept model type {model_type!r} "
-            f"(vision tower {vision_model_type!r}); each adapter's accepts() must decide alone."
+        raise AmbiguousFamilyError(
+            f"Adapters {', '.join(f'{f.name} ({f.__module__})' for f in matches)} all accept model type "
+            f"{model_type!r} (vision tower {vision_model_type!r}): uninstall one of the packages, or make each "
+            "adapter's accepts() decide alone."
         )
     return matches[0]
 
@@ -75,6 +82,7 @@ def detect(config) -> type[Family]:
 
 __all__ = [
     "FAMILIES",
+    "AmbiguousFamilyError",
     "Family",
     "Generic",
     "ImageLayout",
