@@ -184,7 +184,7 @@ def models() -> None:
     from .families import FAMILIES
 
     table = Table(title="Supported model families")
-    table.add_column("family")
+    table.add_column("family", no_wrap=True)
     table.add_column("model_type")
     table.add_column("checkpoints", no_wrap=True, min_width=max(len(c) for f in FAMILIES for c in f.checkpoints))
     table.add_column("eoi", ratio=1)
