@@ -15,4 +15,6 @@ if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   python -m ruff format --check src tests benchmarks scripts
   python -m mypy
 fi
-exec python -m pytest -q --durations=15 "$@"
+# One test process per CPU, at most 4 (pytest-xdist; each builds the tiny checkpoints it uses once):
+# NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone.
+exec python -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 "$@"

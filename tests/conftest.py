@@ -13,8 +13,16 @@ from pathlib import Path
 
 from narrowgate import threads
 
-# Before torch loads: idle OpenMP threads sleep, one thread per CPU this process may use (the suite shares its
-# machine fairly; organism training still fixes its own 2 threads).
+# Before torch loads: idle OpenMP threads sleep, and the CPUs this process may use are shared among the suite's
+# worker processes (pytest-xdist, `-n`): each takes its part (the suite shares its machine fairly; organism
+# training still fixes its own 2 threads).
+# A worker process starts with COLUMNS=80 in its environment, which rich would fix as every console's width: the
+# tests give the width they need per command (CliRunner's env), as in a single process.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads.usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 threads.configure()
 
 import pytest  # noqa: E402

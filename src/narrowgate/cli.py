@@ -183,7 +183,7 @@ def models() -> None:
     """List the supported model families, the checkpoints they were written for, and their [EOI] token."""
     cards = family_cards()  # every family's, plugins' too, read from their sources (no torch)
     table = Table(title="Supported model families")
-    table.add_column("family")
+    table.add_column("family", no_wrap=True)
     table.add_column("model_type")
     table.add_column(
         "checkpoints", no_wrap=True, min_width=max((len(c) for f in cards for c in f.checkpoints), default=0)
