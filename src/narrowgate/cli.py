@@ -206,7 +206,7 @@ def roles(
     """Show where every role sits in one example prompt of MODEL (a blank grey image)."""
     from PIL import Image
 
-    from .analyses.prompts import sources
+    from .data.prompts import sources
     from .loading import load
     from .roles import ROLE_NAMES
 
