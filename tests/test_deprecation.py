@@ -65,6 +65,10 @@ def test_new_names_do_not_warn_and_both_names_are_refused():
         ("narrowgate.analyses.base:Ranks", "narrowgate.distributed:Ranks"),
         ("narrowgate.analyses.base:check_k", "narrowgate.metrics.overlap:check_k"),
         ("narrowgate.analyses.base:sweep_step", "narrowgate.analyses.options:sweep_step"),
+        ("narrowgate.errors:parse_layer_set", "narrowgate.parsing:parse_layer_set"),
+        ("narrowgate.errors:parse_image_size", "narrowgate.parsing:parse_image_size"),
+        ("narrowgate.errors:parse_size", "narrowgate.parsing:parse_size"),
+        ("narrowgate.errors:check_count", "narrowgate.parsing:check_count"),
     ],
 )
 def test_moved_names_still_import_with_a_warning_naming_their_new_home(old, new):
@@ -148,3 +152,15 @@ def test_importing_the_package_and_the_cli_warns_about_nothing_moved():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_errors_holds_errors_only_and_parses_nothing():
+    """Option parsing left errors.py: what it defines is the error classes (the parsers are deprecated aliases)."""
+    import inspect
+
+    import narrowgate.errors as errors
+
+    own = {name for name, value in vars(errors).items() if getattr(value, "__module__", None) == errors.__name__}
+    assert own and all(
+        inspect.isclass(vars(errors)[name]) and issubclass(vars(errors)[name], Exception) for name in own
+    )

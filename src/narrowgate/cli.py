@@ -29,7 +29,8 @@ from typer.core import TyperGroup
 from . import threads
 from .catalog import catalog, settings, summary
 from .deprecation import dependency_deprecations_hidden
-from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set, parse_size
+from .errors import NarrowgateError, OptionError
+from .parsing import parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
 
 threads.configure()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.abc
 import importlib.machinery
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from types import FrameType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc  # (not at run time: it imports importlib.resources, a cost at every --help)
 
 
 def renamed(since: str, removed_in: str, **renames: str):
@@ -106,8 +108,9 @@ def _outside_import_machinery() -> int:
     return level
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Import hook: ``import old`` (and ``from old import x``) gives the module now at ``new`` with a warning.
+class _MovedModules:
+    """Import hook (a meta path finder and its loader): ``import old`` (and ``from old import x``) gives the
+    module now at ``new`` with a warning.
 
     No shim file exists at the old path, so code that imports every module of a package (``pkgutil``)
     never trips the warning; only a user naming the old path does.
@@ -120,7 +123,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         """A spec served by this loader for a moved module's old name, else None (the other finders' turn)."""
-        return importlib.machinery.ModuleSpec(fullname, self) if fullname in self.moves else None
+        return (
+            importlib.machinery.ModuleSpec(fullname, cast("importlib.abc.Loader", self))
+            if fullname in self.moves
+            else None
+        )
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         """The module at its new home, imported once (so both names are the same object)."""

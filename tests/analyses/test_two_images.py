@@ -14,7 +14,7 @@ import narrowgate as ng
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.two_images import KNOCKOUTS, TwoImages, question
 from narrowgate.data.prompts import name_ids, resize
-from narrowgate.errors import parse_image_size
+from narrowgate.parsing import parse_image_size
 from narrowgate.runner import run
 from narrowgate.store import Shard
 from tests.engine import reference

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.cli import app
 from narrowgate.data.prompts import LONG_CLASS, resize, resolve, resolve_image_size
-from narrowgate.errors import BaselineAtChance, OptionError, parse_image_size
+from narrowgate.errors import BaselineAtChance, OptionError
+from narrowgate.parsing import parse_image_size
 from narrowgate.runner import run
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import parse_image_size
+from ..parsing import parse_image_size
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
