@@ -4,7 +4,8 @@ Importing an experiment module loads torch (seconds, tens of seconds under load)
 run EXPERIMENT --help`` and every option error need only the experiment's name, summary and settings
 class. `catalog` lists the classes decorated ``@register`` in ``narrowgate/analyses/*.py``;
 `settings` rebuilds one experiment's settings dataclass by executing, from its source, only what
-defines settings: imports of `options`, ``dataclasses`` and ``typing``, imports of other experiment
+defines settings: imports of `options`, ``dataclasses`` and ``typing``, of the torch-free `narrowgate.errors`
+and `narrowgate.parsing`, imports of other experiment
 modules (resolved the same way), module-level constants, functions and class definitions. A statement that needs
 anything else is left out; if that leaves the settings class undefined, `settings` imports the
 experiment after all (slow, never wrong). A test checks that every experiment's rebuilt settings equal
@@ -15,6 +16,7 @@ from __future__ import annotations
 import __future__
 
 import ast
+import importlib
 import sys
 import types
 from dataclasses import fields
@@ -26,6 +28,8 @@ ANALYSES = Path(__file__).parent / "analyses"
 _PREFIX = "narrowgate._catalog"
 #: Absolute imports a settings module may use (all light).
 _LIGHT = ("__future__", "dataclasses", "typing", "math")
+#: narrowgate's own modules a settings module may import from (``from ..parsing import ...``): torch-free.
+_LIGHT_OWN = ("errors", "parsing")
 
 
 @cache
@@ -82,6 +86,10 @@ def _namespace(module: str) -> dict:
             if node.module and (ANALYSES / f"{node.module}.py").is_file():
                 sibling = _namespace(node.module)
                 ns.update({a.asname or a.name: sibling[a.name] for a in node.names if a.name in sibling})
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module in _LIGHT_OWN:
+            own = importlib.import_module(f"narrowgate.{node.module}")
+            ns.update({a.asname or a.name: getattr(own, a.name) for a in node.names})
             continue
         if isinstance(node, ast.ImportFrom | ast.Import):
             names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]

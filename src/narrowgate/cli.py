@@ -30,7 +30,7 @@ from . import threads
 from .catalog import catalog, settings, summary
 from .deprecation import dependency_deprecations_hidden
 from .errors import NarrowgateError, OptionError
-from .parsing import parse_image_size, parse_layer_set, parse_size
+from .parsing import MODEL_HELP, parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
 
 threads.configure()
@@ -126,8 +126,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
 
 
 def _flag(name: str, help: str):

@@ -13,6 +13,9 @@ from collections import Counter
 
 from .errors import OptionError
 
+#: What ``--model`` (``narrowgate run``, ``finetune``, ``compare``...) accepts, said once for every command.
+MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
+
 
 def check_count(value: object, option: str) -> None:
     """Refuse a count below 1 or not a whole number (``--n 0`` is not "the default"), naming ``option``."""
