@@ -9,10 +9,12 @@ if [ "${1:-}" = "--deps" ]; then
   exec bash "$(dirname "$0")/deps.sh" "$@"
 fi
 source "$(dirname "$0")/env.sh"
-# Lint and types first (seconds): ruff's rules and formatting, mypy over all of src/narrowgate (pyproject.toml).
+# Lint and types first (seconds): ruff's rules and formatting, mypy over all of src/narrowgate, and the layers
+# (lint-imports: no module imports from a layer above its own; pyproject.toml's [tool.importlinter]).
 if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   python -m ruff check src tests benchmarks scripts
   python -m ruff format --check src tests benchmarks scripts
   python -m mypy
+  lint-imports --no-logo
 fi
 exec python -m pytest -q --durations=15 "$@"

@@ -374,7 +374,8 @@ def compare(
     """Overlay several runs of one experiment in one figure, on relative depth (as the paper does)."""
     from pathlib import Path
 
-    from .plots import compare as draw_compare
+    from .analyses import EXPERIMENTS
+    from .plots import write_compare
     from .store import RunStore
 
     _folder(out, "--out")
@@ -401,7 +402,8 @@ def compare(
     kinds = {m["experiment"] for _, _, m in loaded}
     if len(kinds) != 1:
         raise typer.BadParameter(f"runs of different experiments cannot be overlaid: {sorted(kinds)}")
-    for p in draw_compare(loaded, out):
+    (name,) = kinds
+    for p in write_compare(EXPERIMENTS[name]().compare(loaded), name, out):
         console.print(p)
 
 

@@ -24,7 +24,7 @@ from . import report
 from .analyses import EXPERIMENTS
 from .errors import BaselineAtChance
 from .loading import load
-from .plots import compare
+from .plots import write_compare
 from .progress import eta
 from .runner import run
 from .store import RunStore
@@ -363,6 +363,7 @@ def write_report(
                 for lab in labels
                 if name not in refused.get(lab, {})
             ]
-            for png in (p for p in compare(loaded, out / "compare" / name) if p.endswith(".png")):
+            overlay = EXPERIMENTS[experiment]().compare(loaded)
+            for png in (p for p in write_compare(overlay, experiment, out / "compare" / name) if p.endswith(".png")):
                 parts.append(f"<p>Overlay on relative depth:</p>{report.image(Path(png))}")
     report.write_page(out / "report.html", "narrowgate demo", parts, width=1300, font_size=13)
