@@ -118,6 +118,7 @@ class _MovedModules:
 
     def __init__(self) -> None:
         self.moves: dict[str, tuple[str, str, str]] = {}
+        self._specs: dict[str, importlib.machinery.ModuleSpec | None] = {}  # old name -> the module's own spec
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -139,12 +140,13 @@ class _MovedModules:
             stacklevel=_outside_import_machinery(),
         )
         module = importlib.import_module(new)
-        self._spec = module.__spec__
+        self._specs[spec.name] = module.__spec__
         return module
 
     def exec_module(self, module: ModuleType) -> None:
         """Nothing to run (the module ran at its new home); give back the spec the import system overwrote."""
-        module.__spec__ = self._spec
+        assert module.__spec__ is not None  # the import system set it to the old name's spec
+        module.__spec__ = self._specs.pop(module.__spec__.name)
 
 
 _MOVED_MODULES = _MovedModules()
