@@ -9,11 +9,13 @@ if [ "${1:-}" = "--deps" ]; then
   exec bash "$(dirname "$0")/deps.sh" "$@"
 fi
 source "$(dirname "$0")/env.sh"
-# Lint and types first (seconds): ruff's rules and formatting, mypy over all of src/narrowgate (pyproject.toml).
+# Lint and types first (seconds): ruff's rules and formatting, mypy over all of src/narrowgate, and the layers
+# (lint-imports: no module imports from a layer above its own; pyproject.toml's [tool.importlinter]).
 if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   python -m ruff check src tests benchmarks scripts
   python -m ruff format --check src tests benchmarks scripts
   python -m mypy
+  lint-imports --no-logo
 fi
 # One test process per CPU, at most 4 (pytest-xdist; each builds the tiny checkpoints it uses once):
 # NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone.

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import narrowgate as ng
 from narrowgate import checkpoint_prompts as cp
 from narrowgate import organisms
-from narrowgate.analyses.prompts import CAPTION, CLASS, PRESETS, VQA, resolve, sources
 from narrowgate.cli import app
+from narrowgate.data.prompts import CAPTION, CLASS, PRESETS, VQA, resolve, sources
 from narrowgate.organisms.common import PROMPTS
 
 runner = CliRunner()

@@ -83,3 +83,17 @@ def test_roles_shows_the_positions_the_engine_uses(checkpoint_dir):
         assert rows[role] == f"{pos} ({len(pos)})", role
     n_image = len(batch.positions("image")[0])
     assert rows["image"].endswith(f"({n_image})")
+
+
+def test_python_dash_m_narrowgate_is_the_command_line_and_its_help_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, sys; sys.argv = ['narrowgate', 'run', '--help']\n"
+        "try:\n    runpy.run_module('narrowgate', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ablation" in out and "gate-scan" in out and out.strip().endswith("False")

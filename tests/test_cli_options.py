@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 import narrowgate.runner as run_module
 from narrowgate.cli import app
-from narrowgate.errors import OptionError, parse_layer_set
+from narrowgate.errors import OptionError
 from narrowgate.families import FAMILIES
+from narrowgate.parsing import parse_layer_set
 from narrowgate.roles import ROLE_NAMES, Role, RoleError, parse_role
 from narrowgate.store import RunStore
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import narrowgate as ng
 from narrowgate import checkpoint_prompts
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.prompts import CAPTION, PRESETS
 from narrowgate.cli import app
+from narrowgate.data.prompts import CAPTION, PRESETS
 from narrowgate.finetune import RECIPES, finetune, load_adapted
 from narrowgate.runner import run
 from tests.fixtures.common import images

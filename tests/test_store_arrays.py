@@ -55,7 +55,7 @@ def test_overlap_stores_large_activations_and_refuses_overflowed_ones(checkpoint
         store = run(EXPERIMENTS["overlap"](), {**cfg, "out": str(tmp_path / "large")}, vlm=vlm, command=["t"])
         arrays, rows = store.records().arrays, store.records().rows
         assert np.isfinite(arrays["0:eoi"]).all() and np.abs(arrays["0:eoi"]).max() > 65504
-        from narrowgate.analyses import tasks
+        from narrowgate.data import tasks
 
         example = {e.id: e for e in tasks.load("synthetic", "classes", None, seed=42, n_per_class=2)}[
             rows["example_id"].iloc[0]

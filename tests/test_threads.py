@@ -82,7 +82,8 @@ def test_configure_after_torch_warns_and_sets_the_thread_count(monkeypatch):
 
 
 #: What may be imported before `threads.configure`: nothing that loads torch.
-LIGHT = {"narrowgate.threads", "narrowgate.errors", "narrowgate.roles", "narrowgate.catalog", "narrowgate.deprecation"}
+LIGHT = {"narrowgate.threads", "narrowgate.errors", "narrowgate.parsing", "narrowgate.roles", "narrowgate.catalog"}
+LIGHT |= {"narrowgate.deprecation"}
 LIGHT |= {"typer", "rich"}
 
 

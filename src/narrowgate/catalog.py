@@ -13,7 +13,8 @@ Importing an experiment or a family loads torch (seconds, tens of seconds under 
 summaries, settings and a family's literal attributes. They are read from the source files the entry points
 name, found without executing them: `catalog` and `summary` give an experiment module's docstring; `settings`
 rebuilds an experiment's settings dataclass by executing, from its source, only what defines settings:
-imports of ``dataclasses``, ``typing`` and ``math``, imports of sibling modules and of narrowgate's experiment
+imports of ``dataclasses``, ``typing`` and ``math``, of the torch-free `narrowgate.errors` and
+`narrowgate.parsing`, imports of sibling modules and of narrowgate's experiment
 API (``narrowgate.analyses``, resolved the same way), module-level constants, functions and class definitions;
 `family_cards` reads each family class's literal ``name``, ``model_types``, ``checkpoints`` and ``eoi_doc``.
 Whatever the source does not spell out is taken from the loaded class after all (slow, never wrong). Tests
@@ -27,13 +28,12 @@ import ast
 import importlib.util
 import sys
 import types
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import NarrowgateError
+from .plugins import EXPERIMENTS_GROUP, FAMILIES_GROUP, load, load_all, points, target
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -43,92 +43,14 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-#: The entry-point groups: one for experiments, one for model families.
-EXPERIMENTS_GROUP = "narrowgate.experiments"
-FAMILIES_GROUP = "narrowgate.families"
-#: The distribution whose entry points are the built-ins (listed first; a plugin may not take their names).
-_OWN = "narrowgate"
 #: Where the rebuilt settings modules live (private names: never the real modules).
 _PREFIX = "narrowgate._catalog"
 #: Absolute imports a settings module may use (all light).
 _LIGHT = ("__future__", "dataclasses", "typing", "math")
 #: narrowgate's experiment API (options, base), which a plugin's settings import by absolute name.
 _API = "narrowgate.analyses"
-
-
-class PluginError(NarrowgateError):
-    """An experiment or family entry point that is misdeclared, cannot be loaded, or takes a name already taken."""
-
-
-def _dist(ep: EntryPoint) -> str:
-    return ep.dist.name if ep.dist is not None else "an unnamed distribution"
-
-
-def _who(ep: EntryPoint) -> str:
-    return f"{_dist(ep)}'s entry point '{ep.name} = {ep.value}' (group {ep.group})"
-
-
-def _target(ep: EntryPoint) -> tuple[str, str]:
-    """(module, class name) an entry point names; refuses any value but ``package.module:Class``."""
-    match = ep.pattern.match(ep.value)
-    if match is None or not match.group("attr") or "." in match.group("attr"):
-        raise PluginError(
-            f"{_who(ep)} is misdeclared: its value must be 'package.module:Class' (one class of one module)."
-        )
-    return match.group("module"), match.group("attr")
-
-
-@cache
-def _installed() -> Any:
-    """Every installed distribution's entry points (one scan of their metadata for both groups)."""
-    from importlib.metadata import entry_points  # not at import: `narrowgate --help` needs none
-
-    return entry_points()
-
-
-@cache
-def points(group: str) -> dict[str, EntryPoint]:
-    """Every entry point of ``group`` by name: narrowgate's own first, in the order declared, then the plugins'."""
-    found = list(_installed().select(group=group))
-    own = [ep for ep in found if _dist(ep) == _OWN]
-    if not own:
-        raise NarrowgateError(
-            f"narrowgate's installed metadata declares no {group} entry points: the installation is missing or "
-            "stale. Reinstall narrowgate (in a checkout: pip install -e . or source scripts/env.sh)."
-        )
-    out: dict[str, EntryPoint] = {}
-    for ep in own + [ep for ep in found if _dist(ep) != _OWN]:
-        if ep.name in out:
-            taken = "a built-in of narrowgate" if _dist(out[ep.name]) == _OWN else "another plugin's"
-            raise PluginError(
-                f"{_who(ep)} takes the name {ep.name!r}, already {taken}: {_who(out[ep.name])}. "
-                "Rename the plugin's entry point (or uninstall one of the two)."
-            )
-        _target(ep)
-        out[ep.name] = ep
-    return out
-
-
-def _load(ep: EntryPoint, base: Callable[[], type[_T]], what: str) -> type[_T]:
-    """The class ``ep`` names, checked to be a subclass of ``base()`` named as its entry point; a plugin's failure
-    is one line. ``base`` is imported after the plugin, so a plugin that cannot be imported fails before torch loads.
-    """
-    module, attr = _target(ep)
-    try:
-        cls = ep.load()
-    except Exception as e:
-        if _dist(ep) == _OWN:
-            raise  # narrowgate's own: a bug, with its traceback
-        raise PluginError(f"{_who(ep)} cannot be loaded: {type(e).__name__}: {e}".rstrip(": ")) from e
-    parent = base()
-    if not (isinstance(cls, type) and issubclass(cls, parent)):
-        raise PluginError(f"{_who(ep)} names {cls!r}, not a subclass of {parent.__module__}.{parent.__name__}.")
-    if getattr(cls, "name", None) != ep.name:
-        raise PluginError(
-            f"{_who(ep)} names {what} {module}.{attr}, whose name is {getattr(cls, 'name', None)!r}: "
-            f"set its name = {ep.name!r}, or name the entry point {getattr(cls, 'name', None)!r}."
-        )
-    return cls
+#: narrowgate's own torch-free modules a settings module may import from (``from ..parsing import ...``).
+_LIGHT_OWN = ("narrowgate.errors", "narrowgate.parsing")
 
 
 def _experiment_base() -> type[Experiment]:
@@ -145,12 +67,12 @@ def _family_base() -> type[Family]:
 
 def load_experiment(name: str) -> type[Experiment]:
     """The experiment class of command ``name`` (imports it, hence torch)."""
-    return _load(points(EXPERIMENTS_GROUP)[name], _experiment_base, "experiment")
+    return load(points(EXPERIMENTS_GROUP)[name], _experiment_base, "experiment")
 
 
 def load_families() -> tuple[type[Family], ...]:
     """Every family's adapter class, in the order of `points` (imports them, hence torch)."""
-    return tuple(_load(ep, _family_base, "family") for ep in points(FAMILIES_GROUP).values())
+    return load_all(FAMILIES_GROUP, _family_base, "family")
 
 
 # --- reading sources without executing them --------------------------------------------------------------------
@@ -232,7 +154,7 @@ def _assigned(st: ast.stmt, name: str) -> ast.expr | None:
 
 def _docstring(name: str) -> str:
     """The experiment module's docstring, from its source; from the module itself where there is no source."""
-    module, _ = _target(points(EXPERIMENTS_GROUP)[name])
+    module, _ = target(points(EXPERIMENTS_GROUP)[name])
     tree = _tree(module)
     if tree is None:  # compiled only, or absent: loading says which, in one line
         return sys.modules[load_experiment(name).__module__].__doc__ or ""
@@ -279,6 +201,10 @@ def _namespace(module: str) -> dict[str, Any]:
         for node in tree.body:
             if isinstance(node, ast.ImportFrom) and (node.level or node.module not in _LIGHT):
                 target = _absolute(node, _package(module))
+                if target in _LIGHT_OWN:
+                    own = importlib.import_module(target)
+                    ns.update({a.asname or a.name: getattr(own, a.name) for a in node.names})
+                    continue
                 for alias in node.names:
                     if _follows(sub := f"{target}.{alias.name}", module):  # from package import module
                         _namespace(sub)
@@ -323,7 +249,7 @@ def _config_name(module: str, cls: ast.ClassDef) -> tuple[str, str]:
 
 def settings(name: str) -> tuple[type, dict]:
     """The settings dataclass of experiment ``name`` and the namespace its type hints resolve in."""
-    module, attr = _target(points(EXPERIMENTS_GROUP)[name])
+    module, attr = target(points(EXPERIMENTS_GROUP)[name])
     cls = _class(module, attr)
     if cls is not None:
         try:
@@ -353,7 +279,7 @@ class FamilyCard:
 
 def _literal_card(ep: EntryPoint) -> FamilyCard | None:
     """The family's card from the literals its class body assigns, or None where it does not spell all out."""
-    cls = _class(*_target(ep))
+    cls = _class(*target(ep))
     if cls is None:
         return None
     values: dict[str, Any] = {}
@@ -380,7 +306,7 @@ def family_cards() -> list[FamilyCard]:
     for ep in points(FAMILIES_GROUP).values():
         card = _literal_card(ep)
         if card is None:
-            cls: Any = _load(ep, _family_base, "family")
+            cls: Any = load(ep, _family_base, "family")
             card = FamilyCard(cls.name, tuple(cls.model_types), tuple(cls.checkpoints), cls.eoi_doc)
         cards.append(card)
     return cards

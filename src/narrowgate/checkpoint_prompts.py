@@ -17,7 +17,7 @@ Each prompt is a string, or an object mapping a dataset name (``imagenet``, ``sy
 string for prompts that differ per dataset. ``class_patching`` falls back to ``class``. `read`
 validates the whole file and refuses it with one message naming the field and the fix; `load`
 attaches what it read to the `VLM`, and every command resolves its prompts as: an explicit option,
-then ``narrowgate.json``, then the family preset (`narrowgate.analyses.prompts.resolve`).
+then ``narrowgate.json``, then the family preset (`narrowgate.data.prompts.resolve`).
 This module imports nothing heavy.
 """
 
@@ -34,7 +34,7 @@ from .errors import NarrowgateError
 FILENAME = "narrowgate.json"
 #: The format this narrowgate writes and reads; a file of a later format is refused (upgrade narrowgate).
 FORMAT = 1
-#: Prompt kinds a checkpoint can set (the keys of `narrowgate.analyses.prompts.KEYS`).
+#: Prompt kinds a checkpoint can set (the keys of `narrowgate.data.prompts.KEYS`).
 KINDS = ("vqa", "captions", "class", "class_patching")
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 

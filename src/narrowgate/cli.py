@@ -29,7 +29,8 @@ from typer.core import TyperGroup
 from . import threads
 from .catalog import catalog, family_cards, load_experiment, settings, summary
 from .deprecation import dependency_deprecations_hidden
-from .errors import NarrowgateError, OptionError, parse_image_size, parse_layer_set, parse_size
+from .errors import NarrowgateError, OptionError
+from .parsing import MODEL_HELP, parse_image_size, parse_layer_set, parse_size
 from .roles import RoleError, parse_role
 
 threads.configure()
@@ -126,8 +127,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
-
 
 def _flag(name: str, help: str):
     """A boolean option given as a bare flag (``--sweep``), shown without a value in --help."""
@@ -207,7 +206,7 @@ def roles(
     """Show where every role sits in one example prompt of MODEL (a blank grey image)."""
     from PIL import Image
 
-    from .analyses.prompts import sources
+    from .data.prompts import sources
     from .loading import load
     from .roles import ROLE_NAMES
 
@@ -376,7 +375,8 @@ def compare(
     """Overlay several runs of one experiment in one figure, on relative depth (as the paper does)."""
     from pathlib import Path
 
-    from .plots import compare as draw_compare
+    from .analyses import EXPERIMENTS
+    from .plots import write_compare
     from .store import RunStore
 
     _folder(out, "--out")
@@ -403,7 +403,8 @@ def compare(
     kinds = {m["experiment"] for _, _, m in loaded}
     if len(kinds) != 1:
         raise typer.BadParameter(f"runs of different experiments cannot be overlaid: {sorted(kinds)}")
-    for p in draw_compare(loaded, out):
+    (name,) = kinds
+    for p in write_compare(EXPERIMENTS[name]().compare(loaded), name, out):
         console.print(p)
 
 

@@ -11,8 +11,6 @@ numbers only.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import time
 from pathlib import Path
@@ -22,10 +20,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from . import report
 from .analyses import EXPERIMENTS
 from .errors import BaselineAtChance
 from .loading import load
-from .plots import compare
+from .plots import write_compare
 from .progress import eta
 from .runner import run
 from .store import RunStore
@@ -249,6 +248,7 @@ def gate_summary(runs: dict[str, dict[str, Path]], verdicts: dict[str, str]) -> 
 
 
 def print_summary(summary: pd.DataFrame, verdicts: dict[str, str], console: Console) -> None:
+    """The ablation summary as a table on ``console``, then the verdicts."""
     table = Table(title="Ablation summary (synthetic tasks)")
     for col in ("model", "task", "metric", *SUMMARY, "chance"):
         table.add_column(col)
@@ -276,22 +276,16 @@ def removal_table(summary: pd.DataFrame) -> pd.DataFrame:
 def add_removal_section(out: Path, summary: pd.DataFrame) -> None:
     """Append the before/after gate-removal comparison to the report."""
     card = json.loads((out / "remove-gate" / "card.json").read_text())
-    text = (out / "report.html").read_text().replace("</body></html>", "")
-    text += (
-        "<h2>Removing the gate (the paper's fine-tuning experiment, in miniature)</h2><p>The gated organism "
-        f"fine-tuned with the remove-gate recipe ({html.escape(', '.join(card['knockouts']))} knocked out while "
-        f"training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). Scores "
-        "with each knockout relative to the model's own baseline, before and after:</p>"
-        + removal_table(summary).to_html(
-            index=False, float_format=lambda x: f"{x:.3f}", na_rep="none (baseline at chance)"
-        )
-        + "</body></html>"
+    report.append_section(
+        out / "report.html",
+        [
+            "<h2>Removing the gate (the paper's fine-tuning experiment, in miniature)</h2><p>The gated organism "
+            f"fine-tuned with the remove-gate recipe ({report.escape(', '.join(card['knockouts']))} knocked out "
+            f"while training, {card['steps']} steps; card: <a href='remove-gate/CARD.md'>remove-gate/CARD.md</a>). "
+            "Scores with each knockout relative to the model's own baseline, before and after:</p>",
+            report.table(removal_table(summary), ".3f", na_rep="none (baseline at chance)"),
+        ],
     )
-    (out / "report.html").write_text(text)
-
-
-def _img(path: Path) -> str:
-    return f"<img src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
 def model_table(models: dict[str, Path]) -> str:
@@ -311,7 +305,7 @@ def model_table(models: dict[str, Path]) -> str:
                     }
                 )
         rows.append(row)
-    return pd.DataFrame(rows).fillna("").to_html(index=False)
+    return report.table(pd.DataFrame(rows).fillna(""))
 
 
 def write_report(
@@ -324,44 +318,44 @@ def write_report(
     gates: pd.DataFrame | None = None,
     refused: dict[str, dict[str, str]] | None = None,
 ) -> None:
+    """The demo's ``OUT/report.html``: the models side by side, experiment by experiment (`narrowgate.report`)."""
     labels = list(runs)
     refused = refused or {}
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>narrowgate demo</title><style>"
-        "body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}img{max-width:100%}</style></head><body>",
         "<h1>narrowgate demo</h1>",
         "<p>Every experiment of the paper on "
-        + "; ".join(html.escape(x) for x in labels)
+        + "; ".join(report.escape(x) for x in labels)
         + ", on synthetic images. Each run's own report is linked under its figures.</p>",
         *(["<h2>Models (held-out scores from their training cards)</h2>", model_table(models)] if models else []),
         "<h2>Verdict (from the measured numbers)</h2><ul>",
-        *[f"<li>{html.escape(v)}</li>" for v in verdicts.values()],
+        *[f"<li>{report.escape(v)}</li>" for v in verdicts.values()],
         "</ul><h2>Ablation summary</h2>",
-        summary.pivot_table(index=["model", "task", "metric", "chance"], columns="condition", values="score")
-        .reindex(columns=list(SUMMARY))
-        .rename_axis(columns=None)
-        .reset_index()
-        .to_html(index=False, float_format=lambda x: f"{x:.3f}"),
+        report.table(
+            summary.pivot_table(index=["model", "task", "metric", "chance"], columns="condition", values="score")
+            .reindex(columns=list(SUMMARY))
+            .rename_axis(columns=None)
+            .reset_index(),
+            ".3f",
+        ),
     ]
     if gates is not None and len(gates):
         parts += [
             "<h2>Gate scan (every image-side position knocked out alone)</h2><ul>",
-            *[f"<li>{html.escape(v)}</li>" for v in gates["verdict"]],
+            *[f"<li>{report.escape(v)}</li>" for v in gates["verdict"]],
             "</ul>",
-            gates.drop(columns="verdict").to_html(index=False, float_format=lambda x: f"{x:.3f}"),
+            report.table(gates.drop(columns="verdict"), ".3f"),
         ]
     for name, experiment, _ in plan:
-        parts.append(f"<h2>{html.escape(name)}</h2><table><tr>")
-        parts += [f"<th>{html.escape(lab)}</th>" for lab in labels]
+        parts.append(f"<h2>{report.escape(name)}</h2><table><tr>")
+        parts += [f"<th>{report.escape(lab)}</th>" for lab in labels]
         parts.append("</tr><tr>")
         for lab in labels:
             if name in refused.get(lab, {}):
-                parts.append(f"<td>No relative scores: {html.escape(refused[lab][name])}</td>")
+                parts.append(f"<td>No relative scores: {report.escape(refused[lab][name])}</td>")
                 continue
             figs = sorted((runs[lab][name] / "figures").glob("*.png"))
             link = f"<br><a href='{lab}/{name}/report.html'>run</a>"
-            parts.append("<td>" + "".join(_img(f) for f in figs) + link + "</td>")
+            parts.append("<td>" + "".join(report.image(f) for f in figs) + link + "</td>")
         parts.append("</tr></table>")
         if EXPERIMENTS[experiment].curve is not None:
             loaded = [
@@ -369,7 +363,7 @@ def write_report(
                 for lab in labels
                 if name not in refused.get(lab, {})
             ]
-            for png in (p for p in compare(loaded, out / "compare" / name) if p.endswith(".png")):
-                parts.append(f"<p>Overlay on relative depth:</p>{_img(Path(png))}")
-    parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts))
+            overlay = EXPERIMENTS[experiment]().compare(loaded)
+            for png in (p for p in write_compare(overlay, experiment, out / "compare" / name) if p.endswith(".png")):
+                parts.append(f"<p>Overlay on relative depth:</p>{report.image(Path(png))}")
+    report.write_page(out / "report.html", "narrowgate demo", parts, width=1300, font_size=13)

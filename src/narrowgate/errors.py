@@ -1,4 +1,4 @@
-"""The errors a user can act on, and the layer-set syntax shared by the API and the CLI.
+"""The errors a user can act on.
 
 Every error narrowgate raises for bad input or a bad environment derives from `NarrowgateError`:
 the command line prints its message alone, on one line, and exits non-zero (``--debug`` or
@@ -8,9 +8,7 @@ This module imports nothing heavy, so the CLI can name these errors without load
 
 from __future__ import annotations
 
-import numbers
-import re
-from collections import Counter
+from .deprecation import moved
 
 
 class NarrowgateError(Exception):
@@ -37,80 +35,14 @@ class BaselineAtChance(DataError):
     """The model's baseline score is at or below chance: scores relative to it would mean nothing."""
 
 
-def check_count(value, option: str) -> None:
-    """Refuse a count below 1 or not a whole number (``--n 0`` is not "the default"), naming ``option``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise OptionError(f"{option} must be a whole number of at least 1, got {value!r}.")
-
-
-#: No decoder has this many layers; larger numbers are typos (and would expand into huge ranges).
-MAX_LAYERS = 10_000
-
-_LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
-
-
-def parse_layer_set(text: str, option: str = "--layers") -> tuple[int, ...]:
-    """``'0-31'``, ``'3,5,7'`` or ``'0-3,8'`` -> the decoder layers, in the order written.
-
-    Items are non-negative integers or ascending ranges ``a-b`` (both ends included), separated by
-    commas; spaces around an item are ignored. Anything else (an empty set, ``5-2``, ``2-``,
-    ``-1``, a layer named twice) raises `OptionError` naming ``option``: a knockout over a
-    layer set the user did not mean would silently measure something else.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise OptionError(f"{option} {text!r} names no layer; write e.g. '0-31' or '3,5,7'.")
-    out: list[int] = []
-    for item in text.split(","):
-        m = _LAYER_ITEM.fullmatch(item.strip())
-        if not m:
-            raise OptionError(
-                f"{option} {text!r}: {item.strip()!r} is not a layer or an a-b range; write e.g. '0-31' or '3,5,7'."
-            )
-        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if b < a:
-            raise OptionError(f"{option} {text!r}: range {a}-{b} is empty (it must ascend, e.g. {b}-{a}).")
-        if b >= MAX_LAYERS:
-            raise OptionError(f"{option} {text!r}: layer {b} is beyond any model (at most {MAX_LAYERS - 1}).")
-        out += range(a, b + 1)
-    twice = sorted(x for x, times in Counter(out).items() if times > 1)
-    if twice:
-        raise OptionError(f"{option} {text!r} names layer(s) {twice} more than once.")
-    return tuple(out)
-
-
-def parse_image_size(text) -> tuple[int, int] | None:
-    """``'WxH'`` -> (width, height) in pixels; ``'processor'`` (the processor's own sizing) -> None.
-
-    Raises `OptionError` naming ``--image-size`` for anything else.
-    """
-    value = str(text).strip().lower()
-    if value == "processor":
-        return None
-    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value)
-    if not m or not all(1 <= int(g) <= 16384 for g in m.groups()):
-        raise OptionError(
-            f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 512x512, each 1..16384) or 'processor'."
-        )
-    return int(m.group(1)), int(m.group(2))
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
-_UNITS.update({"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40})
-
-
-def parse_size(value, option: str = "--memory-budget") -> int | None:
-    """``'8GiB'``, ``'512 MB'``, ``'1.5g'`` or a number of bytes -> bytes; None (or ``'auto'``) -> None.
-
-    Raises `OptionError` naming ``option`` for anything else, or for less than 1 MiB."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return None
-    text = str(value).strip().lower().replace(" ", "")
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number) :]
-    try:
-        out = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError, OverflowError):
-        raise OptionError(f"{option} {value!r}: write a size such as 8GiB, 512MiB or 2GB (or auto).") from None
-    if out < 1 << 20:
-        raise OptionError(f"{option} {value!r} is below 1 MiB; no model call fits in it.")
-    return out
+#: The option parsers that lived here until 0.2 (still importable from here, with a warning, until 0.4.0).
+__getattr__ = moved(
+    __name__,
+    "0.3.0",
+    "0.4.0",
+    check_count="narrowgate.parsing",
+    parse_layer_set="narrowgate.parsing",
+    parse_image_size="narrowgate.parsing",
+    parse_size="narrowgate.parsing",
+    MAX_LAYERS="narrowgate.parsing",
+)

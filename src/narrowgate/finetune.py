@@ -96,8 +96,8 @@ PROMPT_DATASET = {"vqav2": "vqav2", "coco": "coco", "synthetic": "synthetic"}
 def _examples(source: str, path: str | None, n: int, seed: int) -> list[Item]:
     """The first ``n`` of ``source``'s seeded order (a prefix of a larger draw) as prompt kind / answer pairs."""
     from . import data
-    from .analyses.tasks import _find
     from .data.llava_instruct import load_llava_instruct
+    from .data.tasks import _find
 
     if path is None:
         raise DataError(f"--data {source} needs a path: --data {source}=DIR.")
@@ -181,7 +181,7 @@ def mixture(
 def templates(vlm, sources, overrides: dict[str, str | None]) -> dict[tuple[str, str], tuple[str, str]]:
     """(kind, dataset) -> (prompt, where it comes from) for the VQA and caption examples of ``sources``:
     ``overrides`` (``vqa_prompt``, ``caption_prompt``), else the checkpoint's narrowgate.json, else the preset."""
-    from .analyses import prompts
+    from .data import prompts
 
     out = {}
     info = model_info(vlm)
@@ -198,7 +198,7 @@ def templates(vlm, sources, overrides: dict[str, str | None]) -> dict[tuple[str,
 
 def with_prompts(items: list[Item], chosen: dict[tuple[str, str], tuple[str, str]]) -> list[Item]:
     """``items`` with the prompt of each VQA / caption example filled in from ``chosen`` (`templates`)."""
-    from .analyses.prompts import vqa_prompt
+    from .data.prompts import vqa_prompt
 
     out = []
     for it in items:

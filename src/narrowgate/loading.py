@@ -32,6 +32,9 @@ class LoadError(NarrowgateError, RuntimeError):
 
 #: The shipped organisms loadable by name (`narrowgate.organisms.KINDS`, kept here so naming one imports no torch).
 ORGANISMS = ("native", "non-native", "gated")
+#: Where their checkpoints ship (`narrowgate.organisms.path`): known here, so loading never imports the organisms'
+#: training code (which sits above it).
+ORGANISM_CHECKPOINTS = Path(__file__).parent / "organisms" / "checkpoints"
 #: Seconds to wait for the hub before calling it unreachable (huggingface_hub itself retries a missing file ~40 s).
 HUB_TIMEOUT = 3.0
 #: Files that define a checkpoint's model (weights, their index, the config); the processor's do not.
@@ -44,9 +47,7 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     directory unless a directory of that name exists here; anything else is returned unchanged."""
     name = str(name_or_path)
     if name in ORGANISMS and not Path(name).exists():
-        from .organisms import path
-
-        return str(path(name))
+        return str(ORGANISM_CHECKPOINTS / name)
     return name
 
 

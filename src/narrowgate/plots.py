@@ -1,16 +1,22 @@
 """What every figure shares: the palette, the residual-index label, saving, and ``narrowgate compare``.
 
 Each experiment draws its own figures (its ``figures`` method, in its own file) from its tables only;
-`compare` overlays several runs of one experiment on relative depth.
+`write_compare` writes an experiment's overlay of several runs on relative depth.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RESID = "residual index (0 = embeddings)"
 PAPER_LAYER = "layer l (output of decoder layer l = resid l+1; the paper's axis)"
@@ -56,18 +62,15 @@ def resid_axis(df: pd.DataFrame, info: dict) -> tuple[pd.DataFrame, pd.Series, s
     return df, df["resid"], RESID
 
 
-def compare(runs: list[tuple[str, dict, dict]], out_dir) -> list[str]:
-    """Overlay runs (label, tables, manifest) of one experiment on relative depth; returns file paths."""
-    from pathlib import Path
+def write_compare(fig: Figure | None, name: str, out_dir: str | Path) -> list[str]:
+    """Write an overlay of runs of experiment ``name`` (its `Experiment.compare` figure, or None: nothing to draw)
+    as ``compare-<name>.png`` and ``.pdf`` under ``out_dir``; returns the file paths.
 
-    from .analyses import EXPERIMENTS
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = runs[0][2]["experiment"]
-    fig = EXPERIMENTS[name]().compare(runs)
+    The caller makes the figure, so plotting never imports the experiments (the layers run the other way)."""
     if fig is None:
         return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     paths = []
     try:

@@ -14,7 +14,8 @@ import math
 import numbers
 from dataclasses import dataclass, field, replace
 
-from .errors import OptionError, check_count
+from .errors import OptionError
+from .parsing import check_count
 
 SOURCES = ("llava-instruct", "vqav2", "coco", "synthetic")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import torch
 
 from . import compat
-from .analyses import options, prompts
+from .analyses import options
 from .analyses.base import Experiment, Unit
-from .data import BadExample, example_digest
+from .data import BadExample, example_digest, prompts
 from .distributed import Ranks
-from .errors import DataError, OptionError, check_count, parse_image_size, parse_size
+from .errors import DataError, OptionError
+from .parsing import check_count, parse_image_size, parse_size
 from .progress import progress_bar
 from .store import ManifestMismatch, NonFiniteResidual, RunStore
 

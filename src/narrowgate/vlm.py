@@ -26,9 +26,10 @@ from .engine.protocol import ModelShape
 from .engine.runner import Runner
 from .engine.state import InterventionError, Plan, Record, Run, Scratch, activate, recompute_context, resolve
 from .engine.stats import CrossModalAttention, build
-from .errors import PromptError, parse_size
+from .errors import PromptError
 from .families import detect
 from .families.base import Item
+from .parsing import parse_size
 from .training import TrainingBatch
 from .video import Video
 

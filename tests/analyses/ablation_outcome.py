@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from narrowgate.analyses import tasks
 from narrowgate.analyses.base import TASK_OF
+from narrowgate.data import tasks
 from narrowgate.metrics import cider, cider_chance, neighborhood_overlap, overlap_chance, vqa_accuracy, vqa_chance
 from narrowgate.store import RunStore
 

@@ -250,7 +250,7 @@ def test_generation_under_position_knockouts_equals_role_knockouts(loaded, mode)
 
 @pytest.mark.slow
 def test_score_gives_every_position_its_task_score_drop(checkpoint_dir, loaded, tmp_path):
-    from narrowgate.analyses import tasks
+    from narrowgate.data import tasks
     from narrowgate.metrics import vqa_accuracy
 
     ckpt = checkpoint_dir("chameleon")

@@ -8,10 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from narrowgate import Capture
-from narrowgate.analyses import tasks
 from narrowgate.analyses.logit_lens import read_out, suppressed
-from narrowgate.analyses.prompts import name_ids
 from narrowgate.cli import app
+from narrowgate.data import tasks
+from narrowgate.data.prompts import name_ids
 from narrowgate.store import RunStore
 from tests.fixtures.common import images
 

@@ -7,11 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from narrowgate.analyses import tasks
-from narrowgate.analyses.prompts import VQA
 from narrowgate.analyses.steering import names
 from narrowgate.cli import app
-from narrowgate.data import class_pairs
+from narrowgate.data import class_pairs, tasks
+from narrowgate.data.prompts import VQA
 from narrowgate.store import RunStore
 from tests.analyses.ablation_outcome import check_ablation_outcome
 from tests.data import layouts
@@ -189,7 +188,7 @@ def test_gate_scan_honours_allow_fewer_on_imagenet(checkpoint_dir, datasets, tmp
 def test_authors_inputs_on_imagenet_pixtral_size_and_chameleon_34b_prompt(checkpoint_dir, datasets, tmp_path):
     """On the ImageNet layout: Pixtral reads 512 x 512 images and a 48-layer Chameleon the long prompt, as the
     authors' code; both in the manifest."""
-    from narrowgate.analyses.prompts import LONG_CLASS
+    from narrowgate.data.prompts import LONG_CLASS
     from tests.fixtures import chameleon
 
     argv = ["--data", "imagenet", "--data-dir", str(datasets["imagenet"]), "--n-per-class", "1", "--n", "12"]

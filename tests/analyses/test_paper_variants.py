@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from narrowgate import Capture
-from narrowgate.analyses import EXPERIMENTS, tasks
+from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.cross_attention import CrossAttention
 from narrowgate.analyses.overlap import windows
 from narrowgate.analyses.patching import pair_order, patch_conditions
-from narrowgate.analyses.prompts import class_prompt
-from narrowgate.data import by_label
+from narrowgate.data import by_label, tasks
+from narrowgate.data.prompts import class_prompt
 from narrowgate.engine.interventions import Patch
 from narrowgate.metrics import distribution_similarity
 from narrowgate.runner import run

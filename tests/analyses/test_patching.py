@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from narrowgate import Capture, Patch
-from narrowgate.analyses import EXPERIMENTS, tasks
+from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.patching import pair_order, patch_conditions
-from narrowgate.analyses.prompts import name_ids, name_scores
-from narrowgate.data import class_pairs
+from narrowgate.data import class_pairs, tasks
+from narrowgate.data.prompts import name_ids, name_scores
 from narrowgate.runner import run
 from tests.fixtures.common import images
 
@@ -112,7 +112,7 @@ def test_patching_samples_per_pair_class_whatever_n_and_says_so(checkpoint_dir, 
 
 
 def test_prompt_presets_reproduce_the_published_settings():
-    from narrowgate.analyses.prompts import CLASS, VQA, preset, resolve
+    from narrowgate.data.prompts import CLASS, VQA, preset, resolve
 
     assert preset("class_patching", "chameleon", 48, "imagenet").endswith(". This animal is a")  # Chameleon-34B
     assert preset("class_patching", "chameleon", 32, "imagenet") == CLASS["imagenet"]  # Chameleon-7B

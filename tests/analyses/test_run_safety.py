@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 import narrowgate as ng
 from narrowgate import data
-from narrowgate.analyses import EXPERIMENTS, tasks
+from narrowgate.analyses import EXPERIMENTS
 from narrowgate.cli import app
+from narrowgate.data import tasks
 from narrowgate.errors import DataError, OptionError
 from narrowgate.loading import fingerprint
 from narrowgate.metrics.overlap import check_k, overlap_k

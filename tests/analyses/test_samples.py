@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from narrowgate.analyses import EXPERIMENTS, tasks
+from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.ablation import standard_errors, text_scores
 from narrowgate.cli import app
-from narrowgate.data import animal_classes, synthetic_captions
+from narrowgate.data import animal_classes, synthetic_captions, tasks
 from narrowgate.errors import DataError
 from narrowgate.metrics import cider
 from narrowgate.runner import run

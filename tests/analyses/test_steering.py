@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from narrowgate import Capture, Patch
-from narrowgate.analyses import EXPERIMENTS, tasks
+from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.steering import class_names, load_synonyms, names, window
 from narrowgate.cli import app
+from narrowgate.data import tasks
 from narrowgate.errors import DataError
 from narrowgate.runner import run
 

@@ -12,9 +12,9 @@ import torch
 
 import narrowgate as ng
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.prompts import name_ids, resize
 from narrowgate.analyses.two_images import KNOCKOUTS, TwoImages, question
-from narrowgate.errors import parse_image_size
+from narrowgate.data.prompts import name_ids, resize
+from narrowgate.parsing import parse_image_size
 from narrowgate.runner import run
 from narrowgate.store import Shard
 from tests.engine import reference

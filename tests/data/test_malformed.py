@@ -10,9 +10,8 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from narrowgate.analyses import tasks
 from narrowgate.cli import app
-from narrowgate.data import BadExample, base, load_coco_karpathy, load_vqav2, load_vqav2_hf
+from narrowgate.data import BadExample, base, load_coco_karpathy, load_vqav2, load_vqav2_hf, tasks
 from narrowgate.data.llava_instruct import load_llava_instruct
 from narrowgate.errors import DataError
 from narrowgate.store import RunStore

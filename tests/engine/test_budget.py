@@ -12,7 +12,8 @@ import torch
 import narrowgate as ng
 from narrowgate.engine import attention
 from narrowgate.engine.budget import BLOCK_SHARE, Budget, Shape, fused_prefix, plain_forward_bytes
-from narrowgate.errors import OptionError, parse_size
+from narrowgate.errors import OptionError
+from narrowgate.parsing import parse_size
 from tests.engine.conftest import same_prompt
 from tests.fixtures.common import images
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import narrowgate
 from narrowgate import organisms
-from narrowgate.analyses.prompts import VQA
 from narrowgate.cli import app
 from narrowgate.data.base import DEFAULT_SEED
+from narrowgate.data.prompts import VQA
 from narrowgate.data.synthetic import synthetic_vqa
 from narrowgate.errors import OptionError
 from narrowgate.metrics import vqa_accuracy

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import narrowgate
 from narrowgate import organisms
-from narrowgate.analyses.prompts import VQA
 from narrowgate.cli import app
+from narrowgate.data.prompts import VQA
 from narrowgate.data.synthetic import synthetic_classes
 from narrowgate.errors import OptionError
 from narrowgate.organisms import heldout, native

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..data import tasks
+from ..data.prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
-from ..errors import BaselineAtChance, OptionError, parse_layer_set
+from ..errors import BaselineAtChance, OptionError
 from ..metrics import cider, cider_chance, neighborhood_overlap_per_point, overlap_chance, vqa_accuracy, vqa_chance
 from ..metrics.overlap import check_k, overlap_k
+from ..parsing import parse_layer_set
 from ..store import BFloat16
-from . import tasks
 from .base import Experiment, register, stack
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, check_sweep, option, sweep_step
-from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ..data import tasks
 from ..deprecation import moved
-from . import options, tasks
+from . import options
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..data.prompts import class_prompt
 from ..roles import REST, parse_role
 from .base import Experiment, register
 from .options import ClassPrompt, RunConfig, option
-from .prompts import class_prompt
 
 #: The role totals of table ``cross_attention_roles``.
 ROLE_TOTALS = ("eoi", "first_image", "last_image", "internal_image", "eol", "image_special")

@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 from ..engine.state import InterventionError
 from ..errors import OptionError
 from ..roles import image_side
@@ -58,7 +59,6 @@ from ..video import Video
 from .ablation import text_metric, text_score
 from .base import Experiment, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
-from .prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
 
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
@@ -232,7 +232,7 @@ class GateScan(Experiment):
         return {"n": cfg.get("n") or 200}
 
     def examples(self, cfg):
-        from . import tasks
+        from ..data import tasks
 
         return tasks.load(
             cfg["data"],
@@ -272,7 +272,7 @@ class GateScan(Experiment):
                 f"half). Raise {what}."
             )
         if cfg.get("score") and self.task_of(cfg) == "vqa":
-            from . import tasks
+            from ..data import tasks
 
             tasks.require_answers(examples, cfg.get("data_dir"))
 

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.prompts import class_prompt, name_ids
 from ..engine.interventions import Capture
 from ..errors import OptionError
 from ..roles import parse_role
 from .base import Experiment, register, stack
 from .options import ClassPrompt, RunConfig, option
-from .prompts import class_prompt, name_ids
 
 
 @dataclass

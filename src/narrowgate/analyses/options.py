@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 
 from ..errors import OptionError
+from ..parsing import MODEL_HELP
 
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASKS = ("vqa", "captions", "classes")
 MODES = ("zero", "mask")
-MODEL_HELP = "Hub id, checkpoint directory, or a shipped organism: native, non-native, gated."
 
 
 def option(

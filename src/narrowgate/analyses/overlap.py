@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..data.prompts import class_prompt
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
@@ -36,7 +37,6 @@ from ..metrics.overlap import check_k, overlap_k
 from ..store import BFloat16
 from .base import Experiment, register, stack
 from .options import MODES, ClassPrompt, PaperAxis, RunConfig, check_sweep, option, sweep_step
-from .prompts import class_prompt
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")
 #: Captured only when every example has the role (families with in-image line breaks).

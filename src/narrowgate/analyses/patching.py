@@ -27,14 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import by_label
+from ..data import by_label, tasks
+from ..data.prompts import class_prompt, name_ids, name_scores
 from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from ..metrics import distribution_similarity
-from . import tasks
 from .base import Experiment, Unit, register
 from .options import ClassPrompt, RunConfig, option
-from .prompts import class_prompt, name_ids, name_scores
 
 DIRECTIONS = ("paper", "both")
 SPANS = ("single", "from")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.prompts import class_prompt
 from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from ..errors import DataError
@@ -27,7 +28,6 @@ from .ablation import parse_layers
 from .base import register
 from .options import option
 from .patching import PairsConfig, Patching
-from .prompts import class_prompt
 
 #: Rates reported for each text: names the target, the base, the target and not the base.
 FLAGS = ("target", "base", "target_not_base")

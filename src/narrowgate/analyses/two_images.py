@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import by_label
+from ..data.prompts import name_ids, name_scores
 from ..engine.interventions import Capture, Knockout, Patch
 from ..engine.shared import Condition
 from ..errors import OptionError
@@ -41,7 +42,6 @@ from .base import Experiment, Unit, register
 from .gate_scan import kl
 from .options import MODES, RunConfig, option
 from .patching import SPANS
-from .prompts import name_ids, name_scores
 
 WHICH = {1: "first", 2: "second"}
 QUESTIONS = {"synthetic": "The shape in the {which} image is a", "imagenet": "The animal in the {which} image is a"}

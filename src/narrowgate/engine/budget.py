@@ -4,7 +4,7 @@ The budget is the working memory (beyond the weights) one model call may use. By
 *plain forward of the same batch* needs — the stock forward as ``generate`` runs its prefill: the key/value
 cache of every layer, one layer's activations, the last position's logits — estimated from the model's
 shape (`plain_forward_bytes`); ``VLM.memory_budget`` (``--memory-budget``, parsed by
-`narrowgate.errors.parse_size`) sets it in bytes instead. From
+`narrowgate.parsing.parse_size`) sets it in bytes instead. From
 it the engine chooses
 
 - how many conditions one suffix pass takes (`Budget.conditions_per_pass`): the shared prefix's cache is

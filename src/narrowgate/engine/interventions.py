@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from ..deprecation import renamed
-from ..errors import parse_layer_set
+from ..parsing import parse_layer_set
 from ..roles import Role, parse_role, parse_roles
 from .protocol import EDGES, SITES, Intervention, InterventionError, ModelShape, Resolved, RoleMask, Where, role_mask
 

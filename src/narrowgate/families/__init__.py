@@ -1,7 +1,7 @@
 """Model-family adapters, one file each, and the registry that picks one from ``config.model_type``.
 
 Every adapter, narrowgate's and any installed package's, is found by its entry point in the
-``narrowgate.families`` group (pyproject.toml; `narrowgate.catalog`): `FAMILIES` loads them on first use.
+``narrowgate.families`` group (pyproject.toml; `narrowgate.plugins`): `FAMILIES` loads them on first use.
 A model type no dedicated adapter accepts gets the `Generic` adapter when its config allows one (a decoder
 reading image placeholder tokens); otherwise `detect` refuses, saying why."""
 
@@ -21,9 +21,9 @@ FAMILIES: tuple[type[Family], ...]
 
 def __getattr__(name: str) -> Any:
     if name == "FAMILIES":
-        from ..catalog import load_families
+        from ..plugins import FAMILIES_GROUP, load_all
 
-        value = load_families()
+        value = load_all(FAMILIES_GROUP, lambda: Family, "family")
         globals()["FAMILIES"] = value
         return value
     if name.startswith("_"):  # dunder probes (inspect, pickle...) load nothing

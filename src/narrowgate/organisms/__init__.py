@@ -21,6 +21,7 @@ import torch
 
 from .. import checkpoint_prompts
 from ..errors import OptionError
+from ..loading import ORGANISM_CHECKPOINTS
 from . import card as cardlib
 from . import gated, native, non_native
 from .common import PROMPTS
@@ -46,7 +47,7 @@ def _check(kind: str) -> None:
 def path(kind: str) -> Path:
     """The shipped checkpoint directory of ``kind`` (load it with ``narrowgate.load(path(kind))``)."""
     _check(kind)
-    return Path(__file__).parent / "checkpoints" / kind
+    return ORGANISM_CHECKPOINTS / kind
 
 
 def config(kind: str, *, tiny: bool = False, **overrides: Any) -> _Config:

@@ -63,7 +63,7 @@ def make_card(
             "training_stream": f"narrowgate.organisms.common.training_scenes(n, seed={seed}) "
             "(64x64 synthetic scenes: shape x colour x 3x3 position)",
             "task_mix": TASK_MIX,
-            "prompts": "the experiments' VQA, caption and class prompts (narrowgate.analyses.prompts)",
+            "prompts": "the experiments' VQA, caption and class prompts (narrowgate.data.prompts)",
         },
         **info,
         "train_seconds": round(seconds, 1),

@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 from transformers import PreTrainedTokenizerFast
 
-from ..analyses.prompts import CAPTION, CLASS, VQA
+from ..data.prompts import CAPTION, CLASS, VQA
 from ..data.synthetic import COLORS, POSITIONS, QUESTIONS, SHAPES, Scene, make_scene, render_scene, scene_captions
 from ..progress import progress_bar
 from .tiny import bpe_tokenizer

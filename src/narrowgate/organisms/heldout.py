@@ -12,8 +12,8 @@ import random
 import numpy as np
 import torch
 
-from ..analyses.prompts import CAPTION, NEW_TOKENS, VQA, word_token
 from ..data.base import DEFAULT_SEED
+from ..data.prompts import CAPTION, NEW_TOKENS, VQA, word_token
 from ..data.synthetic import ATTRIBUTES, POSITION_PHRASES, synthetic_captions, synthetic_classes, synthetic_vqa
 from ..metrics import cider, vqa_accuracy
 from .common import CLASS_PROMPT

@@ -23,9 +23,9 @@ from transformers import (
     LlavaProcessor,
 )
 
-from ..analyses.prompts import CAPTION
 from ..compat import BaseModelOutputWithPooling
 from ..data.base import DEFAULT_SEED
+from ..data.prompts import CAPTION
 from ..data.synthetic import scene_captions, synthetic_captions
 from . import clip as cliplib
 from .common import (

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from ..analyses.prompts import VQA
+from ..data.prompts import VQA
 from ..errors import OptionError
 from ..organisms import native
 from ..store import DirectoryLock

@@ -23,9 +23,14 @@ every other family keeps the processor's sizing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..errors import parse_image_size
+from ..parsing import parse_image_size
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 VQA = "{question}\nAnswer the question using a single word or phrase."
 CAPTION = "Provide a one-sentence caption for the provided image."
@@ -89,7 +94,7 @@ def resolve_image_size(cfg: dict, family: str, generates: bool) -> dict:
     return {**cfg, "image_size": value}
 
 
-def resize(image, size: tuple[int, int] | None):
+def resize(image: PILImage, size: tuple[int, int] | None) -> PILImage:
     """``image`` resized to ``size`` (width, height) with bilinear filtering — the authors' torchvision resize of a
     PIL image — or unchanged for None."""
     from PIL import Image
@@ -98,10 +103,12 @@ def resize(image, size: tuple[int, int] | None):
 
 
 def class_prompt(cfg: dict) -> str:
+    """The class prompt of a run: ``--prompt``, else the dataset's (ImageNet's for a dataset without one)."""
     return cfg.get("prompt") or CLASS.get(cfg["data"], CLASS["imagenet"])
 
 
 def vqa_prompt(cfg: dict, question: str) -> str:
+    """``question`` in the run's VQA template (``--vqa-prompt``, else the paper's), which must hold ``{question}``."""
     template = cfg.get("vqa_prompt") or VQA
     if "{question}" not in template:
         raise ValueError(f"--vqa-prompt {template!r} has no {{question}} placeholder for the question.")
@@ -109,6 +116,7 @@ def vqa_prompt(cfg: dict, question: str) -> str:
 
 
 def caption_prompt(cfg: dict) -> str:
+    """The captioning prompt of a run: ``--caption-prompt``, else the paper's."""
     return cfg.get("caption_prompt") or CAPTION
 
 

@@ -12,9 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.prompts import LONG_CLASS, resize, resolve, resolve_image_size
 from narrowgate.cli import app
-from narrowgate.errors import BaselineAtChance, OptionError, parse_image_size
+from narrowgate.data.prompts import LONG_CLASS, resize, resolve, resolve_image_size
+from narrowgate.errors import BaselineAtChance, OptionError
+from narrowgate.parsing import parse_image_size
 from narrowgate.runner import run
 
 

@@ -10,7 +10,8 @@ from functools import partial
 from pathlib import Path
 
 from .. import data
-from ..errors import DataError, check_count
+from ..errors import DataError
+from ..parsing import check_count
 
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASK_DATASETS = {
