@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from narrowgate import catalog
+from narrowgate import catalog, plugins
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.families import FAMILIES
 
@@ -196,23 +196,23 @@ def installed(tmp_path, monkeypatch):
     def install(entry_points: str = GOOD, source: str = PLUGIN) -> None:
         monkeypatch.syspath_prepend(str(_plugin(tmp_path / "site", entry_points, source)))
         catalog.points.cache_clear()
-        catalog._installed.cache_clear()
+        plugins._installed.cache_clear()
 
     yield install
     catalog.points.cache_clear()
-    catalog._installed.cache_clear()
+    plugins._installed.cache_clear()
     sys.modules.pop("ng_plugin_demo", None)
 
 
 def test_a_plugin_class_named_unlike_its_entry_point_is_refused(installed):
     installed(source=PLUGIN.replace('name = "eoi-norm"', 'name = "eoi-size"'))
-    with pytest.raises(catalog.PluginError, match=r"^ng-plugin-demo's entry point .* whose name is 'eoi-size'"):
+    with pytest.raises(plugins.PluginError, match=r"^ng-plugin-demo's entry point .* whose name is 'eoi-size'"):
         catalog.load_experiment("eoi-norm")
 
 
 def test_a_plugin_entry_point_naming_no_experiment_is_refused(installed):
     installed("[narrowgate.experiments]\neoi-norm = ng_plugin_demo:NextVideo\n")
-    with pytest.raises(catalog.PluginError, match=r"not a subclass of narrowgate\.analyses\.base\.Experiment"):
+    with pytest.raises(plugins.PluginError, match=r"not a subclass of narrowgate\.analyses\.base\.Experiment"):
         catalog.load_experiment("eoi-norm")
 
 
@@ -287,7 +287,7 @@ def test_an_installation_without_narrowgates_entry_points_is_refused_saying_to_r
 
     from narrowgate.errors import NarrowgateError
 
-    monkeypatch.setattr(catalog, "_installed", lambda: EntryPoints(()))
+    monkeypatch.setattr(plugins, "_installed", lambda: EntryPoints(()))
     catalog.points.cache_clear()
     try:
         with pytest.raises(NarrowgateError, match=r"declares no narrowgate\.experiments entry points.*Reinstall"):
