@@ -149,7 +149,7 @@ def _planted(masses: list[list[float]]):
 )
 def test_cross_attention_normalises_per_example_or_after_the_mean(normalise, eoi, first):
     records = _planted([[1.0, 1.0, 2.0], [6.0, 1.0, 1.0]])
-    cfg = {**CrossAttention.defaults, "normalise": normalise}
+    cfg = CrossAttention.config(normalise=normalise)
     tables = CrossAttention().aggregate(records, cfg, {"n_layers": 1})
     roles = tables["cross_attention_roles"].set_index("role")["fraction"]
     assert roles["eoi"] == pytest.approx(eoi)
@@ -196,7 +196,7 @@ def test_patching_from_l_patches_every_later_index_and_matches_direct_forwards(c
     records = spans.records()
     base_id, target_id = records.rows.loc[0, ["base_image", "target_image"]]
     examples = {e.id: e for e in tasks.load("synthetic", "classes", None, seed=42, n_per_class=2, classes="pairs")}
-    prompt = class_prompt({"data": "synthetic", "prompt": None})
+    prompt = class_prompt(None, "synthetic")
     base = vlm.prepare([examples[base_id].load_image()], [prompt])
     target = vlm.prepare([examples[target_id].load_image()], [prompt])
     t = vlm.forward(target, capture=Capture("eoi"))

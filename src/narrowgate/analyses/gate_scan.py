@@ -52,9 +52,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..deprecation import moved
 from ..engine.state import InterventionError
 from ..errors import OptionError
-from ..metrics.scores import kl, spearman, text_metric, text_score
+from ..metrics import scores
 from ..roles import image_side
 from ..video import Video
 from .base import Experiment, Sample, Unit, register
@@ -71,7 +72,8 @@ if TYPE_CHECKING:
     from ..store import RunStore, Shard
     from ..vlm import VLM
 
-__all__ = ["GateScan", "GateScanConfig", "kl", "spearman", "verdict"]
+#: Names that lived here until 0.2 and their new homes (still importable from here, with a warning, until 0.4.0).
+__getattr__ = moved(__name__, "0.3.0", "0.4.0", kl="narrowgate.metrics.scores", spearman="narrowgate.metrics.scores")
 
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
@@ -323,8 +325,8 @@ class GateScan(Experiment[GateScanConfig]):
             if cfg.score:
                 row["texts"] = self._texts(vlm, batch, side, cfg)
             if cfg.method == "attribution":
-                row["spearman"] = spearman(row["estimate"], row["damage"])
-                row["spearman_logp"] = spearman(row["estimate"], np.abs(row["logp_change"]))
+                row["spearman"] = scores.spearman(row["estimate"], row["damage"])
+                row["spearman_logp"] = scores.spearman(row["estimate"], np.abs(row["logp_change"]))
             rows.append(row)
         return rows, {}
 
@@ -360,7 +362,7 @@ class GateScan(Experiment[GateScanConfig]):
             )
 
         def damage(sets, layers=None, mode=mode) -> np.ndarray:
-            return measured(sets, lambda x: kl(base, x), layers, mode).numpy()
+            return measured(sets, lambda x: scores.kl(base, x), layers, mode).numpy()
 
         def all_but() -> np.ndarray:
             """KL with everything but each position knocked out: N x (N - 1) positions in all, so as dense masks
@@ -372,7 +374,9 @@ class GateScan(Experiment[GateScanConfig]):
                 idx = torch.arange(s, min(N, s + step))
                 m = side_mask.repeat(len(idx), 1)
                 m[torch.arange(len(idx)), at[idx]] = False
-                out.append(vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: kl(base, x[:, 0])))
+                out.append(
+                    vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: scores.kl(base, x[:, 0]))
+                )
             return torch.cat(out).numpy()
 
         base = measured([[]], lambda x: x)[0]
@@ -383,7 +387,7 @@ class GateScan(Experiment[GateScanConfig]):
         grouped = damage(group_sets) if group_sets else np.zeros(0)
         own = int(base.argmax())
         singles = [[i] for i in range(N)]
-        both = measured(singles + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1))
+        both = measured(singles + [range(N)], lambda x: torch.stack([scores.kl(base, x), x.log_softmax(-1)[:, own]], 1))
         single, whole = both[:N, 0].numpy(), float(both[N, 0])
         logp_change = (both[:N, 1] - base.log_softmax(-1)[own]).tolist()
         rest = all_but()
@@ -482,7 +486,7 @@ class GateScan(Experiment[GateScanConfig]):
         if cfg.method == "attribution" and len(exact):
             gate["spearman"] = float(exact["spearman"].mean())
             gate["spearman_logp"] = float(exact["spearman_logp"].mean())
-            gate["spearman_mean_profile"] = spearman(
+            gate["spearman_mean_profile"] = scores.spearman(
                 np.nanmean(_matrix(exact, "estimate", names), 0), np.nanmean(_matrix(exact, "damage", names), 0)
             )
         if "group_whole" in exact and exact["group_whole"].notna().any():
@@ -507,7 +511,7 @@ class GateScan(Experiment[GateScanConfig]):
         cache: dict[frozenset, float] = {}
 
         def score(preds: dict) -> float:
-            return text_score(task, preds, examples, tokenize)
+            return scores.text_score(task, preds, examples, tokenize)
 
         def base_score(ids_: frozenset) -> float:  # one baseline score per set of examples, not one per position
             if ids_ not in cache:
@@ -523,7 +527,7 @@ class GateScan(Experiment[GateScanConfig]):
         drops = {n: base_score(frozenset(preds)) - score(preds) for n, preds in per_pos.items() if preds}
         b, w = base_score(frozenset(base)), score(whole)
         return drops, {
-            "score_metric": text_metric(task, tokenize),
+            "score_metric": scores.text_metric(task, tokenize),
             "score_baseline": b,
             "score_whole_image": w,
             "score_drop_whole": b - w,
