@@ -13,7 +13,7 @@ import torch
 from narrowgate import Capture
 from narrowgate.analyses import EXPERIMENTS, tasks
 from narrowgate.analyses.cross_attention import CrossAttention
-from narrowgate.analyses.overlap import windows
+from narrowgate.analyses.overlap import OverlapConfig, windows
 from narrowgate.analyses.patching import pair_order, patch_conditions
 from narrowgate.analyses.prompts import class_prompt
 from narrowgate.data import by_label
@@ -29,11 +29,11 @@ def _cfg(checkpoint_dir, tmp_path, family="chameleon", **kw):
 
 
 def test_sweep_windows_grow_from_layer_zero_and_end_with_every_layer():
-    assert windows({"sweep": True, "sweep_step": 2}, 5) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3, 4)]
-    assert windows({"sweep": True, "sweep_step": 1}, 2) == [(0,), (0, 1)]
+    assert windows(OverlapConfig(sweep=True, sweep_step=2), 5) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3, 4)]
+    assert windows(OverlapConfig(sweep=True, sweep_step=1), 2) == [(0,), (0, 1)]
     # the authors' windows: layers 0..w-1 for w = 4, 8, ... (their range(0, L, 4)), and every layer
-    assert [len(w) for w in windows({"sweep": True, "sweep_step": 4}, 10)] == [4, 8, 10]
-    assert windows({}, 4) == []
+    assert [len(w) for w in windows(OverlapConfig(sweep=True, sweep_step=4), 10)] == [4, 8, 10]
+    assert windows(OverlapConfig(), 4) == []
 
 
 def test_overlap_under_early_knockouts_blinds_eoi_up_to_the_window(checkpoint_dir, loaded, tmp_path):
