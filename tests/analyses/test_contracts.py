@@ -23,6 +23,8 @@ import pytest
 
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import Experiment
+from narrowgate.errors import OptionError
+from narrowgate.runner import settings_of, values
 
 ANALYSES = Path(importlib.import_module("narrowgate.analyses").__file__).parent
 HOOKS = ("examples", "units", "check", "check_model", "process", "aggregate", "figures", "prompt_kinds", "requested")
@@ -153,3 +155,33 @@ def test_mypy_catches_a_misspelt_setting(tmp_path):
     assert results["sweep_step"].returncode == 0, results["sweep_step"].stdout
     assert results["sweep_stpe"].returncode == 1
     assert '"AblationConfig" has no attribute "sweep_stpe"' in results["sweep_stpe"].stdout
+
+
+GIVEN = {"model": "native", "data": "synthetic", "n_per_class": 3, "out": "somewhere", "batch_size": None}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_settings_are_one_instance_whose_values_are_the_old_config_dict(name):
+    """What the manifest records (`runner.values`) is what the dict-based runner recorded: the defaults that are
+    values, overridden by what was given and not None — so run directories made before still resume."""
+    exp = EXPERIMENTS[name]()
+    settings = settings_of(exp, GIVEN)
+    assert isinstance(settings, exp.config)
+    assert values(settings) == {**exp.defaults, **{k: v for k, v in GIVEN.items() if v is not None}}
+    assert settings_of(exp, settings) == settings  # an instance is taken as it is (and checked the same way)
+    assert settings_of(exp, exp.config(model="native", data="synthetic", n_per_class=3, out="somewhere")) == settings
+
+
+def test_settings_are_checked_as_the_command_line_checks_them():
+    exp = EXPERIMENTS["logit-lens"]()
+    with pytest.raises(OptionError, match="logit-lens has no setting 'rolse'"):
+        settings_of(exp, {**GIVEN, "rolse": ["eoi"]})
+    with pytest.raises(OptionError, match="logit-lens needs data: give data=..."):
+        settings_of(exp, {"model": "native"})
+    with pytest.raises(OptionError, match="--n-per-class"):
+        settings_of(exp, {**GIVEN, "n_per_class": 0})
+    with pytest.raises(OptionError, match="--dtype 'float8' is not one of"):
+        settings_of(exp, exp.config(model="native", data="synthetic", dtype="float8"))
+    other = EXPERIMENTS["overlap"].config(model="native", data="synthetic")
+    with pytest.raises(OptionError, match="logit-lens takes LogitLensConfig settings, not OverlapConfig"):
+        settings_of(exp, other)
