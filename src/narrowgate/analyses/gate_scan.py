@@ -45,13 +45,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..data import VQAExample
 from ..deprecation import moved
 from ..engine.state import InterventionError
 from ..errors import OptionError
@@ -85,6 +87,8 @@ MIN_EXAMPLES = 10
 #: The verdict's thresholds on necessity (the gate index) and sufficiency (docs/gate-scan.md).
 GATE, DISTRIBUTED = 0.5, 0.2
 OTHER_MODE = {"mask": "zero", "zero": "mask"}
+#: Sets of positions knocked out together, as indices into an example's image side.
+Sets = Sequence[Sequence[int] | range | np.ndarray]
 
 
 def side_positions(lay: ImageLayout, n: int | None = None) -> list[tuple[int, str, str]]:
@@ -285,7 +289,7 @@ class GateScan(Experiment[GateScanConfig]):
     def _prompt(self, example: Example, cfg: GateScanConfig) -> str:
         task = self.task_of(cfg)
         if task == "vqa":
-            return vqa_prompt(cfg.vqa_prompt, example.question)  # type: ignore[attr-defined]  # a VQAExample
+            return vqa_prompt(cfg.vqa_prompt, cast(VQAExample, example).question)
         return caption_prompt(cfg.caption_prompt) if task == "captions" else class_prompt(cfg.prompt, cfg.data)
 
     def process(
@@ -353,15 +357,20 @@ class GateScan(Experiment[GateScanConfig]):
         T, N, mode = prefix.batch.length, len(side), cfg.mode
         pos = [p for p, _, _ in side]
 
-        def masks(sets) -> torch.Tensor:
+        def masks(sets: Sets) -> torch.Tensor:
             return sources([[pos[int(j)] for j in s] for s in sets], T)
 
-        def measured(sets, reduce, layers=None, mode=mode) -> torch.Tensor:  # reduced pass by pass: never C x V
+        def measured(
+            sets: Sets,
+            reduce: Callable[[torch.Tensor], torch.Tensor],
+            layers: list[int | Sequence[int] | None] | None = None,
+            mode: str = mode,
+        ) -> torch.Tensor:  # reduced pass by pass: never C x V
             return vlm.forward_knockouts(
                 prefix, masks(sets), layers=layers, mode=mode, reduce=lambda x: reduce(x[:, 0])
             )
 
-        def damage(sets, layers=None, mode=mode) -> np.ndarray:
+        def damage(sets: Sets, layers: list[int | Sequence[int] | None] | None = None, mode: str = mode) -> np.ndarray:
             return measured(sets, lambda x: scores.kl(base, x), layers, mode).numpy()
 
         def all_but() -> np.ndarray:
@@ -602,7 +611,9 @@ def _means(weights: np.ndarray, X: np.ndarray) -> np.ndarray:
         return np.where(count > 0, (weights @ np.nan_to_num(X)) / count, np.nan)
 
 
-def _cross_fit(wa, wb, D, W, R) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+def _cross_fit(
+    wa: np.ndarray, wb: np.ndarray, D: np.ndarray, W: np.ndarray, R: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Split-half necessity (and sufficiency, with ``R``) per resample: the top position chosen by mean damage
     on one half and scored on the other, both ways, averaged. ``wa``/``wb``: [S, E] example weights of the two
     halves. Returns necessity [S], sufficiency [S] or None, and the two choices [S] each."""
@@ -628,7 +639,19 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
     return (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) if len(v) else (float("nan"),) * 2
 
 
-def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
+def _split_half(
+    D: np.ndarray,
+    W: np.ndarray,
+    R: np.ndarray,
+    Do: np.ndarray | None,
+    Wo: np.ndarray | None,
+    names: list[str],
+    top: int,
+    mode: str,
+    other: str,
+    rng: np.random.Generator,
+    n_boot: int,
+) -> dict[str, Any]:
     """The gate numbers of ``docs/gate-scan.md``: split-half necessity in both modes (``mode`` only when ``Do`` is
     None) and sufficiency in ``mode``, each with its bootstrap interval over both halves, and how often the
     resampled choice is ``top``."""
@@ -655,7 +678,9 @@ def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
         return out_[0], out_[1]
 
     point, boot = weights(False), weights(True)
-    modes = {mode: (D, W, R)} if Do is None else {mode: (D, W, R), other: (Do, Wo, None)}
+    modes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {mode: (D, W, R)}
+    if Do is not None and Wo is not None:
+        modes[other] = (Do, Wo, None)
     for m, (Dm, Wm, Rm) in modes.items():
         nec, suf, _, _ = _cross_fit(*point, Dm, Wm, Rm)
         bnec, bsuf, pa, pb = _cross_fit(*boot, Dm, Wm, Rm)
@@ -719,7 +744,9 @@ def _group_table(
     return pd.DataFrame(rows)
 
 
-def _position_table(df, key, rng, n_boot):
+def _position_table(
+    df: pd.DataFrame, key: str, rng: np.random.Generator, n_boot: int
+) -> tuple[list[str], pd.DataFrame]:
     """One row per position, ranked by mean ``key``: role, grid cell, mean and its bootstrap interval."""
     first: dict = {}
     for _, r in df.iterrows():
@@ -752,7 +779,7 @@ def _position_table(df, key, rng, n_boot):
     return [names[j] for j in order], pd.DataFrame(rows)
 
 
-def _layer_table(df, n_layers, count):
+def _layer_table(df: pd.DataFrame, n_layers: int, count: int) -> pd.DataFrame:
     """Mean damage per layer window of each example's top positions (by rank) and of the whole image side."""
     rows = []
     for w_i, w in enumerate(windows(n_layers, count)):
