@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.base import Experiment
 from narrowgate.errors import OptionError
-from narrowgate.runner import settings_of, values
+from narrowgate.runner import run, settings_of, values
 
 ANALYSES = Path(importlib.import_module("narrowgate.analyses").__file__).parent
 HOOKS = ("examples", "units", "check", "check_model", "process", "aggregate", "figures", "prompt_kinds", "requested")
@@ -185,3 +186,15 @@ def test_settings_are_checked_as_the_command_line_checks_them():
     other = EXPERIMENTS["overlap"].config(model="native", data="synthetic")
     with pytest.raises(OptionError, match="logit-lens takes LogitLensConfig settings, not OverlapConfig"):
         settings_of(exp, other)
+
+
+def test_a_run_begun_with_a_dict_resumes_from_an_instance_with_the_same_manifest(tmp_path):
+    exp = EXPERIMENTS["logit-lens"]()
+    given = dict(model="native", data="synthetic", n_per_class=2, out=str(tmp_path / "run"), progress=False)
+    store = run(exp, given, command=["t"])
+    manifest = (store.path / "manifest.json").read_bytes()
+    config = json.loads(manifest)["config"]
+    assert config["prompt"] == "This shape is a" and config["image_size"] == "processor"  # resolved into it
+    again = run(exp, exp.config(**given), command=["t"])  # resumes: nothing left to do, nothing rewritten
+    assert (again.path / "manifest.json").read_bytes() == manifest
+    assert len(again.records().rows) == 12
