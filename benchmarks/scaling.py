@@ -141,8 +141,9 @@ def decoder_only(vlm, batch):
 def workloads(vlm, batch) -> dict:
     """The analyses on ``batch`` as functions of nothing (what they need beforehand is prepared here)."""
     import narrowgate as ng
-    from narrowgate.analyses.gate_scan import kl, side_positions, sources
+    from narrowgate.analyses.gate_scan import side_positions, sources
     from narrowgate.engine.shared import Condition
+    from narrowgate.metrics.scores import kl
     from narrowgate.roles import ROLE_NAMES
 
     lay = batch.layouts[0]

@@ -21,10 +21,10 @@ def test_relative_depth_is_resid_over_l_and_a_decoder_layer_sits_at_its_input():
 
 def test_paper_axis_draws_the_layer_outputs_as_layers_0_to_l_minus_1():
     df = pd.DataFrame({"resid": range(5), "v": range(5)})
-    rows, x, label = plots.resid_axis(df, {"settings": {"axis": "paper"}})
+    rows, x, label = plots.resid_axis(df, "paper")
     assert list(rows["resid"]) == [1, 2, 3, 4] and list(x) == [0, 1, 2, 3] and label == plots.PAPER_LAYER
-    assert plots.resid_axis(df, {})[2] == plots.PAPER_LAYER  # the default
-    rows, x, label = plots.resid_axis(df, {"settings": {"axis": "resid"}})
+    assert plots.resid_axis(df)[2] == plots.PAPER_LAYER  # the default
+    rows, x, label = plots.resid_axis(df, "resid")
     assert list(x) == [0, 1, 2, 3, 4] and label == plots.RESID
 
 

@@ -206,7 +206,7 @@ def with_prompts(items: list[Item], chosen: dict[tuple[str, str], tuple[str, str
             out.append(it)
             continue
         text = chosen[(it.kind, PROMPT_DATASET[it.source])][0]
-        prompt = vqa_prompt({"vqa_prompt": text}, it.example.question) if it.kind == "vqa" else text
+        prompt = vqa_prompt(text, it.example.question) if it.kind == "vqa" else text
         out.append(replace(it, prompt=prompt))
     return out
 

@@ -53,10 +53,10 @@ def depth_axis(df: pd.DataFrame, n_layers: int):
     return (df["resid"] if "resid" in df else df["layer"]) / max(1, n_layers)
 
 
-def resid_axis(df: pd.DataFrame, info: dict) -> tuple[pd.DataFrame, pd.Series, str]:
+def resid_axis(df: pd.DataFrame, axis: str = "paper") -> tuple[pd.DataFrame, pd.Series, str]:
     """Rows, x values and label of a per-``resid`` curve: the paper's layer axis (the layer outputs, layer l =
     resid l+1; the embeddings are not drawn) unless the run's ``axis`` setting is ``resid`` (0..L)."""
-    if (info.get("settings") or {}).get("axis", "paper") == "paper":
+    if axis == "paper":
         rows = df[df["resid"] >= 1]
         return rows, rows["resid"] - 1, PAPER_LAYER
     return df, df["resid"], RESID

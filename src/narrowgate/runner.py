@@ -17,16 +17,16 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sized
-from dataclasses import fields
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from . import compat
 from .analyses import options
-from .analyses.base import Experiment, Unit
+from .analyses.base import C, Experiment, Sample, Unit
 from .data import BadExample, example_digest, prompts
 from .distributed import Ranks
 from .errors import DataError, OptionError
@@ -35,7 +35,6 @@ from .progress import progress_bar
 from .store import ManifestMismatch, NonFiniteResidual, RunStore
 
 if TYPE_CHECKING:
-    from .data.base import Example
     from .vlm import VLM
 
 _T = TypeVar("_T")
@@ -93,7 +92,13 @@ def _load_images(
 
 
 def _process(
-    exp: Experiment, vlm: VLM, units: list[Unit], images: list[tuple], cfg: dict, store: RunStore, batch_size: int
+    exp: Experiment[C],
+    vlm: VLM,
+    units: list[Unit],
+    images: list[tuple],
+    cfg: C,
+    store: RunStore,
+    batch_size: int,
 ) -> int:
     """Process ``units`` in batches; halve the batch on out-of-memory (down to 1) and retry.
 
@@ -130,11 +135,11 @@ def _process(
 
 
 def _one_by_one(
-    exp: Experiment,
+    exp: Experiment[C],
     vlm: VLM,
     chunk: list[Unit],
     imgs: list[tuple],
-    cfg: dict,
+    cfg: C,
     store: RunStore,
     error: Exception,
 ) -> None:
@@ -182,7 +187,7 @@ def check_data(store: RunStore, units: Iterable[Unit]) -> None:
         )
 
 
-def check_config(cfg: dict, config: type) -> None:
+def check_config(cfg: Mapping[str, Any], config: type) -> None:
     """Refuse counts below 1 (``n=0`` is not "the default", ``n=-3`` is not "nothing") and values outside a
     setting's choices, naming the option: the Python API checks what the command line checks."""
     for f in fields(config):
@@ -199,7 +204,7 @@ def check_config(cfg: dict, config: type) -> None:
 SMALL_SAMPLE = 25
 
 
-def warn_small(examples: Iterable[Example]) -> None:
+def warn_small(examples: Sample) -> None:
     """Warn, before the model loads, that a sample of fewer than `SMALL_SAMPLE` examples gives noisy numbers."""
     if isinstance(examples, Sized) and len(examples) < SMALL_SAMPLE:
         n = len(examples)
@@ -218,8 +223,49 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield chunk
 
 
-def run(exp: Experiment, cfg: dict, *, vlm: VLM | None = None, command: list[str] | None = None) -> RunStore:
-    """Run (or resume) ``exp`` with settings ``cfg``; returns the run directory's store.
+def settings_of(exp: Experiment[C], given: Mapping[str, Any] | options.RunConfig) -> C:
+    """The one settings instance of a run of ``exp``: ``given`` (a dict of setting names, or an instance of
+    ``exp.config``) over the experiment's defaults, checked as the command line checks it.
+
+    An unknown name, a count below 1, a value outside a setting's choices, a malformed image size, device map or
+    memory budget, or a required setting (model, data) left out is refused with an `OptionError` naming it.
+    """
+    if isinstance(given, options.RunConfig):
+        if not isinstance(given, exp.config):
+            raise OptionError(
+                f"{exp.name} takes {exp.config.__name__} settings, not {type(given).__name__}: give a dict of "
+                f"settings or a {exp.config.__name__}."
+            )
+        given = {f.name: getattr(given, f.name) for f in fields(given)}
+    unknown = sorted(set(given) - set(options.names(exp.config)))
+    if unknown:
+        raise OptionError(
+            f"{exp.name} has no setting {', '.join(map(repr, unknown))}; its settings: "
+            f"{', '.join(options.names(exp.config))}."
+        )
+    values = {**exp.defaults, **{k: v for k, v in given.items() if v is not None}}
+    check_config(values, exp.config)
+    missing = [f.name for f in fields(exp.config) if f.metadata.get("required") and values.get(f.name) is None]
+    if missing:
+        raise OptionError(f"{exp.name} needs {' and '.join(missing)}: give {', '.join(f'{m}=...' for m in missing)}.")
+    if values.get("image_size") is not None:
+        parse_image_size(values["image_size"])
+    from .loading import check_device_map
+
+    check_device_map(values.get("device_map"))
+    parse_size(values.get("memory_budget"))
+    return exp.config(**values)
+
+
+def run(
+    exp: Experiment[C],
+    cfg: Mapping[str, Any] | options.RunConfig,
+    *,
+    vlm: VLM | None = None,
+    command: list[str] | None = None,
+) -> RunStore:
+    """Run (or resume) ``exp`` with settings ``cfg`` (a dict of setting names, or an instance of ``exp.config``);
+    returns the run directory's store.
 
     Order: settings and data are checked (nothing written yet), the run directory is locked, the
     model loads and is checked against the settings, and only then is the manifest written (with
@@ -227,43 +273,31 @@ def run(exp: Experiment, cfg: dict, *, vlm: VLM | None = None, command: list[str
     changed, is refused; a directory whose run produced no record is taken over). Under torchrun /
     accelerate launch each rank processes its shard of the units into its own shards of the shared
     run directory, under rank 0's lock; rank 0 then aggregates everything and draws the figures.
+    Every hook of ``exp`` receives the same settings instance (`settings_of`).
     """
-    unknown = sorted(set(cfg) - set(options.names(exp.config)))
-    if unknown:
-        raise OptionError(
-            f"{exp.name} has no setting {', '.join(map(repr, unknown))}; its settings: "
-            f"{', '.join(options.names(exp.config))}."
-        )
-    cfg = {**exp.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-    check_config(cfg, exp.config)
-    if cfg.get("image_size") is not None:
-        parse_image_size(cfg["image_size"])
-    from .loading import check_device_map
-
-    check_device_map(cfg.get("device_map"))
-    parse_size(cfg.get("memory_budget"))
-    examples = exp.examples(cfg)
-    exp.check(examples, cfg)
+    settings = settings_of(exp, cfg)
+    examples = exp.examples(settings)
+    exp.check(examples, settings)
     warn_small(examples)
     ranks = Ranks.from_env()
     ranks.init()
-    if ranks.world > 1 and not cfg.get("out"):
+    if ranks.world > 1 and not settings.out:
         raise OptionError("With several processes, give --out: every rank must write to the same run directory.")
-    out = Path(cfg.get("out") or default_out(exp.name, cfg["model"]))
+    out = Path(settings.out or default_out(exp.name, settings.model))
     store = RunStore(out, rank=ranks.rank)
     command_text = shlex.join(command if command is not None else sys.argv)
     ranks.lock(store, command_text)
     try:
-        return _run_locked(exp, cfg, vlm, examples, store, ranks, command_text)
+        return _run_locked(exp, settings, vlm, examples, store, ranks, command_text)
     finally:
         store.unlock()
 
 
 def _run_locked(
-    exp: Experiment,
-    cfg: dict,
+    exp: Experiment[C],
+    cfg: C,
     vlm: VLM | None,
-    examples: Iterable[Example],
+    examples: Sample,
     store: RunStore,
     ranks: Ranks,
     command_text: str,
@@ -272,7 +306,7 @@ def _run_locked(
     from .loading import load
 
     if vlm is None:
-        device_map, max_memory = cfg.get("device_map"), cfg.get("max_memory")
+        device_map, max_memory = cfg.device_map, cfg.max_memory
         if ranks.world > 1 and torch.cuda.is_available():
             import os
 
@@ -283,10 +317,10 @@ def _run_locked(
                 device_map = device_map or "auto"
                 max_memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in group}
                 max_memory["cpu"] = "64GiB"
-        vlm = load(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=device_map, max_memory=max_memory)
+        vlm = load(cfg.model, dtype=cfg.dtype, device_map=device_map, max_memory=max_memory)
     previous = vlm.budget
-    if cfg.get("memory_budget") is not None:
-        vlm.memory_budget = cfg["memory_budget"]
+    if cfg.memory_budget is not None:
+        vlm.memory_budget = cfg.memory_budget
     try:
         return _run_with(exp, cfg, vlm, examples, store, ranks, command_text)
     finally:
@@ -294,10 +328,10 @@ def _run_locked(
 
 
 def _run_with(
-    exp: Experiment,
-    cfg: dict,
+    exp: Experiment[C],
+    cfg: C,
     vlm: VLM,
-    examples: Iterable[Example],
+    examples: Sample,
     store: RunStore,
     ranks: Ranks,
     command_text: str,
@@ -309,25 +343,27 @@ def _run_with(
     info = model_info(vlm)
     exp.check_model(cfg, vlm.n_layers)
     own = getattr(vlm, "checkpoint_prompts", None)
-    used = prompts.sources(cfg, exp.prompt_kinds(cfg), info["family"], info["n_layers"], own)
-    cfg = {**cfg, **{key: text for key, (text, _) in used.items()}}
-    cfg = prompts.resolve_image_size(cfg, info["family"], exp.generates(cfg))
+    used = prompts.sources(values(cfg), exp.prompt_kinds(cfg), info["family"], info["n_layers"], own)
+    resolved: dict[str, Any] = {key: text for key, (text, _) in used.items()}
+    cfg = replace(cfg, **resolved)
+    size = prompts.resolve_image_size(values(cfg), info["family"], exp.generates(cfg))["image_size"]
+    cfg = replace(cfg, image_size=size)
     units = exp.units(examples, cfg)
-    key_cfg = {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and v is not None}
+    settings = values(cfg)
     store.open_manifest(
         {
             "experiment": exp.name,
-            "config": key_cfg,
-            "fingerprint": fingerprint(cfg["model"], info["revision"]),
-            "run": {k: cfg.get(k) for k in RUN_ONLY if k in cfg},
+            "config": {k: v for k, v in sorted(settings.items()) if k not in RUN_ONLY},
+            "fingerprint": fingerprint(cfg.model, info["revision"]),
+            "run": {k: settings[k] for k in RUN_ONLY if k in settings},
             "command": command_text,
             "model": info,
             "prompts": {key: {"text": text, "from": where} for key, (text, where) in used.items()},
             "checkpoint_prompts": own.as_json() if own is not None else None,
             "data": {
-                "dataset": cfg["data"],
-                "data_dir": str(cfg.get("data_dir")),
-                "seed": cfg["seed"],
+                "dataset": cfg.data,
+                "data_dir": str(cfg.data_dir),
+                "seed": cfg.seed,
                 "requested": exp.requested(cfg),
                 "actual": sample_counts(examples, units),
             },
@@ -342,14 +378,14 @@ def _run_with(
     sized = units if isinstance(units, Sized) else examples if isinstance(examples, Sized) else None
     total = len(range(ranks.rank, len(sized), ranks.world)) if sized is not None else None
     check_data(store, units)
-    done = store.done_ids(retry_failed=bool(cfg.get("retry_failed")))
-    batch_size = int(cfg["batch_size"])
-    size = parse_image_size(cfg["image_size"])
-    with progress_bar(disable=not cfg.get("progress", True)) as progress:
+    done = store.done_ids(retry_failed=cfg.retry_failed)
+    batch_size = int(cfg.batch_size)
+    pixels = parse_image_size(cfg.image_size)
+    with progress_bar(disable=not cfg.progress) as progress:
         label = f"{exp.name} ({info['family']})" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
         task = progress.add_task(label, total=total)
         for chunk in _chunks(ranks.shard(units), max(batch_size, 1) * 4):
-            good, images = _load_images([u for u in chunk if u.id not in done], store, size)
+            good, images = _load_images([u for u in chunk if u.id not in done], store, pixels)
             batch_size = _process(exp, vlm, good, images, cfg, store, batch_size)
             progress.update(task, advance=len(chunk))
     ranks.barrier()
@@ -359,7 +395,7 @@ def _run_with(
     return store
 
 
-def sample_counts(examples: Iterable[Example], units: Iterable[Unit]) -> dict:
+def sample_counts(examples: Sample, units: Iterable[Unit]) -> dict:
     """How many examples (and classes, and images per class) and work units a run has.
 
     A streamed source (synthetic data) is not consumed here: only what it knows of its size is recorded.
@@ -380,7 +416,13 @@ def sample_counts(examples: Iterable[Example], units: Iterable[Unit]) -> dict:
     return out
 
 
-def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report: ReportWriter) -> None:
+def values(cfg: options.RunConfig) -> dict[str, Any]:
+    """The settings that have a value, by name (None means "not set"): what the manifest records of a run, as it
+    always has (a setting left unset is absent, not null, so runs made before a setting existed still resume)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) is not None}
+
+
+def finish(exp: Experiment[C], store: RunStore, cfg: C, info: dict, write_report: ReportWriter) -> None:
     """Aggregate every record into tables, then figures and the report."""
     records = store.records()
     failures = store.failures()
@@ -394,5 +436,5 @@ def finish(exp: Experiment, store: RunStore, cfg: dict, info: dict, write_report
     tables["failures"] = failures
     for name, df in tables.items():
         store.write_table(name, df)
-    figures = exp.figures(tables, {**info, "settings": cfg}, store) if len(records.rows) else []
+    figures = exp.figures(tables, info, store, cfg) if len(records.rows) else []
     write_report(store, exp.name, tables, figures, info)

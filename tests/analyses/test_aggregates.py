@@ -18,8 +18,9 @@ def _records(rows: list[dict], arrays: dict | None = None):
     )
 
 
-def _cfg(name: str, **kw) -> dict:
-    return {**EXPERIMENTS[name].defaults, "data": "synthetic", "seed": 0, **kw}
+def _cfg(name: str, **kw):
+    """The experiment's settings instance, as the runner hands it to every hook."""
+    return EXPERIMENTS[name].config(**{"data": "synthetic", "seed": 0, **kw})
 
 
 # k = 1 neighbourhoods: at SAME every point's nearest neighbour shares its label (overlap 1), at CROSS none does (0).

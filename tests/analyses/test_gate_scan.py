@@ -14,10 +14,11 @@ from transformers import AttentionInterface, ChameleonForConditionalGeneration
 import narrowgate as ng
 from narrowgate import compat
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.gate_scan import kl, scan_positions, side_positions
+from narrowgate.analyses.gate_scan import scan_positions, side_positions
 from narrowgate.engine.runner import Runner
 from narrowgate.engine.state import ResolvedKnockout, RoleMask
-from narrowgate.runner import run
+from narrowgate.metrics.scores import kl
+from narrowgate.runner import run, settings_of
 from narrowgate.vlm import VLM
 from tests.fixtures import chameleon
 from tests.fixtures.common import images
@@ -174,7 +175,7 @@ def test_a_clip_is_scanned_frame_by_frame(checkpoint_dir, loaded, tmp_path):
     }
     first = store.records().rows.iloc[0]
     scan = EXPERIMENTS["gate-scan"]()
-    examples = {e.id: e for e in scan.examples({**scan.defaults, **cfg})}
+    examples = {e.id: e for e in scan.examples(settings_of(scan, cfg))}
     clip = ng.Video([examples[i].load_image() for i in first["example_id"].split("+")])
     batch = vlm.prepare([clip], [PROMPT])
     base = vlm.forward(batch).logits[0, -1].float()

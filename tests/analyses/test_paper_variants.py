@@ -13,7 +13,7 @@ import torch
 from narrowgate import Capture
 from narrowgate.analyses import EXPERIMENTS
 from narrowgate.analyses.cross_attention import CrossAttention
-from narrowgate.analyses.overlap import windows
+from narrowgate.analyses.overlap import OverlapConfig, windows
 from narrowgate.analyses.patching import pair_order, patch_conditions
 from narrowgate.data import by_label, tasks
 from narrowgate.data.prompts import class_prompt
@@ -29,11 +29,11 @@ def _cfg(checkpoint_dir, tmp_path, family="chameleon", **kw):
 
 
 def test_sweep_windows_grow_from_layer_zero_and_end_with_every_layer():
-    assert windows({"sweep": True, "sweep_step": 2}, 5) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3, 4)]
-    assert windows({"sweep": True, "sweep_step": 1}, 2) == [(0,), (0, 1)]
+    assert windows(OverlapConfig(sweep=True, sweep_step=2), 5) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3, 4)]
+    assert windows(OverlapConfig(sweep=True, sweep_step=1), 2) == [(0,), (0, 1)]
     # the authors' windows: layers 0..w-1 for w = 4, 8, ... (their range(0, L, 4)), and every layer
-    assert [len(w) for w in windows({"sweep": True, "sweep_step": 4}, 10)] == [4, 8, 10]
-    assert windows({}, 4) == []
+    assert [len(w) for w in windows(OverlapConfig(sweep=True, sweep_step=4), 10)] == [4, 8, 10]
+    assert windows(OverlapConfig(), 4) == []
 
 
 def test_overlap_under_early_knockouts_blinds_eoi_up_to_the_window(checkpoint_dir, loaded, tmp_path):
@@ -149,7 +149,7 @@ def _planted(masses: list[list[float]]):
 )
 def test_cross_attention_normalises_per_example_or_after_the_mean(normalise, eoi, first):
     records = _planted([[1.0, 1.0, 2.0], [6.0, 1.0, 1.0]])
-    cfg = {**CrossAttention.defaults, "normalise": normalise}
+    cfg = CrossAttention.config(normalise=normalise)
     tables = CrossAttention().aggregate(records, cfg, {"n_layers": 1})
     roles = tables["cross_attention_roles"].set_index("role")["fraction"]
     assert roles["eoi"] == pytest.approx(eoi)
@@ -196,7 +196,7 @@ def test_patching_from_l_patches_every_later_index_and_matches_direct_forwards(c
     records = spans.records()
     base_id, target_id = records.rows.loc[0, ["base_image", "target_image"]]
     examples = {e.id: e for e in tasks.load("synthetic", "classes", None, seed=42, n_per_class=2, classes="pairs")}
-    prompt = class_prompt({"data": "synthetic", "prompt": None})
+    prompt = class_prompt(None, "synthetic")
     base = vlm.prepare([examples[base_id].load_image()], [prompt])
     target = vlm.prepare([examples[target_id].load_image()], [prompt])
     t = vlm.forward(target, capture=Capture("eoi"))

@@ -47,9 +47,9 @@ def test_only_a_sweep_step_other_than_the_default_needs_sweep(experiment):
     """Overlap's default step is the authors' 4, the ablation's 1: a run without --sweep keeps either default."""
     exp = EXPERIMENTS[experiment]()
     default = exp.defaults["sweep_step"]
-    check_sweep(dict(exp.defaults), default)
+    check_sweep(exp.config(), default)
     with pytest.raises(OptionError, match=f"--sweep-step {default + 1} applies only with --sweep"):
-        check_sweep({**exp.defaults, "sweep_step": default + 1}, default)
+        check_sweep(exp.config(sweep_step=default + 1), default)
 
 
 def test_sweep_step_beyond_the_model_is_refused_before_the_manifest(tmp_path):

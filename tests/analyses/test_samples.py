@@ -17,11 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.ablation import standard_errors, text_scores
 from narrowgate.cli import app
-from narrowgate.data import animal_classes, synthetic_captions, tasks
+from narrowgate.data import animal_classes, tasks
 from narrowgate.errors import DataError
-from narrowgate.metrics import cider
 from narrowgate.runner import run
 from narrowgate.store import RunStore
 from tests.analyses.test_refusals import _one_line_refusal
@@ -91,30 +89,6 @@ def test_small_classes_sample_is_announced_and_every_score_has_its_standard_erro
         jackknife = np.sqrt(11 / 12 * ((loo - loo.mean()) ** 2).sum())
         assert row["relative_se"] == pytest.approx(jackknife, rel=0.25, abs=1e-9)
     assert table.loc["baseline", "relative_se"] == 0.0 and table.loc["baseline", "se"] > 0
-
-
-def test_standard_errors_by_hand():
-    per, base = np.array([1.0, 0.0, 1.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0])
-    se, rse = standard_errors(per, base)
-    assert se == pytest.approx(np.sqrt(1 / 3) / 2)  # sample std of 1,0,1,0 is sqrt(1/3)
-    ratio = 0.5 / 0.75
-    assert rse == pytest.approx(np.std(per - ratio * base, ddof=1) / 2 / 0.75)
-    assert all(np.isnan(standard_errors(per[:1], base[:1])))
-    rng = np.random.default_rng(0)  # the delta method agrees with the jackknife as n grows
-    base = (rng.random(400) < 0.6).astype(float)
-    per = base * (rng.random(400) < 0.7)
-    loo = np.array([np.delete(per, i).mean() / np.delete(base, i).mean() for i in range(400)])
-    assert standard_errors(per, base)[1] == pytest.approx(
-        np.sqrt(399 / 400 * ((loo - loo.mean()) ** 2).sum()), rel=0.01
-    )
-    assert np.isnan(standard_errors(per, np.zeros(4))[1])
-
-
-def test_per_image_cider_averages_to_the_corpus_score():
-    examples = {e.id: e for e in synthetic_captions(6, 1)}
-    preds = {i: e.references[k % 5] + (" extra words" if k % 2 else "") for k, (i, e) in enumerate(examples.items())}
-    corpus = cider(preds, {i: list(e.references) for i, e in examples.items()})[0]
-    assert text_scores("captions", preds, examples, "ptb").mean() == pytest.approx(corpus)
 
 
 def test_a_single_example_is_refused(tmp_path):

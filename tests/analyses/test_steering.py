@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from narrowgate import Capture, Patch
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.steering import class_names, load_synonyms, names, window
+from narrowgate.analyses.steering import SteeringConfig, class_names, load_synonyms, names, window
 from narrowgate.cli import app
 from narrowgate.data import tasks
 from narrowgate.errors import DataError
@@ -51,8 +51,8 @@ def test_synonyms_by_name_or_label_and_bad_files_are_refused(tmp_path):
 
 
 def test_default_window_is_relative_depth_a_quarter_to_a_half():
-    assert window({}, 32) == tuple(range(8, 17)) and window({}, 48) == tuple(range(12, 25))
-    assert window({"resids": "3,5"}, 32) == (3, 5)
+    assert window(SteeringConfig(), 32) == tuple(range(8, 17)) and window(SteeringConfig(), 48) == tuple(range(12, 25))
+    assert window(SteeringConfig(resids="3,5"), 32) == (3, 5)
 
 
 def test_sweep_patches_each_index_alone_and_equals_direct_generation(checkpoint_dir, loaded, tmp_path):

@@ -12,10 +12,10 @@ import torch
 
 import narrowgate as ng
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.analyses.two_images import KNOCKOUTS, TwoImages, question
+from narrowgate.analyses.two_images import KNOCKOUTS, TwoImages, TwoImagesConfig, question
 from narrowgate.data.prompts import name_ids, resize
 from narrowgate.parsing import parse_image_size
-from narrowgate.runner import run
+from narrowgate.runner import run, settings_of
 from narrowgate.store import Shard
 from tests.engine import reference
 
@@ -63,7 +63,7 @@ def test_scores_equal_separate_stock_forwards(checkpoint_dir, loaded, tmp_path):
     assert len(rows) == 12 and rows["asked"].tolist()[:4] == [1, 2, 1, 2]
     assert (rows["asked_label"] != rows["other_label"]).all()
     exp = TwoImages()
-    cfg = {**exp.defaults, **_cfg(ckpt, tmp_path / "run")}
+    cfg = settings_of(exp, _cfg(ckpt, tmp_path / "run"))
     examples = {e.id: e for e in exp.examples(cfg)}
     stock = reference.reference_model(ckpt, vlm.family.decoder_layers)
     layers = vlm.family.decoder_layers(stock)
@@ -136,7 +136,7 @@ def test_aggregate_equals_a_hand_computation():
     image1, image2 = base - 0.5, base + 0.25
     swap0, swap1 = base, -base
     margins = np.stack([base, eoi1, eoi2, image1, image2, swap0, swap1], 1)
-    cfg = {"mode": "zero", "span": "single"}
+    cfg = TwoImagesConfig(mode="zero", span="single")
     # Four pairs cannot show a preference above chance (0.75 +- 0.22): no shares, whatever the knockouts do.
     s = TwoImages().aggregate(_planted(margins, [1, 2, 1, 2]), cfg, {"n_layers": 2})["summary"].iloc[0]
     assert np.isnan(s["eoi_asked_margin_removed"]) and "not clearly above chance" in s["verdict"]
@@ -166,7 +166,7 @@ def test_aggregate_equals_a_hand_computation():
 
 def test_pairs_and_refusals(checkpoint_dir, tmp_path):
     exp = TwoImages()
-    cfg = {**exp.defaults, **_cfg(checkpoint_dir("chameleon"), tmp_path / "x")}
+    cfg = settings_of(exp, _cfg(checkpoint_dir("chameleon"), tmp_path / "x"))
     units = exp.units(exp.examples(cfg), cfg)
     assert len(units) == 12 and all(u.examples[0].label != u.examples[1].label for u in units)
     assert [u.meta["asked"] for u in units] == [1, 2] * 6 and len({u.id for u in units}) == 12

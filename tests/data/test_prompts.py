@@ -51,10 +51,10 @@ def test_chameleon_34b_long_prompt_on_every_imagenet_input():
     assert resolve({"data": "imagenet"}, ("class",), "chameleon", 32)["prompt"] == "This animal is a"
     # the experiments that read ImageNet through the class prompt all ask for it
     for name in ("cross-attention", "overlap", "logit-lens", "patching", "steering"):
-        kinds = EXPERIMENTS[name]().prompt_kinds({"data": "imagenet"})
+        kinds = EXPERIMENTS[name]().prompt_kinds(EXPERIMENTS[name].config(data="imagenet"))
         assert resolve({"data": "imagenet"}, kinds, "chameleon", 48)["prompt"] == LONG_CLASS, name
     for name in ("ablation", "gate-scan"):
-        kinds = EXPERIMENTS[name]().prompt_kinds({"data": "imagenet", "task": None})
+        kinds = EXPERIMENTS[name]().prompt_kinds(EXPERIMENTS[name].config(data="imagenet", task=None))
         assert resolve({"data": "imagenet"}, kinds, "chameleon", 48)["prompt"] == LONG_CLASS, name
 
 

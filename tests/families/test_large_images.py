@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import narrowgate as ng
-from narrowgate.analyses.gate_scan import kl, side_positions, sources
+from narrowgate.analyses.gate_scan import side_positions, sources
 from narrowgate.engine.shared import Condition
+from narrowgate.metrics.scores import kl
 from tests.fixtures.common import sized_images
 
 SIDE = 1344

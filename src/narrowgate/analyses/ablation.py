@@ -15,85 +15,48 @@ both conditions). A score needs two examples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
-from ..data import tasks
+from ..data import ClassExample, tasks
 from ..data.prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
+from ..deprecation import moved
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..errors import BaselineAtChance, OptionError
-from ..metrics import cider, cider_chance, neighborhood_overlap_per_point, overlap_chance, vqa_accuracy, vqa_chance
+from ..metrics import (
+    neighborhood_overlap_per_point,
+    overlap_chance,
+    scores,
+)
 from ..metrics.overlap import check_k, overlap_k
-from ..parsing import parse_layer_set
 from ..store import BFloat16
-from .base import Experiment, register, stack
+from . import options
+from .base import Experiment, Sample, Unit, register, stack
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, check_sweep, option, sweep_step
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 DEFAULT_SOURCES = ("eoi", "image", "last_image")
 
-
-def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> tuple[int, ...] | None:
-    """'0-31' or '3,5,7' -> indices below ``n_layers`` (`narrowgate.errors.parse_layer_set`); None -> all.
-
-    Raises `OptionError` naming ``option`` for a malformed or empty set or an index out of range.
-    """
-    if text is None:
-        return None
-    out = parse_layer_set(str(text), option=option)
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise OptionError(
-            f"{option} {text}: {bad} out of range 0..{n_layers - 1} (the model has "
-            f"{n_layers if option == '--layers' else n_layers - 1} layers)."
-        )
-    return out
-
-
-def text_metric(task: str, tokenize: str) -> str:
-    """The name of the score of generated answers (vqa) or captions."""
-    return "vqa_accuracy" if task == "vqa" else ("cider" if tokenize == "ptb" else "cider (raw strings)")
-
-
-def text_score(task: str, preds: dict, examples: dict, tokenize: str) -> float:
-    """VQA accuracy (mean over examples) or corpus CIDEr-D of ``preds`` (example id -> generated text)."""
-    return float(np.mean(text_scores(task, preds, examples, tokenize)))
-
-
-def text_scores(task: str, preds: dict, examples: dict, tokenize: str) -> np.ndarray:
-    """Per-example VQA accuracy or per-image CIDEr-D of ``preds``, in ``preds``' order; their mean is the
-    task's score (corpus CIDEr-D is the mean of the per-image scores, with IDF from the whole set)."""
-    if task == "vqa":
-        return np.array([vqa_accuracy(p, examples[i].answers) for i, p in preds.items()], dtype=np.float64)
-    per = cider(preds, {i: list(examples[i].references) for i in preds}, tokenize=tokenize)[1]
-    return np.array([per[i] for i in preds], dtype=np.float64)
-
-
-def standard_errors(per: np.ndarray, base: np.ndarray) -> tuple[float, float]:
-    """Standard errors over examples of the mean of ``per`` and of its ratio to the mean of ``base``.
-
-    The ratio's is the delta method on the paired examples: mean(per)/mean(base) - R is, to first order,
-    the mean of per_i - R base_i divided by mean(base). NaN below two examples, or for a zero baseline.
-    """
-    n = len(per)
-    if n < 2:
-        return float("nan"), float("nan")
-    se = float(np.std(per, ddof=1) / np.sqrt(n))
-    mean_base = float(np.mean(base))
-    if mean_base == 0:
-        return se, float("nan")
-    ratio = float(np.mean(per)) / mean_base
-    return se, float(np.std(per - ratio * base, ddof=1) / np.sqrt(n) / abs(mean_base))
-
-
-def text_chance(task: str, preds: dict, examples: dict, tokenize: str, seed: int) -> float:
-    """What the baseline's own answers score on other images (`narrowgate.metrics.chance`): the image-blind
-    level a score must beat to say the model reads the image."""
-    if task == "vqa":
-        groups = {i: examples[i].meta.get("question_type") or examples[i].question for i in preds}
-        return vqa_chance(preds, {i: examples[i].answers for i in preds}, groups)
-    return cider_chance(preds, {i: list(examples[i].references) for i in preds}, seed=seed, tokenize=tokenize)
+#: Names that lived here until 0.2 and their new homes (still importable from here, with a warning, until 0.4.0).
+__getattr__ = moved(
+    __name__,
+    "0.3.0",
+    "0.4.0",
+    parse_layers="narrowgate.analyses.options",
+    text_metric="narrowgate.metrics.scores",
+    text_score="narrowgate.metrics.scores",
+    text_scores="narrowgate.metrics.scores",
+    standard_errors="narrowgate.metrics.scores",
+    text_chance="narrowgate.metrics.scores",
+)
 
 
 #: How each task's chance level is measured (the refusal names it).
@@ -104,31 +67,36 @@ CHANCE_IS = {
 }
 
 
-def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int, cfg: dict) -> None:
+def refuse_at_chance(task: str, metric: str, base: float, chance: float, n: int, cfg: AblationConfig) -> None:
     """Raise `BaselineAtChance` when the baseline does not beat chance: relative scores would be undefined."""
     if base > chance:
         return
-    key = {"vqa": "vqa_prompt", "captions": "caption_prompt"}.get(task, "prompt")
+    key, prompt = {
+        "vqa": ("vqa_prompt", cfg.vqa_prompt),
+        "captions": ("caption_prompt", cfg.caption_prompt),
+    }.get(task, ("prompt", cfg.prompt))
     raise BaselineAtChance(
         f"The baseline scores {base:.4f} {metric} on {n} examples, at or below chance ({chance:.4f}: "
         f"{CHANCE_IS[task]}), so scores relative to it are undefined: the model does not solve this task as asked. "
-        f"Check the model and its prompt ({key} {cfg.get(key)!r}; a checkpoint sets its own in narrowgate.json, "
+        f"Check the model and its prompt ({key} {prompt!r}; a checkpoint sets its own in narrowgate.json, "
         "see docs/checkpoint-prompts.md); the records are kept."
     )
 
 
-def conditions(cfg: dict, n_layers: int) -> list[Condition]:
-    sources = list(DEFAULT_SOURCES) + [r for r in cfg.get("knockout") or () if r not in DEFAULT_SOURCES]
-    mode = cfg["mode"]
+def conditions(cfg: AblationConfig, n_layers: int) -> list[Condition]:
+    """The baseline and each knockout (`DEFAULT_SOURCES`, ``--knockout`` roles, [EOI] -> [EOI] and text) in the
+    ``--layers`` window, or in each growing window of ``--sweep``."""
+    sources = list(DEFAULT_SOURCES) + [r for r in cfg.knockout or () if r not in DEFAULT_SOURCES]
+    mode = cfg.mode
     windows: list[tuple[int, ...] | None]
-    if cfg.get("sweep"):
+    if cfg.sweep:
         step = sweep_step(cfg, n_layers)
         sweep = [tuple(range(n_layers - w, n_layers)) for w in range(step, n_layers + 1, step)]
         if sweep[-1][0] != 0:
             sweep.append(tuple(range(n_layers)))
         windows = list(sweep)
     else:
-        windows = [parse_layers(cfg.get("layers"), n_layers)]
+        windows = [options.parse_layers(cfg.layers, n_layers)]
     out = [Condition("baseline")]
     for layers in windows:
         specs = [Knockout(s, "text", layers=layers, mode=mode) for s in sources]
@@ -139,6 +107,8 @@ def conditions(cfg: dict, n_layers: int) -> list[Condition]:
 
 @dataclass
 class AblationConfig(ClassPrompt, TaskPrompts, RunConfig):
+    """Settings of ``narrowgate run ablation``."""
+
     mode: str = option("zero", "Knockout mode: zero (the paper's) or mask (exactly blind).", choices=MODES)
     layers: str | None = option(
         None, "Decoder layers of the knockouts, e.g. 0-31 or 3,5,7 (default: all).", parse="layers"
@@ -150,66 +120,70 @@ class AblationConfig(ClassPrompt, TaskPrompts, RunConfig):
 
 
 @register
-class Ablation(Experiment):
+class Ablation(Experiment[AblationConfig]):
+    """Task performance with attention knockouts (Sec. 4.3)."""
+
     name = "ablation"
     task = "vqa"
     config = AblationConfig
 
-    def prompt_kinds(self, cfg):
+    def prompt_kinds(self, cfg: AblationConfig) -> tuple[str, ...]:
+        """The one prompt of the run's task (``class`` for classes)."""
         return ({"classes": "class"}.get(self.task_of(cfg), self.task_of(cfg)),)
 
-    def requested(self, cfg):
+    def requested(self, cfg: AblationConfig) -> dict[str, int]:
+        """``n`` examples (2,000), or ``n_per_class`` images per class (100) on classes."""
         if self.task_of(cfg) == "classes":
-            out = {"n_per_class": cfg.get("n_per_class") or 100}
-            return {**out, "n": cfg["n"]} if cfg.get("n") else out
-        return {"n": cfg.get("n") or 2000}
+            out = {"n_per_class": cfg.n_per_class or 100}
+            return {**out, "n": cfg.n} if cfg.n else out
+        return {"n": cfg.n or 2000}
 
-    def examples(self, cfg):
-        return tasks.load(
-            cfg["data"],
-            self.task_of(cfg),
-            cfg.get("data_dir"),
-            seed=cfg["seed"],
-            allow_fewer=bool(cfg.get("allow_fewer")),
-            **self.requested(cfg),
-        )
-
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: AblationConfig) -> None:
+        """Refuse a single example, ``--layers`` with ``--sweep``, a ``k`` the classes cannot support, and VQA
+        examples without answers, before the model loads."""
         check_sweep(cfg, self.defaults["sweep_step"])
         if len(examples) < 2:
             raise OptionError(
                 f"--n {len(examples)}: a score over one example has no standard error (and CIDEr-D over one image "
                 "is 0 by construction); give --n 2 or more."
             )
-        if cfg.get("sweep") and cfg.get("layers") is not None:
+        if cfg.sweep and cfg.layers is not None:
             raise OptionError(
                 f"--sweep makes its own layer windows (growing, ending at the last layer), so --layers "
-                f"{cfg['layers']} would be ignored: drop --layers, or --sweep to knock out in layers {cfg['layers']} only."
+                f"{cfg.layers} would be ignored: drop --layers, or --sweep to knock out in layers {cfg.layers} only."
             )
         if self.task_of(cfg) == "classes":
-            check_k((e.label for e in examples), cfg["k"])
+            check_k((cast(ClassExample, e).label for e in examples), cfg.k)
         if self.task_of(cfg) == "vqa":
-            tasks.require_answers(examples, cfg.get("data_dir"))
+            tasks.require_answers(examples, cfg.data_dir)
 
-    def check_model(self, cfg, n_layers) -> None:
+    def check_model(self, cfg: AblationConfig, n_layers: int) -> None:
+        """Refuse a ``--layers`` or ``--sweep-step`` the model's depth cannot support."""
         conditions(cfg, n_layers)
 
-    def process(self, vlm, units, images, cfg):
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: AblationConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per unit, the residual at ``last`` after the last layer (classes) or the generated text (VQA, captions)
+        under every condition."""
         task = self.task_of(cfg)
         conds = conditions(cfg, vlm.n_layers)
         exs = [u.examples[0] for u in units]
         imgs = [im[0] for im in images]
         if task == "classes":
-            batch = vlm.prepare(imgs, [class_prompt(cfg)] * len(units))
+            batch = vlm.prepare(imgs, [class_prompt(cfg.prompt, cfg.data)] * len(units))
             outs = vlm.forward_conditions(batch, conds, capture=Capture("last", resids=(vlm.n_layers,)))
-            rows = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
+            rows: list[dict[str, Any]] = [{"example_id": u.id, "label": e.label} for u, e in zip(units, exs)]
             arrays = {
                 f"last:{c.name}": BFloat16(outs[c.name].residuals["last"][:, 0].numpy(), (vlm.n_layers,)) for c in conds
             }
             return rows, arrays
-        prompts = [vqa_prompt(cfg, e.question) for e in exs] if task == "vqa" else [caption_prompt(cfg)] * len(units)
+        if task == "vqa":
+            prompts = [vqa_prompt(cfg.vqa_prompt, e.question) for e in exs]
+        else:
+            prompts = [caption_prompt(cfg.caption_prompt)] * len(units)
         batch = vlm.prepare(imgs, prompts)
-        gens = vlm.generate_conditions(batch, conds, max_new_tokens=int(cfg.get("max_new_tokens") or NEW_TOKENS[task]))
+        gens = vlm.generate_conditions(batch, conds, max_new_tokens=int(cfg.max_new_tokens or NEW_TOKENS[task]))
         rows = []
         for b, u in enumerate(units):
             row = {"example_id": u.id}
@@ -218,13 +192,15 @@ class Ablation(Experiment):
             rows.append(row)
         return rows, {}
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: AblationConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Table ``ablation``: per condition, the score, relative to the baseline, with standard errors and the
+        chance level; a baseline at or below chance is refused (`refuse_at_chance`)."""
         task = self.task_of(cfg)
         names = [c.name for c in conditions(cfg, info["n_layers"])]
         rows = []
         if task == "classes":
             labels = records.rows["label"].to_numpy()
-            k = overlap_k(labels, cfg["k"])
+            k = overlap_k(labels, cfg.k)
             per = {n: neighborhood_overlap_per_point(stack(records.arrays, f"last:{n}"), labels, k=k) for n in names}
             metric = "overlap@last"
             chance = overlap_chance(labels.tolist())
@@ -232,16 +208,16 @@ class Ablation(Experiment):
             ids = records.rows["example_id"].tolist()
             wanted = set(ids)
             examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
-            tokenize = cfg.get("cider_tokenize") or "ptb"
-            metric = text_metric(task, tokenize)
+            tokenize = cfg.cider_tokenize or "ptb"
+            metric = scores.text_metric(task, tokenize)
             preds = {n: dict(zip(ids, records.rows[f"pred:{n}"])) for n in names}
-            per = {n: text_scores(task, preds[n], examples, tokenize) for n in names}
-            chance = text_chance(task, preds["baseline"], examples, tokenize, cfg["seed"])
+            per = {n: scores.text_scores(task, preds[n], examples, tokenize) for n in names}
+            chance = scores.text_chance(task, preds["baseline"], examples, tokenize, cfg.seed)
         base = float(np.mean(per["baseline"]))
         refuse_at_chance(task, metric, base, chance, len(records.rows), cfg)
         for n in names:
             score = float(np.mean(per[n]))
-            se, relative_se = standard_errors(per[n], per["baseline"])
+            se, relative_se = scores.standard_errors(per[n], per["baseline"])
             rows.append(
                 {
                     "condition": n,
@@ -257,7 +233,10 @@ class Ablation(Experiment):
             )
         return {"ablation": pd.DataFrame(rows)}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: AblationConfig
+    ) -> list[str]:
+        """Each condition's score relative to the baseline, one bar per condition."""
         from ..plots import COLORS, has, plt, save
 
         if not has(tables, "ablation"):
@@ -270,7 +249,7 @@ class Ablation(Experiment):
         ax.set(ylabel=f"{df['metric'].iloc[0]} relative to baseline", title="Attention knockout")
         return [save(fig, store, "ablation")]
 
-    def compare(self, runs):
+    def compare(self, runs: list[tuple[str, dict, dict]]) -> Figure:
         """The conditions' relative scores, one bar per run."""
         from ..plots import COLORS
 

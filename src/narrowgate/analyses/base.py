@@ -9,15 +9,17 @@ out-of-memory back-off, the report) is the runner's, `narrowgate.runner.run`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
 
-from ..data import tasks
+from ..data import by_label, tasks
 from ..deprecation import moved
+from ..errors import DataError
 from . import options
 
 if TYPE_CHECKING:
@@ -53,16 +55,30 @@ class Unit:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+class Sample(Protocol):
+    """A run's examples: sized and re-iterable, a list or a `narrowgate.data.Stream` (made one at a time)."""
+
+    def __len__(self) -> int:
+        """How many examples."""
+        ...
+
+    def __iter__(self) -> Iterator[Example]:
+        """The examples, from the first, on every pass."""
+        ...
+
+
 #: Every experiment class decorated `register` in this process, by name.
-REGISTRY: dict[str, type[Experiment]] = {}
+REGISTRY: dict[str, type[Experiment[Any]]] = {}
+
+_E = TypeVar("_E", bound="type[Experiment[Any]]")
 
 
-def register(cls: type[Experiment]) -> type[Experiment]:
+def register(cls: _E) -> _E:
     """Class decorator: record ``cls`` in `REGISTRY` by its name, refusing a second class of that name.
 
     The in-process registry (an experiment defined in a notebook, looked up by name). It does not make a command:
     ``narrowgate run`` and `narrowgate.analyses.EXPERIMENTS` find experiments by their ``narrowgate.experiments``
-    entry points alone (`narrowgate.catalog`), narrowgate's own as any other package's."""
+    entry points alone (`narrowgate.plugins`), narrowgate's own as any other package's."""
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise RuntimeError(f"Two experiments are named {cls.name!r}.")
     REGISTRY[cls.name] = cls
@@ -72,28 +88,36 @@ def register(cls: type[Experiment]) -> type[Experiment]:
 #: The task each paper dataset implies (for experiments that run any of several tasks).
 TASK_OF = {"vqav2": "vqa", "coco": "captions", "flickr30k": "captions", "imagenet": "classes"}
 
+#: An experiment's settings type: `options.RunConfig` and the groups it mixes in.
+C = TypeVar("C", bound=options.RunConfig)
 
-class Experiment:
-    """Base class: subclasses set ``name``, ``task``, ``config`` and implement `process`/`aggregate`/`figures`."""
+
+class Experiment(ABC, Generic[C]):
+    """Base class: subclasses set ``name``, ``task`` and ``config`` and implement `process` and `aggregate`.
+
+    ``Experiment[MyConfig]`` with ``config = MyConfig``: every hook receives the run's one settings instance
+    (``cfg: MyConfig``, defaults applied, prompts and image size resolved), so mypy checks each setting read.
+    """
 
     name: str = ""
     task: str = ""
     #: The settings dataclass (its defaults are the paper's and the authors' values).
-    config: type = options.RunConfig
+    config: type[C]
     #: ``config``'s defaults that are values, set for each subclass.
-    defaults: dict = {}
+    defaults: dict[str, Any] = {}
     #: Kinds of prompt the experiment uses (`prompts.KEYS`); the run resolves them per family into its config.
-    prompts: tuple = ()
+    prompts: tuple[str, ...] = ()
     #: For ``narrowgate compare``: (table, y column, grouping column or None) drawn on relative depth.
-    curve: tuple | None = None
+    curve: tuple[str, str, str | None] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.defaults = options.defaults(cls.config)
+        if "config" in vars(cls):
+            cls.defaults = options.defaults(cls.config)
 
-    def figures(self, tables: dict[str, pd.DataFrame], info: dict, store: RunStore) -> list[str]:
+    def figures(self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: C) -> list[str]:
         """Draw the run's figures from its tables (`narrowgate.plots.save` each); returns their names. ``info``
-        describes the model (`model_info`) and holds the run's settings under ``settings``."""
+        describes the model (`narrowgate.runner.model_info`); ``cfg`` holds the run's settings."""
         return []
 
     def compare(self, runs: list[tuple[str, dict, dict]]) -> Figure | None:
@@ -105,53 +129,109 @@ class Experiment:
         table, col, group = self.curve
         return overlay_curves(runs, table, col, group, self.name)
 
-    def prompt_kinds(self, cfg: dict) -> tuple:
+    def prompt_kinds(self, cfg: C) -> tuple[str, ...]:
         """The kinds of prompt a run with ``cfg`` uses (default: `prompts`)."""
         return self.prompts
 
-    def task_of(self, cfg: dict) -> str:
+    def task_of(self, cfg: C) -> str:
         """For experiments with a ``--task`` setting: that task, else the one the dataset implies, else ``task``."""
-        return cfg.get("task") or TASK_OF.get(cfg["data"], self.task)
+        given = cfg.task if isinstance(cfg, options.TaskPrompts) else None
+        return given or TASK_OF.get(cfg.data, self.task)
 
-    def generates(self, cfg: dict) -> bool:
+    def generates(self, cfg: C) -> bool:
         """Whether the run generates VQA answers or captions (the authors' scripts for those kept the processor's
         image sizing, `prompts.IMAGE_SIZES`)."""
-        task = self.task_of(cfg) if "task" in options.names(self.config) else self.task
+        task = self.task_of(cfg) if isinstance(cfg, options.TaskPrompts) else self.task
         return task in ("vqa", "captions")
 
-    def requested(self, cfg: dict) -> dict:
+    def requested(self, cfg: C) -> dict[str, int]:
         """The sample size asked for: ``n`` examples and/or ``n_per_class`` images per class."""
-        return {k: cfg.get(k) for k in ("n", "n_per_class") if cfg.get(k) is not None}
+        out = {}
+        if cfg.n is not None:
+            out["n"] = cfg.n
+        if cfg.n_per_class is not None:
+            out["n_per_class"] = cfg.n_per_class
+        return out
 
-    def examples(self, cfg: dict) -> list:
-        """The run's sample of examples (`tasks.load`), as ``cfg`` asks."""
+    def examples(self, cfg: C) -> Sample:
+        """The run's sample of examples (`tasks.load`), as ``cfg`` asks: a list, or a stream (synthetic data)."""
+        asked = self.requested(cfg)
         return tasks.load(
-            cfg["data"],
-            self.task,
-            cfg.get("data_dir"),
-            seed=cfg["seed"],
-            allow_fewer=bool(cfg.get("allow_fewer")),
-            **self.requested(cfg),
+            cfg.data,
+            self.task_of(cfg) if isinstance(cfg, options.TaskPrompts) else self.task,
+            cfg.data_dir,
+            seed=cfg.seed,
+            n=asked.get("n"),
+            n_per_class=asked.get("n_per_class"),
+            allow_fewer=cfg.allow_fewer,
         )
 
-    def units(self, examples: Iterable[Example], cfg: dict) -> Iterable[Unit]:
+    def units(self, examples: Sample, cfg: C) -> Iterable[Unit]:
         """One unit per example; a list for a list of examples, a stream for a stream."""
         units = (Unit(e.id, (e,)) for e in examples)
         return list(units) if isinstance(examples, list) else units
 
-    def check(self, examples: Iterable[Example], cfg: dict) -> None:
+    def check(self, examples: Sample, cfg: C) -> None:
         """Refuse settings the data cannot support, before the model loads (default: nothing to check)."""
 
-    def check_model(self, cfg: dict, n_layers: int) -> None:
+    def check_model(self, cfg: C, n_layers: int) -> None:
         """Refuse settings the model cannot support, before anything is written (default: nothing to check)."""
 
-    def process(self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: dict) -> tuple[list[dict], dict]:
+    @abstractmethod
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: C
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Records (one dict per unit, or more, each with ``example_id``) and aligned arrays."""
-        raise NotImplementedError
 
-    def aggregate(self, records: Shard, cfg: dict, info: dict) -> dict[str, pd.DataFrame]:
+    @abstractmethod
+    def aggregate(self, records: Shard, cfg: C, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
         """The run's tables from every record (``records.rows``) and array (``records.arrays``)."""
-        raise NotImplementedError
+
+
+class PairedExperiment(Experiment[C]):
+    """Experiments on pairs of images of two classes (patching, steering): images per pair class, each pair
+    patched base <- target as published (``direction="paper"``) or both ways."""
+
+    task = "classes"
+    prompts = ("class_patching",)
+
+    def requested(self, cfg: C) -> dict[str, int]:
+        """``n_per_class`` images per pair class; ``n`` is refused (pairs sample per class)."""
+        if cfg.n is not None:
+            raise DataError(f"{self.name} samples images per pair class: give --n-per-class (the paper: 100), not --n.")
+        return {"n_per_class": int(cfg.n_per_class or 0)}
+
+    def examples(self, cfg: C) -> Sample:
+        """The images of every class of the paper's pairs (`tasks.class_pairs`)."""
+        return tasks.load(
+            cfg.data,
+            self.task,
+            cfg.data_dir,
+            seed=cfg.seed,
+            n_per_class=self.requested(cfg)["n_per_class"],
+            classes="pairs",
+            allow_fewer=cfg.allow_fewer,
+        )
+
+    def units(self, examples: Sample, cfg: C) -> list[Unit]:
+        """The i-th image of a pair's base class with the i-th of its target class, per pair and direction."""
+        groups = {k: sorted(v, key=lambda e: e.id) for k, v in by_label(examples).items()}
+        order = pair_order(cfg.data)
+        if isinstance(cfg, options.PairsConfig) and cfg.direction == "both":
+            order += [(t, b) for b, t in order]
+        units = []
+        for base, target in order:
+            missing = [c for c in (base, target) if not groups.get(c)]
+            if missing:
+                raise DataError(f"Class pair ({base}, {target}): no images of {', '.join(missing)} in the data.")
+            for i, (eb, et) in enumerate(zip(groups[base], groups[target])):
+                units.append(Unit(f"{base}<-{target}|{i:04d}", (eb, et)))
+        return units
+
+
+def pair_order(dataset: str) -> list[tuple[str, str]]:
+    """(base, target) per printed pair, as the paper's patching runs it: the first class is the donor."""
+    return [(b, a) for a, b in tasks.class_pairs(dataset)]
 
 
 def stack(arrays: dict, name: str) -> np.ndarray:

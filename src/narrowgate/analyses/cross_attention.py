@@ -14,14 +14,23 @@ over examples and normalises the mean, as the authors' code does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
 from ..data.prompts import class_prompt
+from ..engine.shared import Condition
+from ..engine.stats import CrossModalAttention
 from ..roles import REST, parse_role
-from .base import Experiment, register
+from .base import Experiment, Unit, register
 from .options import ClassPrompt, RunConfig, option
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 #: The role totals of table ``cross_attention_roles``.
 ROLE_TOTALS = ("eoi", "first_image", "last_image", "internal_image", "eol", "image_special")
@@ -35,7 +44,7 @@ def role_of(name: str, n_content: int) -> str:
     return "first_image" if r.index == 0 else "last_image" if r.index == n_content - 1 else "internal_image"
 
 
-def single_out(means: dict, threshold: float, n_content, max_tokens: int) -> list[str]:
+def single_out(means: dict, threshold: float, n_content: Any, max_tokens: int) -> list[str]:
     """Positions shown on their own: mean share above ``threshold`` *and* above twice the uniform share
     (1 / image length) at some layer, at most ``max_tokens`` of them (largest first), so the figure stays
     readable at any image length. With the paper's 1,024-token images the uniform share is 0.1% and the
@@ -48,6 +57,8 @@ def single_out(means: dict, threshold: float, n_content, max_tokens: int) -> lis
 
 @dataclass
 class CrossAttentionConfig(ClassPrompt, RunConfig):
+    """Settings of ``narrowgate run cross-attention``."""
+
     n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
     threshold: float = option(
         0.01, "Share above which a position is shown on its own (the paper: 1%).", parse="finite", min=0.0, max=1.0
@@ -61,16 +72,22 @@ class CrossAttentionConfig(ClassPrompt, RunConfig):
 
 
 @register
-class CrossAttention(Experiment):
+class CrossAttention(Experiment[CrossAttentionConfig]):
+    """How the text's attention to the image splits over image positions (Sec. 4.2, Eq. 1)."""
+
     name = "cross-attention"
     task = "classes"
     prompts = ("class",)
     config = CrossAttentionConfig
     curve = ("cross_attention_roles", "fraction", None)
 
-    def process(self, vlm, units, images, cfg):
-        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
-        cma = vlm.forward_conditions(batch, {"baseline": {}}, attention_stats=True)["baseline"].cross_modal_attention
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: CrossAttentionConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per example, every pre-text position's share (and raw mass) of the text's attention, per layer."""
+        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg.prompt, cfg.data)] * len(units))
+        out = vlm.forward_conditions(batch, [Condition("baseline")], attention_stats=True)["baseline"]
+        cma = cast(CrossModalAttention, out.cross_modal_attention)
         rows = []
         for b, unit in enumerate(units):
             n = len(cma.labels[b])
@@ -88,9 +105,11 @@ class CrossAttention(Experiment):
             )
         return rows, {}
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: CrossAttentionConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Tables ``cross_attention_by_layer`` ([EOI], the singled-out positions and the rest), ``_roles`` (the role
+        totals) and ``_top_positions``."""
         L = info["n_layers"]
-        column = "mass" if cfg.get("normalise") == "after-mean" else "fractions"
+        column = "mass" if cfg.normalise == "after-mean" else "fractions"
         sums: dict[str, np.ndarray] = {}
         totals = {r: np.zeros(L) for r in ROLE_TOTALS}
         for _, row in records.rows.iterrows():
@@ -108,7 +127,7 @@ class CrossAttention(Experiment):
             norm = np.maximum(sum(means.values()), np.finfo(np.float64).tiny)
             means = {k: v / norm for k, v in means.items()}
             totals = {k: v / norm for k, v in totals.items()}
-        singled = single_out(means, cfg["threshold"], records.rows["n_content"], cfg["max_tokens"])
+        singled = single_out(means, cfg.threshold, records.rows["n_content"], cfg.max_tokens)
         shown = ["eoi"] + singled
         by_layer = []
         for layer in range(L):
@@ -126,7 +145,7 @@ class CrossAttention(Experiment):
             ),
         }
 
-    def compare(self, runs):
+    def compare(self, runs: list[tuple[str, dict, dict]]) -> Figure:
         """[EOI]'s share of the text's attention to the image, one line per run."""
         from ..plots import overlay_curves
 
@@ -139,7 +158,9 @@ class CrossAttention(Experiment):
             rows=lambda df: df[df["role"] == "eoi"],
         )
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: CrossAttentionConfig
+    ) -> list[str]:
         """Fig. 3: per decoder layer, the stacked shares of [EOI], the singled-out positions and the rest."""
         from ..plots import has, plt, save
 
@@ -165,7 +186,7 @@ class CrossAttention(Experiment):
         return [save(fig, store, "cross_attention")]
 
 
-def _token_order(token: str):
+def _token_order(token: str) -> tuple[int, int, str]:
     """first_image, image[k] by k, last_image, then the rest by name."""
     if token == "first_image":
         return (0, 0, "")

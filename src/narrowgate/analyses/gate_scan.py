@@ -45,20 +45,37 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..data import VQAExample
 from ..data.prompts import NEW_TOKENS, caption_prompt, class_prompt, vqa_prompt
+from ..deprecation import moved
 from ..engine.state import InterventionError
 from ..errors import OptionError
+from ..metrics import scores
 from ..roles import image_side
 from ..video import Video
-from .ablation import text_metric, text_score
-from .base import Experiment, Unit, register
+from .base import Experiment, Sample, Unit, register
 from .options import MODES, ClassPrompt, RunConfig, TaskPrompts, option
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..batch import Batch
+    from ..data.base import Example
+    from ..engine.shared import SharedPrefix
+    from ..families.base import ImageLayout
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
+
+#: Names that lived here until 0.2 and their new homes (still importable from here, with a warning, until 0.4.0).
+__getattr__ = moved(__name__, "0.3.0", "0.4.0", kl="narrowgate.metrics.scores", spearman="narrowgate.metrics.scores")
 
 GRID_GROWTH = 1.5
 FILL = 64  # set sizes between two grid sizes measured in one pass when at most this many, else bisection
@@ -70,16 +87,18 @@ MIN_EXAMPLES = 10
 #: The verdict's thresholds on necessity (the gate index) and sufficiency (docs/gate-scan.md).
 GATE, DISTRIBUTED = 0.5, 0.2
 OTHER_MODE = {"mask": "zero", "zero": "mask"}
+#: Sets of positions knocked out together, as indices into an example's image side.
+Sets = Sequence[Sequence[int] | range | np.ndarray]
 
 
-def side_positions(lay, n: int | None = None) -> list[tuple[int, str, str]]:
+def side_positions(lay: ImageLayout, n: int | None = None) -> list[tuple[int, str, str]]:
     """Every image-side position of one layout: (absolute position, its role name, its role group), in order.
     ``n``: the image's number in a prompt holding several (names carry it: ``eoi@2``)."""
     boi = "boi" if n is None else f"boi@{n}"
     return ([] if lay.boi is None else [(lay.boi, boi, "boi")]) + image_side(lay, n)
 
 
-def scan_positions(batch, b: int = 0) -> tuple[list[tuple[int, str, str]], dict[int, list[int]], str | None]:
+def scan_positions(batch: Batch, b: int = 0) -> tuple[list[tuple[int, str, str]], dict[int, list[int]], str | None]:
     """Example ``b``'s image side, every image of it, and how it groups for the per-image summary.
 
     Returns the positions ((position, name, role group) in order: each image's boi, span and eoi, then the
@@ -105,7 +124,7 @@ def scan_positions(batch, b: int = 0) -> tuple[list[tuple[int, str, str]], dict[
     return side, groups, "image"
 
 
-def grid(lay, n: int | None = None) -> dict[str, tuple[int, int]]:
+def grid(lay: ImageLayout, n: int | None = None) -> dict[str, tuple[int, int]]:
     """Where each image token sits on the image: rows split at [EOL]s, else a square grid, else one row. In a video,
     each frame's tokens on the frame's grid. ``n``: the image's number, as in `side_positions`."""
     at = "" if n is None else f"@{n}"
@@ -132,43 +151,27 @@ def _square(n: int) -> list[tuple[int, int]]:
     return [(k // cols, k % cols) for k in range(n)]
 
 
-def _per_prompt(cfg) -> int:
+def _per_prompt(cfg: GateScanConfig) -> int:
     """Examples per prompt: ``--images`` or ``--frames`` (1: one image)."""
-    return max(int(cfg.get("images") or 1), int(cfg.get("frames") or 1))
+    return max(int(cfg.images or 1), int(cfg.frames or 1))
 
 
-def _visual(images: tuple, cfg):
+def _visual(images: tuple[Image.Image, ...], cfg: GateScanConfig) -> Image.Image | list[Image.Image] | Video:
     """What one prompt shows of a unit's images: the image, the list of them, or a clip of them (``--frames``) at
     the first one's size."""
-    if int(cfg.get("frames") or 1) > 1:
+    if int(cfg.frames or 1) > 1:
         size = images[0].size
         return Video([im.convert("RGB").resize(size) for im in images])
     return images[0] if len(images) == 1 else list(images)
 
 
-def sources(sets: list, length: int) -> torch.Tensor:
+def sources(sets: list[Any], length: int) -> torch.Tensor:
     """Knockout sources [C, 1, T] from C sets of positions, sparse: a scan over thousands of positions holds their
     entries only, not C x T booleans (`VLM.forward_knockouts` makes each pass's masks)."""
     index = [(c, 0, p) for c, s in enumerate(sets) for p in s]
     at = torch.tensor(index, dtype=torch.long).T if index else torch.zeros(3, 0, dtype=torch.long)
     values = torch.ones(at.shape[1], dtype=torch.bool)
     return torch.sparse_coo_tensor(at, values, (len(sets), 1, length), check_invariants=True).coalesce()
-
-
-def kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(base) || softmax(logits)) per row, in nats, computed in float64 (float32 log-probabilities cancel to
-    a noise floor of ~1e-7 nats between two nearly equal distributions, e.g. the same condition in two passes), and
-    returned as float32."""
-    lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(logits.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0).float()
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def windows(n_layers: int, count: int) -> list[tuple[int, ...]]:
@@ -179,6 +182,8 @@ def windows(n_layers: int, count: int) -> list[tuple[int, ...]]:
 
 @dataclass
 class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
+    """Settings of ``narrowgate run gate-scan``."""
+
     mode: str = option("mask", "Knockout mode: mask (exactly blind) or zero (the paper's).", choices=MODES)
     method: str = option(
         "exact", "exact, or attribution (first-order, one forward + backward).", choices=("exact", "attribution")
@@ -216,50 +221,41 @@ class GateScanConfig(ClassPrompt, TaskPrompts, RunConfig):
 
 
 @register
-class GateScan(Experiment):
+class GateScan(Experiment[GateScanConfig]):
+    """Through which positions does the image reach the text? Every image-side position, causally."""
+
     name = "gate-scan"
     task = "classes"
     config = GateScanConfig
 
-    def prompt_kinds(self, cfg):
+    def prompt_kinds(self, cfg: GateScanConfig) -> tuple[str, ...]:
+        """The one prompt of the run's task (``class`` for classes)."""
         return ({"classes": "class"}.get(self.task_of(cfg), self.task_of(cfg)),)
 
-    def requested(self, cfg):
+    def requested(self, cfg: GateScanConfig) -> dict[str, int]:
         """``n`` examples (200 on VQA/captions), or ``n_per_class`` images per class (10) on classes."""
         if self.task_of(cfg) == "classes":
-            out = {"n_per_class": cfg.get("n_per_class") or 10}
-            return {**out, "n": cfg["n"]} if cfg.get("n") else out
-        return {"n": cfg.get("n") or 200}
+            out = {"n_per_class": cfg.n_per_class or 10}
+            return {**out, "n": cfg.n} if cfg.n else out
+        return {"n": cfg.n or 200}
 
-    def examples(self, cfg):
-        from ..data import tasks
-
-        return tasks.load(
-            cfg["data"],
-            self.task_of(cfg),
-            cfg.get("data_dir"),
-            seed=cfg["seed"],
-            allow_fewer=bool(cfg.get("allow_fewer")),
-            **self.requested(cfg),
-        )
-
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: GateScanConfig) -> None:
         """Refuse a sample too small for the split-half interval, a floor that is no number of nats, and several
         images per prompt together with frames."""
-        if int(cfg.get("images") or 1) > 1 and int(cfg.get("frames") or 1) > 1:
+        if int(cfg.images or 1) > 1 and int(cfg.frames or 1) > 1:
             raise OptionError(
                 "gate-scan takes --images or --frames, not both: a prompt shows several images or one clip."
             )
-        floor = cfg.get("floor")
+        floor = cfg.floor
         if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
             raise OptionError(f"--floor must be a finite number of nats of at least 0, got {floor!r}.")
         per = _per_prompt(cfg)
         exact = len(examples) // per
-        if cfg["method"] == "attribution":
-            exact = min(exact, int(cfg["check"]))
+        if cfg.method == "attribution":
+            exact = min(exact, int(cfg.check))
             if exact < MIN_EXAMPLES:
                 raise OptionError(
-                    f"gate-scan --method attribution scans {exact} example(s) exactly (--check {cfg['check']}, "
+                    f"gate-scan --method attribution scans {exact} example(s) exactly (--check {cfg.check}, "
                     f"{len(examples)} example(s)); its split-half interval needs at least {MIN_EXAMPLES}: raise --check "
                     "(and the sample)."
                 )
@@ -271,13 +267,15 @@ class GateScan(Experiment):
                 f"prompts and scored on the other, which needs at least {MIN_EXAMPLES} ({MIN_EXAMPLES // 2} per "
                 f"half). Raise {what}."
             )
-        if cfg.get("score") and self.task_of(cfg) == "vqa":
+        if cfg.score and self.task_of(cfg) == "vqa":
             from ..data import tasks
 
-            tasks.require_answers(examples, cfg.get("data_dir"))
+            tasks.require_answers(examples, cfg.data_dir)
 
-    def units(self, examples, cfg):
-        if cfg.get("score") and self.task_of(cfg) not in ("vqa", "captions"):
+    def units(self, examples: Sample, cfg: GateScanConfig) -> list[Unit]:
+        """One unit per prompt: ``--images`` / ``--frames`` consecutive examples (one by default); the first
+        ``--check`` are scanned exactly under ``--method attribution``. Refuses ``--score`` on classes."""
+        if cfg.score and self.task_of(cfg) not in ("vqa", "captions"):
             raise OptionError(
                 f"--score needs a generative task, and this run's is {self.task_of(cfg)!r}: give --data "
                 "vqav2, coco or flickr30k, or --task vqa / captions with synthetic data."
@@ -286,15 +284,19 @@ class GateScan(Experiment):
         stream, groups = iter(examples), []  # examples may be a Stream, made one at a time
         while len(group := tuple(itertools.islice(stream, per))) == per:
             groups.append(group)
-        return [Unit("+".join(e.id for e in g), g, meta={"check": i < int(cfg["check"])}) for i, g in enumerate(groups)]
+        return [Unit("+".join(e.id for e in g), g, meta={"check": i < int(cfg.check)}) for i, g in enumerate(groups)]
 
-    def _prompt(self, example, cfg):
+    def _prompt(self, example: Example, cfg: GateScanConfig) -> str:
         task = self.task_of(cfg)
         if task == "vqa":
-            return vqa_prompt(cfg, example.question)
-        return caption_prompt(cfg) if task == "captions" else class_prompt(cfg)
+            return vqa_prompt(cfg.vqa_prompt, cast(VQAExample, example).question)
+        return caption_prompt(cfg.caption_prompt) if task == "captions" else class_prompt(cfg.prompt, cfg.data)
 
-    def process(self, vlm, units, images, cfg):
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: GateScanConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per prompt, every image-side position's damage (`_exact`; or its first-order estimate), and with
+        ``--score`` the text generated under each knockout."""
         rows = []
         for unit, imgs in zip(units, images):
             batch = vlm.prepare([_visual(imgs, cfg)], [self._prompt(unit.examples[0], cfg)])
@@ -317,47 +319,59 @@ class GateScan(Experiment):
             if kind:
                 label = {i: g for g, members in groups.items() for i in members}
                 row.update(group_kind=kind, group=[label.get(i, 0) for i in range(len(side))])
-            if cfg["method"] == "attribution":
-                est, _ = vlm.attribute(prefix, mode=cfg["mode"])
+            if cfg.method == "attribution":
+                est, _ = vlm.attribute(prefix, mode=cfg.mode)
                 row["estimate"] = est[0, [p for p, _, _ in side]].abs().tolist()
                 if not unit.meta.get("check"):
                     rows.append(row)
                     continue
             row.update(self._exact(vlm, prefix, side, cfg, groups))
-            if cfg.get("score"):
+            if cfg.score:
                 row["texts"] = self._texts(vlm, batch, side, cfg)
-            if cfg["method"] == "attribution":
-                row["spearman"] = spearman(row["estimate"], row["damage"])
-                row["spearman_logp"] = spearman(row["estimate"], np.abs(row["logp_change"]))
+            if cfg.method == "attribution":
+                row["spearman"] = scores.spearman(row["estimate"], row["damage"])
+                row["spearman_logp"] = scores.spearman(row["estimate"], np.abs(row["logp_change"]))
             rows.append(row)
         return rows, {}
 
-    def _texts(self, vlm, batch, side, cfg) -> list[str]:
+    def _texts(self, vlm: VLM, batch: Batch, side: list[tuple[int, str, str]], cfg: GateScanConfig) -> list[str]:
         """Generated text with no knockout, each position -> text, and the whole image side -> text."""
         pos = [p for p, _, _ in side]
         m = sources([[]] + [[p] for p in pos] + [pos], batch.length)
-        new = int(cfg.get("max_new_tokens") or NEW_TOKENS[self.task_of(cfg)])
-        gens = vlm.generate_knockouts(batch, m, mode=cfg["mode"], max_new_tokens=new)
+        new = int(cfg.max_new_tokens or NEW_TOKENS[self.task_of(cfg)])
+        gens = vlm.generate_knockouts(batch, m, mode=cfg.mode, max_new_tokens=new)
         return [vlm.decode(g, batch)[0].strip() for g in gens]
 
-    def _exact(self, vlm, prefix, side, cfg, groups=None) -> dict:
+    def _exact(
+        self,
+        vlm: VLM,
+        prefix: SharedPrefix,
+        side: list[tuple[int, str, str]],
+        cfg: GateScanConfig,
+        groups: dict[int, list[int]] | None = None,
+    ) -> dict[str, Any]:
         """One example's single-position damages (both modes), the whole image side knocked out (both modes) and
         everything but each position knocked out, the 90% set size and the layer windows. With ``groups`` (image
         or frame number -> indices into ``side``), also each group knocked out whole and, per position of a group,
         the rest of its group."""
-        T, N, mode = prefix.batch.length, len(side), cfg["mode"]
+        T, N, mode = prefix.batch.length, len(side), cfg.mode
         pos = [p for p, _, _ in side]
 
-        def masks(sets) -> torch.Tensor:
+        def masks(sets: Sets) -> torch.Tensor:
             return sources([[pos[int(j)] for j in s] for s in sets], T)
 
-        def measured(sets, reduce, layers=None, mode=mode) -> torch.Tensor:  # reduced pass by pass: never C x V
+        def measured(
+            sets: Sets,
+            reduce: Callable[[torch.Tensor], torch.Tensor],
+            layers: list[int | Sequence[int] | None] | None = None,
+            mode: str = mode,
+        ) -> torch.Tensor:  # reduced pass by pass: never C x V
             return vlm.forward_knockouts(
                 prefix, masks(sets), layers=layers, mode=mode, reduce=lambda x: reduce(x[:, 0])
             )
 
-        def damage(sets, layers=None, mode=mode) -> np.ndarray:
-            return measured(sets, lambda x: kl(base, x), layers, mode).numpy()
+        def damage(sets: Sets, layers: list[int | Sequence[int] | None] | None = None, mode: str = mode) -> np.ndarray:
+            return measured(sets, lambda x: scores.kl(base, x), layers, mode).numpy()
 
         def all_but() -> np.ndarray:
             """KL with everything but each position knocked out: N x (N - 1) positions in all, so as dense masks
@@ -369,7 +383,9 @@ class GateScan(Experiment):
                 idx = torch.arange(s, min(N, s + step))
                 m = side_mask.repeat(len(idx), 1)
                 m[torch.arange(len(idx)), at[idx]] = False
-                out.append(vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: kl(base, x[:, 0])))
+                out.append(
+                    vlm.forward_knockouts(prefix, m[:, None], mode=mode, reduce=lambda x: scores.kl(base, x[:, 0]))
+                )
             return torch.cat(out).numpy()
 
         base = measured([[]], lambda x: x)[0]
@@ -380,7 +396,7 @@ class GateScan(Experiment):
         grouped = damage(group_sets) if group_sets else np.zeros(0)
         own = int(base.argmax())
         singles = [[i] for i in range(N)]
-        both = measured(singles + [range(N)], lambda x: torch.stack([kl(base, x), x.log_softmax(-1)[:, own]], 1))
+        both = measured(singles + [range(N)], lambda x: torch.stack([scores.kl(base, x), x.log_softmax(-1)[:, own]], 1))
         single, whole = both[:N, 0].numpy(), float(both[N, 0])
         logp_change = (both[:N, 1] - base.log_softmax(-1)[own]).tolist()
         rest = all_but()
@@ -407,8 +423,8 @@ class GateScan(Experiment):
                 else:
                     lo = mid
             k90 = float(hi)
-        top = [int(i) for i in order[: int(cfg["top"])]]
-        spans = windows(vlm.n_layers, int(cfg["windows"]))
+        top = [int(i) for i in order[: int(cfg.top)]]
+        spans = windows(vlm.n_layers, int(cfg.windows))
         sets = [[i] for i in top] + [range(N)]
         d_windows = damage(sets * len(spans), layers=[w for w in spans for _ in sets])
         by_window = d_windows.reshape(len(spans), len(sets)).tolist()
@@ -432,16 +448,18 @@ class GateScan(Experiment):
             "window_damage": by_window,
         }
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: GateScanConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Tables ``positions`` (per position: damage with its interval, sufficiency, score drop), ``gate`` (the
+        split-half gate numbers and the verdict, `docs/gate-scan.md`), ``layers`` and the per-image summaries."""
         df = records.rows
         exact = df[df["damage"].notna()] if "damage" in df else df.iloc[:0]
-        rng = np.random.default_rng(cfg["seed"])
+        rng = np.random.default_rng(cfg.seed)
         tables = {}
-        key = "estimate" if cfg["method"] == "attribution" else "damage"
+        key = "estimate" if cfg.method == "attribution" else "damage"
         scored = df if key == "estimate" else exact
-        names, table = _position_table(scored, key, rng, int(cfg["bootstrap"]))
+        names, table = _position_table(scored, key, rng, int(cfg.bootstrap))
         tables["positions"] = table
-        if cfg.get("per_example"):
+        if cfg.per_example:
             tables["positions_by_example"] = pd.DataFrame(
                 [
                     {"example_id": r["example_id"], "position": n, key: float(v)}
@@ -449,14 +467,14 @@ class GateScan(Experiment):
                     for n, v in zip(r["positions"], r[key])
                 ]
             )
-        mode, other = cfg["mode"], OTHER_MODE[cfg["mode"]]
-        gate = {
-            "method": cfg["method"],
+        mode, other = cfg.mode, OTHER_MODE[cfg.mode]
+        gate: dict[str, Any] = {
+            "method": cfg.method,
             "mode": mode,
             "n": len(scored),
             "n_exact": len(exact),
             "top_position": names[0],
-            "floor": float(cfg["floor"]),
+            "floor": float(cfg.floor),
         }
         if len(exact):
             D, Do, R = (_matrix(exact, k, names) for k in ("damage", "damage_other", "all_but"))
@@ -472,19 +490,19 @@ class GateScan(Experiment):
                 whole_except_top_damage=float(np.nanmean(R[:, top])),
                 positions_for_90=float(np.nanmedian(exact["k90"])) if exact["k90"].notna().any() else float("nan"),
             )
-            gate.update(_split_half(D, W, R, Do, Wo, names, top, mode, other, rng, int(cfg["bootstrap"])))
-            tables["layers"] = _layer_table(exact, info["n_layers"], int(cfg["windows"]))
-        if cfg["method"] == "attribution" and len(exact):
+            gate.update(_split_half(D, W, R, Do, Wo, names, top, mode, other, rng, int(cfg.bootstrap)))
+            tables["layers"] = _layer_table(exact, info["n_layers"], int(cfg.windows))
+        if cfg.method == "attribution" and len(exact):
             gate["spearman"] = float(exact["spearman"].mean())
             gate["spearman_logp"] = float(exact["spearman_logp"].mean())
-            gate["spearman_mean_profile"] = spearman(
+            gate["spearman_mean_profile"] = scores.spearman(
                 np.nanmean(_matrix(exact, "estimate", names), 0), np.nanmean(_matrix(exact, "damage", names), 0)
             )
         if "group_whole" in exact and exact["group_whole"].notna().any():
             kind = exact["group_kind"].dropna().iloc[0]
             tables[f"gate_by_{kind}"] = _group_table(exact, names, kind, cfg, rng)
             tables["positions"][kind] = tables["positions"]["position"].map(_group_of(exact))
-        if cfg.get("score") and len(exact):
+        if cfg.score and len(exact):
             drops, summary = self._score_drops(exact, names, cfg)
             tables["positions"]["score_drop"] = tables["positions"]["position"].map(drops)
             gate.update(summary, score_drop_top=float(drops[gate["top_position"]]))
@@ -492,17 +510,17 @@ class GateScan(Experiment):
         tables["gate"] = pd.DataFrame([gate])
         return tables
 
-    def _score_drops(self, exact: pd.DataFrame, names: list[str], cfg) -> tuple[dict, dict]:
+    def _score_drops(self, exact: pd.DataFrame, names: list[str], cfg: GateScanConfig) -> tuple[dict, dict]:
         """Per position, baseline score - score with that position knocked out (on the examples that have it)."""
         task = self.task_of(cfg)
         ids = (exact["asked"] if "asked" in exact else exact["example_id"]).tolist()  # the prompt's example
         wanted = set(ids)
         examples = {e.id: e for e in self.examples(cfg) if e.id in wanted}
-        tokenize = cfg.get("cider_tokenize") or "ptb"
+        tokenize = cfg.cider_tokenize or "ptb"
         cache: dict[frozenset, float] = {}
 
         def score(preds: dict) -> float:
-            return text_score(task, preds, examples, tokenize)
+            return scores.text_score(task, preds, examples, tokenize)
 
         def base_score(ids_: frozenset) -> float:  # one baseline score per set of examples, not one per position
             if ids_ not in cache:
@@ -518,13 +536,15 @@ class GateScan(Experiment):
         drops = {n: base_score(frozenset(preds)) - score(preds) for n, preds in per_pos.items() if preds}
         b, w = base_score(frozenset(base)), score(whole)
         return drops, {
-            "score_metric": text_metric(task, tokenize),
+            "score_metric": scores.text_metric(task, tokenize),
             "score_baseline": b,
             "score_whole_image": w,
             "score_drop_whole": b - w,
         }
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: GateScanConfig
+    ) -> list[str]:
         """Per-position damage laid out on the image grid, the specials (BOI, [EOL]s, [EOI]) as bars beside it."""
         from ..plots import COLORS, has, plt, save
 
@@ -591,7 +611,9 @@ def _means(weights: np.ndarray, X: np.ndarray) -> np.ndarray:
         return np.where(count > 0, (weights @ np.nan_to_num(X)) / count, np.nan)
 
 
-def _cross_fit(wa, wb, D, W, R) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+def _cross_fit(
+    wa: np.ndarray, wb: np.ndarray, D: np.ndarray, W: np.ndarray, R: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Split-half necessity (and sufficiency, with ``R``) per resample: the top position chosen by mean damage
     on one half and scored on the other, both ways, averaged. ``wa``/``wb``: [S, E] example weights of the two
     halves. Returns necessity [S], sufficiency [S] or None, and the two choices [S] each."""
@@ -617,7 +639,19 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
     return (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) if len(v) else (float("nan"),) * 2
 
 
-def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
+def _split_half(
+    D: np.ndarray,
+    W: np.ndarray,
+    R: np.ndarray,
+    Do: np.ndarray | None,
+    Wo: np.ndarray | None,
+    names: list[str],
+    top: int,
+    mode: str,
+    other: str,
+    rng: np.random.Generator,
+    n_boot: int,
+) -> dict[str, Any]:
     """The gate numbers of ``docs/gate-scan.md``: split-half necessity in both modes (``mode`` only when ``Do`` is
     None) and sufficiency in ``mode``, each with its bootstrap interval over both halves, and how often the
     resampled choice is ``top``."""
@@ -644,7 +678,9 @@ def _split_half(D, W, R, Do, Wo, names, top, mode, other, rng, n_boot) -> dict:
         return out_[0], out_[1]
 
     point, boot = weights(False), weights(True)
-    modes = {mode: (D, W, R)} if Do is None else {mode: (D, W, R), other: (Do, Wo, None)}
+    modes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {mode: (D, W, R)}
+    if Do is not None and Wo is not None:
+        modes[other] = (Do, Wo, None)
     for m, (Dm, Wm, Rm) in modes.items():
         nec, suf, _, _ = _cross_fit(*point, Dm, Wm, Rm)
         bnec, bsuf, pa, pb = _cross_fit(*boot, Dm, Wm, Rm)
@@ -669,14 +705,16 @@ def _group_of(df: pd.DataFrame) -> dict[str, int]:
     return out
 
 
-def _group_table(exact: pd.DataFrame, names: list[str], kind: str, cfg, rng) -> pd.DataFrame:
+def _group_table(
+    exact: pd.DataFrame, names: list[str], kind: str, cfg: GateScanConfig, rng: np.random.Generator
+) -> pd.DataFrame:
     """One row per image (or frame): the damage of knocking it out whole, its share of the whole image side's,
     and the gate numbers of its top position within it (split-half necessity and sufficiency, measured against
     the group knocked out whole, with the rest of the group knocked out for sufficiency) and their verdict."""
     group_of = _group_of(exact)
     D, GA = _matrix(exact, "damage", names), _matrix(exact, "group_all_but", names)
     whole = float(exact["whole"].to_numpy(dtype=float).mean())
-    mode = cfg["mode"]
+    mode = cfg.mode
     rows = []
     for g in sorted(set(group_of.values())):
         cols = [j for j, n in enumerate(names) if group_of.get(n) == g]
@@ -692,21 +730,23 @@ def _group_table(exact: pd.DataFrame, names: list[str], kind: str, cfg, rng) -> 
             "n": int(have.sum()),
             "n_exact": int(have.sum()),
             "mode": mode,
-            "floor": float(cfg["floor"]),
+            "floor": float(cfg.floor),
             "top_position": names[cols[local]],
             "whole_damage": float(Wg.mean()),
             "share_of_whole": float(Wg.mean()) / whole if whole > MIN_DAMAGE else float("nan"),
         }
         local_names = [names[c] for c in cols]
         row.update(
-            _split_half(Dg, Wg, Rg, None, None, local_names, local, mode, OTHER_MODE[mode], rng, int(cfg["bootstrap"]))
+            _split_half(Dg, Wg, Rg, None, None, local_names, local, mode, OTHER_MODE[mode], rng, int(cfg.bootstrap))
         )
         row["verdict"] = verdict(row, f"{kind} {g} whole")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _position_table(df, key, rng, n_boot):
+def _position_table(
+    df: pd.DataFrame, key: str, rng: np.random.Generator, n_boot: int
+) -> tuple[list[str], pd.DataFrame]:
     """One row per position, ranked by mean ``key``: role, grid cell, mean and its bootstrap interval."""
     first: dict = {}
     for _, r in df.iterrows():
@@ -739,7 +779,7 @@ def _position_table(df, key, rng, n_boot):
     return [names[j] for j in order], pd.DataFrame(rows)
 
 
-def _layer_table(df, n_layers, count):
+def _layer_table(df: pd.DataFrame, n_layers: int, count: int) -> pd.DataFrame:
     """Mean damage per layer window of each example's top positions (by rank) and of the whole image side."""
     rows = []
     for w_i, w in enumerate(windows(n_layers, count)):
@@ -770,7 +810,7 @@ def _layer_table(df, n_layers, count):
     return pd.DataFrame(rows)
 
 
-def verdict(gate: dict, whole: str = "the whole image side") -> str:
+def verdict(gate: dict[str, Any], whole: str = "the whole image side") -> str:
     """One sentence from the split-half necessity and sufficiency of the top position (``docs/gate-scan.md``);
     ``whole``: what the whole-side damage knocks out (an image or a frame, in the per-image summaries)."""
     if "gate_index" not in gate:

@@ -13,6 +13,7 @@ predicts, such as Chameleon's image codes, are left out of every read-out as the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,12 +23,18 @@ from ..data.prompts import class_prompt, name_ids
 from ..engine.interventions import Capture
 from ..errors import OptionError
 from ..roles import parse_role
-from .base import Experiment, register, stack
+from .base import Experiment, Sample, Unit, register, stack
 from .options import ClassPrompt, RunConfig, option
+
+if TYPE_CHECKING:
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 
 @dataclass
 class LogitLensConfig(ClassPrompt, RunConfig):
+    """Settings of ``narrowgate run logit-lens``."""
+
     n_per_class: int | None = option(20, "Images per class.", min=1)
     roles: list[str] | None = option(
         None, "Single-position role to read out (repeatable; default eoi and last).", parse="roles"
@@ -39,7 +46,7 @@ def suppressed(logits: torch.Tensor) -> torch.Tensor:
     return (logits.float() <= torch.finfo(logits.dtype).min / 2).all(0)
 
 
-def read_out(vlm, residuals: torch.Tensor, never: torch.Tensor | None = None) -> torch.Tensor:
+def read_out(vlm: VLM, residuals: torch.Tensor, never: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities [..., V] of residual vectors [..., D] through the final norm and the unembedding,
     over the tokens the model can predict (``never``: the `suppressed` ones, excluded as the model does)."""
     norm = vlm.family.final_norm(vlm.model)
@@ -54,15 +61,17 @@ def read_out(vlm, residuals: torch.Tensor, never: torch.Tensor | None = None) ->
 
 
 @register
-class LogitLens(Experiment):
+class LogitLens(Experiment[LogitLensConfig]):
+    """At which depth does a position start to name the image's class?"""
+
     name = "logit-lens"
     task = "classes"
     prompts = ("class",)
     config = LogitLensConfig
     curve = ("logit_lens", "logp", "role")
 
-    def _roles(self, cfg) -> tuple[str, ...]:
-        roles = tuple(cfg.get("roles") or ("eoi", "last"))
+    def _roles(self, cfg: LogitLensConfig) -> tuple[str, ...]:
+        roles = tuple(cfg.roles or ("eoi", "last"))
         for r in roles:
             if not parse_role(r).single:
                 raise OptionError(
@@ -71,18 +80,23 @@ class LogitLens(Experiment):
                 )
         return roles
 
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: LogitLensConfig) -> None:
+        """Refuse a role that is not one position per example."""
         self._roles(cfg)
 
-    def process(self, vlm, units, images, cfg):
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: LogitLensConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per example and role, the log-probability and vocabulary rank of the class name's first token read out
+        at every residual index."""
         roles = self._roles(cfg)
-        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
+        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg.prompt, cfg.data)] * len(units))
         out = vlm.forward(batch, capture=Capture(roles))
         res, never = out.residuals, suppressed(out.logits[:, -1].cpu())
         tok = vlm.family.tokenizer
         first = torch.tensor([name_ids(tok, u.examples[0].word)[0] for u in units])
         rows = [{"example_id": u.id, "label": u.examples[0].label, "token": int(t)} for u, t in zip(units, first)]
-        arrays = {}
+        arrays: dict[str, Any] = {}
         for role in roles:
             logp = read_out(vlm, res[role], never)  # [B, L+1, V]
             own = logp.gather(-1, first[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]
@@ -90,7 +104,9 @@ class LogitLens(Experiment):
             arrays[f"rank:{role}"] = (logp > own[..., None]).sum(-1).numpy().astype(np.float32)
         return rows, arrays
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: LogitLensConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Table ``logit_lens``: per role and residual index, the mean log-probability, median rank and top-1
+        share."""
         rows = []
         for role in self._roles(cfg):
             logp, rank = stack(records.arrays, f"logp:{role}"), stack(records.arrays, f"rank:{role}")
@@ -107,7 +123,10 @@ class LogitLens(Experiment):
                 )
         return {"logit_lens": pd.DataFrame(rows)}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: LogitLensConfig
+    ) -> list[str]:
+        """Log-probability and rank of the class per residual index, one line per role."""
         from ..plots import COLORS, RESID, has, plt, save
 
         if not has(tables, "logit_lens"):

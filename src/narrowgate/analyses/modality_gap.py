@@ -13,21 +13,31 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from ..data import caption_text
 from ..engine.interventions import Capture
+from ..engine.shared import Condition
 from ..errors import DataError, OptionError
 from ..metrics import cosine_gap_per_layer, modality_homogeneity
 from ..metrics.clustering import min_points
 from ..store import BFloat16
-from .base import Experiment, register, stack
+from .base import Experiment, Sample, Unit, register, stack
 from .options import PaperAxis, RunConfig, option
+
+if TYPE_CHECKING:
+    from ..batch import Batch
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 
 @dataclass
 class ModalityGapConfig(PaperAxis, RunConfig):
+    """Settings of ``narrowgate run modality-gap``."""
+
     n: int | None = option(
         10000, "Image-caption pairs (the authors: the first 10,000 rows of Flickr30k test).", short="-n", min=1
     )
@@ -36,7 +46,7 @@ class ModalityGapConfig(PaperAxis, RunConfig):
     outputs_only: bool = option(False, "Layer outputs only (resid 1..L, the paper's x axis), not the embeddings.")
 
 
-def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
+def _pick(batch: Batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
     out = []
     for pos, i in zip(batch.positions(role), ids):
         if not len(pos):
@@ -46,13 +56,15 @@ def _pick(batch, role: str, ids: list[str], seed: int, salt: str) -> list[int]:
 
 
 @register
-class ModalityGap(Experiment):
+class ModalityGap(Experiment[ModalityGapConfig]):
+    """The cosine gap and the ADP clusters of image and text residuals, per layer."""
+
     name = "modality-gap"
     task = "image_text"
     config = ModalityGapConfig
     curve = ("modality_gap", "median", None)
 
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: ModalityGapConfig) -> None:
         """Refuse a sample too small for the ADP clustering of its image and text points, before the model loads."""
         if 2 * len(examples) < min_points():
             need = -(-min_points() // 2)
@@ -61,21 +73,25 @@ class ModalityGap(Experiment):
                 f"pair), but the ADP clustering needs at least {min_points()}: give --n {need} or more."
             )
 
-    def process(self, vlm, units, images, cfg):
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: ModalityGapConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per image-caption pair, the residual of one seeded text token (image first) and of one image token
+        (text first) at every residual index."""
         ids = [u.id for u in units]
         texts = [caption_text(u.examples[0]) for u in units]
         imgs = [im[0] for im in images]
         first = vlm.prepare(imgs, texts, image_first=True)
         after = vlm.prepare(imgs, texts, image_first=False)
-        text_pos = _pick(first, "text", ids, cfg["seed"], "text")
-        image_pos = _pick(after, "image_content", ids, cfg["seed"], "image")
-        layers = tuple(range(1 if cfg.get("outputs_only") else 0, vlm.n_layers + 1))
-        t = vlm.forward_conditions(first, {"baseline": {}}, capture=Capture((), layers, at={"text": text_pos}))[
+        text_pos = _pick(first, "text", ids, cfg.seed, "text")
+        image_pos = _pick(after, "image_content", ids, cfg.seed, "image")
+        layers = tuple(range(1 if cfg.outputs_only else 0, vlm.n_layers + 1))
+        t = vlm.forward_conditions(first, [Condition("baseline")], capture=Capture((), layers, at={"text": text_pos}))[
             "baseline"
         ]
-        i = vlm.forward_conditions(after, {"baseline": {}}, capture=Capture((), layers, at={"image": image_pos}))[
-            "baseline"
-        ]
+        i = vlm.forward_conditions(
+            after, [Condition("baseline")], capture=Capture((), layers, at={"image": image_pos})
+        )["baseline"]
         rows = [
             {"example_id": u.id, "text_position": tp, "image_position": ip}
             for u, tp, ip in zip(units, text_pos, image_pos)
@@ -85,7 +101,9 @@ class ModalityGap(Experiment):
             "image": BFloat16(i.residuals["image"].numpy(), layers),
         }
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: ModalityGapConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Table ``modality_gap``: per residual index, the image-text cosine quartiles and the homogeneity of the
+        ADP clusters with the modality."""
         text = stack(records.arrays, "text").transpose(1, 0, 2)  # [L+1, N, D]
         image = stack(records.arrays, "image").transpose(1, 0, 2)
         if text.shape[1] + image.shape[1] < min_points():
@@ -98,17 +116,20 @@ class ModalityGap(Experiment):
         hom = []
         for l in range(text.shape[0]):
             X = np.concatenate([image[l], text[l]])
-            hom.append(modality_homogeneity(X, modality, Z=cfg["Z"], min_cluster_size=cfg.get("min_cluster_size")))
+            hom.append(modality_homogeneity(X, modality, Z=cfg.Z, min_cluster_size=cfg.min_cluster_size))
         gap["homogeneity"] = hom
-        gap["layer"] += 1 if cfg.get("outputs_only") else 0
+        gap["layer"] += 1 if cfg.outputs_only else 0
         return {"modality_gap": gap.rename(columns={"layer": "resid"})}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: ModalityGapConfig
+    ) -> list[str]:
+        """The image-text cosine (median and quartiles) and the cluster homogeneity per layer."""
         from ..plots import COLORS, has, plt, resid_axis, save
 
         if not has(tables, "modality_gap"):
             return []
-        df, x, label = resid_axis(tables["modality_gap"], info)
+        df, x, label = resid_axis(tables["modality_gap"], cfg.axis)
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
         a.plot(x, df["median"], "-o", color=COLORS[0], ms=3, label=info["family"])
         a.fill_between(x, df["q25"], df["q75"], color=COLORS[0], alpha=0.25)

@@ -9,17 +9,21 @@ The Python API takes the same names as a dict. Nothing here imports torch: ``--h
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Protocol
 
 from ..errors import OptionError
-from ..parsing import MODEL_HELP
+from ..parsing import MODEL_HELP, parse_layer_set
 
 DATASETS = ("vqav2", "coco", "flickr30k", "imagenet", "synthetic")
 TASKS = ("vqa", "captions", "classes")
 MODES = ("zero", "mask")
+#: Which way each class pair is patched (patching, steering), and which residual indices a patch covers.
+DIRECTIONS = ("paper", "both")
+SPANS = ("single", "from")
 
 
 def option(
-    default,
+    default: Any,
     help: str,
     *,
     flag: str | None = None,
@@ -30,7 +34,7 @@ def option(
     parse: str | None = None,
     required: bool = False,
     cli: bool = True,
-):
+) -> Any:
     """A settings field: ``help``, ``flag`` (default ``--field-name``) and ``short`` (e.g. ``-n``) for the command
     line, ``min``, ``max``
     and ``choices`` checked there, ``parse`` naming a text parser of the CLI (layers, roles, device_map, finite,
@@ -45,8 +49,9 @@ def option(
 class RunConfig:
     """What every run takes: the model, the data and its sample, where results go, how to run."""
 
-    model: str | None = option(None, MODEL_HELP, parse="nonempty", required=True)
-    data: str | None = option(
+    #: Required (``required=True``): the runner refuses a run without it, so every hook sees a string.
+    model: str = option(None, MODEL_HELP, parse="nonempty", required=True)
+    data: str = option(
         None, "vqav2, coco, flickr30k, imagenet or synthetic (no files needed).", choices=DATASETS, required=True
     )
     data_dir: str | None = option(None, "Where the dataset's files are on disk.", parse="nonempty")
@@ -130,7 +135,17 @@ class PaperAxis:
     )
 
 
+@dataclass
+class PairsConfig(ClassPrompt, RunConfig):
+    """Patching and steering: images per pair class, and which way each pair is patched."""
+
+    n: int | None = option(None, "Not used: pairs sample per class (give --n-per-class).", cli=False)
+    n_per_class: int | None = option(100, "Images per pair class (the paper: 100).", min=1)
+    direction: str = option("paper", "paper (base <- target as published) or both.", choices=DIRECTIONS)
+
+
 def names(config: type) -> tuple[str, ...]:
+    """The names of ``config``'s settings, in declaration order."""
     return tuple(f.name for f in fields(config))
 
 
@@ -149,18 +164,42 @@ def defaults(config: type) -> dict:
     return out
 
 
-def check_sweep(cfg: dict, default: int) -> None:
+def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> tuple[int, ...] | None:
+    """'0-31' or '3,5,7' -> indices below ``n_layers`` (`narrowgate.errors.parse_layer_set`); None -> all.
+
+    Raises `OptionError` naming ``option`` for a malformed or empty set or an index out of range.
+    """
+    if text is None:
+        return None
+    out = parse_layer_set(str(text), option=option)
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise OptionError(
+            f"{option} {text}: {bad} out of range 0..{n_layers - 1} (the model has "
+            f"{n_layers if option == '--layers' else n_layers - 1} layers)."
+        )
+    return out
+
+
+class Sweeps(Protocol):
+    """Settings of experiments with ``--sweep`` over growing layer windows (ablation, overlap)."""
+
+    sweep: bool
+    sweep_step: int
+
+
+def check_sweep(cfg: Sweeps, default: int) -> None:
     """Refuse ``--sweep-step`` other than its ``default`` without ``--sweep`` (it would be ignored), before the model
     loads."""
-    if not cfg.get("sweep") and int(cfg.get("sweep_step") or default) != default:
+    if not cfg.sweep and int(cfg.sweep_step or default) != default:
         raise OptionError(
-            f"--sweep-step {cfg['sweep_step']} applies only with --sweep: add --sweep, or drop --sweep-step."
+            f"--sweep-step {cfg.sweep_step} applies only with --sweep: add --sweep, or drop --sweep-step."
         )
 
 
-def sweep_step(cfg: dict, n_layers: int) -> int:
+def sweep_step(cfg: Sweeps, n_layers: int) -> int:
     """``--sweep-step``, refused when larger than the model's decoder layers (the sweep would have one window)."""
-    step = int(cfg.get("sweep_step") or 1)
+    step = int(cfg.sweep_step or 1)
     if step > n_layers:
         raise OptionError(
             f"--sweep-step {step} is more than the model's {n_layers} decoder layers: the sweep would have a single "

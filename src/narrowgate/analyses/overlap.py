@@ -26,17 +26,26 @@ under every window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
+from ..data import ClassExample
 from ..data.prompts import class_prompt
 from ..engine.interventions import Capture, Knockout
 from ..engine.shared import Condition
 from ..metrics import neighborhood_overlap_per_layer
 from ..metrics.overlap import check_k, overlap_k
 from ..store import BFloat16
-from .base import Experiment, register, stack
+from .base import Experiment, Sample, Unit, register, stack
 from .options import MODES, ClassPrompt, PaperAxis, RunConfig, check_sweep, option, sweep_step
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..batch import Batch
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 ROLES = ("eoi", "first_image", "last_image", "internal_image", "last")
 #: Captured only when every example has the role (families with in-image line breaks).
@@ -44,15 +53,15 @@ OPTIONAL_ROLES = ("eol",)
 NO_KNOCKOUT = "none"
 
 
-def image_index(batch, wanted: int) -> int:
+def image_index(batch: Batch, wanted: int) -> int:
     """``wanted`` if every example has that many content tokens, else the last but one."""
     shortest = min(len(lay.content) for lay in batch.layouts)
     return min(wanted, shortest - 2)
 
 
-def windows(cfg: dict, n_layers: int) -> list[tuple[int, ...]]:
+def windows(cfg: OverlapConfig, n_layers: int) -> list[tuple[int, ...]]:
     """Growing early-layer windows 0..w-1 (``--sweep``, step ``--sweep-step``); the last one is every layer."""
-    if not cfg.get("sweep"):
+    if not cfg.sweep:
         return []
     step = sweep_step(cfg, n_layers)
     ends = list(range(step, n_layers + 1, step))
@@ -65,23 +74,25 @@ def windows(cfg: dict, n_layers: int) -> list[tuple[int, ...]]:
 SWEEPS = (("eoi", ("eoi", "text")), ("image", ("text",)), ("image", ("eoi", "text")))
 
 
-def sweep_name(sources, targets) -> str:
+def sweep_name(sources: str | tuple, targets: str | tuple) -> str:
     """The knockout's name without its layers and mode (``eoi->eoi+text``): the ``sweep`` column."""
     return Knockout(sources, targets).name
 
 
-def conditions(cfg: dict, n_layers: int) -> list[Condition]:
+def conditions(cfg: OverlapConfig, n_layers: int) -> list[Condition]:
     """The baseline plus each knockout of `SWEEPS` in each window of `windows`."""
     out = [Condition(NO_KNOCKOUT)]
     for sources, targets in SWEEPS:
         for layers in windows(cfg, n_layers):
-            ko = Knockout(sources, targets, layers=layers, mode=cfg["mode"])
+            ko = Knockout(sources, targets, layers=layers, mode=cfg.mode)
             out.append(Condition(ko.name, knockouts=(ko,)))
     return out
 
 
 @dataclass
 class OverlapConfig(PaperAxis, ClassPrompt, RunConfig):
+    """Settings of ``narrowgate run overlap``."""
+
     n_per_class: int | None = option(100, "Images per class (the paper: 100).", min=1)
     k: int = option(30, "Neighbours of the neighbourhood overlap (the paper: 30).", min=1)
     image_index: int = option(
@@ -98,30 +109,37 @@ class OverlapConfig(PaperAxis, ClassPrompt, RunConfig):
 
 
 @register
-class Overlap(Experiment):
+class Overlap(Experiment[OverlapConfig]):
+    """Class information in the residual stream at each role, per layer (Sec. 4.2, Eq. 2)."""
+
     name = "overlap"
     task = "classes"
     prompts = ("class",)
     config = OverlapConfig
     curve = ("overlap", "overlap", None)
 
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: OverlapConfig) -> None:
+        """Refuse ``--sweep-step`` without ``--sweep`` and a ``k`` the classes cannot support."""
         check_sweep(cfg, self.defaults["sweep_step"])
-        check_k((e.label for e in examples), cfg["k"])
+        check_k((cast(ClassExample, e).label for e in examples), cfg.k)
 
-    def check_model(self, cfg, n_layers) -> None:
+    def check_model(self, cfg: OverlapConfig, n_layers: int) -> None:
+        """Refuse a ``--sweep-step`` larger than the model's depth."""
         windows(cfg, n_layers)
 
-    def process(self, vlm, units, images, cfg):
-        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg)] * len(units))
-        k = image_index(batch, cfg["image_index"])
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: OverlapConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per example, the residuals of every role at every captured index, under each condition."""
+        batch = vlm.prepare([im[0] for im in images], [class_prompt(cfg.prompt, cfg.data)] * len(units))
+        k = image_index(batch, cfg.image_index)
         roles = ROLES + tuple(r for r in OPTIONAL_ROLES if all(len(p) for p in batch.positions(r)))
-        first = 1 if cfg.get("outputs_only") else 0
+        first = 1 if cfg.outputs_only else 0
         capture = Capture(roles + (f"image[{k}]",), resids=tuple(range(first, vlm.n_layers + 1)))
         conds = conditions(cfg, vlm.n_layers)
         outs = vlm.forward_conditions(batch, conds, capture=capture)
         rows = [{"example_id": u.id, "label": u.examples[0].label, "image_index": k} for u in units]
-        arrays = {}
+        arrays: dict[str, Any] = {}
         for i, cond in enumerate(conds):
             res = outs[cond.name].residuals
             for role in roles:
@@ -129,11 +147,13 @@ class Overlap(Experiment):
             arrays[f"{i}:image_k"] = BFloat16(res[f"image[{k}]"].numpy(), capture.resids)
         return rows, arrays
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: OverlapConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Table ``overlap`` (every role, residual index and knockout window) and, with ``--sweep``,
+        ``overlap_sweep``."""
         labels = records.rows["label"].to_numpy()
         k_used = int(records.rows["image_index"].min())
-        k = overlap_k(labels, cfg["k"])
-        first = 1 if cfg.get("outputs_only") else 0
+        k = overlap_k(labels, cfg.k)
+        first = 1 if cfg.outputs_only else 0
         rows = []
         for i, cond in enumerate(conditions(cfg, info["n_layers"])):
             ko = cond.knockouts[0] if cond.knockouts else None
@@ -161,11 +181,11 @@ class Overlap(Experiment):
                 ]
         table = pd.DataFrame(rows)
         tables = {"overlap": table}
-        if cfg.get("sweep"):
+        if cfg.sweep:
             tables["overlap_sweep"] = sweep_table(table, info["n_layers"])
         return tables
 
-    def compare(self, runs):
+    def compare(self, runs: list[tuple[str, dict, dict]]) -> Figure:
         """[EOI]'s class information, one line per run (every role of each run is in its own figure)."""
         from ..plots import overlay_curves
 
@@ -178,7 +198,9 @@ class Overlap(Experiment):
             rows=lambda df: _unablated(df)[lambda d: d["role"] == "eoi"],
         )
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: OverlapConfig
+    ) -> list[str]:
         """Overlap per role; with ``--sweep``, a second panel: the overlap of ``last`` after the last layer against
         the number of early layers knocked out, one line per knockout (the authors' overlap-with-ablation)."""
         from ..plots import COLORS, has, plt, resid_axis, save
@@ -187,17 +209,17 @@ class Overlap(Experiment):
             return []
         df = tables["overlap"]
         sweep = tables.get("overlap_sweep")
-        swept = sweep is not None and len(sweep)
-        fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(12 if swept else 7, 3.8), squeeze=False)
+        swept = sweep if sweep is not None and len(sweep) else None
+        fig, axes = plt.subplots(1, 1 if swept is None else 2, figsize=(7 if swept is None else 12, 3.8), squeeze=False)
         ax = axes[0, 0]
-        rows, x, label = resid_axis(_unablated(df), info)
+        rows, x, label = resid_axis(_unablated(df), cfg.axis)
         for i, (role, g) in enumerate(rows.groupby("role", sort=False)):
             ax.plot(x.loc[g.index], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=role)
         ax.set(xlabel=label, ylabel="neighbourhood overlap with labels", ylim=(-0.02, 1.02), title="Class information")
         ax.legend(fontsize=8)
-        if swept:
+        if swept is not None:
             b = axes[0, 1]
-            for i, (name, g) in enumerate(sweep.groupby("sweep", sort=False)):
+            for i, (name, g) in enumerate(swept.groupby("sweep", sort=False)):
                 b.plot(g["layers_knocked_out"], g["overlap"], "-o", ms=3, color=COLORS[i % len(COLORS)], label=name)
             b.set(
                 xlabel="early layers knocked out (0..w-1)",

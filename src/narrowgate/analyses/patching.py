@@ -22,26 +22,24 @@ authors compared hand-picked first-token ids per model).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..data import by_label, tasks
 from ..data.prompts import class_prompt, name_ids, name_scores
 from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from ..metrics import distribution_similarity
-from .base import Experiment, Unit, register
-from .options import ClassPrompt, RunConfig, option
+from .base import PairedExperiment, Unit, pair_order, register
+from .options import DIRECTIONS, SPANS, PairsConfig, option
 
-DIRECTIONS = ("paper", "both")
-SPANS = ("single", "from")
+if TYPE_CHECKING:
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
-
-def pair_order(dataset: str) -> list[tuple[str, str]]:
-    """(base, target) per printed pair, as the paper's patching runs it: the first class is the donor."""
-    return [(b, a) for a, b in tasks.class_pairs(dataset)]
+__all__ = ["DIRECTIONS", "SPANS", "PairsConfig", "Patching", "PatchingConfig", "pair_order", "patch_conditions"]
 
 
 def patch_conditions(donor: torch.Tensor, n_layers: int, span: str) -> list[Condition]:
@@ -54,70 +52,35 @@ def patch_conditions(donor: torch.Tensor, n_layers: int, span: str) -> list[Cond
 
 
 @dataclass
-class PairsConfig(ClassPrompt, RunConfig):
-    """Patching and steering: images per pair class, and which way each pair is patched."""
-
-    n: int | None = option(None, "Not used: pairs sample per class (give --n-per-class).", cli=False)
-    n_per_class: int | None = option(100, "Images per pair class (the paper: 100).", min=1)
-    direction: str = option("paper", "paper (base <- target as published) or both.", choices=DIRECTIONS)
-
-
-@dataclass
 class PatchingConfig(PairsConfig):
+    """Settings of ``narrowgate run patching``."""
+
     span: str = option(
         "single", "single (patch resid l, Fig. 5) or from (resid l..L-1, the authors' 2nd variant).", choices=SPANS
     )
 
 
 @register
-class Patching(Experiment):
+class Patching(PairedExperiment[PatchingConfig]):
+    """Steer the next-token distribution by patching [EOI] from another class (Sec. 4.4, Fig. 5)."""
+
     name = "patching"
-    task = "classes"
-    prompts = ("class_patching",)
-    config: type = PatchingConfig
-    curve: tuple | None = ("patching", "similarity", None)
+    config = PatchingConfig
+    curve = ("patching", "similarity", None)
 
-    def requested(self, cfg):
-        if cfg.get("n") is not None:
-            raise tasks.DataError(
-                "patching samples images per pair class: give --n-per-class (the paper: 100), not --n."
-            )
-        return {"n_per_class": cfg["n_per_class"]}
-
-    def examples(self, cfg):
-        return tasks.load(
-            cfg["data"],
-            self.task,
-            cfg.get("data_dir"),
-            seed=cfg["seed"],
-            classes="pairs",
-            allow_fewer=bool(cfg.get("allow_fewer")),
-            **self.requested(cfg),
-        )
-
-    def units(self, examples, cfg):
-        groups = {k: sorted(v, key=lambda e: e.id) for k, v in by_label(examples).items()}
-        order = pair_order(cfg["data"])
-        if cfg["direction"] == "both":
-            order += [(t, b) for b, t in order]
-        units = []
-        for base, target in order:
-            missing = [c for c in (base, target) if not groups.get(c)]
-            if missing:
-                raise tasks.DataError(f"Class pair ({base}, {target}): no images of {', '.join(missing)} in the data.")
-            for i, (eb, et) in enumerate(zip(groups[base], groups[target])):
-                units.append(Unit(f"{base}<-{target}|{i:04d}", (eb, et)))
-        return units
-
-    def process(self, vlm, units, images, cfg):
-        prompt = class_prompt(cfg)
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: PatchingConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per pair, the similarity to the target's distribution and the class scores, unpatched and patched at
+        every residual index."""
+        prompt = class_prompt(cfg.prompt, cfg.data)
         tok = vlm.family.tokenizer
         L = vlm.n_layers
         base_batch = vlm.prepare([im[0] for im in images], [prompt] * len(units))
         target_batch = vlm.prepare([im[1] for im in images], [prompt] * len(units))
-        target = vlm.forward_conditions(target_batch, {"baseline": {}}, capture=Capture("eoi"))["baseline"]
+        target = vlm.forward_conditions(target_batch, [Condition("baseline")], capture=Capture("eoi"))["baseline"]
         p_target = torch.softmax(target.last_logits, -1)
-        conds = patch_conditions(target.residuals["eoi"], L, cfg["span"])
+        conds = patch_conditions(target.residuals["eoi"], L, cfg.span)
         base_names = [name_ids(tok, u.examples[0].word) for u in units]
         target_names = [name_ids(tok, u.examples[1].word) for u in units]
         s_base, first = name_scores(vlm, base_batch, conds, base_names)
@@ -149,20 +112,21 @@ class Patching(Experiment):
             "score_target_unpatched": s_target[names[0]].numpy().astype(np.float32),
         }
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: PatchingConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Tables ``patching`` (per residual index: similarity, accuracy, flip rate) and ``patching_pairs``."""
         L = info["n_layers"]
         sim = records.arrays["similarity"].reshape(-1, L)
         acc = records.arrays["accuracy"].reshape(-1, L)
         base_sim = records.arrays["similarity_unpatched"].reshape(-1)
         base_acc = records.arrays["accuracy_unpatched"].reshape(-1)
         flips = flip_matrix(records.arrays, L)
-        site = "eoi, resid l" if cfg["span"] == "single" else "eoi, resid l..L-1"
+        site = "eoi, resid l" if cfg.span == "single" else "eoi, resid l..L-1"
         rows = [
             {
                 "resid": l,
                 "relative_depth": l / max(1, L),
                 "patched": site,
-                "direction": cfg["direction"],
+                "direction": cfg.direction,
                 "similarity": float(sim[:, l].mean()),
                 "similarity_std": float(sim[:, l].std()),
                 "accuracy": float(acc[:, l].mean()),
@@ -195,7 +159,9 @@ class Patching(Experiment):
             )
         return {"patching": pd.DataFrame(rows), "patching_pairs": pd.DataFrame(per_pair)}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: PatchingConfig
+    ) -> list[str]:
         """Fig. 5: similarity to the target distribution and p(target) > p(base) per patched residual index."""
         from ..plots import COLORS, has, plt, save
 

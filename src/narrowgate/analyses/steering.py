@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -24,10 +26,12 @@ from ..data.prompts import class_prompt
 from ..engine.interventions import Capture, Patch
 from ..engine.shared import Condition
 from ..errors import DataError
-from .ablation import parse_layers
-from .base import register
-from .options import option
-from .patching import PairsConfig, Patching
+from .base import PairedExperiment, Sample, Unit, register
+from .options import PairsConfig, option, parse_layers
+
+if TYPE_CHECKING:
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 #: Rates reported for each text: names the target, the base, the target and not the base.
 FLAGS = ("target", "base", "target_not_base")
@@ -35,6 +39,8 @@ FLAGS = ("target", "base", "target_not_base")
 
 @dataclass
 class SteeringConfig(PairsConfig):
+    """Settings of ``narrowgate run steering``."""
+
     resids: str | None = option(
         None, "Residual indices patched together, e.g. 8-16 (default: relative depth 0.25-0.5).", parse="layers"
     )
@@ -48,18 +54,18 @@ class SteeringConfig(PairsConfig):
     )
 
 
-def window(cfg: dict, n_layers: int) -> tuple[int, ...]:
+def window(cfg: SteeringConfig, n_layers: int) -> tuple[int, ...]:
     """The patched residual indices: ``--resids`` or relative depth 0.25-0.5 (relative depth = resid / L)."""
-    given = parse_layers(cfg.get("resids"), n_layers + 1, option="--resids")
+    given = parse_layers(cfg.resids, n_layers + 1, option="--resids")
     if given is not None:
         return given
     lo, hi = round(0.25 * n_layers), round(0.5 * n_layers)
     return tuple(range(lo, hi + 1))
 
 
-def sweep_sites(cfg: dict, n_layers: int) -> tuple[int, ...]:
+def sweep_sites(cfg: SteeringConfig, n_layers: int) -> tuple[int, ...]:
     """The residual indices patched one at a time with ``--sweep``: each of ``--resids``, else 0..L-1."""
-    given = parse_layers(cfg.get("resids"), n_layers + 1, option="--resids")
+    given = parse_layers(cfg.resids, n_layers + 1, option="--resids")
     return given if given is not None else tuple(range(n_layers))
 
 
@@ -90,7 +96,7 @@ def class_names(word: str, label: str, synonyms: dict[str, list[str]]) -> list[s
     return list(dict.fromkeys(out))
 
 
-def names(text: str, candidates) -> bool:
+def names(text: str, candidates: str | Sequence[str]) -> bool:
     """Whether ``text`` names any of ``candidates`` as whole words (case-insensitive; spaces or hyphens between
     the words of a multi-word name). One string is one candidate."""
     for name in [candidates] if isinstance(candidates, str) else candidates:
@@ -103,37 +109,46 @@ def names(text: str, candidates) -> bool:
     return False
 
 
-def _flags(text: str, target_names, base_names) -> dict[str, bool]:
+def _flags(text: str, target_names: Sequence[str], base_names: Sequence[str]) -> dict[str, bool]:
     t, b = names(text, target_names), names(text, base_names)
     return {"target": t, "base": b, "target_not_base": t and not b}
 
 
 @register
-class Steering(Patching):
+class Steering(PairedExperiment[SteeringConfig]):
+    """Patch [EOI] and read what the model then says about the image, in generated text."""
+
     name = "steering"
     config = SteeringConfig
-    curve = None
 
-    def check(self, examples, cfg) -> None:
-        load_synonyms(cfg.get("synonyms"))
+    def check(self, examples: Sample, cfg: SteeringConfig) -> None:
+        """Refuse an unreadable ``--synonyms`` file before the model loads."""
+        load_synonyms(cfg.synonyms)
 
-    def check_model(self, cfg, n_layers) -> None:
+    def check_model(self, cfg: SteeringConfig, n_layers: int) -> None:
+        """Refuse ``--resids`` outside the model's residual indices."""
         window(cfg, n_layers)
 
-    def process(self, vlm, units, images, cfg):
-        prompt = class_prompt(cfg)
-        synonyms = load_synonyms(cfg.get("synonyms"))
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: SteeringConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per pair, the base image's completion unpatched, steered (the window patched) and, with ``--sweep``,
+        patched at each residual index alone, with the names each is matched against."""
+        prompt = class_prompt(cfg.prompt, cfg.data)
+        synonyms = load_synonyms(cfg.synonyms)
         base = vlm.prepare([im[0] for im in images], [prompt] * len(units))
         target = vlm.prepare([im[1] for im in images], [prompt] * len(units))
-        donor = vlm.forward_conditions(target, {"baseline": {}}, capture=Capture("eoi"))["baseline"].residuals["eoi"]
+        donor = vlm.forward_conditions(target, [Condition("baseline")], capture=Capture("eoi"))["baseline"].residuals[
+            "eoi"
+        ]
         sites = window(cfg, vlm.n_layers)
-        singles = sweep_sites(cfg, vlm.n_layers) if cfg.get("sweep") else ()
+        singles = sweep_sites(cfg, vlm.n_layers) if cfg.sweep else ()
         conds = [
             Condition("baseline"),
             Condition("steered", patches=tuple(Patch("eoi", l, donor[:, l]) for l in sites)),
             *(Condition(f"resid {l}", patches=(Patch("eoi", l, donor[:, l]),)) for l in singles),
         ]
-        gens = vlm.generate_conditions(base, conds, max_new_tokens=int(cfg["max_new_tokens"]))
+        gens = vlm.generate_conditions(base, conds, max_new_tokens=int(cfg.max_new_tokens))
         texts = {c.name: [t.strip() for t in vlm.decode(gens[c.name], base)] for c in conds}
         rows = []
         for b, u in enumerate(units):
@@ -157,7 +172,9 @@ class Steering(Patching):
             rows.append(row)
         return rows, {}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: SteeringConfig
+    ) -> list[str]:
         """With ``--sweep``: how often the text names the target (and not the base) per patched residual index."""
         from ..plots import COLORS, has, plt, save
 
@@ -177,7 +194,9 @@ class Steering(Patching):
         ax.legend(fontsize=8)
         return [save(fig, store, "steering_sweep")]
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: SteeringConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Tables ``steering`` (how often the text names the target, the base, the target only, before and after),
+        ``steering_pairs``, ``steering_examples`` and, with ``--sweep``, ``steering_sweep``."""
         df = records.rows
         tnames = [_names_of(r, "target") for _, r in df.iterrows()]
         bnames = [_names_of(r, "base") for _, r in df.iterrows()]
@@ -199,7 +218,7 @@ class Steering(Patching):
             [
                 {
                     "resids": df["resids"].iloc[0],
-                    "direction": cfg["direction"],
+                    "direction": cfg.direction,
                     **{f"names_{k}": float(v) for k, v in total.items()},
                     "n": len(df),
                 }
@@ -216,13 +235,15 @@ class Steering(Patching):
         return tables
 
 
-def _names_of(row, who: str) -> list[str]:
+def _names_of(row: pd.Series, who: str) -> list[str]:
     """The names a record was matched against (recorded with it), or the class word of older records."""
     got = row.get(f"{who}_names")
     return [row[who]] if got is None or (isinstance(got, float) and pd.isna(got)) else [str(x) for x in got]
 
 
-def _sweep_table(df: pd.DataFrame, tnames, bnames, total: dict, n_layers: int) -> pd.DataFrame:
+def _sweep_table(
+    df: pd.DataFrame, tnames: list[list[str]], bnames: list[list[str]], total: dict, n_layers: int
+) -> pd.DataFrame:
     """Per residual index patched alone: the share of completions naming the target, the base, the target only."""
     sites = [int(x) for x in df["sweep_resids"].iloc[0]]
     rows = []

@@ -29,19 +29,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
-from ..data import by_label
+from ..data import ClassExample, by_label
 from ..data.prompts import name_ids, name_scores
 from ..engine.interventions import Capture, Knockout, Patch
 from ..engine.shared import Condition
 from ..errors import OptionError
-from .base import Experiment, Unit, register
-from .gate_scan import kl
-from .options import MODES, RunConfig, option
-from .patching import SPANS
+from ..metrics.scores import kl
+from .base import Experiment, Sample, Unit, register
+from .options import MODES, SPANS, RunConfig, option
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..store import RunStore, Shard
+    from ..vlm import VLM
 
 WHICH = {1: "first", 2: "second"}
 QUESTIONS = {"synthetic": "The shape in the {which} image is a", "imagenet": "The animal in the {which} image is a"}
@@ -53,6 +59,8 @@ MIN_UNITS = 10
 
 @dataclass
 class TwoImagesConfig(RunConfig):
+    """Settings of ``narrowgate run two-images``."""
+
     n_per_class: int | None = option(20, "Images per class (pairs are made across classes).", min=1)
     question: str | None = option(
         None,
@@ -64,11 +72,12 @@ class TwoImagesConfig(RunConfig):
     span: str = option("single", "Swap the [EOI]s at resid l (single) or at every resid l..L-1 (from).", choices=SPANS)
 
 
-def question(cfg: dict) -> str:
-    return cfg.get("question") or QUESTIONS.get(cfg["data"], QUESTIONS["imagenet"])
+def question(cfg: TwoImagesConfig) -> str:
+    """The question template (``--question``, else the dataset's), with ``{which}`` for 'first' / 'second'."""
+    return cfg.question or QUESTIONS.get(cfg.data, QUESTIONS["imagenet"])
 
 
-def conditions(eois: dict, n_layers: int, mode: str, span: str) -> list[Condition]:
+def conditions(eois: dict[str, torch.Tensor], n_layers: int, mode: str, span: str) -> list[Condition]:
     """Baseline, each image's [EOI] and span -> text, then the [EOI]s swapped at each residual index."""
     conds = [Condition("baseline")]
     for role in KNOCKOUTS:
@@ -83,13 +92,16 @@ def conditions(eois: dict, n_layers: int, mode: str, span: str) -> list[Conditio
 
 
 @register
-class TwoImages(Experiment):
+class TwoImages(Experiment[TwoImagesConfig]):
+    """Two images, one question about one of them: does the answer flow through that image's [EOI]?"""
+
     name = "two-images"
     task = "classes"
     config = TwoImagesConfig
     curve = ("swap", "flip_rate", None)
 
-    def check(self, examples, cfg) -> None:
+    def check(self, examples: Sample, cfg: TwoImagesConfig) -> None:
+        """Refuse a question without ``{which}`` and too few pairs for the rates."""
         if "{which}" not in question(cfg):
             raise OptionError(f"--question {question(cfg)!r} has no {{which}} for 'first' / 'second'.")
         units = len(self.units(examples, cfg))
@@ -99,25 +111,29 @@ class TwoImages(Experiment):
                 f"its rates need at least {MIN_UNITS}: raise --n-per-class."
             )
 
-    def units(self, examples, cfg):
+    def units(self, examples: Sample, cfg: TwoImagesConfig) -> list[Unit]:
         """Pairs of images of different classes: classes taken in turn, so neighbours differ; the unit's index
         decides which image the question asks about (even: the first)."""
         groups = [sorted(v, key=lambda e: e.id) for _, v in sorted(by_label(examples).items())]
         order = [g[k] for k in range(max((len(g) for g in groups), default=0)) for g in groups if k < len(g)]
         units: list[Unit] = []
         for a, b in zip(order[::2], order[1::2]):
-            if a.label == b.label:
+            if cast(ClassExample, a).label == cast(ClassExample, b).label:
                 continue
             n = len(units)
             units.append(Unit(f"{a.id}+{b.id}", (a, b), meta={"asked": 1 + n % 2}))
         return units
 
-    def process(self, vlm, units, images, cfg):
+    def process(
+        self, vlm: VLM, units: list[Unit], images: list[tuple], cfg: TwoImagesConfig
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per pair, the class-name scores of the asked and the other image's class and the first token's KL,
+        under every condition."""
         asked = [int(u.meta["asked"]) for u in units]
         prompts = [question(cfg).format(which=WHICH[a]) for a in asked]
         batch = vlm.prepare([list(pair) for pair in images], prompts)
         eois = vlm.forward(batch, capture=Capture(("eoi@1", "eoi@2"))).residuals
-        conds = conditions(eois, vlm.n_layers, cfg["mode"], cfg["span"])
+        conds = conditions(eois, vlm.n_layers, cfg.mode, cfg.span)
         tok = vlm.family.tokenizer
         mine = [name_ids(tok, u.examples[a - 1].word) for u, a in zip(units, asked)]
         other = [name_ids(tok, u.examples[2 - a].word) for u, a in zip(units, asked)]
@@ -142,7 +158,8 @@ class TwoImages(Experiment):
             "kl": np.stack([kl(base, first[c].float()).numpy() for c in names], 1).astype(np.float32),
         }
 
-    def aggregate(self, records, cfg, info):
+    def aggregate(self, records: Shard, cfg: TwoImagesConfig, info: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Tables ``two_images`` (per knockout), ``swap`` (per residual index) and ``summary`` (the verdict)."""
         L = info["n_layers"]
         C = 1 + 2 * len(KNOCKOUTS) + L
         margin = (records.arrays["score_asked"] - records.arrays["score_other"]).reshape(-1, C).astype(np.float64)
@@ -168,11 +185,13 @@ class TwoImages(Experiment):
         for l in range(L):
             col = 1 + 2 * len(KNOCKOUTS) + l
             row = _row(f"swap@{l}", margin[:, col], margin[:, 0], div[:, col], flips[:, col])
-            swaps.append({"resid": l, "relative_depth": l / max(1, L), "span": cfg["span"], **row})
+            swaps.append({"resid": l, "relative_depth": l / max(1, L), "span": cfg.span, **row})
         swap = pd.DataFrame(swaps).drop(columns="condition")
         return {"two_images": knockouts, "swap": swap, "summary": pd.DataFrame([_summary(knockouts, swap, cfg)])}
 
-    def figures(self, tables, info, store):
+    def figures(
+        self, tables: dict[str, pd.DataFrame], info: dict[str, Any], store: RunStore, cfg: TwoImagesConfig
+    ) -> list[str]:
         """Margin change per knockout, and the swap's flip rate per residual index."""
         from ..plots import COLORS, has, plt, save
 
@@ -209,13 +228,13 @@ def _row(condition: str, margin: np.ndarray, base: np.ndarray, div: np.ndarray, 
     }
 
 
-def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: dict) -> dict:
+def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: TwoImagesConfig) -> dict:
     """The share of the baseline margin each knockout removes, the swap's largest flip rate, and the verdict."""
     by = knockouts.set_index("condition")
     base = by.loc["baseline"]
     best = swap.loc[swap["flip_rate"].idxmax()]
     out = {
-        "mode": cfg["mode"],
+        "mode": cfg.mode,
         "n": int(base["n"]),
         "baseline_accuracy": float(base["accuracy"]),
         "chance": CHANCE,
@@ -242,6 +261,6 @@ def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: dict) -> dict:
             f"knocking out the asked image's [EOI] removes {out['eoi_asked_margin_removed']:.0%} of the margin (the "
             f"other image's: {out['eoi_other_margin_removed']:.0%}; the asked image's span: "
             f"{out['image_asked_margin_removed']:.0%}); swapping the [EOI]s flips {best['flip_rate']:.0%} of the "
-            f"answers at resid {int(best['resid'])} ({cfg['mode']} mode, {int(base['n'])} pairs)."
+            f"answers at resid {int(best['resid'])} ({cfg.mode} mode, {int(base['n'])} pairs)."
         )
     return out

@@ -52,46 +52,49 @@ IMAGE_SIZES = {("pixtral", False): "512x512"}
 KEYS = {"class": "prompt", "class_patching": "prompt", "vqa": "vqa_prompt", "captions": "caption_prompt"}
 
 
-def preset(kind: str, family: str, n_layers: int, dataset: str) -> str:
+def preset(kind: str, family: str, n_layers: int, dataset: str | None) -> str:
     """The prompt of ``kind`` (class, class_patching, vqa, captions) for a model of ``family`` on ``dataset``."""
     for (fam, layers, k, data), text in PRESETS.items():
         if fam == family and k == kind and layers in (None, n_layers) and data in (None, dataset):
             return text
     if kind in ("class", "class_patching"):
-        return CLASS.get(dataset, CLASS["imagenet"])
+        return CLASS.get(dataset or "imagenet", CLASS["imagenet"])
     return {"vqa": VQA, "captions": CAPTION}[kind]
 
 
-def resolve(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict:
-    """``cfg`` with the prompt of every kind in ``kinds`` filled in: a user's setting, else the checkpoint's
+def resolve(given: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict:
+    """``given`` (settings by name) with the prompt of every kind in ``kinds`` filled in: a user's setting, else the checkpoint's
     own (``checkpoint``, its `narrowgate.checkpoint_prompts.CheckpointPrompts`), else the family preset."""
-    return {**cfg, **{key: text for key, (text, _) in sources(cfg, kinds, family, n_layers, checkpoint).items()}}
+    return {**given, **{key: text for key, (text, _) in sources(given, kinds, family, n_layers, checkpoint).items()}}
 
 
-def sources(cfg: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict[str, tuple[str, str]]:
-    """Config key -> (prompt, where it comes from: the option, the checkpoint's narrowgate.json, the preset)."""
+def sources(given: dict, kinds, family: str, n_layers: int, checkpoint=None) -> dict[str, tuple[str, str]]:
+    """Setting name -> (prompt, where it comes from: the option, the checkpoint's narrowgate.json, the preset), for
+    the prompt kinds ``kinds`` of a run whose settings (by name) are ``given``."""
     out = {}
+    dataset = given.get("data")
     for kind in kinds:
         key = KEYS[kind]
-        own = checkpoint.get(kind, cfg.get("data")) if checkpoint is not None else None
-        if cfg.get(key):
-            out[key] = (cfg[key], "--" + key.replace("_", "-"))
+        own = checkpoint.get(kind, dataset) if checkpoint is not None else None
+        if given.get(key):
+            out[key] = (given[key], "--" + key.replace("_", "-"))
         elif own is not None:
             out[key] = (own, checkpoint.path or "narrowgate.json")
         else:
-            out[key] = (preset(kind, family, n_layers, cfg["data"]), f"{family} family preset")
+            out[key] = (preset(kind, family, n_layers, dataset), f"{family} family preset")
     return out
 
 
-def resolve_image_size(cfg: dict, family: str, generates: bool) -> dict:
-    """``cfg`` with ``image_size`` filled in from the family's preset (a user's value is kept, normalised)."""
-    given = cfg.get("image_size")
-    if given:
-        size = parse_image_size(given)
+def resolve_image_size(given: dict, family: str, generates: bool) -> dict:
+    """``given`` (settings by name) with ``image_size`` filled in from the family's preset (a user's value is kept,
+    normalised)."""
+    size_given = given.get("image_size")
+    if size_given:
+        size = parse_image_size(size_given)
         value = PROCESSOR if size is None else f"{size[0]}x{size[1]}"
     else:
         value = IMAGE_SIZES.get((family, generates), PROCESSOR)
-    return {**cfg, "image_size": value}
+    return {**given, "image_size": value}
 
 
 def resize(image: PILImage, size: tuple[int, int] | None) -> PILImage:
@@ -102,22 +105,22 @@ def resize(image: PILImage, size: tuple[int, int] | None) -> PILImage:
     return image if size is None or image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
 
-def class_prompt(cfg: dict) -> str:
-    """The class prompt of a run: ``--prompt``, else the dataset's (ImageNet's for a dataset without one)."""
-    return cfg.get("prompt") or CLASS.get(cfg["data"], CLASS["imagenet"])
+def class_prompt(prompt: str | None, dataset: str | None) -> str:
+    """The class prompt: ``prompt`` (``--prompt``, or the run's resolved one), else the paper's for ``dataset``."""
+    return prompt or CLASS.get(dataset or "imagenet", CLASS["imagenet"])
 
 
-def vqa_prompt(cfg: dict, question: str) -> str:
-    """``question`` in the run's VQA template (``--vqa-prompt``, else the paper's), which must hold ``{question}``."""
-    template = cfg.get("vqa_prompt") or VQA
+def vqa_prompt(template: str | None, question: str) -> str:
+    """The VQA prompt of ``question``: ``template`` (``--vqa-prompt``, with ``{question}``), else the paper's."""
+    template = template or VQA
     if "{question}" not in template:
         raise ValueError(f"--vqa-prompt {template!r} has no {{question}} placeholder for the question.")
     return template.format(question=question)
 
 
-def caption_prompt(cfg: dict) -> str:
-    """The captioning prompt of a run: ``--caption-prompt``, else the paper's."""
-    return cfg.get("caption_prompt") or CAPTION
+def caption_prompt(prompt: str | None) -> str:
+    """The caption prompt: ``prompt`` (``--caption-prompt``, or the run's resolved one), else the paper's."""
+    return prompt or CAPTION
 
 
 def word_token(tokenizer, word: str) -> int:
