@@ -37,6 +37,10 @@ Configs (``--config``):
         mean little: fixed costs dominate at this size).
 
     python benchmarks/scaling.py [--config cpu|7b|tiny] [--json FILE] [--figure FILE.png] [--repeats N]
+                                 [--analyses NAME,...] [--sizes N,...]
+
+``--analyses`` measures only these (the plain forward always runs: the ratios are to it), ``--sizes`` only these
+image-token counts of the config's series (e.g. ``--analyses gate_scan --sizes 16384``: one row and its forward).
 
 ``--json`` writes {"rows": [{"analysis", "image_tokens", "time_ratio", "memory_ratio", ...}], "slopes":
 {analysis: slope}, ...}; ``--figure`` draws time and peak memory against image tokens, log-log, one line per
@@ -251,10 +255,12 @@ def child(spec: dict) -> dict:
         same = [warm.model(**warm.model_inputs(b)).logits[:, -1] for b in (pixels, tokens)]
     if not torch.allclose(*same, atol=1e-4, rtol=1e-4):
         raise SystemExit("the image as token ids does not give the forward of the image as pixels")
-    for fn in workloads(warm, tokens).values():
-        fn()
+    chosen = spec.get("analyses") or ANALYSES
+    for name, fn in workloads(warm, tokens).items():
+        if name in chosen:
+            fn()
     warm.close()
-    runs = workloads(vlm, batch)
+    runs = {name: fn for name, fn in workloads(vlm, batch).items() if name in chosen}
     out = {name: {"seconds": math.inf, "cpu_seconds": math.inf, "peak_bytes": 0.0} for name in runs}
     for _ in range(spec["repeats"]):
         for name, fn in runs.items():
@@ -297,7 +303,7 @@ def slope(xs, ys) -> float:
 def rows_of(series: Series, size: int, measured: dict) -> list[dict]:
     plain = measured["analyses"]["forward"]
     rows = []
-    for name in ANALYSES:
+    for name in (a for a in ANALYSES if a in measured["analyses"]):
         m = measured["analyses"][name]
         rows.append(
             {
@@ -322,6 +328,8 @@ def rows_of(series: Series, size: int, measured: dict) -> list[dict]:
 
 def print_table(rows: list[dict], series: Series) -> None:
     mine = [r for r in rows if r["series"] == series.name]
+    if not mine:
+        return
     sizes = sorted({r["image_tokens"] for r in mine})
     plain = {r["image_tokens"]: r for r in mine if r["analysis"] == "forward"}
     print(
@@ -333,17 +341,18 @@ def print_table(rows: list[dict], series: Series) -> None:
         + ", ".join(f"{s} tokens {plain[s]['seconds']:.2f} s, {plain[s]['peak_mib']:.0f} MiB" for s in sizes)
     )
     print(f"{'analysis':<22}" + "".join(f"{f'{s} time / mem':>22}" for s in sizes))
-    for name in ANALYSES:
+    for name in (a for a in ANALYSES if any(r["analysis"] == a for r in mine)):
         cells = {r["image_tokens"]: r for r in mine if r["analysis"] == name}
         print(
             f"{name:<22}"
             + "".join(f"{cells[s]['time_ratio']:>13.2f} / {cells[s]['memory_ratio']:<6.2f}" for s in sizes)
         )
     scan = {r["image_tokens"]: r for r in mine if r["analysis"] == "gate_scan"}
-    print(
-        "gate scan, ms per position: "
-        + ", ".join(f"{s}: {1000 * scan[s]['seconds'] / scan[s]['scan_positions']:.2f}" for s in sizes)
-    )
+    if scan:
+        print(
+            "gate scan, ms per position: "
+            + ", ".join(f"{s}: {1000 * scan[s]['seconds'] / scan[s]['scan_positions']:.2f}" for s in sizes)
+        )
 
 
 def figure(rows: list[dict], slopes_from: str, path: str, title: str) -> None:
@@ -372,12 +381,37 @@ def figure(rows: list[dict], slopes_from: str, path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tuple[str, ...], set[int]]:
+    """The analyses (the plain forward always among them) and image sizes that ``--analyses`` / ``--sizes`` ask for."""
+    analyses = ANALYSES
+    if args.analyses:
+        asked = {a.strip() for a in args.analyses.split(",") if a.strip()}
+        unknown = sorted(asked - set(ANALYSES))
+        if unknown:
+            parser.error(f"--analyses: unknown {', '.join(unknown)}; choose from {', '.join(ANALYSES)}.")
+        analyses = tuple(a for a in ANALYSES if a == "forward" or a in asked)
+    offered = sorted({n for series in CONFIGS[args.config] for n in series.sizes})
+    if not args.sizes:
+        return analyses, set(offered)
+    try:
+        sizes = {int(n) for n in args.sizes.split(",") if n.strip()}
+    except ValueError:
+        parser.error(f"--sizes takes comma-separated image-token counts, got {args.sizes!r}.")
+    if not sizes or not sizes <= set(offered):
+        parser.error(f"--sizes: config {args.config} measures {', '.join(map(str, offered))} image tokens.")
+    return analyses, sizes
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--figure", help="draw time and memory against image tokens (log-log) into this file")
     parser.add_argument("--repeats", type=int, default=1, help="runs per analysis; the fastest counts")
+    parser.add_argument(
+        "--analyses", help=f"comma-separated, of {', '.join(ANALYSES)} (default: all; forward always runs)"
+    )
+    parser.add_argument("--sizes", help="comma-separated image-token counts of the config's series (default: all)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -386,11 +420,13 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.config == "7b" and device != "cuda":
         parser.error("--config 7b needs a GPU.")
+    analyses, sizes = selection(parser, args)
     start = time.perf_counter()
     rows, infos = [], []
     for series in CONFIGS[args.config]:
-        for size in series.sizes:
+        for size in (n for n in series.sizes if n in sizes):
             spec = {**asdict(series), "image_tokens": size, "repeats": args.repeats, "device": device}
+            spec["analyses"] = list(analyses)
             spec.pop("name"), spec.pop("sizes")
             measured = run_child(spec)
             rows += rows_of(series, size, measured)
@@ -401,13 +437,13 @@ def main(argv=None) -> dict:
     name = SLOPE_SERIES[args.config]
     slopes_by_series = {}
     for series in CONFIGS[args.config]:
-        if len(series.sizes) > 1:
+        if len({r["image_tokens"] for r in rows if r["series"] == series.name}) > 1:
             slopes_by_series[series.name] = {
                 a: slope(
                     [r["image_tokens"] for r in rows if r["series"] == series.name and r["analysis"] == a],
                     [r["seconds"] for r in rows if r["series"] == series.name and r["analysis"] == a],
                 )
-                for a in ANALYSES
+                for a in analyses
             }
     total = time.perf_counter() - start
     machine = (
@@ -416,7 +452,7 @@ def main(argv=None) -> dict:
     )
     result = {
         "rows": rows,
-        "slopes": slopes_by_series[name],
+        "slopes": slopes_by_series.get(name, {}),
         "slopes_series": name,
         "slopes_by_series": slopes_by_series,
         "config": args.config,
@@ -427,9 +463,10 @@ def main(argv=None) -> dict:
     print(f"\nmachine: {machine}; {result['date']}; {total:.0f} s in all")
     for series in CONFIGS[args.config]:
         print_table(rows, series)
-    print(f"\nlog-log slope of time against image tokens ({name}):")
-    for a in ANALYSES:
-        print(f"  {a:<22} {result['slopes'][a]:.2f}")
+    if result["slopes"]:
+        print(f"\nlog-log slope of time against image tokens ({name}):")
+        for a in analyses:
+            print(f"  {a:<22} {result['slopes'][a]:.2f}")
     worst = max(rows, key=lambda r: -1.0 if math.isnan(r["memory_ratio"]) else r["memory_ratio"])
     print(
         f"largest memory ratio: {worst['memory_ratio']:.2f} ({worst['analysis']}, {worst['image_tokens']} tokens, "

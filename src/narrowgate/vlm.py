@@ -396,12 +396,16 @@ class VLM:
     @contextlib.contextmanager
     def _running(self, plan: Plan, record: Record | None = None, *, check: bool = True) -> Iterator[Run]:
         """The one way narrowgate runs the model: every model call (forward, prefix, suffix passes, generation,
-        training) happens inside this block with ``plan`` active; on leaving it, the check that every
-        intervention of the plan was applied (``check=False``: a prefix pass, whose reads the suffix completes).
-        Yields the `Run` (its record holds what the call produced)."""
+        training) happens inside this block with ``plan`` active; on leaving it, the run's scratch state is dropped
+        (`Scratch.release`: a kept `Run` holds its record, not its masks) and the check that every intervention of
+        the plan was applied (``check=False``: a prefix pass, whose reads the suffix completes). Yields the `Run`
+        (its record holds what the call produced)."""
         run = Run(plan, record or Record(), Scratch(budget=self.budget))
-        with activate(run):
-            yield run
+        try:
+            with activate(run):
+                yield run
+        finally:
+            run.scratch.release()
         if check:
             run.check_applied()
 

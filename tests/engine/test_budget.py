@@ -3,6 +3,7 @@ the engine obeys them, and results do not depend on the split."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -172,3 +173,54 @@ def test_sparse_sources_and_a_reduction_equal_the_dense_logits(loaded):
     assert torch.equal(top, full.argmax(-1))
     gens = vlm.generate_knockouts(batch, sparse.index_select(0, torch.arange(3)), max_new_tokens=3)
     assert all(torch.equal(g, d) for g, d in zip(gens, vlm.generate_knockouts(batch, dense[:3], max_new_tokens=3)))
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    """The tensors in ``x`` (nested tuples, lists and dicts)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [t for v in x for t in _tensors(v)] if isinstance(x, (tuple, list)) else []
+
+
+@pytest.mark.parametrize("mode", ["mask", "zero"])
+def test_a_suffix_pass_holds_nothing_of_the_pass_before(loaded, mode, monkeypatch):
+    """The budget sizes one pass beside the prefix cache: while a pass runs, no mask, additive bias or score buffer
+    of the pass before may still be alive (the runner keeps each pass's `Run` for its record until the next one is
+    done; before its scratch state was dropped on leaving the call, a gate scan's peak held two passes' masks)."""
+    vlm = loaded("chameleon")
+    batch = vlm.prepare([_image()], ["What color is the shape?"])
+    lay = batch.layouts[0]
+    prefix = vlm.share_prefix(batch, lay.eoi + 1)
+    side = list(range(lay.start, lay.end + 1)) + [lay.eoi]
+    sources = torch.zeros(len(side), 1, batch.length, dtype=torch.bool)
+    sources[torch.arange(len(side)), 0, torch.tensor(side)] = True
+    fused = mode == "mask" and _fused(prefix.kv[0][0])
+    each = vlm.budget.per_condition(
+        1, batch.length - prefix.length, batch.length, fused=fused, probs=False, grad=False, knockouts=1, keep=1
+    )
+    _limited(vlm, monkeypatch, vlm.budget.shape.cache(1, prefix.length) + 5 * each)
+    earlier: list = []  # weak references to the shared state of every pass so far
+    mine: list = []  # this pass's
+    seen = {"passes": 0}
+    original_pass, original_attention = vlm.runner.suffix_pass, attention.with_prefix
+
+    def counting(prefix, plan, n, keep=1):
+        earlier.extend(mine)
+        mine.clear()
+        seen["passes"] += 1
+        return original_pass(prefix, plan, n, keep)
+
+    def watching(*args, **kwargs):
+        alive = [r for r in earlier if r() is not None]
+        assert not alive, f"pass {seen['passes']} runs with {len(alive)} tensors of an earlier pass alive"
+        out = original_attention(*args, **kwargs)
+        scratch = kwargs["scratch"]
+        mine.extend(weakref.ref(t) for t in _tensors([scratch.masks, scratch.buffers, scratch.rows]))
+        return out
+
+    monkeypatch.setattr(vlm.runner, "suffix_pass", counting)
+    monkeypatch.setattr(attention, "with_prefix", watching)
+    vlm.forward_knockouts(prefix, sources, mode=mode)
+    assert seen["passes"] == -(-len(side) // 5) > 2 and earlier  # several passes, each with masks to watch

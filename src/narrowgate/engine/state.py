@@ -215,6 +215,14 @@ class Scratch:
             hit = self.masks[key] = (make(), keep)
         return hit[0]
 
+    def release(self) -> None:
+        """Drop what the layers shared (masks, rows, buffers) once the call is over: a caller that keeps the `Run`
+        for its record (a scan's suffix passes, one after the other) must not keep a pass's masks and score buffer
+        alive through the next pass. All of it is remade on demand (a checkpointed layer recomputed later)."""
+        self.masks.clear()
+        self.rows.clear()
+        self.buffers.clear()
+
 
 @dataclass
 class Run:
