@@ -265,8 +265,9 @@ KNOWN = {
     # narrowgate
     "gemma3n": "narrowgate: AltUp carries 4 residual streams between decoder layers ([4, B, T, D]), which captures "
     "and patches refuse; knockouts are exact (roles, blind, reference pass)",
-    "hy_v4_vl": "narrowgate: hyper-connections carry 4 residual streams between decoder layers ([B, T, 4, D]), which "
-    "captures and patches refuse; knockouts are exact (roles, blind, reference pass)",
+    "hy_v4_vl": "narrowgate: its attention takes attention sinks (s_aux), which narrowgate's attention does not "
+    "implement and refuses by name; and hyper-connections carry 4 residual streams between decoder layers "
+    "([B, T, 4, D]), which captures and patches refuse",
     "mistral_large4": "narrowgate: DeepSeek sparse attention needs an indexer cache, which the shared prefix (a plain "
     "DynamicCache) lacks; and an attention knockout is exact only while its indexer keeps every key (prompts "
     "shorter than index_topk, as here)",
@@ -495,7 +496,8 @@ def _processor(model_type, proc_cls, tok, config):
 
 def _align(config, processor, vision_first: bool) -> None:
     """Give the vision tower the image size and patch size the processor produces tokens for, as a real
-    checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images)."""
+    checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images), and
+    the video processor the image processor's sizes."""
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return
@@ -543,6 +545,10 @@ def _align(config, processor, vision_first: bool) -> None:
     for owner in (config, vision):
         if isinstance(merge, int) and isinstance(getattr(owner, "spatial_merge_size", None), int):
             owner.spatial_merge_size = merge
+    vp = getattr(processor, "video_processor", None)
+    for name in ("size", "crop_size", "tile_size", "patch_size", "merge_size"):  # frames sized as the images are
+        if vp is not None and getattr(vp, name, None) is not None and getattr(ip, name, None) is not None:
+            setattr(vp, name, copy.deepcopy(getattr(ip, name)))
 
 
 def _named_token(processor, tok, config, names: tuple[str, ...], id_names: tuple[str, ...]) -> str | None:
@@ -567,7 +573,8 @@ def _placeholder(processor) -> str:
 
 def _chat_template(processor, tok, config) -> str | None:
     """A chat template framing the processor's placeholder by the begin/end-of-image tokens when the processor
-    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's and GLM-4V's); None otherwise
+    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's and GLM-4V's), and a video's
+    placeholder by the begin/end-of-video tokens (else the image's) where the processor takes video; None otherwise
     (the raw prompt, image first)."""
     placeholder = _placeholder(processor)
     boi = _named_token(processor, tok, config, BOI_NAMES, BOI_ID_NAMES)
@@ -581,7 +588,14 @@ def _chat_template(processor, tok, config) -> str | None:
         framed = False
     if framed:
         return None
-    return CHAT_TEMPLATE.replace("<image>", f"{boi}{placeholder}{eoi}")
+    template = CHAT_TEMPLATE.replace("<image>", f"{boi}{placeholder}{eoi}")
+    video = getattr(processor, "video_token", None)
+    if isinstance(video, str) and takes_video(processor):  # a video part: its placeholder, framed as the image's
+        start = _named_token(processor, tok, config, ("video_start_token",), ()) or boi
+        end = _named_token(processor, tok, config, ("video_end_token",), ()) or eoi
+        branch = f"{{% elif part['type'] == 'video' %}}{start}{video}{end}\n{{% else %}}"
+        template = template.replace("{% else %}", branch, 1)
+    return template
 
 
 def build(model_type: str, path: Path, softcap: float | None = None) -> None:
