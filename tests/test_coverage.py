@@ -34,7 +34,11 @@ def test_reduced_matrix_passes_every_check(coverage, capsys):
     assert set(rows) == set(TYPES)
     for t in TYPES:
         assert rows[t][1] == "generic" and rows[t][2].startswith("all"), rows[t]
+        assert rows[t][3] == "yes", rows[t]  # multi-image
     assert rows["gemma3"][2] == "all + softcap"
+    for t in ("gemma3", "paligemma"):  # their processors take no video: not applicable, not a failure
+        assert rows[t][4].startswith("n/a — the architecture takes no video"), rows[t]
+    assert lines[-3] == f"multi-image: {len(TYPES)} of {len(TYPES)} model types pass"
 
 
 def test_out_of_scope_and_unknown_types(coverage, capsys):
