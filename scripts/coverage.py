@@ -21,10 +21,24 @@ Where a class's defaults build no working model, `CHECKPOINT` holds the values i
 Where the text config has ``attn_logit_softcapping`` (off in Gemma 3's default), every check runs once more on a
 copy with soft-capping on, under eager attention (transformers' SDPA refuses soft-capping): check ``softcap``.
 
-Each type runs in its own process (6 GiB of address space, 150 s); a failure costs only its type: the failure is
-recorded, after its cause where `KNOWN` names it, and the run goes on. Usage:
-``python scripts/coverage.py [--types a,b,c] [--markdown]``; the last line reads
-``coverage: N of M model types pass every check``.
+Two more columns ask the questions of several images and video (issue 29), with the checks the family tests share
+(tests/families/several_checks.py), on the same loaded checkpoint:
+
+- multi-image: two images in one prompt: each image's content tokens hold the model's own features of that image
+  prepared alone, the roles of each image (``image@2``, ``eoi@2``...) resolve where its tokens are, per-image
+  knockouts (``image@2 -> text``...) in both modes equal the float64 eager reference, a patch at ``eoi@1`` equals a
+  forward pre-hook, and ``image@1`` knocked out from everything after it leaves the text blind to image 1. A family
+  that lays out one image per prompt shows its refusal ("refused: ...");
+- video: a short synthetic clip: ``frame@t`` are the model's frames (editing the last input frame changes the
+  embeddings of ``frame@-1``'s tokens and no other), per-frame knockouts equal the eager reference, the gate scan's
+  batched knockouts equal separate forwards, and ``frame@1`` knocked out leaves the text blind to the first frame.
+  A type whose processor takes no video shows "n/a" (the architecture takes none), apart from a refusal or failure.
+
+Each type runs in its own process (6 GiB of address space, 150 s for the checks above, 150 s more for the two
+columns); a failure costs only its type (or only its column): the failure is recorded, after its cause where `KNOWN`
+names it, and the run goes on. Usage: ``python scripts/coverage.py [--types a,b,c] [--markdown]``; the last lines
+count the types passing each column, and the very last reads ``coverage: N of M model types pass every check``
+(every check above the two columns).
 """
 
 from __future__ import annotations
@@ -69,8 +83,10 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
 import narrowgate as ng
+from narrowgate.errors import NarrowgateError
 from narrowgate.families import (
     Generic,
+    LayoutError,
     UnsupportedModelError,
     detect,
     out_of_scope,
@@ -85,11 +101,18 @@ from narrowgate.families.generic import (
     wants_mm_token_types,
 )
 from tests.engine import reference
+from tests.families import several_checks as several
 from tests.fixtures.common import CHAT_TEMPLATE, PROMPTS, images, make_tokenizer
 
 CHECKS = ("roles", "blind", "reference", "capture", "prefix")
+#: Columns asking the questions of several images and video, each passed ("yes"), not applicable, refused or failed.
+COLUMNS = ("multi-image", "video")
 ATOL = 1e-5
 SECONDS_PER_TYPE = 150
+#: Seconds for the two columns, after the checks (whose results are in by then).
+SECONDS_COLUMNS = 150
+#: A column's cell for a type that never reached it (not built, not loaded, out of time before it began).
+UNREACHED = "—"
 MEMORY = 6 << 30
 #: Attention-logit soft-cap, small enough to bind on a tiny random model's logits.
 SOFTCAP = 0.1
@@ -242,8 +265,9 @@ KNOWN = {
     # narrowgate
     "gemma3n": "narrowgate: AltUp carries 4 residual streams between decoder layers ([4, B, T, D]), which captures "
     "and patches refuse; knockouts are exact (roles, blind, reference pass)",
-    "hy_v4_vl": "narrowgate: hyper-connections carry 4 residual streams between decoder layers ([B, T, 4, D]), which "
-    "captures and patches refuse; knockouts are exact (roles, blind, reference pass)",
+    "hy_v4_vl": "narrowgate: its attention takes attention sinks (s_aux), which narrowgate's attention does not "
+    "implement and refuses by name; and hyper-connections carry 4 residual streams between decoder layers "
+    "([B, T, 4, D]), which captures and patches refuse",
     "mistral_large4": "narrowgate: DeepSeek sparse attention needs an indexer cache, which the shared prefix (a plain "
     "DynamicCache) lacks; and an attention knockout is exact only while its indexer keeps every key (prompts "
     "shorter than index_topk, as here)",
@@ -472,7 +496,8 @@ def _processor(model_type, proc_cls, tok, config):
 
 def _align(config, processor, vision_first: bool) -> None:
     """Give the vision tower the image size and patch size the processor produces tokens for, as a real
-    checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images)."""
+    checkpoint's files agree (the classes' defaults need not: Aya Vision's processor expects 364-px images), and
+    the video processor the image processor's sizes."""
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return
@@ -520,6 +545,10 @@ def _align(config, processor, vision_first: bool) -> None:
     for owner in (config, vision):
         if isinstance(merge, int) and isinstance(getattr(owner, "spatial_merge_size", None), int):
             owner.spatial_merge_size = merge
+    vp = getattr(processor, "video_processor", None)
+    for name in ("size", "crop_size", "tile_size", "patch_size", "merge_size"):  # frames sized as the images are
+        if vp is not None and getattr(vp, name, None) is not None and getattr(ip, name, None) is not None:
+            setattr(vp, name, copy.deepcopy(getattr(ip, name)))
 
 
 def _named_token(processor, tok, config, names: tuple[str, ...], id_names: tuple[str, ...]) -> str | None:
@@ -544,7 +573,8 @@ def _placeholder(processor) -> str:
 
 def _chat_template(processor, tok, config) -> str | None:
     """A chat template framing the processor's placeholder by the begin/end-of-image tokens when the processor
-    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's and GLM-4V's); None otherwise
+    does not write them itself (as the real checkpoints' templates do, e.g. Qwen's and GLM-4V's), and a video's
+    placeholder by the begin/end-of-video tokens (else the image's) where the processor takes video; None otherwise
     (the raw prompt, image first)."""
     placeholder = _placeholder(processor)
     boi = _named_token(processor, tok, config, BOI_NAMES, BOI_ID_NAMES)
@@ -558,7 +588,14 @@ def _chat_template(processor, tok, config) -> str | None:
         framed = False
     if framed:
         return None
-    return CHAT_TEMPLATE.replace("<image>", f"{boi}{placeholder}{eoi}")
+    template = CHAT_TEMPLATE.replace("<image>", f"{boi}{placeholder}{eoi}")
+    video = getattr(processor, "video_token", None)
+    if isinstance(video, str) and takes_video(processor):  # a video part: its placeholder, framed as the image's
+        start = _named_token(processor, tok, config, ("video_start_token",), ()) or boi
+        end = _named_token(processor, tok, config, ("video_end_token",), ()) or eoi
+        branch = f"{{% elif part['type'] == 'video' %}}{start}{video}{end}\n{{% else %}}"
+        template = template.replace("{% else %}", branch, 1)
+    return template
 
 
 def build(model_type: str, path: Path, softcap: float | None = None) -> None:
@@ -762,12 +799,73 @@ def check_prefix(vlm, batch):
         _close(shared[c.name].last_logits, full, f"shared-prefix and separate logits ({c.name})")
 
 
-def _check(path: str, passed: list[str], state: dict, label: str = "") -> None:
+class NotApplicable(Exception):
+    """The architecture cannot take what a column asks for (a video, for a model without a video processor)."""
+
+
+class Refused(Exception):
+    """narrowgate refuses what a column asks for, with the one line it gives a user."""
+
+
+def _refusal(prepare) -> None:
+    """Run ``prepare``; narrowgate's refusal (a layout or narrowgate error: one line to the user) as `Refused`."""
+    try:
+        prepare()
+    except (LayoutError, NarrowgateError) as e:
+        raise Refused(str(e)) from None
+
+
+def check_multi_image(vlm, path) -> None:
+    """Two images in one prompt: each image's roles hold its own features, per-image knockouts and a patch equal
+    the independent references, shared-prefix conditions equal separate forwards, ``image@1`` knocked out leaves the
+    text blind to image 1 (tests/families/several_checks.py). `Refused` where the family takes one image only."""
+    _refusal(lambda: vlm.prepare(several.two_images(), several.PROMPTS))
+    several.check_image_roles(vlm)
+    several.check_image_interventions(vlm, path)
+    several.check_image_blind(vlm)
+
+
+def takes_video(processor) -> bool:
+    """Whether the architecture takes video: its processor class has a video processor."""
+    return "video_processor" in inspect.signature(type(processor).__init__).parameters
+
+
+def check_video(vlm, path) -> None:
+    """A short clip: ``frame@t`` are the model's frames, per-frame knockouts equal the eager reference and the
+    scan's batched knockouts separate forwards, ``frame@1`` knocked out leaves the text blind to the first frame
+    (tests/families/several_checks.py). `NotApplicable` where the processor takes no video; `Refused` where
+    narrowgate does not read the model's video (its refusal)."""
+    if not takes_video(vlm.family.processor):
+        raise NotApplicable(f"{type(vlm.family.processor).__name__} takes no video")
+    _refusal(lambda: vlm.prepare([several.clip()], [several.CLIP_PROMPT]))
+    several.check_frames(vlm)
+    several.check_video_interventions(vlm, path)
+    several.check_video_blind(vlm)
+
+
+def _column(check, vlm, path) -> str:
+    """A column's cell: "yes" when ``check`` passes, else why not (never raises)."""
+    try:
+        check(vlm, path)
+    except NotApplicable as e:
+        return f"n/a — the architecture takes no video ({e})"
+    except Refused as e:
+        return f"refused: {e}"
+    except Exception as e:  # noqa: BLE001 - one column's failure is recorded, never fatal
+        msg = " ".join(str(e).split())[:160] or type(e).__name__
+        return f"fails: {type(e).__name__}: {msg}"
+    return "yes"
+
+
+def _check(path: str, passed: list[str], state: dict, label: str = ""):
     """Load ``path`` and run every check in order, appending each one passed; ``state["step"]`` names the step
-    under way (for the reason when one raises). Soft-capped models run eager (transformers' SDPA refuses them)."""
+    under way (for the reason when one raises), ``state["vlm"]`` the model loaded (unlabelled runs only).
+    Soft-capped models run eager (transformers' SDPA refuses them)."""
     state["step"] = f"{label}load"
     capped = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None) is not None
     vlm = ng.load(path, dtype="float32", attn_implementation="eager" if capped else "sdpa")
+    if not label:  # the columns run on the checkpoint as built, not on its soft-capped copy
+        state["vlm"] = vlm
     state["how"] = "generic" if type(vlm.family) is Generic else "dedicated"
     state["step"] = f"{label}prepare"
     same = vlm.prepare(images(2, seed=2), [PROMPTS[1]] * 2)
@@ -786,17 +884,32 @@ def _check(path: str, passed: list[str], state: dict, label: str = "") -> None:
         passed.append(name)
 
 
-def run_type(model_type: str) -> tuple[str, list[str], str]:
-    """(roles, checks passed, why not) for one model type, in a child process limited to MEMORY bytes of address
-    space and SECONDS_PER_TYPE seconds, so that a type that crashes, runs away or will not shrink costs only itself."""
+def run_type(model_type: str) -> tuple[str, list[str], str, dict[str, str]]:
+    """(roles, checks passed, why not, column cells) for one model type, in a child process limited to MEMORY bytes
+    of address space, SECONDS_PER_TYPE seconds for the checks and SECONDS_COLUMNS more for the columns, so that a
+    type that crashes, runs away or will not shrink costs only itself (and a column that runs away, only itself)."""
     parent, child = multiprocessing.get_context("fork").Pipe(duplex=False)
     proc = multiprocessing.get_context("fork").Process(target=_child, args=(model_type, child), daemon=True)
     proc.start()
     child.close()
-    try:
-        result = parent.recv() if parent.poll(SECONDS_PER_TYPE) else None
-    except EOFError:  # the child died before sending
-        result = None
+    cells = dict.fromkeys(COLUMNS, UNREACHED)
+
+    def receive(seconds: float):
+        try:
+            return parent.recv() if parent.poll(max(0.0, seconds)) else None
+        except EOFError:  # the child died before sending
+            return None
+
+    result = receive(SECONDS_PER_TYPE)
+    if result is not None:
+        deadline = time.monotonic() + SECONDS_COLUMNS
+        for name in COLUMNS:
+            cell = receive(deadline - time.monotonic())
+            if cell is None:
+                late = proc.is_alive() or proc.exitcode == -9
+                cells[name] = f"fails: took more than {SECONDS_COLUMNS} s" if late else UNREACHED
+                break
+            cells[name] = cell
     proc.join(5)
     if proc.is_alive():
         proc.kill()
@@ -807,8 +920,8 @@ def run_type(model_type: str) -> tuple[str, list[str], str]:
             if proc.exitcode in (None, -9)
             else f"the check process died (exit code {proc.exitcode})"
         )
-        return "—", [], why
-    return result
+        return "—", [], why, cells
+    return (*result, cells)
 
 
 def _child(model_type: str, conn) -> None:
@@ -818,7 +931,7 @@ def _child(model_type: str, conn) -> None:
     # A parent that already ran torch's OpenMP pool leaves a forked child that hangs in its first parallel region
     # (libgomp is not fork-safe): the checks run single-threaded.
     torch.set_num_threads(1)
-    conn.send(_run_type(model_type))
+    _run_type(model_type, conn.send)
     conn.close()
 
 
@@ -830,13 +943,24 @@ def _address_space() -> int:
     return 0
 
 
-def _run_type(model_type: str) -> tuple[str, list[str], str]:
-    """(roles, checks passed, why not) for one model type; never raises.
+def _run_type(model_type: str, send) -> None:
+    """Send (roles, checks passed, why not) for one model type, then each column's cell in `COLUMNS` order (on the
+    checkpoint the checks loaded; `UNREACHED` where none loaded); never raises.
 
     Where the text config has ``attn_logit_softcapping`` switched off, every check runs a second time on a copy
     with it on, and ``softcap`` is one more check passed."""
     passed: list[str] = []
     state = {"how": "—", "step": "build"}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        send(_checks(model_type, tmp, passed, state))
+        vlm = state.get("vlm")
+        for check in (check_multi_image, check_video):
+            send(_column(check, vlm, tmp) if vlm is not None else UNREACHED)
+
+
+def _checks(model_type: str, tmp: str, passed: list[str], state: dict) -> tuple[str, list[str], str]:
+    """(roles, checks passed, why not) for one model type, its checkpoint built in ``tmp``; never raises."""
     try:
         config = CONFIG_MAPPING[model_type]()
         if out_of_scope(config) is not None:
@@ -849,20 +973,17 @@ def _run_type(model_type: str) -> tuple[str, list[str], str]:
         if PROCESSOR_MAPPING_NAMES.get(model_type) is None:
             return state["how"], passed, "transformers maps no processor class to it"
         fixture = ROOT / "tests" / "fixtures" / f"{model_type}.py"
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if fixture.exists():  # the tests' own tiny checkpoint (dedicated adapters' families)
-                importlib.import_module(f"tests.fixtures.{model_type}").build(Path(tmp))
-            else:
-                build(model_type, Path(tmp))
-            _check(tmp, passed, state)
+        if fixture.exists():  # the tests' own tiny checkpoint (dedicated adapters' families)
+            importlib.import_module(f"tests.fixtures.{model_type}").build(Path(tmp))
+        else:
+            build(model_type, Path(tmp))
+        _check(tmp, passed, state)
         if fixture.exists() or getattr(config.get_text_config(), "attn_logit_softcapping", 0) is not None:
             return state["how"], passed, ""  # no soft-capping in the architecture, or on already
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with tempfile.TemporaryDirectory() as capped:
             state["step"] = "softcap build"
-            build(model_type, Path(tmp), softcap=SOFTCAP)
-            _check(tmp, [], state, label="softcap ")
+            build(model_type, Path(capped), softcap=SOFTCAP)
+            _check(capped, [], state, label="softcap ")
             passed.append("softcap")
         return state["how"], passed, ""
     except Exception as e:  # noqa: BLE001 - one type's failure is recorded, never fatal
@@ -889,24 +1010,47 @@ def main(argv=None) -> int:
     rows = []
     for t in types:
         start = time.time()
-        how, passed, why = run_type(t)
+        how, passed, why, cells = run_type(t)
         if why and t in KNOWN:
             why = f"{KNOWN[t]} ({why})"
-        rows.append((t, how, passed, why))
+        rows.append((t, how, passed, why, cells))
         if not args.markdown:
-            print(f"{t:28s} {how:12s} {','.join(passed) or '-':38s} {why}  [{time.time() - start:.0f}s]", flush=True)
+            columns = "  ".join(f"{c}: {cells[c]}" for c in COLUMNS)
+            print(
+                f"{t:28s} {how:12s} {','.join(passed) or '-':38s} {why}  {columns}  [{time.time() - start:.0f}s]",
+                flush=True,
+            )
     if args.markdown:
-        print("| model type | roles | checks passed | why not |")
-        print("|---|---|---|---|")
-        for t, how, passed, why in rows:
+        print(f"| model type | roles | checks passed | {' | '.join(COLUMNS)} | why not |")
+        print(f"|---|---|---|{'---|' * len(COLUMNS)}---|")
+        for t, how, passed, why, cells in rows:
             if why:
                 checks = ", ".join(passed) or "none"
             else:
                 checks = "all + softcap" if "softcap" in passed else "all"
-            print(f"| {t} | {how} | {checks} | {why.replace('|', '/')} |")
-    n = sum(len(p) >= len(CHECKS) and not why for _, _, p, why in rows)
+            columns = " | ".join(cells[c].replace("|", "/") for c in COLUMNS)
+            print(f"| {t} | {how} | {checks} | {columns} | {why.replace('|', '/')} |")
+    for c in COLUMNS:
+        print(f"{c}: {_tally([cells[c] for *_, cells in rows])}")
+    n = sum(len(p) >= len(CHECKS) and not why for _, _, p, why, _ in rows)
     print(f"coverage: {n} of {len(rows)} model types pass every check")
     return 0
+
+
+def _tally(cells: list[str]) -> str:
+    """A column's summary: how many types pass it, and how many of the others it does not apply to, refuse it,
+    fail it or never reached it."""
+    counts = {
+        what: sum(c.startswith(prefix) for c in cells)
+        for what, prefix in (
+            ("n/a", "n/a"),
+            ("refused", "refused"),
+            ("fail", "fails"),
+            ("not reached", UNREACHED),
+        )
+    }
+    rest = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"{sum(c == 'yes' for c in cells)} of {len(cells)} model types pass" + (f" ({rest})" if rest else "")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def two_images(seed: int = 0) -> list[list]:
 
 def hidden(vlm, batch) -> tuple:
     with torch.no_grad():
-        return vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False).hidden_states
+        out = vlm.model(**vlm.model_inputs(batch), output_hidden_states=True, use_cache=False)
+    return getattr(out, "hidden_states", None) or out.language_model_outputs.hidden_states  # BLIP-2 nests its LM's
 
 
 def check_image_roles(vlm) -> None:
