@@ -247,8 +247,8 @@ def _summary(knockouts: pd.DataFrame, swap: pd.DataFrame, cfg: TwoImagesConfig) 
     above = low > CHANCE and base["margin"] > 0
     for role in KNOCKOUTS:
         for which in ("asked", "other"):
-            removed = -by.loc[f"{role} of the {which} image -> text", "margin_change"] / base["margin"]
-            out[f"{role}_{which}_margin_removed"] = float(removed) if above else float("nan")
+            change = by.loc[f"{role} of the {which} image -> text", "margin_change"]
+            out[f"{role}_{which}_margin_removed"] = float(-change / base["margin"]) if above else float("nan")
     if not above:
         out["verdict"] = (
             f"no verdict: the baseline prefers the asked image's class in {base['accuracy']:.2f} of {int(base['n'])} "
