@@ -13,16 +13,22 @@ from pathlib import Path
 
 from narrowgate import threads
 
-# Before torch loads: idle OpenMP threads sleep, and the CPUs this process may use are shared among the suite's
-# worker processes (pytest-xdist, `-n`): each takes its part (the suite shares its machine fairly; organism
-# training still fixes its own 2 threads).
 # A worker process starts with COLUMNS=80 in its environment, which rich would fix as every console's width: the
 # tests give the width they need per command (CliRunner's env), as in a single process.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+# Before torch loads: idle OpenMP threads sleep, and the CPUs this process may use are shared among the suite's
+# worker processes (pytest-xdist, `-n`): each takes its part (the suite shares its machine fairly; organism
+# training still fixes its own 2 threads).
+# A worker inherits the controller's environment, where `threads.configure` below has already given one process
+# every CPU (marked by _NARROWGATE_SUITE_THREADS); a thread count the user set before pytest is left alone.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and (
+    "OMP_NUM_THREADS" not in os.environ or os.environ.get("_NARROWGATE_SUITE_THREADS") == "1"
+):
     os.environ["OMP_NUM_THREADS"] = str(max(1, threads.usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["_NARROWGATE_SUITE_THREADS"] = "1"
 threads.configure()
 
 import pytest  # noqa: E402

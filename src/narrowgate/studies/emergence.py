@@ -482,7 +482,11 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
                     ax.scatter(x[m], shown[m], s=22, marker=marker, facecolor=face, edgecolor=color, zorder=3)
             if index:
                 for xi, yi in zip(x[y > INDEX_TOP], y[y > INDEX_TOP]):
-                    ax.annotate(f"{yi:.3g}↑", (xi, INDEX_TOP), textcoords="offset points", xytext=(4, -10), fontsize=7)
+                    # one line per cell, so the values of cells at the same share never overprint each other
+                    ax.annotate(
+                        f"{yi:.3g}↑", (xi, INDEX_TOP), textcoords="offset points", xytext=(-30, -12 - 9 * j),
+                        fontsize=7, color=color,
+                    )
         if index:
             ax.axhline(GATE_LEVEL, color="k", lw=0.8, ls="--")
             ax.set_ylim(min(-0.05, float(np.nanmin(_column(judged, col), initial=0.0)) - 0.05), INDEX_TOP + 0.05)
