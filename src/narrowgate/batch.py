@@ -163,7 +163,7 @@ class Batch:
             out.append(pos[0])
         return torch.tensor(out, dtype=torch.long)
 
-    def mask(self, roles, *, require: bool = True) -> torch.Tensor:
+    def mask(self, roles: str | Role | tuple | list, *, require: bool = True) -> torch.Tensor:
         """[B, T] boolean mask of the union of ``roles``.
 
         With ``require`` (the default), a role that is empty in every example raises: an

@@ -37,8 +37,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import NarrowgateError
+
+if TYPE_CHECKING:
+    from .families.base import ImageLayout
 
 ROLE_NAMES = (
     "bos",
@@ -152,7 +156,7 @@ def parse_roles(roles: str | Role | tuple | list) -> tuple[Role, ...]:
     return out
 
 
-def image_side(lay, n: int | None = None) -> list[tuple[int, str, str]]:
+def image_side(lay: ImageLayout, n: int | None = None) -> list[tuple[int, str, str]]:
     """The image span and [EOI] of one `ImageLayout`: (position, its single-position role name, its role), in order.
 
     ``n``: the image's number in a prompt holding several (names become ``image@n[k]``, ``eoi@n``...); None for a

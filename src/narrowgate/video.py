@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from PIL import Image
 
@@ -13,7 +15,7 @@ class Video:
     roles (``frame@t``). The processor samples or merges frames as the model was trained to (Qwen2-VL encodes two
     input frames as one, so a clip of T frames gives ``frame@1`` .. ``frame@T/2``)."""
 
-    def __init__(self, frames):
+    def __init__(self, frames: np.ndarray | Iterable[Image.Image | np.ndarray]) -> None:
         if isinstance(frames, np.ndarray):
             array = frames
         else:

@@ -68,7 +68,7 @@ def family_for(model_type: str, vision_model_type: str | None = None) -> type[Fa
     return matches[0]
 
 
-def detect(config) -> type[Family]:
+def detect(config: Any) -> type[Family]:
     """The adapter class for a model config: its dedicated adapter, else `Generic` where the config allows."""
     vision = getattr(config, "vision_config", None)
     try:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pkgutil
 from importlib import import_module
+from typing import Any
 
 
 def _modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     for module in _modules():
         found = getattr(import_module(f"{__name__}.{module}"), name, None)
         if found is not None and not name.startswith("_"):

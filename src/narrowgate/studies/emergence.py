@@ -484,8 +484,12 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
                 for xi, yi in zip(x[y > INDEX_TOP], y[y > INDEX_TOP]):
                     # one line per cell, so the values of cells at the same share never overprint each other
                     ax.annotate(
-                        f"{yi:.3g}↑", (xi, INDEX_TOP), textcoords="offset points", xytext=(-30, -12 - 9 * j),
-                        fontsize=7, color=color,
+                        f"{yi:.3g}↑",
+                        (xi, INDEX_TOP),
+                        textcoords="offset points",
+                        xytext=(-30, -12 - 9 * j),
+                        fontsize=7,
+                        color=color,
                     )
         if index:
             ax.axhline(GATE_LEVEL, color="k", lw=0.8, ls="--")
