@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matplotlib.figure import Figure
 
 RESID = "residual index (0 = embeddings)"
@@ -47,7 +49,7 @@ def has(tables: dict, name: str) -> bool:
     return name in tables and not tables[name].empty
 
 
-def depth_axis(df: pd.DataFrame, n_layers: int):
+def depth_axis(df: pd.DataFrame, n_layers: int) -> pd.Series:
     """Relative depth of a table's rows, one convention everywhere: ``resid`` / L (0 = embeddings, 1 = the last
     layer's output), and a decoder ``layer`` l at l / L, the residual it reads."""
     return (df["resid"] if "resid" in df else df["layer"]) / max(1, n_layers)
@@ -84,8 +86,13 @@ def write_compare(fig: Figure | None, name: str, out_dir: str | Path) -> list[st
 
 
 def overlay_curves(
-    runs: list[tuple[str, dict, dict]], table: str, col: str, group: str | None, title: str, rows=lambda df: df
-):
+    runs: list[tuple[str, dict, dict]],
+    table: str,
+    col: str,
+    group: str | None,
+    title: str,
+    rows: Callable[[pd.DataFrame], pd.DataFrame] = lambda df: df,
+) -> Figure:
     """One line per run (per run and group): ``col`` of ``table`` on relative depth."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, tables, manifest) in enumerate(runs):
