@@ -206,8 +206,10 @@ class VLM:
 
     @property
     def hidden_size(self) -> int:
-        """Width of the residual stream (D)."""
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        """Width of the residual stream (D): the text decoder's ``hidden_size``. (The model's input embeddings are
+        not always the decoder's: BLIP-2's `get_input_embeddings` finds a 768-wide one beside a 64-wide decoder.)"""
+        width = getattr(self.model.config.get_text_config(), "hidden_size", None)
+        return int(width) if width else int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
     def shape(self) -> ModelShape:
