@@ -18,5 +18,5 @@ if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   lint-imports --no-logo
 fi
 # One test process per CPU, at most 4 (pytest-xdist; each builds the tiny checkpoints it uses once):
-# NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone.
-exec python -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 "$@"
+# NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone. Tests marked with one xdist_group share a process.
+exec python -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadgroup "$@"

@@ -15,7 +15,9 @@ import pytest
 
 import narrowgate
 
-pytestmark = pytest.mark.slow  # a demo run and three tutorials (a few minutes)
+# A demo run and three tutorials (a few minutes); one build, on one test process (`--dist loadgroup`): two builds
+# side by side, one per process, raced (the tutorials run in the checkout).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("docs-site")]
 
 ROOT = Path(__file__).resolve().parents[1]
 

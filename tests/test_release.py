@@ -19,7 +19,9 @@ import pytest
 
 import narrowgate
 
-pytestmark = pytest.mark.slow  # a build and a demo run (about a minute)
+# A build and a demo run (about a minute); the build writes into the checkout (build/, the egg-info), so every
+# test of this file shares one test process (`--dist loadgroup`) and one build.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("release-build")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
