@@ -157,15 +157,22 @@ def test_attention_blocks_take_what_the_budget_holds(loaded, fam, mode, monkeypa
     )
 
 
-def test_sparse_sources_and_a_reduction_equal_the_dense_logits(loaded):
-    vlm = loaded("chameleon")
+def _one_source_each(vlm):
+    """A one-image prompt, its prefix shared up to [EOI], and one condition per image-side position knocking out
+    that position alone (dense [P, 1, T] sources)."""
     batch = vlm.prepare([_image()], ["What color is the shape?"])
     lay = batch.layouts[0]
     prefix = vlm.share_prefix(batch, lay.eoi + 1)
     side = list(range(lay.start, lay.end + 1)) + [lay.eoi]
-    dense = torch.zeros(len(side), 1, batch.length, dtype=torch.bool)
-    dense[torch.arange(len(side)), 0, torch.tensor(side)] = True
-    ones = torch.ones(len(side), dtype=torch.bool)
+    sources = torch.zeros(len(side), 1, batch.length, dtype=torch.bool)
+    sources[torch.arange(len(side)), 0, torch.tensor(side)] = True
+    return batch, prefix, sources
+
+
+def test_sparse_sources_and_a_reduction_equal_the_dense_logits(loaded):
+    vlm = loaded("chameleon")
+    batch, prefix, dense = _one_source_each(vlm)
+    ones = torch.ones(dense.shape[0], dtype=torch.bool)
     sparse = torch.sparse_coo_tensor(dense.nonzero().T, ones, dense.shape, check_invariants=True)
     full = vlm.forward_knockouts(prefix, dense)
     torch.testing.assert_close(vlm.forward_knockouts(prefix, sparse), full, atol=0, rtol=0)
@@ -190,12 +197,7 @@ def test_a_suffix_pass_holds_nothing_of_the_pass_before(loaded, mode, monkeypatc
     of the pass before may still be alive (the runner keeps each pass's `Run` for its record until the next one is
     done; before its scratch state was dropped on leaving the call, a gate scan's peak held two passes' masks)."""
     vlm = loaded("chameleon")
-    batch = vlm.prepare([_image()], ["What color is the shape?"])
-    lay = batch.layouts[0]
-    prefix = vlm.share_prefix(batch, lay.eoi + 1)
-    side = list(range(lay.start, lay.end + 1)) + [lay.eoi]
-    sources = torch.zeros(len(side), 1, batch.length, dtype=torch.bool)
-    sources[torch.arange(len(side)), 0, torch.tensor(side)] = True
+    batch, prefix, sources = _one_source_each(vlm)
     fused = mode == "mask" and _fused(prefix.kv[0][0])
     each = vlm.budget.per_condition(
         1, batch.length - prefix.length, batch.length, fused=fused, probs=False, grad=False, knockouts=1, keep=1
@@ -223,4 +225,4 @@ def test_a_suffix_pass_holds_nothing_of_the_pass_before(loaded, mode, monkeypatc
     monkeypatch.setattr(vlm.runner, "suffix_pass", counting)
     monkeypatch.setattr(attention, "with_prefix", watching)
     vlm.forward_knockouts(prefix, sources, mode=mode)
-    assert seen["passes"] == -(-len(side) // 5) > 2 and earlier  # several passes, each with masks to watch
+    assert seen["passes"] == -(-sources.shape[0] // 5) > 2 and earlier  # several passes, each with masks to watch
