@@ -30,6 +30,8 @@ import re
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 log = logging.getLogger("mkdocs.plugins.narrowgate_docs")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,21 +84,25 @@ def _demo_dir() -> Path:
     from narrowgate import demo
 
     out = ROOT / ".cache" / "docs-demo" / f"{narrowgate.__version__}-{DEMO_SCALE}-{_source_digest()}"
-    if not (out / "summary.csv").is_file():
-        from rich.console import Console
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two builds at once in one checkout: the second waits for the first's demo and reuses it (a demo that did not
+    # finish has no summary.csv, and is run again from scratch).
+    with FileLock(str(out) + ".lock"):
+        if not (out / "summary.csv").is_file():
+            from rich.console import Console
 
-        log.info("narrowgate docs: running the demo at scale %s into %s", DEMO_SCALE, out)
-        shutil.rmtree(out, ignore_errors=True)
-        from narrowgate.deprecation import dependency_deprecations_hidden
+            from narrowgate.deprecation import dependency_deprecations_hidden
 
-        with dependency_deprecations_hidden():
-            demo.demo(
-                out,
-                scale=DEMO_SCALE,
-                progress=False,
-                console=Console(file=io.StringIO()),
-                plan=demo.PLAN + EXTRA_PLAN,
-            )
+            log.info("narrowgate docs: running the demo at scale %s into %s", DEMO_SCALE, out)
+            shutil.rmtree(out, ignore_errors=True)
+            with dependency_deprecations_hidden():
+                demo.demo(
+                    out,
+                    scale=DEMO_SCALE,
+                    progress=False,
+                    console=Console(file=io.StringIO()),
+                    plan=demo.PLAN + EXTRA_PLAN,
+                )
     _demo = out
     return out
 

@@ -18,5 +18,6 @@ if [ "$#" -eq 0 ] || [ "${NARROWGATE_LINT:-}" = "1" ]; then
   lint-imports --no-logo
 fi
 # One test process per CPU, at most 4 (pytest-xdist; each builds the tiny checkpoints it uses once):
-# NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone. Tests marked with one xdist_group share a process.
-exec python -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadgroup "$@"
+# NARROWGATE_TEST_WORKERS=0 runs the suite in this process alone. What several tests share and only one may build
+# (the docs site, the wheel) is built once per session behind a file lock (tests/conftest.py, `built_once`).
+exec python -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 "$@"

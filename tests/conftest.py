@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from narrowgate import threads
@@ -77,6 +79,41 @@ def loaded(checkpoint_dir):
         if key not in cache:
             cache[key] = ng.load(checkpoint_dir(family), dtype=dtype, attn_implementation=attn)
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``built_once(name, build)`` -> a folder that ``build(folder)`` filled once for the whole test session.
+
+    Whichever test process asks first builds it; the others wait on a file lock and reuse it, and a build that
+    failed fails every later asker with its message instead of running again. Nothing depends on how the tests
+    were spread over processes (pytest-xdist's `--dist loadgroup` stopped grouping under pytest 9.2, and two
+    docs builds side by side in one checkout broke each other).
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the session's folder, above every worker's own
+
+    def get(name: str, build: Callable[[Path], None]) -> Path:
+        out = root / f"once-{name}"
+        done, failed = out.with_name(out.name + ".done"), out.with_name(out.name + ".failed")
+        with FileLock(str(out) + ".lock"):
+            if failed.exists():
+                pytest.fail(f"{name}, built by another test process, failed:\n{failed.read_text()}")
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                try:
+                    build(out)
+                except BaseException as e:
+                    failed.write_text(str(e))
+                    raise
+                done.touch()
+        return out
 
     return get
 

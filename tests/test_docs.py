@@ -15,16 +15,14 @@ import pytest
 
 import narrowgate
 
-# A demo run and three tutorials (a few minutes); one build, on one test process (`--dist loadgroup`): two builds
-# side by side, one per process, raced (the tutorials run in the checkout).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("docs-site")]
+# A demo run and three tutorials (a few minutes), built once for the session (`built_once`): two builds side by
+# side in one checkout race (the tutorials run in it).
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
+def _build(out: Path) -> None:
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     env.pop("NARROWGATE_DOCS_DEMO", None)
     done = subprocess.run(
@@ -36,7 +34,11 @@ def site(tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     assert "WARNING -" not in done.stderr, done.stderr[-5000:]  # mkdocs' own warnings (strict stops on them)
-    return out
+
+
+@pytest.fixture(scope="module")
+def site(built_once) -> Path:
+    return built_once("docs-site", _build)
 
 
 def _page(site: Path, path: str) -> str:

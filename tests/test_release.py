@@ -19,9 +19,9 @@ import pytest
 
 import narrowgate
 
-# A build and a demo run (about a minute); the build writes into the checkout (build/, the egg-info), so every
-# test of this file shares one test process (`--dist loadgroup`) and one build.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("release-build")]
+# A build and a demo run (about a minute); the build writes into the checkout (build/, the egg-info), so the
+# session builds once (`built_once`) whichever test processes the tests land on.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,11 @@ def _run(cmd, **kw):
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+def dist(built_once) -> Path:
     # --no-isolation: the build backend (setuptools) comes from the lock instead of a download.
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
-    return out
+    return built_once(
+        "dist", lambda out: _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
+    )
 
 
 def test_sdist_and_wheel_pass_twine_check_and_ship_everything(dist):
