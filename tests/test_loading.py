@@ -120,6 +120,20 @@ def test_organisms_load_by_name():
     assert ng.load("gated").family.name == "chameleon"
 
 
+def test_a_run_directory_named_after_an_organism_does_not_hide_it(tmp_path, monkeypatch):
+    """`narrowgate run X --out native --model native`: the run directory exists before the model is loaded."""
+    from narrowgate import organisms
+    from narrowgate.loading import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "native" / "tables").mkdir(parents=True)
+    assert resolve("native") == str(organisms.path("native"))
+    assert ng.load("native").family.name == "chameleon"
+    (tmp_path / "gated").mkdir()
+    (tmp_path / "gated" / "config.json").write_text("{}")  # a checkpoint of that name here is the user's
+    assert resolve("gated") == "gated"
+
+
 def test_bad_dtype(checkpoint_dir):
     with pytest.raises(ng.LoadError, match="dtype"):
         ng.load(checkpoint_dir("llava"), dtype="float7")

@@ -44,9 +44,10 @@ _SAMPLE = 1 << 16
 
 def resolve(name_or_path: str | os.PathLike) -> str:
     """The checkpoint a user means: a shipped organism's name (``native``, ``non-native``, ``gated``) becomes its
-    directory unless a directory of that name exists here; anything else is returned unchanged."""
+    directory unless a checkpoint of that name (a directory holding config.json) exists here, so a run directory
+    named after the organism (``--out native``) never stands for it; anything else is returned unchanged."""
     name = str(name_or_path)
-    if name in ORGANISMS and not Path(name).exists():
+    if name in ORGANISMS and not (Path(name) / "config.json").is_file():
         return str(ORGANISM_CHECKPOINTS / name)
     return name
 
