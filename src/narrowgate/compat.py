@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
 
 # Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
 from transformers.image_processing_utils import select_best_resolution
@@ -51,19 +51,36 @@ def mixer_cache(kwargs: dict) -> Cache | None:
     return kwargs.get(CACHE_ARG, kwargs.get("cache_params"))
 
 
+def _holds_positions(layer_cache: object) -> bool:
+    """Whether a cache layer holds keys and values per position (an attention layer; a linear-attention layer that
+    also attends, as `LinearAttentionAndFullAttentionLayer`), not only a recurrent state."""
+    return isinstance(layer_cache, CacheLayerMixin)
+
+
 def past_length(cache, layer: int) -> int | None:
     """How many positions ``cache`` held before the current call, as decoder layer ``layer`` sees it.
 
-    A linear-attention layer's cache holds a state, not positions: ``Cache.get_seq_length(layer)`` raises
-    ValueError there (5.23 - 5.24). Layer 0 then reads the first attention layer's length (``get_seq_length()``),
-    which this call has not yet extended; a later layer gets None (the caller keeps what an earlier layer of the
-    same call read)."""
+    A linear-attention layer's cache holds a state, not positions: ``Cache.get_seq_length(layer)`` raises there
+    (5.23 - 5.24) or counts the tokens the layer's own state has taken in (5.25), which a suffix pass over a shared
+    prefix never gave it. Layer 0 then reads the first attention layer's length, which this call has not yet
+    extended; a later layer gets None (the caller keeps what an earlier layer of the same call read)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer < len(layers):
+        if _holds_positions(layers[layer]):
+            return int(layers[layer].get_seq_length())
+        if layer:
+            return None
+        return next((int(c.get_seq_length()) for c in layers if _holds_positions(c)), 0)
     try:
         return int(cache.get_seq_length(layer))
     except TypeError:
         return int(cache.get_seq_length())
-    except ValueError:
-        return int(cache.get_seq_length()) if layer == 0 else None
+
+
+def cached_positions(cache) -> int:
+    """How many positions the attention layers of ``cache`` hold (a hybrid decoder's linear-attention layers
+    hold a state only: `past_length`)."""
+    return past_length(cache, 0) or 0
 
 
 def gated_delta_rule(module: torch.nn.Module) -> Callable[..., Any] | None:

@@ -364,3 +364,26 @@ def test_close_leaves_the_mixers_as_found(built, model_type):
     assert all(len(m._forward_hooks) == len(b) + 2 for m, b in zip(mixers, before))  # knockouts, then attn_out
     vlm.close()
     assert [dict(m._forward_hooks) for m in mixers] == before
+
+
+def test_a_linear_attention_layer_reads_where_the_call_starts_from_an_attention_layer():
+    """A linear-attention cache layer holds a state, not positions: whether it raises (transformers 5.23 - 5.24) or
+    counts what its own state took in (5.25: nothing, in a suffix pass over a shared prefix), the window's start is
+    the attention layers' length; a later recurrent layer keeps what an earlier layer of the call read."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+
+    from narrowgate import compat
+
+    class Counting(LinearAttentionLayer):
+        def get_seq_length(self) -> int:
+            return 0  # a state that took in nothing, as 5.25 counts it
+
+    attention = DynamicLayer()
+    attention.lazy_initialization(torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4))
+    attention.keys, attention.values = torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4)
+    cache = SimpleNamespace(layers=[Counting(), LinearAttentionLayer(), attention, Counting()])
+    assert [compat.past_length(cache, layer) for layer in range(4)] == [7, None, 7, None]
+    assert compat.cached_positions(cache) == 7
+    assert compat.past_length(SimpleNamespace(layers=[Counting()]), 0) == 0  # no attention layer: nothing cached

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import compat
 from ..batch import Batch
 from .interventions import Knockout, Patch
 from .protocol import Intervention, InterventionError, ModelShape, resolve_all
@@ -166,7 +167,7 @@ def split_inputs(inputs: dict, P: int) -> tuple[dict, dict]:
 
 def crop(cache: Cache, P: int) -> None:
     """Drop everything a condition appended to the shared cache."""
-    extra = cache.get_seq_length() - P
+    extra = compat.cached_positions(cache) - P
     if extra > 0:
         cache.crop(-extra)
 
