@@ -38,4 +38,4 @@ ng_pip "$VENV" check
 ng_pip "$VENV" freeze --exclude-editable > "$VENV/versions.txt"
 echo "narrowgate: --deps $MODE: $(grep -Ei '^(torch|torchvision|transformers|accelerate|peft|tokenizers|numpy)==' "$VENV/versions.txt" | tr '\n' ' ')" >&2
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest -q --durations=15 "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=15 -n "${NARROWGATE_TEST_WORKERS:-auto}" --maxprocesses 4 "$@"

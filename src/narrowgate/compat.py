@@ -16,7 +16,7 @@ import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
 
-# Internals the engine and the adapters build on (present under these names in 5.0 - 5.24).
+# Internals the engine and the adapters build on (present under these names in 5.0 - 5.25).
 from transformers.image_processing_utils import select_best_resolution
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -85,7 +85,7 @@ def cached_positions(cache) -> int:
 
 def gated_delta_rule(module: torch.nn.Module) -> Callable[..., Any] | None:
     """The chunked gated delta rule a Gated DeltaNet module's own forward runs: ``torch_chunk_gated_delta_rule``
-    of its modeling file (5.23 - 5.24; a hub kernel where transformers' kernels are enabled). None where missing."""
+    of its modeling file (5.23 - 5.25; a hub kernel where transformers' kernels are enabled). None where missing."""
     import sys
 
     return getattr(sys.modules.get(type(module).__module__), "torch_chunk_gated_delta_rule", None)
@@ -93,13 +93,13 @@ def gated_delta_rule(module: torch.nn.Module) -> Callable[..., Any] | None:
 
 def recurrent_cache_states(cache, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The convolution and recurrent states a cache holds for a linear-attention layer (``get_conv_state`` /
-    ``get_recurrent_state``, 5.23 - 5.24), written in place to hand a layer another state; None before the first call."""
+    ``get_recurrent_state``, 5.23 - 5.25), written in place to hand a layer another state; None before the first call."""
     return cache.get_conv_state(layer), cache.get_recurrent_state(layer)
 
 
 def cache_kv(cache, layers) -> list[tuple | None]:
     """Per decoder layer (``layers``), the (keys, values) its attention sees for the cached positions, each
-    [B, kv_heads, length, head_dim] (``Cache.layers[i].keys/.values`` in 5.0 - 5.24); None for a recurrent layer,
+    [B, kv_heads, length, head_dim] (``Cache.layers[i].keys/.values`` in 5.0 - 5.25); None for a recurrent layer,
     which holds neither. Multi-head latent attention (DeepSeek-V3's, Kimi-K2.5's) caches its compressed latent and
     rotary key instead and expands them on every call with its ``expand_kv`` (5.24): so is it done here."""
     out: list[tuple | None] = []
@@ -132,7 +132,7 @@ class _PrefixLayer(DynamicLayer):
 
 class _StatelessRecurrentLayer(LinearAttentionLayer):
     """A linear-attention cache layer that never holds a state: every call starts afresh, and narrowgate's engine
-    hands the recurrent layer its past itself (`engine.recurrent`). ``LinearAttentionLayer`` of 5.23 - 5.24."""
+    hands the recurrent layer its past itself (`engine.recurrent`). ``LinearAttentionLayer`` of 5.23 - 5.25."""
 
     def update_conv_state(
         self, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs: Any
@@ -147,7 +147,7 @@ class PrefixCache(Cache):
     """A read-only stand-in for a KV cache of ``length`` positions, shared by any number of batch rows.
 
     The model sees an ordinary cache of that length (positions, masks); the keys and values live with
-    narrowgate's engine, which attends to them for every row without expanding them (5.0 - 5.24 Cache API).
+    narrowgate's engine, which attends to them for every row without expanding them (5.0 - 5.25 Cache API).
     The layers in ``recurrent`` (a hybrid decoder's) hold no state: the engine computes them over the prefix.
     """
 
@@ -192,22 +192,22 @@ flash_cpu = _flash_cpu()
 
 
 def attn_implementation(config) -> str | None:
-    """The attention implementation a (sub-)config is set to (``config._attn_implementation``, 5.0 - 5.24)."""
+    """The attention implementation a (sub-)config is set to (``config._attn_implementation``, 5.0 - 5.25)."""
     return getattr(config, "_attn_implementation", None)
 
 
 def name_or_path(config) -> str:
-    """Where a model was loaded from: its hub id or local directory (``config._name_or_path``, 5.0 - 5.24)."""
+    """Where a model was loaded from: its hub id or local directory (``config._name_or_path``, 5.0 - 5.25)."""
     return getattr(config, "_name_or_path", "") or ""
 
 
 def commit_hash(config) -> str | None:
-    """The hub revision a model was loaded at, None for a local directory (``config._commit_hash``, 5.0 - 5.24)."""
+    """The hub revision a model was loaded at, None for a local directory (``config._commit_hash``, 5.0 - 5.25)."""
     return getattr(config, "_commit_hash", None)
 
 
 def image_text_to_text_class(config: Any) -> type[PreTrainedModel] | None:
-    """The auto class for ``config``'s model type (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING``, 5.0 - 5.24); None
+    """The auto class for ``config``'s model type (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING``, 5.0 - 5.25); None
     when the type has none."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 

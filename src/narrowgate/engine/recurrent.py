@@ -120,7 +120,7 @@ class GatedDeltaNet(Mixer):
         if rule is None:
             raise InterventionError(
                 f"{type(module).__name__}: this transformers release has no torch_chunk_gated_delta_rule beside it, "
-                "which narrowgate runs for knockouts through Gated DeltaNet layers; use transformers 5.23 - 5.24."
+                "which narrowgate runs for knockouts through Gated DeltaNet layers; use transformers 5.23 - 5.25."
             )
         x = proj["x"].transpose(1, 2)  # [R, C, T]
         R, T = absent.shape
