@@ -14,6 +14,7 @@ Pages ask for generated content with one-line HTML comments, each replaced at bu
 - ``<!-- benchmark -->``: the engine benchmark's tables, from ``docs/_generated/engine-benchmark.json``.
 - ``<!-- scaling -->``: the scaling benchmark's time and memory ratios per analysis and size, and its slopes, from
   ``docs/_generated/scaling.json`` (``python benchmarks/scaling.py --json ...``); nothing where it is missing.
+- ``<!-- study NAME -->``: a study's committed results, ``studies/NAME/summary.md`` and its figures.
 - ``<!-- cli -->``: ``--help`` of every command.
 
 Checks: the API page documents every name of ``narrowgate.__all__``, and each of them (and each public method or
@@ -45,9 +46,11 @@ EXTRA_PLAN = (
 BENCHMARK = ROOT / "docs" / "_generated" / "engine-benchmark.json"
 SCALING = ROOT / "docs" / "_generated" / "scaling.json"
 DIRECTIVE = re.compile(
-    r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|scaling|cli)\b ?(.*?) ?-->$", re.M
+    r"^<!-- (demo-figures|demo-table|demo-summary|options|benchmark|scaling|study|cli)\b ?(.*?) ?-->$", re.M
 )
 FIGURES = "figures/demo"
+#: A study's committed results (`narrowgate study NAME --out studies/NAME`): its summary and figure.
+STUDIES = ROOT / "studies"
 
 _demo: Path | None = None
 
@@ -120,6 +123,10 @@ def _figures(demo: Path) -> dict[tuple[str, str], list[Path]]:
 
 def on_files(files, config):
     from mkdocs.structure.files import File
+
+    for study in sorted(STUDIES.glob("*/*.png")):
+        uri = f"figures/studies/{study.parent.name}/{study.name}"
+        files.append(File.generated(config, uri, abs_src_path=str(study)))
 
     for (label, run), pngs in _figures(_demo_dir()).items():
         for png in pngs:
@@ -249,6 +256,21 @@ def _benchmark() -> str:
     return text
 
 
+def _study(name: str, page) -> str:
+    """The committed results of ``narrowgate study NAME``: its summary (verdict, trend test, one row per model) and
+    its figures, as ``studies/NAME`` holds them, so the page never drifts from the results."""
+    folder = STUDIES / name
+    summary = folder / "summary.md"
+    if not summary.is_file():
+        log.warning("%s: studies/%s has no summary.md", page.file.src_uri, name)
+        return ""
+    up = "../" * page.file.src_uri.count("/")
+    figures = "".join(
+        f"![{name}: {png.stem}]({up}figures/studies/{name}/{png.name})\n\n" for png in sorted(folder.glob("*.png"))
+    )
+    return figures + summary.read_text() + "\n"
+
+
 def _scaling() -> str:
     if not SCALING.is_file():
         return "*Not yet measured on a quiet machine (no `docs/_generated/scaling.json`).*\n"
@@ -325,6 +347,8 @@ def on_page_markdown(markdown, page, config, files):
             return _benchmark()
         if kind == "scaling":
             return _scaling()
+        if kind == "study":
+            return _study(arg[0], page)
         return _cli()
 
     if page.file.src_uri == "api.md":

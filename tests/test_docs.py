@@ -107,5 +107,9 @@ def test_generated_tables_come_from_their_committed_sources(site):
         assert command in cli
     organisms = _text(_page(site, "organisms"))
     assert "Gate scan:" in organisms and "gated, gate removed" in organisms  # this build's demo summary
+    study = _page(site, "study-emergence")  # the committed results, as the study wrote them
+    outcome = re.search(r"\*\*(.+?)\*\*", (ROOT / "studies" / "emergence" / "summary.md").read_text()).group(1)
+    assert outcome in _text(study) and "share0-tokens16-layers4-seed0" in _text(study)
+    assert (site / "figures" / "studies" / "emergence" / "emergence.png").is_file() and "emergence.png" in study
     assert "Attempt 6" in _text(_page(site, "cards/gated"))  # the card, with every training attempt
     assert narrowgate.__version__ in _text(_page(site, "changelog"))
