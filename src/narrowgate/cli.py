@@ -461,7 +461,8 @@ def study_emergence(
         "runs/emergence",
         "--work",
         callback=_nonempty,
-        help="The trained organisms and their measurement runs (large: keep out of git).",
+        help="The trained organisms and their measurement runs (large: keep out of git). Every run rebuilds "
+        "results.csv's rows from here; a deleted measurement run is measured again.",
     ),
     scale: float = typer.Option(
         1.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,21 @@ def test_verdict_follows_the_registered_rule():
     assert v["outcome"] == "not enough models" and v["analysed"] == 7 and len(v["excluded"]) == 21
 
 
+def test_exploratory_columns_are_reported_but_never_decide_the_outcome():
+    flat = planted(lambda p: 0.05 + 0.001 * (p.seed + p.layers))
+    alone = flat.assign(
+        eoi_sufficiency_mask=[0.1 + 0.8 * s for s in flat["generation_share"]],
+        eoi_necessity_mask=0.01 + 0.001 * flat["layers"],
+    )
+    registered, with_exploratory = em.verdict(flat, permutations=500), em.verdict(alone, permutations=500)
+    assert registered["outcome"] == with_exploratory["outcome"] == "no effect of generation"
+    assert registered["exploratory"] == {} and set(with_exploratory["exploratory"]) == set(em.EXPLORATORY)
+    rise = with_exploratory["exploratory"]["eoi_sufficiency_mask"]
+    assert rise["statistic"] == pytest.approx(1.0) and rise["p_increase"] < em.ALPHA
+    text = em.summary_markdown(alone, with_exploratory)
+    assert "*Exploratory, not registered*" in text and "eoi_sufficiency_mask 1.00" in text
+
+
 def test_a_gate_needs_the_whole_interval_and_the_ablation():
     df = planted(lambda p: 0.7, verdict="a narrow gate: blocking [EOI]").head(3)
     df.loc[1, "gate_low_mask"] = 0.45
@@ -237,6 +253,9 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
         else:
             ablation = pd.read_csv(table).set_index("condition")
             assert row["vqa_baseline"] == pytest.approx(ablation.loc["baseline", "score"])
+        eoi = pd.read_csv(runs / "gate-scan" / "tables" / "positions.csv").set_index("role").loc["eoi"]
+        assert row["eoi_sufficiency_mask"] == pytest.approx(eoi["sufficiency"], nan_ok=True)
+        assert row["eoi_necessity_mask"] == pytest.approx(eoi["damage"] / row["whole_damage_mask"], nan_ok=True)
         roles = pd.read_csv(runs / "cross-attention" / "tables" / "cross_attention_roles.csv")
         assert row["eoi_attention_share"] == pytest.approx(roles.query("role == 'eoi'")["fraction"].mean())
         card = json.loads((out / "cards" / row["model"] / "card.json").read_text())
@@ -264,6 +283,27 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     assert "0 to do" in again.output
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
     assert len((out / "commands.txt").read_text().splitlines()) == 2
+    # Counts are written as integers, and each mode's figures come from that mode's own scan, once.
+    header, first = (out / "results.csv").read_text().splitlines()[:2]
+    assert dict(zip(header.split(","), first.split(",")))["image_tokens"] == "16"
+    assert not [c for c in results if c.endswith(("_mask_mask", "_mask_zero", "_zero_mask", "_zero_zero"))]
+
+    # Rows are rebuilt from the run directories on every invocation: a stale number is put right, and a deleted
+    # run is measured again (here the zero-mode scan of the second model) and its new table gives the row.
+    stale = results.copy()
+    stale.loc[0, "gate_index_mask"] = 99.0
+    stale.to_csv(out / "results.csv", index=False)
+    second = results["model"][1]
+    scan = work / second / "measure" / second / "gate-scan-zero"
+    shutil.rmtree(scan)
+    third = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert third.exit_code == 0, third.output
+    assert "measuring gate-scan-zero again" in third.output
+    refreshed = pd.read_csv(out / "results.csv")
+    assert refreshed.loc[0, "gate_index_mask"] == pytest.approx(results.loc[0, "gate_index_mask"], nan_ok=True)
+    gate = pd.read_csv(scan / "tables" / "gate.csv").iloc[0]
+    assert refreshed.loc[1, "gate_index_zero"] == pytest.approx(gate["gate_index"], nan_ok=True)
+    pd.testing.assert_frame_equal(refreshed, results)  # same data, same seed: the same scan
     # Another scale in the same directory is refused, on one line.
     other = CliRunner().invoke(app, [*args, "--scale", "0.5"])
     assert (

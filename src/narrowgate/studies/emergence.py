@@ -25,12 +25,15 @@ Layout (``OUT`` holds small files only, ``WORK`` the checkpoints)::
     WORK/<model>/model/       the organism checkpoint
     WORK/<model>/measure/     the measurement runs (a demo directory: report.html, summary.csv, runs)
 
-Resumable: a model with a row in results.csv is not touched again, a trained checkpoint is not retrained,
-and an interrupted measurement run resumes where it stopped.
+Resumable: a model with a row in results.csv is not trained or measured again, a trained checkpoint is not
+retrained, and an interrupted measurement run resumes where it stopped. Each invocation rebuilds the rows of the
+models still under WORK from their run directories (`refresh`), so results.csv always says what the runs say;
+deleting one run's directory (e.g. after a change to that experiment) measures that run again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -74,6 +77,11 @@ PLAN = (
     ("cross-attention", "cross-attention", dict(n_per_class=24)),
 )
 SCANS = {"mask": "gate-scan", "zero": "gate-scan-zero"}
+#: results.csv columns that count something (written as integers, blank where missing).
+INTEGER_COLUMNS = frozenset(
+    {"image_tokens", "layers", "seed", "steps", "eoi_attention_share_layer"}
+    | {f"{key}_{mode}" for key in ("n", "n_exact") for mode in SCANS}
+)
 TASKS = ("vqa", "captions", "classes")
 
 # The registered rule (docs/study-emergence.md).
@@ -87,6 +95,12 @@ ALPHA = 0.05
 PERMUTATIONS = 10_000
 #: A cell (image length x depth) enters the trend statistic with at least this many analysed models.
 MIN_CELL = 3
+
+#: Not registered (added after the first results were seen; reported as exploratory, never in the outcome):
+#: [EOI]'s own necessity and sufficiency in mask mode, from the scan's position table. [EOI] is named in advance,
+#: so these in-sample numbers carry no selection bias; they separate "[EOI] alone carries the image" (sufficiency)
+#: from "the text needs [EOI]" (necessity), which the gate index of the top position mixes.
+EXPLORATORY = ("eoi_sufficiency_mask", "eoi_necessity_mask")
 
 OUTCOMES = {
     "gate emerges with generation": "the gate index rises with the generation share and at least one model trained "
@@ -262,6 +276,41 @@ def measure_point(point: Point, model: Path, work: Path, scale: float, plan, pro
     return out
 
 
+def refresh(results: pd.DataFrame, work: Path, scale: float, plan, progress: bool, console: Console) -> pd.DataFrame:
+    """``results`` with every row whose checkpoint is still under ``work`` rebuilt from its run directories by the
+    current `row_of` (its measuring time kept). A run of ``plan`` whose directory is missing is measured first, so
+    deleting a run's directory measures that run again; if that fails, the model keeps its old row (said so).
+    Rows of models no longer under ``work`` stay as they are."""
+    from ..demo import measure, summarize
+    from ..errors import BaselineAtChance
+    from ..loading import load
+
+    points = {p.name: p for p in grid()}
+    rows = []
+    for old in results.to_dict("records"):
+        point, model = points.get(old["model"]), work / str(old["model"]) / "model"
+        if point is None or not (model / "card.json").is_file():
+            rows.append(old)
+            continue
+        runs = work / point.name / "measure" / point.name
+        missing = [item for item in plan if not (runs / item[0]).is_dir()]
+        try:
+            if missing:
+                console.print(f"[bold]{point.name}[/bold]: measuring {', '.join(n for n, _, _ in missing)} again")
+                vlm = load(model, dtype="float32")
+                for name, experiment, cfg in missing:
+                    with contextlib.suppress(BaselineAtChance):  # refused: the run has no table; the row says so
+                        measure(vlm, model, experiment, cfg, runs / name, scale=scale, batch_size=8, progress=progress)
+                if any(experiment == "ablation" for _, experiment, _ in missing):  # row_of reads the summary
+                    runs_of = {name: runs / name for name, _, _ in plan}
+                    summarize({point.name: runs_of}).to_csv(runs.parent / "summary.csv", index=False)
+            rows.append(row_of(point, model, runs.parent, old.get("measure_seconds", math.nan)))
+        except Exception as e:  # noqa: BLE001 -- a failed re-measurement costs that model's update, not the study
+            console.print(f"[red]{point.name}: its row keeps its old values[/red] ({type(e).__name__}: {e})")
+            rows.append(old)
+    return pd.DataFrame(rows) if rows else results
+
+
 def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
     """One results row, read from the model's card and the measurement runs' own tables."""
     from ..demo import verdict as ablation_verdict
@@ -277,7 +326,7 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
         "steps": card["config"]["steps"],
         "lm_final_loss": card["phases"]["lm"]["final_loss"],
         "train_seconds": card["train_seconds"],
-        "measure_seconds": round(seconds, 1),
+        "measure_seconds": round(float(seconds), 1),
     }
     h = card.get("heldout")
     if h:
@@ -289,12 +338,13 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
             heldout_classes=h["classes"]["accuracy"],
             heldout_classes_chance=h["classes"]["chance"],
         )
+    runs = measured / point.name
     summary = pd.read_csv(measured / "summary.csv")
     summary = summary[summary["model"] == point.name]
     for task in TASKS:
         g = summary[summary["task"] == task].set_index("condition")
         # A baseline at or below chance gives no relative scores (the ablation refuses them): NaN, and said so.
-        refused = (measured / point.name / f"ablation-{task}" / "manifest.json").is_file() and g.empty
+        refused = (runs / f"ablation-{task}" / "manifest.json").is_file() and g.empty
         row[f"{task}_at_chance"] = refused
         if g.empty:
             for key in ("metric", "baseline", "eoi_relative", "image_relative"):
@@ -313,13 +363,19 @@ def row_of(point: Point, model: Path, measured: Path, seconds: float) -> dict:
         row.update(
             eoi_relative=math.nan, image_relative=math.nan, ablation_verdict="no verdict: every baseline at chance"
         )
-    runs = measured / point.name
     for mode, name in SCANS.items():
         gate = runs / name / "tables" / "gate.csv"
         if gate.is_file():
             for key, value in pd.read_csv(gate).iloc[0].items():
-                if key not in ("method", "mode"):
+                # the scan also quotes the other mode's figures (suffixed): that mode's own scan gives them here
+                if key not in ("method", "mode") and not key.endswith(tuple(f"_{m}" for m in SCANS)):
                     row[f"{key}_{mode}"] = value
+    positions = runs / SCANS["mask"] / "tables" / "positions.csv"
+    if positions.is_file() and "sufficiency" in (table := pd.read_csv(positions)):
+        eoi = table[table["role"] == "eoi"]
+        if len(eoi) == 1 and row.get("whole_damage_mask", 0) > 0:
+            row["eoi_necessity_mask"] = float(eoi["damage"].iloc[0]) / row["whole_damage_mask"]
+            row["eoi_sufficiency_mask"] = float(eoi["sufficiency"].iloc[0])
     roles = runs / "cross-attention" / "tables" / "cross_attention_roles.csv"
     if roles.is_file():
         eoi = pd.read_csv(roles).query("role == 'eoi'").sort_values("layer")
@@ -375,7 +431,7 @@ def trend(
         xr = pd.Series(g["generation_share"].to_numpy()).rank().to_numpy()
         yr = pd.Series(y).rank().to_numpy()
         rho = float(_rank_corr(xr, yr))
-        cells[f"{tokens} tokens, {layers} layers"] = {"spearman": rho, "n": len(g)}
+        cells[f"{int(tokens)} tokens, {int(layers)} layers"] = {"spearman": rho, "n": len(g)}
         observed.append(rho)
         null.append(_rank_corr(xr, rng.permuted(np.tile(yr, (permutations, 1)), axis=1)))
     if len(observed) < 2:
@@ -401,6 +457,7 @@ def verdict(results: pd.DataFrame, *, permutations: int = PERMUTATIONS) -> dict:
         for c in ("gate_index_zero", "eoi_relative", "eoi_attention_share")
         if c in results
     }
+    exploratory = {c: trend(results, c, permutations=permutations) for c in EXPLORATORY if c in results}
     gates = df[df["gate"]]
     if not math.isfinite(primary["statistic"]):
         outcome = "not enough models"
@@ -428,6 +485,7 @@ def verdict(results: pd.DataFrame, *, permutations: int = PERMUTATIONS) -> dict:
         "gate_index_mask_range": [float(index.min()), float(index.max())] if len(index) else None,
         "trend": primary,
         "secondary": secondary,
+        "exploratory": exploratory,
     }
 
 
@@ -450,15 +508,17 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
         ("gate_index_zero", "gate index, zero mode", "gate_low_zero", "gate_high_zero"),
         ("eoi_relative", "ablation: [EOI]→text knocked out,\nmean relative score (zero mode)", None, None),
         ("eoi_attention_share", "[EOI]'s share of text→image attention\n(mean over layers)", None, None),
+        ("eoi_sufficiency_mask", "[EOI] alone: sufficiency, mask mode\n(exploratory, not registered)", None, None),
+        ("eoi_necessity_mask", "[EOI] knocked out: necessity, mask mode\n(exploratory, not registered)", None, None),
     ]
     judged = judge(results)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 11.5))
     cells = sorted({(int(t), int(l)) for t, l in zip(judged["image_tokens"], judged["layers"])})
     for ax, (col, label, low, high) in zip(axes.flat, panels):
         if col not in judged:
             ax.set_visible(False)
             continue
-        index = col.startswith("gate_index")
+        index = col.startswith("gate_index") or col == "eoi_necessity_mask"  # ratios to a possibly tiny damage
         for j, (tokens, layers) in enumerate(cells):
             g = judged[(judged["image_tokens"] == tokens) & (judged["layers"] == layers)]
             g = g.assign(y=_column(g, col)).sort_values("generation_share")
@@ -491,8 +551,9 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
                         fontsize=7,
                         color=color,
                     )
-        if index:
+        if index or col == "eoi_sufficiency_mask":
             ax.axhline(GATE_LEVEL, color="k", lw=0.8, ls="--")
+        if index:
             ax.set_ylim(min(-0.05, float(np.nanmin(_column(judged, col), initial=0.0)) - 0.05), INDEX_TOP + 0.05)
         ax.set_xticks(SHARES, [f"{s:g}" if s < 1 else "1.0*" for s in SHARES])
         ax.set(xlabel="share of caption → image generation sequences", ylabel=label)
@@ -501,7 +562,7 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
     fig.suptitle(
         f"When does a gate emerge? Native organisms over the grid ({len(judged)} of {len(grid())} models). Points: "
         "models (square: seed 1; hollow: not analysed);\nline: mean over the analysed models. *At 1.0, "
-        f"{UNDERSTANDING_FLOOR:g} of the sequences stay understanding tasks. Dashed: gate threshold {GATE_LEVEL:g}.",
+        f"{UNDERSTANDING_FLOOR:g} of the sequences stay understanding tasks. Dashed: threshold {GATE_LEVEL:g}.",
         fontsize=10,
     )
     fig.tight_layout()
@@ -519,6 +580,8 @@ def finish(out: Path, results: pd.DataFrame, *, permutations: int = PERMUTATIONS
     results = results.sort_values("model", key=lambda s: s.map(lambda n: order.get(n, len(order)))).reset_index(
         drop=True
     )
+    for column in INTEGER_COLUMNS.intersection(results.columns):  # not 16.0 tokens: a NaN elsewhere made it float
+        results[column] = pd.to_numeric(results[column], errors="coerce").round().astype("Int64")
     _write_csv(results, out / "results.csv")
     if not len(results):
         return {}
@@ -534,6 +597,18 @@ def _fmt(value, digits: int = 2) -> str:
     return "–" if pd.isna(number) else f"{number:.{digits}f}"
 
 
+def _exploratory_lines(v: dict) -> list[str]:
+    """The exploratory trend tests (not registered, never in the outcome), as one Markdown paragraph."""
+    tests = [(c, t) for c, t in v.get("exploratory", {}).items() if math.isfinite(t["statistic"])]
+    if not tests:
+        return []
+    parts = [
+        f"{c} {_fmt(t['statistic'])} (p(rise) {_fmt(t['p_increase'], 4)}, p(fall) {_fmt(t['p_decrease'], 4)})"
+        for c, t in tests
+    ]
+    return ["*Exploratory, not registered* (same test, other columns): " + "; ".join(parts) + ".", ""]
+
+
 def summary_markdown(results: pd.DataFrame, v: dict) -> str:
     """The verdict and one table row per model (the headline columns of results.csv), as Markdown."""
     t = v["trend"]
@@ -546,9 +621,10 @@ def summary_markdown(results: pd.DataFrame, v: dict) -> str:
         + (", ".join(f"{c} {_fmt(r['spearman'])} (n={r['n']})" for c, r in t["cells"].items()) or "none")
         + ".",
         "",
+        *_exploratory_lines(v),
         "| model | VQA (chance) | CIDEr-D (chance) | gate index, mask [95%] | positions for 90% | top | gate index, zero "
-        "| [EOI]→text | image→text | [EOI] attention | analysed | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| [EOI]→text | image→text | [EOI] attention | [EOI] alone (S) | analysed | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in judge(results).iterrows():
         lines.append(
@@ -557,7 +633,8 @@ def summary_markdown(results: pd.DataFrame, v: dict) -> str:
             f"{_fmt(r.get('gate_index_mask'), 3)} [{_fmt(r.get('gate_low_mask'), 3)}, {_fmt(r.get('gate_high_mask'), 3)}] | "
             f"{_fmt(r.get('positions_for_90_mask'), 1)} | {r.get('top_position_mask', '–')} | "
             f"{_fmt(r.get('gate_index_zero'), 3)} | {_fmt(r.get('eoi_relative'))} | {_fmt(r.get('image_relative'))} | "
-            f"{_fmt(r.get('eoi_attention_share'))} | {'yes' if r['included'] else 'no'} | {'yes' if r['gate'] else 'no'} |"
+            f"{_fmt(r.get('eoi_attention_share'))} | {_fmt(r.get('eoi_sufficiency_mask'))} | "
+            f"{'yes' if r['included'] else 'no'} | {'yes' if r['gate'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -598,6 +675,7 @@ def run_study(
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {command_text}\n")
         path = out / "results.csv"
         results = pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame({"model": []})
+        results = refresh(results, work, scale, plan, progress, console)
         done = set(results["model"])
         points = select(grid(), only or {})
         todo = [p for p in points if p.name not in done]
