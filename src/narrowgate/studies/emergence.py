@@ -524,9 +524,8 @@ def figure(results: pd.DataFrame, path: Path) -> Path:
             g = g.assign(y=_column(g, col)).sort_values("generation_share")
             color = COLORS[j % len(COLORS)]
             mean = g[g["included"]].groupby("generation_share")["y"].mean()
-            ax.plot(
-                mean.index, mean.to_numpy(), "-", color=color, lw=1.2, label=f"{tokens} image tokens, {layers} layers"
-            )
+            line = np.minimum(mean.to_numpy(), INDEX_TOP) if index else mean.to_numpy()  # off-scale: to the edge
+            ax.plot(mean.index, line, "-", color=color, lw=1.2, label=f"{tokens} image tokens, {layers} layers")
             x = g["generation_share"].to_numpy() + (j - (len(cells) - 1) / 2) * 0.012
             y = g["y"].to_numpy()
             shown = np.minimum(y, INDEX_TOP) if index else y
