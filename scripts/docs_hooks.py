@@ -312,16 +312,12 @@ def _scaling() -> str:
 def _cli() -> str:
     from typer.testing import CliRunner
 
-    from narrowgate.analyses import EXPERIMENTS
-    from narrowgate.cli import app
+    from narrowgate.cli import app, commands
 
     runner = CliRunner()
     env = {"COLUMNS": "110", "TERM": "dumb", "NO_COLOR": "1"}
-    commands = [["--help"], ["models", "--help"], ["roles", "--help"], ["run", "--help"]]
-    commands += [["run", name, "--help"] for name in sorted(EXPERIMENTS)]
-    commands += [["compare", "--help"], ["demo", "--help"], ["finetune", "--help"], ["train-organism", "--help"]]
     parts = []
-    for args in commands:
+    for args in ([*path, "--help"] for path in commands()):
         result = runner.invoke(app, args, env=env)
         if result.exit_code != 0:
             log.warning("narrowgate %s failed: %s", " ".join(args), result.output)

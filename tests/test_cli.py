@@ -11,18 +11,20 @@ from typer.testing import CliRunner
 
 import narrowgate as ng
 from narrowgate.analyses import EXPERIMENTS
-from narrowgate.cli import app, catalog
+from narrowgate.cli import app, catalog, commands
 from narrowgate.families import FAMILIES
 
 runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for command in app.registered_commands:
-        name = command.name or command.callback.__name__
-        result = runner.invoke(app, [name, "--help"])
+    paths = commands()  # what the command-line reference documents: groups and their commands included
+    assert ["study", "emergence"] in paths and all(["run", name] in paths for name in EXPERIMENTS)
+    assert {p[0] for p in paths if p} >= {c.name or c.callback.__name__ for c in app.registered_commands}
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, result.output
-        assert "Usage" in result.output
+        assert "Usage" in result.output and " ".join(path) in result.output
 
 
 def _flags(config) -> set[str]:

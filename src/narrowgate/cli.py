@@ -612,6 +612,21 @@ def finetune(
         )
 
 
+def commands() -> list[list[str]]:
+    """Every command's path (``[]`` for ``narrowgate`` itself, ``["study", "emergence"]``, ...), in the order the
+    help lists them: what the command-line reference documents."""
+    root = typer.main.get_command(app)
+
+    def walk(command: Any, path: list[str]) -> list[list[str]]:
+        if not hasattr(command, "list_commands"):
+            return [path]
+        ctx = command.context_class(command)
+        subs = [walk(command.get_command(ctx, name), [*path, name]) for name in command.list_commands(ctx)]
+        return [path, *(p for sub in subs for p in sub)]
+
+    return walk(root, [])
+
+
 def main() -> None:
     """Run the ``narrowgate`` command line (``python -m narrowgate.cli``)."""
     app()
