@@ -35,3 +35,16 @@ def test_readme_python_example_runs_as_written():
     # The README says: about 0.06 and 0.94 on the gated organism (a planted gate at [EOI]).
     assert gate <= 0.2 and rest >= 0.8, lines[0]
     assert lines[1].startswith("torch.Size([16, 5, 128]) torch.Size([16, 4])")
+
+
+def test_docs_nest_lists_at_four_spaces():
+    """The docs site's Markdown nests a list only at four spaces: at two or three, the inner items render as items
+    of the outer list (the emergence study's outcome list and the prompt kinds did)."""
+    shallow = []
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        fenced = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            fenced ^= line.lstrip().startswith("```")
+            if not fenced and re.match(r" {1,3}([-*+]|\d+\.) ", line):
+                shallow.append(f"{page.relative_to(ROOT)}:{number}")
+    assert not shallow, shallow
