@@ -21,10 +21,15 @@ def test_every_command_has_help():
     paths = commands()  # what the command-line reference documents: groups and their commands included
     assert ["study", "emergence"] in paths and all(["run", name] in paths for name in EXPERIMENTS)
     assert {p[0] for p in paths if p} >= {c.name or c.callback.__name__ for c in app.registered_commands}
+    listed = 0
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output and " ".join(path) in result.output
+        help_lines = [line for line in result.output.splitlines() if "Show this message" in line]
+        assert all("<" not in line for line in help_lines), help_lines  # a bare flag: no value type shown
+        listed += len(help_lines)
+    assert listed >= len(paths) - 1  # every help but 'run's (a plain list of experiments) lists --help
 
 
 def _flags(config) -> set[str]:

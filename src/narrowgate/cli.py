@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import threads
 from .catalog import catalog, family_cards, load_experiment, settings, summary
@@ -70,7 +70,25 @@ def _machine_error(e: OSError) -> str | None:
     return f"cannot write{where}: {e.strerror or os.strerror(e.errno)} ({hint})."
 
 
-class _Commands(TyperGroup):
+class _BareHelp:
+    """``--help`` listed as the bare flag it is (typer 0.29 shows it as ``--help <bool>``, as if it took a value)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_BareHelp, TyperCommand):
+    """A command whose help lists ``--help`` bare."""
+
+
+class _Group(_BareHelp, TyperGroup):
+    """A command group whose help lists ``--help`` bare."""
+
+
+class _Commands(_Group):
     """The command group; its `main` is the one place where errors become one line and an exit status."""
 
     def main(
@@ -177,7 +195,7 @@ def _device_map(value):
     return value
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the supported model families, the checkpoints they were written for, and their [EOI] token."""
     cards = family_cards()  # every family's, plugins' too, read from their sources (no torch)
@@ -193,7 +211,7 @@ def models() -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def roles(
     model: str = typer.Argument(..., help=MODEL_HELP, callback=_nonempty),
     prompt: str = typer.Option(
@@ -317,7 +335,7 @@ def _experiment_command(name: str):
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = summary(name)
     sub = typer.Typer(add_completion=False)
-    sub.command(name)(command)
+    sub.command(name, cls=_Command)(command)
     return typer.main.get_command(sub)
 
 
@@ -332,7 +350,7 @@ def _print_run(store) -> None:
         console.print(f"[yellow]{len(failures)} example(s) skipped[/yellow]; see {store.path / 'tables/failures.csv'}")
 
 
-class _Experiments(TyperGroup):
+class _Experiments(_Group):
     """``narrowgate run``: one command per registered experiment, built only when it is called."""
 
     def list_commands(self, ctx):
@@ -367,7 +385,7 @@ run_app = typer.Typer(
 app.add_typer(run_app, name="run")
 
 
-@app.command()
+@app.command(cls=_Command)
 def compare(
     runs: list[str] = typer.Argument(..., help="Run directories of one experiment (several models)."),
     out: str = typer.Option("runs/compare", "--out", help="Where to write the overlay figures."),
@@ -426,7 +444,7 @@ def _folder(path: str, option: str) -> None:
         raise OptionError(f"{option} {path} is a file, not a folder: give a folder to write into.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Where the runs and report.html go."),
     scale: float = typer.Option(
@@ -441,6 +459,7 @@ def demo(
 
 
 study_app = typer.Typer(
+    cls=_Group,
     help="Studies: many models trained and measured with the experiments to answer one question "
     "(each registered in docs/study-*.md before it ran).",
     no_args_is_help=True,
@@ -449,7 +468,7 @@ study_app = typer.Typer(
 app.add_typer(study_app, name="study")
 
 
-@study_app.command("emergence")
+@study_app.command("emergence", cls=_Command)
 def study_emergence(
     out: str = typer.Option(
         "studies/emergence",
@@ -491,7 +510,7 @@ def study_emergence(
     )
 
 
-@app.command("train-organism")
+@app.command("train-organism", cls=_Command)
 def train_organism(
     kind: str = typer.Argument(
         ...,
@@ -518,7 +537,7 @@ def train_organism(
     console.print(f"[green]saved:[/green] {target} (card: {target}/CARD.md)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def finetune(
     model: str = typer.Option(..., "--model", help=MODEL_HELP, callback=_nonempty),
     recipe: str = typer.Option(
