@@ -113,20 +113,17 @@ def demo(
         vlm = load(path, dtype="float32")
         runs[label] = {}
         for name, experiment, settings in plan:
+            cfg: dict[str, Any] = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
+            if "k" in cfg:  # a scaled-down class sample supports a smaller k (recorded in each run's config)
+                cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
+            cfg.update(
+                model=str(path), data="synthetic", out=str(out / label / name), batch_size=batch_size, progress=progress
+            )
             where = eta(done, len(models) * len(plan), time.perf_counter() - started)
             console.print(f"[bold]{label}[/bold]: {name}  (demo runs {where})")
-            runs[label][name] = out / label / name
+            runs[label][name] = Path(cfg["out"])
             try:
-                measure(
-                    vlm,
-                    path,
-                    experiment,
-                    settings,
-                    runs[label][name],
-                    scale=scale,
-                    batch_size=batch_size,
-                    progress=progress,
-                )
+                run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
             except BaselineAtChance as e:  # that run's scores stay out of the summary and of every verdict
                 refused.setdefault(label, {})[name] = str(e)
                 console.print(f"[yellow]{label}: {name} gives no relative scores[/yellow]: {e}")
@@ -145,18 +142,6 @@ def demo(
         add_removal_section(out, summary)
     console.print(f"[green]report:[/green] {out / 'report.html'}")
     return out / "report.html"
-
-
-def measure(
-    vlm: Any, model: Path, experiment: str, settings: dict, out: Path, *, scale: float, batch_size: int, progress: bool
-) -> None:
-    """One run of a demo plan: ``experiment`` with ``settings`` (sample sizes times ``scale``, at least `FLOOR`) on
-    ``vlm`` (loaded from ``model``) and the synthetic data, into ``out``; resumes a run already there."""
-    cfg: dict[str, Any] = {k: (max(FLOOR[k], int(v * scale)) if k in FLOOR else v) for k, v in settings.items()}
-    if "k" in cfg:  # a scaled-down class sample supports a smaller k (recorded in each run's config)
-        cfg["k"] = min(cfg["k"], cfg["n_per_class"] - 1)
-    cfg.update(model=str(model), data="synthetic", out=str(out), batch_size=batch_size, progress=progress)
-    run(EXPERIMENTS[experiment](), cfg, vlm=vlm, command=["narrowgate", "demo"])
 
 
 def summarize(runs: dict[str, dict[str, Path]]) -> pd.DataFrame:

@@ -33,7 +33,6 @@ deleting one run's directory (e.g. after a change to that experiment) measures t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -281,10 +280,6 @@ def refresh(results: pd.DataFrame, work: Path, scale: float, plan, progress: boo
     current `row_of` (its measuring time kept). A run of ``plan`` whose directory is missing is measured first, so
     deleting a run's directory measures that run again; if that fails, the model keeps its old row (said so).
     Rows of models no longer under ``work`` stay as they are."""
-    from ..demo import measure, summarize
-    from ..errors import BaselineAtChance
-    from ..loading import load
-
     points = {p.name: p for p in grid()}
     rows = []
     for old in results.to_dict("records"):
@@ -293,17 +288,11 @@ def refresh(results: pd.DataFrame, work: Path, scale: float, plan, progress: boo
             rows.append(old)
             continue
         runs = work / point.name / "measure" / point.name
-        missing = [item for item in plan if not (runs / item[0]).is_dir()]
+        missing = [name for name, _, _ in plan if not (runs / name).is_dir()]
         try:
-            if missing:
-                console.print(f"[bold]{point.name}[/bold]: measuring {', '.join(n for n, _, _ in missing)} again")
-                vlm = load(model, dtype="float32")
-                for name, experiment, cfg in missing:
-                    with contextlib.suppress(BaselineAtChance):  # refused: the run has no table; the row says so
-                        measure(vlm, model, experiment, cfg, runs / name, scale=scale, batch_size=8, progress=progress)
-                if any(experiment == "ablation" for _, experiment, _ in missing):  # row_of reads the summary
-                    runs_of = {name: runs / name for name, _, _ in plan}
-                    summarize({point.name: runs_of}).to_csv(runs.parent / "summary.csv", index=False)
+            if missing:  # the demo measures what is missing; a complete run has nothing left and is only aggregated
+                console.print(f"[bold]{point.name}[/bold]: measuring {', '.join(missing)} again")
+                measure_point(point, model, work, scale, plan, progress, console)
             rows.append(row_of(point, model, runs.parent, old.get("measure_seconds", math.nan)))
         except Exception as e:  # noqa: BLE001 -- a failed re-measurement costs that model's update, not the study
             console.print(f"[red]{point.name}: its row keeps its old values[/red] ({type(e).__name__}: {e})")
